@@ -1,0 +1,109 @@
+//! Command line: subcommands per hook, plus the older driver's `vm_*_exec` names (symlinks to
+//! this binary) so that its users can switch without editing config.toml.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "gitlab-proxmox-runner", version, about, long_about = None)]
+pub struct Cli {
+    /// The driver's TOML settings file (also: $GITLAB_PROXMOX_RUNNER_CONFIG).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// config_exec: print the driver JSON for gitlab-runner.
+    Config,
+    /// prepare_exec: clone a VM from the template, boot it, wait for SSH.
+    Prepare,
+    /// run_exec: run one stage script inside the job's VM.
+    Run {
+        /// The stage script gitlab-runner wrote.
+        #[arg(allow_hyphen_values = true)]
+        script: PathBuf,
+        /// The stage name (any text).
+        #[arg(allow_hyphen_values = true)]
+        stage: String,
+    },
+    /// cleanup_exec: stop and destroy the job's VM.
+    Cleanup,
+    /// Destroy VMs this driver created whose jobs are long gone (run it from cron or a timer).
+    Gc {
+        /// Only VMs created by this runner (its short token); default: every runner's.
+        #[arg(long, value_name = "SHORT_TOKEN")]
+        runner: Option<String>,
+        /// Only VMs older than this (e.g. 90m, 4h, 2d; default: 4h).
+        #[arg(long, value_name = "AGE")]
+        max_age: Option<String>,
+        /// List what would be destroyed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// Maps the older driver's executable names onto subcommands.
+fn subcommand_for_program_name(program: &str) -> Option<&'static str> {
+    match program {
+        "vm_config_exec" => Some("config"),
+        "vm_prepare_exec" => Some("prepare"),
+        "vm_run_exec" => Some("run"),
+        "vm_cleanup_exec" => Some("cleanup"),
+        _ => None,
+    }
+}
+
+/// The arguments clap should see: `vm_run_exec a b` becomes `vm_run_exec run a b`.
+pub fn effective_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut args: Vec<OsString> = args.into_iter().collect();
+    let program = args
+        .first()
+        .map(PathBuf::from)
+        .and_then(|path| path.file_name().map(|n| n.to_string_lossy().into_owned()));
+    if let Some(sub) = program.as_deref().and_then(subcommand_for_program_name) {
+        args.insert(1.min(args.len()), OsString::from(sub));
+    }
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(effective_args(args.iter().map(OsString::from))).unwrap()
+    }
+
+    #[test]
+    fn older_driver_names_map_to_subcommands() {
+        assert!(matches!(
+            parse(&["/usr/local/bin/vm_prepare_exec"]).command,
+            Command::Prepare
+        ));
+        match parse(&["vm_run_exec", "/tmp/s/script", "build_script"]).command {
+            Command::Run { stage, .. } => assert_eq!(stage, "build_script"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn stage_names_are_data() {
+        match parse(&[
+            "gitlab-proxmox-runner",
+            "run",
+            "s",
+            "--weird stage; rm -rf /",
+        ])
+        .command
+        {
+            Command::Run { stage, .. } => assert_eq!(stage, "--weird stage; rm -rf /"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

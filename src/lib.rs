@@ -1,0 +1,26 @@
+//! gitlab-proxmox-runner: a GitLab Runner custom executor driver that gives every CI job a
+//! fresh Proxmox VE virtual machine and runs the job's stage scripts in it over SSH.
+//!
+//! One module per concern: [`settings`] (where configuration comes from and whom to trust),
+//! [`proxmox`] (the API client), [`ssh`] (the in-process SSH client), [`state`] (what prepare
+//! leaves for the later hooks), [`commands`] (one module per hook) and [`error`].
+
+pub mod cancel;
+pub mod cli;
+pub mod commands;
+pub mod error;
+pub mod hardening;
+pub mod job;
+pub mod joblog;
+pub mod proxmox;
+pub mod secret;
+pub mod settings;
+pub mod ssh;
+pub mod state;
+
+pub use error::{Blame, Error, ExitCodes, Result};
+
+pub const DRIVER_NAME: &str = "gitlab-proxmox-runner";
+pub const DRIVER_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The tag every VM this driver creates carries.
+pub const VM_TAG: &str = "gitlab-proxmox-runner";

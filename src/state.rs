@@ -1,0 +1,173 @@
+//! Per-job state shared between hooks. prepare writes it *before* it creates anything, so that
+//! cleanup can always find what prepare started, even after a crash halfway through.
+//!
+//! It lives in the per-job directory gitlab-runner gives every hook (`$TMPDIR`, unique per job
+//! attempt and removed by the runner after cleanup), mode 0600, and holds no secrets.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+pub const STATE_FILE_NAME: &str = "gitlab-proxmox-runner-state.json";
+
+/// How far prepare got. Ordered: later phases imply the earlier ones happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// A VMID was chosen; the clone may or may not have been requested.
+    Allocated,
+    /// The clone task finished: the VM exists.
+    Cloned,
+    /// The VM was started.
+    Started,
+    /// The VM answered over SSH: later hooks may run stages.
+    Ready,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobState {
+    pub node: String,
+    pub vmid: u32,
+    pub phase: Phase,
+    /// The VM's name (`ci-<job id>-<project slug>`).
+    pub vm_name: String,
+    /// The ownership marker written into the VM's description; cleanup checks it before it
+    /// destroys anything.
+    pub marker: String,
+    #[serde(default)]
+    pub template_vmid: Option<u32>,
+    #[serde(default)]
+    pub ip: Option<String>,
+    #[serde(default)]
+    pub ssh_port: Option<u16>,
+    #[serde(default)]
+    pub ssh_user: Option<String>,
+    /// The VM's SSH host public keys in OpenSSH format (`ssh-ed25519 AAAA...`), pinned for every
+    /// connection after prepare.
+    #[serde(default)]
+    pub host_keys: Vec<String>,
+    /// Where the host keys came from: `guest-agent` or `first-use`.
+    #[serde(default)]
+    pub host_key_source: Option<String>,
+}
+
+/// The directory for per-job files: `$TMPDIR` as the runner sets it, else the working directory
+/// (which the runner also makes per job).
+pub fn job_dir() -> PathBuf {
+    std::env::var_os("TMPDIR")
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+pub fn state_path(dir: &Path) -> PathBuf {
+    dir.join(STATE_FILE_NAME)
+}
+
+impl JobState {
+    /// Writes the state atomically (temp file + rename), mode 0600.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let path = state_path(dir);
+        let tmp = dir.join(format!(".{STATE_FILE_NAME}.{}", std::process::id()));
+        let json = serde_json::to_vec_pretty(self)
+            .map_err(|err| Error::Infrastructure(format!("cannot encode the job state: {err}")))?;
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            file.write_all(&json)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(|err| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(
+                format!(
+                    "cannot write the job state {} (is $TMPDIR writable?)",
+                    path.display()
+                ),
+                err,
+            )
+        })
+    }
+
+    /// `Ok(None)` when prepare never wrote a state (nothing was created).
+    pub fn load(dir: &Path) -> Result<Option<JobState>> {
+        let path = state_path(dir);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|err| {
+                Error::Infrastructure(format!(
+                    "the job state {} is corrupt ({err}); the VM it named may need the orphan \
+                     sweep (gitlab-proxmox-runner gc)",
+                    path.display()
+                ))
+            }),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(Error::io(
+                format!("cannot read the job state {}", path.display()),
+                err,
+            )),
+        }
+    }
+
+    pub fn remove(dir: &Path) -> Result<()> {
+        match std::fs::remove_file(state_path(dir)) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(err) => Err(Error::io("cannot remove the job state", err)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> JobState {
+        JobState {
+            node: "pve1".into(),
+            vmid: 2_000_123,
+            phase: Phase::Allocated,
+            vm_name: "ci-1-demo".into(),
+            marker: "marker".into(),
+            template_vmid: Some(9000),
+            ip: None,
+            ssh_port: None,
+            ssh_user: None,
+            host_keys: vec![],
+            host_key_source: None,
+        }
+    }
+
+    #[test]
+    fn state_round_trips_with_private_permissions() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(JobState::load(dir.path()).unwrap(), None);
+        let mut state = sample();
+        state.save(dir.path()).unwrap();
+        state.phase = Phase::Ready;
+        state.save(dir.path()).unwrap();
+        assert_eq!(JobState::load(dir.path()).unwrap(), Some(state));
+        let mode = std::fs::metadata(state_path(dir.path()))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        JobState::remove(dir.path()).unwrap();
+        JobState::remove(dir.path()).unwrap();
+        assert_eq!(JobState::load(dir.path()).unwrap(), None);
+    }
+
+    #[test]
+    fn phases_are_ordered() {
+        assert!(Phase::Allocated < Phase::Cloned && Phase::Started < Phase::Ready);
+    }
+}

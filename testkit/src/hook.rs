@@ -1,0 +1,188 @@
+//! Runs one hook of the real binary the way gitlab-runner does: a per-job directory as cwd and
+//! `TMPDIR`, the runner's exit-code variables, `JOB_RESPONSE_FILE`, and `CUSTOM_ENV_*` built from
+//! `[[runners]] environment` entries first and the job's own variables after (the job wins).
+//!
+//! ```ignore
+//! let out = Hook::new(bin, &job_dir)
+//!     .host_env("PROXMOX_HOST", fake.host())
+//!     .job_var("PROXMOX_TEMPLATE", "debian-12")
+//!     .arg("prepare")
+//!     .run();
+//! out.assert_exit(0);
+//! ```
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+pub const BUILD_FAILURE: i32 = 1;
+pub const SYSTEM_FAILURE: i32 = 2;
+
+#[derive(Clone)]
+pub struct Hook {
+    program: PathBuf,
+    args: Vec<OsString>,
+    job_dir: PathBuf,
+    /// The driver process's own environment (what a systemd unit exports).
+    host_env: BTreeMap<String, String>,
+    /// `[[runners]] environment` entries: reach the driver as CUSTOM_ENV_, not in the job file.
+    runner_env: BTreeMap<String, String>,
+    /// The job's own variables: CUSTOM_ENV_ and in JOB_RESPONSE_FILE.
+    job_vars: BTreeMap<String, String>,
+    path: Option<OsString>,
+}
+
+#[derive(Debug)]
+pub struct HookOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl HookOutput {
+    /// Panics with the whole output when the exit code is not `code`.
+    #[track_caller]
+    pub fn assert_exit(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code, code,
+            "unexpected exit code\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    pub fn log(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+impl Hook {
+    pub fn new(program: impl AsRef<Path>, job_dir: impl AsRef<Path>) -> Hook {
+        Hook {
+            program: program.as_ref().to_path_buf(),
+            args: Vec::new(),
+            job_dir: job_dir.as_ref().to_path_buf(),
+            host_env: BTreeMap::new(),
+            runner_env: BTreeMap::new(),
+            job_vars: BTreeMap::new(),
+            path: None,
+        }
+    }
+
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: Into<OsString>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn host_env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.host_env.insert(name.into(), value.into());
+        self
+    }
+
+    pub fn runner_env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.runner_env.insert(name.into(), value.into());
+        self
+    }
+
+    pub fn job_var(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.job_vars.insert(name.into(), value.into());
+        self
+    }
+
+    /// Replaces PATH (e.g. to prove no `ssh`/`scp` is needed).
+    pub fn path_env(mut self, path: impl Into<OsString>) -> Self {
+        self.path = Some(path.into());
+        self
+    }
+
+    pub fn job_dir(&self) -> &Path {
+        &self.job_dir
+    }
+
+    /// The runner's job payload: `{"variables":[{"key","value",...}]}`.
+    pub fn job_response_json(&self) -> String {
+        let variables: Vec<String> = self
+            .job_vars
+            .iter()
+            .map(|(key, value)| {
+                format!(
+                    r#"{{"key":{},"value":{},"public":true,"masked":false,"file":false,"raw":false}}"#,
+                    json_string(key),
+                    json_string(value)
+                )
+            })
+            .collect();
+        format!(
+            r#"{{"id":1,"token":"job-token","variables":[{}]}}"#,
+            variables.join(",")
+        )
+    }
+
+    /// The fully configured command (not started).
+    pub fn command(&self) -> Command {
+        std::fs::create_dir_all(&self.job_dir).expect("create job dir");
+        let response = self.job_dir.join("response.json");
+        std::fs::write(&response, self.job_response_json()).expect("write response.json");
+        let mut command = Command::new(&self.program);
+        command
+            .args(&self.args)
+            .current_dir(&self.job_dir)
+            .env_clear()
+            .env(
+                "PATH",
+                self.path
+                    .clone()
+                    .or_else(|| std::env::var_os("PATH"))
+                    .unwrap_or_default(),
+            )
+            .env("TMPDIR", &self.job_dir)
+            .env("BUILD_FAILURE_EXIT_CODE", BUILD_FAILURE.to_string())
+            .env("SYSTEM_FAILURE_EXIT_CODE", SYSTEM_FAILURE.to_string())
+            .env("BUILD_EXIT_CODE_FILE", self.job_dir.join("build_exit_code"))
+            .env("JOB_RESPONSE_FILE", &response)
+            .stdin(Stdio::null());
+        if let Some(home) = std::env::var_os("HOME") {
+            command.env("HOME", home);
+        }
+        for (name, value) in &self.host_env {
+            command.env(name, value);
+        }
+        for (name, value) in self.runner_env.iter().chain(self.job_vars.iter()) {
+            command.env(format!("CUSTOM_ENV_{name}"), value);
+        }
+        command
+    }
+
+    pub fn run(&self) -> HookOutput {
+        let output = self.command().output().expect("start the hook binary");
+        HookOutput {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+pub fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for ch in text.chars() {
+        match ch {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}

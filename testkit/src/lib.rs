@@ -1,0 +1,4 @@
+//! Test doubles for gitlab-proxmox-runner, shared by the integration tests, the benchmarks and
+//! the demo: run a hook like gitlab-runner does ([`hook`]), and more as the suite grows.
+
+pub mod hook;
