@@ -639,18 +639,20 @@ fn clone(
             Fault::CloneTaskFails { message, .. } => Some(message),
             _ => None,
         });
-    if error.is_none() {
-        if let Some((max, message)) = concurrent_limit {
-            if state.running_good_clones() >= max {
-                error = Some(message);
-            }
-        }
-    }
-    let duration = if full {
+    let mut duration = if full {
         state.config.clone_time * 3
     } else {
         state.config.clone_time
     };
+    if error.is_none() {
+        if let Some((max, message)) = concurrent_limit {
+            if state.running_good_clones() >= max {
+                error = Some(message);
+                // A lock timeout ends the task early (after ~10 s on PVE; quick here).
+                duration = duration.min(state.config.task_time);
+            }
+        }
+    }
     let agent_never = state.has_fault(|fault| matches!(fault, Fault::AgentNeverStarts));
     let pool = params.get("pool").cloned();
     let node_name = node.to_string();
