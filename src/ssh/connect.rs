@@ -5,9 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use russh::client::{self, AuthResult};
-use russh::keys::{
-    Algorithm, HashAlg, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate,
-};
+use russh::keys::{Algorithm, HashAlg, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use russh::{cipher, kex, Preferred};
 
 use super::{describe_target, Connection, HostKeyCheck, PrivateKey, Target};
@@ -289,7 +287,7 @@ async fn attempt(
                         target.user,
                         remaining_methods
                             .iter()
-                            .map(|m| <&str>::from(m))
+                            .map(<&str>::from)
                             .collect::<Vec<_>>()
                             .join(", ")
                     ),

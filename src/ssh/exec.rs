@@ -150,9 +150,8 @@ pub(super) async fn run_stage(
         connection.handle.channel_open_session()
     );
     let sftp = sftp?;
-    let mut channel = channel.map_err(|err| {
-        Error::ssh(format!("opening a session channel on {where_}"), err)
-    })?;
+    let mut channel =
+        channel.map_err(|err| Error::ssh(format!("opening a session channel on {where_}"), err))?;
 
     let home = sftp.realpath(".").await?;
     let base = format!("{}/{BASE_DIR}", home.trim_end_matches('/'));
@@ -247,19 +246,19 @@ pub(super) async fn run_stage(
     if outcome != StageOutcome::Exited(0) && !sftp.exists(&pgid_path).await.unwrap_or(true) {
         // The script never started: sudo (or setsid/bash) failed before it.
         let head = String::from_utf8_lossy(&stderr_head);
-        let why = if head.contains("password is required") || head.contains("a terminal is required")
-        {
-            format!(
-                "sudo wants a password for {:?}; the SSH user needs passwordless sudo, e.g. \
+        let why =
+            if head.contains("password is required") || head.contains("a terminal is required") {
+                format!(
+                    "sudo wants a password for {:?}; the SSH user needs passwordless sudo, e.g. \
                  `{} ALL=(ALL) NOPASSWD:ALL` in /etc/sudoers.d/ of the template",
-                connection.target.user, connection.target.user
-            )
-        } else {
-            "`sudo -n setsid -w /bin/bash` failed before the script started (see the lines \
+                    connection.target.user, connection.target.user
+                )
+            } else {
+                "`sudo -n setsid -w /bin/bash` failed before the script started (see the lines \
              above); the SSH user needs passwordless sudo, and the VM needs setsid (util-linux) \
              and /bin/bash"
-                .to_string()
-        };
+                    .to_string()
+            };
         sftp.close().await;
         return Err(Error::ssh(
             format!("starting the stage {:?} on {where_}", script.stage),

@@ -129,7 +129,11 @@ impl Connection {
     /// Uploads `script` into the job's private directory in the VM and runs it with
     /// `sudo -n /bin/bash`, streaming its stdout/stderr to ours as the bytes arrive. On cancel
     /// the script's whole process group is terminated (then killed after a grace period).
-    pub async fn run_stage(&self, script: &StageScript<'_>, cancel: &Cancel) -> Result<StageOutcome> {
+    pub async fn run_stage(
+        &self,
+        script: &StageScript<'_>,
+        cancel: &Cancel,
+    ) -> Result<StageOutcome> {
         exec::run_stage(self, script, cancel).await
     }
 

@@ -206,7 +206,9 @@ fn describe_sftp_error(err: &SftpError) -> String {
                 "permission denied ({}); check the SSH user's rights in the VM",
                 status.error_message
             ),
-            StatusCode::NoSuchFile => format!("no such file or directory ({})", status.error_message),
+            StatusCode::NoSuchFile => {
+                format!("no such file or directory ({})", status.error_message)
+            }
             code => format!("{code}: {}", status.error_message),
         },
         SftpError::Timeout => "the VM did not answer within 60 s".into(),

@@ -4,3 +4,6 @@
 
 pub mod hook;
 pub mod runner;
+pub mod ssh_job;
+pub mod sshd;
+pub mod sshkeys;
