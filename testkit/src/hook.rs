@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -29,8 +30,32 @@ pub struct Hook {
     /// `[[runners]] environment` entries: reach the driver as CUSTOM_ENV_, not in the job file.
     runner_env: BTreeMap<String, String>,
     /// The job's own variables: CUSTOM_ENV_ and in JOB_RESPONSE_FILE.
-    job_vars: BTreeMap<String, String>,
+    job_vars: BTreeMap<String, JobVariable>,
+    /// `job_env` from config_exec's JSON (prepare, run and cleanup only).
+    driver_env: BTreeMap<String, String>,
     path: Option<OsString>,
+}
+
+/// One entry of the job payload's `variables` list, with the flags GitLab sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobVariable {
+    pub key: String,
+    pub value: String,
+    /// Masked in the job log by the runner.
+    pub masked: bool,
+    /// A file-type variable: `value` is the file's content.
+    pub file: bool,
+}
+
+impl JobVariable {
+    pub fn new(key: impl Into<String>, value: impl Into<String>) -> JobVariable {
+        JobVariable {
+            key: key.into(),
+            value: value.into(),
+            masked: false,
+            file: false,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -66,6 +91,7 @@ impl Hook {
             host_env: BTreeMap::new(),
             runner_env: BTreeMap::new(),
             job_vars: BTreeMap::new(),
+            driver_env: BTreeMap::new(),
             path: None,
         }
     }
@@ -90,8 +116,19 @@ impl Hook {
         self
     }
 
-    pub fn job_var(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.job_vars.insert(name.into(), value.into());
+    /// An entry of config_exec's `job_env`.
+    pub fn driver_env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.driver_env.insert(name.into(), value.into());
+        self
+    }
+
+    pub fn job_var(self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.job_variable(JobVariable::new(name, value))
+    }
+
+    /// A job variable with its flags (masked, file).
+    pub fn job_variable(mut self, variable: JobVariable) -> Self {
+        self.job_vars.insert(variable.key.clone(), variable);
         self
     }
 
@@ -109,17 +146,30 @@ impl Hook {
     pub fn job_response_json(&self) -> String {
         let variables: Vec<String> = self
             .job_vars
-            .iter()
-            .map(|(key, value)| {
+            .values()
+            .map(|var| {
                 format!(
-                    r#"{{"key":{},"value":{},"public":true,"masked":false,"file":false,"raw":false}}"#,
-                    json_string(key),
-                    json_string(value)
+                    r#"{{"key":{},"value":{},"public":{},"masked":{},"file":{},"raw":false}}"#,
+                    json_string(&var.key),
+                    json_string(&var.value),
+                    !var.masked,
+                    var.masked,
+                    var.file
                 )
             })
             .collect();
+        let id = self
+            .job_vars
+            .get("CI_JOB_ID")
+            .and_then(|var| var.value.parse::<u64>().ok())
+            .unwrap_or(1);
+        let token = self
+            .job_vars
+            .get("CI_JOB_TOKEN")
+            .map_or("job-token", |var| var.value.as_str());
         format!(
-            r#"{{"id":1,"token":"job-token","variables":[{}]}}"#,
+            r#"{{"id":{id},"token":{},"variables":[{}]}}"#,
+            json_string(token),
             variables.join(",")
         )
     }
@@ -134,6 +184,7 @@ impl Hook {
             .args(&self.args)
             .current_dir(&self.job_dir)
             .env_clear()
+            .envs(std::env::var_os("HOME").map(|home| ("HOME", home)))
             .env(
                 "PATH",
                 self.path
@@ -141,19 +192,20 @@ impl Hook {
                     .or_else(|| std::env::var_os("PATH"))
                     .unwrap_or_default(),
             )
+            .envs(&self.host_env)
             .env("TMPDIR", &self.job_dir)
             .env("BUILD_FAILURE_EXIT_CODE", BUILD_FAILURE.to_string())
             .env("SYSTEM_FAILURE_EXIT_CODE", SYSTEM_FAILURE.to_string())
             .env("BUILD_EXIT_CODE_FILE", self.job_dir.join("build_exit_code"))
             .env("JOB_RESPONSE_FILE", &response)
-            .stdin(Stdio::null());
-        if let Some(home) = std::env::var_os("HOME") {
-            command.env("HOME", home);
-        }
-        for (name, value) in &self.host_env {
-            command.env(name, value);
-        }
-        for (name, value) in self.runner_env.iter().chain(self.job_vars.iter()) {
+            .stdin(Stdio::null())
+            // The runner starts every executable in its own process group, so that a cancel
+            // (SIGTERM, then SIGKILL, to the group) reaches everything the hook started.
+            .process_group(0);
+        // config_exec's `job_env`: after the runner's own variables, before the job's.
+        command.envs(&self.driver_env);
+        let job_vars = self.job_vars.values().map(|var| (&var.key, &var.value));
+        for (name, value) in self.runner_env.iter().chain(job_vars) {
             command.env(format!("CUSTOM_ENV_{name}"), value);
         }
         command

@@ -1,4 +1,11 @@
 //! Test doubles for gitlab-proxmox-runner, shared by the integration tests, the benchmarks and
-//! the demo: run a hook like gitlab-runner does ([`hook`]), and more as the suite grows.
+//! the demo: run a hook like gitlab-runner does ([`hook`]), run whole jobs like gitlab-runner
+//! does ([`runner`]), and more as the suite grows.
 
+pub mod fake_proxmox;
 pub mod hook;
+pub mod runner;
+
+pub use fake_proxmox::{
+    FakeConfig, FakeProxmox, Fault, NewVm, RecordedRequest, Template, VmSnapshot,
+};

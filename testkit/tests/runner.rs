@@ -1,0 +1,288 @@
+//! The gitlab-runner emulation, checked against a small bash driver whose every call is
+//! recorded: if the harness drifts from the runner's protocol, these fail.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gpr_testkit::runner::{HookKind, JobOutcome, RunnerJob};
+
+const FAKE_DRIVER: &str = r#"#!/usr/bin/env bash
+# A custom executor driver in a few lines; the "VM" is this machine.
+calls="$FAKE_CALLS"
+echo "$1 tmpdir=$TMPDIR pwd=$PWD from_config=${FROM_CONFIG-unset} x=${CUSTOM_ENV_X-unset} response=$(test -f "$JOB_RESPONSE_FILE" && echo yes)" >> "$calls"
+case "$1" in
+  config)
+    echo "config says hello on stderr" >&2
+    if [ -n "$FAKE_BAD_JSON" ]; then echo '{not json'; exit 0; fi
+    printf '{"driver":{"name":"fake","version":"0.0"},"builds_dir":"%s","cache_dir":"/cache","job_env":{"FROM_CONFIG":"yes"}}' "$FAKE_BUILDS"
+    ;;
+  prepare)
+    n=$(grep -c '^prepare' "$calls")
+    if [ "$n" -le "${FAKE_PREPARE_FAILS:-0}" ]; then
+      echo "prepare attempt $n fails" >&2
+      exit "${FAKE_PREPARE_EXIT:-$SYSTEM_FAILURE_EXIT_CODE}"
+    fi
+    echo "prepare attempt $n ok"
+    ;;
+  run)
+    echo "stage $3" >> "$calls"
+    bash "$2"
+    rc=$?
+    if [ $rc -ne 0 ]; then echo $rc > "$BUILD_EXIT_CODE_FILE"; exit "$BUILD_FAILURE_EXIT_CODE"; fi
+    ;;
+  cleanup)
+    echo "cleanup output"
+    ;;
+esac
+"#;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let driver = dir.path().join("driver");
+        std::fs::write(&driver, FAKE_DRIVER).unwrap();
+        std::fs::set_permissions(&driver, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::create_dir(dir.path().join("builds")).unwrap();
+        Fixture { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn job(&self) -> RunnerJob {
+        RunnerJob::new(self.path("driver"))
+            .host_env("FAKE_CALLS", self.path("calls").to_str().unwrap())
+            .host_env("FAKE_BUILDS", self.path("builds").to_str().unwrap())
+            .retry_interval(Duration::ZERO)
+            .hook_timeout(Duration::from_secs(60))
+            .graceful_kill_timeout(Duration::from_secs(10))
+    }
+
+    fn calls(&self) -> Vec<String> {
+        std::fs::read_to_string(self.path("calls"))
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+}
+
+fn field<'a>(line: &'a str, name: &str) -> &'a str {
+    line.split(' ')
+        .find_map(|part| part.strip_prefix(&format!("{name}=")))
+        .unwrap_or("")
+}
+
+#[test]
+fn a_successful_job_runs_the_hooks_in_the_runners_order_and_environment() {
+    let fx = Fixture::new();
+    let report = fx
+        .job()
+        .runner_env("X", "from-runner")
+        .job_var("X", "from-job")
+        .job_var("GREETING", "hello from the job")
+        .script("build_script", "echo \"$GREETING in $PWD\"")
+        .script(
+            "build_script",
+            "test \"$FROM_CONFIG\" = unset-in-scripts || true",
+        )
+        .script("after_script", "echo after")
+        .script("upload_artifacts_on_success", "echo uploading")
+        .script("upload_artifacts_on_failure", "echo never")
+        .run();
+    report.assert_success();
+    assert_eq!(
+        report.stages_run(),
+        [
+            "prepare_script",
+            "get_sources",
+            "build_script",
+            "after_script",
+            "upload_artifacts_on_success"
+        ]
+    );
+    let calls = fx.calls();
+    let hooks: Vec<&str> = calls
+        .iter()
+        .filter(|l| !l.starts_with("stage"))
+        .map(|l| l.split(' ').next().unwrap())
+        .collect();
+    assert_eq!(
+        hooks,
+        ["config", "prepare", "run", "run", "run", "run", "run", "cleanup"]
+    );
+    for line in calls.iter().filter(|l| !l.starts_with("stage")) {
+        assert_eq!(field(line, "tmpdir"), field(line, "pwd"), "{line}");
+        assert_eq!(field(line, "x"), "from-job", "{line}");
+        assert_eq!(field(line, "response"), "yes", "{line}");
+        let expected = if line.starts_with("config") {
+            "unset"
+        } else {
+            "yes"
+        };
+        assert_eq!(field(line, "from_config"), expected, "{line}");
+    }
+    let builds = fx.path("builds");
+    assert!(report.log.contains(&format!(
+        "hello from the job in {}/group/demo",
+        builds.display()
+    )));
+    assert!(report.log.contains("$ echo \"$GREETING in $PWD\""));
+    assert!(report.log.contains("Running on "), "{}", report.log);
+    assert!(report.log.contains("config says hello on stderr"));
+    assert!(report.log.contains("prepare attempt 1 ok"));
+    assert!(!report.log.contains("cleanup output"));
+    assert!(report.cleanup_log.contains("cleanup output"));
+    // The runner deletes the job directory after cleanup.
+    assert!(!Path::new(field(&calls[0], "tmpdir")).exists());
+    // The job token is masked in the job log.
+    assert!(!report.log.contains("glcbt-job-token"));
+}
+
+#[test]
+fn a_failing_script_is_a_script_failure_with_the_scripts_exit_code() {
+    let fx = Fixture::new();
+    let report = fx
+        .job()
+        .script("build_script", "echo before; exit 3")
+        .script("build_script", "echo never-reached")
+        .script("after_script", "echo after-ran")
+        .script("upload_artifacts_on_success", "echo never")
+        .script("upload_artifacts_on_failure", "echo uploading-on-failure")
+        .run();
+    report.assert_outcome(&JobOutcome::ScriptFailure { exit_code: 3 });
+    assert!(!report.log.contains("never-reached"));
+    assert!(report.log.contains("after-ran"));
+    assert!(report.log.contains("uploading-on-failure"));
+    assert!(report.log.contains("ERROR: Job failed: exit code 3"));
+    assert_eq!(report.exit_codes(&HookKind::Cleanup), [Some(0)]);
+}
+
+#[test]
+fn prepare_is_retried_in_a_fresh_directory_with_cleanup_after_every_failure() {
+    let fx = Fixture::new();
+    let report = fx
+        .job()
+        .host_env("FAKE_PREPARE_FAILS", "2")
+        .script("build_script", "true")
+        .run();
+    report.assert_success();
+    assert_eq!(report.attempts, 3);
+    assert_eq!(
+        report.exit_codes(&HookKind::Prepare),
+        [Some(2), Some(2), Some(0)]
+    );
+    assert_eq!(report.exit_codes(&HookKind::Cleanup).len(), 3);
+    let calls = fx.calls();
+    let dirs: Vec<&str> = calls
+        .iter()
+        .filter(|l| l.starts_with("prepare"))
+        .map(|l| field(l, "tmpdir"))
+        .collect();
+    assert_eq!(dirs.len(), 3);
+    assert!(dirs[0] != dirs[1] && dirs[1] != dirs[2] && dirs[0] != dirs[2]);
+    // Each failed attempt's cleanup ran in that attempt's directory, before the next config.
+    let order: Vec<&str> = calls.iter().map(|l| l.split(' ').next().unwrap()).collect();
+    assert_eq!(
+        &order[..7],
+        ["config", "prepare", "cleanup", "config", "prepare", "cleanup", "config"]
+    );
+}
+
+#[test]
+fn three_failed_preparations_are_a_system_failure() {
+    let fx = Fixture::new();
+    let report = fx
+        .job()
+        .host_env("FAKE_PREPARE_FAILS", "9")
+        .script("build_script", "true")
+        .run();
+    assert!(matches!(report.outcome, JobOutcome::SystemFailure { .. }));
+    assert_eq!(report.attempts, 3);
+    assert_eq!(report.exit_codes(&HookKind::Cleanup).len(), 3);
+    assert!(report.stages_run().is_empty());
+}
+
+#[test]
+fn a_build_failure_in_prepare_is_not_retried_but_still_cleaned_up() {
+    let fx = Fixture::new();
+    let report = fx
+        .job()
+        .host_env("FAKE_PREPARE_FAILS", "9")
+        .host_env("FAKE_PREPARE_EXIT", "1")
+        .script("build_script", "true")
+        .run();
+    report.assert_outcome(&JobOutcome::ScriptFailure { exit_code: 1 });
+    assert_eq!(report.attempts, 1);
+    assert_eq!(report.exit_codes(&HookKind::Cleanup).len(), 1);
+}
+
+#[test]
+fn invalid_config_json_is_a_retried_system_failure() {
+    let fx = Fixture::new();
+    let report = fx
+        .job()
+        .host_env("FAKE_BAD_JSON", "1")
+        .script("build_script", "true")
+        .run();
+    assert!(
+        matches!(&report.outcome, JobOutcome::SystemFailure { reason } if reason.contains("JSON")),
+        "{:?}",
+        report.outcome
+    );
+    assert_eq!(report.attempts, 3);
+    assert!(report.exit_codes(&HookKind::Prepare).is_empty());
+}
+
+#[test]
+fn cancel_stops_the_whole_process_group_then_runs_after_script_and_cleanup() {
+    let fx = Fixture::new();
+    let pid_file = fx.path("sleeper.pid");
+    let job = fx
+        .job()
+        .script(
+            "build_script",
+            format!(
+                "sleep 600 & echo $! > {}; echo started; wait",
+                pid_file.display()
+            ),
+        )
+        .script("after_script", "echo after-cancel")
+        .start();
+    assert!(job
+        .control()
+        .wait_for_log("started", Duration::from_secs(30)));
+    let sleeper: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    job.cancel();
+    let report = job.wait();
+    report.assert_outcome(&JobOutcome::Canceled);
+    let build = report
+        .calls
+        .iter()
+        .find(|c| {
+            c.kind
+                == HookKind::Run {
+                    stage: "build_script".into(),
+                }
+        })
+        .unwrap();
+    assert!(build.terminated);
+    assert!(report.log.contains("after-cancel"));
+    assert_eq!(report.exit_codes(&HookKind::Cleanup).len(), 1);
+    // The background sleep was in the hook's process group: SIGTERM reached it.
+    let alive = std::path::Path::new(&format!("/proc/{sleeper}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{sleeper}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ");
+    assert!(!alive, "the script's child {sleeper} survived the cancel");
+}
