@@ -2,8 +2,13 @@
 //! the demo: run a hook like gitlab-runner does ([`hook`]), run whole jobs like gitlab-runner
 //! does ([`runner`]), and more as the suite grows.
 
+pub mod fake_proxmox;
 pub mod hook;
 pub mod runner;
 pub mod ssh_job;
 pub mod sshd;
 pub mod sshkeys;
+
+pub use fake_proxmox::{
+    FakeConfig, FakeProxmox, Fault, NewVm, RecordedRequest, Template, VmSnapshot,
+};

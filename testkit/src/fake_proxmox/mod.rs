@@ -1,0 +1,332 @@
+//! A stateful fake Proxmox VE API: real HTTPS on loopback, API-token auth, and PVE's own answer
+//! shapes and wording (see `shared/reference/proxmox-api.md`). Long operations are simulated in
+//! time: a clone, start or delete answers a UPID at once, and the task's effect lands once its
+//! configured duration has passed (computed from `Instant`s on every request; nothing sleeps).
+//!
+//! ```ignore
+//! let fake = FakeProxmox::start(FakeConfig::default());
+//! let out = Hook::new(bin, &job_dir).host_envs(fake.settings_env()).arg("prepare").run();
+//! assert!(fake.job_vms().is_empty());
+//! ```
+
+mod routes;
+mod server;
+mod state;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use state::State;
+
+/// How the fake cluster looks and how long its simulated operations take.
+#[derive(Debug, Clone)]
+pub struct FakeConfig {
+    /// The node that holds the templates and answers the tasks.
+    pub node: String,
+    /// Further cluster members: listed in `/nodes` and `/cluster/resources`, hold no templates.
+    pub other_nodes: Vec<String>,
+    pub token_user: String,
+    pub token_name: String,
+    pub token_value: String,
+    pub templates: Vec<Template>,
+    /// Duration of a linked clone task; a full clone takes three times as long.
+    pub clone_time: Duration,
+    /// Duration of start, stop, shutdown, delete and resize tasks.
+    pub task_time: Duration,
+    /// From the end of the start task until the guest agent answers.
+    pub boot_time: Duration,
+    /// The address the agent reports on the interface that carries net0's MAC.
+    pub guest_ip: IpAddr,
+    /// What `agent/file-read` returns per path; others fail like a missing file does.
+    pub guest_files: BTreeMap<String, String>,
+    /// Real PVE waits ~3 s before answering a bad token.
+    pub bad_token_delay: Duration,
+    /// pve-http-server >= 5.2.0 also puts `"message"` into error bodies; older ones do not.
+    pub message_in_body: bool,
+}
+
+impl Default for FakeConfig {
+    fn default() -> Self {
+        let template = |vmid, name: &str| Template {
+            vmid,
+            name: name.to_string(),
+            agent: true,
+            tags: "template;ubuntu".to_string(),
+            description: format!("{name} cloud image template"),
+            linked_clone_ok: true,
+        };
+        FakeConfig {
+            node: "pve1".to_string(),
+            other_nodes: vec!["pve2".to_string()],
+            token_user: "ci@pve".to_string(),
+            token_name: "runner".to_string(),
+            token_value: "fake-token-0f1e2d3c".to_string(),
+            templates: vec![
+                template(60900, "ubuntu-focal"),
+                template(60910, "ubuntu-bionic"),
+                template(60920, "debian-11"),
+                template(60930, "debian-12"),
+            ],
+            clone_time: Duration::from_millis(200),
+            task_time: Duration::from_millis(50),
+            boot_time: Duration::from_millis(300),
+            guest_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            guest_files: BTreeMap::new(),
+            bad_token_delay: Duration::from_millis(20),
+            message_in_body: false,
+        }
+    }
+}
+
+/// A template VM on the main node.
+#[derive(Debug, Clone)]
+pub struct Template {
+    pub vmid: u32,
+    pub name: String,
+    /// Whether its config has `agent: 1` (clones inherit it).
+    pub agent: bool,
+    pub tags: String,
+    pub description: String,
+    /// Whether its storage supports linked clones.
+    pub linked_clone_ok: bool,
+}
+
+/// A guest as the fake currently holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSnapshot {
+    pub vmid: u32,
+    pub node: String,
+    pub name: String,
+    /// `running` or `stopped`.
+    pub status: String,
+    pub template: bool,
+    pub lock: Option<String>,
+    pub tags: String,
+    pub description: String,
+    /// The VM's config keys as `GET .../config` shows them (cores, memory, net0, agent, ...).
+    pub config: BTreeMap<String, String>,
+    /// The VMID this guest was cloned from, for clones made through the API.
+    pub cloned_from: Option<u32>,
+    pub full_clone: Option<bool>,
+}
+
+/// A guest put into the fake directly: foreign VMs, orphans, leftovers for cleanup and gc tests.
+#[derive(Debug, Clone, Default)]
+pub struct NewVm {
+    pub vmid: u32,
+    /// Empty means the main node.
+    pub node: String,
+    pub name: String,
+    pub tags: String,
+    pub description: String,
+    pub template: bool,
+    /// Running and booted (its agent answers at once).
+    pub running: bool,
+    pub lock: Option<String>,
+}
+
+/// One API request as the fake received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedRequest {
+    pub method: String,
+    /// The path as sent (still percent-encoded), including `/api2/json`.
+    pub path: String,
+    /// The raw query string, empty if none.
+    pub query: String,
+    /// Whether the request carried the right API token.
+    pub authorized: bool,
+}
+
+/// Misbehaviour to inject; counted faults apply to the next `count` matching operations.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// The next N clone tasks end with this exit status.
+    CloneTaskFails { count: u32, message: String },
+    /// The next N clone requests are answered at once with this status and message.
+    CloneRequestFails {
+        count: u32,
+        status: u16,
+        message: String,
+    },
+    /// The next N requests (whose path contains `path_contains`, if given) get this status.
+    HttpErrors {
+        count: u32,
+        status: u16,
+        message: String,
+        path_contains: Option<String>,
+    },
+    /// The next N start tasks end with this exit status.
+    StartTaskFails { count: u32, message: String },
+    /// The agent of every VM cloned from now on never comes up.
+    AgentNeverStarts,
+    /// After each clone task ends, `lock: clone` stays this much longer.
+    LockAfterClone { duration: Duration },
+    /// Clone tasks started while `max` others run end with `message`.
+    ConcurrentCloneLimit { max: usize, message: String },
+    /// Deleting a locked VM is refused. This is the default behaviour; the variant documents it.
+    DeleteFailsWhileLocked,
+    /// The next N otherwise successful tasks end with `WARNINGS: 1`.
+    TaskWarnings { count: u32 },
+}
+
+/// A running fake Proxmox VE API. Dropping it shuts the server down.
+pub struct FakeProxmox {
+    state: Arc<Mutex<State>>,
+    addr: SocketAddr,
+    tls: server::TlsMaterial,
+    server: Option<server::ServerThread>,
+}
+
+impl FakeProxmox {
+    /// Starts the server on `127.0.0.1:0` in its own thread with its own tokio runtime.
+    pub fn start(config: FakeConfig) -> FakeProxmox {
+        let tls = server::TlsMaterial::generate();
+        let state = Arc::new(Mutex::new(State::new(config)));
+        let server = server::ServerThread::spawn(state.clone(), &tls);
+        FakeProxmox {
+            state,
+            addr: server.addr,
+            tls,
+            server: Some(server),
+        }
+    }
+
+    /// `127.0.0.1:PORT`, the value for `PROXMOX_HOST`.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// `https://127.0.0.1:PORT/api2/json`.
+    pub fn api_url(&self) -> String {
+        format!("https://{}/api2/json", self.addr)
+    }
+
+    /// PEM of the CA that signed the server certificate (like `/etc/pve/pve-root-ca.pem`).
+    pub fn ca_pem(&self) -> String {
+        self.tls.ca_pem.clone()
+    }
+
+    /// Writes the CA as `pve-root-ca.pem` into `dir` and returns its path.
+    pub fn write_ca_file(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("pve-root-ca.pem");
+        if let Err(err) = std::fs::write(&path, &self.tls.ca_pem) {
+            panic!("writing the fake CA to {}: {err}", path.display());
+        }
+        path
+    }
+
+    /// DER of the server (leaf) certificate.
+    pub fn leaf_der(&self) -> Vec<u8> {
+        self.tls.leaf_der.clone()
+    }
+
+    /// SHA-256 of the server certificate, `AA:BB:...` as the PVE UI shows it.
+    pub fn fingerprint(&self) -> String {
+        self.tls.fingerprint()
+    }
+
+    /// The settings a driver needs to reach this fake (trust by fingerprint).
+    pub fn settings_env(&self) -> Vec<(String, String)> {
+        let state = self.lock();
+        let config = &state.config;
+        [
+            ("PROXMOX_HOST", self.host()),
+            ("PROXMOX_USER", config.token_user.clone()),
+            ("PROXMOX_TOKEN_NAME", config.token_name.clone()),
+            ("PROXMOX_TOKEN_VALUE", config.token_value.clone()),
+            ("PROXMOX_NODE", config.node.clone()),
+            ("PROXMOX_TLS_FINGERPRINT", self.fingerprint()),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_string(), value))
+        .collect()
+    }
+
+    /// Every guest, templates included, ordered by VMID.
+    pub fn vms(&self) -> Vec<VmSnapshot> {
+        let mut state = self.lock();
+        state.advance();
+        state.vms.values().map(|vm| vm.snapshot()).collect()
+    }
+
+    /// Every guest that is not a template.
+    pub fn job_vms(&self) -> Vec<VmSnapshot> {
+        self.vms().into_iter().filter(|vm| !vm.template).collect()
+    }
+
+    pub fn vm(&self, vmid: u32) -> Option<VmSnapshot> {
+        let mut state = self.lock();
+        state.advance();
+        state.vms.get(&vmid).map(|vm| vm.snapshot())
+    }
+
+    /// Puts a guest into the cluster directly (replacing one with the same VMID).
+    pub fn add_vm(&self, vm: NewVm) {
+        self.lock().add_vm(vm);
+    }
+
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.lock().requests.clone()
+    }
+
+    pub fn request_count(&self) -> usize {
+        self.lock().requests.len()
+    }
+
+    pub fn inject(&self, fault: Fault) {
+        self.lock().faults.push(fault);
+    }
+
+    pub fn set_guest_file(&self, path: &str, content: &str) {
+        self.lock()
+            .config
+            .guest_files
+            .insert(path.to_string(), content.to_string());
+    }
+
+    /// Applies to VMs started from now on.
+    pub fn set_boot_time(&self, boot_time: Duration) {
+        self.lock().config.boot_time = boot_time;
+    }
+
+    /// Applies to clones requested from now on.
+    pub fn set_clone_time(&self, clone_time: Duration) {
+        self.lock().config.clone_time = clone_time;
+    }
+
+    /// The highest number of clone tasks that were running at the same time.
+    pub fn max_concurrent_clones(&self) -> usize {
+        self.lock().max_concurrent_clones
+    }
+
+    /// Sum of the simulated durations of every task and boot served so far.
+    pub fn simulated_time(&self) -> Duration {
+        self.lock().simulated_time
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panicking test thread must not hide the fake's state from the next assertion.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Drop for FakeProxmox {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown();
+        }
+    }
+}
+
+impl std::fmt::Debug for FakeProxmox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeProxmox")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}

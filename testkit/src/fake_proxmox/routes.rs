@@ -1,0 +1,1371 @@
+//! The API endpoints: parameter checks with PVE's wording, and the state changes behind them.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+
+use super::server::param_map;
+use super::state::{random_mac, Effect, State, TaskSpec, Vm, MAX_DESCRIPTION};
+use super::Fault;
+
+pub(crate) struct ApiRequest {
+    pub method: String,
+    /// Decoded path below `/api2/json`, e.g. `/nodes/pve1/qemu`.
+    pub path: String,
+    pub segments: Vec<String>,
+    /// Query parameters, then body parameters, in order.
+    pub params: Vec<(String, String)>,
+}
+
+pub(crate) enum Reply {
+    Data(Value),
+    /// `data` plus further top-level keys (e.g. the task log's `total`).
+    DataWith(Value, Map<String, Value>),
+    /// An error: the message goes into the reason phrase; `errors` makes it a 400-style
+    /// "Parameter verification failed." with a field map.
+    Fail {
+        status: u16,
+        message: String,
+        errors: Option<BTreeMap<String, String>>,
+    },
+}
+
+type Result<T> = std::result::Result<T, Reply>;
+
+fn fail(status: u16, message: impl Into<String>) -> Reply {
+    Reply::Fail {
+        status,
+        message: message.into(),
+        errors: None,
+    }
+}
+
+fn param_errors(errors: BTreeMap<String, String>) -> Reply {
+    Reply::Fail {
+        status: 400,
+        message: "Parameter verification failed.".into(),
+        errors: Some(errors),
+    }
+}
+
+fn param_error(field: &str, message: impl Into<String>) -> Reply {
+    param_errors(BTreeMap::from([(field.to_string(), message.into())]))
+}
+
+fn not_implemented(request: &ApiRequest) -> Reply {
+    fail(
+        501,
+        format!(
+            "Method '{} {}' not implemented",
+            request.method, request.path
+        ),
+    )
+}
+
+pub(crate) fn dispatch(state: &mut State, request: &ApiRequest) -> Reply {
+    state.advance();
+    if let Some(Fault::HttpErrors {
+        status, message, ..
+    }) = state.take_counted(|fault| match fault {
+        Fault::HttpErrors { path_contains, .. } => path_contains
+            .as_deref()
+            .is_none_or(|needle| request.path.contains(needle)),
+        _ => false,
+    }) {
+        return fail(status, message);
+    }
+    match route(state, request) {
+        Ok(data) => data,
+        Err(reply) => reply,
+    }
+}
+
+fn route(state: &mut State, request: &ApiRequest) -> Result<Reply> {
+    let segments: Vec<&str> = request.segments.iter().map(String::as_str).collect();
+    let method = request.method.as_str();
+    let params = param_map(&request.params);
+    let data = match (method, segments.as_slice()) {
+        ("GET", ["version"]) => json!({
+            "version": "8.2.4",
+            "release": "8.2",
+            "repoid": "faa83925c9641325",
+        }),
+        ("GET", ["nodes"]) => Value::Array(
+            state
+                .nodes()
+                .into_iter()
+                .map(|node| {
+                    json!({
+                        "node": node, "status": "online", "type": "node", "id": format!("node/{node}"),
+                        "level": "", "maxcpu": 16, "maxmem": 68719476736u64, "uptime": 864000,
+                    })
+                })
+                .collect(),
+        ),
+        ("GET", ["cluster", "nextid"]) => nextid(state, &params)?,
+        ("GET", ["cluster", "resources"]) => resources(state, &params)?,
+        (_, ["nodes", node, rest @ ..]) => {
+            check_node(state, node)?;
+            return node_route(state, request, node, rest, &params);
+        }
+        _ => return Err(not_implemented(request)),
+    };
+    Ok(Reply::Data(data))
+}
+
+fn node_route(
+    state: &mut State,
+    request: &ApiRequest,
+    node: &str,
+    rest: &[&str],
+    params: &BTreeMap<String, String>,
+) -> Result<Reply> {
+    let method = request.method.as_str();
+    let data = match (method, rest) {
+        ("GET", ["qemu"]) => node_qemu_list(state, node),
+        ("GET", ["tasks", upid, "status"]) => task_status(state, node, upid)?,
+        ("GET", ["tasks", upid, "log"]) => return task_log(state, node, upid, params),
+        (_, ["qemu", vmid, rest @ ..]) => {
+            let vmid = parse_vmid("vmid", vmid)?;
+            return vm_route(state, request, node, vmid, rest, params);
+        }
+        _ => return Err(not_implemented(request)),
+    };
+    Ok(Reply::Data(data))
+}
+
+fn vm_route(
+    state: &mut State,
+    request: &ApiRequest,
+    node: &str,
+    vmid: u32,
+    rest: &[&str],
+    params: &BTreeMap<String, String>,
+) -> Result<Reply> {
+    let method = request.method.as_str();
+    let data = match (method, rest) {
+        ("GET", []) => {
+            vm_on_node(state, node, vmid)?;
+            Value::Array(
+                ["config", "status", "agent", "clone", "resize"]
+                    .iter()
+                    .map(|subdir| json!({ "subdir": subdir }))
+                    .collect(),
+            )
+        }
+        ("DELETE", []) => destroy(state, node, vmid, params)?,
+        ("POST", ["clone"]) => clone(state, node, vmid, params)?,
+        ("GET", ["config"]) => get_config(state, node, vmid)?,
+        ("PUT", ["config"]) => {
+            set_config(state, node, vmid, params)?;
+            Value::Null
+        }
+        ("POST", ["config"]) => {
+            set_config(state, node, vmid, params)?;
+            Value::String(state.spawn_task(TaskSpec {
+                node: node.to_string(),
+                kind: "qmconfig",
+                id: vmid.to_string(),
+                duration: Duration::ZERO,
+                error: None,
+                effect: Effect::None,
+                log: vec!["update VM {vmid}: -config".replace("{vmid}", &vmid.to_string())],
+            }))
+        }
+        ("PUT" | "POST", ["resize"]) => resize(state, node, vmid, params)?,
+        ("GET", ["status"]) => {
+            vm_on_node(state, node, vmid)?;
+            json!([{"subdir":"current"},{"subdir":"start"},{"subdir":"stop"},{"subdir":"shutdown"}])
+        }
+        ("GET", ["status", "current"]) => status_current(state, node, vmid)?,
+        ("POST", ["status", action @ ("start" | "stop" | "shutdown")]) => {
+            power(state, node, vmid, action, params)?
+        }
+        (_, ["agent", rest @ ..]) => agent(state, request, node, vmid, rest, params)?,
+        _ => return Err(not_implemented(request)),
+    };
+    Ok(Reply::Data(data))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parameter checks with PVE's wording.
+
+fn check_node(state: &State, node: &str) -> Result<()> {
+    if state.is_known_node(node) {
+        Ok(())
+    } else {
+        Err(fail(
+            500,
+            format!("hostname lookup '{node}' failed - failed to get address info for: {node}: Name or service not known"),
+        ))
+    }
+}
+
+fn parse_vmid(field: &str, raw: &str) -> Result<u32> {
+    let number: i64 = raw.trim().parse().map_err(|_| {
+        param_error(
+            field,
+            format!("type check ('integer') failed - got '{raw}'"),
+        )
+    })?;
+    if number < 100 {
+        return Err(param_error(field, "value must have a minimum value of 100"));
+    }
+    if number > 999_999_999 {
+        return Err(param_error(
+            field,
+            "value must have a maximum value of 999999999",
+        ));
+    }
+    Ok(number as u32)
+}
+
+/// Booleans are `1`/`0` on the wire; `true` is refused.
+fn parse_bool(
+    params: &BTreeMap<String, String>,
+    field: &str,
+    errors: &mut BTreeMap<String, String>,
+) -> Option<bool> {
+    match params.get(field).map(String::as_str) {
+        None => None,
+        Some("1") => Some(true),
+        Some("0") => Some(false),
+        Some(other) => {
+            errors.insert(
+                field.to_string(),
+                format!("type check ('boolean') failed - got '{other}'"),
+            );
+            None
+        }
+    }
+}
+
+fn check_allowed(
+    params: &BTreeMap<String, String>,
+    allowed: &[&str],
+    errors: &mut BTreeMap<String, String>,
+) {
+    for key in params.keys() {
+        if !allowed.contains(&key.as_str()) {
+            errors.insert(
+                key.clone(),
+                "property is not defined in schema and the schema does not allow additional properties"
+                    .into(),
+            );
+        }
+    }
+}
+
+pub(crate) fn is_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+fn is_tag(tag: &str) -> bool {
+    let mut chars = tag.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && chars.all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '+' | '.')
+        })
+}
+
+/// PVE accepts tags split on `;`, `,` or spaces and stores them `;`-joined.
+fn normalize_tags(raw: &str) -> std::result::Result<String, String> {
+    let tags: Vec<&str> = raw
+        .split([';', ',', ' '])
+        .filter(|tag| !tag.is_empty())
+        .collect();
+    if let Some(bad) = tags.iter().find(|tag| !is_tag(tag)) {
+        return Err(format!(
+            "invalid format - invalid characters in tag '{bad}'"
+        ));
+    }
+    Ok(tags.join(";"))
+}
+
+/// `sshkeys` must arrive percent-encoded (once more than the form encoding).
+fn is_urlencoded(text: &str) -> bool {
+    text.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-%_.!~*'()".contains(c))
+}
+
+fn missing_config(node: &str, vmid: u32) -> Reply {
+    fail(
+        500,
+        format!("Configuration file 'nodes/{node}/qemu-server/{vmid}.conf' does not exist"),
+    )
+}
+
+fn vm_on_node<'a>(state: &'a State, node: &str, vmid: u32) -> Result<&'a Vm> {
+    state
+        .vms
+        .get(&vmid)
+        .filter(|vm| vm.node == node)
+        .ok_or_else(|| missing_config(node, vmid))
+}
+
+fn vm_on_node_mut<'a>(state: &'a mut State, node: &str, vmid: u32) -> Result<&'a mut Vm> {
+    state
+        .vms
+        .get_mut(&vmid)
+        .filter(|vm| vm.node == node)
+        .ok_or_else(|| missing_config(node, vmid))
+}
+
+fn locked(lock: &str) -> Reply {
+    fail(500, format!("VM is locked ({lock})"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster.
+
+fn nextid(state: &State, params: &BTreeMap<String, String>) -> Result<Value> {
+    if let Some(raw) = params.get("vmid") {
+        let vmid = parse_vmid("vmid", raw)?;
+        if state.vms.contains_key(&vmid) {
+            return Err(param_error("vmid", format!("VM {vmid} already exists")));
+        }
+        return Ok(Value::String(vmid.to_string()));
+    }
+    let free = (100u32..)
+        .find(|id| !state.vms.contains_key(id))
+        .unwrap_or(100);
+    Ok(Value::String(free.to_string()))
+}
+
+fn resources(state: &State, params: &BTreeMap<String, String>) -> Result<Value> {
+    let kind = params.get("type").map(String::as_str);
+    if let Some(kind) = kind {
+        if !matches!(kind, "vm" | "node" | "storage" | "sdn") {
+            return Err(param_error(
+                "type",
+                format!("value '{kind}' does not have a value in the enumeration 'vm, storage, node, sdn'"),
+            ));
+        }
+    }
+    let now = Instant::now();
+    let mut list = Vec::new();
+    if kind.is_none() || kind == Some("vm") {
+        for vm in state.vms.values() {
+            let mut entry = json!({
+                "id": format!("qemu/{}", vm.vmid),
+                "type": "qemu",
+                "vmid": vm.vmid,
+                "node": vm.node,
+                "name": vm.name(),
+                "status": vm.status(),
+                "template": u8::from(vm.is_template()),
+                "uptime": vm.uptime(now),
+                "maxcpu": config_number(vm, "cores").unwrap_or(1),
+                "maxmem": config_number(vm, "memory").unwrap_or(512) * 1024 * 1024,
+                "maxdisk": 21474836480u64,
+                "mem": if vm.running { 412_000_000u64 } else { 0 },
+                "cpu": 0,
+                "disk": 0,
+                "diskread": 0,
+                "diskwrite": 0,
+                "netin": 0,
+                "netout": 0,
+            });
+            if let Some(object) = entry.as_object_mut() {
+                if let Some(tags) = vm.config.get("tags") {
+                    object.insert("tags".into(), Value::String(tags.clone()));
+                }
+                if let Some(lock) = &vm.lock {
+                    object.insert("lock".into(), Value::String(lock.clone()));
+                }
+                if let Some(pool) = &vm.pool {
+                    object.insert("pool".into(), Value::String(pool.clone()));
+                }
+            }
+            list.push(entry);
+        }
+    }
+    if kind.is_none() || kind == Some("node") {
+        for node in state.nodes() {
+            list.push(json!({
+                "id": format!("node/{node}"), "type": "node", "node": node, "status": "online",
+                "maxcpu": 16, "maxmem": 68719476736u64, "uptime": 864000, "level": "",
+            }));
+        }
+    }
+    Ok(Value::Array(list))
+}
+
+fn config_number(vm: &Vm, key: &str) -> Option<u64> {
+    vm.config.get(key).and_then(|value| value.parse().ok())
+}
+
+fn node_qemu_list(state: &State, node: &str) -> Value {
+    let now = Instant::now();
+    Value::Array(
+        state
+            .vms
+            .values()
+            .filter(|vm| vm.node == node)
+            .map(|vm| {
+                let mut entry = json!({
+                    "vmid": vm.vmid,
+                    "name": vm.name(),
+                    "status": vm.status(),
+                    "uptime": vm.uptime(now),
+                    "cpus": config_number(vm, "cores").unwrap_or(1),
+                    "maxmem": config_number(vm, "memory").unwrap_or(512) * 1024 * 1024,
+                    "maxdisk": 21474836480u64,
+                });
+                if let Some(object) = entry.as_object_mut() {
+                    if vm.is_template() {
+                        object.insert("template".into(), json!(1));
+                    }
+                    if let Some(tags) = vm.config.get("tags") {
+                        object.insert("tags".into(), Value::String(tags.clone()));
+                    }
+                    if let Some(lock) = &vm.lock {
+                        object.insert("lock".into(), Value::String(lock.clone()));
+                    }
+                    if vm.running {
+                        object.insert("pid".into(), json!(10000 + vm.vmid % 50000));
+                    }
+                }
+                entry
+            })
+            .collect(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clone.
+
+fn clone(
+    state: &mut State,
+    node: &str,
+    source: u32,
+    params: &BTreeMap<String, String>,
+) -> Result<Value> {
+    let mut errors = BTreeMap::new();
+    check_allowed(
+        params,
+        &[
+            "newid",
+            "name",
+            "full",
+            "storage",
+            "format",
+            "target",
+            "pool",
+            "description",
+            "snapname",
+            "bwlimit",
+        ],
+        &mut errors,
+    );
+    let newid = match params.get("newid") {
+        None => {
+            errors.insert(
+                "newid".into(),
+                "property is missing and it is not optional".into(),
+            );
+            None
+        }
+        Some(raw) => match parse_vmid("newid", raw) {
+            Ok(id) => Some(id),
+            Err(Reply::Fail {
+                errors: Some(field_errors),
+                ..
+            }) => {
+                errors.extend(field_errors);
+                None
+            }
+            Err(_) => None,
+        },
+    };
+    let full = parse_bool(params, "full", &mut errors);
+    if let Some(name) = params.get("name") {
+        if !is_dns_name(name) {
+            errors.insert(
+                "name".into(),
+                "invalid format - value does not look like a valid DNS name".into(),
+            );
+        }
+    }
+    if params
+        .get("description")
+        .is_some_and(|d| d.len() > MAX_DESCRIPTION)
+    {
+        errors.insert(
+            "description".into(),
+            format!("value may only be {MAX_DESCRIPTION} characters long"),
+        );
+    }
+    if let Some(target) = params.get("target") {
+        if !state.is_known_node(target) {
+            errors.insert("target".into(), format!("no such cluster node '{target}'"));
+        }
+    }
+    if let Some(format) = params.get("format") {
+        if !matches!(format.as_str(), "raw" | "qcow2" | "vmdk") {
+            errors.insert(
+                "format".into(),
+                format!(
+                    "value '{format}' does not have a value in the enumeration 'raw, qcow2, vmdk'"
+                ),
+            );
+        }
+    }
+    if !errors.is_empty() {
+        return Err(param_errors(errors));
+    }
+    let Some(newid) = newid else {
+        return Err(param_error(
+            "newid",
+            "property is missing and it is not optional",
+        ));
+    };
+
+    let source_vm = vm_on_node(state, node, source)?;
+    let is_template = source_vm.is_template();
+    let full = full.unwrap_or(!is_template);
+    if !full {
+        for field in ["storage", "format"] {
+            if params.contains_key(field) {
+                errors.insert(
+                    field.to_string(),
+                    format!("parameter '{field}' not allowed for linked clones"),
+                );
+            }
+        }
+        if !errors.is_empty() {
+            return Err(param_errors(errors));
+        }
+    }
+    if let Some(lock) = &source_vm.lock {
+        return Err(locked(lock));
+    }
+    let source_disk = source_vm.config.get("scsi0").cloned().unwrap_or_default();
+    let linked_clone_ok = is_template && source_disk.starts_with("local-lvm:base-");
+    if !full && !linked_clone_ok {
+        return Err(fail(
+            500,
+            "Linked clone feature is not supported for drive 'scsi0'",
+        ));
+    }
+    if let Some(target) = params.get("target").filter(|target| *target != node) {
+        return Err(fail(
+            500,
+            format!("can't clone VM to node '{target}' (VM uses local storage)"),
+        ));
+    }
+    if let Some(Fault::CloneRequestFails {
+        status, message, ..
+    }) = state.take_counted(|fault| matches!(fault, Fault::CloneRequestFails { .. }))
+    {
+        return Err(fail(status, message));
+    }
+    if state.vms.contains_key(&newid) {
+        return Err(fail(
+            500,
+            format!("unable to create VM {newid}: config file already exists"),
+        ));
+    }
+
+    let source_vm = vm_on_node(state, node, source)?;
+    let mut config = source_vm.config.clone();
+    config.remove("template");
+    let name = params
+        .get("name")
+        .cloned()
+        .unwrap_or_else(|| format!("Copy-of-VM-{}", source_vm.name()));
+    config.insert("name".into(), name);
+    if let Some(description) = params.get("description") {
+        config.insert("description".into(), description.clone());
+    }
+    let bridge_and_rest = config
+        .get("net0")
+        .and_then(|net0| net0.split_once(',').map(|(_, rest)| rest.to_string()))
+        .unwrap_or_else(|| "bridge=vmbr0".into());
+    config.insert(
+        "net0".into(),
+        format!("virtio={},{bridge_and_rest}", random_mac()),
+    );
+    let size = source_disk
+        .split(',')
+        .find_map(|part| part.strip_prefix("size="))
+        .unwrap_or("20G")
+        .to_string();
+    let storage = params
+        .get("storage")
+        .cloned()
+        .unwrap_or_else(|| "local-lvm".into());
+    let disk = if full {
+        format!("{storage}:vm-{newid}-disk-0,size={size}")
+    } else {
+        format!("local-lvm:base-{source}-disk-0/vm-{newid}-disk-0,size={size}")
+    };
+    config.insert("scsi0".into(), disk);
+    if config.contains_key("ide2") {
+        config.insert(
+            "ide2".into(),
+            format!("{storage}:vm-{newid}-cloudinit,media=cdrom"),
+        );
+    }
+    config.insert(
+        "smbios1".into(),
+        format!("uuid={}", super::state::pseudo_uuid(rand::random::<u128>())),
+    );
+    config.insert(
+        "vmgenid".into(),
+        super::state::pseudo_uuid(rand::random::<u128>()),
+    );
+
+    // Decide the task's fate now: faults are counted per request.
+    let concurrent_limit = state.faults.iter().find_map(|fault| match fault {
+        Fault::ConcurrentCloneLimit { max, message } => Some((*max, message.clone())),
+        _ => None,
+    });
+    let mut error = state
+        .take_counted(|fault| matches!(fault, Fault::CloneTaskFails { .. }))
+        .and_then(|fault| match fault {
+            Fault::CloneTaskFails { message, .. } => Some(message),
+            _ => None,
+        });
+    if error.is_none() {
+        if let Some((max, message)) = concurrent_limit {
+            if state.running_good_clones() >= max {
+                error = Some(message);
+            }
+        }
+    }
+    let duration = if full {
+        state.config.clone_time * 3
+    } else {
+        state.config.clone_time
+    };
+    let agent_never = state.has_fault(|fault| matches!(fault, Fault::AgentNeverStarts));
+    let pool = params.get("pool").cloned();
+    let node_name = node.to_string();
+    state.vms.insert(
+        newid,
+        Vm {
+            vmid: newid,
+            node: node_name,
+            running: false,
+            lock: Some("clone".into()),
+            lock_until: None,
+            config,
+            cloned_from: Some(source),
+            full_clone: Some(full),
+            pool,
+            started_at: None,
+            agent_ready_at: None,
+            agent_never,
+            destroying: false,
+        },
+    );
+    let log = vec![
+        format!(
+            "create {} clone of drive scsi0 ({source_disk})",
+            if full { "full" } else { "linked" }
+        ),
+        if full {
+            "transferred 20.0 GiB of 20.0 GiB (100.00%)".to_string()
+        } else {
+            format!("  Logical volume \"vm-{newid}-disk-0\" created.")
+        },
+    ];
+    let upid = state.spawn_task(TaskSpec {
+        node: node.to_string(),
+        kind: "qmclone",
+        id: source.to_string(),
+        duration,
+        error,
+        effect: Effect::CloneDone {
+            vmid: newid,
+            ok: true,
+        },
+        log,
+    });
+    let running = state.running_clones();
+    state.max_concurrent_clones = state.max_concurrent_clones.max(running);
+    Ok(Value::String(upid))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config, resize, status.
+
+/// Config keys whose schema type is an integer; PVE's JSON gives them as numbers.
+const NUMERIC_KEYS: &[&str] = &["cores", "sockets", "template", "vcpus", "cpuunits"];
+
+fn get_config(state: &State, node: &str, vmid: u32) -> Result<Value> {
+    let vm = vm_on_node(state, node, vmid)?;
+    let mut object = Map::new();
+    for (key, value) in &vm.config {
+        let rendered = match value.parse::<u64>() {
+            Ok(number) if NUMERIC_KEYS.contains(&key.as_str()) => json!(number),
+            _ => Value::String(value.clone()),
+        };
+        object.insert(key.clone(), rendered);
+    }
+    if let Some(lock) = &vm.lock {
+        object.insert("lock".into(), Value::String(lock.clone()));
+    }
+    object.insert("digest".into(), Value::String(digest(&vm.config)));
+    Ok(Value::Object(object))
+}
+
+fn digest(config: &BTreeMap<String, String>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for (key, value) in config {
+        hasher.update(key.as_bytes());
+        hasher.update(b": ");
+        hasher.update(value.as_bytes());
+        hasher.update(b"\n");
+    }
+    hasher.finalize()[..20]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+const SETTABLE_KEYS: &[&str] = &[
+    "name",
+    "cores",
+    "sockets",
+    "memory",
+    "balloon",
+    "agent",
+    "tags",
+    "description",
+    "ciuser",
+    "cipassword",
+    "sshkeys",
+    "ipconfig0",
+    "ipconfig1",
+    "nameserver",
+    "searchdomain",
+    "net0",
+    "net1",
+    "onboot",
+    "cpu",
+    "ostype",
+    "boot",
+    "serial0",
+    "vga",
+    "scsi0",
+    "ide2",
+    "cicustom",
+    "citype",
+    "protection",
+];
+
+fn set_config(
+    state: &mut State,
+    node: &str,
+    vmid: u32,
+    params: &BTreeMap<String, String>,
+) -> Result<()> {
+    let mut errors = BTreeMap::new();
+    let mut updates = BTreeMap::new();
+    let mut deletes = Vec::new();
+    for (key, value) in params {
+        match key.as_str() {
+            "digest" | "skiplock" | "background_delay" => {}
+            "delete" => deletes.extend(
+                value
+                    .split([',', ';', ' '])
+                    .filter(|key| !key.is_empty())
+                    .map(str::to_string),
+            ),
+            "tags" => match normalize_tags(value) {
+                Ok(tags) => {
+                    updates.insert(key.clone(), tags);
+                }
+                Err(message) => {
+                    errors.insert(key.clone(), message);
+                }
+            },
+            "description" if value.len() > MAX_DESCRIPTION => {
+                errors.insert(
+                    key.clone(),
+                    format!("value may only be {MAX_DESCRIPTION} characters long"),
+                );
+            }
+            "sshkeys" if !is_urlencoded(value) => {
+                errors.insert(
+                    key.clone(),
+                    "invalid format - invalid urlencoded string".into(),
+                );
+            }
+            "cores" | "sockets" | "memory" | "balloon" => match value.parse::<u64>() {
+                Ok(number) if number >= 1 || key == "balloon" => {
+                    updates.insert(key.clone(), number.to_string());
+                }
+                Ok(_) => {
+                    errors.insert(key.clone(), "value must have a minimum value of 1".into());
+                }
+                Err(_) => {
+                    errors.insert(
+                        key.clone(),
+                        format!("type check ('integer') failed - got '{value}'"),
+                    );
+                }
+            },
+            "name" if !is_dns_name(value) => {
+                errors.insert(
+                    key.clone(),
+                    "invalid format - value does not look like a valid DNS name".into(),
+                );
+            }
+            other if SETTABLE_KEYS.contains(&other) => {
+                updates.insert(key.clone(), value.clone());
+            }
+            _ => {
+                errors.insert(
+                    key.clone(),
+                    "property is not defined in schema and the schema does not allow additional properties"
+                        .into(),
+                );
+            }
+        }
+    }
+    if params.contains_key("skiplock") {
+        // Only root@pam may skip locks; a token never can.
+        return Err(fail(500, "Only root may use this option."));
+    }
+    if !errors.is_empty() {
+        return Err(param_errors(errors));
+    }
+    let vm = vm_on_node_mut(state, node, vmid)?;
+    if let Some(lock) = &vm.lock {
+        return Err(locked(lock));
+    }
+    for key in deletes {
+        vm.config.remove(&key);
+    }
+    vm.config.extend(updates);
+    Ok(())
+}
+
+fn resize(
+    state: &mut State,
+    node: &str,
+    vmid: u32,
+    params: &BTreeMap<String, String>,
+) -> Result<Value> {
+    let mut errors = BTreeMap::new();
+    let disk = params.get("disk");
+    let size = params.get("size");
+    if disk.is_none() {
+        errors.insert(
+            "disk".into(),
+            "property is missing and it is not optional".into(),
+        );
+    }
+    let parsed = size.and_then(|size| parse_size(size));
+    match size {
+        None => {
+            errors.insert(
+                "size".into(),
+                "property is missing and it is not optional".into(),
+            );
+        }
+        Some(raw) if parsed.is_none() => {
+            errors.insert(
+                "size".into(),
+                format!("value does not match the regex pattern - got '{raw}'"),
+            );
+        }
+        _ => {}
+    }
+    if !errors.is_empty() {
+        return Err(param_errors(errors));
+    }
+    let (Some(disk), Some((grow, bytes))) = (disk, parsed) else {
+        return Err(fail(500, "internal error in the fake: resize"));
+    };
+    let vm = vm_on_node_mut(state, node, vmid)?;
+    if let Some(lock) = &vm.lock {
+        return Err(locked(lock));
+    }
+    let Some(current) = vm.config.get(disk).cloned() else {
+        return Err(fail(500, format!("disk '{disk}' does not exist")));
+    };
+    let current_gib = current
+        .split(',')
+        .find_map(|part| part.strip_prefix("size="))
+        .and_then(parse_size)
+        .map(|(_, bytes)| bytes)
+        .unwrap_or(0);
+    let new_bytes = if grow { current_gib + bytes } else { bytes };
+    if new_bytes < current_gib {
+        return Err(fail(500, "shrinking disks is not supported"));
+    }
+    let updated: Vec<String> = current
+        .split(',')
+        .map(|part| {
+            if part.starts_with("size=") {
+                format!("size={}G", new_bytes >> 30)
+            } else {
+                part.to_string()
+            }
+        })
+        .collect();
+    vm.config.insert(disk.clone(), updated.join(","));
+    let duration = state.config.task_time;
+    Ok(Value::String(state.spawn_task(TaskSpec {
+        node: node.to_string(),
+        kind: "qmresize",
+        id: vmid.to_string(),
+        duration,
+        error: None,
+        effect: Effect::None,
+        log: vec![format!("resize {disk} to {}G", new_bytes >> 30)],
+    })))
+}
+
+/// `+10G`, `32G`, `512M`, `1T` or bytes → (grow, bytes).
+fn parse_size(raw: &str) -> Option<(bool, u64)> {
+    let (grow, rest) = match raw.strip_prefix('+') {
+        Some(rest) => (true, rest),
+        None => (false, raw),
+    };
+    let (number, unit) = match rest.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((index, _)) => rest.split_at(index),
+        None => (rest, ""),
+    };
+    let number: u64 = number.parse().ok()?;
+    let factor: u64 = match unit {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => return None,
+    };
+    Some((grow, number.checked_mul(factor)?))
+}
+
+fn status_current(state: &State, node: &str, vmid: u32) -> Result<Value> {
+    let vm = vm_on_node(state, node, vmid)?;
+    let now = Instant::now();
+    let mut object = Map::new();
+    object.insert("vmid".into(), json!(vm.vmid));
+    object.insert("name".into(), json!(vm.name()));
+    object.insert("status".into(), json!(vm.status()));
+    object.insert(
+        "qmpstatus".into(),
+        json!(if vm.running { "running" } else { "stopped" }),
+    );
+    object.insert("uptime".into(), json!(vm.uptime(now)));
+    object.insert(
+        "cpus".into(),
+        json!(config_number(vm, "cores").unwrap_or(1)),
+    );
+    object.insert(
+        "maxmem".into(),
+        json!(config_number(vm, "memory").unwrap_or(512) * 1024 * 1024),
+    );
+    object.insert("maxdisk".into(), json!(21474836480u64));
+    object.insert("ha".into(), json!({ "managed": 0 }));
+    if vm.agent_configured() {
+        object.insert("agent".into(), json!(1));
+    }
+    if vm.running {
+        object.insert("pid".into(), json!(10000 + vm.vmid % 50000));
+        object.insert("running-machine".into(), json!("pc-i440fx-8.1+pve0"));
+        object.insert("running-qemu".into(), json!("8.1.5"));
+    }
+    if let Some(lock) = &vm.lock {
+        object.insert("lock".into(), json!(lock));
+    }
+    if let Some(tags) = vm.config.get("tags") {
+        object.insert("tags".into(), json!(tags));
+    }
+    if vm.is_template() {
+        object.insert("template".into(), json!(1));
+    }
+    Ok(Value::Object(object))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Power and delete.
+
+fn power(
+    state: &mut State,
+    node: &str,
+    vmid: u32,
+    action: &str,
+    params: &BTreeMap<String, String>,
+) -> Result<Value> {
+    let mut errors = BTreeMap::new();
+    let allowed: &[&str] = match action {
+        "start" => &["timeout", "skiplock", "machine", "migratedfrom", "stateuri"],
+        "stop" => &[
+            "timeout",
+            "skiplock",
+            "keepActive",
+            "migratedfrom",
+            "overrule-shutdown",
+        ],
+        _ => &["timeout", "skiplock", "keepActive", "forceStop"],
+    };
+    check_allowed(params, allowed, &mut errors);
+    parse_bool(params, "forceStop", &mut errors);
+    parse_bool(params, "keepActive", &mut errors);
+    if let Some(timeout) = params.get("timeout") {
+        if timeout.parse::<u64>().is_err() {
+            errors.insert(
+                "timeout".into(),
+                format!("type check ('integer') failed - got '{timeout}'"),
+            );
+        }
+    }
+    if !errors.is_empty() {
+        return Err(param_errors(errors));
+    }
+    if params.contains_key("skiplock") {
+        return Err(fail(500, "Only root may use this option."));
+    }
+    let vm = vm_on_node(state, node, vmid)?;
+    if vm.is_template() && action == "start" {
+        return Err(fail(500, "you can't start a vm if it's a template"));
+    }
+    let busy = vm.destroying;
+    let lock = vm.lock.clone();
+    let running = vm.running;
+    let duration = state.config.task_time;
+    let (kind, mut error, effect, log) = match action {
+        "start" => {
+            let boot_time = state.config.boot_time;
+            let error = if busy {
+                Some(lock_timeout(vmid))
+            } else if let Some(lock) = lock {
+                Some(format!("VM is locked ({lock})"))
+            } else if running {
+                Some(format!("VM {vmid} already running"))
+            } else {
+                None
+            };
+            (
+                "qmstart",
+                error,
+                Effect::Started { vmid, boot_time },
+                vec![format!("start VM {vmid}: UPID")],
+            )
+        }
+        _ => {
+            let error = if busy {
+                Some(lock_timeout(vmid))
+            } else {
+                lock.map(|lock| format!("VM is locked ({lock})"))
+            };
+            let kind = if action == "stop" {
+                "qmstop"
+            } else {
+                "qmshutdown"
+            };
+            (
+                kind,
+                error,
+                Effect::Stopped { vmid },
+                vec![format!("{action} VM {vmid}")],
+            )
+        }
+    };
+    if error.is_none() && action == "start" {
+        error = state
+            .take_counted(|fault| matches!(fault, Fault::StartTaskFails { .. }))
+            .and_then(|fault| match fault {
+                Fault::StartTaskFails { message, .. } => Some(message),
+                _ => None,
+            });
+        if error.is_none() {
+            state.simulated_time += state.config.boot_time;
+        }
+    }
+    Ok(Value::String(state.spawn_task(TaskSpec {
+        node: node.to_string(),
+        kind,
+        id: vmid.to_string(),
+        duration,
+        error,
+        effect,
+        log,
+    })))
+}
+
+fn lock_timeout(vmid: u32) -> String {
+    format!("can't lock file '/var/lock/qemu-server/lock-{vmid}.conf' - got timeout")
+}
+
+fn destroy(
+    state: &mut State,
+    node: &str,
+    vmid: u32,
+    params: &BTreeMap<String, String>,
+) -> Result<Value> {
+    let mut errors = BTreeMap::new();
+    check_allowed(
+        params,
+        &["purge", "destroy-unreferenced-disks", "skiplock"],
+        &mut errors,
+    );
+    parse_bool(params, "purge", &mut errors);
+    parse_bool(params, "destroy-unreferenced-disks", &mut errors);
+    if !errors.is_empty() {
+        return Err(param_errors(errors));
+    }
+    if params.contains_key("skiplock") {
+        return Err(fail(500, "Only root may use this option."));
+    }
+    let vm = vm_on_node_mut(state, node, vmid)?;
+    if vm.is_template() && vm.config.get("protection").is_some_and(|p| p == "1") {
+        return Err(fail(500, "can't remove VM - protection mode enabled"));
+    }
+    if let Some(lock) = &vm.lock {
+        return Err(locked(lock));
+    }
+    if vm.running {
+        return Err(fail(500, format!("VM {vmid} is running - destroy failed")));
+    }
+    let error = vm.destroying.then(|| lock_timeout(vmid));
+    vm.destroying = true;
+    let duration = state.config.task_time;
+    Ok(Value::String(state.spawn_task(TaskSpec {
+        node: node.to_string(),
+        kind: "qmdestroy",
+        id: vmid.to_string(),
+        duration,
+        error: error.clone(),
+        effect: if error.is_some() {
+            Effect::None
+        } else {
+            Effect::Destroyed { vmid }
+        },
+        log: vec![format!(
+            "  Logical volume \"vm-{vmid}-disk-0\" successfully removed."
+        )],
+    })))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tasks.
+
+fn task_status(state: &State, node: &str, upid: &str) -> Result<Value> {
+    let task = find_task(state, node, upid)?;
+    let mut object = json!({
+        "upid": task.upid,
+        "node": task.node,
+        "pid": task.pid,
+        "pstart": task.pstart,
+        "starttime": task.starttime,
+        "type": task.kind,
+        "id": task.id,
+        "user": task.user.split('!').next().unwrap_or(&task.user),
+        "tokenid": task.user.split('!').nth(1).unwrap_or(""),
+        "status": if task.done { "stopped" } else { "running" },
+    });
+    if task.done {
+        if let Some(map) = object.as_object_mut() {
+            map.insert("exitstatus".into(), Value::String(task.exitstatus.clone()));
+        }
+    }
+    Ok(object)
+}
+
+fn find_task<'a>(state: &'a State, node: &str, upid: &str) -> Result<&'a super::state::Task> {
+    let parts: Vec<&str> = upid.split(':').collect();
+    if parts.len() < 9 || parts[0] != "UPID" {
+        return Err(param_error(
+            "upid",
+            format!("unable to parse worker upid '{upid}'"),
+        ));
+    }
+    // Each node only knows its own tasks; pvedaemon on another node has no such file.
+    match state.find_task(upid) {
+        Some(task) if task.node == node => Ok(task),
+        _ => Err(param_error("upid", "no such task")),
+    }
+}
+
+fn task_log(
+    state: &State,
+    node: &str,
+    upid: &str,
+    params: &BTreeMap<String, String>,
+) -> Result<Reply> {
+    let task = find_task(state, node, upid)?;
+    let start: usize = params
+        .get("start")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let limit: usize = params
+        .get("limit")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
+    let lines: Vec<&String> = if task.done {
+        task.log.iter().collect()
+    } else {
+        // The final TASK line appears only when the task ends.
+        task.log
+            .iter()
+            .take(task.log.len().saturating_sub(1))
+            .collect()
+    };
+    let total = lines.len();
+    let entries: Vec<Value> = lines
+        .into_iter()
+        .enumerate()
+        .skip(start)
+        .take(limit)
+        .map(|(index, text)| json!({ "n": index + 1, "t": text }))
+        .collect();
+    let mut extra = Map::new();
+    extra.insert("total".into(), json!(total));
+    Ok(Reply::DataWith(Value::Array(entries), extra))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Guest agent.
+
+fn agent(
+    state: &mut State,
+    request: &ApiRequest,
+    node: &str,
+    vmid: u32,
+    rest: &[&str],
+    params: &BTreeMap<String, String>,
+) -> Result<Value> {
+    let method = request.method.as_str();
+    let known = matches!(
+        (method, rest),
+        ("POST", ["ping"])
+            | ("GET", ["network-get-interfaces"])
+            | ("GET", ["file-read"])
+            | ("POST", ["exec"])
+            | ("GET", ["exec-status"])
+            | ("GET", ["info"])
+    );
+    if !known {
+        return Err(not_implemented(request));
+    }
+    let guest_ip = state.config.guest_ip;
+    let vm = vm_on_node(state, node, vmid)?;
+    if !vm.running {
+        return Err(fail(500, format!("VM {vmid} is not running")));
+    }
+    if !vm.agent_configured() {
+        return Err(fail(500, "No QEMU guest agent configured"));
+    }
+    let ready = !vm.agent_never && vm.agent_ready_at.is_some_and(|at| at <= Instant::now());
+    if !ready {
+        return Err(fail(500, "QEMU guest agent is not running"));
+    }
+    let mac = vm.net0_mac().unwrap_or_default().to_ascii_lowercase();
+    match rest {
+        ["ping"] => Ok(json!({ "result": {} })),
+        ["info"] => Ok(json!({ "result": { "version": "8.5.2", "supported_commands": [] } })),
+        ["network-get-interfaces"] => Ok(interfaces(&mac, guest_ip)),
+        ["file-read"] => {
+            let Some(file) = params.get("file") else {
+                return Err(param_error(
+                    "file",
+                    "property is missing and it is not optional",
+                ));
+            };
+            match state.config.guest_files.get(file) {
+                Some(content) => Ok(json!({
+                    "content": content,
+                    "bytes-read": content.len(),
+                    "truncated": 0,
+                })),
+                None => Err(fail(
+                    500,
+                    format!("Agent error: Failed to open file '{file}': No such file or directory"),
+                )),
+            }
+        }
+        ["exec"] => {
+            if !params.contains_key("command")
+                && !request.params.iter().any(|(k, _)| k == "command")
+            {
+                return Err(param_error(
+                    "command",
+                    "property is missing and it is not optional",
+                ));
+            }
+            let pid = state.next_exec_pid();
+            Ok(json!({ "pid": pid }))
+        }
+        ["exec-status"] => {
+            let Some(pid) = params.get("pid") else {
+                return Err(param_error(
+                    "pid",
+                    "property is missing and it is not optional",
+                ));
+            };
+            if pid.parse::<u32>().is_err() {
+                return Err(param_error(
+                    "pid",
+                    format!("type check ('integer') failed - got '{pid}'"),
+                ));
+            }
+            Ok(json!({ "exited": 1, "exitcode": 0, "out-data": "" }))
+        }
+        _ => Err(not_implemented(request)),
+    }
+}
+
+fn interfaces(mac: &str, guest_ip: IpAddr) -> Value {
+    let (ip_type, prefix) = match guest_ip {
+        IpAddr::V4(_) => ("ipv4", 24),
+        IpAddr::V6(_) => ("ipv6", 64),
+    };
+    let link_local = format!(
+        "fe80::be24:11ff:fe{}:{}",
+        mac.get(9..11).unwrap_or("00"),
+        mac.get(12..17).unwrap_or("00:00").replace(':', "")
+    );
+    json!({ "result": [
+        {
+            "name": "lo",
+            "hardware-address": "00:00:00:00:00:00",
+            "ip-addresses": [
+                { "ip-address": "127.0.0.1", "ip-address-type": "ipv4", "prefix": 8 },
+                { "ip-address": "::1", "ip-address-type": "ipv6", "prefix": 128 },
+            ],
+            "statistics": { "rx-bytes": 1234, "rx-packets": 12, "tx-bytes": 1234, "tx-packets": 12,
+                            "rx-errs": 0, "rx-dropped": 0, "tx-errs": 0, "tx-dropped": 0 },
+        },
+        {
+            "name": "eth0",
+            "hardware-address": mac,
+            "ip-addresses": [
+                { "ip-address": guest_ip.to_string(), "ip-address-type": ip_type, "prefix": prefix },
+                { "ip-address": link_local, "ip-address-type": "ipv6", "prefix": 64 },
+            ],
+            "statistics": { "rx-bytes": 987654, "rx-packets": 4321, "tx-bytes": 123456, "tx-packets": 1234,
+                            "rx-errs": 0, "rx-dropped": 0, "tx-errs": 0, "tx-dropped": 0 },
+        },
+        {
+            "name": "docker0",
+            "hardware-address": "02:42:8c:1f:3a:07",
+            "ip-addresses": [
+                { "ip-address": "172.17.0.1", "ip-address-type": "ipv4", "prefix": 16 },
+            ],
+            "statistics": { "rx-bytes": 0, "rx-packets": 0, "tx-bytes": 0, "tx-packets": 0,
+                            "rx-errs": 0, "rx-dropped": 0, "tx-errs": 0, "tx-dropped": 0 },
+        },
+    ]})
+}

@@ -1,0 +1,508 @@
+//! The fake cluster's state and its time simulation. Tasks carry their end `Instant`; every
+//! request first calls [`State::advance`], which applies the effects of the tasks that have ended
+//! since, in the order they ended.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::{FakeConfig, Fault, NewVm, RecordedRequest, VmSnapshot};
+
+pub(crate) const MAX_DESCRIPTION: usize = 8192;
+
+pub(crate) struct State {
+    pub config: FakeConfig,
+    pub vms: BTreeMap<u32, Vm>,
+    pub tasks: Vec<Task>,
+    pub requests: Vec<RecordedRequest>,
+    pub faults: Vec<Fault>,
+    pub max_concurrent_clones: usize,
+    pub simulated_time: Duration,
+    next_pid: u32,
+    next_exec_pid: u32,
+}
+
+pub(crate) struct Vm {
+    pub vmid: u32,
+    pub node: String,
+    pub running: bool,
+    pub lock: Option<String>,
+    /// When set, the lock clears at this instant (clone lock outliving its task).
+    pub lock_until: Option<Instant>,
+    pub config: BTreeMap<String, String>,
+    pub cloned_from: Option<u32>,
+    pub full_clone: Option<bool>,
+    pub pool: Option<String>,
+    pub started_at: Option<Instant>,
+    /// When the guest agent starts answering; `None` while stopped.
+    pub agent_ready_at: Option<Instant>,
+    pub agent_never: bool,
+    /// A destroy task is running on it.
+    pub destroying: bool,
+}
+
+impl Vm {
+    pub fn name(&self) -> String {
+        self.config
+            .get("name")
+            .cloned()
+            .unwrap_or_else(|| format!("VM {}", self.vmid))
+    }
+
+    pub fn is_template(&self) -> bool {
+        self.config.get("template").is_some_and(|v| v == "1")
+    }
+
+    pub fn status(&self) -> &'static str {
+        if self.running {
+            "running"
+        } else {
+            "stopped"
+        }
+    }
+
+    pub fn agent_configured(&self) -> bool {
+        // The agent option is a property string: `1`, `enabled=1,fstrim_cloned_disks=1`, ...
+        self.config.get("agent").is_some_and(|value| {
+            let first = value.split(',').next().unwrap_or("");
+            matches!(first, "1" | "enabled=1" | "on" | "yes" | "true")
+        })
+    }
+
+    /// The MAC of net0 (`virtio=BC:24:11:..,bridge=vmbr0`), as configured.
+    pub fn net0_mac(&self) -> Option<String> {
+        let net0 = self.config.get("net0")?;
+        let model = net0.split(',').next()?;
+        model.split_once('=').map(|(_, mac)| mac.to_string())
+    }
+
+    pub fn uptime(&self, now: Instant) -> u64 {
+        self.started_at
+            .map(|at| now.saturating_duration_since(at).as_secs())
+            .unwrap_or(0)
+    }
+
+    pub fn snapshot(&self) -> VmSnapshot {
+        VmSnapshot {
+            vmid: self.vmid,
+            node: self.node.clone(),
+            name: self.name(),
+            status: self.status().to_string(),
+            template: self.is_template(),
+            lock: self.lock.clone(),
+            tags: self.config.get("tags").cloned().unwrap_or_default(),
+            description: self.config.get("description").cloned().unwrap_or_default(),
+            config: self.config.clone(),
+            cloned_from: self.cloned_from,
+            full_clone: self.full_clone,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Effect {
+    None,
+    CloneDone { vmid: u32, ok: bool },
+    Started { vmid: u32, boot_time: Duration },
+    Stopped { vmid: u32 },
+    Destroyed { vmid: u32 },
+}
+
+pub(crate) struct Task {
+    pub upid: String,
+    pub node: String,
+    pub pid: u32,
+    pub pstart: u32,
+    pub starttime: u64,
+    pub kind: &'static str,
+    pub id: String,
+    pub user: String,
+    pub ends: Instant,
+    /// `OK`, `WARNINGS: N` or the error text.
+    pub exitstatus: String,
+    pub effect: Effect,
+    pub done: bool,
+    pub log: Vec<String>,
+}
+
+impl Task {
+    pub fn running(&self) -> bool {
+        !self.done
+    }
+}
+
+/// What a task will do, decided when it is requested.
+pub(crate) struct TaskSpec {
+    pub node: String,
+    pub kind: &'static str,
+    pub id: String,
+    pub duration: Duration,
+    /// `None` means success (which `TaskWarnings` may turn into `WARNINGS: 1`).
+    pub error: Option<String>,
+    pub effect: Effect,
+    pub log: Vec<String>,
+}
+
+impl State {
+    pub fn new(config: FakeConfig) -> State {
+        let mut state = State {
+            vms: BTreeMap::new(),
+            tasks: Vec::new(),
+            requests: Vec::new(),
+            faults: Vec::new(),
+            max_concurrent_clones: 0,
+            simulated_time: Duration::ZERO,
+            next_pid: 0x0002_1a40 + rand::random::<u16>() as u32,
+            next_exec_pid: 1000,
+            config,
+        };
+        for template in state.config.templates.clone() {
+            let mut config = base_config(&template.name);
+            config.insert("template".into(), "1".into());
+            config.insert(
+                "agent".into(),
+                if template.agent { "1" } else { "0" }.into(),
+            );
+            if !template.agent {
+                config.remove("agent");
+            }
+            if !template.tags.is_empty() {
+                config.insert("tags".into(), template.tags.clone());
+            }
+            if !template.description.is_empty() {
+                config.insert("description".into(), template.description.clone());
+            }
+            let storage = if template.linked_clone_ok {
+                "local-lvm"
+            } else {
+                "local"
+            };
+            let disk = if template.linked_clone_ok {
+                format!("{storage}:base-{}-disk-0,size=20G", template.vmid)
+            } else {
+                format!("{storage}:{0}/vm-{0}-disk-0.raw,size=20G", template.vmid)
+            };
+            config.insert("scsi0".into(), disk);
+            config.insert(
+                "ide2".into(),
+                format!("{storage}:vm-{}-cloudinit,media=cdrom", template.vmid),
+            );
+            let node = state.config.node.clone();
+            state.vms.insert(
+                template.vmid,
+                Vm {
+                    vmid: template.vmid,
+                    node,
+                    running: false,
+                    lock: None,
+                    lock_until: None,
+                    config,
+                    cloned_from: None,
+                    full_clone: None,
+                    pool: None,
+                    started_at: None,
+                    agent_ready_at: None,
+                    agent_never: false,
+                    destroying: false,
+                },
+            );
+        }
+        state
+    }
+
+    pub fn add_vm(&mut self, new: NewVm) {
+        let node = if new.node.is_empty() {
+            self.config.node.clone()
+        } else {
+            new.node
+        };
+        let name = if new.name.is_empty() {
+            format!("vm{}", new.vmid)
+        } else {
+            new.name
+        };
+        let mut config = base_config(&name);
+        config.insert(
+            "scsi0".into(),
+            format!("local-lvm:vm-{}-disk-0,size=20G", new.vmid),
+        );
+        if !new.tags.is_empty() {
+            config.insert("tags".into(), new.tags);
+        }
+        if !new.description.is_empty() {
+            config.insert("description".into(), new.description);
+        }
+        if new.template {
+            config.insert("template".into(), "1".into());
+        }
+        let now = Instant::now();
+        self.vms.insert(
+            new.vmid,
+            Vm {
+                vmid: new.vmid,
+                node,
+                running: new.running,
+                lock: new.lock,
+                lock_until: None,
+                config,
+                cloned_from: None,
+                full_clone: None,
+                pool: None,
+                started_at: new.running.then_some(now),
+                agent_ready_at: new.running.then_some(now),
+                agent_never: false,
+                destroying: false,
+            },
+        );
+    }
+
+    pub fn is_known_node(&self, node: &str) -> bool {
+        node == self.config.node || self.config.other_nodes.iter().any(|n| n == node)
+    }
+
+    pub fn nodes(&self) -> Vec<String> {
+        let mut nodes = vec![self.config.node.clone()];
+        nodes.extend(self.config.other_nodes.iter().cloned());
+        nodes
+    }
+
+    pub fn token_user(&self) -> String {
+        format!("{}!{}", self.config.token_user, self.config.token_name)
+    }
+
+    /// Applies everything that has happened since the last call.
+    pub fn advance(&mut self) {
+        let now = Instant::now();
+        let mut ended: Vec<usize> = (0..self.tasks.len())
+            .filter(|&i| !self.tasks[i].done && self.tasks[i].ends <= now)
+            .collect();
+        ended.sort_by_key(|&i| self.tasks[i].ends);
+        for i in ended {
+            let ends = self.tasks[i].ends;
+            let ok = !is_task_error(&self.tasks[i].exitstatus);
+            self.tasks[i].done = true;
+            match self.tasks[i].effect {
+                Effect::None => {}
+                Effect::CloneDone { vmid, ok: _ } if !ok => {
+                    // PVE removes the half-made VM when a clone fails.
+                    self.vms.remove(&vmid);
+                }
+                Effect::CloneDone { vmid, .. } => {
+                    let extra_lock = self.faults.iter().find_map(|fault| match fault {
+                        Fault::LockAfterClone { duration } => Some(*duration),
+                        _ => None,
+                    });
+                    if let Some(vm) = self.vms.get_mut(&vmid) {
+                        match extra_lock {
+                            Some(duration) if ends + duration > now => {
+                                vm.lock_until = Some(ends + duration)
+                            }
+                            _ => {
+                                vm.lock = None;
+                                vm.lock_until = None;
+                            }
+                        }
+                    }
+                }
+                Effect::Started { vmid, boot_time } if ok => {
+                    if let Some(vm) = self.vms.get_mut(&vmid) {
+                        vm.running = true;
+                        vm.started_at = Some(ends);
+                        vm.agent_ready_at = Some(ends + boot_time);
+                    }
+                }
+                Effect::Stopped { vmid } if ok => {
+                    if let Some(vm) = self.vms.get_mut(&vmid) {
+                        vm.running = false;
+                        vm.started_at = None;
+                        vm.agent_ready_at = None;
+                    }
+                }
+                Effect::Destroyed { vmid } => {
+                    if ok {
+                        self.vms.remove(&vmid);
+                    } else if let Some(vm) = self.vms.get_mut(&vmid) {
+                        vm.destroying = false;
+                    }
+                }
+                Effect::Started { .. } | Effect::Stopped { .. } => {}
+            }
+        }
+        for vm in self.vms.values_mut() {
+            if vm.lock_until.is_some_and(|until| until <= now) {
+                vm.lock = None;
+                vm.lock_until = None;
+            }
+        }
+    }
+
+    /// Creates a task on the main node and returns its UPID.
+    pub fn spawn_task(&mut self, spec: TaskSpec) -> String {
+        let now = Instant::now();
+        let node = spec.node;
+        let pid = self.next_pid;
+        self.next_pid += 1 + rand::random::<u8>() as u32 % 7;
+        let pstart = 0x0100_0000 + (pid.wrapping_mul(2654435761) % 0x00ff_ffff);
+        let starttime = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let user = self.token_user();
+        let upid = format!(
+            "UPID:{node}:{pid:08X}:{pstart:08X}:{starttime:08X}:{}:{}:{user}:",
+            spec.kind, spec.id
+        );
+        let exitstatus = match spec.error {
+            Some(error) => error,
+            None => match self.take_counted(|f| matches!(f, Fault::TaskWarnings { .. })) {
+                Some(_) => "WARNINGS: 1".to_string(),
+                None => "OK".to_string(),
+            },
+        };
+        let mut log = spec.log;
+        if exitstatus.starts_with("WARNINGS") {
+            log.push("WARN: simulated warning from the fake Proxmox".into());
+        }
+        log.push(if is_task_error(&exitstatus) {
+            format!("TASK ERROR: {exitstatus}")
+        } else if exitstatus == "OK" {
+            "TASK OK".to_string()
+        } else {
+            format!("TASK {exitstatus}")
+        });
+        self.simulated_time += spec.duration;
+        self.tasks.push(Task {
+            upid: upid.clone(),
+            node,
+            pid,
+            pstart,
+            starttime,
+            kind: spec.kind,
+            id: spec.id,
+            user,
+            ends: now + spec.duration,
+            exitstatus,
+            effect: spec.effect,
+            done: false,
+            log,
+        });
+        upid
+    }
+
+    pub fn running_clones(&self) -> usize {
+        self.tasks
+            .iter()
+            .filter(|t| t.kind == "qmclone" && t.running())
+            .count()
+    }
+
+    /// Running clone tasks that will succeed (the ones holding storage locks).
+    pub fn running_good_clones(&self) -> usize {
+        self.tasks
+            .iter()
+            .filter(|t| t.kind == "qmclone" && t.running() && !is_task_error(&t.exitstatus))
+            .count()
+    }
+
+    /// Consumes one use of the first counted fault matching `select`; returns a copy of it.
+    pub fn take_counted(&mut self, select: impl Fn(&Fault) -> bool) -> Option<Fault> {
+        let index = self
+            .faults
+            .iter()
+            .position(|fault| select(fault) && counted_remaining(fault) > 0)?;
+        let taken = self.faults[index].clone();
+        if let Some(count) = counted_mut(&mut self.faults[index]) {
+            *count -= 1;
+            if *count == 0 {
+                self.faults.remove(index);
+            }
+        }
+        Some(taken)
+    }
+
+    pub fn has_fault(&self, select: impl Fn(&Fault) -> bool) -> bool {
+        self.faults.iter().any(select)
+    }
+
+    pub fn next_exec_pid(&mut self) -> u32 {
+        self.next_exec_pid += 1;
+        self.next_exec_pid
+    }
+
+    pub fn find_task(&self, upid: &str) -> Option<&Task> {
+        self.tasks.iter().find(|t| t.upid == upid)
+    }
+}
+
+fn counted_remaining(fault: &Fault) -> u32 {
+    match fault {
+        Fault::CloneTaskFails { count, .. }
+        | Fault::CloneRequestFails { count, .. }
+        | Fault::HttpErrors { count, .. }
+        | Fault::StartTaskFails { count, .. }
+        | Fault::TaskWarnings { count } => *count,
+        _ => 0,
+    }
+}
+
+fn counted_mut(fault: &mut Fault) -> Option<&mut u32> {
+    match fault {
+        Fault::CloneTaskFails { count, .. }
+        | Fault::CloneRequestFails { count, .. }
+        | Fault::HttpErrors { count, .. }
+        | Fault::StartTaskFails { count, .. }
+        | Fault::TaskWarnings { count } => Some(count),
+        _ => None,
+    }
+}
+
+pub(crate) fn is_task_error(exitstatus: &str) -> bool {
+    exitstatus != "OK" && !exitstatus.starts_with("WARNINGS: ")
+}
+
+/// A random MAC from Proxmox's own OUI range, as PVE generates for new NICs.
+pub(crate) fn random_mac() -> String {
+    let bytes: [u8; 3] = rand::random();
+    format!(
+        "BC:24:11:{:02X}:{:02X}:{:02X}",
+        bytes[0], bytes[1], bytes[2]
+    )
+}
+
+fn base_config(name: &str) -> BTreeMap<String, String> {
+    let entries = [
+        ("name", name.to_string()),
+        ("cores", "2".to_string()),
+        ("sockets", "1".to_string()),
+        ("memory", "2048".to_string()),
+        ("agent", "1".to_string()),
+        ("ostype", "l26".to_string()),
+        ("scsihw", "virtio-scsi-single".to_string()),
+        ("boot", "order=scsi0;ide2;net0".to_string()),
+        ("net0", format!("virtio={},bridge=vmbr0", random_mac())),
+        ("ipconfig0", "ip=dhcp".to_string()),
+        ("ciuser", "ci".to_string()),
+        ("serial0", "socket".to_string()),
+        ("vga", "serial0".to_string()),
+        (
+            "smbios1",
+            format!("uuid={}", pseudo_uuid(rand::random::<u128>())),
+        ),
+        ("vmgenid", pseudo_uuid(rand::random::<u128>())),
+    ];
+    entries
+        .into_iter()
+        .map(|(key, value)| (key.to_string(), value))
+        .collect()
+}
+
+pub(crate) fn pseudo_uuid(bits: u128) -> String {
+    let hex = format!("{bits:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}

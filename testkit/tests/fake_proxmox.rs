@@ -1,0 +1,428 @@
+//! The fake Proxmox itself: TLS, auth, and the shapes and wording clients rely on.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gpr_testkit::{FakeConfig, FakeProxmox, Fault, NewVm};
+use reqwest::{Client, Method, StatusCode};
+use serde_json::Value;
+
+fn client(fake: &FakeProxmox) -> Client {
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = rustls::pki_types::CertificateDer::from(pem_to_der(&fake.ca_pem()));
+    roots.add(ca).expect("CA certificate parses");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Client::builder()
+        .use_preconfigured_tls(tls)
+        .build()
+        .expect("reqwest client")
+}
+
+fn pem_to_der(pem: &str) -> Vec<u8> {
+    let body: String = pem
+        .lines()
+        .filter(|line| !line.starts_with("-----"))
+        .collect();
+    decode_base64(&body)
+}
+
+fn decode_base64(text: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut buffer, mut bits) = (0u32, 0);
+    for byte in text.bytes().filter(|b| *b != b'=') {
+        let value = ALPHABET.iter().position(|c| *c == byte).expect("base64") as u32;
+        buffer = (buffer << 6) | value;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buffer >> bits) as u8);
+        }
+    }
+    out
+}
+
+struct Api {
+    client: Client,
+    base: String,
+    auth: String,
+}
+
+struct Answer {
+    status: StatusCode,
+    reason: String,
+    body: Value,
+    connection_close: bool,
+}
+
+impl Api {
+    fn new(fake: &FakeProxmox) -> Api {
+        let env: std::collections::BTreeMap<_, _> = fake.settings_env().into_iter().collect();
+        Api {
+            client: client(fake),
+            base: format!("https://{}/api2/json", fake.host()),
+            auth: format!(
+                "PVEAPIToken={}!{}={}",
+                env["PROXMOX_USER"], env["PROXMOX_TOKEN_NAME"], env["PROXMOX_TOKEN_VALUE"]
+            ),
+        }
+    }
+
+    async fn call(&self, method: Method, path: &str, form: &[(&str, &str)]) -> Answer {
+        let url = format!("{}{path}", self.base);
+        let mut request = self
+            .client
+            .request(method.clone(), url)
+            .header("Authorization", &self.auth);
+        request = if method == Method::GET || method == Method::DELETE {
+            request.query(form)
+        } else {
+            request.form(form)
+        };
+        let response = request.send().await.expect("request reaches the fake");
+        let status = response.status();
+        let reason = response
+            .extensions()
+            .get::<hyper::ext::ReasonPhrase>()
+            .map(|reason| String::from_utf8_lossy(reason.as_bytes()).into_owned())
+            .unwrap_or_default();
+        let connection_close = response
+            .headers()
+            .get("connection")
+            .is_some_and(|value| value == "close");
+        let body = response.json().await.expect("JSON body");
+        Answer {
+            status,
+            reason,
+            body,
+            connection_close,
+        }
+    }
+
+    async fn get(&self, path: &str, query: &[(&str, &str)]) -> Answer {
+        self.call(Method::GET, path, query).await
+    }
+
+    async fn post(&self, path: &str, form: &[(&str, &str)]) -> Answer {
+        self.call(Method::POST, path, form).await
+    }
+
+    async fn wait_task(&self, upid: &str) -> Value {
+        let node = upid.split(':').nth(1).expect("node in UPID");
+        let encoded =
+            percent_encoding::utf8_percent_encode(upid, percent_encoding::NON_ALPHANUMERIC);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let answer = self
+                .get(&format!("/nodes/{node}/tasks/{encoded}/status"), &[])
+                .await;
+            assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+            if answer.body["data"]["status"] == "stopped" {
+                return answer.body["data"].clone();
+            }
+            assert!(Instant::now() < deadline, "task {upid} never ended");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn clone_start_agent_delete_lifecycle() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let api = Api::new(&fake);
+
+    let answer = api
+        .post(
+            "/nodes/pve1/qemu/60930/clone",
+            &[("newid", "100123"), ("name", "ci-42-demo"), ("full", "0")],
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    let upid = answer.body["data"].as_str().expect("UPID").to_string();
+    let fields: Vec<&str> = upid.split(':').collect();
+    assert_eq!(fields.len(), 9, "{upid}");
+    assert_eq!(
+        (fields[0], fields[1], fields[5], fields[6], fields[7]),
+        ("UPID", "pve1", "qmclone", "60930", "ci@pve!runner")
+    );
+
+    let during = fake
+        .vm(100123)
+        .expect("the clone exists while its task runs");
+    assert_eq!(during.lock.as_deref(), Some("clone"));
+    let start_while_locked = api.post("/nodes/pve1/qemu/100123/status/start", &[]).await;
+    let status = api
+        .wait_task(start_while_locked.body["data"].as_str().expect("UPID"))
+        .await;
+    assert_eq!(status["exitstatus"], "VM is locked (clone)");
+
+    let status = api.wait_task(&upid).await;
+    assert_eq!(status["exitstatus"], "OK");
+    assert_eq!(status["type"], "qmclone");
+
+    let vm = fake.vm(100123).expect("clone");
+    let template = fake.vm(60930).expect("template");
+    assert_eq!(vm.lock, None);
+    assert_eq!(vm.tags, template.tags);
+    assert_eq!(vm.cloned_from, Some(60930));
+    assert_eq!(vm.full_clone, Some(false));
+    assert_ne!(
+        vm.config["net0"], template.config["net0"],
+        "clones get a new MAC"
+    );
+    assert!(vm.config["net0"].starts_with("virtio=BC:24:11:"));
+
+    let config = api.get("/nodes/pve1/qemu/100123/config", &[]).await;
+    assert_eq!(config.body["data"]["name"], "ci-42-demo");
+    assert_eq!(config.body["data"]["memory"], "2048");
+
+    let agent = api.post("/nodes/pve1/qemu/100123/agent/ping", &[]).await;
+    assert_eq!(agent.status.as_u16(), 500);
+    assert_eq!(agent.reason, "VM 100123 is not running");
+    assert!(agent.connection_close);
+
+    let start = api.post("/nodes/pve1/qemu/100123/status/start", &[]).await;
+    let status = api
+        .wait_task(start.body["data"].as_str().expect("UPID"))
+        .await;
+    assert_eq!(status["exitstatus"], "OK");
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut saw_booting = false;
+    let interfaces = loop {
+        let answer = api
+            .get("/nodes/pve1/qemu/100123/agent/network-get-interfaces", &[])
+            .await;
+        if answer.status == StatusCode::OK {
+            break answer.body["data"]["result"].clone();
+        }
+        assert_eq!(answer.reason, "QEMU guest agent is not running");
+        saw_booting = true;
+        assert!(Instant::now() < deadline, "agent never came up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(saw_booting, "the agent answers only after boot_time");
+    let mac = vm.config["net0"]
+        .trim_start_matches("virtio=")
+        .split(',')
+        .next()
+        .expect("mac")
+        .to_ascii_lowercase();
+    let eth0 = interfaces
+        .as_array()
+        .expect("interfaces")
+        .iter()
+        .find(|iface| iface["hardware-address"] == mac.as_str())
+        .expect("an interface with net0's MAC");
+    assert_eq!(eth0["ip-addresses"][0]["ip-address"], "127.0.0.1");
+
+    let delete_running = api
+        .call(Method::DELETE, "/nodes/pve1/qemu/100123", &[("purge", "1")])
+        .await;
+    assert_eq!(delete_running.status.as_u16(), 500);
+    assert_eq!(
+        delete_running.reason,
+        "VM 100123 is running - destroy failed"
+    );
+
+    let stop = api.post("/nodes/pve1/qemu/100123/status/stop", &[]).await;
+    api.wait_task(stop.body["data"].as_str().expect("UPID"))
+        .await;
+    let delete = api
+        .call(
+            Method::DELETE,
+            "/nodes/pve1/qemu/100123",
+            &[("purge", "1"), ("destroy-unreferenced-disks", "1")],
+        )
+        .await;
+    let status = api
+        .wait_task(delete.body["data"].as_str().expect("UPID"))
+        .await;
+    assert_eq!(status["exitstatus"], "OK");
+    assert!(fake.job_vms().is_empty());
+
+    let gone = api.get("/nodes/pve1/qemu/100123/status/current", &[]).await;
+    assert_eq!(gone.status.as_u16(), 500);
+    assert_eq!(
+        gone.reason,
+        "Configuration file 'nodes/pve1/qemu-server/100123.conf' does not exist"
+    );
+}
+
+#[tokio::test]
+async fn wrong_token_gets_401_and_is_recorded() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let mut api = Api::new(&fake);
+    api.auth = "PVEAPIToken=ci@pve!runner=wrong".into();
+    let answer = api.get("/version", &[]).await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 1);
+    assert!(!requests[0].authorized);
+    assert_eq!(requests[0].path, "/api2/json/version");
+}
+
+#[tokio::test]
+async fn nextid_and_parameter_errors_have_pve_shapes() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    fake.add_vm(NewVm {
+        vmid: 100,
+        name: "hand-made".into(),
+        ..NewVm::default()
+    });
+    let api = Api::new(&fake);
+
+    let next = api.get("/cluster/nextid", &[]).await;
+    assert_eq!(next.body["data"], "101");
+    let free = api.get("/cluster/nextid", &[("vmid", "150000")]).await;
+    assert_eq!(free.body["data"], "150000");
+    let taken = api.get("/cluster/nextid", &[("vmid", "60900")]).await;
+    assert_eq!(taken.status, StatusCode::BAD_REQUEST);
+    assert_eq!(taken.reason, "Parameter verification failed.");
+    assert_eq!(taken.body["errors"]["vmid"], "VM 60900 already exists\n");
+    assert_eq!(taken.body["data"], Value::Null);
+    assert!(taken.connection_close);
+
+    let boolean = api
+        .post(
+            "/nodes/pve1/qemu/60900/clone",
+            &[("newid", "150001"), ("full", "true")],
+        )
+        .await;
+    assert_eq!(boolean.status, StatusCode::BAD_REQUEST);
+    assert!(boolean.body["errors"]["full"]
+        .as_str()
+        .is_some_and(|text| text.contains("boolean")));
+
+    let storage = api
+        .post(
+            "/nodes/pve1/qemu/60900/clone",
+            &[("newid", "150001"), ("storage", "local-lvm")],
+        )
+        .await;
+    assert_eq!(
+        storage.body["errors"]["storage"],
+        "parameter 'storage' not allowed for linked clones\n"
+    );
+
+    let existing = api
+        .post("/nodes/pve1/qemu/60900/clone", &[("newid", "100")])
+        .await;
+    assert_eq!(existing.status.as_u16(), 500);
+    assert_eq!(
+        existing.reason,
+        "unable to create VM 100: config file already exists"
+    );
+
+    let unknown = api.get("/nodes/pve1/foo", &[]).await;
+    assert_eq!(unknown.status.as_u16(), 501);
+    assert_eq!(
+        unknown.reason,
+        "Method 'GET /nodes/pve1/foo' not implemented"
+    );
+
+    assert!(fake.job_vms().iter().all(|vm| vm.vmid == 100));
+}
+
+#[tokio::test]
+async fn faults_fail_the_next_clone_task_and_polling_another_node_is_refused() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let api = Api::new(&fake);
+    let lock_timeout =
+        "can't lock file '/var/lock/pve-manager/pve-storage-local-lvm' - got timeout";
+    fake.inject(Fault::CloneTaskFails {
+        count: 1,
+        message: lock_timeout.into(),
+    });
+    let answer = api
+        .post("/nodes/pve1/qemu/60900/clone", &[("newid", "100200")])
+        .await;
+    let upid = answer.body["data"].as_str().expect("UPID").to_string();
+
+    let encoded = percent_encoding::utf8_percent_encode(&upid, percent_encoding::NON_ALPHANUMERIC);
+    let elsewhere = api
+        .get(&format!("/nodes/pve2/tasks/{encoded}/status"), &[])
+        .await;
+    assert_eq!(elsewhere.status, StatusCode::BAD_REQUEST);
+
+    let status = api.wait_task(&upid).await;
+    assert_eq!(status["exitstatus"], lock_timeout);
+    assert!(fake.vm(100200).is_none(), "a failed clone leaves no VM");
+
+    let log = api
+        .get(
+            &format!("/nodes/pve1/tasks/{encoded}/log"),
+            &[("start", "0")],
+        )
+        .await;
+    let lines = log.body["data"].as_array().expect("log lines");
+    assert_eq!(
+        lines.last().expect("a last line")["t"],
+        format!("TASK ERROR: {lock_timeout}")
+    );
+
+    fake.inject(Fault::HttpErrors {
+        count: 1,
+        status: 596,
+        message: "Connection timed out".into(),
+        path_contains: Some("nextid".into()),
+    });
+    let burst = api.get("/cluster/nextid", &[]).await;
+    assert_eq!(burst.status.as_u16(), 596);
+    let after = api.get("/cluster/nextid", &[]).await;
+    assert_eq!(after.status, StatusCode::OK);
+
+    let answer = api
+        .post("/nodes/pve1/qemu/60900/clone", &[("newid", "100201")])
+        .await;
+    let status = api
+        .wait_task(answer.body["data"].as_str().expect("UPID"))
+        .await;
+    assert_eq!(status["exitstatus"], "OK");
+    assert!(fake.max_concurrent_clones() >= 1);
+}
+
+#[tokio::test]
+async fn fingerprint_is_the_served_certificate() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(pem_to_der(
+            &fake.ca_pem(),
+        )))
+        .expect("CA");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(fake.host())
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("server name");
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake with the CA");
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .expect("a server certificate")
+        .clone();
+    use sha2::Digest;
+    let digest: Vec<String> = sha2::Sha256::digest(leaf.as_ref())
+        .iter()
+        .map(|byte| format!("{byte:02X}"))
+        .collect();
+    assert_eq!(fake.fingerprint(), digest.join(":"));
+    assert_eq!(fake.leaf_der(), leaf.as_ref());
+}
