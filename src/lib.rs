@@ -12,11 +12,13 @@ pub mod error;
 pub mod hardening;
 pub mod job;
 pub mod joblog;
+pub mod marker;
 pub mod proxmox;
 pub mod secret;
 pub mod settings;
 pub mod ssh;
 pub mod state;
+pub mod teardown;
 
 pub use error::{Blame, Error, ExitCodes, Result};
 

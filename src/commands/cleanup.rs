@@ -1,10 +1,54 @@
-//! cleanup_exec: stop and destroy the job's VM, always, idempotently.
+//! cleanup_exec: destroy the job's VM, always, idempotently, in bounded time. Its output goes
+//! to the runner's own log. It succeeds when no VM of this job is left: after a full prepare, a
+//! half-finished one, a second cleanup, or no prepare at all.
+
+use std::time::{Duration, Instant};
 
 use crate::commands::Context;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::joblog;
+use crate::marker::Marker;
+use crate::proxmox::Client;
+use crate::state::JobState;
+use crate::teardown::{self, Teardown};
 
-pub async fn cleanup(_context: &Context) -> Result<()> {
-    Err(crate::Error::Infrastructure(
-        "cleanup: not implemented yet".into(),
-    ))
+/// Long enough to wait out a full clone's lock; the runner's cleanup_exec_timeout is 1 h.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
+pub async fn cleanup(context: &Context) -> Result<()> {
+    let Some(state) = JobState::load(&context.job_dir)? else {
+        joblog::info("no job state: prepare created no VM, nothing to clean up");
+        return Ok(());
+    };
+    let (vmid, node) = (state.vmid, state.node.as_str());
+    let Some(marker) = Marker::parse_line(&state.marker) else {
+        return Err(Error::Infrastructure(format!(
+            "the job state's ownership marker is damaged, so VM {vmid} on {node} cannot be \
+             proven to be this job's; left alone (gitlab-proxmox-runner gc will judge it)"
+        )));
+    };
+    let client = Client::new(&context.settings)?;
+    let deadline = Instant::now() + CLEANUP_TIMEOUT;
+    let outcome = tokio::time::timeout(
+        CLEANUP_TIMEOUT + Duration::from_secs(30),
+        teardown::destroy_owned_vm(&client, node, vmid, &marker, deadline),
+    )
+    .await
+    .map_err(|_| {
+        Error::Infrastructure(format!(
+            "gave up destroying VM {vmid} on {node} after {} s; gitlab-proxmox-runner gc will \
+             retry",
+            CLEANUP_TIMEOUT.as_secs()
+        ))
+    })??;
+    match outcome {
+        Teardown::Destroyed => {}
+        Teardown::AlreadyGone => joblog::info(format!(
+            "VM {vmid} on {node} does not exist (never created or already removed); nothing to do"
+        )),
+        Teardown::NotOurs(reason) => joblog::warn(format!(
+            "VM {vmid} on {node} is not the VM this job created ({reason}); left it alone"
+        )),
+    }
+    JobState::remove(&context.job_dir)
 }

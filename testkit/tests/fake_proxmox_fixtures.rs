@@ -1,4 +1,4 @@
-//! Every answer transcribed in `fixtures/proxmox/` is reproduced against the fake, which must
+//! Every answer transcribed in `fixtures/proxmox/exchanges/` is reproduced against the fake, which must
 //! answer with the same status, the same reason phrase, the same field errors and the same body
 //! shape (keys and JSON types). This keeps the fake honest to PVE's shapes.
 
@@ -15,7 +15,7 @@ use serde_json::Value;
 
 fn fixture(name: &str) -> Value {
     let path = format!(
-        "{}/../fixtures/proxmox/{name}.json",
+        "{}/../fixtures/proxmox/exchanges/{name}.json",
         env!("CARGO_MANIFEST_DIR")
     );
     let text = std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{path}: {err}"));
@@ -381,7 +381,10 @@ async fn the_fake_answers_like_the_recorded_pve_answers() {
     stranger.auth = "PVEAPIToken=ci@pve!runner=wrong".into();
     assert_like(&stranger.get("/version", &[]).await, "auth-bad-token");
 
-    let directory = format!("{}/../fixtures/proxmox", env!("CARGO_MANIFEST_DIR"));
+    let directory = format!(
+        "{}/../fixtures/proxmox/exchanges",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let replayed = REPLAYED
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -706,7 +706,17 @@ fn clone(
 // Config, resize, status.
 
 /// Config keys whose schema type is an integer; PVE's JSON gives them as numbers.
-const NUMERIC_KEYS: &[&str] = &["cores", "sockets", "template", "vcpus", "cpuunits"];
+const NUMERIC_KEYS: &[&str] = &[
+    "cores",
+    "sockets",
+    "template",
+    "vcpus",
+    "cpuunits",
+    "onboot",
+    "protection",
+    "numa",
+    "balloon",
+];
 
 fn get_config(state: &State, node: &str, vmid: u32) -> Result<Value> {
     let vm = vm_on_node(state, node, vmid)?;
@@ -1174,8 +1184,7 @@ fn task_status(state: &State, node: &str, upid: &str) -> Result<Value> {
         "starttime": task.starttime,
         "type": task.kind,
         "id": task.id,
-        "user": task.user.split('!').next().unwrap_or(&task.user),
-        "tokenid": task.user.split('!').nth(1).unwrap_or(""),
+        "user": task.user,
         "status": if task.done { "stopped" } else { "running" },
     });
     if task.done {

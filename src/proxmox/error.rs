@@ -1,0 +1,336 @@
+//! What went wrong talking to the Proxmox API, in the API's own words, and whether trying again
+//! can help.
+//!
+//! PVE reports most failures as HTTP 500 with the text in the status line's reason phrase
+//! (`500 unable to create VM 101: config file already exists`); only pve-http-server >= 5.2
+//! also puts `"message"` in the body. Parameter errors are 400 with an `errors` map.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// How a request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiErrorKind {
+    /// The API answered with an HTTP error status.
+    Http(u16),
+    /// No connection could be made: the request never reached the API.
+    Connect,
+    /// The connection broke or timed out after the request may have been sent.
+    Transport,
+    /// The API's TLS certificate was not accepted.
+    Tls,
+    /// The API answered 2xx with something we could not read.
+    Decode,
+    /// A task (UPID) ended with an error.
+    Task,
+    /// We stopped waiting (a task, a lock) at our own deadline.
+    Timeout,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub kind: ApiErrorKind,
+    /// The API's message (reason phrase, body `message`, task exit status, ...).
+    pub message: String,
+    /// Per-parameter errors of a 400 answer.
+    pub fields: BTreeMap<String, String>,
+}
+
+impl ApiError {
+    pub fn new(kind: ApiErrorKind, message: impl Into<String>) -> ApiError {
+        ApiError {
+            kind,
+            message: message.into(),
+            fields: BTreeMap::new(),
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self.kind {
+            ApiErrorKind::Http(status) => Some(status),
+            _ => None,
+        }
+    }
+
+    /// The whole text, field errors included, lower-cased for matching.
+    fn haystack(&self) -> String {
+        let mut text = self.message.to_ascii_lowercase();
+        for (field, error) in &self.fields {
+            text.push(' ');
+            text.push_str(&field.to_ascii_lowercase());
+            text.push_str(": ");
+            text.push_str(&error.to_ascii_lowercase());
+        }
+        text
+    }
+
+    /// `Configuration file '...' does not exist`, or a 404: the VM (or task) is not there.
+    pub fn is_not_found(&self) -> bool {
+        let text = self.haystack();
+        self.status() == Some(404) || text.contains("does not exist") || text.contains("no such vm")
+    }
+
+    /// The VMID is taken: `VM N already exists`, `config file already exists`.
+    pub fn is_already_exists(&self) -> bool {
+        self.haystack().contains("already exists")
+    }
+
+    /// `can't lock file '/var/lock/qemu-server/lock-N.conf' - got timeout`: someone else holds
+    /// that VMID's config lock, typically a racing clone into the same id.
+    pub fn is_vmid_lock_timeout(&self) -> bool {
+        let text = self.haystack();
+        text.contains("/var/lock/qemu-server/lock-") && text.contains("timeout")
+    }
+
+    /// Any `can't lock file ... got timeout` (storage locks under parallel clones included).
+    pub fn is_lock_timeout(&self) -> bool {
+        let text = self.haystack();
+        (text.contains("can't lock file") || text.contains("cannot lock"))
+            && text.contains("timeout")
+    }
+
+    /// `VM is locked (clone)` and similar: wait for the lock to clear, then try again.
+    pub fn is_vm_locked(&self) -> bool {
+        self.haystack().contains("is locked")
+    }
+
+    /// The request clashed with another job over the same VMID: pick another id.
+    pub fn is_vmid_clash(&self) -> bool {
+        self.is_already_exists() || self.is_vmid_lock_timeout()
+    }
+
+    /// Whether an identical request may succeed later: connection trouble, 5xx answers
+    /// (595/596 = the proxied-to node is unreachable), lock timeouts. TLS failures, 4xx answers
+    /// and task errors other than lock timeouts are permanent, and so are 500s whose text says
+    /// what is wrong with the request (missing VM, taken id, missing agent, ...).
+    pub fn is_transient(&self) -> bool {
+        match self.kind {
+            ApiErrorKind::Connect | ApiErrorKind::Transport => true,
+            ApiErrorKind::Tls | ApiErrorKind::Decode | ApiErrorKind::Timeout => false,
+            ApiErrorKind::Task => self.is_lock_timeout(),
+            ApiErrorKind::Http(status) => match status {
+                408 | 429 => true,
+                500 => self.is_lock_timeout() || !self.has_definite_500_cause(),
+                501 => false,
+                502..=599 => true,
+                _ => false,
+            },
+        }
+    }
+
+    /// A 500 whose text names a definite cause that repeating the request will not change.
+    fn has_definite_500_cause(&self) -> bool {
+        let text = self.haystack();
+        const DEFINITE: &[&str] = &[
+            "does not exist",
+            "already exists",
+            "no qemu guest agent configured",
+            "not allowed",
+            "permission",
+            "not supported",
+            "invalid",
+            "is running",
+            "is locked",
+            "not running",
+            "uses local storage",
+            "no such",
+            "unable to parse",
+        ];
+        DEFINITE.iter().any(|needle| text.contains(needle))
+    }
+
+    /// A hint for the operator, by status.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self.kind {
+            ApiErrorKind::Http(401) => Some(
+                "check PROXMOX_USER, PROXMOX_TOKEN_NAME and PROXMOX_TOKEN_VALUE (the token may \
+                 be deleted or expired)",
+            ),
+            ApiErrorKind::Http(403) => {
+                Some("the API token lacks a permission: grant it to the token (or disable privilege separation)")
+            }
+            ApiErrorKind::Http(595) | ApiErrorKind::Http(596) => {
+                Some("the Proxmox node the request was forwarded to is unreachable from the API host")
+            }
+            ApiErrorKind::Connect => Some("check PROXMOX_HOST and that the API is reachable from this runner host"),
+            ApiErrorKind::Tls => Some(
+                "check PROXMOX_TLS_CA_FILE or PROXMOX_TLS_FINGERPRINT against the API's certificate",
+            ),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            ApiErrorKind::Http(status) => write!(f, "HTTP {status}: {}", self.message)?,
+            _ => f.write_str(&self.message)?,
+        }
+        if !self.fields.is_empty() {
+            let fields: Vec<String> = self
+                .fields
+                .iter()
+                .map(|(field, error)| format!("{field}: {error}"))
+                .collect();
+            write!(f, " ({})", fields.join("; "))?;
+        }
+        if let Some(hint) = self.hint() {
+            write!(f, "; {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// Builds the error for an HTTP error answer: the body's `message`, else the status line's
+/// reason phrase, else the canonical reason; the `errors` map goes into `fields`.
+pub fn from_http_answer(status: u16, reason: Option<&str>, body: &[u8]) -> ApiError {
+    #[derive(serde::Deserialize, Default)]
+    struct Body {
+        #[serde(default)]
+        message: Option<String>,
+        #[serde(default)]
+        errors: Option<BTreeMap<String, serde_json::Value>>,
+    }
+    let parsed: Body = serde_json::from_slice(body).unwrap_or_default();
+    let fields: BTreeMap<String, String> = parsed
+        .errors
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(field, value)| {
+            let text = match value {
+                serde_json::Value::String(text) => text,
+                other => other.to_string(),
+            };
+            (field, text.trim().to_string())
+        })
+        .collect();
+    let clean = |text: &str| text.trim().to_string();
+    let message = parsed
+        .message
+        .as_deref()
+        .map(clean)
+        .filter(|text| !text.is_empty())
+        .or_else(|| reason.map(clean).filter(|text| !text.is_empty()))
+        .or_else(|| {
+            reqwest::StatusCode::from_u16(status)
+                .ok()
+                .and_then(|code| code.canonical_reason())
+                .map(String::from)
+        })
+        .unwrap_or_else(|| "no error text".to_string());
+    ApiError {
+        kind: ApiErrorKind::Http(status),
+        message,
+        fields,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_message_wins_over_the_reason_phrase() {
+        let err = from_http_answer(
+            500,
+            Some("unable to create VM 101: config file already exists"),
+            br#"{"data":null,"message":"unable to create VM 101: config file already exists\n"}"#,
+        );
+        assert_eq!(
+            err.message,
+            "unable to create VM 101: config file already exists"
+        );
+        assert!(err.is_already_exists() && err.is_vmid_clash() && !err.is_transient());
+    }
+
+    #[test]
+    fn older_nodes_only_have_the_reason_phrase() {
+        let err = from_http_answer(
+            500,
+            Some("Configuration file 'nodes/pve1/qemu-server/105.conf' does not exist"),
+            br#"{"data":null}"#,
+        );
+        assert!(err.is_not_found(), "{err}");
+        assert!(!err.is_transient());
+    }
+
+    #[test]
+    fn parameter_errors_keep_every_field() {
+        let err = from_http_answer(
+            400,
+            Some("Parameter verification failed."),
+            br#"{"data":null,"errors":{"vmid":"VM 2000001 already exists","full":"type check ('boolean') failed - got 'true'"}}"#,
+        );
+        let text = err.to_string();
+        assert!(
+            text.starts_with("HTTP 400: Parameter verification failed."),
+            "{text}"
+        );
+        assert!(text.contains("vmid: VM 2000001 already exists"), "{text}");
+        assert!(text.contains("full: type check"), "{text}");
+        assert!(err.is_already_exists());
+        assert!(!err.is_transient());
+    }
+
+    #[test]
+    fn the_canonical_reason_is_the_last_resort() {
+        let err = from_http_answer(503, None, b"not json");
+        assert_eq!(err.message, "Service Unavailable");
+        assert!(err.is_transient());
+    }
+
+    #[test]
+    fn transient_and_permanent_are_told_apart() {
+        let http = |status, text: &str| from_http_answer(status, Some(text), b"");
+        // Transient: lock timeouts, unknown 500s, proxy errors, node unreachable.
+        assert!(http(
+            500,
+            "can't lock file '/var/lock/pve-manager/pve-storage-local-lvm' - got timeout"
+        )
+        .is_transient());
+        assert!(http(500, "Internal Server Error").is_transient());
+        assert!(http(502, "Bad Gateway").is_transient());
+        assert!(http(595, "Connection refused").is_transient());
+        assert!(http(596, "Connection timed out").is_transient());
+        assert!(ApiError::new(ApiErrorKind::Connect, "connection refused").is_transient());
+        assert!(ApiError::new(ApiErrorKind::Transport, "connection reset").is_transient());
+        assert!(ApiError::new(
+            ApiErrorKind::Task,
+            "can't lock file '/var/lock/qemu-server/lock-7.conf' - got timeout"
+        )
+        .is_transient());
+        // Permanent: auth, permissions, parameters, definite causes, TLS, other task errors.
+        assert!(!http(401, "authentication failure").is_transient());
+        assert!(!http(403, "Permission check failed (/vms/100, VM.Clone)").is_transient());
+        assert!(!http(500, "No QEMU guest agent configured").is_transient());
+        assert!(!http(500, "VM 7 is running - destroy failed").is_transient());
+        assert!(!ApiError::new(ApiErrorKind::Tls, "bad certificate").is_transient());
+        assert!(!ApiError::new(ApiErrorKind::Task, "storage 'x' does not exist").is_transient());
+    }
+
+    #[test]
+    fn a_racing_clone_into_the_same_id_is_a_clash() {
+        let err = ApiError::new(
+            ApiErrorKind::Task,
+            "can't lock file '/var/lock/qemu-server/lock-2000001.conf' - got timeout",
+        );
+        assert!(err.is_vmid_clash());
+        let storage = ApiError::new(
+            ApiErrorKind::Task,
+            "can't lock file '/var/lock/pve-manager/pve-storage-local' - got timeout",
+        );
+        assert!(!storage.is_vmid_clash() && storage.is_lock_timeout());
+    }
+
+    #[test]
+    fn hints_name_what_to_check() {
+        let err = from_http_answer(401, Some("authentication failure"), b"");
+        assert!(err.to_string().contains("PROXMOX_TOKEN_VALUE"));
+        assert!(ApiError::new(ApiErrorKind::Tls, "x")
+            .to_string()
+            .contains("PROXMOX_TLS_FINGERPRINT"));
+    }
+}

@@ -1,0 +1,194 @@
+//! Destroying a job's VM safely: the one way cleanup, a failed prepare (and the orphan sweep)
+//! remove a VM. It waits for a clone lock to clear (a token cannot `skiplock`), checks the
+//! ownership marker before touching anything, hard-stops, then deletes with purge. A VM that
+//! does not exist is done; a VM whose marker differs is left alone.
+
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::joblog;
+use crate::marker::Marker;
+use crate::proxmox::{ApiError, Client};
+
+/// What happened to the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Teardown {
+    /// We stopped (if needed) and deleted it.
+    Destroyed,
+    /// It did not exist (never created, or already deleted).
+    AlreadyGone,
+    /// It exists but is not the VM this job created: left alone. The text says why.
+    NotOurs(String),
+}
+
+const MAX_ROUNDS: usize = 8;
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// Destroys VM `vmid` on `node` if its marker equals `expected`, giving up at `deadline`.
+pub async fn destroy_owned_vm(
+    client: &Client,
+    node: &str,
+    vmid: u32,
+    expected: &Marker,
+    deadline: Instant,
+) -> Result<Teardown> {
+    let started = Instant::now();
+    let context = || format!("destroying VM {vmid} on node {node}");
+    let fail = |err: ApiError| Error::proxmox(context(), err);
+    let mut owner_checked = false;
+    let mut acted = false;
+    let mut stop_time = Duration::ZERO;
+    let gone = |acted: bool| {
+        if acted {
+            Teardown::Destroyed
+        } else {
+            Teardown::AlreadyGone
+        }
+    };
+
+    for _ in 0..MAX_ROUNDS {
+        let Some(status) = client.vm_status(node, vmid).await.map_err(fail)? else {
+            return Ok(gone(acted));
+        };
+        if let Some(lock) = status.lock() {
+            joblog::info(format!(
+                "VM {vmid} is locked ({lock}); waiting for the lock to clear before removing it"
+            ));
+            if !wait_unlocked(client, node, vmid, deadline).await? {
+                return Ok(gone(acted));
+            }
+            continue;
+        }
+        if !owner_checked {
+            let Some(config) = client.vm_config(node, vmid).await.map_err(fail)? else {
+                return Ok(gone(acted));
+            };
+            let found = config.description().as_deref().and_then(Marker::find_in);
+            match found {
+                Some(marker) if marker == *expected => owner_checked = true,
+                Some(marker) => {
+                    return Ok(Teardown::NotOurs(format!(
+                        "its ownership marker belongs to another prepare (job {}, created {}, \
+                         nonce {})",
+                        marker.job_id.map_or("-".to_string(), |id| id.to_string()),
+                        marker.created,
+                        marker.nonce
+                    )))
+                }
+                None => {
+                    return Ok(Teardown::NotOurs(
+                        "its description carries no gitlab-proxmox-runner ownership marker".into(),
+                    ))
+                }
+            }
+        }
+        if status.is_running() {
+            let stopping = Instant::now();
+            let stopped = match client.stop_vm(node, vmid).await {
+                Ok(upid) => client.finish_task(&upid, deadline).await,
+                Err(err) => Err(err),
+            };
+            match stopped {
+                Ok(()) => stop_time += stopping.elapsed(),
+                Err(err) if err.is_not_found() => return Ok(gone(acted)),
+                Err(err) if err.is_vm_locked() || err.is_transient() => {
+                    pause_before_retry(deadline, &err, context)?;
+                    continue;
+                }
+                Err(err) => return Err(fail(err)),
+            }
+        }
+        let deleting = Instant::now();
+        let deleted = match client.delete_vm(node, vmid).await {
+            Ok(upid) => client.finish_task(&upid, deadline).await,
+            Err(err) => Err(err),
+        };
+        match deleted {
+            Ok(()) => {
+                joblog::info(format!(
+                    "destroyed VM {vmid} on {node} in {} (stop {}, delete {})",
+                    joblog::secs(started.elapsed()),
+                    joblog::secs(stop_time),
+                    joblog::secs(deleting.elapsed())
+                ));
+                return Ok(Teardown::Destroyed);
+            }
+            Err(err) if err.is_not_found() => return Ok(Teardown::Destroyed),
+            // Started again behind our back, locked meanwhile, or a transient failure: look
+            // at it afresh.
+            Err(err)
+                if err.is_vm_locked()
+                    || err.is_transient()
+                    || err.message.contains("is running") =>
+            {
+                acted = true;
+                pause_before_retry(deadline, &err, context)?;
+                continue;
+            }
+            Err(err) => return Err(fail(err)),
+        }
+    }
+    Err(Error::Proxmox {
+        context: context(),
+        message: format!(
+            "the VM is still there after {MAX_ROUNDS} attempts to stop and delete it; \
+             `gitlab-proxmox-runner gc` will retry"
+        ),
+    })
+}
+
+fn pause_before_retry(
+    deadline: Instant,
+    err: &ApiError,
+    context: impl Fn() -> String,
+) -> Result<()> {
+    if Instant::now() >= deadline {
+        return Err(Error::proxmox(context(), err));
+    }
+    joblog::info(format!("{}: {err}; trying again", context()));
+    Ok(())
+}
+
+/// Polls until the VM has no lock. `Ok(false)` when the VM disappeared meanwhile.
+pub async fn wait_unlocked(
+    client: &Client,
+    node: &str,
+    vmid: u32,
+    deadline: Instant,
+) -> Result<bool> {
+    let started = Instant::now();
+    let mut next_progress = started + PROGRESS_EVERY;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let status = client
+            .vm_status(node, vmid)
+            .await
+            .map_err(|err| Error::proxmox(format!("reading VM {vmid} on node {node}"), err))?;
+        let Some(status) = status else {
+            return Ok(false);
+        };
+        let Some(lock) = status.lock() else {
+            return Ok(true);
+        };
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(Error::Proxmox {
+                context: format!("waiting for VM {vmid} on node {node}"),
+                message: format!(
+                    "still locked ({lock}) after {}; an API token cannot override the lock, \
+                     check the VM's running task in the PVE UI",
+                    joblog::secs(started.elapsed())
+                ),
+            });
+        }
+        if now >= next_progress {
+            joblog::info(format!(
+                "VM {vmid} still locked ({lock}) after {}",
+                joblog::secs(started.elapsed())
+            ));
+            next_progress = now + PROGRESS_EVERY;
+        }
+        tokio::time::sleep(delay.min(deadline - now)).await;
+        delay = (delay * 3 / 2).min(Duration::from_secs(1));
+    }
+}
