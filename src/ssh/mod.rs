@@ -2,14 +2,29 @@
 //! stage scripts, and what prepare needs (waiting for sshd, installing the runner helper).
 //!
 //! INTERFACE CONTRACT (used by commands::prepare / commands::run): the signatures below are
-//! fixed; the bodies are being implemented in the SSH work.
+//! fixed; more may be added.
+//!
+//! - [`keys`]: `VM_SSH_PRIVATE_KEY` (text or path) → a key in zeroized memory, with clear errors.
+//! - [`connect`]: one TCP connection, key exchange, host-key pinning, public-key auth.
+//! - [`exec`]: commands and stage scripts, streamed byte for byte, and cancel.
+//! - [`sftp`]: uploads over the SFTP subsystem of the same connection.
+//! - [`provision`]: `gitlab-runner` and `git` inside the VM.
+
+mod connect;
+mod exec;
+mod keys;
+mod provision;
+mod sftp;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::cancel::Cancel;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::settings::Settings;
+
+pub use connect::fingerprint_of_line;
+pub use exec::{StageOutcome, StageScript};
 
 /// Where to connect.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,9 +36,37 @@ pub struct Target {
     pub vm_label: String,
 }
 
-/// A parsed private key. Key bytes live only in zeroized memory.
+/// A parsed private key. Key bytes live only in zeroized memory (ssh-key's private key types
+/// wipe themselves on drop; every intermediate buffer here is `Zeroizing`).
 pub struct PrivateKey {
-    _private: (),
+    key: Arc<russh::keys::PrivateKey>,
+}
+
+impl PrivateKey {
+    /// Parses key text (OpenSSH, PKCS#1, PKCS#8, SEC1; optionally encrypted). Errors never
+    /// quote the text.
+    pub fn from_text(text: &str, passphrase: Option<&str>) -> Result<PrivateKey> {
+        keys::parse_private_key(text, passphrase)
+    }
+
+    /// `SHA256:...` of the public half, for messages.
+    pub fn fingerprint(&self) -> String {
+        self.key
+            .public_key()
+            .fingerprint(russh::keys::HashAlg::Sha256)
+            .to_string()
+    }
+
+    /// e.g. `ssh-ed25519`, `rsa-sha2-512`, `ecdsa-sha2-nistp256`.
+    pub fn algorithm(&self) -> String {
+        self.key.algorithm().to_string()
+    }
+}
+
+impl std::fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PrivateKey({} {})", self.algorithm(), self.fingerprint())
+    }
 }
 
 /// How to check the server's host key.
@@ -47,52 +90,89 @@ pub struct CommandOutput {
 }
 
 /// Loads `VM_SSH_PRIVATE_KEY` (key text or a path) with `VM_SSH_KEY_PASSPHRASE`.
-pub fn load_private_key(_settings: &Settings) -> Result<Arc<PrivateKey>> {
-    Err(Error::Infrastructure("ssh: not implemented yet".into()))
+pub fn load_private_key(settings: &Settings) -> Result<Arc<PrivateKey>> {
+    keys::load_private_key(settings).map(Arc::new)
 }
 
 /// An authenticated SSH connection to the job's VM.
 pub struct Connection {
-    _private: (),
+    handle: russh::client::Handle<connect::ClientHandler>,
+    host_key: String,
+    target: Target,
 }
 
 impl Connection {
     pub async fn connect(
-        _target: &Target,
-        _key: Arc<PrivateKey>,
-        _check: &HostKeyCheck,
+        target: &Target,
+        key: Arc<PrivateKey>,
+        check: &HostKeyCheck,
     ) -> Result<Connection> {
-        Err(Error::Infrastructure("ssh: not implemented yet".into()))
+        connect::connect(target, key, check).await
     }
 
     /// The host key the server presented, as an OpenSSH public key line.
     pub fn host_key(&self) -> String {
-        String::new()
+        self.host_key.clone()
     }
 
-    pub async fn exec_capture(&self, _command: &str) -> Result<CommandOutput> {
-        Err(Error::Infrastructure("ssh: not implemented yet".into()))
+    pub async fn exec_capture(&self, command: &str) -> Result<CommandOutput> {
+        exec::exec_capture(self, command).await
     }
 
-    pub async fn upload(&self, _remote_path: &str, _bytes: &[u8], _mode: u32) -> Result<()> {
-        Err(Error::Infrastructure("ssh: not implemented yet".into()))
+    pub async fn upload(&self, remote_path: &str, bytes: &[u8], mode: u32) -> Result<()> {
+        let sftp = sftp::Sftp::open(self).await?;
+        sftp.write_file(remote_path, bytes, mode, false).await?;
+        sftp.close().await;
+        Ok(())
+    }
+
+    /// Uploads `script` into the job's private directory in the VM and runs it with
+    /// `sudo -n /bin/bash`, streaming its stdout/stderr to ours as the bytes arrive. On cancel
+    /// the script's whole process group is terminated (then killed after a grace period).
+    pub async fn run_stage(
+        &self,
+        script: &StageScript<'_>,
+        cancel: &Cancel,
+    ) -> Result<StageOutcome> {
+        exec::run_stage(self, script, cancel).await
+    }
+
+    /// For messages: "VM 2000123 on pve1 (192.0.2.15:22)".
+    pub fn describe(&self) -> String {
+        describe_target(&self.target)
+    }
+
+    /// Closes the connection politely (the VM's sshd logs a clean disconnect).
+    pub async fn close(self) {
+        let _ = self
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, "", "en")
+            .await;
+    }
+}
+
+pub(crate) fn describe_target(target: &Target) -> String {
+    if target.host.contains(':') {
+        format!("{} ([{}]:{})", target.vm_label, target.host, target.port)
+    } else {
+        format!("{} ({}:{})", target.vm_label, target.host, target.port)
     }
 }
 
 /// Waits until the VM's sshd accepts and authenticates, retrying refusals and resets quietly,
 /// printing progress at least every 10 s, giving up at `deadline` or on cancel.
 pub async fn wait_until_ready(
-    _target: &Target,
-    _key: Arc<PrivateKey>,
-    _check: &HostKeyCheck,
-    _deadline: Instant,
-    _cancel: &Cancel,
+    target: &Target,
+    key: Arc<PrivateKey>,
+    check: &HostKeyCheck,
+    deadline: Instant,
+    cancel: &Cancel,
 ) -> Result<Connection> {
-    Err(Error::Infrastructure("ssh: not implemented yet".into()))
+    connect::wait_until_ready(target, key, check, deadline, cancel).await
 }
 
 /// Makes sure `gitlab-runner` (for artifacts and caches) and `git` exist in the VM: uploads
 /// the helper binary when missing, warns loudly when it cannot.
-pub async fn provision_runner_helper(_connection: &Connection, _settings: &Settings) -> Result<()> {
-    Err(Error::Infrastructure("ssh: not implemented yet".into()))
+pub async fn provision_runner_helper(connection: &Connection, settings: &Settings) -> Result<()> {
+    provision::provision_runner_helper(connection, settings).await
 }

@@ -5,6 +5,9 @@
 pub mod fake_proxmox;
 pub mod hook;
 pub mod runner;
+pub mod ssh_job;
+pub mod sshd;
+pub mod sshkeys;
 
 pub use fake_proxmox::{
     FakeConfig, FakeProxmox, Fault, NewVm, RecordedRequest, Template, VmSnapshot,

@@ -1,0 +1,217 @@
+//! Uploads over the SFTP subsystem of the job's one connection (no `scp`, no second login).
+
+use std::sync::Arc;
+
+use russh_sftp::client::error::Error as SftpError;
+use russh_sftp::client::RawSftpSession;
+use russh_sftp::protocol::{FileAttributes, OpenFlags, StatusCode};
+
+use super::Connection;
+use crate::error::{Error, Result};
+
+/// Writes in flight at once: enough to keep a LAN link busy while the server acknowledges.
+const WRITES_IN_FLIGHT: usize = 16;
+/// Well below OpenSSH sftp-server's 256 KiB message limit.
+const WRITE_CHUNK: usize = 64 * 1024;
+
+pub(crate) struct Sftp {
+    session: Arc<RawSftpSession>,
+    where_: String,
+}
+
+impl Sftp {
+    pub async fn open(connection: &Connection) -> Result<Sftp> {
+        let where_ = connection.describe();
+        let fail = |message: String| Error::ssh(format!("starting SFTP on {where_}"), message);
+        let channel = connection
+            .handle
+            .channel_open_session()
+            .await
+            .map_err(|err| fail(err.to_string()))?;
+        channel
+            .request_subsystem(false, "sftp")
+            .await
+            .map_err(|err| fail(err.to_string()))?;
+        let session = RawSftpSession::new(channel.into_stream());
+        session.set_timeout(60);
+        session.init().await.map_err(|err| {
+            fail(format!(
+                "{err}; check that the VM's sshd has the sftp subsystem (Subsystem sftp ... in \
+                 sshd_config)"
+            ))
+        })?;
+        Ok(Sftp {
+            session: Arc::new(session),
+            where_,
+        })
+    }
+
+    fn error(&self, what: &str, path: &str, err: SftpError) -> Error {
+        Error::ssh(
+            format!("SFTP {what} {path:?} on {}", self.where_),
+            describe_sftp_error(&err),
+        )
+    }
+
+    /// The absolute form of `path` (`.` is the login user's home directory).
+    pub async fn realpath(&self, path: &str) -> Result<String> {
+        let name = self
+            .session
+            .realpath(path)
+            .await
+            .map_err(|err| self.error("realpath", path, err))?;
+        name.files
+            .into_iter()
+            .next()
+            .map(|file| file.filename)
+            .ok_or_else(|| {
+                Error::ssh(
+                    format!("SFTP realpath {path:?} on {}", self.where_),
+                    "empty answer",
+                )
+            })
+    }
+
+    /// Creates a directory only its owner can enter (0700), or accepts an existing one that is
+    /// a real directory (not a symlink) closed to group and others.
+    pub async fn mkdir_private(&self, path: &str) -> Result<()> {
+        let attrs = FileAttributes {
+            permissions: Some(0o700),
+            ..FileAttributes::empty()
+        };
+        let created = self.session.mkdir(path, attrs).await;
+        let stat = self
+            .session
+            .lstat(path)
+            .await
+            .map_err(|err| match &created {
+                Err(create_err) => self.error("mkdir", path, create_err.clone()),
+                Ok(_) => self.error("lstat", path, err),
+            })?;
+        let attrs = stat.attrs;
+        if !attrs.is_dir() || attrs.is_symlink() {
+            return Err(Error::ssh(
+                format!("preparing the job directory {path:?} on {}", self.where_),
+                "it exists but is not a directory (a symlink or file is in the way)",
+            ));
+        }
+        if attrs.permissions.unwrap_or(0o777) & 0o077 != 0 {
+            // Ours but too open (an old umask or an earlier run): tighten it.
+            let fix = FileAttributes {
+                permissions: Some(0o700),
+                ..FileAttributes::empty()
+            };
+            self.session
+                .setstat(path, fix)
+                .await
+                .map_err(|err| self.error("chmod 0700", path, err))?;
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` to `path` with `mode`. `exclusive`: fail if it exists (fresh names only).
+    pub async fn write_file(
+        &self,
+        path: &str,
+        bytes: &[u8],
+        mode: u32,
+        exclusive: bool,
+    ) -> Result<()> {
+        let mut flags = OpenFlags::CREATE | OpenFlags::WRITE | OpenFlags::TRUNCATE;
+        if exclusive {
+            flags |= OpenFlags::EXCLUDE;
+        }
+        let attrs = FileAttributes {
+            permissions: Some(mode),
+            ..FileAttributes::empty()
+        };
+        let handle = self
+            .session
+            .open(path, flags, attrs)
+            .await
+            .map_err(|err| self.error("create", path, err))?
+            .handle;
+        let written = self.write_all(&handle, bytes).await;
+        // The mode given at open is only applied to a new file (and masked by the umask).
+        let chmod = if written.is_ok() && !exclusive {
+            let attrs = FileAttributes {
+                permissions: Some(mode),
+                ..FileAttributes::empty()
+            };
+            self.session
+                .fsetstat(handle.clone(), attrs)
+                .await
+                .map(|_| ())
+                .map_err(|err| self.error("chmod", path, err))
+        } else {
+            Ok(())
+        };
+        let closed = self
+            .session
+            .close(handle)
+            .await
+            .map(|_| ())
+            .map_err(|err| self.error("close", path, err));
+        written.map_err(|err| self.error("write", path, err))?;
+        chmod?;
+        closed
+    }
+
+    async fn write_all(&self, handle: &str, bytes: &[u8]) -> std::result::Result<(), SftpError> {
+        if bytes.len() <= WRITE_CHUNK {
+            if !bytes.is_empty() {
+                self.session.write(handle, 0, bytes.to_vec()).await?;
+            }
+            return Ok(());
+        }
+        let mut in_flight = tokio::task::JoinSet::new();
+        for (index, chunk) in bytes.chunks(WRITE_CHUNK).enumerate() {
+            if in_flight.len() >= WRITES_IN_FLIGHT {
+                if let Some(done) = in_flight.join_next().await {
+                    done.map_err(|err| SftpError::IO(err.to_string()))??;
+                }
+            }
+            let session = self.session.clone();
+            let handle = handle.to_string();
+            let chunk = chunk.to_vec();
+            let offset = (index * WRITE_CHUNK) as u64;
+            in_flight.spawn(async move { session.write(handle, offset, chunk).await.map(|_| ()) });
+        }
+        while let Some(done) = in_flight.join_next().await {
+            done.map_err(|err| SftpError::IO(err.to_string()))??;
+        }
+        Ok(())
+    }
+
+    /// Whether `path` exists (a missing file is `false`; other failures are errors).
+    pub async fn exists(&self, path: &str) -> Result<bool> {
+        match self.session.lstat(path).await {
+            Ok(_) => Ok(true),
+            Err(SftpError::Status(status)) if status.status_code == StatusCode::NoSuchFile => {
+                Ok(false)
+            }
+            Err(err) => Err(self.error("lstat", path, err)),
+        }
+    }
+
+    pub async fn close(self) {
+        let _ = self.session.close_session();
+    }
+}
+
+fn describe_sftp_error(err: &SftpError) -> String {
+    match err {
+        SftpError::Status(status) => match status.status_code {
+            StatusCode::PermissionDenied => format!(
+                "permission denied ({}); check the SSH user's rights in the VM",
+                status.error_message
+            ),
+            StatusCode::NoSuchFile => {
+                format!("no such file or directory ({})", status.error_message)
+            }
+            code => format!("{code}: {}", status.error_message),
+        },
+        SftpError::Timeout => "the VM did not answer within 60 s".into(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,110 @@
+//! Cancel: the runner sends SIGTERM to the hook's process group; the stage's whole process tree
+//! in the VM must go, and the hook must exit promptly.
+
+use std::io::BufRead;
+use std::time::{Duration, Instant};
+
+use gpr_testkit::ssh_job::{stage_hook, SshTarget};
+use gpr_testkit::sshd::{process_table, Sshd};
+use gpr_testkit::sshkeys::ClientKey;
+
+const BIN: &str = env!("CARGO_BIN_EXE_gitlab-proxmox-runner");
+
+fn alive(pid: u32) -> bool {
+    process_table().iter().any(|(p, _, _)| *p == pid)
+}
+
+#[test]
+fn sigterm_kills_the_remote_process_tree_and_the_hook_exits_promptly() {
+    let Some(sshd) =
+        Sshd::start_or_skip("sigterm_kills_the_remote_process_tree_and_the_hook_exits_promptly")
+    else {
+        return;
+    };
+    let key = ClientKey::ed25519();
+    sshd.authorize(&key);
+    let target = SshTarget {
+        host: sshd.host().into(),
+        port: sshd.port(),
+        user: "root".into(),
+        host_keys: sshd.host_key_lines(),
+    };
+    let job = tempfile::tempdir().unwrap();
+    // Like gitlab-runner's own scripts: TERM trapped into `exit 1`, a background child, and a
+    // long foreground command.
+    let body = "trap 'exit 1' TERM\nsleep 600 &\necho \"pids $$ $!\"\nsleep 600\necho never\n";
+    let mut child = stage_hook(BIN, job.path(), &target, &key, "build_script", body)
+        .command()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let pids: Vec<u32> = line
+        .trim()
+        .strip_prefix("pids ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .split(' ')
+        .map(|p| p.parse().unwrap())
+        .collect();
+    let (script_pid, background_pid) = (pids[0], pids[1]);
+    // The foreground `sleep 600`: the script's other child.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let foreground_pid = loop {
+        let found = process_table().into_iter().find(|(pid, ppid, comm)| {
+            *ppid == script_pid && *pid != background_pid && comm == "sleep"
+        });
+        if let Some((pid, _, _)) = found {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the foreground sleep never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(alive(background_pid) && alive(foreground_pid));
+
+    let cancelled_at = Instant::now();
+    // SAFETY: plain kill(2) to the hook's process group (the runner's cancel).
+    unsafe {
+        libc::kill(-(child.id() as i32), libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the hook did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = cancelled_at.elapsed();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert!(!rest.contains("never"), "the script went on after cancel");
+    assert!(
+        status.code().is_some(),
+        "the hook died of a signal: {status:?}\n{stderr}"
+    );
+    assert!(stderr.contains("cancelled"), "{stderr}");
+    // The runner's force-kill window is far longer; the hook must not idle through it.
+    assert!(took < Duration::from_secs(20), "hook took {took:?} to exit");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(background_pid) || alive(foreground_pid) || alive(script_pid) {
+        assert!(
+            Instant::now() < deadline,
+            "remote processes survived the cancel: script {} background {} foreground {}",
+            alive(script_pid),
+            alive(background_pid),
+            alive(foreground_pid)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,226 @@
+//! The `run` hook against a real OpenSSH sshd on loopback (see `gpr_testkit::sshd`).
+
+use gpr_testkit::hook::{BUILD_FAILURE, SYSTEM_FAILURE};
+use gpr_testkit::ssh_job::{stage_hook, SshTarget};
+use gpr_testkit::sshd::Sshd;
+use gpr_testkit::sshkeys::{ClientKey, KeyKind};
+
+const BIN: &str = env!("CARGO_BIN_EXE_gitlab-proxmox-runner");
+
+fn target(sshd: &Sshd) -> SshTarget {
+    SshTarget {
+        host: sshd.host().to_string(),
+        port: sshd.port(),
+        user: "root".into(),
+        host_keys: sshd.host_key_lines(),
+    }
+}
+
+#[test]
+fn each_key_type_authenticates_and_runs_the_stage() {
+    let Some(sshd) = Sshd::start_or_skip("each_key_type_authenticates_and_runs_the_stage") else {
+        return;
+    };
+    for (kind, pass) in [
+        (KeyKind::Ed25519, None),
+        (KeyKind::Rsa3072, None),
+        (KeyKind::EcdsaP256, None),
+        (KeyKind::Ed25519, Some("correct horse")),
+        (KeyKind::RsaPkcs1, None),
+        (KeyKind::RsaPkcs8, None),
+        (KeyKind::EcdsaSec1, None),
+        (KeyKind::RsaPkcs1, Some("legacy pem")),
+    ] {
+        let key = ClientKey::generate(kind, pass);
+        sshd.authorize(&key);
+        let job = tempfile::tempdir().unwrap();
+        let out = stage_hook(
+            BIN,
+            job.path(),
+            &target(&sshd),
+            &key,
+            "build_script",
+            "#!/usr/bin/env bash\necho \"hello from $(id -un)\"\n",
+        )
+        .run();
+        assert_eq!(
+            out.code,
+            0,
+            "{kind:?} (passphrase: {}): {}\nsshd log: {}",
+            pass.is_some(),
+            out.log(),
+            sshd.log()
+        );
+        assert_eq!(out.stdout, "hello from root\n", "{kind:?}");
+    }
+}
+
+fn started(test: &str) -> Option<(Sshd, ClientKey)> {
+    let sshd = Sshd::start_or_skip(test)?;
+    let key = ClientKey::ed25519();
+    sshd.authorize(&key);
+    Some((sshd, key))
+}
+
+#[test]
+fn exit_codes_and_signals_reach_the_runner() {
+    let Some((sshd, key)) = started("exit_codes_and_signals_reach_the_runner") else {
+        return;
+    };
+    let job = tempfile::tempdir().unwrap();
+    let run = |body: &str| stage_hook(BIN, job.path(), &target(&sshd), &key, "step_x", body).run();
+
+    run("exit 0\n").assert_exit(0);
+    assert!(!job.path().join("build_exit_code").exists());
+
+    let out = run("echo before; exit 3\n");
+    out.assert_exit(BUILD_FAILURE);
+    assert_eq!(out.stdout, "before\n");
+    assert!(out.stderr.contains("status 3"), "{}", out.stderr);
+    let recorded = std::fs::read_to_string(job.path().join("build_exit_code")).unwrap();
+    assert_eq!(recorded.trim(), "3");
+
+    let out = run("kill -KILL $$\n");
+    out.assert_exit(BUILD_FAILURE);
+    assert!(out.stderr.contains("SIGKILL"), "{}", out.stderr);
+}
+
+#[test]
+fn a_foreign_host_key_is_refused_naming_both_fingerprints() {
+    let Some((sshd, key)) = started("a_foreign_host_key_is_refused_naming_both_fingerprints")
+    else {
+        return;
+    };
+    let job = tempfile::tempdir().unwrap();
+    let impostor = gpr_testkit::sshkeys::HostKey::ed25519().public_line;
+    let mut wrong = target(&sshd);
+    wrong.host_keys = vec![impostor.clone()];
+    let marker = job.path().join("must-not-run");
+    let body = format!("touch '{}'\n", marker.display());
+    let out = stage_hook(BIN, job.path(), &wrong, &key, "build_script", &body).run();
+    out.assert_exit(SYSTEM_FAILURE);
+    assert!(
+        !marker.exists(),
+        "the script ran despite the host key mismatch"
+    );
+    let fingerprint = gitlab_proxmox_runner::ssh::fingerprint_of_line;
+    let presented = fingerprint(&sshd.host_key_lines()[0]).unwrap();
+    let pinned = fingerprint(&impostor).unwrap();
+    assert!(out.stderr.contains("HOST KEY MISMATCH"), "{}", out.stderr);
+    assert!(out.stderr.contains(&presented), "{}", out.stderr);
+    assert!(out.stderr.contains(&pinned), "{}", out.stderr);
+    assert!(out.stderr.contains("VM 2000123"), "{}", out.stderr);
+}
+
+#[test]
+fn large_output_arrives_intact_and_separated() {
+    use sha2::{Digest, Sha256};
+    let Some((sshd, key)) = started("large_output_arrives_intact_and_separated") else {
+        return;
+    };
+    let job = tempfile::tempdir().unwrap();
+    // 50 MB of varied bytes on stdout (no newlines for long stretches), 2000 lines on stderr,
+    // interleaved.
+    let body = "for i in $(seq 1 2000); do echo \"err line $i\" >&2; \
+                head -c 25000 /dev/zero | tr '\\0' \"$(printf \\\\$(printf %o $((65 + i % 26))))\"; \
+                done\n";
+    let output = stage_hook(BIN, job.path(), &target(&sshd), &key, "build_script", body)
+        .command()
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut expected = Vec::with_capacity(50_000_000);
+    for i in 1..=2000u32 {
+        let byte = b'A' + ((65 + i % 26 - 65) % 26) as u8;
+        expected.extend(std::iter::repeat_n(byte, 25_000));
+    }
+    assert_eq!(output.stdout.len(), expected.len());
+    assert_eq!(
+        Sha256::digest(&output.stdout),
+        Sha256::digest(&expected),
+        "stdout was corrupted"
+    );
+    let expected_err: String = (1..=2000).map(|i| format!("err line {i}\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&output.stderr), expected_err);
+}
+
+#[test]
+fn a_sudo_that_wants_a_password_fails_fast_and_says_so() {
+    if gpr_testkit::sshd::unavailable_reason().is_some() {
+        gpr_testkit::sshd::skip(
+            "a_sudo_that_wants_a_password_fails_fast_and_says_so",
+            &gpr_testkit::sshd::unavailable_reason().unwrap(),
+        );
+        return;
+    }
+    let fake = tempfile::tempdir().unwrap();
+    let sudo = fake.path().join("sudo");
+    std::fs::write(
+        &sudo,
+        "#!/bin/sh\n# behaves like `sudo -n` for a user without NOPASSWD\n\
+         echo 'sudo: a password is required' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&sudo, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let sshd = Sshd::builder()
+        .config(format!(
+            "SetEnv PATH={}:/usr/bin:/bin",
+            fake.path().display()
+        ))
+        .start();
+    let key = ClientKey::ed25519();
+    sshd.authorize(&key);
+    let job = tempfile::tempdir().unwrap();
+    let out = stage_hook(
+        BIN,
+        job.path(),
+        &target(&sshd),
+        &key,
+        "build_script",
+        "echo hi\n",
+    )
+    .run();
+    out.assert_exit(SYSTEM_FAILURE);
+    assert!(
+        out.stderr.contains("sudo wants a password"),
+        "{}",
+        out.stderr
+    );
+    assert!(!job.path().join("build_exit_code").exists());
+}
+
+#[test]
+fn losing_the_vm_mid_stage_is_a_system_failure() {
+    use std::io::BufRead;
+    let Some((mut sshd, key)) = started("losing_the_vm_mid_stage_is_a_system_failure") else {
+        return;
+    };
+    let job = tempfile::tempdir().unwrap();
+    let mut child = stage_hook(
+        BIN,
+        job.path(),
+        &target(&sshd),
+        &key,
+        "build_script",
+        "echo started\nexec sleep 120\n",
+    )
+    .command()
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "started\n");
+    sshd.crash();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(SYSTEM_FAILURE), "{stderr}");
+    assert!(stderr.contains("lost mid-stage"), "{stderr}");
+}
