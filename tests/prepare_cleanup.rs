@@ -448,7 +448,7 @@ fn sigterm_during_prepare_stops_waiting_and_destroys_the_vm() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !state_of(dir.path()).is_some_and(|state| state.phase >= Phase::Started) {
+    while state_of(dir.path()).is_none_or(|state| state.phase < Phase::Started) {
         assert!(Instant::now() < deadline, "prepare never started the VM");
         std::thread::sleep(Duration::from_millis(20));
     }
