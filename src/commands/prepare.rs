@@ -427,7 +427,13 @@ impl Provisioning<'_> {
             .finish_task(&upid, Instant::now() + CLONE_TIMEOUT)
             .await
         {
-            Ok(()) => Ok(CloneAttempt::Done),
+            Ok(()) => {
+                // PVE may hold `lock: clone` a moment after the task ends; config and start
+                // would be refused until it clears.
+                teardown::wait_unlocked(self.client, node, vmid, Instant::now() + TASK_TIMEOUT)
+                    .await?;
+                Ok(CloneAttempt::Done)
+            }
             Err(err) if err.kind == ApiErrorKind::Task => {
                 // The task failed; a half-made VM of ours may be left at the id.
                 self.remove_leftover(vmid).await?;
@@ -567,13 +573,14 @@ impl Provisioning<'_> {
         let cidrs = self.settings().network_cidrs.clone();
         let mut next_progress = started + PROGRESS_EVERY;
         let mut delay = Duration::from_millis(200);
-        let mut last: String;
+        let mut last = String::new();
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let answer =
                 tokio::time::timeout(remaining, self.client.agent_interfaces(&node, vmid)).await;
             match answer {
-                Err(_) => last = "the guest agent did not answer in time".into(),
+                Err(_) if last.is_empty() => last = "the guest agent did not answer in time".into(),
+                Err(_) => {}
                 Ok(Ok(answer)) => {
                     if let Some(ip) = choose_address(&answer.result, net0_mac, &cidrs) {
                         self.timings.push(("agent+IP", started.elapsed()));

@@ -427,9 +427,13 @@ impl Client {
         vmid: u32,
         file: &str,
     ) -> Result<AgentFileRead, ApiError> {
-        self.get(
+        // A missing file is an answer, not a hiccup: no retries.
+        self.call(
+            Method::GET,
             &format!("{}/agent/file-read", qemu(node, vmid)),
             &[("file", file.to_string())],
+            &[],
+            Retry::Never,
         )
         .await
     }
