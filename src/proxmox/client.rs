@@ -468,22 +468,21 @@ fn transport_error(err: reqwest::Error) -> ApiError {
 }
 
 fn find_rustls_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    let mut current = Some(err);
-    while let Some(err) = current {
-        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-            return Some(tls);
-        }
-        // io::Error::source() skips the error it wraps, so look inside it explicitly.
-        if let Some(tls) = err
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        {
-            return Some(tls);
-        }
-        current = err.source();
+    if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+        return Some(tls);
     }
-    None
+    // io::Error::source() skips the error it wraps (and I/O errors get wrapped in I/O errors
+    // on the way up through the TLS connector), so look inside each one explicitly.
+    if let Some(inner) = err
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+    {
+        let inner: &(dyn std::error::Error + 'static) = inner;
+        if let Some(tls) = find_rustls_error(inner) {
+            return Some(tls);
+        }
+    }
+    err.source().and_then(find_rustls_error)
 }
 
 /// `outer: inner: innermost`, without repeating text a wrapper already shows.
@@ -544,7 +543,9 @@ mod tests {
     fn tls_errors_inside_io_errors_are_found() {
         let io = std::io::Error::other(rustls::Error::General("pin mismatch".into()));
         assert!(find_rustls_error(&io).is_some());
-        assert!(error_chain(&io).contains("pin mismatch"));
+        let twice = std::io::Error::other(io);
+        assert!(find_rustls_error(&twice).is_some());
+        assert!(error_chain(&twice).contains("pin mismatch"));
         let plain = std::io::Error::other("reset");
         assert!(find_rustls_error(&plain).is_none());
     }
