@@ -5,8 +5,12 @@
 //!
 //! ```ignore
 //! let fake = FakeProxmox::start(FakeConfig::default());
-//! let out = Hook::new(bin, &job_dir).host_envs(fake.settings_env()).arg("prepare").run();
-//! assert!(fake.job_vms().is_empty());
+//! let mut hook = Hook::new(bin, &job_dir).arg("prepare");
+//! for (name, value) in fake.settings_env() {
+//!     hook = hook.host_env(name, value);
+//! }
+//! hook.run().assert_exit(0);
+//! assert_eq!(fake.job_vms().len(), 1);
 //! ```
 
 mod routes;
@@ -278,6 +282,26 @@ impl FakeProxmox {
 
     pub fn inject(&self, fault: Fault) {
         self.lock().faults.push(fault);
+    }
+
+    /// Removes every injected fault, counted or not.
+    pub fn clear_faults(&self) {
+        self.lock().faults.clear();
+    }
+
+    /// Sets or clears a VM's lock by hand (e.g. `Some("backup")`); returns false if there is no
+    /// such VM. A lock set this way stays until cleared.
+    pub fn set_vm_lock(&self, vmid: u32, lock: Option<&str>) -> bool {
+        let mut state = self.lock();
+        state.advance();
+        match state.vms.get_mut(&vmid) {
+            Some(vm) => {
+                vm.lock = lock.map(str::to_string);
+                vm.lock_until = None;
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn set_guest_file(&self, path: &str, content: &str) {

@@ -639,18 +639,20 @@ fn clone(
             Fault::CloneTaskFails { message, .. } => Some(message),
             _ => None,
         });
-    if error.is_none() {
-        if let Some((max, message)) = concurrent_limit {
-            if state.running_good_clones() >= max {
-                error = Some(message);
-            }
-        }
-    }
-    let duration = if full {
+    let mut duration = if full {
         state.config.clone_time * 3
     } else {
         state.config.clone_time
     };
+    if error.is_none() {
+        if let Some((max, message)) = concurrent_limit {
+            if state.running_good_clones() >= max {
+                error = Some(message);
+                // A lock timeout ends the task early (after ~10 s on PVE; quick here).
+                duration = duration.min(state.config.task_time);
+            }
+        }
+    }
     let agent_never = state.has_fault(|fault| matches!(fault, Fault::AgentNeverStarts));
     let pool = params.get("pool").cloned();
     let node_name = node.to_string();
@@ -704,7 +706,17 @@ fn clone(
 // Config, resize, status.
 
 /// Config keys whose schema type is an integer; PVE's JSON gives them as numbers.
-const NUMERIC_KEYS: &[&str] = &["cores", "sockets", "template", "vcpus", "cpuunits"];
+const NUMERIC_KEYS: &[&str] = &[
+    "cores",
+    "sockets",
+    "template",
+    "vcpus",
+    "cpuunits",
+    "onboot",
+    "protection",
+    "numa",
+    "balloon",
+];
 
 fn get_config(state: &State, node: &str, vmid: u32) -> Result<Value> {
     let vm = vm_on_node(state, node, vmid)?;
@@ -1172,8 +1184,7 @@ fn task_status(state: &State, node: &str, upid: &str) -> Result<Value> {
         "starttime": task.starttime,
         "type": task.kind,
         "id": task.id,
-        "user": task.user.split('!').next().unwrap_or(&task.user),
-        "tokenid": task.user.split('!').nth(1).unwrap_or(""),
+        "user": task.user,
         "status": if task.done { "stopped" } else { "running" },
     });
     if task.done {

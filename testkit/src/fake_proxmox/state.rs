@@ -158,10 +158,6 @@ impl State {
         for template in state.config.templates.clone() {
             let mut config = base_config(&template.name);
             config.insert("template".into(), "1".into());
-            config.insert(
-                "agent".into(),
-                if template.agent { "1" } else { "0" }.into(),
-            );
             if !template.agent {
                 config.remove("agent");
             }
