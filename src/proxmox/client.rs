@@ -22,6 +22,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Per request. Agent calls can take PVE's own qga timeout (~10 s) before they fail.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(45);
 const MAX_RETRIES: usize = 4;
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// When a failed request may be sent again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -378,10 +379,12 @@ impl Client {
         .await
     }
 
-    /// Polls a task until it stops (25 ms at first, then slower, never more than 1 s apart) or
-    /// `deadline` passes.
+    /// Polls a task until it stops (20 ms at first, then slower, never more than 1 s apart) or
+    /// `deadline` passes. A long task prints a progress line every 10 s.
     pub async fn wait_task(&self, upid: &Upid, deadline: Instant) -> Result<TaskOutcome, ApiError> {
-        let mut delay = Duration::from_millis(25);
+        let started = Instant::now();
+        let mut next_progress = started + PROGRESS_EVERY;
+        let mut delay = Duration::from_millis(20);
         loop {
             if let Some(outcome) = self.task_status(upid).await?.outcome() {
                 return Ok(outcome);
@@ -390,11 +393,24 @@ impl Client {
             if now >= deadline {
                 return Err(ApiError::new(
                     ApiErrorKind::Timeout,
-                    format!("task {upid} still running when we stopped waiting"),
+                    format!(
+                        "task {upid} still running after {} when we stopped waiting",
+                        joblog::secs(started.elapsed())
+                    ),
                 ));
             }
+            if now >= next_progress {
+                joblog::info(format!(
+                    "{} {} on {} still running after {}",
+                    upid.task_type,
+                    upid.id,
+                    upid.node,
+                    joblog::secs(started.elapsed())
+                ));
+                next_progress = now + PROGRESS_EVERY;
+            }
             tokio::time::sleep(delay.min(deadline - now)).await;
-            delay = (delay * 3 / 2).min(Duration::from_secs(1));
+            delay = (delay * 5 / 4).min(Duration::from_secs(1));
         }
     }
 
