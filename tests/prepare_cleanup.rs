@@ -226,16 +226,23 @@ fn the_clone_gets_name_marker_tag_and_resources_before_it_boots() {
 }
 
 #[test]
-fn full_clones_pass_storage_and_pool() {
+fn full_clones_pass_storage_and_pool_and_linked_clones_leave_storage_out() {
     let fake = FakeProxmox::start(FakeConfig::default());
     let dir = tempfile::tempdir().unwrap();
     let out = prepare(
         &hook(&fake, dir.path(), 1)
             .host_env("PROXMOX_CLONE", "full")
-            .host_env("PROXMOX_STORAGE", "local-lvm"),
+            .host_env("PROXMOX_STORAGE", "local-lvm")
+            .host_env("PROXMOX_POOL", "ci"),
     );
     out.assert_exit(SYSTEM_FAILURE);
     assert_log_has(&out, "(full)");
+    assert_log_has(&out, "guest agent up");
+    // PVE refuses `storage` for linked clones (400): the driver leaves it out and says so.
+    let out = prepare(&hook(&fake, dir.path(), 1).host_env("PROXMOX_STORAGE", "local-lvm"));
+    assert_log_has(&out, "PROXMOX_STORAGE applies to full clones only");
+    assert_log_has(&out, "(linked)");
+    assert_log_has(&out, "guest agent up");
     assert!(fake.job_vms().is_empty(), "{NO_VM_LEFT}");
 }
 
@@ -519,6 +526,37 @@ fn clone_lock_timeouts_and_taken_ids_are_retried_with_another_vmid() {
     let out = prepare(&hook(&fake, dir.path(), 16));
     assert_log_has(&out, "guest agent up");
     assert!(requests_matching(&fake, "POST", "/clone").len() >= 3);
+    assert!(fake.job_vms().is_empty(), "{NO_VM_LEFT}");
+}
+
+#[test]
+fn clones_refused_under_parallel_load_are_retried_until_each_job_has_its_vm() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    fake.inject(Fault::ConcurrentCloneLimit {
+        max: 2,
+        message: "can't lock file '/var/lock/pve-manager/pve-storage-local-lvm' - got timeout"
+            .into(),
+    });
+    let dirs: Vec<tempfile::TempDir> = (0..6).map(|_| tempfile::tempdir().unwrap()).collect();
+    let children: Vec<_> = dirs
+        .iter()
+        .enumerate()
+        .map(|(index, dir)| {
+            hook(&fake, dir.path(), 100 + index as u64)
+                .arg("prepare")
+                .command()
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let output = child.wait_with_output().unwrap();
+        let log = String::from_utf8_lossy(&output.stderr);
+        assert!(log.contains("guest agent up"), "{log}");
+    }
+    assert!(fake.max_concurrent_clones() >= 1);
     assert!(fake.job_vms().is_empty(), "{NO_VM_LEFT}");
 }
 

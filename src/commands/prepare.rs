@@ -359,6 +359,12 @@ impl Provisioning<'_> {
             .with_max_times(MAX_CLONE_ATTEMPTS)
             .with_jitter()
             .build();
+        if !full && self.settings().storage.is_some() {
+            joblog::warn(
+                "PROXMOX_STORAGE applies to full clones only; ignored for this linked clone \
+                 (set PROXMOX_CLONE=full to use it)",
+            );
+        }
         let mut last_problem = String::new();
         for _ in 0..MAX_CLONE_ATTEMPTS {
             let vmid = self.pick_free_vmid().await?;
