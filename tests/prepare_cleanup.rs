@@ -465,6 +465,22 @@ fn sigterm_during_prepare_stops_waiting_and_destroys_the_vm() {
 // ---------------------------------------------------------------- prepare: what it recovers from
 
 #[test]
+fn a_retried_prepare_first_removes_the_vm_of_the_earlier_attempt() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    // The earlier attempt's VM survived (its cleanup failed); its state is still there.
+    vm_of_this_job(&fake, dir.path(), 2_000_950, Phase::Started);
+    let out = prepare(&hook(&fake, dir.path(), 22));
+    assert_log_has(
+        &out,
+        "an earlier prepare attempt of this job left VM 2000950",
+    );
+    assert!(fake.vm(2_000_950).is_none());
+    assert_log_has(&out, "cloned template");
+    assert!(fake.job_vms().is_empty(), "{NO_VM_LEFT}");
+}
+
+#[test]
 fn transient_api_errors_are_retried() {
     let fake = FakeProxmox::start(FakeConfig::default());
     fake.inject(Fault::HttpErrors {
