@@ -304,6 +304,8 @@ async fn fingerprint_is_the_served_certificate() {
         .collect();
     assert_eq!(fake.fingerprint(), digest.join(":"));
     assert_eq!(fake.leaf_der(), leaf.as_ref());
+    assert_eq!(fake.connection_count(), 1);
+    assert_eq!(fake.request_count(), 0, "a handshake alone is no request");
 }
 
 #[tokio::test]
@@ -388,4 +390,34 @@ async fn clone_faults_locks_and_concurrency_limits() {
     assert_eq!(status["exitstatus"], "OK");
     assert_eq!(fake.vm(100304).expect("vm").status, "running");
     assert!(fake.simulated_time() > Duration::ZERO);
+}
+
+#[tokio::test]
+async fn two_racing_deletes_end_with_one_deletion_and_a_missing_config() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    fake.add_vm(NewVm {
+        vmid: 100400,
+        node: "pve2".into(),
+        name: "orphan".into(),
+        tags: "gitlab-proxmox-runner".into(),
+        ..NewVm::default()
+    });
+    let api = Api::new(&fake);
+    let path = "/nodes/pve2/qemu/100400";
+    let first = api.call(Method::DELETE, path, &[("purge", "1")]).await;
+    let second = api.call(Method::DELETE, path, &[("purge", "1")]).await;
+    let first_upid = first.body["data"].as_str().expect("UPID").to_string();
+    assert!(first_upid.starts_with("UPID:pve2:"), "{first_upid}");
+    let first = api.wait_task_data(&first_upid).await;
+    let second = api
+        .wait_task_data(second.body["data"].as_str().expect("UPID"))
+        .await;
+    assert_eq!(first["exitstatus"], "OK");
+    assert_eq!(
+        second["exitstatus"],
+        "Configuration file 'nodes/pve2/qemu-server/100400.conf' does not exist"
+    );
+    assert!(fake.vm(100400).is_none());
+    let on_wrong_node = api.get("/nodes/pve1/qemu/100400/status/current", &[]).await;
+    assert_eq!(on_wrong_node.status.as_u16(), 500);
 }

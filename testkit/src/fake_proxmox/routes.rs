@@ -1151,9 +1151,26 @@ fn destroy(
     if vm.running {
         return Err(fail(500, format!("VM {vmid} is running - destroy failed")));
     }
-    let error = vm.destroying.then(|| lock_timeout(vmid));
+    let already_destroying = vm.destroying;
     vm.destroying = true;
-    let duration = state.config.task_time;
+    let mut duration = state.config.task_time;
+    let mut error = None;
+    if already_destroying {
+        // The second destroy waits for the first one's config lock, then finds no config.
+        let now = Instant::now();
+        let first_ends = state
+            .tasks
+            .iter()
+            .filter(|task| task.kind == "qmdestroy" && task.id == vmid.to_string())
+            .filter(|task| task.running())
+            .map(|task| task.ends)
+            .max()
+            .unwrap_or(now);
+        duration = duration.max(first_ends.saturating_duration_since(now));
+        error = Some(format!(
+            "Configuration file 'nodes/{node}/qemu-server/{vmid}.conf' does not exist"
+        ));
+    }
     Ok(Value::String(state.spawn_task(TaskSpec {
         node: node.to_string(),
         kind: "qmdestroy",
