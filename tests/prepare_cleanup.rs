@@ -329,6 +329,33 @@ fn a_failing_vmid_check_creates_nothing() {
 }
 
 #[test]
+fn a_bad_token_fails_at_once_naming_the_token_settings() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let out = prepare(&hook(&fake, dir.path(), 23).host_env("PROXMOX_TOKEN_VALUE", "wr0ng-t0ken-4217"));
+    out.assert_exit(SYSTEM_FAILURE);
+    assert_log_has(&out, "HTTP 401");
+    assert_log_has(&out, "PROXMOX_TOKEN_VALUE");
+    assert!(
+        !out.log().contains("wrong"),
+        "the token value never shows: {}",
+        out.log()
+    );
+    assert_eq!(fake.request_count(), 1, "401 is not retried");
+}
+
+#[test]
+fn parameter_errors_are_reported_field_by_field() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let out = prepare(&hook(&fake, dir.path(), 24).host_env("VM_CORES", "0"));
+    out.assert_exit(SYSTEM_FAILURE);
+    assert_log_has(&out, "HTTP 400: Parameter verification failed.");
+    assert_log_has(&out, "cores: value must have a minimum value of 1");
+    assert!(fake.job_vms().is_empty(), "{NO_VM_LEFT}");
+}
+
+#[test]
 fn a_refused_clone_request_fails_with_the_apis_words_and_leaves_nothing() {
     let fake = FakeProxmox::start(FakeConfig::default());
     fake.inject(Fault::CloneRequestFails {
