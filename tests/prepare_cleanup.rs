@@ -332,7 +332,8 @@ fn a_failing_vmid_check_creates_nothing() {
 fn a_bad_token_fails_at_once_naming_the_token_settings() {
     let fake = FakeProxmox::start(FakeConfig::default());
     let dir = tempfile::tempdir().unwrap();
-    let out = prepare(&hook(&fake, dir.path(), 23).host_env("PROXMOX_TOKEN_VALUE", "wr0ng-t0ken-4217"));
+    let out =
+        prepare(&hook(&fake, dir.path(), 23).host_env("PROXMOX_TOKEN_VALUE", "wr0ng-t0ken-4217"));
     out.assert_exit(SYSTEM_FAILURE);
     assert_log_has(&out, "HTTP 401");
     assert_log_has(&out, "PROXMOX_TOKEN_VALUE");
