@@ -395,6 +395,27 @@ fn a_refused_clone_request_fails_with_the_apis_words_and_leaves_nothing() {
 }
 
 #[test]
+fn newer_nodes_message_in_the_body_reads_the_same() {
+    let fake = FakeProxmox::start(FakeConfig {
+        message_in_body: true,
+        ..FakeConfig::default()
+    });
+    fake.inject(Fault::CloneRequestFails {
+        count: 1,
+        status: 403,
+        message: "Permission check failed (/pool/ci, Pool.Allocate)".into(),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let out = prepare(&hook(&fake, dir.path(), 25));
+    out.assert_exit(SYSTEM_FAILURE);
+    assert_log_has(
+        &out,
+        "HTTP 403: Permission check failed (/pool/ci, Pool.Allocate)",
+    );
+    assert!(fake.job_vms().is_empty(), "{NO_VM_LEFT}");
+}
+
+#[test]
 fn a_failed_clone_task_leaves_no_vm() {
     let fake = FakeProxmox::start(FakeConfig::default());
     fake.inject(Fault::CloneTaskFails {
@@ -823,6 +844,22 @@ fn cleanup_never_deletes_a_vm_whose_marker_differs() {
     out.assert_exit(0);
     assert_log_has(&out, "no gitlab-proxmox-runner ownership marker");
     assert!(fake.vm(2_000_701).is_some());
+
+    // A foreign VM under a long lock (a backup): not waited on, not touched.
+    let dir = tempfile::tempdir().unwrap();
+    fake.add_vm(NewVm {
+        vmid: 2_000_702,
+        name: "being-backed-up".into(),
+        running: true,
+        lock: Some("backup".into()),
+        ..Default::default()
+    });
+    state_for(dir.path(), 2_000_702, Phase::Ready, &mine);
+    let out = cleanup(&hook(&fake, dir.path(), 33));
+    out.assert_exit(0);
+    assert_log_has(&out, "is not the VM this job created");
+    assert!(!out.log().contains("waiting for the lock"), "{}", out.log());
+    assert!(fake.vm(2_000_702).is_some());
 }
 
 #[test]
