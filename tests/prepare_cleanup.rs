@@ -283,12 +283,25 @@ fn a_template_vmid_is_refused_unless_the_admin_allows_any_template() {
     let dir = tempfile::tempdir().unwrap();
     let base = hook(&fake, dir.path(), 4);
     prepare(&base.clone().job_var("PROXMOX_TEMPLATE", "60910")).assert_exit(BUILD_FAILURE);
-    let any = base.host_env("PROXMOX_ALLOWED_TEMPLATES", "*");
-    // Allowed: a template by VMID, and by name.
+    let any = base
+        .clone()
+        .host_env("PROXMOX_TEMPLATES", "ubuntu-focal=60900")
+        .host_env("PROXMOX_ALLOWED_TEMPLATES", "*");
+    // Allowed: a template by VMID, and by its VM name (looked up on the node).
     let out = prepare(&any.clone().job_var("PROXMOX_TEMPLATE", "60910"));
     assert_log_has(&out, "cloned template 60910 (60910)");
     let out = prepare(&any.clone().job_var("PROXMOX_TEMPLATE", "debian-11"));
     assert_log_has(&out, "cloned template debian-11 (60920)");
+    assert!(!requests_matching(&fake, "GET", "/cluster/resources").is_empty());
+    // A listed extra is allowed, anything else is not, and the message lists both kinds.
+    let listed = base
+        .host_env("PROXMOX_TEMPLATES", "ubuntu-focal=60900")
+        .host_env("PROXMOX_ALLOWED_TEMPLATES", "60930");
+    let out = prepare(&listed.clone().job_var("PROXMOX_TEMPLATE", "60930"));
+    assert_log_has(&out, "cloned template 60930 (60930)");
+    let out = prepare(&listed.job_var("PROXMOX_TEMPLATE", "60920"));
+    out.assert_exit(BUILD_FAILURE);
+    assert_log_has(&out, "allowed templates: ubuntu-focal, 60930");
     // Never a VM that is not a template.
     let out = prepare(&any.job_var("PROXMOX_TEMPLATE", "700"));
     out.assert_exit(BUILD_FAILURE);

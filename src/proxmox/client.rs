@@ -36,6 +36,18 @@ pub enum Retry {
     Never,
 }
 
+impl Retry {
+    /// Whether a request that failed with `err` may be sent again.
+    pub fn allows(self, err: &ApiError) -> bool {
+        err.is_transient()
+            && match self {
+                Retry::Idempotent => true,
+                Retry::UnlessSent => err.kind != ApiErrorKind::Transport,
+                Retry::Never => false,
+            }
+    }
+}
+
 /// What a clone request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloneRequest {
@@ -155,14 +167,8 @@ impl Client {
                 }
                 Err(err) => err,
             };
-            let may_repeat = err.is_transient()
-                && match retry {
-                    Retry::Idempotent => true,
-                    Retry::UnlessSent => err.kind != ApiErrorKind::Transport,
-                    Retry::Never => false,
-                };
             match delays.next() {
-                Some(delay) if may_repeat => {
+                Some(delay) if retry.allows(&err) => {
                     joblog::info(format!(
                         "{method} {path} failed ({err}); retrying in {} (attempt {}/{})",
                         joblog::secs(delay),
@@ -553,6 +559,22 @@ mod tests {
         let form = request.form();
         assert!(form.contains(&("full", "1".into())));
         assert!(form.contains(&("storage", "fast".into())));
+    }
+
+    #[test]
+    fn only_transient_failures_are_repeated_and_creations_never_after_sending() {
+        let reset = ApiError::new(ApiErrorKind::Transport, "connection reset by peer");
+        let refused = ApiError::new(ApiErrorKind::Connect, "connection refused");
+        let busy = from_http_answer(503, None, b"");
+        let denied = from_http_answer(403, Some("Permission check failed"), b"");
+        assert!(Retry::Idempotent.allows(&reset));
+        assert!(Retry::Idempotent.allows(&busy));
+        assert!(!Retry::Idempotent.allows(&denied));
+        // A clone or start whose connection broke may have happened: not repeated blindly.
+        assert!(!Retry::UnlessSent.allows(&reset));
+        assert!(Retry::UnlessSent.allows(&refused));
+        assert!(Retry::UnlessSent.allows(&busy));
+        assert!(!Retry::Never.allows(&busy));
     }
 
     #[test]
