@@ -184,9 +184,23 @@ async fn nextid_and_parameter_errors_have_pve_shapes() {
             &[("newid", "150001"), ("storage", "local-lvm")],
         )
         .await;
+    // qemu-server dies here (not a schema error): 500 with the text as reason phrase.
+    assert_eq!(storage.status.as_u16(), 500);
     assert_eq!(
-        storage.body["errors"]["storage"],
-        "parameter 'storage' not allowed for linked clones\n"
+        storage.reason,
+        "parameter 'storage' not allowed for linked clones"
+    );
+    let full_with_storage = api
+        .post(
+            "/nodes/pve1/qemu/60900/clone",
+            &[("newid", "150002"), ("full", "1"), ("storage", "fast")],
+        )
+        .await;
+    assert_eq!(full_with_storage.status, StatusCode::OK);
+    assert_eq!(
+        fake.vm(150002).and_then(|vm| vm.full_clone),
+        Some(true),
+        "a full clone may name its storage"
     );
 
     let existing = api
@@ -198,6 +212,23 @@ async fn nextid_and_parameter_errors_have_pve_shapes() {
         "unable to create VM 100: config file already exists"
     );
 
+    let skiplock = api
+        .call(Method::DELETE, "/nodes/pve1/qemu/100", &[("skiplock", "1")])
+        .await;
+    assert_eq!(skiplock.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        skiplock.body["errors"]["skiplock"],
+        "Only root may use this option.\n"
+    );
+    let start_missing = api.post("/nodes/pve1/qemu/100999/status/start", &[]).await;
+    let status = api
+        .wait_task_data(start_missing.body["data"].as_str().expect("UPID"))
+        .await;
+    assert_eq!(
+        status["exitstatus"],
+        "Configuration file 'nodes/pve1/qemu-server/100999.conf' does not exist"
+    );
+
     let unknown = api.get("/nodes/pve1/foo", &[]).await;
     assert_eq!(unknown.status.as_u16(), 501);
     assert_eq!(
@@ -205,7 +236,10 @@ async fn nextid_and_parameter_errors_have_pve_shapes() {
         "Method 'GET /nodes/pve1/foo' not implemented"
     );
 
-    assert!(fake.job_vms().iter().all(|vm| vm.vmid == 100));
+    assert!(fake
+        .job_vms()
+        .iter()
+        .all(|vm| [100, 150002].contains(&vm.vmid)));
 }
 
 #[tokio::test]
@@ -367,7 +401,11 @@ async fn clone_faults_locks_and_concurrency_limits() {
     let delete = api
         .call(Method::DELETE, "/nodes/pve1/qemu/100304", &[("purge", "1")])
         .await;
-    assert_eq!(delete.reason, "VM is locked (clone)");
+    let status = api
+        .wait_task_data(delete.body["data"].as_str().expect("UPID"))
+        .await;
+    assert_eq!(status["exitstatus"], "VM is locked (clone)");
+    assert!(fake.vm(100304).is_some());
     assert!(fake.set_vm_lock(100304, None));
 
     fake.inject(Fault::StartTaskFails {
