@@ -459,3 +459,43 @@ async fn two_racing_deletes_end_with_one_deletion_and_a_missing_config() {
     let on_wrong_node = api.get("/nodes/pve1/qemu/100400/status/current", &[]).await;
     assert_eq!(on_wrong_node.status.as_u16(), 500);
 }
+
+#[tokio::test]
+async fn agent_errors_follow_pves_order() {
+    let fake = FakeProxmox::start(FakeConfig {
+        boot_time: Duration::ZERO,
+        ..FakeConfig::default()
+    });
+    let api = Api::new(&fake);
+    for (vmid, change) in [("100500", ("delete", "agent")), ("100501", ("agent", "0"))] {
+        let clone = api
+            .post("/nodes/pve1/qemu/60900/clone", &[("newid", vmid)])
+            .await;
+        api.wait_task_data(clone.body["data"].as_str().expect("UPID"))
+            .await;
+        let put = api
+            .call(
+                Method::PUT,
+                &format!("/nodes/pve1/qemu/{vmid}/config"),
+                &[change],
+            )
+            .await;
+        assert_eq!(put.status, StatusCode::OK, "{}", put.body);
+    }
+    let ping = |vmid: &'static str| {
+        let api = &api;
+        async move {
+            api.post(&format!("/nodes/pve1/qemu/{vmid}/agent/ping"), &[])
+                .await
+                .reason
+        }
+    };
+    // No agent key at all: permanent, whether the VM runs or not.
+    assert_eq!(ping("100500").await, "No QEMU guest agent configured");
+    assert_eq!(ping("100501").await, "VM 100501 is not running");
+    let start = api.post("/nodes/pve1/qemu/100501/status/start", &[]).await;
+    api.wait_task_data(start.body["data"].as_str().expect("UPID"))
+        .await;
+    // `agent: 0` means no QGA device: the ping simply never answers.
+    assert_eq!(ping("100501").await, "QEMU guest agent is not running");
+}
