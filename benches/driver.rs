@@ -38,6 +38,7 @@ use gpr_testkit::sshkeys::ClientKey;
 use gpr_testkit::{FakeConfig, FakeProxmox};
 
 const STAGE_SCRIPT_SIZE: usize = 4096;
+const SFTP_SERVER: &str = "/usr/lib/openssh/sftp-server";
 /// The fake's task durations during the prepare/cleanup rounds: a linked clone on thin storage
 /// takes about a second on real PVE, start/stop/delete about half a second.
 const CLONE_TIME: Duration = Duration::from_millis(1000);
@@ -135,6 +136,8 @@ fn measure(mut command: Command, stdin: Option<&Path>) -> Run {
         command.stdin(File::open(path).expect("open stdin file"));
     }
     let started = Instant::now();
+    // Reaped by wait4 below (std's wait cannot return the child's resource usage).
+    #[allow(clippy::zombie_processes)]
     let mut child = command.spawn().expect("start the measured program");
     let mut stdout = child.stdout.take().expect("piped stdout");
     let mut stderr = child.stderr.take().expect("piped stderr");
@@ -888,6 +891,16 @@ fn machine_description(options: &Options) -> String {
     let _ = writeln!(text, "| driver measured | `{}` |", options.bin.display());
     let _ = writeln!(
         text,
+        "| sshd | loopback, ed25519 host key, `SetEnv HOME=` a home with Debian's stock \
+         .bashrc, sftp subsystem `{}` |",
+        if Path::new(SFTP_SERVER).exists() {
+            SFTP_SERVER
+        } else {
+            "internal-sftp"
+        }
+    );
+    let _ = writeln!(
+        text,
         "| mode | {} |",
         if options.smoke {
             "SMOKE (few rounds, small sizes: not for conclusions)"
@@ -908,7 +921,25 @@ fn main() {
         .prefix("gpr-bench-")
         .tempdir()
         .expect("scratch dir");
-    let sshd = Sshd::start_or_skip("driver benchmark").expect("sshd");
+    // The "VM" account's shell startup is part of every remote command. This machine's root
+    // has a ~/.bashrc that runs `pyenv init` (hundreds of ms per command, and bash sources
+    // ~/.bashrc for commands run by sshd), so the sessions get a home with the stock Debian
+    // .bashrc guard instead, as a cloud image has. And sftp is the separate
+    // /usr/lib/openssh/sftp-server process Debian and Ubuntu configure, not sshd's built-in.
+    let home = scratch.path().join("home");
+    std::fs::create_dir_all(&home).expect("home dir");
+    std::fs::write(
+        home.join(".bashrc"),
+        "# ~/.bashrc: executed by bash(1) for non-login shells.\n\
+         # If not running interactively, don't do anything\n\
+         case $- in\n    *i*) ;;\n      *) return;;\nesac\n",
+    )
+    .expect("write .bashrc");
+    let mut builder = Sshd::builder().config(format!("SetEnv HOME={}", home.display()));
+    if Path::new(SFTP_SERVER).exists() {
+        builder = builder.sftp_subsystem(SFTP_SERVER);
+    }
+    let sshd = builder.start();
     let key = ClientKey::ed25519();
     sshd.authorize(&key);
     // The old method needs the key in a file and the host key in a known_hosts file; the

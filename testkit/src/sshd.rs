@@ -46,12 +46,22 @@ pub fn skip(test: &str, reason: &str) {
 #[derive(Default)]
 pub struct SshdBuilder {
     extra_config: Vec<String>,
+    /// `Subsystem sftp` command; `internal-sftp` unless set.
+    sftp_subsystem: Option<String>,
 }
 
 impl SshdBuilder {
     /// An extra sshd_config line, e.g. `SetEnv PATH=/fake:/usr/bin:/bin`.
     pub fn config(mut self, line: impl Into<String>) -> Self {
         self.extra_config.push(line.into());
+        self
+    }
+
+    /// The `Subsystem sftp` command, e.g. `/usr/lib/openssh/sftp-server` (what Debian and
+    /// Ubuntu images run: a process started through the user's shell) instead of sshd's
+    /// in-process `internal-sftp`.
+    pub fn sftp_subsystem(mut self, command: impl Into<String>) -> Self {
+        self.sftp_subsystem = Some(command.into());
         self
     }
 
@@ -97,11 +107,12 @@ impl SshdBuilder {
                  PidFile {dir}/sshd.pid\nAuthorizedKeysFile {authorized}\n\
                  PermitRootLogin prohibit-password\nPubkeyAuthentication yes\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
-                 StrictModes no\nSubsystem sftp internal-sftp\nLogLevel ERROR\n\
+                 StrictModes no\nSubsystem sftp {sftp}\nLogLevel ERROR\n\
                  MaxStartups 200\nMaxSessions 50\nPrintMotd no\nUseDNS no\n{extra}\n",
                 dir = dir.path().display(),
                 authorized = authorized.display(),
                 extra = self.extra_config.join("\n"),
+                sftp = self.sftp_subsystem.as_deref().unwrap_or("internal-sftp"),
             );
             let config_path = dir.path().join("sshd_config");
             std::fs::write(&config_path, config).expect("write sshd_config");
