@@ -52,6 +52,7 @@ pub async fn prepare(context: &Context) -> Result<()> {
     }
     super::config::require_ssh_key(settings)?;
     let client = Client::new(settings)?;
+    remove_earlier_attempt(&client, context).await?;
 
     let step = Cell::new("starting");
     let mut run = Provisioning {
@@ -82,6 +83,40 @@ pub async fn prepare(context: &Context) -> Result<()> {
         return Err(err);
     }
     Ok(())
+}
+
+/// gitlab-runner retries a failed prepare in the same job directory, running cleanup in
+/// between; if that cleanup could not finish, the earlier attempt's VM is still named by the
+/// state. Remove it before the state is overwritten, or nothing would ever find it again.
+async fn remove_earlier_attempt(client: &Client, context: &Context) -> Result<()> {
+    let Some(earlier) = JobState::load(&context.job_dir)? else {
+        return Ok(());
+    };
+    joblog::info(format!(
+        "an earlier prepare attempt of this job left VM {} on {}; removing it first",
+        earlier.vmid, earlier.node
+    ));
+    match Marker::parse_line(&earlier.marker) {
+        Some(marker) => {
+            let deadline = Instant::now() + ROLLBACK_TIMEOUT;
+            let outcome =
+                teardown::destroy_owned_vm(client, &earlier.node, earlier.vmid, &marker, deadline)
+                    .await?;
+            if let Teardown::NotOurs(reason) = outcome {
+                joblog::warn(format!(
+                    "VM {} on {} is not the one the earlier attempt created ({reason}); left it \
+                     alone",
+                    earlier.vmid, earlier.node
+                ));
+            }
+        }
+        None => joblog::warn(format!(
+            "the earlier attempt's job state has a damaged ownership marker, so VM {} on {} \
+             cannot be proven to be this job's; left for gitlab-proxmox-runner gc",
+            earlier.vmid, earlier.node
+        )),
+    }
+    JobState::remove(&context.job_dir)
 }
 
 /// Destroys what prepare created, with cleanup's logic. Never fails: if it cannot finish, the
@@ -243,8 +278,12 @@ impl Provisioning<'_> {
                 let vms = self.client.cluster_vms().await.map_err(|err| {
                     Error::proxmox("listing the cluster's VMs to find the template", err)
                 })?;
+                // Container templates are listed too; only QEMU templates can be cloned here.
                 let found = vms.iter().find(|vm| {
-                    vm.template && vm.node == node && vm.name.as_deref() == Some(wanted)
+                    vm.template
+                        && vm.node == node
+                        && vm.name.as_deref() == Some(wanted)
+                        && vm.kind.as_deref().is_none_or(|kind| kind == "qemu")
                 });
                 match found.and_then(|vm| u32::try_from(vm.vmid).ok()) {
                     Some(vmid) => vmid,
@@ -324,6 +363,12 @@ impl Provisioning<'_> {
             .with_max_times(MAX_CLONE_ATTEMPTS)
             .with_jitter()
             .build();
+        if !full && self.settings().storage.is_some() {
+            joblog::warn(
+                "PROXMOX_STORAGE applies to full clones only; ignored for this linked clone \
+                 (set PROXMOX_CLONE=full to use it)",
+            );
+        }
         let mut last_problem = String::new();
         for _ in 0..MAX_CLONE_ATTEMPTS {
             let vmid = self.pick_free_vmid().await?;
@@ -427,7 +472,13 @@ impl Provisioning<'_> {
             .finish_task(&upid, Instant::now() + CLONE_TIMEOUT)
             .await
         {
-            Ok(()) => Ok(CloneAttempt::Done),
+            Ok(()) => {
+                // PVE may hold `lock: clone` a moment after the task ends; config and start
+                // would be refused until it clears.
+                teardown::wait_unlocked(self.client, node, vmid, Instant::now() + TASK_TIMEOUT)
+                    .await?;
+                Ok(CloneAttempt::Done)
+            }
             Err(err) if err.kind == ApiErrorKind::Task => {
                 // The task failed; a half-made VM of ours may be left at the id.
                 self.remove_leftover(vmid).await?;
@@ -566,14 +617,15 @@ impl Provisioning<'_> {
         let vmid = self.vmid();
         let cidrs = self.settings().network_cidrs.clone();
         let mut next_progress = started + PROGRESS_EVERY;
-        let mut delay = Duration::from_millis(200);
-        let mut last: String;
+        let mut delay = Duration::from_millis(100);
+        let mut last = String::new();
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let answer =
                 tokio::time::timeout(remaining, self.client.agent_interfaces(&node, vmid)).await;
             match answer {
-                Err(_) => last = "the guest agent did not answer in time".into(),
+                Err(_) if last.is_empty() => last = "the guest agent did not answer in time".into(),
+                Err(_) => {}
                 Ok(Ok(answer)) => {
                     if let Some(ip) = choose_address(&answer.result, net0_mac, &cidrs) {
                         self.timings.push(("agent+IP", started.elapsed()));
@@ -619,7 +671,7 @@ impl Provisioning<'_> {
                 next_progress = now + PROGRESS_EVERY;
             }
             tokio::time::sleep(delay.min(deadline - now)).await;
-            delay = (delay * 3 / 2).min(Duration::from_secs(1));
+            delay = (delay * 5 / 4).min(Duration::from_secs(1));
         }
     }
 

@@ -134,6 +134,7 @@ impl ApiError {
             "not running",
             "uses local storage",
             "no such",
+            "failed to open file",
             "unable to parse",
         ];
         DEFINITE.iter().any(|needle| text.contains(needle))

@@ -1,6 +1,6 @@
 //! Test doubles for gitlab-proxmox-runner, shared by the integration tests, the benchmarks and
 //! the demo: run a hook like gitlab-runner does ([`hook`]), run whole jobs like gitlab-runner
-//! does ([`runner`]), and more as the suite grows.
+//! does ([`runner`]), and fake a Proxmox VE cluster over HTTPS ([`fake_proxmox`]).
 
 pub mod fake_proxmox;
 pub mod hook;

@@ -1,135 +1,14 @@
 //! The fake Proxmox itself: TLS, auth, and the shapes and wording clients rely on.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{pem_to_der, Api};
 use gpr_testkit::{FakeConfig, FakeProxmox, Fault, NewVm};
-use reqwest::{Client, Method, StatusCode};
+use reqwest::{Method, StatusCode};
 use serde_json::Value;
-
-fn client(fake: &FakeProxmox) -> Client {
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = rustls::pki_types::CertificateDer::from(pem_to_der(&fake.ca_pem()));
-    roots.add(ca).expect("CA certificate parses");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Client::builder()
-        .use_preconfigured_tls(tls)
-        .build()
-        .expect("reqwest client")
-}
-
-fn pem_to_der(pem: &str) -> Vec<u8> {
-    let body: String = pem
-        .lines()
-        .filter(|line| !line.starts_with("-----"))
-        .collect();
-    decode_base64(&body)
-}
-
-fn decode_base64(text: &str) -> Vec<u8> {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::new();
-    let (mut buffer, mut bits) = (0u32, 0);
-    for byte in text.bytes().filter(|b| *b != b'=') {
-        let value = ALPHABET.iter().position(|c| *c == byte).expect("base64") as u32;
-        buffer = (buffer << 6) | value;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buffer >> bits) as u8);
-        }
-    }
-    out
-}
-
-struct Api {
-    client: Client,
-    base: String,
-    auth: String,
-}
-
-struct Answer {
-    status: StatusCode,
-    reason: String,
-    body: Value,
-    connection_close: bool,
-}
-
-impl Api {
-    fn new(fake: &FakeProxmox) -> Api {
-        let env: std::collections::BTreeMap<_, _> = fake.settings_env().into_iter().collect();
-        Api {
-            client: client(fake),
-            base: format!("https://{}/api2/json", fake.host()),
-            auth: format!(
-                "PVEAPIToken={}!{}={}",
-                env["PROXMOX_USER"], env["PROXMOX_TOKEN_NAME"], env["PROXMOX_TOKEN_VALUE"]
-            ),
-        }
-    }
-
-    async fn call(&self, method: Method, path: &str, form: &[(&str, &str)]) -> Answer {
-        let url = format!("{}{path}", self.base);
-        let mut request = self
-            .client
-            .request(method.clone(), url)
-            .header("Authorization", &self.auth);
-        request = if method == Method::GET || method == Method::DELETE {
-            request.query(form)
-        } else {
-            request.form(form)
-        };
-        let response = request.send().await.expect("request reaches the fake");
-        let status = response.status();
-        let reason = response
-            .extensions()
-            .get::<hyper::ext::ReasonPhrase>()
-            .map(|reason| String::from_utf8_lossy(reason.as_bytes()).into_owned())
-            .unwrap_or_default();
-        let connection_close = response
-            .headers()
-            .get("connection")
-            .is_some_and(|value| value == "close");
-        let body = response.json().await.expect("JSON body");
-        Answer {
-            status,
-            reason,
-            body,
-            connection_close,
-        }
-    }
-
-    async fn get(&self, path: &str, query: &[(&str, &str)]) -> Answer {
-        self.call(Method::GET, path, query).await
-    }
-
-    async fn post(&self, path: &str, form: &[(&str, &str)]) -> Answer {
-        self.call(Method::POST, path, form).await
-    }
-
-    async fn wait_task(&self, upid: &str) -> Value {
-        let node = upid.split(':').nth(1).expect("node in UPID");
-        let encoded =
-            percent_encoding::utf8_percent_encode(upid, percent_encoding::NON_ALPHANUMERIC);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let answer = self
-                .get(&format!("/nodes/{node}/tasks/{encoded}/status"), &[])
-                .await;
-            assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
-            if answer.body["data"]["status"] == "stopped" {
-                return answer.body["data"].clone();
-            }
-            assert!(Instant::now() < deadline, "task {upid} never ended");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
 
 #[tokio::test]
 async fn clone_start_agent_delete_lifecycle() {
@@ -157,11 +36,11 @@ async fn clone_start_agent_delete_lifecycle() {
     assert_eq!(during.lock.as_deref(), Some("clone"));
     let start_while_locked = api.post("/nodes/pve1/qemu/100123/status/start", &[]).await;
     let status = api
-        .wait_task(start_while_locked.body["data"].as_str().expect("UPID"))
+        .wait_task_data(start_while_locked.body["data"].as_str().expect("UPID"))
         .await;
     assert_eq!(status["exitstatus"], "VM is locked (clone)");
 
-    let status = api.wait_task(&upid).await;
+    let status = api.wait_task_data(&upid).await;
     assert_eq!(status["exitstatus"], "OK");
     assert_eq!(status["type"], "qmclone");
 
@@ -188,7 +67,7 @@ async fn clone_start_agent_delete_lifecycle() {
 
     let start = api.post("/nodes/pve1/qemu/100123/status/start", &[]).await;
     let status = api
-        .wait_task(start.body["data"].as_str().expect("UPID"))
+        .wait_task_data(start.body["data"].as_str().expect("UPID"))
         .await;
     assert_eq!(status["exitstatus"], "OK");
 
@@ -231,7 +110,7 @@ async fn clone_start_agent_delete_lifecycle() {
     );
 
     let stop = api.post("/nodes/pve1/qemu/100123/status/stop", &[]).await;
-    api.wait_task(stop.body["data"].as_str().expect("UPID"))
+    api.wait_task_data(stop.body["data"].as_str().expect("UPID"))
         .await;
     let delete = api
         .call(
@@ -241,7 +120,7 @@ async fn clone_start_agent_delete_lifecycle() {
         )
         .await;
     let status = api
-        .wait_task(delete.body["data"].as_str().expect("UPID"))
+        .wait_task_data(delete.body["data"].as_str().expect("UPID"))
         .await;
     assert_eq!(status["exitstatus"], "OK");
     assert!(fake.job_vms().is_empty());
@@ -305,9 +184,23 @@ async fn nextid_and_parameter_errors_have_pve_shapes() {
             &[("newid", "150001"), ("storage", "local-lvm")],
         )
         .await;
+    // qemu-server dies here (not a schema error): 500 with the text as reason phrase.
+    assert_eq!(storage.status.as_u16(), 500);
     assert_eq!(
-        storage.body["errors"]["storage"],
-        "parameter 'storage' not allowed for linked clones\n"
+        storage.reason,
+        "parameter 'storage' not allowed for linked clones"
+    );
+    let full_with_storage = api
+        .post(
+            "/nodes/pve1/qemu/60900/clone",
+            &[("newid", "150002"), ("full", "1"), ("storage", "fast")],
+        )
+        .await;
+    assert_eq!(full_with_storage.status, StatusCode::OK);
+    assert_eq!(
+        fake.vm(150002).and_then(|vm| vm.full_clone),
+        Some(true),
+        "a full clone may name its storage"
     );
 
     let existing = api
@@ -319,6 +212,23 @@ async fn nextid_and_parameter_errors_have_pve_shapes() {
         "unable to create VM 100: config file already exists"
     );
 
+    let skiplock = api
+        .call(Method::DELETE, "/nodes/pve1/qemu/100", &[("skiplock", "1")])
+        .await;
+    assert_eq!(skiplock.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        skiplock.body["errors"]["skiplock"],
+        "Only root may use this option.\n"
+    );
+    let start_missing = api.post("/nodes/pve1/qemu/100999/status/start", &[]).await;
+    let status = api
+        .wait_task_data(start_missing.body["data"].as_str().expect("UPID"))
+        .await;
+    assert_eq!(
+        status["exitstatus"],
+        "Configuration file 'nodes/pve1/qemu-server/100999.conf' does not exist"
+    );
+
     let unknown = api.get("/nodes/pve1/foo", &[]).await;
     assert_eq!(unknown.status.as_u16(), 501);
     assert_eq!(
@@ -326,7 +236,10 @@ async fn nextid_and_parameter_errors_have_pve_shapes() {
         "Method 'GET /nodes/pve1/foo' not implemented"
     );
 
-    assert!(fake.job_vms().iter().all(|vm| vm.vmid == 100));
+    assert!(fake
+        .job_vms()
+        .iter()
+        .all(|vm| [100, 150002].contains(&vm.vmid)));
 }
 
 #[tokio::test]
@@ -350,7 +263,7 @@ async fn faults_fail_the_next_clone_task_and_polling_another_node_is_refused() {
         .await;
     assert_eq!(elsewhere.status, StatusCode::BAD_REQUEST);
 
-    let status = api.wait_task(&upid).await;
+    let status = api.wait_task_data(&upid).await;
     assert_eq!(status["exitstatus"], lock_timeout);
     assert!(fake.vm(100200).is_none(), "a failed clone leaves no VM");
 
@@ -381,7 +294,7 @@ async fn faults_fail_the_next_clone_task_and_polling_another_node_is_refused() {
         .post("/nodes/pve1/qemu/60900/clone", &[("newid", "100201")])
         .await;
     let status = api
-        .wait_task(answer.body["data"].as_str().expect("UPID"))
+        .wait_task_data(answer.body["data"].as_str().expect("UPID"))
         .await;
     assert_eq!(status["exitstatus"], "OK");
     assert!(fake.max_concurrent_clones() >= 1);
@@ -425,4 +338,164 @@ async fn fingerprint_is_the_served_certificate() {
         .collect();
     assert_eq!(fake.fingerprint(), digest.join(":"));
     assert_eq!(fake.leaf_der(), leaf.as_ref());
+    assert_eq!(fake.connection_count(), 1);
+    assert_eq!(fake.request_count(), 0, "a handshake alone is no request");
+}
+
+#[tokio::test]
+async fn clone_faults_locks_and_concurrency_limits() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let api = Api::new(&fake);
+    let clone = "/nodes/pve1/qemu/60900/clone";
+
+    fake.inject(Fault::CloneRequestFails {
+        count: 1,
+        status: 500,
+        message: "unable to create VM 100300: config file already exists".into(),
+    });
+    let refused = api.post(clone, &[("newid", "100300")]).await;
+    assert_eq!(refused.status.as_u16(), 500);
+    assert_eq!(
+        refused.reason,
+        "unable to create VM 100300: config file already exists"
+    );
+    assert!(fake.vm(100300).is_none());
+
+    // Two clones may run at once; the third fails like a storage lock timeout.
+    let limit_message =
+        "can't lock file '/var/lock/pve-manager/pve-storage-local-lvm' - got timeout";
+    fake.inject(Fault::ConcurrentCloneLimit {
+        max: 2,
+        message: limit_message.into(),
+    });
+    fake.set_clone_time(Duration::from_secs(3600));
+    let first = api.post(clone, &[("newid", "100301")]).await;
+    let second = api.post(clone, &[("newid", "100302")]).await;
+    let third = api.post(clone, &[("newid", "100303")]).await;
+    for answer in [&first, &second, &third] {
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    }
+    let status = api
+        .wait_task_data(third.body["data"].as_str().expect("UPID"))
+        .await;
+    assert_eq!(status["exitstatus"], limit_message);
+    assert_eq!(fake.max_concurrent_clones(), 3);
+    assert_eq!(
+        fake.vm(100301).and_then(|vm| vm.lock).as_deref(),
+        Some("clone")
+    );
+
+    // The lock outlives the clone task by the configured time.
+    fake.clear_faults();
+    fake.set_clone_time(Duration::ZERO);
+    fake.inject(Fault::LockAfterClone {
+        duration: Duration::from_secs(3600),
+    });
+    let locked = api.post(clone, &[("newid", "100304")]).await;
+    let status = api
+        .wait_task_data(locked.body["data"].as_str().expect("UPID"))
+        .await;
+    assert_eq!(status["exitstatus"], "OK");
+    let current = api.get("/nodes/pve1/qemu/100304/status/current", &[]).await;
+    assert_eq!(current.body["data"]["lock"], "clone");
+    let delete = api
+        .call(Method::DELETE, "/nodes/pve1/qemu/100304", &[("purge", "1")])
+        .await;
+    let status = api
+        .wait_task_data(delete.body["data"].as_str().expect("UPID"))
+        .await;
+    assert_eq!(status["exitstatus"], "VM is locked (clone)");
+    assert!(fake.vm(100304).is_some());
+    assert!(fake.set_vm_lock(100304, None));
+
+    fake.inject(Fault::StartTaskFails {
+        count: 1,
+        message: "start failed: QEMU exited with code 1".into(),
+    });
+    let start = api.post("/nodes/pve1/qemu/100304/status/start", &[]).await;
+    let status = api
+        .wait_task_data(start.body["data"].as_str().expect("UPID"))
+        .await;
+    assert_eq!(
+        status["exitstatus"],
+        "start failed: QEMU exited with code 1"
+    );
+    assert_eq!(fake.vm(100304).expect("vm").status, "stopped");
+    let start = api.post("/nodes/pve1/qemu/100304/status/start", &[]).await;
+    let status = api
+        .wait_task_data(start.body["data"].as_str().expect("UPID"))
+        .await;
+    assert_eq!(status["exitstatus"], "OK");
+    assert_eq!(fake.vm(100304).expect("vm").status, "running");
+    assert!(fake.simulated_time() > Duration::ZERO);
+}
+
+#[tokio::test]
+async fn two_racing_deletes_end_with_one_deletion_and_a_missing_config() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    fake.add_vm(NewVm {
+        vmid: 100400,
+        node: "pve2".into(),
+        name: "orphan".into(),
+        tags: "gitlab-proxmox-runner".into(),
+        ..NewVm::default()
+    });
+    let api = Api::new(&fake);
+    let path = "/nodes/pve2/qemu/100400";
+    let first = api.call(Method::DELETE, path, &[("purge", "1")]).await;
+    let second = api.call(Method::DELETE, path, &[("purge", "1")]).await;
+    let first_upid = first.body["data"].as_str().expect("UPID").to_string();
+    assert!(first_upid.starts_with("UPID:pve2:"), "{first_upid}");
+    let first = api.wait_task_data(&first_upid).await;
+    let second = api
+        .wait_task_data(second.body["data"].as_str().expect("UPID"))
+        .await;
+    assert_eq!(first["exitstatus"], "OK");
+    assert_eq!(
+        second["exitstatus"],
+        "Configuration file 'nodes/pve2/qemu-server/100400.conf' does not exist"
+    );
+    assert!(fake.vm(100400).is_none());
+    let on_wrong_node = api.get("/nodes/pve1/qemu/100400/status/current", &[]).await;
+    assert_eq!(on_wrong_node.status.as_u16(), 500);
+}
+
+#[tokio::test]
+async fn agent_errors_follow_pves_order() {
+    let fake = FakeProxmox::start(FakeConfig {
+        boot_time: Duration::ZERO,
+        ..FakeConfig::default()
+    });
+    let api = Api::new(&fake);
+    for (vmid, change) in [("100500", ("delete", "agent")), ("100501", ("agent", "0"))] {
+        let clone = api
+            .post("/nodes/pve1/qemu/60900/clone", &[("newid", vmid)])
+            .await;
+        api.wait_task_data(clone.body["data"].as_str().expect("UPID"))
+            .await;
+        let put = api
+            .call(
+                Method::PUT,
+                &format!("/nodes/pve1/qemu/{vmid}/config"),
+                &[change],
+            )
+            .await;
+        assert_eq!(put.status, StatusCode::OK, "{}", put.body);
+    }
+    let ping = |vmid: &'static str| {
+        let api = &api;
+        async move {
+            api.post(&format!("/nodes/pve1/qemu/{vmid}/agent/ping"), &[])
+                .await
+                .reason
+        }
+    };
+    // No agent key at all: permanent, whether the VM runs or not.
+    assert_eq!(ping("100500").await, "No QEMU guest agent configured");
+    assert_eq!(ping("100501").await, "VM 100501 is not running");
+    let start = api.post("/nodes/pve1/qemu/100501/status/start", &[]).await;
+    api.wait_task_data(start.body["data"].as_str().expect("UPID"))
+        .await;
+    // `agent: 0` means no QGA device: the ping simply never answers.
+    assert_eq!(ping("100501").await, "QEMU guest agent is not running");
 }

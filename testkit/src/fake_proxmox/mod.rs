@@ -3,10 +3,27 @@
 //! time: a clone, start or delete answers a UPID at once, and the task's effect lands once its
 //! configured duration has passed (computed from `Instant`s on every request; nothing sleeps).
 //!
+//! What it simulates, in PVE's words: token auth (401 after `bad_token_delay`); `cluster/nextid`
+//! (`?vmid=` → 400 `VM N already exists`); `cluster/resources`; clone (linked/full rules,
+//! `lock: clone` while the task runs, inherited tags/description, new net0 MAC, taken id → 500
+//! `config file already exists`; a failed clone removes the half-made VM); config GET/PUT/POST
+//! (tag and description checks, `delete=`, 500 `VM is locked (clone)`); resize; status/current;
+//! start/stop/shutdown/delete tasks (a second racing delete waits and ends with "does not
+//! exist"); task status/log only on the UPID's node; the agent (not running / not configured /
+//! not yet booted, then interfaces `lo`, `eth0` with net0's MAC and `guest_ip`, `docker0`).
+//! Errors put the message into the reason phrase and close the connection. Bodies may be
+//! form-urlencoded (`&` and `;` split fields) or JSON; booleans must be `1`/`0`.
+//! Not simulated: permissions (inject a 403 with [`Fault::HttpErrors`]), pools, storages, HA,
+//! snapshots, real guest-exec output.
+//!
 //! ```ignore
 //! let fake = FakeProxmox::start(FakeConfig::default());
-//! let out = Hook::new(bin, &job_dir).host_envs(fake.settings_env()).arg("prepare").run();
-//! assert!(fake.job_vms().is_empty());
+//! let mut hook = Hook::new(bin, &job_dir).arg("prepare");
+//! for (name, value) in fake.settings_env() {
+//!     hook = hook.host_env(name, value);
+//! }
+//! hook.run().assert_exit(0);
+//! assert_eq!(fake.job_vms().len(), 1);
 //! ```
 
 mod routes;
@@ -276,8 +293,34 @@ impl FakeProxmox {
         self.lock().requests.len()
     }
 
+    /// TCP connections accepted so far, including ones whose TLS handshake failed (a client
+    /// that rejected the certificate) and ones that never sent a request.
+    pub fn connection_count(&self) -> usize {
+        self.lock().connections
+    }
+
     pub fn inject(&self, fault: Fault) {
         self.lock().faults.push(fault);
+    }
+
+    /// Removes every injected fault, counted or not.
+    pub fn clear_faults(&self) {
+        self.lock().faults.clear();
+    }
+
+    /// Sets or clears a VM's lock by hand (e.g. `Some("backup")`); returns false if there is no
+    /// such VM. A lock set this way stays until cleared.
+    pub fn set_vm_lock(&self, vmid: u32, lock: Option<&str>) -> bool {
+        let mut state = self.lock();
+        state.advance();
+        match state.vms.get_mut(&vmid) {
+            Some(vm) => {
+                vm.lock = lock.map(str::to_string);
+                vm.lock_until = None;
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn set_guest_file(&self, path: &str, content: &str) {

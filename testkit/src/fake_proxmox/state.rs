@@ -14,6 +14,8 @@ pub(crate) struct State {
     pub vms: BTreeMap<u32, Vm>,
     pub tasks: Vec<Task>,
     pub requests: Vec<RecordedRequest>,
+    /// TCP connections accepted, TLS handshake or not.
+    pub connections: usize,
     pub faults: Vec<Fault>,
     pub max_concurrent_clones: usize,
     pub simulated_time: Duration,
@@ -60,7 +62,7 @@ impl Vm {
         }
     }
 
-    pub fn agent_configured(&self) -> bool {
+    pub fn agent_enabled(&self) -> bool {
         // The agent option is a property string: `1`, `enabled=1,fstrim_cloned_disks=1`, ...
         self.config.get("agent").is_some_and(|value| {
             let first = value.split(',').next().unwrap_or("");
@@ -148,6 +150,7 @@ impl State {
             vms: BTreeMap::new(),
             tasks: Vec::new(),
             requests: Vec::new(),
+            connections: 0,
             faults: Vec::new(),
             max_concurrent_clones: 0,
             simulated_time: Duration::ZERO,
@@ -158,10 +161,6 @@ impl State {
         for template in state.config.templates.clone() {
             let mut config = base_config(&template.name);
             config.insert("template".into(), "1".into());
-            config.insert(
-                "agent".into(),
-                if template.agent { "1" } else { "0" }.into(),
-            );
             if !template.agent {
                 config.remove("agent");
             }
