@@ -140,10 +140,22 @@ async fn wrong_token_gets_401_and_is_recorded() {
     api.auth = "PVEAPIToken=ci@pve!runner=wrong".into();
     let answer = api.get("/version", &[]).await;
     assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(answer.reason, "invalid token value!");
+    api.auth = "PVEAPIToken=ci@pve!other=fake-token-0f1e2d3c".into();
+    let other_token = api.get("/version", &[]).await;
+    assert_eq!(other_token.status, StatusCode::UNAUTHORIZED);
+    api.auth = String::new();
+    let no_token = api.get("/version", &[]).await;
+    assert_eq!(no_token.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(no_token.reason, "No ticket");
     let requests = fake.requests();
-    assert_eq!(requests.len(), 1);
-    assert!(!requests[0].authorized);
+    assert_eq!(requests.len(), 3);
+    assert!(requests.iter().all(|request| !request.authorized));
     assert_eq!(requests[0].path, "/api2/json/version");
+
+    let api = Api::new(&fake);
+    assert_eq!(api.get("/version", &[]).await.status, StatusCode::OK);
+    assert!(fake.requests()[3].authorized);
 }
 
 #[tokio::test]
