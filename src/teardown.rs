@@ -46,41 +46,36 @@ pub async fn destroy_owned_vm(
         }
     };
 
+    let mut waited_for_clone = false;
     for _ in 0..MAX_ROUNDS {
         let Some(status) = client.vm_status(node, vmid).await.map_err(fail)? else {
             return Ok(gone(acted));
         };
-        if let Some(lock) = status.lock() {
-            joblog::info(format!(
-                "VM {vmid} is locked ({lock}); waiting for the lock to clear before removing it"
-            ));
-            if !wait_unlocked(client, node, vmid, deadline).await? {
-                return Ok(gone(acted));
-            }
-            continue;
-        }
+        // Ownership first, so a foreign VM is never waited on, let alone touched.
         if !owner_checked {
             let Some(config) = client.vm_config(node, vmid).await.map_err(fail)? else {
                 return Ok(gone(acted));
             };
             let found = config.description().as_deref().and_then(Marker::find_in);
-            match found {
-                Some(marker) if marker == *expected => owner_checked = true,
-                Some(marker) => {
-                    return Ok(Teardown::NotOurs(format!(
-                        "its ownership marker belongs to another prepare (job {}, created {}, \
-                         nonce {})",
-                        marker.job_id.map_or("-".to_string(), |id| id.to_string()),
-                        marker.created,
-                        marker.nonce
-                    )))
+            match ownership(found.as_ref(), expected) {
+                Ok(()) => owner_checked = true,
+                // A VM still being cloned may not show its description yet: look again once
+                // the clone lock is gone.
+                Err(_) if status.lock() == Some("clone") && !waited_for_clone => {
+                    waited_for_clone = true;
+                    if !wait_for_lock(client, node, vmid, "clone", deadline).await? {
+                        return Ok(gone(acted));
+                    }
+                    continue;
                 }
-                None => {
-                    return Ok(Teardown::NotOurs(
-                        "its description carries no gitlab-proxmox-runner ownership marker".into(),
-                    ))
-                }
+                Err(reason) => return Ok(Teardown::NotOurs(reason)),
             }
+        }
+        if let Some(lock) = status.lock() {
+            if !wait_for_lock(client, node, vmid, lock, deadline).await? {
+                return Ok(gone(acted));
+            }
+            continue;
         }
         if status.is_running() {
             let stopping = Instant::now();
@@ -135,6 +130,33 @@ pub async fn destroy_owned_vm(
              `gitlab-proxmox-runner gc` will retry"
         ),
     })
+}
+
+/// `Ok` when `found` is the marker this job expects, else why not.
+fn ownership(found: Option<&Marker>, expected: &Marker) -> std::result::Result<(), String> {
+    match found {
+        Some(marker) if marker == expected => Ok(()),
+        Some(marker) => Err(format!(
+            "its ownership marker belongs to another prepare (job {}, created {}, nonce {})",
+            marker.job_id.map_or("-".to_string(), |id| id.to_string()),
+            marker.created,
+            marker.nonce
+        )),
+        None => Err("its description carries no gitlab-proxmox-runner ownership marker".into()),
+    }
+}
+
+async fn wait_for_lock(
+    client: &Client,
+    node: &str,
+    vmid: u32,
+    lock: &str,
+    deadline: Instant,
+) -> Result<bool> {
+    joblog::info(format!(
+        "VM {vmid} is locked ({lock}); waiting for the lock to clear before removing it"
+    ));
+    wait_unlocked(client, node, vmid, deadline).await
 }
 
 fn pause_before_retry(

@@ -226,16 +226,23 @@ fn the_clone_gets_name_marker_tag_and_resources_before_it_boots() {
 }
 
 #[test]
-fn full_clones_pass_storage_and_pool() {
+fn full_clones_pass_storage_and_pool_and_linked_clones_leave_storage_out() {
     let fake = FakeProxmox::start(FakeConfig::default());
     let dir = tempfile::tempdir().unwrap();
     let out = prepare(
         &hook(&fake, dir.path(), 1)
             .host_env("PROXMOX_CLONE", "full")
-            .host_env("PROXMOX_STORAGE", "local-lvm"),
+            .host_env("PROXMOX_STORAGE", "local-lvm")
+            .host_env("PROXMOX_POOL", "ci"),
     );
     out.assert_exit(SYSTEM_FAILURE);
     assert_log_has(&out, "(full)");
+    assert_log_has(&out, "guest agent up");
+    // PVE refuses `storage` for linked clones (400): the driver leaves it out and says so.
+    let out = prepare(&hook(&fake, dir.path(), 1).host_env("PROXMOX_STORAGE", "local-lvm"));
+    assert_log_has(&out, "PROXMOX_STORAGE applies to full clones only");
+    assert_log_has(&out, "(linked)");
+    assert_log_has(&out, "guest agent up");
     assert!(fake.job_vms().is_empty(), "{NO_VM_LEFT}");
 }
 
@@ -276,12 +283,25 @@ fn a_template_vmid_is_refused_unless_the_admin_allows_any_template() {
     let dir = tempfile::tempdir().unwrap();
     let base = hook(&fake, dir.path(), 4);
     prepare(&base.clone().job_var("PROXMOX_TEMPLATE", "60910")).assert_exit(BUILD_FAILURE);
-    let any = base.host_env("PROXMOX_ALLOWED_TEMPLATES", "*");
-    // Allowed: a template by VMID, and by name.
+    let any = base
+        .clone()
+        .host_env("PROXMOX_TEMPLATES", "ubuntu-focal=60900")
+        .host_env("PROXMOX_ALLOWED_TEMPLATES", "*");
+    // Allowed: a template by VMID, and by its VM name (looked up on the node).
     let out = prepare(&any.clone().job_var("PROXMOX_TEMPLATE", "60910"));
     assert_log_has(&out, "cloned template 60910 (60910)");
     let out = prepare(&any.clone().job_var("PROXMOX_TEMPLATE", "debian-11"));
     assert_log_has(&out, "cloned template debian-11 (60920)");
+    assert!(!requests_matching(&fake, "GET", "/cluster/resources").is_empty());
+    // A listed extra is allowed, anything else is not, and the message lists both kinds.
+    let listed = base
+        .host_env("PROXMOX_TEMPLATES", "ubuntu-focal=60900")
+        .host_env("PROXMOX_ALLOWED_TEMPLATES", "60930");
+    let out = prepare(&listed.clone().job_var("PROXMOX_TEMPLATE", "60930"));
+    assert_log_has(&out, "cloned template 60930 (60930)");
+    let out = prepare(&listed.job_var("PROXMOX_TEMPLATE", "60920"));
+    out.assert_exit(BUILD_FAILURE);
+    assert_log_has(&out, "allowed templates: ubuntu-focal, 60930");
     // Never a VM that is not a template.
     let out = prepare(&any.job_var("PROXMOX_TEMPLATE", "700"));
     out.assert_exit(BUILD_FAILURE);
@@ -322,6 +342,34 @@ fn a_failing_vmid_check_creates_nothing() {
 }
 
 #[test]
+fn a_bad_token_fails_at_once_naming_the_token_settings() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let out =
+        prepare(&hook(&fake, dir.path(), 23).host_env("PROXMOX_TOKEN_VALUE", "wr0ng-t0ken-4217"));
+    out.assert_exit(SYSTEM_FAILURE);
+    assert_log_has(&out, "HTTP 401");
+    assert_log_has(&out, "PROXMOX_TOKEN_VALUE");
+    assert!(
+        !out.log().contains("wrong"),
+        "the token value never shows: {}",
+        out.log()
+    );
+    assert_eq!(fake.request_count(), 1, "401 is not retried");
+}
+
+#[test]
+fn parameter_errors_are_reported_field_by_field() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let out = prepare(&hook(&fake, dir.path(), 24).host_env("VM_CORES", "0"));
+    out.assert_exit(SYSTEM_FAILURE);
+    assert_log_has(&out, "HTTP 400: Parameter verification failed.");
+    assert_log_has(&out, "cores: value must have a minimum value of 1");
+    assert!(fake.job_vms().is_empty(), "{NO_VM_LEFT}");
+}
+
+#[test]
 fn a_refused_clone_request_fails_with_the_apis_words_and_leaves_nothing() {
     let fake = FakeProxmox::start(FakeConfig::default());
     fake.inject(Fault::CloneRequestFails {
@@ -344,6 +392,27 @@ fn a_refused_clone_request_fails_with_the_apis_words_and_leaves_nothing() {
     assert!(fake.job_vms().is_empty(), "{NO_VM_LEFT}");
     let out = cleanup(&hook(&fake, dir.path(), 7));
     out.assert_exit(0);
+}
+
+#[test]
+fn newer_nodes_message_in_the_body_reads_the_same() {
+    let fake = FakeProxmox::start(FakeConfig {
+        message_in_body: true,
+        ..FakeConfig::default()
+    });
+    fake.inject(Fault::CloneRequestFails {
+        count: 1,
+        status: 403,
+        message: "Permission check failed (/pool/ci, Pool.Allocate)".into(),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let out = prepare(&hook(&fake, dir.path(), 25));
+    out.assert_exit(SYSTEM_FAILURE);
+    assert_log_has(
+        &out,
+        "HTTP 403: Permission check failed (/pool/ci, Pool.Allocate)",
+    );
+    assert!(fake.job_vms().is_empty(), "{NO_VM_LEFT}");
 }
 
 #[test]
@@ -465,6 +534,22 @@ fn sigterm_during_prepare_stops_waiting_and_destroys_the_vm() {
 // ---------------------------------------------------------------- prepare: what it recovers from
 
 #[test]
+fn a_retried_prepare_first_removes_the_vm_of_the_earlier_attempt() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    // The earlier attempt's VM survived (its cleanup failed); its state is still there.
+    vm_of_this_job(&fake, dir.path(), 2_000_950, Phase::Started);
+    let out = prepare(&hook(&fake, dir.path(), 22));
+    assert_log_has(
+        &out,
+        "an earlier prepare attempt of this job left VM 2000950",
+    );
+    assert!(fake.vm(2_000_950).is_none());
+    assert_log_has(&out, "cloned template");
+    assert!(fake.job_vms().is_empty(), "{NO_VM_LEFT}");
+}
+
+#[test]
 fn transient_api_errors_are_retried() {
     let fake = FakeProxmox::start(FakeConfig::default());
     fake.inject(Fault::HttpErrors {
@@ -503,6 +588,37 @@ fn clone_lock_timeouts_and_taken_ids_are_retried_with_another_vmid() {
     let out = prepare(&hook(&fake, dir.path(), 16));
     assert_log_has(&out, "guest agent up");
     assert!(requests_matching(&fake, "POST", "/clone").len() >= 3);
+    assert!(fake.job_vms().is_empty(), "{NO_VM_LEFT}");
+}
+
+#[test]
+fn clones_refused_under_parallel_load_are_retried_until_each_job_has_its_vm() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    fake.inject(Fault::ConcurrentCloneLimit {
+        max: 2,
+        message: "can't lock file '/var/lock/pve-manager/pve-storage-local-lvm' - got timeout"
+            .into(),
+    });
+    let dirs: Vec<tempfile::TempDir> = (0..6).map(|_| tempfile::tempdir().unwrap()).collect();
+    let children: Vec<_> = dirs
+        .iter()
+        .enumerate()
+        .map(|(index, dir)| {
+            hook(&fake, dir.path(), 100 + index as u64)
+                .arg("prepare")
+                .command()
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let output = child.wait_with_output().unwrap();
+        let log = String::from_utf8_lossy(&output.stderr);
+        assert!(log.contains("guest agent up"), "{log}");
+    }
+    assert!(fake.max_concurrent_clones() >= 1);
     assert!(fake.job_vms().is_empty(), "{NO_VM_LEFT}");
 }
 
@@ -728,6 +844,22 @@ fn cleanup_never_deletes_a_vm_whose_marker_differs() {
     out.assert_exit(0);
     assert_log_has(&out, "no gitlab-proxmox-runner ownership marker");
     assert!(fake.vm(2_000_701).is_some());
+
+    // A foreign VM under a long lock (a backup): not waited on, not touched.
+    let dir = tempfile::tempdir().unwrap();
+    fake.add_vm(NewVm {
+        vmid: 2_000_702,
+        name: "being-backed-up".into(),
+        running: true,
+        lock: Some("backup".into()),
+        ..Default::default()
+    });
+    state_for(dir.path(), 2_000_702, Phase::Ready, &mine);
+    let out = cleanup(&hook(&fake, dir.path(), 33));
+    out.assert_exit(0);
+    assert_log_has(&out, "is not the VM this job created");
+    assert!(!out.log().contains("waiting for the lock"), "{}", out.log());
+    assert!(fake.vm(2_000_702).is_some());
 }
 
 #[test]

@@ -12,8 +12,9 @@ use crate::proxmox::Client;
 use crate::state::JobState;
 use crate::teardown::{self, Teardown};
 
-/// Long enough to wait out a full clone's lock; the runner's cleanup_exec_timeout is 1 h.
-const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+/// Long enough to wait out a full clone's lock, short enough to finish (and say why) before a
+/// `cleanup_exec_timeout` of 10 minutes (the README's example) kills us.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(7 * 60);
 
 pub async fn cleanup(context: &Context) -> Result<()> {
     let Some(state) = JobState::load(&context.job_dir)? else {

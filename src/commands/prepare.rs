@@ -52,6 +52,7 @@ pub async fn prepare(context: &Context) -> Result<()> {
     }
     super::config::require_ssh_key(settings)?;
     let client = Client::new(settings)?;
+    remove_earlier_attempt(&client, context).await?;
 
     let step = Cell::new("starting");
     let mut run = Provisioning {
@@ -82,6 +83,40 @@ pub async fn prepare(context: &Context) -> Result<()> {
         return Err(err);
     }
     Ok(())
+}
+
+/// gitlab-runner retries a failed prepare in the same job directory, running cleanup in
+/// between; if that cleanup could not finish, the earlier attempt's VM is still named by the
+/// state. Remove it before the state is overwritten, or nothing would ever find it again.
+async fn remove_earlier_attempt(client: &Client, context: &Context) -> Result<()> {
+    let Some(earlier) = JobState::load(&context.job_dir)? else {
+        return Ok(());
+    };
+    joblog::info(format!(
+        "an earlier prepare attempt of this job left VM {} on {}; removing it first",
+        earlier.vmid, earlier.node
+    ));
+    match Marker::parse_line(&earlier.marker) {
+        Some(marker) => {
+            let deadline = Instant::now() + ROLLBACK_TIMEOUT;
+            let outcome =
+                teardown::destroy_owned_vm(client, &earlier.node, earlier.vmid, &marker, deadline)
+                    .await?;
+            if let Teardown::NotOurs(reason) = outcome {
+                joblog::warn(format!(
+                    "VM {} on {} is not the one the earlier attempt created ({reason}); left it \
+                     alone",
+                    earlier.vmid, earlier.node
+                ));
+            }
+        }
+        None => joblog::warn(format!(
+            "the earlier attempt's job state has a damaged ownership marker, so VM {} on {} \
+             cannot be proven to be this job's; left for gitlab-proxmox-runner gc",
+            earlier.vmid, earlier.node
+        )),
+    }
+    JobState::remove(&context.job_dir)
 }
 
 /// Destroys what prepare created, with cleanup's logic. Never fails: if it cannot finish, the
@@ -324,6 +359,12 @@ impl Provisioning<'_> {
             .with_max_times(MAX_CLONE_ATTEMPTS)
             .with_jitter()
             .build();
+        if !full && self.settings().storage.is_some() {
+            joblog::warn(
+                "PROXMOX_STORAGE applies to full clones only; ignored for this linked clone \
+                 (set PROXMOX_CLONE=full to use it)",
+            );
+        }
         let mut last_problem = String::new();
         for _ in 0..MAX_CLONE_ATTEMPTS {
             let vmid = self.pick_free_vmid().await?;
@@ -572,7 +613,7 @@ impl Provisioning<'_> {
         let vmid = self.vmid();
         let cidrs = self.settings().network_cidrs.clone();
         let mut next_progress = started + PROGRESS_EVERY;
-        let mut delay = Duration::from_millis(200);
+        let mut delay = Duration::from_millis(100);
         let mut last = String::new();
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -626,7 +667,7 @@ impl Provisioning<'_> {
                 next_progress = now + PROGRESS_EVERY;
             }
             tokio::time::sleep(delay.min(deadline - now)).await;
-            delay = (delay * 3 / 2).min(Duration::from_secs(1));
+            delay = (delay * 5 / 4).min(Duration::from_secs(1));
         }
     }
 

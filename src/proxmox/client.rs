@@ -22,6 +22,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Per request. Agent calls can take PVE's own qga timeout (~10 s) before they fail.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(45);
 const MAX_RETRIES: usize = 4;
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// When a failed request may be sent again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +34,18 @@ pub enum Retry {
     UnlessSent,
     /// The caller handles every failure itself.
     Never,
+}
+
+impl Retry {
+    /// Whether a request that failed with `err` may be sent again.
+    pub fn allows(self, err: &ApiError) -> bool {
+        err.is_transient()
+            && match self {
+                Retry::Idempotent => true,
+                Retry::UnlessSent => err.kind != ApiErrorKind::Transport,
+                Retry::Never => false,
+            }
+    }
 }
 
 /// What a clone request asks for.
@@ -154,14 +167,8 @@ impl Client {
                 }
                 Err(err) => err,
             };
-            let may_repeat = err.is_transient()
-                && match retry {
-                    Retry::Idempotent => true,
-                    Retry::UnlessSent => err.kind != ApiErrorKind::Transport,
-                    Retry::Never => false,
-                };
             match delays.next() {
-                Some(delay) if may_repeat => {
+                Some(delay) if retry.allows(&err) => {
                     joblog::info(format!(
                         "{method} {path} failed ({err}); retrying in {} (attempt {}/{})",
                         joblog::secs(delay),
@@ -378,10 +385,12 @@ impl Client {
         .await
     }
 
-    /// Polls a task until it stops (25 ms at first, then slower, never more than 1 s apart) or
-    /// `deadline` passes.
+    /// Polls a task until it stops (20 ms at first, then slower, never more than 1 s apart) or
+    /// `deadline` passes. A long task prints a progress line every 10 s.
     pub async fn wait_task(&self, upid: &Upid, deadline: Instant) -> Result<TaskOutcome, ApiError> {
-        let mut delay = Duration::from_millis(25);
+        let started = Instant::now();
+        let mut next_progress = started + PROGRESS_EVERY;
+        let mut delay = Duration::from_millis(20);
         loop {
             if let Some(outcome) = self.task_status(upid).await?.outcome() {
                 return Ok(outcome);
@@ -390,11 +399,24 @@ impl Client {
             if now >= deadline {
                 return Err(ApiError::new(
                     ApiErrorKind::Timeout,
-                    format!("task {upid} still running when we stopped waiting"),
+                    format!(
+                        "task {upid} still running after {} when we stopped waiting",
+                        joblog::secs(started.elapsed())
+                    ),
                 ));
             }
+            if now >= next_progress {
+                joblog::info(format!(
+                    "{} {} on {} still running after {}",
+                    upid.task_type,
+                    upid.id,
+                    upid.node,
+                    joblog::secs(started.elapsed())
+                ));
+                next_progress = now + PROGRESS_EVERY;
+            }
             tokio::time::sleep(delay.min(deadline - now)).await;
-            delay = (delay * 3 / 2).min(Duration::from_secs(1));
+            delay = (delay * 5 / 4).min(Duration::from_secs(1));
         }
     }
 
@@ -468,22 +490,21 @@ fn transport_error(err: reqwest::Error) -> ApiError {
 }
 
 fn find_rustls_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    let mut current = Some(err);
-    while let Some(err) = current {
-        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-            return Some(tls);
-        }
-        // io::Error::source() skips the error it wraps, so look inside it explicitly.
-        if let Some(tls) = err
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        {
-            return Some(tls);
-        }
-        current = err.source();
+    if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+        return Some(tls);
     }
-    None
+    // io::Error::source() skips the error it wraps (and I/O errors get wrapped in I/O errors
+    // on the way up through the TLS connector), so look inside each one explicitly.
+    if let Some(inner) = err
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+    {
+        let inner: &(dyn std::error::Error + 'static) = inner;
+        if let Some(tls) = find_rustls_error(inner) {
+            return Some(tls);
+        }
+    }
+    err.source().and_then(find_rustls_error)
 }
 
 /// `outer: inner: innermost`, without repeating text a wrapper already shows.
@@ -541,10 +562,28 @@ mod tests {
     }
 
     #[test]
+    fn only_transient_failures_are_repeated_and_creations_never_after_sending() {
+        let reset = ApiError::new(ApiErrorKind::Transport, "connection reset by peer");
+        let refused = ApiError::new(ApiErrorKind::Connect, "connection refused");
+        let busy = from_http_answer(503, None, b"");
+        let denied = from_http_answer(403, Some("Permission check failed"), b"");
+        assert!(Retry::Idempotent.allows(&reset));
+        assert!(Retry::Idempotent.allows(&busy));
+        assert!(!Retry::Idempotent.allows(&denied));
+        // A clone or start whose connection broke may have happened: not repeated blindly.
+        assert!(!Retry::UnlessSent.allows(&reset));
+        assert!(Retry::UnlessSent.allows(&refused));
+        assert!(Retry::UnlessSent.allows(&busy));
+        assert!(!Retry::Never.allows(&busy));
+    }
+
+    #[test]
     fn tls_errors_inside_io_errors_are_found() {
         let io = std::io::Error::other(rustls::Error::General("pin mismatch".into()));
         assert!(find_rustls_error(&io).is_some());
-        assert!(error_chain(&io).contains("pin mismatch"));
+        let twice = std::io::Error::other(io);
+        assert!(find_rustls_error(&twice).is_some());
+        assert!(error_chain(&twice).contains("pin mismatch"));
         let plain = std::io::Error::other("reset");
         assert!(find_rustls_error(&plain).is_none());
     }

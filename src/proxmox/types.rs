@@ -50,6 +50,8 @@ pub struct Upid {
     pub raw: String,
     pub node: String,
     pub task_type: String,
+    /// The object the task works on, usually a VMID.
+    pub id: String,
 }
 
 impl Upid {
@@ -65,6 +67,7 @@ impl Upid {
             raw: text.to_string(),
             node: fields[0].to_string(),
             task_type: fields[4].to_string(),
+            id: fields[5].to_string(),
         })
     }
 }
@@ -294,6 +297,7 @@ mod tests {
             .unwrap();
         assert_eq!(upid.node, "pve2");
         assert_eq!(upid.task_type, "qmclone");
+        assert_eq!(upid.id, "60900");
         assert!(Upid::parse("UPID::1:2:3:qmstart:100:root@pam:").is_none());
         assert!(Upid::parse("not a upid").is_none());
         assert!(Upid::parse("UPID:pve:1:2").is_none());

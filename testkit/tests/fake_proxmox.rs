@@ -184,9 +184,23 @@ async fn nextid_and_parameter_errors_have_pve_shapes() {
             &[("newid", "150001"), ("storage", "local-lvm")],
         )
         .await;
+    // qemu-server dies here (not a schema error): 500 with the text as reason phrase.
+    assert_eq!(storage.status.as_u16(), 500);
     assert_eq!(
-        storage.body["errors"]["storage"],
-        "parameter 'storage' not allowed for linked clones\n"
+        storage.reason,
+        "parameter 'storage' not allowed for linked clones"
+    );
+    let full_with_storage = api
+        .post(
+            "/nodes/pve1/qemu/60900/clone",
+            &[("newid", "150002"), ("full", "1"), ("storage", "fast")],
+        )
+        .await;
+    assert_eq!(full_with_storage.status, StatusCode::OK);
+    assert_eq!(
+        fake.vm(150002).and_then(|vm| vm.full_clone),
+        Some(true),
+        "a full clone may name its storage"
     );
 
     let existing = api
@@ -198,6 +212,23 @@ async fn nextid_and_parameter_errors_have_pve_shapes() {
         "unable to create VM 100: config file already exists"
     );
 
+    let skiplock = api
+        .call(Method::DELETE, "/nodes/pve1/qemu/100", &[("skiplock", "1")])
+        .await;
+    assert_eq!(skiplock.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        skiplock.body["errors"]["skiplock"],
+        "Only root may use this option.\n"
+    );
+    let start_missing = api.post("/nodes/pve1/qemu/100999/status/start", &[]).await;
+    let status = api
+        .wait_task_data(start_missing.body["data"].as_str().expect("UPID"))
+        .await;
+    assert_eq!(
+        status["exitstatus"],
+        "Configuration file 'nodes/pve1/qemu-server/100999.conf' does not exist"
+    );
+
     let unknown = api.get("/nodes/pve1/foo", &[]).await;
     assert_eq!(unknown.status.as_u16(), 501);
     assert_eq!(
@@ -205,7 +236,10 @@ async fn nextid_and_parameter_errors_have_pve_shapes() {
         "Method 'GET /nodes/pve1/foo' not implemented"
     );
 
-    assert!(fake.job_vms().iter().all(|vm| vm.vmid == 100));
+    assert!(fake
+        .job_vms()
+        .iter()
+        .all(|vm| [100, 150002].contains(&vm.vmid)));
 }
 
 #[tokio::test]
@@ -304,6 +338,8 @@ async fn fingerprint_is_the_served_certificate() {
         .collect();
     assert_eq!(fake.fingerprint(), digest.join(":"));
     assert_eq!(fake.leaf_der(), leaf.as_ref());
+    assert_eq!(fake.connection_count(), 1);
+    assert_eq!(fake.request_count(), 0, "a handshake alone is no request");
 }
 
 #[tokio::test]
@@ -365,7 +401,11 @@ async fn clone_faults_locks_and_concurrency_limits() {
     let delete = api
         .call(Method::DELETE, "/nodes/pve1/qemu/100304", &[("purge", "1")])
         .await;
-    assert_eq!(delete.reason, "VM is locked (clone)");
+    let status = api
+        .wait_task_data(delete.body["data"].as_str().expect("UPID"))
+        .await;
+    assert_eq!(status["exitstatus"], "VM is locked (clone)");
+    assert!(fake.vm(100304).is_some());
     assert!(fake.set_vm_lock(100304, None));
 
     fake.inject(Fault::StartTaskFails {
@@ -388,4 +428,34 @@ async fn clone_faults_locks_and_concurrency_limits() {
     assert_eq!(status["exitstatus"], "OK");
     assert_eq!(fake.vm(100304).expect("vm").status, "running");
     assert!(fake.simulated_time() > Duration::ZERO);
+}
+
+#[tokio::test]
+async fn two_racing_deletes_end_with_one_deletion_and_a_missing_config() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    fake.add_vm(NewVm {
+        vmid: 100400,
+        node: "pve2".into(),
+        name: "orphan".into(),
+        tags: "gitlab-proxmox-runner".into(),
+        ..NewVm::default()
+    });
+    let api = Api::new(&fake);
+    let path = "/nodes/pve2/qemu/100400";
+    let first = api.call(Method::DELETE, path, &[("purge", "1")]).await;
+    let second = api.call(Method::DELETE, path, &[("purge", "1")]).await;
+    let first_upid = first.body["data"].as_str().expect("UPID").to_string();
+    assert!(first_upid.starts_with("UPID:pve2:"), "{first_upid}");
+    let first = api.wait_task_data(&first_upid).await;
+    let second = api
+        .wait_task_data(second.body["data"].as_str().expect("UPID"))
+        .await;
+    assert_eq!(first["exitstatus"], "OK");
+    assert_eq!(
+        second["exitstatus"],
+        "Configuration file 'nodes/pve2/qemu-server/100400.conf' does not exist"
+    );
+    assert!(fake.vm(100400).is_none());
+    let on_wrong_node = api.get("/nodes/pve1/qemu/100400/status/current", &[]).await;
+    assert_eq!(on_wrong_node.status.as_u16(), 500);
 }

@@ -209,10 +209,10 @@ async fn the_fake_answers_like_the_recorded_pve_answers() {
         "qemu-config-put-locked",
     );
     let delete_query = [("purge", "1"), ("destroy-unreferenced-disks", "1")];
-    assert_like(
-        &api.call(Method::DELETE, vm_path, &delete_query).await,
-        "qemu-delete-locked",
-    );
+    let delete_locked = api.call(Method::DELETE, vm_path, &delete_query).await;
+    assert_like(&delete_locked, "qemu-delete-locked");
+    let status = api.wait_task(&upid(&delete_locked)).await;
+    assert_eq!(status.body["data"]["exitstatus"], "VM is locked (clone)");
     let start_locked = api.post(&format!("{vm_path}/status/start"), &[]).await;
     assert_like(
         &api.wait_task(&upid(&start_locked)).await,

@@ -3,6 +3,19 @@
 //! time: a clone, start or delete answers a UPID at once, and the task's effect lands once its
 //! configured duration has passed (computed from `Instant`s on every request; nothing sleeps).
 //!
+//! What it simulates, in PVE's words: token auth (401 after `bad_token_delay`); `cluster/nextid`
+//! (`?vmid=` → 400 `VM N already exists`); `cluster/resources`; clone (linked/full rules,
+//! `lock: clone` while the task runs, inherited tags/description, new net0 MAC, taken id → 500
+//! `config file already exists`; a failed clone removes the half-made VM); config GET/PUT/POST
+//! (tag and description checks, `delete=`, 500 `VM is locked (clone)`); resize; status/current;
+//! start/stop/shutdown/delete tasks (a second racing delete waits and ends with "does not
+//! exist"); task status/log only on the UPID's node; the agent (not running / not configured /
+//! not yet booted, then interfaces `lo`, `eth0` with net0's MAC and `guest_ip`, `docker0`).
+//! Errors put the message into the reason phrase and close the connection. Bodies may be
+//! form-urlencoded (`&` and `;` split fields) or JSON; booleans must be `1`/`0`.
+//! Not simulated: permissions (inject a 403 with [`Fault::HttpErrors`]), pools, storages, HA,
+//! snapshots, real guest-exec output.
+//!
 //! ```ignore
 //! let fake = FakeProxmox::start(FakeConfig::default());
 //! let mut hook = Hook::new(bin, &job_dir).arg("prepare");
@@ -278,6 +291,12 @@ impl FakeProxmox {
 
     pub fn request_count(&self) -> usize {
         self.lock().requests.len()
+    }
+
+    /// TCP connections accepted so far, including ones whose TLS handshake failed (a client
+    /// that rejected the certificate) and ones that never sent a request.
+    pub fn connection_count(&self) -> usize {
+        self.lock().connections
     }
 
     pub fn inject(&self, fault: Fault) {

@@ -300,11 +300,35 @@ fn is_urlencoded(text: &str) -> bool {
         .all(|c| c.is_ascii_alphanumeric() || "-%_.!~*'()".contains(c))
 }
 
+fn missing_config_text(node: &str, vmid: u32) -> String {
+    format!("Configuration file 'nodes/{node}/qemu-server/{vmid}.conf' does not exist")
+}
+
 fn missing_config(node: &str, vmid: u32) -> Reply {
-    fail(
-        500,
-        format!("Configuration file 'nodes/{node}/qemu-server/{vmid}.conf' does not exist"),
-    )
+    fail(500, missing_config_text(node, vmid))
+}
+
+/// Options only root@pam may use; an API token gets a parameter error.
+fn root_only(params: &BTreeMap<String, String>, options: &[&str]) -> Result<()> {
+    let errors: BTreeMap<String, String> = options
+        .iter()
+        .filter(|option| {
+            params
+                .get(**option)
+                .is_some_and(|v| !v.is_empty() && v != "0")
+        })
+        .map(|option| {
+            (
+                option.to_string(),
+                "Only root may use this option.".to_string(),
+            )
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(param_errors(errors))
+    }
 }
 
 fn vm_on_node<'a>(state: &'a State, node: &str, vmid: u32) -> Result<&'a Vm> {
@@ -508,11 +532,6 @@ fn clone(
             format!("value may only be {MAX_DESCRIPTION} characters long"),
         );
     }
-    if let Some(target) = params.get("target") {
-        if !state.is_known_node(target) {
-            errors.insert("target".into(), format!("no such cluster node '{target}'"));
-        }
-    }
     if let Some(format) = params.get("format") {
         if !matches!(format.as_str(), "raw" | "qcow2" | "vmdk") {
             errors.insert(
@@ -533,34 +552,26 @@ fn clone(
         ));
     };
 
+    // The checks qemu-server's clone API makes before forking the worker, in its order; each
+    // `die`s, which the API server turns into a 500 with the text as reason phrase.
     let source_vm = vm_on_node(state, node, source)?;
-    let is_template = source_vm.is_template();
-    let full = full.unwrap_or(!is_template);
-    if !full {
-        for field in ["storage", "format"] {
-            if params.contains_key(field) {
-                errors.insert(
-                    field.to_string(),
-                    format!("parameter '{field}' not allowed for linked clones"),
-                );
-            }
-        }
-        if !errors.is_empty() {
-            return Err(param_errors(errors));
-        }
-    }
     if let Some(lock) = &source_vm.lock {
         return Err(locked(lock));
     }
-    let source_disk = source_vm.config.get("scsi0").cloned().unwrap_or_default();
-    let linked_clone_ok = is_template && source_disk.starts_with("local-lvm:base-");
-    if !full && !linked_clone_ok {
-        return Err(fail(
-            500,
-            "Linked clone feature is not supported for drive 'scsi0'",
-        ));
+    let is_template = source_vm.is_template();
+    let full = full.unwrap_or(!is_template);
+    for field in ["storage", "format"] {
+        if !full && params.contains_key(field) {
+            return Err(fail(
+                500,
+                format!("parameter '{field}' not allowed for linked clones"),
+            ));
+        }
     }
     if let Some(target) = params.get("target").filter(|target| *target != node) {
+        if !state.is_known_node(target) {
+            return Err(fail(500, format!("no such cluster node '{target}'")));
+        }
         return Err(fail(
             500,
             format!("can't clone VM to node '{target}' (VM uses local storage)"),
@@ -576,6 +587,17 @@ fn clone(
         return Err(fail(
             500,
             format!("unable to create VM {newid}: config file already exists"),
+        ));
+    }
+    let source_vm = vm_on_node(state, node, source)?;
+    let source_disk = source_vm.config.get("scsi0").cloned().unwrap_or_default();
+    // Only a template's base volume can back a linked clone.
+    let linked_clone_ok = is_template && source_disk.starts_with("local-lvm:base-");
+    if !full && !linked_clone_ok {
+        let volume = source_disk.split(',').next().unwrap_or_default();
+        return Err(fail(
+            500,
+            format!("Linked clone feature is not supported for '{volume}' (scsi0)"),
         ));
     }
 
@@ -851,13 +873,10 @@ fn set_config(
             }
         }
     }
-    if params.contains_key("skiplock") {
-        // Only root@pam may skip locks; a token never can.
-        return Err(fail(500, "Only root may use this option."));
-    }
     if !errors.is_empty() {
         return Err(param_errors(errors));
     }
+    root_only(params, &["skiplock"])?;
     let vm = vm_on_node_mut(state, node, vmid)?;
     if let Some(lock) = &vm.lock {
         return Err(locked(lock));
@@ -1046,24 +1065,29 @@ fn power(
     if !errors.is_empty() {
         return Err(param_errors(errors));
     }
-    if params.contains_key("skiplock") {
-        return Err(fail(500, "Only root may use this option."));
-    }
-    let vm = vm_on_node(state, node, vmid)?;
-    if vm.is_template() && action == "start" {
-        return Err(fail(500, "you can't start a vm if it's a template"));
-    }
-    let busy = vm.destroying;
-    let lock = vm.lock.clone();
-    let running = vm.running;
+    root_only(
+        params,
+        &["skiplock", "keepActive", "migratedfrom", "stateuri"],
+    )?;
+    // qemu-server forks the worker without looking at the VM; everything else fails the task.
+    let vm = state.vms.get(&vmid).filter(|vm| vm.node == node);
+    let missing = vm.is_none().then(|| missing_config_text(node, vmid));
+    let busy = vm.is_some_and(|vm| vm.destroying);
+    let lock = vm.and_then(|vm| vm.lock.clone());
+    let running = vm.is_some_and(|vm| vm.running);
+    let template = vm.is_some_and(Vm::is_template);
     let duration = state.config.task_time;
     let (kind, mut error, effect, log) = match action {
         "start" => {
             let boot_time = state.config.boot_time;
-            let error = if busy {
+            let error = if let Some(missing) = missing {
+                Some(missing)
+            } else if busy {
                 Some(lock_timeout(vmid))
             } else if let Some(lock) = lock {
                 Some(format!("VM is locked ({lock})"))
+            } else if template {
+                Some("you can't start a vm if it's a template".to_string())
             } else if running {
                 Some(format!("VM {vmid} already running"))
             } else {
@@ -1073,11 +1097,13 @@ fn power(
                 "qmstart",
                 error,
                 Effect::Started { vmid, boot_time },
-                vec![format!("start VM {vmid}: UPID")],
+                vec![format!("start VM {vmid}")],
             )
         }
         _ => {
-            let error = if busy {
+            let error = if let Some(missing) = missing {
+                Some(missing)
+            } else if busy {
                 Some(lock_timeout(vmid))
             } else {
                 lock.map(|lock| format!("VM is locked ({lock})"))
@@ -1138,22 +1164,41 @@ fn destroy(
     if !errors.is_empty() {
         return Err(param_errors(errors));
     }
-    if params.contains_key("skiplock") {
-        return Err(fail(500, "Only root may use this option."));
-    }
+    root_only(params, &["skiplock"])?;
     let vm = vm_on_node_mut(state, node, vmid)?;
-    if vm.is_template() && vm.config.get("protection").is_some_and(|p| p == "1") {
-        return Err(fail(500, "can't remove VM - protection mode enabled"));
+    if vm.config.get("protection").is_some_and(|p| p == "1") {
+        return Err(fail(
+            500,
+            format!("can't remove VM {vmid} - protection mode enabled"),
+        ));
     }
-    if let Some(lock) = &vm.lock {
-        return Err(locked(lock));
-    }
+    // The only early check besides existence; the lock is checked inside the worker.
     if vm.running {
         return Err(fail(500, format!("VM {vmid} is running - destroy failed")));
     }
-    let error = vm.destroying.then(|| lock_timeout(vmid));
-    vm.destroying = true;
-    let duration = state.config.task_time;
+    let already_destroying = vm.destroying;
+    let lock = vm.lock.clone();
+    if !already_destroying && lock.is_none() {
+        vm.destroying = true;
+    }
+    let mut duration = state.config.task_time;
+    let mut error = None;
+    if already_destroying {
+        // The second destroy waits for the first one's config lock, then finds no config.
+        let now = Instant::now();
+        let first_ends = state
+            .tasks
+            .iter()
+            .filter(|task| task.kind == "qmdestroy" && task.id == vmid.to_string())
+            .filter(|task| task.running())
+            .map(|task| task.ends)
+            .max()
+            .unwrap_or(now);
+        duration = duration.max(first_ends.saturating_duration_since(now));
+        error = Some(missing_config_text(node, vmid));
+    } else if let Some(lock) = lock {
+        error = Some(format!("VM is locked ({lock})"));
+    }
     Ok(Value::String(state.spawn_task(TaskSpec {
         node: node.to_string(),
         kind: "qmdestroy",
@@ -1198,10 +1243,7 @@ fn task_status(state: &State, node: &str, upid: &str) -> Result<Value> {
 fn find_task<'a>(state: &'a State, node: &str, upid: &str) -> Result<&'a super::state::Task> {
     let parts: Vec<&str> = upid.split(':').collect();
     if parts.len() < 9 || parts[0] != "UPID" {
-        return Err(param_error(
-            "upid",
-            format!("unable to parse worker upid '{upid}'"),
-        ));
+        return Err(param_error("upid", "unable to parse worker upid"));
     }
     // Each node only knows its own tasks; pvedaemon on another node has no such file.
     match state.find_task(upid) {

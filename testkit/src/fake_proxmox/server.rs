@@ -170,6 +170,7 @@ fn serve(
                     Err(_) => continue,
                 },
             };
+            lock(&state).connections += 1;
             let acceptor = acceptor.clone();
             let state = state.clone();
             tokio::spawn(async move {

@@ -14,6 +14,8 @@ pub(crate) struct State {
     pub vms: BTreeMap<u32, Vm>,
     pub tasks: Vec<Task>,
     pub requests: Vec<RecordedRequest>,
+    /// TCP connections accepted, TLS handshake or not.
+    pub connections: usize,
     pub faults: Vec<Fault>,
     pub max_concurrent_clones: usize,
     pub simulated_time: Duration,
@@ -148,6 +150,7 @@ impl State {
             vms: BTreeMap::new(),
             tasks: Vec::new(),
             requests: Vec::new(),
+            connections: 0,
             faults: Vec::new(),
             max_concurrent_clones: 0,
             simulated_time: Duration::ZERO,
