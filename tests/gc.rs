@@ -133,9 +133,9 @@ fn orphans_are_destroyed_and_live_vms_kept() {
     job_vm(&fake, live[0], &marker("xS6Vzpvo", 201, 60));
     job_vm(&fake, live[1], &marker("other123", 202, 10 * 3600));
 
-    gc(&fake, &[])
-        .assert_ok()
-        .assert_summary("gc: 4 orphans destroyed, 0 skipped (locked), 2 live kept, 4 foreign ignored in ");
+    gc(&fake, &[]).assert_ok().assert_summary(
+        "gc: 4 orphans destroyed, 0 skipped (locked), 2 live kept, 4 foreign ignored in ",
+    );
     for vmid in orphans.into_iter().chain([2_000_104]) {
         assert!(!exists(&fake, vmid), "orphan {vmid} must be gone");
     }
@@ -164,7 +164,9 @@ fn max_age_decides_what_is_an_orphan() {
     job_vm(&fake, 2_000_301, &marker("xS6Vzpvo", 1, 5 * 3600));
     job_vm(&fake, 2_000_302, &marker("xS6Vzpvo", 2, 3 * 3600));
     // Under the default (25 h) both are live.
-    gc(&fake, &[]).assert_ok().assert_summary("0 orphans destroyed");
+    gc(&fake, &[])
+        .assert_ok()
+        .assert_summary("0 orphans destroyed");
     assert!(exists(&fake, 2_000_301) && exists(&fake, 2_000_302));
     gc(&fake, &["--max-age", "4h"])
         .assert_ok()
@@ -198,7 +200,12 @@ fn foreign_vms_are_never_touched() {
         // The tag and a marker of an unknown (future) format.
         (2_000_004, TAG, valid_line.replace("v=1", "v=2"), false),
         // The tag and two marker lines: edited by hand, trust neither.
-        (2_000_005, TAG, format!("{valid_line}\n{valid_line}\n"), false),
+        (
+            2_000_005,
+            TAG,
+            format!("{valid_line}\n{valid_line}\n"),
+            false,
+        ),
         // A template carrying tag and marker.
         (2_000_006, TAG, old.description(), true),
         // Tag and marker, but outside PROXMOX_VMID_RANGE.
@@ -226,7 +233,9 @@ fn foreign_vms_are_never_touched() {
     ));
     assert!(!exists(&fake, 2_000_500));
     for (vmid, ..) in &foreign {
-        let vm = fake.vm(*vmid).unwrap_or_else(|| panic!("foreign VM {vmid} was deleted"));
+        let vm = fake
+            .vm(*vmid)
+            .unwrap_or_else(|| panic!("foreign VM {vmid} was deleted"));
         if !vm.template {
             assert_eq!(vm.status, "running", "foreign VM {vmid} was stopped");
         }
@@ -330,11 +339,16 @@ fn dry_run_lists_what_it_would_do_and_changes_nothing() {
         "gc (dry run): 2 orphans would be destroyed, 0 skipped (locked), 1 live kept",
     );
     assert!(
-        run.stderr.contains("would destroy VM 2000401 on pve1 (job 1, runner xS6Vzpvo, age 48.0 h)"),
+        run.stderr
+            .contains("would destroy VM 2000401 on pve1 (job 1, runner xS6Vzpvo, age 48.0 h)"),
         "{}",
         run.stderr
     );
-    assert!(changing_requests(&fake).is_empty(), "{:?}", changing_requests(&fake));
+    assert!(
+        changing_requests(&fake).is_empty(),
+        "{:?}",
+        changing_requests(&fake)
+    );
     assert_eq!(fake.job_vms().len(), 3);
     assert!(fake.job_vms().iter().all(|vm| vm.status == "running"));
 }
@@ -346,7 +360,9 @@ fn runner_limits_the_sweep_to_one_runners_vms() {
     job_vm(&fake, 2_000_502, &marker("hostBBBB", 2, 2 * DAY));
     gc(&fake, &["--runner", "hostAAAA"])
         .assert_ok()
-        .assert_summary("gc: 1 orphans destroyed, 0 skipped (locked), 0 live kept, 1 of other runners kept");
+        .assert_summary(
+            "gc: 1 orphans destroyed, 0 skipped (locked), 0 live kept, 1 of other runners kept",
+        );
     assert!(!exists(&fake, 2_000_501));
     assert!(exists(&fake, 2_000_502));
 }

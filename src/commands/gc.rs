@@ -96,7 +96,10 @@ pub fn has_driver_tag(tags: Option<&str>) -> bool {
 enum FirstLook {
     Foreign,
     /// Ours by tag, in range: read its marker.
-    Tagged { node: String, vmid: u32 },
+    Tagged {
+        node: String,
+        vmid: u32,
+    },
 }
 
 fn first_look(vm: &ClusterVm, range: (u32, u32)) -> FirstLook {
@@ -197,7 +200,10 @@ pub async fn gc(
     max_age: Option<&str>,
     dry_run: bool,
 ) -> Result<()> {
-    let max_age = max_age.map(parse_age).transpose()?.unwrap_or(DEFAULT_MAX_AGE);
+    let max_age = max_age
+        .map(parse_age)
+        .transpose()?
+        .unwrap_or(DEFAULT_MAX_AGE);
     let runner = runner.map(str::trim).filter(|token| !token.is_empty());
     let client = Arc::new(Client::new(&context.settings)?);
     tokio::select! {
@@ -218,9 +224,10 @@ async fn sweep(
     let started = Instant::now();
     let range = context.settings.vmid_range;
     let mut tally = Tally::default();
-    let vms = client.cluster_vms().await.map_err(|err| {
-        Error::proxmox("gc: listing the cluster's VMs (/cluster/resources)", err)
-    })?;
+    let vms = client
+        .cluster_vms()
+        .await
+        .map_err(|err| Error::proxmox("gc: listing the cluster's VMs (/cluster/resources)", err))?;
     joblog::info(format!(
         "gc: {} guests on the cluster; looking for VMs tagged {} in {}-{} older than {}{}",
         vms.len(),
@@ -239,7 +246,10 @@ async fn sweep(
             continue;
         };
         let config = client.vm_config(&node, vmid).await.map_err(|err| {
-            Error::proxmox(format!("gc: reading the config of VM {vmid} on {node}"), err)
+            Error::proxmox(
+                format!("gc: reading the config of VM {vmid} on {node}"),
+                err,
+            )
         })?;
         let Some(config) = config else {
             // Removed since the listing: nothing to judge.
@@ -325,7 +335,9 @@ async fn destroy_all(client: &Arc<Client>, orphans: Vec<Orphan>, tally: &mut Tal
         let (orphan, outcome) = match joined {
             Ok(done) => done,
             Err(err) => {
-                tally.failed.push(format!("a destroy task ended abnormally: {err}"));
+                tally
+                    .failed
+                    .push(format!("a destroy task ended abnormally: {err}"));
                 continue;
             }
         };
@@ -351,7 +363,10 @@ async fn destroy_all(client: &Arc<Client>, orphans: Vec<Orphan>, tally: &mut Tal
             }
             Ok(None) => tally.locked += 1,
             Err(err) => {
-                joblog::warn(format!("gc: could not destroy {}: {err}", orphan.describe()));
+                joblog::warn(format!(
+                    "gc: could not destroy {}: {err}",
+                    orphan.describe()
+                ));
                 tally.failed.push(format!("VM {}: {err}", orphan.vmid));
             }
         }
@@ -397,7 +412,16 @@ mod tests {
         assert_eq!(parse_age(" 45s ").unwrap(), Duration::from_secs(45));
         assert_eq!(parse_age("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_age("0s").unwrap(), Duration::ZERO);
-        for bad in ["", "90", "h", "4x", "-1h", "1.5h", "4 h", "99999999999999999999d"] {
+        for bad in [
+            "",
+            "90",
+            "h",
+            "4x",
+            "-1h",
+            "1.5h",
+            "4 h",
+            "99999999999999999999d",
+        ] {
             assert!(parse_age(bad).is_err(), "{bad:?}");
         }
     }
@@ -445,8 +469,14 @@ mod tests {
             first_look(&listed(2_000_001, ours, true), range),
             FirstLook::Foreign
         );
-        assert_eq!(first_look(&listed(1_999_999, ours, false), range), FirstLook::Foreign);
-        assert_eq!(first_look(&listed(3_000_000, ours, false), range), FirstLook::Foreign);
+        assert_eq!(
+            first_look(&listed(1_999_999, ours, false), range),
+            FirstLook::Foreign
+        );
+        assert_eq!(
+            first_look(&listed(3_000_000, ours, false), range),
+            FirstLook::Foreign
+        );
         assert_eq!(
             first_look(&listed(2_000_001, Some("ubuntu"), false), range),
             FirstLook::Foreign
