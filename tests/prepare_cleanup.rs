@@ -34,7 +34,7 @@ fn hook_without_key(fake: &FakeProxmox, dir: &Path, job_id: u64) -> Hook {
     }
     hook.host_env("VM_NETWORK_CIDRS", "127.0.0.0/8")
         .host_env("VM_SSH_PORT", closed_port().to_string())
-        .host_env("VM_BOOT_TIMEOUT", "3")
+        .host_env("VM_BOOT_TIMEOUT", "20")
         .host_env("PROXMOX_VMID_RANGE", "2000000-2999999")
         .job_var("CI_JOB_ID", job_id.to_string())
         .job_var("CI_PIPELINE_ID", "77")

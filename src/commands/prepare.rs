@@ -278,8 +278,12 @@ impl Provisioning<'_> {
                 let vms = self.client.cluster_vms().await.map_err(|err| {
                     Error::proxmox("listing the cluster's VMs to find the template", err)
                 })?;
+                // Container templates are listed too; only QEMU templates can be cloned here.
                 let found = vms.iter().find(|vm| {
-                    vm.template && vm.node == node && vm.name.as_deref() == Some(wanted)
+                    vm.template
+                        && vm.node == node
+                        && vm.name.as_deref() == Some(wanted)
+                        && vm.kind.as_deref().is_none_or(|kind| kind == "qemu")
                 });
                 match found.and_then(|vm| u32::try_from(vm.vmid).ok()) {
                     Some(vmid) => vmid,

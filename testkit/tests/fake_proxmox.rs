@@ -140,10 +140,22 @@ async fn wrong_token_gets_401_and_is_recorded() {
     api.auth = "PVEAPIToken=ci@pve!runner=wrong".into();
     let answer = api.get("/version", &[]).await;
     assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(answer.reason, "invalid token value!");
+    api.auth = "PVEAPIToken=ci@pve!other=fake-token-0f1e2d3c".into();
+    let other_token = api.get("/version", &[]).await;
+    assert_eq!(other_token.status, StatusCode::UNAUTHORIZED);
+    api.auth = String::new();
+    let no_token = api.get("/version", &[]).await;
+    assert_eq!(no_token.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(no_token.reason, "No ticket");
     let requests = fake.requests();
-    assert_eq!(requests.len(), 1);
-    assert!(!requests[0].authorized);
+    assert_eq!(requests.len(), 3);
+    assert!(requests.iter().all(|request| !request.authorized));
     assert_eq!(requests[0].path, "/api2/json/version");
+
+    let api = Api::new(&fake);
+    assert_eq!(api.get("/version", &[]).await.status, StatusCode::OK);
+    assert!(fake.requests()[3].authorized);
 }
 
 #[tokio::test]
@@ -458,4 +470,44 @@ async fn two_racing_deletes_end_with_one_deletion_and_a_missing_config() {
     assert!(fake.vm(100400).is_none());
     let on_wrong_node = api.get("/nodes/pve1/qemu/100400/status/current", &[]).await;
     assert_eq!(on_wrong_node.status.as_u16(), 500);
+}
+
+#[tokio::test]
+async fn agent_errors_follow_pves_order() {
+    let fake = FakeProxmox::start(FakeConfig {
+        boot_time: Duration::ZERO,
+        ..FakeConfig::default()
+    });
+    let api = Api::new(&fake);
+    for (vmid, change) in [("100500", ("delete", "agent")), ("100501", ("agent", "0"))] {
+        let clone = api
+            .post("/nodes/pve1/qemu/60900/clone", &[("newid", vmid)])
+            .await;
+        api.wait_task_data(clone.body["data"].as_str().expect("UPID"))
+            .await;
+        let put = api
+            .call(
+                Method::PUT,
+                &format!("/nodes/pve1/qemu/{vmid}/config"),
+                &[change],
+            )
+            .await;
+        assert_eq!(put.status, StatusCode::OK, "{}", put.body);
+    }
+    let ping = |vmid: &'static str| {
+        let api = &api;
+        async move {
+            api.post(&format!("/nodes/pve1/qemu/{vmid}/agent/ping"), &[])
+                .await
+                .reason
+        }
+    };
+    // No agent key at all: permanent, whether the VM runs or not.
+    assert_eq!(ping("100500").await, "No QEMU guest agent configured");
+    assert_eq!(ping("100501").await, "VM 100501 is not running");
+    let start = api.post("/nodes/pve1/qemu/100501/status/start", &[]).await;
+    api.wait_task_data(start.body["data"].as_str().expect("UPID"))
+        .await;
+    // `agent: 0` means no QGA device: the ping simply never answers.
+    assert_eq!(ping("100501").await, "QEMU guest agent is not running");
 }

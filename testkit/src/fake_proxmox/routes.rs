@@ -1009,7 +1009,7 @@ fn status_current(state: &State, node: &str, vmid: u32) -> Result<Value> {
     );
     object.insert("maxdisk".into(), json!(21474836480u64));
     object.insert("ha".into(), json!({ "managed": 0 }));
-    if vm.agent_configured() {
+    if vm.agent_enabled() {
         object.insert("agent".into(), json!(1));
     }
     if vm.running {
@@ -1315,13 +1315,17 @@ fn agent(
     }
     let guest_ip = state.config.guest_ip;
     let vm = vm_on_node(state, node, vmid)?;
+    // assert_agent_available's order: config key, running, then a guest-ping. A disabled agent
+    // (`agent: 0`) has no QGA device, so its ping fails like a guest that has not booted yet.
+    if !vm.config.contains_key("agent") {
+        return Err(fail(500, "No QEMU guest agent configured"));
+    }
     if !vm.running {
         return Err(fail(500, format!("VM {vmid} is not running")));
     }
-    if !vm.agent_configured() {
-        return Err(fail(500, "No QEMU guest agent configured"));
-    }
-    let ready = !vm.agent_never && vm.agent_ready_at.is_some_and(|at| at <= Instant::now());
+    let ready = vm.agent_enabled()
+        && !vm.agent_never
+        && vm.agent_ready_at.is_some_and(|at| at <= Instant::now());
     if !ready {
         return Err(fail(500, "QEMU guest agent is not running"));
     }
@@ -1338,14 +1342,16 @@ fn agent(
                 ));
             };
             match state.config.guest_files.get(file) {
+                // `truncated` appears only when the 16 MiB limit cut the file.
                 Some(content) => Ok(json!({
                     "content": content,
                     "bytes-read": content.len(),
-                    "truncated": 0,
                 })),
                 None => Err(fail(
                     500,
-                    format!("Agent error: Failed to open file '{file}': No such file or directory"),
+                    format!(
+                        "Agent error: failed to open file '{file}' (mode: 'r'): No such file or directory"
+                    ),
                 )),
             }
         }

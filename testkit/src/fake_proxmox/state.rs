@@ -62,7 +62,7 @@ impl Vm {
         }
     }
 
-    pub fn agent_configured(&self) -> bool {
+    pub fn agent_enabled(&self) -> bool {
         // The agent option is a property string: `1`, `enabled=1,fstrim_cloned_disks=1`, ...
         self.config.get("agent").is_some_and(|value| {
             let first = value.split(',').next().unwrap_or("");
