@@ -119,14 +119,19 @@ pub(super) async fn exec_capture(connection: &Connection, command: &str) -> Resu
         stdout: Vec::new(),
         stderr: Vec::new(),
     };
+    let mut eof = false;
     while let Some(message) = channel.wait().await {
         match message {
             ChannelMsg::Data { data } => output.stdout.extend_from_slice(&data),
             ChannelMsg::ExtendedData { data, ext: 1 } => output.stderr.extend_from_slice(&data),
             ChannelMsg::ExitStatus { exit_status } => output.status = Some(exit_status),
             ChannelMsg::ExitSignal { signal_name: s, .. } => output.signal = Some(signal_name(&s)),
+            ChannelMsg::Eof => eof = true,
             ChannelMsg::Close => break,
             _ => {}
+        }
+        if eof && (output.status.is_some() || output.signal.is_some()) {
+            break;
         }
     }
     if output.status.is_none() && output.signal.is_none() && connection.handle.is_closed() {
@@ -184,6 +189,7 @@ pub(super) async fn run_stage(
     let mut stderr_head: Vec<u8> = Vec::new();
     let mut status: Option<u32> = None;
     let mut signal: Option<String> = None;
+    let mut eof = false;
     let mut cancelled: Option<&'static str> = None;
     let mut kill = None;
     let mut give_up = None;
@@ -198,11 +204,26 @@ pub(super) async fn run_stage(
                     }
                     stderr.write(&data);
                 }
-                Some(ChannelMsg::ExitStatus { exit_status }) => status = Some(exit_status),
+                // Exit status and EOF come in either order; once both are in, all output has
+                // arrived (EOF covers stderr too) and there is no need to wait for Close.
+                Some(ChannelMsg::ExitStatus { exit_status }) => {
+                    status = Some(exit_status);
+                    if eof {
+                        break;
+                    }
+                }
                 Some(ChannelMsg::ExitSignal { signal_name: s, .. }) => {
                     signal = Some(signal_name(&s));
+                    if eof {
+                        break;
+                    }
                 }
-                // EOF may come before or after the exit status: only Close ends the stage.
+                Some(ChannelMsg::Eof) => {
+                    eof = true;
+                    if status.is_some() || signal.is_some() {
+                        break;
+                    }
+                }
                 Some(ChannelMsg::Close) | None => break,
                 Some(_) => {}
             },
