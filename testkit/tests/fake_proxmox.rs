@@ -529,3 +529,62 @@ async fn agent_errors_follow_pves_order() {
         .await;
     assert_eq!(ping("100502").await, "QEMU guest agent is not running");
 }
+
+#[tokio::test]
+async fn linked_clones_only_from_templates_and_full_by_default_otherwise() {
+    let fake = FakeProxmox::start(FakeConfig {
+        clone_time: Duration::ZERO,
+        ..FakeConfig::default()
+    });
+    fake.add_vm(NewVm {
+        vmid: 9000,
+        name: "custom-template".into(),
+        template: true,
+        ..NewVm::default()
+    });
+    fake.add_vm(NewVm {
+        vmid: 9001,
+        name: "plain-vm".into(),
+        ..NewVm::default()
+    });
+    let api = Api::new(&fake);
+
+    let linked = api
+        .post("/nodes/pve1/qemu/9000/clone", &[("newid", "100600")])
+        .await;
+    assert_eq!(linked.status, StatusCode::OK, "{}", linked.body);
+    let refused = api
+        .post(
+            "/nodes/pve1/qemu/9001/clone",
+            &[("newid", "100601"), ("full", "0")],
+        )
+        .await;
+    assert_eq!(refused.status.as_u16(), 500);
+    assert_eq!(
+        refused.reason,
+        "Linked clone feature is not supported for 'local-lvm:vm-9001-disk-0' (scsi0)"
+    );
+    let copied = api
+        .post("/nodes/pve1/qemu/9001/clone", &[("newid", "100602")])
+        .await;
+    assert_eq!(copied.status, StatusCode::OK, "{}", copied.body);
+    for upid in [&linked, &copied] {
+        let status = api
+            .wait_task_data(upid.body["data"].as_str().expect("UPID"))
+            .await;
+        assert_eq!(status["exitstatus"], "OK");
+    }
+    assert_eq!(fake.vm(100600).and_then(|vm| vm.full_clone), Some(false));
+    assert_eq!(fake.vm(100602).and_then(|vm| vm.full_clone), Some(true));
+    assert!(fake.vm(100601).is_none());
+    let elsewhere = api
+        .post(
+            "/nodes/pve1/qemu/9000/clone",
+            &[("newid", "100603"), ("target", "pve2")],
+        )
+        .await;
+    assert_eq!(
+        elsewhere.reason,
+        "can't clone VM to node 'pve2' (VM uses local storage)"
+    );
+}
