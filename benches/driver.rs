@@ -891,8 +891,8 @@ fn machine_description(options: &Options) -> String {
     let _ = writeln!(text, "| driver measured | `{}` |", options.bin.display());
     let _ = writeln!(
         text,
-        "| sshd | loopback, ed25519 host key, `SetEnv HOME=` a home with Debian's stock \
-         .bashrc, sftp subsystem `{}` |",
+        "| sshd | loopback, ed25519 host key, sessions with an empty `HOME` (no dotfiles), \
+         sftp subsystem `{}` |",
         if Path::new(SFTP_SERVER).exists() {
             SFTP_SERVER
         } else {
@@ -921,21 +921,11 @@ fn main() {
         .prefix("gpr-bench-")
         .tempdir()
         .expect("scratch dir");
-    // The "VM" account's shell startup is part of every remote command. This machine's root
-    // has a ~/.bashrc that runs `pyenv init` (hundreds of ms per command, and bash sources
-    // ~/.bashrc for commands run by sshd), so the sessions get a home with the stock Debian
-    // .bashrc guard instead, as a cloud image has. And sftp is the separate
+    // The sessions get an empty HOME (testkit): this machine's root has a ~/.bashrc that runs
+    // `pyenv init`, hundreds of ms per remote command (bash sources ~/.bashrc for commands run
+    // by sshd), which a VM's account does not have. And sftp is the separate
     // /usr/lib/openssh/sftp-server process Debian and Ubuntu configure, not sshd's built-in.
-    let home = scratch.path().join("home");
-    std::fs::create_dir_all(&home).expect("home dir");
-    std::fs::write(
-        home.join(".bashrc"),
-        "# ~/.bashrc: executed by bash(1) for non-login shells.\n\
-         # If not running interactively, don't do anything\n\
-         case $- in\n    *i*) ;;\n      *) return;;\nesac\n",
-    )
-    .expect("write .bashrc");
-    let mut builder = Sshd::builder().config(format!("SetEnv HOME={}", home.display()));
+    let mut builder = Sshd::builder();
     if Path::new(SFTP_SERVER).exists() {
         builder = builder.sftp_subsystem(SFTP_SERVER);
     }

@@ -39,7 +39,7 @@ pub enum Command {
         /// Only VMs created by this runner (its short token); default: every runner's.
         #[arg(long, value_name = "SHORT_TOKEN")]
         runner: Option<String>,
-        /// Only VMs older than this (e.g. 90m, 4h, 2d; default: 4h).
+        /// Only VMs older than this (e.g. 90m, 4h, 2d; default: 25h, a 24 h job plus 1 h).
         #[arg(long, value_name = "AGE")]
         max_age: Option<String>,
         /// List what would be destroyed, change nothing.

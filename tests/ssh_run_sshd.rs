@@ -168,10 +168,7 @@ fn a_sudo_that_wants_a_password_fails_fast_and_says_so() {
     .unwrap();
     std::fs::set_permissions(&sudo, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let sshd = Sshd::builder()
-        .config(format!(
-            "SetEnv PATH={}:/usr/bin:/bin",
-            fake.path().display()
-        ))
+        .session_env("PATH", format!("{}:/usr/bin:/bin", fake.path().display()))
         .start();
     let key = ClientKey::ed25519();
     sshd.authorize(&key);
@@ -223,4 +220,158 @@ fn losing_the_vm_mid_stage_is_a_system_failure() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(SYSTEM_FAILURE), "{stderr}");
     assert!(stderr.contains("lost mid-stage"), "{stderr}");
+}
+
+#[test]
+fn a_key_file_path_works_too() {
+    let Some((sshd, key)) = started("a_key_file_path_works_too") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("id_ed25519");
+    std::fs::write(&path, &key.private_text).unwrap();
+    let by_path = ClientKey {
+        private_text: path.display().to_string(),
+        ..key.clone()
+    };
+    let job = tempfile::tempdir().unwrap();
+    let out = stage_hook(
+        BIN,
+        job.path(),
+        &target(&sshd),
+        &by_path,
+        "build_script",
+        "echo ok\n",
+    )
+    .run();
+    out.assert_exit(0);
+    assert_eq!(out.stdout, "ok\n");
+}
+
+/// Files under `root` modified since `since` (skipping huge ones and unreadable ones).
+fn files_changed_since(
+    root: &std::path::Path,
+    since: std::time::SystemTime,
+    out: &mut Vec<std::path::PathBuf>,
+) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Ok(meta) = entry.metadata() else { continue };
+        let path = entry.path();
+        if meta.is_dir() {
+            // Build outputs are large and written by other builds; no key can be in them
+            // unless a file there is new, and those are checked by mtime below anyway.
+            files_changed_since(&path, since, out);
+        } else if meta.is_file()
+            && meta.len() < 64 * 1024 * 1024
+            && meta.modified().is_ok_and(|modified| modified >= since)
+        {
+            out.push(path);
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty()
+        && haystack
+            .windows(needle.len())
+            .any(|window| window == needle)
+}
+
+#[test]
+fn the_key_never_reaches_disk_or_the_process_environment() {
+    use std::io::BufRead;
+    let Some(sshd) = Sshd::start_or_skip("the_key_never_reaches_disk_or_the_process_environment")
+    else {
+        return;
+    };
+    let key = ClientKey::generate(KeyKind::Ed25519, Some("pass-phrase-for-scan-test"));
+    sshd.authorize(&key);
+    let fragments = key.secret_fragments();
+    let raw = key.raw_secret_bytes();
+    assert!(!fragments.is_empty() && raw.len() == 32);
+
+    let job = tempfile::tempdir().unwrap();
+    let gate = tempfile::tempdir().unwrap();
+    let proceed = gate.path().join("proceed");
+    let since = std::time::SystemTime::now();
+    let body = format!(
+        "echo ready\nwhile [ ! -e '{}' ]; do sleep 0.05; done\necho done\n",
+        proceed.display()
+    );
+    let mut child = stage_hook(BIN, job.path(), &target(&sshd), &key, "build_script", &body)
+        .runner_env("VM_SSH_PRIVATE_KEY", key.private_text.clone())
+        .command()
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+
+    // While the stage runs: the environment block holds neither the key nor the passphrase
+    // (both forms: plain and CUSTOM_ENV_), and core dumps are off.
+    let environ = std::fs::read(format!("/proc/{}/environ", child.id())).unwrap();
+    assert!(
+        contains(&environ, b"VM_SSH_PRIVATE_KEY="),
+        "the test did not set the key"
+    );
+    for fragment in &fragments {
+        assert!(
+            !contains(&environ, fragment.as_bytes()),
+            "key text in /proc/PID/environ"
+        );
+    }
+    assert!(
+        !contains(&environ, b"pass-phrase-for-scan-test"),
+        "passphrase in environ"
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert!(core.split_whitespace().nth(4) == Some("0"), "{core}");
+
+    std::fs::write(&proceed, "").unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+
+    let mut changed = Vec::new();
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+    for root in [
+        Some(job.path().to_path_buf()),
+        home,
+        Some("/tmp".into()),
+        Some("/dev/shm".into()),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        files_changed_since(&root, since, &mut changed);
+    }
+    assert!(
+        changed.iter().any(|p| p.starts_with(job.path())),
+        "the scan saw none of the job's own files: {changed:?}"
+    );
+    for path in changed {
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        for fragment in &fragments {
+            assert!(
+                !contains(&bytes, fragment.as_bytes()),
+                "key text found in {}",
+                path.display()
+            );
+        }
+        assert!(
+            !contains(&bytes, &raw),
+            "raw key bytes found in {}",
+            path.display()
+        );
+    }
 }

@@ -1,15 +1,503 @@
-//! gc: destroy VMs this driver created whose jobs are gone (orphans after a runner crash).
+//! gc: destroy VMs this driver created whose jobs are gone (orphans after a runner crash, an OOM
+//! kill or a host reboot, when cleanup_exec never ran).
+//!
+//! A VM is a candidate only when every one of these holds: it is a QEMU guest, not a template,
+//! its VMID is inside `PROXMOX_VMID_RANGE`, it carries the driver's tag, and its description
+//! holds exactly one ownership marker that parses. Everything else is foreign and never touched.
+//! A candidate older than `--max-age` (by the creation time in its marker) is an orphan and is
+//! removed with the same stop+delete as cleanup, which re-reads the marker right before acting,
+//! so a VMID reused meanwhile by a new job is left alone. Sweeps on many runner hosts may race
+//! on one VM: the loser finds it gone and counts it as done.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::task::JoinSet;
 
 use crate::commands::Context;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::joblog;
+use crate::marker::Marker;
+use crate::proxmox::types::ClusterVm;
+use crate::proxmox::Client;
+use crate::teardown::{self, Teardown};
+
+/// The age after which a VM is an orphan when `--max-age` is not given: a 24 h job (well above
+/// GitLab's default 1 h job timeout, and the longest `maximum_timeout` most runners allow) plus
+/// 1 h for prepare (clone, boot) and cleanup. Runners that allow longer jobs must pass a larger
+/// `--max-age`; a smaller one only when their `maximum_timeout` is smaller too.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(25 * 3600);
+/// Orphans stopped and deleted at the same time.
+const PARALLEL_DESTROYS: usize = 4;
+/// Per orphan, waits for a lock that appears while we act included.
+const DESTROY_TIMEOUT: Duration = Duration::from_secs(3 * 60);
+
+/// Parses `90m`, `4h`, `2d`, `45s`, `1h30m`, `1d12h` (a bare number is refused: which unit?).
+pub fn parse_age(text: &str) -> Result<Duration> {
+    let bad = || {
+        Error::Settings(format!(
+            "--max-age {text:?} is not an age like 90m, 4h, 2d or 1h30m (units: s, m, h, d)"
+        ))
+    };
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(bad());
+    }
+    let mut total: u64 = 0;
+    let mut number = String::new();
+    for ch in text.chars() {
+        if ch.is_ascii_digit() {
+            number.push(ch);
+            continue;
+        }
+        let unit: u64 = match ch {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => return Err(bad()),
+        };
+        let value: u64 = number.parse().map_err(|_| bad())?;
+        number.clear();
+        total = value
+            .checked_mul(unit)
+            .and_then(|secs| total.checked_add(secs))
+            .ok_or_else(bad)?;
+    }
+    if !number.is_empty() {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs(total))
+}
+
+/// `45 s`, `12 min`, `26.1 h`, `3.0 d`.
+fn age_text(age: Duration) -> String {
+    let secs = age.as_secs();
+    if secs < 120 {
+        format!("{secs} s")
+    } else if secs < 2 * 3600 {
+        format!("{} min", secs / 60)
+    } else if secs < 3 * 86_400 {
+        format!("{:.1} h", secs as f64 / 3600.0)
+    } else {
+        format!("{:.1} d", secs as f64 / 86_400.0)
+    }
+}
+
+/// Whether `tags` (PVE: `a;b`, older or hand-edited: `a,b` or `a b`) holds the driver's tag.
+pub fn has_driver_tag(tags: Option<&str>) -> bool {
+    tags.unwrap_or("")
+        .split([';', ',', ' '])
+        .any(|tag| tag.trim() == crate::VM_TAG)
+}
+
+/// What the listing alone says about a guest.
+#[derive(Debug, PartialEq, Eq)]
+enum FirstLook {
+    Foreign,
+    /// Ours by tag, in range: read its marker.
+    Tagged {
+        node: String,
+        vmid: u32,
+    },
+}
+
+fn first_look(vm: &ClusterVm, range: (u32, u32)) -> FirstLook {
+    let Ok(vmid) = u32::try_from(vm.vmid) else {
+        return FirstLook::Foreign;
+    };
+    let is_qemu = vm.kind.as_deref().is_none_or(|kind| kind == "qemu");
+    if !is_qemu
+        || vm.template
+        || vm.node.is_empty()
+        || !(range.0..=range.1).contains(&vmid)
+        || !has_driver_tag(vm.tags.as_deref())
+    {
+        return FirstLook::Foreign;
+    }
+    FirstLook::Tagged {
+        node: vm.node.clone(),
+        vmid,
+    }
+}
+
+struct Orphan {
+    node: String,
+    vmid: u32,
+    marker: Marker,
+    age: Duration,
+}
+
+impl Orphan {
+    fn describe(&self) -> String {
+        format!(
+            "VM {} on {} (job {}, runner {}, age {})",
+            self.vmid,
+            self.node,
+            self.marker
+                .job_id
+                .map_or_else(|| "-".to_string(), |id| id.to_string()),
+            self.marker.runner.as_deref().unwrap_or("-"),
+            age_text(self.age)
+        )
+    }
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    destroyed: usize,
+    already_gone: usize,
+    would_destroy: usize,
+    locked: usize,
+    live: usize,
+    other_runners: usize,
+    foreign: usize,
+    failed: Vec<String>,
+}
+
+impl Tally {
+    fn summary(&self, dry_run: bool, took: Duration) -> String {
+        let mut parts = Vec::new();
+        if dry_run {
+            parts.push(format!("{} orphans would be destroyed", self.would_destroy));
+        } else if self.already_gone > 0 {
+            parts.push(format!(
+                "{} orphans destroyed ({} already gone)",
+                self.destroyed + self.already_gone,
+                self.already_gone
+            ));
+        } else {
+            parts.push(format!("{} orphans destroyed", self.destroyed));
+        }
+        if !self.failed.is_empty() {
+            parts.push(format!("{} failed", self.failed.len()));
+        }
+        parts.push(format!("{} skipped (locked)", self.locked));
+        parts.push(format!("{} live kept", self.live));
+        if self.other_runners > 0 {
+            parts.push(format!("{} of other runners kept", self.other_runners));
+        }
+        parts.push(format!("{} foreign ignored", self.foreign));
+        format!(
+            "gc{}: {} in {}",
+            if dry_run { " (dry run)" } else { "" },
+            parts.join(", "),
+            joblog::secs(took)
+        )
+    }
+}
+
+fn now_epoch() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|now| now.as_secs())
+        .unwrap_or(0)
+}
 
 pub async fn gc(
-    _context: &Context,
-    _runner: Option<&str>,
-    _max_age: Option<&str>,
-    _dry_run: bool,
+    context: &Context,
+    runner: Option<&str>,
+    max_age: Option<&str>,
+    dry_run: bool,
 ) -> Result<()> {
-    Err(crate::Error::Infrastructure(
-        "gc: not implemented yet".into(),
-    ))
+    let max_age = max_age
+        .map(parse_age)
+        .transpose()?
+        .unwrap_or(DEFAULT_MAX_AGE);
+    let runner = runner.map(str::trim).filter(|token| !token.is_empty());
+    let client = Arc::new(Client::new(&context.settings)?);
+    tokio::select! {
+        result = sweep(context, client, runner, max_age, dry_run) => result,
+        reason = context.cancel.cancelled() => Err(Error::Cancelled(format!(
+            "gc was cancelled ({reason}); VMs it was removing are finished by the next sweep"
+        ))),
+    }
+}
+
+async fn sweep(
+    context: &Context,
+    client: Arc<Client>,
+    runner: Option<&str>,
+    max_age: Duration,
+    dry_run: bool,
+) -> Result<()> {
+    let started = Instant::now();
+    let range = context.settings.vmid_range;
+    let mut tally = Tally::default();
+    let vms = client
+        .cluster_vms()
+        .await
+        .map_err(|err| Error::proxmox("gc: listing the cluster's VMs (/cluster/resources)", err))?;
+    joblog::info(format!(
+        "gc: {} guests on the cluster; looking for VMs tagged {} in {}-{} older than {}{}",
+        vms.len(),
+        crate::VM_TAG,
+        range.0,
+        range.1,
+        age_text(max_age),
+        runner.map_or_else(String::new, |token| format!(" created by runner {token}"))
+    ));
+
+    let now = now_epoch();
+    let mut orphans = Vec::new();
+    for vm in &vms {
+        let FirstLook::Tagged { node, vmid } = first_look(vm, range) else {
+            tally.foreign += 1;
+            continue;
+        };
+        let config = client.vm_config(&node, vmid).await.map_err(|err| {
+            Error::proxmox(
+                format!("gc: reading the config of VM {vmid} on {node}"),
+                err,
+            )
+        })?;
+        let Some(config) = config else {
+            // Removed since the listing: nothing to judge.
+            continue;
+        };
+        let Some(marker) = config.description().as_deref().and_then(Marker::find_in) else {
+            joblog::warn(format!(
+                "gc: VM {vmid} on {node} carries the {} tag but no valid ownership marker in \
+                 its description; left alone (remove it by hand if it is a leftover)",
+                crate::VM_TAG
+            ));
+            tally.foreign += 1;
+            continue;
+        };
+        if runner.is_some() && marker.runner.as_deref() != runner {
+            tally.other_runners += 1;
+            continue;
+        }
+        let age = Duration::from_secs(now.saturating_sub(marker.created));
+        if age < max_age {
+            tally.live += 1;
+            continue;
+        }
+        let lock = vm
+            .lock
+            .clone()
+            .filter(|lock| !lock.is_empty())
+            .or_else(|| config.lock());
+        let orphan = Orphan {
+            node,
+            vmid,
+            marker,
+            age,
+        };
+        if let Some(lock) = lock {
+            joblog::info(format!(
+                "gc: skipping {} this round: it is locked ({lock})",
+                orphan.describe()
+            ));
+            tally.locked += 1;
+            continue;
+        }
+        orphans.push(orphan);
+    }
+
+    if dry_run {
+        for orphan in &orphans {
+            joblog::info(format!("gc: would destroy {}", orphan.describe()));
+        }
+        tally.would_destroy = orphans.len();
+    } else {
+        destroy_all(&client, orphans, &mut tally).await;
+    }
+
+    println!("{}", tally.summary(dry_run, started.elapsed()));
+    if tally.failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Infrastructure(format!(
+            "gc: {} orphans could not be destroyed ({}); the next sweep tries again",
+            tally.failed.len(),
+            tally.failed.join("; ")
+        )))
+    }
+}
+
+async fn destroy_all(client: &Arc<Client>, orphans: Vec<Orphan>, tally: &mut Tally) {
+    let mut queue = orphans.into_iter();
+    let mut running = JoinSet::new();
+    loop {
+        while running.len() < PARALLEL_DESTROYS {
+            let Some(orphan) = queue.next() else { break };
+            let client = Arc::clone(client);
+            running.spawn(async move {
+                let deadline = Instant::now() + DESTROY_TIMEOUT;
+                let outcome = destroy_unless_locked(&client, &orphan, deadline).await;
+                (orphan, outcome)
+            });
+        }
+        let Some(joined) = running.join_next().await else {
+            break;
+        };
+        let (orphan, outcome) = match joined {
+            Ok(done) => done,
+            Err(err) => {
+                tally
+                    .failed
+                    .push(format!("a destroy task ended abnormally: {err}"));
+                continue;
+            }
+        };
+        match outcome {
+            Ok(Some(Teardown::Destroyed)) => {
+                joblog::info(format!("gc: destroyed {}", orphan.describe()));
+                tally.destroyed += 1;
+            }
+            Ok(Some(Teardown::AlreadyGone)) => {
+                joblog::info(format!(
+                    "gc: {} does not exist any more (removed by its cleanup or another sweep); \
+                     done",
+                    orphan.describe()
+                ));
+                tally.already_gone += 1;
+            }
+            Ok(Some(Teardown::NotOurs(reason))) => {
+                joblog::info(format!(
+                    "gc: VM {} on {} changed hands since the listing ({reason}); left alone",
+                    orphan.vmid, orphan.node
+                ));
+                tally.live += 1;
+            }
+            Ok(None) => tally.locked += 1,
+            Err(err) => {
+                joblog::warn(format!(
+                    "gc: could not destroy {}: {err}",
+                    orphan.describe()
+                ));
+                tally.failed.push(format!("VM {}: {err}", orphan.vmid));
+            }
+        }
+    }
+}
+
+/// `Ok(None)`: locked right now (a backup, a migration, a clone in flight): skipped this round
+/// rather than waited for, so one stuck VM does not hold up the sweep.
+async fn destroy_unless_locked(
+    client: &Client,
+    orphan: &Orphan,
+    deadline: Instant,
+) -> Result<Option<Teardown>> {
+    let (node, vmid) = (orphan.node.as_str(), orphan.vmid);
+    let status = client
+        .vm_status(node, vmid)
+        .await
+        .map_err(|err| Error::proxmox(format!("gc: reading VM {vmid} on {node}"), err))?;
+    let Some(status) = status else {
+        return Ok(Some(Teardown::AlreadyGone));
+    };
+    if let Some(lock) = status.lock() {
+        joblog::info(format!(
+            "gc: skipping {} this round: it is locked ({lock})",
+            orphan.describe()
+        ));
+        return Ok(None);
+    }
+    teardown::destroy_owned_vm(client, node, vmid, &orphan.marker, deadline)
+        .await
+        .map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_parse_in_every_documented_form() {
+        assert_eq!(parse_age("90m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_age("4h").unwrap(), Duration::from_secs(14_400));
+        assert_eq!(parse_age("2d").unwrap(), Duration::from_secs(172_800));
+        assert_eq!(parse_age(" 45s ").unwrap(), Duration::from_secs(45));
+        assert_eq!(parse_age("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_age("0s").unwrap(), Duration::ZERO);
+        for bad in [
+            "",
+            "90",
+            "h",
+            "4x",
+            "-1h",
+            "1.5h",
+            "4 h",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_age(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_default_covers_a_day_long_job_plus_prepare_and_cleanup() {
+        assert!(DEFAULT_MAX_AGE > Duration::from_secs(24 * 3600));
+    }
+
+    #[test]
+    fn tags_match_whole_words_in_any_separator_style() {
+        assert!(has_driver_tag(Some("gitlab-proxmox-runner")));
+        assert!(has_driver_tag(Some("ubuntu;gitlab-proxmox-runner")));
+        assert!(has_driver_tag(Some("a, gitlab-proxmox-runner")));
+        assert!(!has_driver_tag(Some("gitlab-proxmox-runner-old")));
+        assert!(!has_driver_tag(Some("template;ubuntu")));
+        assert!(!has_driver_tag(None));
+    }
+
+    fn listed(vmid: u64, tags: Option<&str>, template: bool) -> ClusterVm {
+        ClusterVm {
+            vmid,
+            node: "pve1".into(),
+            name: None,
+            status: Some("running".into()),
+            template,
+            tags: tags.map(String::from),
+            lock: None,
+            kind: Some("qemu".into()),
+        }
+    }
+
+    #[test]
+    fn only_tagged_non_templates_in_range_are_looked_at() {
+        let range = (2_000_000, 2_999_999);
+        let ours = Some("gitlab-proxmox-runner");
+        assert_eq!(
+            first_look(&listed(2_000_001, ours, false), range),
+            FirstLook::Tagged {
+                node: "pve1".into(),
+                vmid: 2_000_001
+            }
+        );
+        assert_eq!(
+            first_look(&listed(2_000_001, ours, true), range),
+            FirstLook::Foreign
+        );
+        assert_eq!(
+            first_look(&listed(1_999_999, ours, false), range),
+            FirstLook::Foreign
+        );
+        assert_eq!(
+            first_look(&listed(3_000_000, ours, false), range),
+            FirstLook::Foreign
+        );
+        assert_eq!(
+            first_look(&listed(2_000_001, Some("ubuntu"), false), range),
+            FirstLook::Foreign
+        );
+        let mut container = listed(2_000_001, ours, false);
+        container.kind = Some("lxc".into());
+        assert_eq!(first_look(&container, range), FirstLook::Foreign);
+    }
+
+    #[test]
+    fn the_summary_reads_as_one_line() {
+        let tally = Tally {
+            destroyed: 3,
+            locked: 1,
+            live: 12,
+            foreign: 40,
+            ..Default::default()
+        };
+        assert_eq!(
+            tally.summary(false, Duration::from_millis(2100)),
+            "gc: 3 orphans destroyed, 1 skipped (locked), 12 live kept, 40 foreign ignored in 2.1 s"
+        );
+    }
 }

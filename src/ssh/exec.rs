@@ -119,14 +119,19 @@ pub(super) async fn exec_capture(connection: &Connection, command: &str) -> Resu
         stdout: Vec::new(),
         stderr: Vec::new(),
     };
+    let mut eof = false;
     while let Some(message) = channel.wait().await {
         match message {
             ChannelMsg::Data { data } => output.stdout.extend_from_slice(&data),
             ChannelMsg::ExtendedData { data, ext: 1 } => output.stderr.extend_from_slice(&data),
             ChannelMsg::ExitStatus { exit_status } => output.status = Some(exit_status),
             ChannelMsg::ExitSignal { signal_name: s, .. } => output.signal = Some(signal_name(&s)),
+            ChannelMsg::Eof => eof = true,
             ChannelMsg::Close => break,
             _ => {}
+        }
+        if eof && (output.status.is_some() || output.signal.is_some()) {
+            break;
         }
     }
     if output.status.is_none() && output.signal.is_none() && connection.handle.is_closed() {
@@ -138,11 +143,15 @@ pub(super) async fn exec_capture(connection: &Connection, command: &str) -> Resu
     Ok(output)
 }
 
-pub(super) async fn run_stage(
-    connection: &Connection,
-    script: &StageScript<'_>,
-    cancel: &Cancel,
-) -> Result<StageOutcome> {
+struct Started {
+    sftp: Sftp,
+    channel: russh::Channel<russh::client::Msg>,
+    script_path: String,
+    pgid_path: String,
+}
+
+/// Uploads the script into the private per-job directory and starts it.
+async fn upload_and_start(connection: &Connection, script: &StageScript<'_>) -> Result<Started> {
     let where_ = connection.describe();
     // The SFTP session and the exec channel are independent: open both at once.
     let (sftp, channel) = tokio::join!(
@@ -150,7 +159,7 @@ pub(super) async fn run_stage(
         connection.handle.channel_open_session()
     );
     let sftp = sftp?;
-    let mut channel =
+    let channel =
         channel.map_err(|err| Error::ssh(format!("opening a session channel on {where_}"), err))?;
 
     let home = sftp.realpath(".").await?;
@@ -177,6 +186,36 @@ pub(super) async fn run_stage(
         .exec(true, command)
         .await
         .map_err(|err| Error::ssh(format!("starting the stage script on {where_}"), err))?;
+    Ok(Started {
+        sftp,
+        channel,
+        script_path,
+        pgid_path,
+    })
+}
+
+pub(super) async fn run_stage(
+    connection: &Connection,
+    script: &StageScript<'_>,
+    cancel: &Cancel,
+) -> Result<StageOutcome> {
+    let where_ = connection.describe();
+    // Nothing runs in the VM yet: a cancel here just stops.
+    let prepared = tokio::select! {
+        prepared = upload_and_start(connection, script) => prepared?,
+        reason = cancel.cancelled() => {
+            return Err(Error::Cancelled(format!(
+                "the job was cancelled ({reason}) before the stage {:?} started on {where_}",
+                script.stage
+            )));
+        }
+    };
+    let Started {
+        sftp,
+        mut channel,
+        script_path,
+        pgid_path,
+    } = prepared;
 
     let mut stdout = RawOutput::new(1);
     let mut stderr = RawOutput::new(2);
@@ -184,6 +223,7 @@ pub(super) async fn run_stage(
     let mut stderr_head: Vec<u8> = Vec::new();
     let mut status: Option<u32> = None;
     let mut signal: Option<String> = None;
+    let mut eof = false;
     let mut cancelled: Option<&'static str> = None;
     let mut kill = None;
     let mut give_up = None;
@@ -198,11 +238,26 @@ pub(super) async fn run_stage(
                     }
                     stderr.write(&data);
                 }
-                Some(ChannelMsg::ExitStatus { exit_status }) => status = Some(exit_status),
+                // Exit status and EOF come in either order; once both are in, all output has
+                // arrived (EOF covers stderr too) and there is no need to wait for Close.
+                Some(ChannelMsg::ExitStatus { exit_status }) => {
+                    status = Some(exit_status);
+                    if eof {
+                        break;
+                    }
+                }
                 Some(ChannelMsg::ExitSignal { signal_name: s, .. }) => {
                     signal = Some(signal_name(&s));
+                    if eof {
+                        break;
+                    }
                 }
-                // EOF may come before or after the exit status: only Close ends the stage.
+                Some(ChannelMsg::Eof) => {
+                    eof = true;
+                    if status.is_some() || signal.is_some() {
+                        break;
+                    }
+                }
                 Some(ChannelMsg::Close) | None => break,
                 Some(_) => {}
             },
@@ -265,6 +320,8 @@ pub(super) async fn run_stage(
             why,
         ));
     }
+    // The script holds the job's variables (tokens included): no reason to keep it around.
+    sftp.remove_quietly(&script_path, &pgid_path).await;
     sftp.close().await;
     Ok(outcome)
 }

@@ -37,7 +37,10 @@ pub(super) fn load_private_key(settings: &Settings) -> Result<PrivateKey> {
         .map(|secret| secret.expose())
         .filter(|pass| !pass.is_empty());
     let value = value.expose().trim();
-    if value.contains("-----BEGIN") || value.contains("PuTTY-User-Key-File") {
+    let looks_public = ["ssh-", "ecdsa-sha2-", "sk-"]
+        .iter()
+        .any(|prefix| value.starts_with(prefix));
+    if value.contains("-----BEGIN") || value.contains("PuTTY-User-Key-File") || looks_public {
         return parse_private_key(value, passphrase);
     }
     if value.contains('\n') || value.len() > 4096 {
@@ -55,8 +58,8 @@ pub(super) fn load_private_key(settings: &Settings) -> Result<PrivateKey> {
 fn read_key_file(path: &Path) -> Result<Zeroizing<String>> {
     let bytes = std::fs::read(path).map(Zeroizing::new).map_err(|err| {
         key_error(format!(
-            "the value is not key text (no -----BEGIN line) and reading it as a key file path \
-             failed: {}",
+            "not a private key: the value is neither key text (no -----BEGIN line) nor a \
+             readable key file (reading it as a path failed: {})",
             err.kind()
         ))
     })?;

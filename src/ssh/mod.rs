@@ -176,3 +176,13 @@ pub async fn wait_until_ready(
 pub async fn provision_runner_helper(connection: &Connection, settings: &Settings) -> Result<()> {
     provision::provision_runner_helper(connection, settings).await
 }
+
+/// The upload-and-install step of [`provision_runner_helper`], to any path (tests, and admins
+/// who keep the helper elsewhere).
+pub async fn install_runner_helper(
+    connection: &Connection,
+    helper: &std::path::Path,
+    remote_path: &str,
+) -> Result<()> {
+    provision::install_helper(connection, helper, remote_path).await
+}

@@ -80,10 +80,16 @@ pub(super) async fn provision_runner_helper(
         ));
         return Ok(());
     };
-    install_helper(connection, &helper).await
+    install_helper(connection, &helper, REMOTE_HELPER).await
 }
 
-async fn install_helper(connection: &Connection, helper: &Path) -> Result<()> {
+/// Uploads `helper` to `remote_path` in the VM (mode 0755, via sudo) and checks that it runs.
+/// Failures that leave the job able to run (wrong architecture, no sudo) are loud warnings.
+pub(super) async fn install_helper(
+    connection: &Connection,
+    helper: &Path,
+    remote_path: &str,
+) -> Result<()> {
     let where_ = connection.describe();
     let started = Instant::now();
     let bytes = std::fs::read(helper).map_err(|err| {
@@ -106,12 +112,12 @@ async fn install_helper(connection: &Connection, helper: &Path) -> Result<()> {
         "exec sudo -n -- /bin/bash -c 'install -m 0755 \"$1\" \"$2\" && rm -f \"$1\" && \
          \"$2\" --version' gitlab-proxmox-runner {} {}",
         sh_quote(&staged),
-        sh_quote(REMOTE_HELPER)
+        sh_quote(remote_path)
     );
     let output = connection.exec_capture(&install).await?;
     if output.status != Some(0) {
         joblog::warn(format!(
-            "installing the runner helper {} as {REMOTE_HELPER} on {where_} failed (wrong CPU \
+            "installing the runner helper {} as {remote_path} on {where_} failed (wrong CPU \
              architecture, or no passwordless sudo?): {}. ARTIFACTS AND CACHES OF THIS JOB WILL \
              BE SILENTLY SKIPPED",
             helper.display(),
@@ -120,7 +126,7 @@ async fn install_helper(connection: &Connection, helper: &Path) -> Result<()> {
         return Ok(());
     }
     joblog::info(format!(
-        "installed the runner helper {} ({:.1} MB) as {REMOTE_HELPER} on {where_} in {}",
+        "installed the runner helper {} ({:.1} MB) as {remote_path} on {where_} in {}",
         helper.display(),
         bytes.len() as f64 / 1_000_000.0,
         joblog::secs(started.elapsed())

@@ -6,6 +6,7 @@ pub mod fake_proxmox;
 pub mod hook;
 pub mod runner;
 pub mod ssh_job;
+pub mod ssh_server;
 pub mod sshd;
 pub mod sshkeys;
 

@@ -46,12 +46,20 @@ pub fn skip(test: &str, reason: &str) {
 #[derive(Default)]
 pub struct SshdBuilder {
     extra_config: Vec<String>,
+    session_env: Vec<(String, String)>,
     /// `Subsystem sftp` command; `internal-sftp` unless set.
     sftp_subsystem: Option<String>,
 }
 
 impl SshdBuilder {
-    /// An extra sshd_config line, e.g. `SetEnv PATH=/fake:/usr/bin:/bin`.
+    /// An environment variable for every session (sshd honours only the first `SetEnv` line,
+    /// so they are all collected into it).
+    pub fn session_env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.session_env.push((name.into(), value.into()));
+        self
+    }
+
+    /// An extra sshd_config line (not `SetEnv`: use [`SshdBuilder::session_env`]).
     pub fn config(mut self, line: impl Into<String>) -> Self {
         self.extra_config.push(line.into());
         self
@@ -94,6 +102,10 @@ impl SshdBuilder {
             host_key_config.push_str(&format!("HostKey {}\n", path.display()));
             host_key_lines.push(key.public_line.clone());
         }
+        // The shell sshd starts reads ~/.bashrc (Debian's bash does so for ssh sessions): an
+        // empty HOME keeps the runner host's own dotfiles out of the measurements, as in a VM.
+        let home = dir.path().join("home");
+        std::fs::create_dir_all(&home).expect("create home");
         let authorized = dir.path().join("authorized_keys");
         std::fs::write(&authorized, "").expect("write authorized_keys");
         std::fs::set_permissions(&authorized, std::fs::Permissions::from_mode(0o600))
@@ -108,7 +120,14 @@ impl SshdBuilder {
                  PermitRootLogin prohibit-password\nPubkeyAuthentication yes\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
                  StrictModes no\nSubsystem sftp {sftp}\nLogLevel ERROR\n\
-                 MaxStartups 200\nMaxSessions 50\nPrintMotd no\nUseDNS no\n{extra}\n",
+                 MaxStartups 200\nMaxSessions 50\nPrintMotd no\nUseDNS no\n\
+                 SetEnv HOME={home}{session_env}\n{extra}\n",
+                home = home.display(),
+                session_env = self
+                    .session_env
+                    .iter()
+                    .map(|(name, value)| format!(" {name}={value}"))
+                    .collect::<String>(),
                 dir = dir.path().display(),
                 authorized = authorized.display(),
                 extra = self.extra_config.join("\n"),

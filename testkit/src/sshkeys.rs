@@ -133,6 +133,27 @@ impl ClientKey {
     }
 }
 
+impl ClientKey {
+    /// The raw private scalar/seed bytes (decrypted), for scanning binary files too.
+    pub fn raw_secret_bytes(&self) -> Vec<u8> {
+        let mut key = russh::keys::PrivateKey::from_openssh(&self.private_text)
+            .expect("parse test key (OpenSSH format)");
+        if key.is_encrypted() {
+            key = key
+                .decrypt(self.passphrase.as_deref().unwrap_or_default())
+                .expect("decrypt test key");
+        }
+        let data = key.key_data();
+        if let Some(ed25519) = data.ed25519() {
+            return ed25519.private.as_ref().to_vec();
+        }
+        if let Some(ecdsa) = data.ecdsa() {
+            return ecdsa.private_key_bytes().to_vec();
+        }
+        panic!("raw_secret_bytes: only ed25519 and ECDSA test keys are supported");
+    }
+}
+
 /// A host key pair for a test server: OpenSSH private text and the public line.
 pub struct HostKey {
     pub private_text: String,

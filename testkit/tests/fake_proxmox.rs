@@ -30,11 +30,17 @@ async fn clone_start_agent_delete_lifecycle() {
         ("UPID", "pve1", "qmclone", "60930", "ci@pve!runner")
     );
 
+    // A clone that takes an hour shows its lock (no race with a short clone task).
+    fake.set_clone_time(Duration::from_secs(3600));
+    let slow = api
+        .post("/nodes/pve1/qemu/60930/clone", &[("newid", "100122")])
+        .await;
+    assert_eq!(slow.status, StatusCode::OK, "{}", slow.body);
     let during = fake
-        .vm(100123)
+        .vm(100122)
         .expect("the clone exists while its task runs");
     assert_eq!(during.lock.as_deref(), Some("clone"));
-    let start_while_locked = api.post("/nodes/pve1/qemu/100123/status/start", &[]).await;
+    let start_while_locked = api.post("/nodes/pve1/qemu/100122/status/start", &[]).await;
     let status = api
         .wait_task_data(start_while_locked.body["data"].as_str().expect("UPID"))
         .await;
@@ -72,7 +78,6 @@ async fn clone_start_agent_delete_lifecycle() {
     assert_eq!(status["exitstatus"], "OK");
 
     let deadline = Instant::now() + Duration::from_secs(20);
-    let mut saw_booting = false;
     let interfaces = loop {
         let answer = api
             .get("/nodes/pve1/qemu/100123/agent/network-get-interfaces", &[])
@@ -81,11 +86,9 @@ async fn clone_start_agent_delete_lifecycle() {
             break answer.body["data"]["result"].clone();
         }
         assert_eq!(answer.reason, "QEMU guest agent is not running");
-        saw_booting = true;
         assert!(Instant::now() < deadline, "agent never came up");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert!(saw_booting, "the agent answers only after boot_time");
     let mac = vm.config["net0"]
         .trim_start_matches("virtio=")
         .split(',')
@@ -123,7 +126,10 @@ async fn clone_start_agent_delete_lifecycle() {
         .wait_task_data(delete.body["data"].as_str().expect("UPID"))
         .await;
     assert_eq!(status["exitstatus"], "OK");
-    assert!(fake.job_vms().is_empty());
+    assert_eq!(
+        fake.job_vms().iter().map(|vm| vm.vmid).collect::<Vec<_>>(),
+        [100122]
+    );
 
     let gone = api.get("/nodes/pve1/qemu/100123/status/current", &[]).await;
     assert_eq!(gone.status.as_u16(), 500);
@@ -140,10 +146,22 @@ async fn wrong_token_gets_401_and_is_recorded() {
     api.auth = "PVEAPIToken=ci@pve!runner=wrong".into();
     let answer = api.get("/version", &[]).await;
     assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(answer.reason, "invalid token value!");
+    api.auth = "PVEAPIToken=ci@pve!other=fake-token-0f1e2d3c".into();
+    let other_token = api.get("/version", &[]).await;
+    assert_eq!(other_token.status, StatusCode::UNAUTHORIZED);
+    api.auth = String::new();
+    let no_token = api.get("/version", &[]).await;
+    assert_eq!(no_token.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(no_token.reason, "No ticket");
     let requests = fake.requests();
-    assert_eq!(requests.len(), 1);
-    assert!(!requests[0].authorized);
+    assert_eq!(requests.len(), 3);
+    assert!(requests.iter().all(|request| !request.authorized));
     assert_eq!(requests[0].path, "/api2/json/version");
+
+    let api = Api::new(&fake);
+    assert_eq!(api.get("/version", &[]).await.status, StatusCode::OK);
+    assert!(fake.requests()[3].authorized);
 }
 
 #[tokio::test]
@@ -447,14 +465,14 @@ async fn two_racing_deletes_end_with_one_deletion_and_a_missing_config() {
     let first_upid = first.body["data"].as_str().expect("UPID").to_string();
     assert!(first_upid.starts_with("UPID:pve2:"), "{first_upid}");
     let first = api.wait_task_data(&first_upid).await;
-    let second = api
-        .wait_task_data(second.body["data"].as_str().expect("UPID"))
-        .await;
     assert_eq!(first["exitstatus"], "OK");
-    assert_eq!(
-        second["exitstatus"],
-        "Configuration file 'nodes/pve2/qemu-server/100400.conf' does not exist"
-    );
+    let gone = "Configuration file 'nodes/pve2/qemu-server/100400.conf' does not exist";
+    // Either the second request came while the first task ran (its own task waits for the
+    // lock, then finds no config) or after it (refused at once): both say "does not exist".
+    match second.body["data"].as_str() {
+        Some(upid) => assert_eq!(api.wait_task_data(upid).await["exitstatus"], gone),
+        None => assert_eq!(second.reason, gone),
+    }
     assert!(fake.vm(100400).is_none());
     let on_wrong_node = api.get("/nodes/pve1/qemu/100400/status/current", &[]).await;
     assert_eq!(on_wrong_node.status.as_u16(), 500);
@@ -498,4 +516,75 @@ async fn agent_errors_follow_pves_order() {
         .await;
     // `agent: 0` means no QGA device: the ping simply never answers.
     assert_eq!(ping("100501").await, "QEMU guest agent is not running");
+
+    // A guest still booting answers the same until boot_time has passed.
+    fake.set_boot_time(Duration::from_secs(3600));
+    let clone = api
+        .post("/nodes/pve1/qemu/60900/clone", &[("newid", "100502")])
+        .await;
+    api.wait_task_data(clone.body["data"].as_str().expect("UPID"))
+        .await;
+    let start = api.post("/nodes/pve1/qemu/100502/status/start", &[]).await;
+    api.wait_task_data(start.body["data"].as_str().expect("UPID"))
+        .await;
+    assert_eq!(ping("100502").await, "QEMU guest agent is not running");
+}
+
+#[tokio::test]
+async fn linked_clones_only_from_templates_and_full_by_default_otherwise() {
+    let fake = FakeProxmox::start(FakeConfig {
+        clone_time: Duration::ZERO,
+        ..FakeConfig::default()
+    });
+    fake.add_vm(NewVm {
+        vmid: 9000,
+        name: "custom-template".into(),
+        template: true,
+        ..NewVm::default()
+    });
+    fake.add_vm(NewVm {
+        vmid: 9001,
+        name: "plain-vm".into(),
+        ..NewVm::default()
+    });
+    let api = Api::new(&fake);
+
+    let linked = api
+        .post("/nodes/pve1/qemu/9000/clone", &[("newid", "100600")])
+        .await;
+    assert_eq!(linked.status, StatusCode::OK, "{}", linked.body);
+    let refused = api
+        .post(
+            "/nodes/pve1/qemu/9001/clone",
+            &[("newid", "100601"), ("full", "0")],
+        )
+        .await;
+    assert_eq!(refused.status.as_u16(), 500);
+    assert_eq!(
+        refused.reason,
+        "Linked clone feature is not supported for 'local-lvm:vm-9001-disk-0' (scsi0)"
+    );
+    let copied = api
+        .post("/nodes/pve1/qemu/9001/clone", &[("newid", "100602")])
+        .await;
+    assert_eq!(copied.status, StatusCode::OK, "{}", copied.body);
+    for upid in [&linked, &copied] {
+        let status = api
+            .wait_task_data(upid.body["data"].as_str().expect("UPID"))
+            .await;
+        assert_eq!(status["exitstatus"], "OK");
+    }
+    assert_eq!(fake.vm(100600).and_then(|vm| vm.full_clone), Some(false));
+    assert_eq!(fake.vm(100602).and_then(|vm| vm.full_clone), Some(true));
+    assert!(fake.vm(100601).is_none());
+    let elsewhere = api
+        .post(
+            "/nodes/pve1/qemu/9000/clone",
+            &[("newid", "100603"), ("target", "pve2")],
+        )
+        .await;
+    assert_eq!(
+        elsewhere.reason,
+        "can't clone VM to node 'pve2' (VM uses local storage)"
+    );
 }

@@ -196,23 +196,27 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Respons
     let raw_path = parts.uri.path().to_string();
     let raw_query = parts.uri.query().unwrap_or("").to_string();
 
-    let (authorized, bad_token_delay, message_in_body) = {
+    let (refusal, bad_token_delay, message_in_body) = {
         let state = lock(&state);
-        let expected = format!(
-            "PVEAPIToken={}!{}={}",
-            state.config.token_user, state.config.token_name, state.config.token_value
-        );
-        let authorized = parts
+        let config = &state.config;
+        let header = parts
             .headers
             .get(AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .is_some_and(|value| value.trim() == expected);
-        (
-            authorized,
-            state.config.bad_token_delay,
-            state.config.message_in_body,
-        )
+            .map(str::trim);
+        let refusal = match header.and_then(|value| value.strip_prefix("PVEAPIToken=")) {
+            None => Some("No ticket"),
+            Some(token) => {
+                let expected_id = format!("{}!{}", config.token_user, config.token_name);
+                match token.split_once('=') {
+                    Some((id, value)) if id == expected_id && value == config.token_value => None,
+                    _ => Some("invalid token value!"),
+                }
+            }
+        };
+        (refusal, config.bad_token_delay, config.message_in_body)
     };
+    let authorized = refusal.is_none();
     lock(&state).requests.push(RecordedRequest {
         method: method.clone(),
         path: raw_path.clone(),
@@ -220,12 +224,13 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Respons
         authorized,
     });
 
-    if !authorized {
+    if let Some(refusal) = refusal {
+        // pve-http-server delays every 401 (by 3 s) against password guessing.
         tokio::time::sleep(bad_token_delay).await;
         return render(
             Reply::Fail {
                 status: 401,
-                message: "authentication failure".into(),
+                message: refusal.into(),
                 errors: None,
             },
             message_in_body,

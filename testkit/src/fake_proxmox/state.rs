@@ -220,9 +220,11 @@ impl State {
             new.name
         };
         let mut config = base_config(&name);
+        // Converting a VM to a template renames its disks to base volumes (linked-clonable).
+        let volume = if new.template { "base" } else { "vm" };
         config.insert(
             "scsi0".into(),
-            format!("local-lvm:vm-{}-disk-0,size=20G", new.vmid),
+            format!("local-lvm:{volume}-{}-disk-0,size=20G", new.vmid),
         );
         if !new.tags.is_empty() {
             config.insert("tags".into(), new.tags);

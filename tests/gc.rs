@@ -1,0 +1,385 @@
+//! `gitlab-proxmox-runner gc` against the in-repo fake Proxmox, run the way cron or a systemd
+//! timer runs it: no job variables, no `JOB_RESPONSE_FILE`, no `CUSTOM_ENV_`, no `TMPDIR`.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use gitlab_proxmox_runner::job::JobInfo;
+use gitlab_proxmox_runner::marker::Marker;
+use gpr_testkit::{FakeConfig, FakeProxmox, NewVm};
+
+const BIN: &str = env!("CARGO_BIN_EXE_gitlab-proxmox-runner");
+const TAG: &str = "gitlab-proxmox-runner";
+const DAY: u64 = 86_400;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A marker of runner `runner` for job `job`, created `age_secs` ago.
+fn marker(runner: &str, job: u64, age_secs: u64) -> Marker {
+    let mut marker = Marker::new(&JobInfo {
+        job_id: Some(job),
+        pipeline_id: Some(7),
+        project_path: Some("group/project".into()),
+        runner_short_token: Some(runner.into()),
+        ..Default::default()
+    });
+    marker.created = now() - age_secs;
+    marker
+}
+
+/// A job VM as prepare leaves it: tag, marker, running.
+fn job_vm(fake: &FakeProxmox, vmid: u32, marker: &Marker) {
+    fake.add_vm(NewVm {
+        vmid,
+        name: format!("ci-{}-group-project", marker.job_id.unwrap_or(0)),
+        tags: TAG.into(),
+        description: marker.description(),
+        running: true,
+        ..Default::default()
+    });
+}
+
+fn gc_command(fake: &FakeProxmox, args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("PROXMOX_VMID_RANGE", "2000000-2999999")
+        .envs(fake.settings_env())
+        .arg("gc")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+struct GcRun {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl GcRun {
+    fn from(output: Output) -> GcRun {
+        GcRun {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    #[track_caller]
+    fn assert_ok(&self) -> &Self {
+        assert_eq!(
+            self.code, 0,
+            "gc failed\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    #[track_caller]
+    fn assert_summary(&self, needle: &str) -> &Self {
+        assert!(
+            self.stdout.contains(needle),
+            "expected {needle:?} in the summary:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+fn gc(fake: &FakeProxmox, args: &[&str]) -> GcRun {
+    GcRun::from(gc_command(fake, args).output().expect("run gc"))
+}
+
+fn exists(fake: &FakeProxmox, vmid: u32) -> bool {
+    fake.vm(vmid).is_some()
+}
+
+/// Requests that change something (stop, delete, config, clone, ...).
+fn changing_requests(fake: &FakeProxmox) -> Vec<String> {
+    fake.requests()
+        .into_iter()
+        .filter(|r| r.method != "GET")
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect()
+}
+
+#[test]
+fn orphans_are_destroyed_and_live_vms_kept() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let orphans = [2_000_101, 2_000_102, 2_000_103];
+    for (i, vmid) in orphans.into_iter().enumerate() {
+        job_vm(&fake, vmid, &marker("xS6Vzpvo", 100 + i as u64, 2 * DAY));
+    }
+    // A stopped orphan too (its runner died after stopping it).
+    let stopped = marker("xS6Vzpvo", 199, 3 * DAY);
+    fake.add_vm(NewVm {
+        vmid: 2_000_104,
+        tags: TAG.into(),
+        description: stopped.description(),
+        running: false,
+        ..Default::default()
+    });
+    let live = [2_000_201, 2_000_202];
+    job_vm(&fake, live[0], &marker("xS6Vzpvo", 201, 60));
+    job_vm(&fake, live[1], &marker("other123", 202, 10 * 3600));
+
+    gc(&fake, &[]).assert_ok().assert_summary(
+        "gc: 4 orphans destroyed, 0 skipped (locked), 2 live kept, 4 foreign ignored in ",
+    );
+    for vmid in orphans.into_iter().chain([2_000_104]) {
+        assert!(!exists(&fake, vmid), "orphan {vmid} must be gone");
+    }
+    for vmid in live {
+        assert!(exists(&fake, vmid), "live VM {vmid} must stay");
+    }
+    let templates = fake.vms().into_iter().filter(|vm| vm.template).count();
+    assert_eq!(templates, 4);
+    // Deleted as cleanup deletes: purge and unreferenced disks.
+    let deletes: Vec<_> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "DELETE")
+        .collect();
+    assert!(deletes.iter().all(|r| r.query.contains("purge=1")));
+
+    // A second sweep finds nothing more to do.
+    gc(&fake, &[])
+        .assert_ok()
+        .assert_summary("gc: 0 orphans destroyed, 0 skipped (locked), 2 live kept");
+}
+
+#[test]
+fn max_age_decides_what_is_an_orphan() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    job_vm(&fake, 2_000_301, &marker("xS6Vzpvo", 1, 5 * 3600));
+    job_vm(&fake, 2_000_302, &marker("xS6Vzpvo", 2, 3 * 3600));
+    // Under the default (25 h) both are live.
+    gc(&fake, &[])
+        .assert_ok()
+        .assert_summary("0 orphans destroyed");
+    assert!(exists(&fake, 2_000_301) && exists(&fake, 2_000_302));
+    gc(&fake, &["--max-age", "4h"])
+        .assert_ok()
+        .assert_summary("1 orphans destroyed, 0 skipped (locked), 1 live kept");
+    assert!(!exists(&fake, 2_000_301));
+    assert!(exists(&fake, 2_000_302));
+
+    let bad = gc(&fake, &["--max-age", "4 hours"]);
+    assert_ne!(bad.code, 0);
+    assert!(bad.stderr.contains("--max-age"), "{}", bad.stderr);
+    assert!(exists(&fake, 2_000_302));
+}
+
+#[test]
+fn foreign_vms_are_never_touched() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let old = marker("xS6Vzpvo", 1, 30 * DAY);
+    let valid_line = old.render();
+    let foreign: Vec<(u32, &str, String, bool)> = vec![
+        // A valid marker but no tag: someone copied a description.
+        (2_000_001, "ubuntu", old.description(), false),
+        // The tag but no marker at all.
+        (2_000_002, TAG, "a VM someone made by hand".into(), false),
+        // The tag and a garbled marker.
+        (
+            2_000_003,
+            TAG,
+            "gitlab-proxmox-runner: v=1 runner=x job=abc created=1".into(),
+            false,
+        ),
+        // The tag and a marker of an unknown (future) format.
+        (2_000_004, TAG, valid_line.replace("v=1", "v=2"), false),
+        // The tag and two marker lines: edited by hand, trust neither.
+        (
+            2_000_005,
+            TAG,
+            format!("{valid_line}\n{valid_line}\n"),
+            false,
+        ),
+        // A template carrying tag and marker.
+        (2_000_006, TAG, old.description(), true),
+        // Tag and marker, but outside PROXMOX_VMID_RANGE.
+        (1_999_999, TAG, old.description(), false),
+        (3_000_000, TAG, old.description(), false),
+        (150, TAG, old.description(), false),
+    ];
+    for (vmid, tags, description, template) in &foreign {
+        fake.add_vm(NewVm {
+            vmid: *vmid,
+            tags: tags.to_string(),
+            description: description.clone(),
+            template: *template,
+            running: !template,
+            ..Default::default()
+        });
+    }
+    // One real orphan, so the sweep demonstrably acts.
+    job_vm(&fake, 2_000_500, &marker("xS6Vzpvo", 2, 30 * DAY));
+
+    let run = gc(&fake, &["--max-age", "0s"]);
+    run.assert_ok().assert_summary(&format!(
+        "gc: 1 orphans destroyed, 0 skipped (locked), 0 live kept, {} foreign ignored",
+        foreign.len() + 4
+    ));
+    assert!(!exists(&fake, 2_000_500));
+    for (vmid, ..) in &foreign {
+        let vm = fake
+            .vm(*vmid)
+            .unwrap_or_else(|| panic!("foreign VM {vmid} was deleted"));
+        if !vm.template {
+            assert_eq!(vm.status, "running", "foreign VM {vmid} was stopped");
+        }
+    }
+    let touched: Vec<String> = changing_requests(&fake)
+        .into_iter()
+        .filter(|request| !request.contains("/2000500"))
+        .collect();
+    assert!(touched.is_empty(), "foreign VMs were touched: {touched:?}");
+    assert!(
+        run.stderr.contains("VM 2000002 on pve1 carries the gitlab-proxmox-runner tag but no valid ownership marker"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn a_locked_vm_is_skipped_this_round_and_removed_by_the_next() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    // An old VM stuck in a clone (or under backup) ...
+    let stuck = 2_000_700;
+    fake.add_vm(NewVm {
+        vmid: stuck,
+        tags: TAG.into(),
+        description: marker("xS6Vzpvo", 1, 2 * DAY).description(),
+        lock: Some("clone".into()),
+        ..Default::default()
+    });
+    // ... and a job's VM in the middle of its clone right now.
+    let cloning = 2_000_701;
+    fake.add_vm(NewVm {
+        vmid: cloning,
+        tags: TAG.into(),
+        description: marker("xS6Vzpvo", 2, 1).description(),
+        lock: Some("clone".into()),
+        ..Default::default()
+    });
+
+    let run = gc(&fake, &[]);
+    run.assert_ok()
+        .assert_summary("gc: 0 orphans destroyed, 1 skipped (locked), 1 live kept");
+    assert!(
+        run.stderr.contains("VM 2000700 on pve1") && run.stderr.contains("locked (clone)"),
+        "{}",
+        run.stderr
+    );
+    assert!(exists(&fake, stuck) && exists(&fake, cloning));
+    assert!(changing_requests(&fake).is_empty(), "{:?}", fake.requests());
+
+    assert!(fake.set_vm_lock(stuck, None));
+    gc(&fake, &[])
+        .assert_ok()
+        .assert_summary("gc: 1 orphans destroyed, 0 skipped (locked), 1 live kept");
+    assert!(!exists(&fake, stuck));
+    assert!(exists(&fake, cloning));
+}
+
+#[test]
+fn two_sweeps_racing_both_succeed_and_remove_every_orphan_once() {
+    // Slow tasks, so that the two sweeps meet on the same VMs.
+    let fake = FakeProxmox::start(FakeConfig {
+        task_time: Duration::from_millis(400),
+        ..FakeConfig::default()
+    });
+    let orphans: Vec<u32> = (0..6).map(|i| 2_000_800 + i).collect();
+    for (i, vmid) in orphans.iter().enumerate() {
+        job_vm(&fake, *vmid, &marker("xS6Vzpvo", i as u64, 2 * DAY));
+    }
+    let live = 2_000_900;
+    job_vm(&fake, live, &marker("xS6Vzpvo", 99, 60));
+
+    let first = gc_command(&fake, &[]).spawn().unwrap();
+    let second = gc_command(&fake, &[]).spawn().unwrap();
+    let first = GcRun::from(first.wait_with_output().unwrap());
+    let second = GcRun::from(second.wait_with_output().unwrap());
+    // Whichever got there first deleted a VM; the other found it gone (or being deleted)
+    // and counted it as done.
+    first.assert_ok();
+    second.assert_ok();
+    for vmid in &orphans {
+        assert!(!exists(&fake, *vmid), "orphan {vmid} must be gone");
+    }
+    assert!(exists(&fake, live));
+    let starts = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.contains(&format!("/{live}/")))
+        .count();
+    assert_eq!(starts, 0, "the live VM was acted on");
+}
+
+#[test]
+fn dry_run_lists_what_it_would_do_and_changes_nothing() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    job_vm(&fake, 2_000_401, &marker("xS6Vzpvo", 1, 2 * DAY));
+    job_vm(&fake, 2_000_402, &marker("xS6Vzpvo", 2, 2 * DAY));
+    job_vm(&fake, 2_000_403, &marker("xS6Vzpvo", 3, 60));
+
+    let run = gc(&fake, &["--dry-run"]);
+    run.assert_ok().assert_summary(
+        "gc (dry run): 2 orphans would be destroyed, 0 skipped (locked), 1 live kept",
+    );
+    assert!(
+        run.stderr
+            .contains("would destroy VM 2000401 on pve1 (job 1, runner xS6Vzpvo, age 48.0 h)"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        changing_requests(&fake).is_empty(),
+        "{:?}",
+        changing_requests(&fake)
+    );
+    assert_eq!(fake.job_vms().len(), 3);
+    assert!(fake.job_vms().iter().all(|vm| vm.status == "running"));
+}
+
+#[test]
+fn runner_limits_the_sweep_to_one_runners_vms() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    job_vm(&fake, 2_000_501, &marker("hostAAAA", 1, 2 * DAY));
+    job_vm(&fake, 2_000_502, &marker("hostBBBB", 2, 2 * DAY));
+    gc(&fake, &["--runner", "hostAAAA"])
+        .assert_ok()
+        .assert_summary(
+            "gc: 1 orphans destroyed, 0 skipped (locked), 0 live kept, 1 of other runners kept",
+        );
+    assert!(!exists(&fake, 2_000_501));
+    assert!(exists(&fake, 2_000_502));
+}
+
+#[test]
+fn an_unreachable_api_fails_the_sweep_with_a_clear_message() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let run = GcRun::from(
+        gc_command(&fake, &[])
+            .env("PROXMOX_HOST", "127.0.0.1:9")
+            .output()
+            .unwrap(),
+    );
+    assert_ne!(run.code, 0);
+    assert!(
+        run.stderr.contains("gc: listing the cluster's VMs"),
+        "{}",
+        run.stderr
+    );
+}
