@@ -7,6 +7,7 @@
 
 pub mod cancel;
 pub mod cli;
+pub mod clone_slots;
 pub mod commands;
 pub mod error;
 pub mod hardening;

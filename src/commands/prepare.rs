@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
 
+use crate::clone_slots;
 use crate::commands::Context;
 use crate::error::{Error, Result};
 use crate::job::JobInfo;
@@ -24,8 +25,10 @@ use crate::teardown::{self, Teardown};
 
 /// Random VMIDs checked with `nextid?vmid=` per allocation before giving up.
 const MAX_VMID_PICKS: usize = 32;
-/// Clone attempts (each into a fresh VMID) before giving up.
-const MAX_CLONE_ATTEMPTS: usize = 8;
+/// Clone attempts (each into a fresh VMID) before giving up. With the pauses between them
+/// (jittered, doubling up to `MAX_CLONE_PAUSE`) that rides out a few minutes of clone storms.
+const MAX_CLONE_ATTEMPTS: usize = 12;
+const MAX_CLONE_PAUSE: Duration = Duration::from_secs(20);
 /// A full clone of a large disk can take this long.
 const CLONE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// start and resize tasks.
@@ -359,7 +362,7 @@ impl Provisioning<'_> {
         let mode = if full { "full" } else { "linked" };
         let mut pauses = backon::ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(500))
-            .with_max_delay(Duration::from_secs(8))
+            .with_max_delay(MAX_CLONE_PAUSE)
             .with_max_times(MAX_CLONE_ATTEMPTS)
             .with_jitter()
             .build();
@@ -371,6 +374,8 @@ impl Provisioning<'_> {
         }
         let mut last_problem = String::new();
         for _ in 0..MAX_CLONE_ATTEMPTS {
+            // Held from the VMID check until the clone task ends; released before any pause.
+            let slot = clone_slots::acquire(self.settings()).await?;
             let vmid = self.pick_free_vmid().await?;
             // Saved before the clone request: whatever happens next, cleanup can find it.
             self.state = Some(JobState {
@@ -387,7 +392,9 @@ impl Provisioning<'_> {
                 host_key_source: None,
             });
             self.save_state()?;
-            match self.try_clone(template, vmid, full).await? {
+            let attempt = self.try_clone(template, vmid, full).await?;
+            drop(slot);
+            match attempt {
                 CloneAttempt::Done => {
                     self.set_phase(Phase::Cloned)?;
                     self.timings.push(("clone", started.elapsed()));
@@ -455,7 +462,9 @@ impl Provisioning<'_> {
         };
         let upid = match self.client.clone_vm(node, template.vmid, &request).await {
             Ok(upid) => upid,
-            Err(err) if err.is_vmid_clash() => return Ok(CloneAttempt::Clash(err.message)),
+            Err(err) if err.is_clash_on(vmid) => return Ok(CloneAttempt::Clash(err.message)),
+            // The template is locked for a moment (a backup, another job's clone start).
+            Err(err) if err.is_vm_locked() => return Ok(CloneAttempt::Transient(err)),
             Err(err) if err.kind == ApiErrorKind::Transport => {
                 // The request may have reached PVE: if a VM with our marker appeared, it is ours.
                 return if self.adopt_if_ours(vmid).await? {
@@ -482,7 +491,7 @@ impl Provisioning<'_> {
             Err(err) if err.kind == ApiErrorKind::Task => {
                 // The task failed; a half-made VM of ours may be left at the id.
                 self.remove_leftover(vmid).await?;
-                if err.is_vmid_clash() {
+                if err.is_clash_on(vmid) {
                     Ok(CloneAttempt::Clash(err.message))
                 } else if err.is_transient() {
                     Ok(CloneAttempt::Transient(err))

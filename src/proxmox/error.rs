@@ -82,11 +82,24 @@ impl ApiError {
         text.contains("/var/lock/qemu-server/lock-") && text.contains("timeout")
     }
 
-    /// Any `can't lock file ... got timeout` (storage locks under parallel clones included).
+    /// Any `can't lock file ... got timeout` (storage locks under parallel clones included),
+    /// and the cluster filesystem's `cfs-lock 'storage-x' error: got lock request timeout`.
     pub fn is_lock_timeout(&self) -> bool {
         let text = self.haystack();
-        (text.contains("can't lock file") || text.contains("cannot lock"))
+        (text.contains("can't lock file")
+            || text.contains("cannot lock")
+            || text.contains("cfs-lock")
+            || text.contains("lock request"))
             && text.contains("timeout")
+    }
+
+    /// The VMID `vmid` itself is contested: it exists already, or its own `lock-<vmid>.conf`
+    /// timed out (a racing clone into the same id). A lock timeout on another file (the
+    /// template's config, a storage) is load, not a clash: a new VMID does not help, a pause does.
+    pub fn is_clash_on(&self, vmid: u32) -> bool {
+        self.is_already_exists()
+            || (self.is_vmid_lock_timeout()
+                && self.haystack().contains(&format!("/lock-{vmid}.conf")))
     }
 
     /// `VM is locked (clone)` and similar: wait for the lock to clear, then try again.
@@ -324,6 +337,30 @@ mod tests {
             "can't lock file '/var/lock/pve-manager/pve-storage-local' - got timeout",
         );
         assert!(!storage.is_vmid_clash() && storage.is_lock_timeout());
+        assert!(err.is_clash_on(2000001));
+        assert!(!err.is_clash_on(2000002));
+    }
+
+    #[test]
+    fn lock_timeouts_of_the_template_or_the_cluster_filesystem_are_load_not_clashes() {
+        let template = ApiError::new(
+            ApiErrorKind::Task,
+            "clone failed: can't lock file '/var/lock/qemu-server/lock-60900.conf' - got timeout",
+        );
+        assert!(!template.is_clash_on(2000001));
+        assert!(template.is_transient());
+        let cfs = ApiError::new(
+            ApiErrorKind::Task,
+            "clone failed: cfs-lock 'storage-local-lvm' error: got lock request timeout",
+        );
+        assert!(cfs.is_lock_timeout() && cfs.is_transient());
+        assert!(!cfs.is_clash_on(2000001));
+        let taken = from_http_answer(
+            500,
+            Some("unable to create VM 2000001: config file already exists"),
+            b"",
+        );
+        assert!(taken.is_clash_on(2000001));
     }
 
     #[test]
