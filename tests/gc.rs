@@ -409,3 +409,27 @@ fn one_sweep_removes_many_orphans_among_many_live_vms() {
     assert!(orphans.iter().all(|vmid| !exists(&fake, *vmid)));
     assert!(live.iter().all(|vmid| exists(&fake, *vmid)));
 }
+
+#[test]
+fn the_example_systemd_units_run_the_sweep_with_the_documented_default() {
+    use gitlab_proxmox_runner::commands::gc::{parse_age, DEFAULT_MAX_AGE};
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let service =
+        std::fs::read_to_string(examples.join("gitlab-proxmox-runner-gc.service")).unwrap();
+    let exec = service
+        .lines()
+        .find_map(|line| line.strip_prefix("ExecStart="))
+        .expect("an ExecStart line");
+    let args: Vec<&str> = exec.split_whitespace().collect();
+    assert!(args[0].ends_with("/gitlab-proxmox-runner"), "{exec}");
+    let gc_at = args.iter().position(|arg| *arg == "gc").expect("runs gc");
+    assert_eq!(args[1], "--config", "{exec}");
+    assert!(args[..gc_at].len() == 3, "{exec}");
+    let age_at = args.iter().position(|arg| *arg == "--max-age").unwrap();
+    assert_eq!(parse_age(args[age_at + 1]).unwrap(), DEFAULT_MAX_AGE);
+    assert!(service.contains("Type=oneshot"));
+
+    let timer = std::fs::read_to_string(examples.join("gitlab-proxmox-runner-gc.timer")).unwrap();
+    assert!(timer.contains("[Timer]") && timer.contains("OnCalendar="));
+    assert!(timer.contains("WantedBy=timers.target"));
+}
