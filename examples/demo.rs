@@ -63,7 +63,7 @@ fn demo() -> Result<bool, String> {
     );
 
     println!("== starting the job's \"VM\" (an SSH server on loopback)");
-    let vm = ssh_target::start(work.path())?;
+    let vm = ssh_target::start()?;
     println!("   {} on 127.0.0.1:{} as {}", vm.kind, vm.port, vm.user);
     // The fake's guest agent hands the driver the VM's host key, as a real agent would.
     fake.set_guest_file("/etc/ssh/ssh_host_ed25519_key.pub", &vm.host_public_key);
@@ -172,8 +172,7 @@ fn write_private(path: &std::path::Path, text: &str) -> Result<(), String> {
 
 /// The job's "VM": a real sshd when possible, else the test kit's in-process SSH server.
 mod ssh_target {
-    use std::path::Path;
-
+    use gpr_testkit::ssh_server::TestSshServer;
     use gpr_testkit::sshd::{self, Sshd};
     use gpr_testkit::sshkeys::ClientKey;
 
@@ -181,34 +180,60 @@ mod ssh_target {
         pub kind: String,
         pub port: u16,
         pub user: String,
+        /// What the VM's guest agent would read from /etc/ssh/ssh_host_ed25519_key.pub.
         pub host_public_key: String,
         /// The private key the driver logs in with (text, as VM_SSH_PRIVATE_KEY accepts it).
         pub client_key: String,
         _server: Box<dyn std::any::Any>,
     }
 
-    pub fn start(_work: &Path) -> Result<Target, String> {
+    /// `GPR_DEMO_IN_PROCESS_SSH=1` picks the in-process server even where sshd could run.
+    pub fn start() -> Result<Target, String> {
         let key = ClientKey::ed25519();
-        if sshd::unavailable_reason().is_none() {
-            let server = Sshd::builder().start();
-            server.authorize(&key);
-            let host_public_key = server
-                .host_key_lines()
-                .into_iter()
-                .find(|line| line.starts_with("ssh-ed25519 "))
-                .ok_or("the sshd has no ed25519 host key")?;
-            return Ok(Target {
-                kind: "OpenSSH sshd".into(),
-                port: server.port(),
-                user: "root".into(),
-                host_public_key,
-                client_key: key.private_text,
-                _server: Box::new(server),
-            });
+        let forced = std::env::var_os("GPR_DEMO_IN_PROCESS_SSH").is_some();
+        match sshd::unavailable_reason() {
+            None if !forced => openssh(key),
+            reason => in_process(
+                key,
+                reason.unwrap_or_else(|| "GPR_DEMO_IN_PROCESS_SSH".into()),
+            ),
         }
-        Err(format!(
-            "no SSH server to play the VM: {}",
-            sshd::unavailable_reason().unwrap_or_default()
-        ))
+    }
+
+    fn openssh(key: ClientKey) -> Result<Target, String> {
+        let server = Sshd::builder().start();
+        server.authorize(&key);
+        let host_public_key = server
+            .host_key_lines()
+            .into_iter()
+            .find(|line| line.starts_with("ssh-ed25519 "))
+            .ok_or("the sshd has no ed25519 host key")?;
+        Ok(Target {
+            kind: "OpenSSH sshd".into(),
+            port: server.port(),
+            user: "root".into(),
+            host_public_key,
+            client_key: key.private_text,
+            _server: Box::new(server),
+        })
+    }
+
+    /// Runs the stage scripts as the current user (its `sudo` is a pass-through shim).
+    fn in_process(key: ClientKey, why: String) -> Result<Target, String> {
+        let server = TestSshServer::start();
+        server.authorize(&key);
+        let host_public_key = server
+            .host_key_lines()
+            .into_iter()
+            .next()
+            .ok_or("the in-process SSH server has no host key")?;
+        Ok(Target {
+            kind: format!("in-process SSH server (not OpenSSH's sshd: {why})"),
+            port: server.port(),
+            user: std::env::var("USER").unwrap_or_else(|_| "ci".into()),
+            host_public_key,
+            client_key: key.private_text,
+            _server: Box::new(server),
+        })
     }
 }

@@ -214,6 +214,14 @@ fn a_job_runs_in_a_fresh_vm_as_root_with_its_ci_variables() {
         ]
     );
     assert_eq!(world.clone_requests(), 1, "one VM cloned for the job");
+    // cleanup's output goes to the runner's own log, never into the job log.
+    assert!(!report.cleanup_log.trim().is_empty());
+    for line in report.cleanup_log.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            !report.log.contains(line),
+            "cleanup output in the job log: {line}"
+        );
+    }
     // Settings and secrets never reach the job log or the cleanup log.
     let token = world
         .settings(&[])

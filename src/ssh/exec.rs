@@ -143,11 +143,15 @@ pub(super) async fn exec_capture(connection: &Connection, command: &str) -> Resu
     Ok(output)
 }
 
-pub(super) async fn run_stage(
-    connection: &Connection,
-    script: &StageScript<'_>,
-    cancel: &Cancel,
-) -> Result<StageOutcome> {
+struct Started {
+    sftp: Sftp,
+    channel: russh::Channel<russh::client::Msg>,
+    script_path: String,
+    pgid_path: String,
+}
+
+/// Uploads the script into the private per-job directory and starts it.
+async fn upload_and_start(connection: &Connection, script: &StageScript<'_>) -> Result<Started> {
     let where_ = connection.describe();
     // The SFTP session and the exec channel are independent: open both at once.
     let (sftp, channel) = tokio::join!(
@@ -155,7 +159,7 @@ pub(super) async fn run_stage(
         connection.handle.channel_open_session()
     );
     let sftp = sftp?;
-    let mut channel =
+    let channel =
         channel.map_err(|err| Error::ssh(format!("opening a session channel on {where_}"), err))?;
 
     let home = sftp.realpath(".").await?;
@@ -182,6 +186,36 @@ pub(super) async fn run_stage(
         .exec(true, command)
         .await
         .map_err(|err| Error::ssh(format!("starting the stage script on {where_}"), err))?;
+    Ok(Started {
+        sftp,
+        channel,
+        script_path,
+        pgid_path,
+    })
+}
+
+pub(super) async fn run_stage(
+    connection: &Connection,
+    script: &StageScript<'_>,
+    cancel: &Cancel,
+) -> Result<StageOutcome> {
+    let where_ = connection.describe();
+    // Nothing runs in the VM yet: a cancel here just stops.
+    let prepared = tokio::select! {
+        prepared = upload_and_start(connection, script) => prepared?,
+        reason = cancel.cancelled() => {
+            return Err(Error::Cancelled(format!(
+                "the job was cancelled ({reason}) before the stage {:?} started on {where_}",
+                script.stage
+            )));
+        }
+    };
+    let Started {
+        sftp,
+        mut channel,
+        script_path,
+        pgid_path,
+    } = prepared;
 
     let mut stdout = RawOutput::new(1);
     let mut stderr = RawOutput::new(2);
@@ -286,6 +320,8 @@ pub(super) async fn run_stage(
             why,
         ));
     }
+    // The script holds the job's variables (tokens included): no reason to keep it around.
+    sftp.remove_quietly(&script_path, &pgid_path).await;
     sftp.close().await;
     Ok(outcome)
 }

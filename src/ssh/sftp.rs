@@ -194,6 +194,12 @@ impl Sftp {
         }
     }
 
+    /// Removes two files at once, ignoring failures (best effort; the VM is destroyed at
+    /// cleanup anyway).
+    pub async fn remove_quietly(&self, first: &str, second: &str) {
+        let _ = tokio::join!(self.session.remove(first), self.session.remove(second));
+    }
+
     pub async fn close(self) {
         let _ = self.session.close_session();
     }

@@ -2,7 +2,7 @@
 //!
 //! It accepts the public keys it is told to, runs `exec` requests locally with `bash -c` in a
 //! temp "home" directory, serves the `sftp` subsystem (enough for uploads: realpath, mkdir,
-//! lstat/stat, setstat, open/write/fsetstat/close), and reports exit-status or exit-signal.
+//! lstat/stat, setstat, open/write/fsetstat/close, remove), and reports exit-status or exit-signal.
 //! `sudo` is a pass-through shim on the commands' PATH, so the driver's `sudo -n ...` command
 //! lines work without root. Knobs let tests drop connections abruptly, refuse the first few
 //! connections (a booting VM), and choose whether exit-status comes before or after EOF.
@@ -563,6 +563,11 @@ impl russh_sftp::server::Handler for Sftp {
             file.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))
                 .map_err(code_of)?;
         }
+        Ok(ok(id))
+    }
+
+    async fn remove(&mut self, id: u32, filename: String) -> Result<Status, Self::Error> {
+        std::fs::remove_file(self.path(&filename)).map_err(code_of)?;
         Ok(ok(id))
     }
 
