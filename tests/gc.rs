@@ -250,6 +250,13 @@ fn foreign_vms_are_never_touched() {
         "{}",
         run.stderr
     );
+    // The marker without the tag is what a prepare that died mid-clone leaves: reported.
+    assert!(
+        run.stderr
+            .contains("VM 2000001 on pve1 has this driver's ownership marker"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
@@ -382,4 +389,47 @@ fn an_unreachable_api_fails_the_sweep_with_a_clear_message() {
         "{}",
         run.stderr
     );
+}
+
+#[test]
+fn one_sweep_removes_many_orphans_among_many_live_vms() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let orphans: Vec<u32> = (0..40).map(|i| 2_100_000 + i).collect();
+    for (i, vmid) in orphans.iter().enumerate() {
+        job_vm(&fake, *vmid, &marker("xS6Vzpvo", i as u64, 2 * DAY));
+    }
+    let live: Vec<u32> = (0..60).map(|i| 2_200_000 + i).collect();
+    for (i, vmid) in live.iter().enumerate() {
+        job_vm(&fake, *vmid, &marker("xS6Vzpvo", 1000 + i as u64, 600));
+    }
+    let run = gc(&fake, &[]);
+    run.assert_ok()
+        .assert_summary("gc: 40 orphans destroyed, 0 skipped (locked), 60 live kept");
+    eprintln!("{}", run.stdout.trim());
+    assert!(orphans.iter().all(|vmid| !exists(&fake, *vmid)));
+    assert!(live.iter().all(|vmid| exists(&fake, *vmid)));
+}
+
+#[test]
+fn the_example_systemd_units_run_the_sweep_with_the_documented_default() {
+    use gitlab_proxmox_runner::commands::gc::{parse_age, DEFAULT_MAX_AGE};
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let service =
+        std::fs::read_to_string(examples.join("gitlab-proxmox-runner-gc.service")).unwrap();
+    let exec = service
+        .lines()
+        .find_map(|line| line.strip_prefix("ExecStart="))
+        .expect("an ExecStart line");
+    let args: Vec<&str> = exec.split_whitespace().collect();
+    assert!(args[0].ends_with("/gitlab-proxmox-runner"), "{exec}");
+    let gc_at = args.iter().position(|arg| *arg == "gc").expect("runs gc");
+    assert_eq!(args[1], "--config", "{exec}");
+    assert!(args[..gc_at].len() == 3, "{exec}");
+    let age_at = args.iter().position(|arg| *arg == "--max-age").unwrap();
+    assert_eq!(parse_age(args[age_at + 1]).unwrap(), DEFAULT_MAX_AGE);
+    assert!(service.contains("Type=oneshot"));
+
+    let timer = std::fs::read_to_string(examples.join("gitlab-proxmox-runner-gc.timer")).unwrap();
+    assert!(timer.contains("[Timer]") && timer.contains("OnCalendar="));
+    assert!(timer.contains("WantedBy=timers.target"));
 }

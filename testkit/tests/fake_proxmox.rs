@@ -215,6 +215,10 @@ async fn nextid_and_parameter_errors_have_pve_shapes() {
         )
         .await;
     assert_eq!(full_with_storage.status, StatusCode::OK);
+    let recorded = fake.requests();
+    let clone_request = recorded.last().expect("the clone request");
+    assert_eq!(clone_request.method, "POST");
+    assert_eq!(clone_request.body, "newid=150002&full=1&storage=fast");
     assert_eq!(
         fake.vm(150002).and_then(|vm| vm.full_clone),
         Some(true),
@@ -587,4 +591,60 @@ async fn linked_clones_only_from_templates_and_full_by_default_otherwise() {
         elsewhere.reason,
         "can't clone VM to node 'pve2' (VM uses local storage)"
     );
+}
+
+#[tokio::test]
+async fn bodies_may_be_forms_split_on_semicolons_or_json() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    fake.add_vm(NewVm {
+        vmid: 100700,
+        ..NewVm::default()
+    });
+    let api = Api::new(&fake);
+    let path = "/nodes/pve1/qemu/100700/config";
+    let form = api
+        .raw(
+            Method::PUT,
+            path,
+            "application/x-www-form-urlencoded",
+            "cores=3;memory=1024&tags=a%3Bb",
+        )
+        .await;
+    assert_eq!(form.status, StatusCode::OK, "{}", form.body);
+    let config = fake.vm(100700).expect("vm").config;
+    assert_eq!(
+        (config["cores"].as_str(), config["memory"].as_str()),
+        ("3", "1024")
+    );
+    assert_eq!(config["tags"], "a;b");
+
+    let json = api
+        .raw(
+            Method::PUT,
+            path,
+            "application/json",
+            r#"{"cores": 4, "description": "from json", "delete": "ciuser"}"#,
+        )
+        .await;
+    assert_eq!(json.status, StatusCode::OK, "{}", json.body);
+    let config = fake.vm(100700).expect("vm").config;
+    assert_eq!(config["cores"], "4");
+    assert_eq!(config["description"], "from json");
+    assert!(!config.contains_key("ciuser"));
+
+    let bad_tag = api
+        .raw(
+            Method::PUT,
+            path,
+            "application/x-www-form-urlencoded",
+            "tags=Upper",
+        )
+        .await;
+    assert_eq!(bad_tag.status, StatusCode::BAD_REQUEST);
+    let long = "x".repeat(8193);
+    let too_long = api
+        .call(Method::PUT, path, &[("description", long.as_str())])
+        .await;
+    assert_eq!(too_long.status, StatusCode::BAD_REQUEST);
+    assert!(too_long.body["errors"]["description"].is_string());
 }

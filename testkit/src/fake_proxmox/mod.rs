@@ -26,6 +26,7 @@
 //! assert_eq!(fake.job_vms().len(), 1);
 //! ```
 
+mod agent;
 mod routes;
 mod server;
 mod state;
@@ -155,6 +156,8 @@ pub struct RecordedRequest {
     pub query: String,
     /// Whether the request carried the right API token.
     pub authorized: bool,
+    /// The raw request body (form-urlencoded or JSON), empty for GET and DELETE.
+    pub body: String,
 }
 
 /// Misbehaviour to inject; counted faults apply to the next `count` matching operations.

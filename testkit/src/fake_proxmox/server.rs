@@ -217,11 +217,16 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Respons
         (refusal, config.bad_token_delay, config.message_in_body)
     };
     let authorized = refusal.is_none();
+    let body = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
     lock(&state).requests.push(RecordedRequest {
         method: method.clone(),
         path: raw_path.clone(),
         query: raw_query.clone(),
         authorized,
+        body: String::from_utf8_lossy(&body).into_owned(),
     });
 
     if let Some(refusal) = refusal {
@@ -237,10 +242,6 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Respons
         );
     }
 
-    let body = match body.collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(_) => Bytes::new(),
-    };
     let is_json = parts
         .headers
         .get(CONTENT_TYPE)

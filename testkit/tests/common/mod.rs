@@ -62,6 +62,28 @@ pub struct Answer {
     pub connection_close: bool,
 }
 
+impl Answer {
+    async fn read(response: reqwest::Response) -> Answer {
+        let status = response.status();
+        let reason = response
+            .extensions()
+            .get::<hyper::ext::ReasonPhrase>()
+            .map(|reason| String::from_utf8_lossy(reason.as_bytes()).into_owned())
+            .unwrap_or_default();
+        let connection_close = response
+            .headers()
+            .get("connection")
+            .is_some_and(|value| value == "close");
+        let body = response.json().await.expect("JSON body");
+        Answer {
+            status,
+            reason,
+            body,
+            connection_close,
+        }
+    }
+}
+
 impl Api {
     pub fn new(fake: &FakeProxmox) -> Api {
         let env: std::collections::BTreeMap<_, _> = fake.settings_env().into_iter().collect();
@@ -87,23 +109,21 @@ impl Api {
             request.form(form)
         };
         let response = request.send().await.expect("request reaches the fake");
-        let status = response.status();
-        let reason = response
-            .extensions()
-            .get::<hyper::ext::ReasonPhrase>()
-            .map(|reason| String::from_utf8_lossy(reason.as_bytes()).into_owned())
-            .unwrap_or_default();
-        let connection_close = response
-            .headers()
-            .get("connection")
-            .is_some_and(|value| value == "close");
-        let body = response.json().await.expect("JSON body");
-        Answer {
-            status,
-            reason,
-            body,
-            connection_close,
-        }
+        Answer::read(response).await
+    }
+
+    /// Sends `body` as is, with the given content type.
+    pub async fn raw(&self, method: Method, path: &str, content_type: &str, body: &str) -> Answer {
+        let response = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .header("Authorization", &self.auth)
+            .header("Content-Type", content_type)
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("request reaches the fake");
+        Answer::read(response).await
     }
 
     pub async fn get(&self, path: &str, query: &[(&str, &str)]) -> Answer {
