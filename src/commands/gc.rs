@@ -256,15 +256,18 @@ async fn sweep(
                 continue;
             }
         };
-        let config = client.vm_config(&node, vmid).await.map_err(|err| {
-            Error::proxmox(
-                format!("gc: reading the config of VM {vmid} on {node}"),
-                err,
-            )
-        })?;
-        let Some(config) = config else {
+        let config = match client.vm_config(&node, vmid).await {
+            Ok(Some(config)) => config,
             // Removed since the listing: nothing to judge.
-            continue;
+            Ok(None) => continue,
+            // One unreachable node must not stop the sweep of the others.
+            Err(err) => {
+                joblog::warn(format!(
+                    "gc: cannot read the config of VM {vmid} on {node} ({err}); skipped"
+                ));
+                tally.failed.push(format!("VM {vmid} on {node}: {err}"));
+                continue;
+            }
         };
         let Some(marker) = config.description().as_deref().and_then(Marker::find_in) else {
             joblog::warn(format!(
@@ -320,7 +323,7 @@ async fn sweep(
         Ok(())
     } else {
         Err(Error::Infrastructure(format!(
-            "gc: {} orphans could not be destroyed ({}); the next sweep tries again",
+            "gc: {} VMs could not be inspected or destroyed ({}); the next sweep tries again",
             tally.failed.len(),
             tally.failed.join("; ")
         )))
