@@ -207,6 +207,13 @@ pub async fn gc(
         .map(parse_age)
         .transpose()?
         .unwrap_or(DEFAULT_MAX_AGE);
+    if max_age < Duration::from_secs(3600) {
+        joblog::warn(format!(
+            "gc: --max-age {} is shorter than most jobs: VMs of jobs still running will be \
+             destroyed",
+            age_text(max_age)
+        ));
+    }
     let runner = runner.map(str::trim).filter(|token| !token.is_empty());
     let client = Arc::new(Client::new(&context.settings)?);
     tokio::select! {
