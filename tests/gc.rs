@@ -433,3 +433,61 @@ fn the_example_systemd_units_run_the_sweep_with_the_documented_default() {
     assert!(timer.contains("[Timer]") && timer.contains("OnCalendar="));
     assert!(timer.contains("WantedBy=timers.target"));
 }
+
+#[test]
+fn a_vm_that_cannot_be_read_fails_the_sweep_but_not_the_others() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    // Its node stopped answering (PVE's proxy says 595), long enough to outlast the retries.
+    fake.inject(gpr_testkit::Fault::HttpErrors {
+        count: 1000,
+        status: 595,
+        message: "Errors during connection establishment, proxy handshake: No route to host".into(),
+        path_contains: Some("/qemu/2000601/".into()),
+    });
+    job_vm(&fake, 2_000_601, &marker("xS6Vzpvo", 1, 2 * DAY));
+    job_vm(&fake, 2_000_602, &marker("xS6Vzpvo", 2, 2 * DAY));
+    let run = gc(&fake, &[]);
+    assert_ne!(run.code, 0, "{}", run.stdout);
+    run.assert_summary("gc: 1 orphans destroyed, 1 failed");
+    assert!(
+        run.stderr
+            .contains("cannot read the config of VM 2000601 on pve1"),
+        "{}",
+        run.stderr
+    );
+    assert!(!exists(&fake, 2_000_602));
+    assert!(exists(&fake, 2_000_601));
+}
+
+#[test]
+fn sigterm_stops_the_sweep_promptly() {
+    // systemd stops a sweep with SIGTERM (TimeoutStartSec, shutdown): it must end, not hang in
+    // a long task; the next sweep finishes the VM.
+    let fake = FakeProxmox::start(FakeConfig {
+        task_time: Duration::from_secs(600),
+        ..FakeConfig::default()
+    });
+    job_vm(&fake, 2_000_650, &marker("xS6Vzpvo", 1, 2 * DAY));
+    let child = gc_command(&fake, &[]).spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !fake
+        .requests()
+        .iter()
+        .any(|r| r.method == "POST" && r.path.contains("/2000650/status/stop"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gc never stopped the VM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    let run = GcRun::from(child.wait_with_output().unwrap());
+    assert_ne!(run.code, 0);
+    assert!(run.stderr.contains("gc was cancelled"), "{}", run.stderr);
+    assert!(exists(&fake, 2_000_650));
+}

@@ -207,6 +207,13 @@ pub async fn gc(
         .map(parse_age)
         .transpose()?
         .unwrap_or(DEFAULT_MAX_AGE);
+    if max_age < Duration::from_secs(3600) {
+        joblog::warn(format!(
+            "gc: --max-age {} is shorter than most jobs: VMs of jobs still running will be \
+             destroyed",
+            age_text(max_age)
+        ));
+    }
     let runner = runner.map(str::trim).filter(|token| !token.is_empty());
     let client = Arc::new(Client::new(&context.settings)?);
     tokio::select! {
@@ -256,15 +263,18 @@ async fn sweep(
                 continue;
             }
         };
-        let config = client.vm_config(&node, vmid).await.map_err(|err| {
-            Error::proxmox(
-                format!("gc: reading the config of VM {vmid} on {node}"),
-                err,
-            )
-        })?;
-        let Some(config) = config else {
+        let config = match client.vm_config(&node, vmid).await {
+            Ok(Some(config)) => config,
             // Removed since the listing: nothing to judge.
-            continue;
+            Ok(None) => continue,
+            // One unreachable node must not stop the sweep of the others.
+            Err(err) => {
+                joblog::warn(format!(
+                    "gc: cannot read the config of VM {vmid} on {node} ({err}); skipped"
+                ));
+                tally.failed.push(format!("VM {vmid} on {node}: {err}"));
+                continue;
+            }
         };
         let Some(marker) = config.description().as_deref().and_then(Marker::find_in) else {
             joblog::warn(format!(
@@ -320,7 +330,7 @@ async fn sweep(
         Ok(())
     } else {
         Err(Error::Infrastructure(format!(
-            "gc: {} orphans could not be destroyed ({}); the next sweep tries again",
+            "gc: {} VMs could not be inspected or destroyed ({}); the next sweep tries again",
             tally.failed.len(),
             tally.failed.join("; ")
         )))
