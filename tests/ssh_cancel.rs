@@ -32,7 +32,22 @@ fn a_script_that_ignores_sigterm_is_killed_after_the_grace_period() {
     );
 }
 
+#[test]
+fn a_detached_straggler_that_ignores_sigterm_is_killed_too() {
+    // The script itself obeys TERM (its channel ends at once), but a background child with
+    // its output elsewhere ignores TERM: the kill must carry on to SIGKILL regardless.
+    cancel_case_with(
+        "a_detached_straggler_that_ignores_sigterm_is_killed_too",
+        "trap 'exit 1' TERM",
+        "(trap '' TERM; exec sleep 600) >/dev/null 2>&1 </dev/null &",
+    );
+}
+
 fn cancel_case(test: &str, trap: &str) {
+    cancel_case_with(test, trap, "sleep 600 &");
+}
+
+fn cancel_case_with(test: &str, trap: &str, background: &str) {
     let Some(sshd) = Sshd::start_or_skip(test) else {
         return;
     };
@@ -46,7 +61,7 @@ fn cancel_case(test: &str, trap: &str) {
     };
     let job = tempfile::tempdir().unwrap();
     // A background child and a long foreground command.
-    let body = format!("{trap}\nsleep 600 &\necho \"pids $$ $!\"\nsleep 600\necho never\n");
+    let body = format!("{trap}\n{background}\necho \"pids $$ $!\"\nsleep 600\necho never\n");
     let mut child = stage_hook(BIN, job.path(), &target, &key, "build_script", &body)
         .command()
         .stdout(std::process::Stdio::piped())
