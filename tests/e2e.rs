@@ -50,22 +50,22 @@ impl World {
         std::fs::create_dir(dir.path().join("empty-path")).expect("empty PATH dir");
         std::fs::create_dir(dir.path().join("builds")).expect("builds dir");
         let settings_file = dir.path().join("driver.toml");
-        let mut world = World {
+        let world = World {
             fake,
             sshd,
             key,
             dir,
             settings_file,
         };
-        world.write_settings(&[]);
+        world.write_settings();
         Some(world)
     }
 
-    /// (Re)writes the driver's settings file, mode 0600, with `extra` settings appended.
-    fn write_settings(&mut self, extra: &[(&str, &str)]) {
+    /// Writes the driver's settings file, mode 0600.
+    fn write_settings(&self) {
         use std::os::unix::fs::PermissionsExt;
         let mut text = String::from("# written by tests/e2e.rs\n");
-        for (name, value) in self.settings(extra) {
+        for (name, value) in self.settings() {
             text.push_str(&format!("{name} = {}\n", json_string(&value)));
         }
         std::fs::write(&self.settings_file, text).expect("write driver.toml");
@@ -73,7 +73,7 @@ impl World {
             .expect("chmod driver.toml");
     }
 
-    fn settings(&self, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    fn settings(&self) -> Vec<(String, String)> {
         let mut settings = self.fake.settings_env();
         settings.extend([
             ("VM_SSH_USER".to_string(), "root".to_string()),
@@ -86,10 +86,6 @@ impl World {
             // The fake's guest agent reports the "VM" at 127.0.0.1 (this machine's sshd).
             ("VM_NETWORK_CIDRS".to_string(), "127.0.0.0/8".to_string()),
         ]);
-        for (name, value) in extra {
-            settings.retain(|(n, _)| n != name);
-            settings.push((name.to_string(), value.to_string()));
-        }
         settings
     }
 
@@ -129,7 +125,7 @@ impl World {
             .temp_root(self.dir.path())
             .retry_interval(Duration::ZERO)
             .hook_timeout(Duration::from_secs(180));
-        for (name, value) in self.settings(&[]) {
+        for (name, value) in self.settings() {
             job = job.runner_env(name, value);
         }
         job
@@ -214,6 +210,8 @@ fn a_job_runs_in_a_fresh_vm_as_root_with_its_ci_variables() {
         ]
     );
     assert_eq!(world.clone_requests(), 1, "one VM cloned for the job");
+    // The host key came through the guest agent, so nothing was trusted on first use.
+    assert!(!report.log.contains("first connection"), "{}", report.log);
     // cleanup's output goes to the runner's own log, never into the job log.
     assert!(!report.cleanup_log.trim().is_empty());
     for line in report.cleanup_log.lines().filter(|l| !l.trim().is_empty()) {
@@ -224,7 +222,7 @@ fn a_job_runs_in_a_fresh_vm_as_root_with_its_ci_variables() {
     }
     // Settings and secrets never reach the job log or the cleanup log.
     let token = world
-        .settings(&[])
+        .settings()
         .into_iter()
         .find(|(name, _)| name == "PROXMOX_TOKEN_VALUE")
         .map(|(_, value)| value)
