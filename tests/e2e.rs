@@ -265,14 +265,15 @@ fn cancel_during_a_long_script_stops_the_remote_processes_and_destroys_the_vm() 
         .script(
             "build_script",
             format!(
-                "sleep 900 & echo $! > {}; echo long-script-started; wait",
+                "sleep 900 & echo $! > {}; echo long-script-started-$((6 * 7)); wait",
                 pid_file.display()
             ),
         )
         .start();
     assert!(
         job.control()
-            .wait_for_log("long-script-started", Duration::from_secs(120)),
+            // The marker is computed, so the echoed command line cannot match it early.
+            .wait_for_log("long-script-started-42", Duration::from_secs(120)),
         "the script never started:\n{}",
         job.control().log()
     );
