@@ -180,7 +180,7 @@ pub async fn wait_unlocked(
 ) -> Result<bool> {
     let started = Instant::now();
     let mut next_progress = started + PROGRESS_EVERY;
-    let mut delay = Duration::from_millis(100);
+    let mut delay = crate::proxmox::client::MIN_POLL_DELAY;
     loop {
         let status = client
             .vm_status(node, vmid)
@@ -211,6 +211,6 @@ pub async fn wait_unlocked(
             next_progress = now + PROGRESS_EVERY;
         }
         tokio::time::sleep(delay.min(deadline - now)).await;
-        delay = (delay * 3 / 2).min(Duration::from_secs(1));
+        delay = crate::proxmox::client::next_poll_delay(delay, started.elapsed());
     }
 }

@@ -250,6 +250,13 @@ fn foreign_vms_are_never_touched() {
         "{}",
         run.stderr
     );
+    // The marker without the tag is what a prepare that died mid-clone leaves: reported.
+    assert!(
+        run.stderr
+            .contains("VM 2000001 on pve1 has this driver's ownership marker"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
@@ -382,4 +389,105 @@ fn an_unreachable_api_fails_the_sweep_with_a_clear_message() {
         "{}",
         run.stderr
     );
+}
+
+#[test]
+fn one_sweep_removes_many_orphans_among_many_live_vms() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let orphans: Vec<u32> = (0..40).map(|i| 2_100_000 + i).collect();
+    for (i, vmid) in orphans.iter().enumerate() {
+        job_vm(&fake, *vmid, &marker("xS6Vzpvo", i as u64, 2 * DAY));
+    }
+    let live: Vec<u32> = (0..60).map(|i| 2_200_000 + i).collect();
+    for (i, vmid) in live.iter().enumerate() {
+        job_vm(&fake, *vmid, &marker("xS6Vzpvo", 1000 + i as u64, 600));
+    }
+    let run = gc(&fake, &[]);
+    run.assert_ok()
+        .assert_summary("gc: 40 orphans destroyed, 0 skipped (locked), 60 live kept");
+    eprintln!("{}", run.stdout.trim());
+    assert!(orphans.iter().all(|vmid| !exists(&fake, *vmid)));
+    assert!(live.iter().all(|vmid| exists(&fake, *vmid)));
+}
+
+#[test]
+fn the_example_systemd_units_run_the_sweep_with_the_documented_default() {
+    use gitlab_proxmox_runner::commands::gc::{parse_age, DEFAULT_MAX_AGE};
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let service =
+        std::fs::read_to_string(examples.join("gitlab-proxmox-runner-gc.service")).unwrap();
+    let exec = service
+        .lines()
+        .find_map(|line| line.strip_prefix("ExecStart="))
+        .expect("an ExecStart line");
+    let args: Vec<&str> = exec.split_whitespace().collect();
+    assert!(args[0].ends_with("/gitlab-proxmox-runner"), "{exec}");
+    let gc_at = args.iter().position(|arg| *arg == "gc").expect("runs gc");
+    assert_eq!(args[1], "--config", "{exec}");
+    assert!(args[..gc_at].len() == 3, "{exec}");
+    let age_at = args.iter().position(|arg| *arg == "--max-age").unwrap();
+    assert_eq!(parse_age(args[age_at + 1]).unwrap(), DEFAULT_MAX_AGE);
+    assert!(service.contains("Type=oneshot"));
+
+    let timer = std::fs::read_to_string(examples.join("gitlab-proxmox-runner-gc.timer")).unwrap();
+    assert!(timer.contains("[Timer]") && timer.contains("OnCalendar="));
+    assert!(timer.contains("WantedBy=timers.target"));
+}
+
+#[test]
+fn a_vm_that_cannot_be_read_fails_the_sweep_but_not_the_others() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    // Its node stopped answering (PVE's proxy says 595), long enough to outlast the retries.
+    fake.inject(gpr_testkit::Fault::HttpErrors {
+        count: 1000,
+        status: 595,
+        message: "Errors during connection establishment, proxy handshake: No route to host".into(),
+        path_contains: Some("/qemu/2000601/".into()),
+    });
+    job_vm(&fake, 2_000_601, &marker("xS6Vzpvo", 1, 2 * DAY));
+    job_vm(&fake, 2_000_602, &marker("xS6Vzpvo", 2, 2 * DAY));
+    let run = gc(&fake, &[]);
+    assert_ne!(run.code, 0, "{}", run.stdout);
+    run.assert_summary("gc: 1 orphans destroyed, 1 failed");
+    assert!(
+        run.stderr
+            .contains("cannot read the config of VM 2000601 on pve1"),
+        "{}",
+        run.stderr
+    );
+    assert!(!exists(&fake, 2_000_602));
+    assert!(exists(&fake, 2_000_601));
+}
+
+#[test]
+fn sigterm_stops_the_sweep_promptly() {
+    // systemd stops a sweep with SIGTERM (TimeoutStartSec, shutdown): it must end, not hang in
+    // a long task; the next sweep finishes the VM.
+    let fake = FakeProxmox::start(FakeConfig {
+        task_time: Duration::from_secs(600),
+        ..FakeConfig::default()
+    });
+    job_vm(&fake, 2_000_650, &marker("xS6Vzpvo", 1, 2 * DAY));
+    let child = gc_command(&fake, &[]).spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !fake
+        .requests()
+        .iter()
+        .any(|r| r.method == "POST" && r.path.contains("/2000650/status/stop"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gc never stopped the VM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    let run = GcRun::from(child.wait_with_output().unwrap());
+    assert_ne!(run.code, 0);
+    assert!(run.stderr.contains("gc was cancelled"), "{}", run.stderr);
+    assert!(exists(&fake, 2_000_650));
 }

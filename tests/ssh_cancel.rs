@@ -16,9 +16,39 @@ fn alive(pid: u32) -> bool {
 
 #[test]
 fn sigterm_kills_the_remote_process_tree_and_the_hook_exits_promptly() {
-    let Some(sshd) =
-        Sshd::start_or_skip("sigterm_kills_the_remote_process_tree_and_the_hook_exits_promptly")
-    else {
+    // Like gitlab-runner's own scripts: TERM trapped into `exit 1`.
+    cancel_case(
+        "sigterm_kills_the_remote_process_tree_and_the_hook_exits_promptly",
+        "trap 'exit 1' TERM",
+    );
+}
+
+#[test]
+fn a_script_that_ignores_sigterm_is_killed_after_the_grace_period() {
+    // SIG_IGN is inherited: neither the script nor its children react to TERM.
+    cancel_case(
+        "a_script_that_ignores_sigterm_is_killed_after_the_grace_period",
+        "trap '' TERM",
+    );
+}
+
+#[test]
+fn a_detached_straggler_that_ignores_sigterm_is_killed_too() {
+    // The script itself obeys TERM (its channel ends at once), but a background child with
+    // its output elsewhere ignores TERM: the kill must carry on to SIGKILL regardless.
+    cancel_case_with(
+        "a_detached_straggler_that_ignores_sigterm_is_killed_too",
+        "trap 'exit 1' TERM",
+        "(trap '' TERM; exec sleep 600) >/dev/null 2>&1 </dev/null &",
+    );
+}
+
+fn cancel_case(test: &str, trap: &str) {
+    cancel_case_with(test, trap, "sleep 600 &");
+}
+
+fn cancel_case_with(test: &str, trap: &str, background: &str) {
+    let Some(sshd) = Sshd::start_or_skip(test) else {
         return;
     };
     let key = ClientKey::ed25519();
@@ -30,10 +60,9 @@ fn sigterm_kills_the_remote_process_tree_and_the_hook_exits_promptly() {
         host_keys: sshd.host_key_lines(),
     };
     let job = tempfile::tempdir().unwrap();
-    // Like gitlab-runner's own scripts: TERM trapped into `exit 1`, a background child, and a
-    // long foreground command.
-    let body = "trap 'exit 1' TERM\nsleep 600 &\necho \"pids $$ $!\"\nsleep 600\necho never\n";
-    let mut child = stage_hook(BIN, job.path(), &target, &key, "build_script", body)
+    // A background child and a long foreground command.
+    let body = format!("{trap}\n{background}\necho \"pids $$ $!\"\nsleep 600\necho never\n");
+    let mut child = stage_hook(BIN, job.path(), &target, &key, "build_script", &body)
         .command()
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -1,5 +1,6 @@
-//! VM_SSH_PRIVATE_KEY handling through the real binary: clear errors that never echo key
-//! material or the passphrase. No SSH server is needed: the key is loaded before connecting.
+//! VM_SSH_PRIVATE_KEY handling and the run hook's own failures through the real binary: clear
+//! errors that never echo key material or the passphrase. No SSH server is needed: the key is
+//! loaded before connecting.
 
 use gpr_testkit::hook::SYSTEM_FAILURE;
 use gpr_testkit::ssh_job::{stage_hook, SshTarget};
@@ -108,4 +109,41 @@ fn a_missing_key_file_is_reported_without_echoing_the_value() {
     let stderr = key_error(&key);
     assert!(stderr.contains("VM_SSH_PRIVATE_KEY"), "{stderr}");
     assert!(!stderr.contains("/nonexistent/id_ed25519"), "{stderr}");
+}
+
+#[test]
+fn run_without_a_ready_job_state_is_a_system_failure() {
+    let key = ClientKey::ed25519();
+    let job = tempfile::tempdir().unwrap();
+    let hook = stage_hook(BIN, job.path(), &nowhere(), &key, "build_script", "true\n");
+    // No state at all: prepare never ran here.
+    std::fs::remove_file(job.path().join("gitlab-proxmox-runner-state.json")).unwrap();
+    let out = hook.run();
+    out.assert_exit(SYSTEM_FAILURE);
+    assert!(out.stderr.contains("no job state"), "{}", out.stderr);
+
+    // A state from a prepare that did not get as far as SSH.
+    let job = tempfile::tempdir().unwrap();
+    let hook = stage_hook(BIN, job.path(), &nowhere(), &key, "build_script", "true\n");
+    let path = job.path().join("gitlab-proxmox-runner-state.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("\"ready\"", "\"started\"")).unwrap();
+    let out = hook.run();
+    out.assert_exit(SYSTEM_FAILURE);
+    assert!(out.stderr.contains("not ready"), "{}", out.stderr);
+}
+
+#[test]
+fn an_unreachable_vm_is_a_system_failure_naming_it() {
+    let key = ClientKey::ed25519();
+    let job = tempfile::tempdir().unwrap();
+    let out = stage_hook(BIN, job.path(), &nowhere(), &key, "build_script", "true\n").run();
+    out.assert_exit(SYSTEM_FAILURE);
+    assert!(
+        out.stderr.contains("VM 2000123 on pve-test"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("127.0.0.1:1"), "{}", out.stderr);
+    assert!(!job.path().join("build_exit_code").exists());
 }

@@ -30,6 +30,8 @@ fn each_key_type_authenticates_and_runs_the_stage() {
         (KeyKind::RsaPkcs8, None),
         (KeyKind::EcdsaSec1, None),
         (KeyKind::RsaPkcs1, Some("legacy pem")),
+        (KeyKind::RsaPkcs8, Some("pkcs8 pass")),
+        (KeyKind::EcdsaSec1, Some("sec1 pass")),
     ] {
         let key = ClientKey::generate(kind, pass);
         sshd.authorize(&key);

@@ -100,6 +100,12 @@ enum FirstLook {
         node: String,
         vmid: u32,
     },
+    /// In range but without the tag: never touched, but a prepare that died between the clone
+    /// and tagging leaves exactly this, so its marker is read to tell the admin.
+    Untagged {
+        node: String,
+        vmid: u32,
+    },
 }
 
 fn first_look(vm: &ClusterVm, range: (u32, u32)) -> FirstLook {
@@ -107,17 +113,14 @@ fn first_look(vm: &ClusterVm, range: (u32, u32)) -> FirstLook {
         return FirstLook::Foreign;
     };
     let is_qemu = vm.kind.as_deref().is_none_or(|kind| kind == "qemu");
-    if !is_qemu
-        || vm.template
-        || vm.node.is_empty()
-        || !(range.0..=range.1).contains(&vmid)
-        || !has_driver_tag(vm.tags.as_deref())
-    {
+    if !is_qemu || vm.template || vm.node.is_empty() || !(range.0..=range.1).contains(&vmid) {
         return FirstLook::Foreign;
     }
-    FirstLook::Tagged {
-        node: vm.node.clone(),
-        vmid,
+    let node = vm.node.clone();
+    if has_driver_tag(vm.tags.as_deref()) {
+        FirstLook::Tagged { node, vmid }
+    } else {
+        FirstLook::Untagged { node, vmid }
     }
 }
 
@@ -204,6 +207,13 @@ pub async fn gc(
         .map(parse_age)
         .transpose()?
         .unwrap_or(DEFAULT_MAX_AGE);
+    if max_age < Duration::from_secs(3600) {
+        joblog::warn(format!(
+            "gc: --max-age {} is shorter than most jobs: VMs of jobs still running will be \
+             destroyed",
+            age_text(max_age)
+        ));
+    }
     let runner = runner.map(str::trim).filter(|token| !token.is_empty());
     let client = Arc::new(Client::new(&context.settings)?);
     tokio::select! {
@@ -241,19 +251,30 @@ async fn sweep(
     let now = now_epoch();
     let mut orphans = Vec::new();
     for vm in &vms {
-        let FirstLook::Tagged { node, vmid } = first_look(vm, range) else {
-            tally.foreign += 1;
-            continue;
+        let (node, vmid) = match first_look(vm, range) {
+            FirstLook::Tagged { node, vmid } => (node, vmid),
+            FirstLook::Untagged { node, vmid } => {
+                tally.foreign += 1;
+                report_untagged(&client, &node, vmid, now, max_age).await;
+                continue;
+            }
+            FirstLook::Foreign => {
+                tally.foreign += 1;
+                continue;
+            }
         };
-        let config = client.vm_config(&node, vmid).await.map_err(|err| {
-            Error::proxmox(
-                format!("gc: reading the config of VM {vmid} on {node}"),
-                err,
-            )
-        })?;
-        let Some(config) = config else {
+        let config = match client.vm_config(&node, vmid).await {
+            Ok(Some(config)) => config,
             // Removed since the listing: nothing to judge.
-            continue;
+            Ok(None) => continue,
+            // One unreachable node must not stop the sweep of the others.
+            Err(err) => {
+                joblog::warn(format!(
+                    "gc: cannot read the config of VM {vmid} on {node} ({err}); skipped"
+                ));
+                tally.failed.push(format!("VM {vmid} on {node}: {err}"));
+                continue;
+            }
         };
         let Some(marker) = config.description().as_deref().and_then(Marker::find_in) else {
             joblog::warn(format!(
@@ -309,10 +330,35 @@ async fn sweep(
         Ok(())
     } else {
         Err(Error::Infrastructure(format!(
-            "gc: {} orphans could not be destroyed ({}); the next sweep tries again",
+            "gc: {} VMs could not be inspected or destroyed ({}); the next sweep tries again",
             tally.failed.len(),
             tally.failed.join("; ")
         )))
+    }
+}
+
+/// Warns about an old VM with a valid marker but without the tag: the leftover of a prepare that
+/// died mid-clone (clones carry the template's tags until prepare sets the driver's).
+async fn report_untagged(client: &Client, node: &str, vmid: u32, now: u64, max_age: Duration) {
+    let Ok(Some(config)) = client.vm_config(node, vmid).await else {
+        return;
+    };
+    let Some(marker) = config.description().as_deref().and_then(Marker::find_in) else {
+        return;
+    };
+    let age = Duration::from_secs(now.saturating_sub(marker.created));
+    if age >= max_age {
+        joblog::warn(format!(
+            "gc: VM {vmid} on {node} has this driver's ownership marker (job {}, age {}) but not \
+             the {} tag, so gc leaves it alone: its prepare probably died during the clone. \
+             Check it and remove it by hand (tagging your templates {} closes this gap)",
+            marker
+                .job_id
+                .map_or_else(|| "-".to_string(), |id| id.to_string()),
+            age_text(age),
+            crate::VM_TAG,
+            crate::VM_TAG
+        ));
     }
 }
 
@@ -479,6 +525,13 @@ mod tests {
         );
         assert_eq!(
             first_look(&listed(2_000_001, Some("ubuntu"), false), range),
+            FirstLook::Untagged {
+                node: "pve1".into(),
+                vmid: 2_000_001
+            }
+        );
+        assert_eq!(
+            first_look(&listed(1_000_001, Some("ubuntu"), false), range),
             FirstLook::Foreign
         );
         let mut container = listed(2_000_001, ours, false);

@@ -615,7 +615,8 @@ impl Provisioning<'_> {
         Ok(())
     }
 
-    /// Polls the guest agent (≤ 1 s apart) until it reports a usable address.
+    /// Polls the guest agent (at most 100 ms apart while the VM boots, see `next_poll_delay`)
+    /// until it reports a usable address.
     async fn wait_for_address(
         &mut self,
         net0_mac: Option<&str>,
@@ -626,7 +627,7 @@ impl Provisioning<'_> {
         let vmid = self.vmid();
         let cidrs = self.settings().network_cidrs.clone();
         let mut next_progress = started + PROGRESS_EVERY;
-        let mut delay = Duration::from_millis(100);
+        let mut delay = crate::proxmox::client::MIN_POLL_DELAY;
         let mut last = String::new();
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -680,7 +681,7 @@ impl Provisioning<'_> {
                 next_progress = now + PROGRESS_EVERY;
             }
             tokio::time::sleep(delay.min(deadline - now)).await;
-            delay = (delay * 5 / 4).min(Duration::from_secs(1));
+            delay = crate::proxmox::client::next_poll_delay(delay, started.elapsed());
         }
     }
 

@@ -21,6 +21,27 @@ use crate::settings::{Settings, TlsTrust};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Per request. Agent calls can take PVE's own qga timeout (~10 s) before they fail.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// Status polls (tasks, locks, the guest agent): the time between a task's end (or the agent
+/// coming up) and our noticing it is added to every job. So while a wait is young, the next
+/// poll comes after 1/20 of the time waited so far (20 ms at least, [`FAST_POLL_MAX`] at most):
+/// we notice at most 5% (and 100 ms) late. Nearly every linked clone, start, stop, delete and
+/// boot ends within [`FAST_POLL_PHASE`]; after it, polls slow down by 25% a step to
+/// [`SLOW_POLL_MAX`], so that a 30-minute full clone costs PVE about 1900 status reads, not
+/// the 18000 of polling 100 ms apart throughout.
+pub const MIN_POLL_DELAY: Duration = Duration::from_millis(20);
+pub const FAST_POLL_MAX: Duration = Duration::from_millis(100);
+pub const FAST_POLL_PHASE: Duration = Duration::from_secs(15);
+pub const SLOW_POLL_MAX: Duration = Duration::from_secs(1);
+
+/// The pause before the next poll of a wait that began `elapsed` ago (see [`FAST_POLL_MAX`]).
+pub fn next_poll_delay(previous: Duration, elapsed: Duration) -> Duration {
+    if elapsed < FAST_POLL_PHASE {
+        (elapsed / 20).clamp(MIN_POLL_DELAY, FAST_POLL_MAX)
+    } else {
+        (previous * 5 / 4).clamp(FAST_POLL_MAX, SLOW_POLL_MAX)
+    }
+}
 const MAX_RETRIES: usize = 4;
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
@@ -385,12 +406,12 @@ impl Client {
         .await
     }
 
-    /// Polls a task until it stops (20 ms at first, then slower, never more than 1 s apart) or
-    /// `deadline` passes. A long task prints a progress line every 10 s.
+    /// Polls a task until it stops (see [`next_poll_delay`]) or `deadline` passes. A long task
+    /// prints a progress line every 10 s.
     pub async fn wait_task(&self, upid: &Upid, deadline: Instant) -> Result<TaskOutcome, ApiError> {
         let started = Instant::now();
         let mut next_progress = started + PROGRESS_EVERY;
-        let mut delay = Duration::from_millis(20);
+        let mut delay = MIN_POLL_DELAY;
         loop {
             if let Some(outcome) = self.task_status(upid).await?.outcome() {
                 return Ok(outcome);
@@ -416,7 +437,7 @@ impl Client {
                 next_progress = now + PROGRESS_EVERY;
             }
             tokio::time::sleep(delay.min(deadline - now)).await;
-            delay = (delay * 5 / 4).min(Duration::from_secs(1));
+            delay = next_poll_delay(delay, started.elapsed());
         }
     }
 
@@ -532,6 +553,38 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn polls_stay_close_while_a_wait_is_young_then_slow_down() {
+        let mut delay = MIN_POLL_DELAY;
+        let mut elapsed = Duration::ZERO;
+        let mut polls = 0;
+        while elapsed < FAST_POLL_PHASE {
+            delay = next_poll_delay(delay, elapsed);
+            // Never more than 5% of the wait late (or 20 ms), never more than 100 ms.
+            assert!(delay <= FAST_POLL_MAX, "{delay:?} apart at {elapsed:?}");
+            assert!(
+                delay <= MIN_POLL_DELAY.max(elapsed / 20),
+                "{delay:?} apart at {elapsed:?}"
+            );
+            elapsed += delay;
+            polls += 1;
+        }
+        assert!(polls <= 200, "{polls} polls in the fast phase");
+        for _ in 0..20 {
+            delay = next_poll_delay(delay, elapsed);
+            elapsed += delay;
+        }
+        assert_eq!(delay, SLOW_POLL_MAX);
+        let slow_phase = Duration::from_secs(30 * 60);
+        let mut polls = 0;
+        while elapsed < slow_phase {
+            delay = next_poll_delay(delay, elapsed);
+            elapsed += delay;
+            polls += 1;
+        }
+        assert!(polls <= 1800, "{polls} polls in a 30-minute wait");
+    }
 
     #[test]
     fn upids_are_encoded_as_one_path_segment() {

@@ -277,6 +277,14 @@ pub(super) async fn run_stage(
             },
         }
     }
+    // The script's channel may end (its leader died of SIGTERM) while stragglers of its group
+    // still await the SIGKILL: let the kill finish, within the bound.
+    if let (Some(kill), Some(give_up)) = (kill.as_mut(), give_up.as_mut()) {
+        tokio::select! {
+            _ = kill => {}
+            _ = give_up => {}
+        }
+    }
     drop(kill);
 
     if let Some(reason) = cancelled {

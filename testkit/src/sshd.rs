@@ -47,6 +47,8 @@ pub fn skip(test: &str, reason: &str) {
 pub struct SshdBuilder {
     extra_config: Vec<String>,
     session_env: Vec<(String, String)>,
+    /// `Subsystem sftp` command; `internal-sftp` unless set.
+    sftp_subsystem: Option<String>,
 }
 
 impl SshdBuilder {
@@ -60,6 +62,14 @@ impl SshdBuilder {
     /// An extra sshd_config line (not `SetEnv`: use [`SshdBuilder::session_env`]).
     pub fn config(mut self, line: impl Into<String>) -> Self {
         self.extra_config.push(line.into());
+        self
+    }
+
+    /// The `Subsystem sftp` command, e.g. `/usr/lib/openssh/sftp-server` (what Debian and
+    /// Ubuntu images run: a process started through the user's shell) instead of sshd's
+    /// in-process `internal-sftp`.
+    pub fn sftp_subsystem(mut self, command: impl Into<String>) -> Self {
+        self.sftp_subsystem = Some(command.into());
         self
     }
 
@@ -109,7 +119,7 @@ impl SshdBuilder {
                  PidFile {dir}/sshd.pid\nAuthorizedKeysFile {authorized}\n\
                  PermitRootLogin prohibit-password\nPubkeyAuthentication yes\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
-                 StrictModes no\nSubsystem sftp internal-sftp\nLogLevel ERROR\n\
+                 StrictModes no\nSubsystem sftp {sftp}\nLogLevel ERROR\n\
                  MaxStartups 200\nMaxSessions 50\nPrintMotd no\nUseDNS no\n\
                  SetEnv HOME={home}{session_env}\n{extra}\n",
                 home = home.display(),
@@ -121,6 +131,7 @@ impl SshdBuilder {
                 dir = dir.path().display(),
                 authorized = authorized.display(),
                 extra = self.extra_config.join("\n"),
+                sftp = self.sftp_subsystem.as_deref().unwrap_or("internal-sftp"),
             );
             let config_path = dir.path().join("sshd_config");
             std::fs::write(&config_path, config).expect("write sshd_config");

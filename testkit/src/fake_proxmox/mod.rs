@@ -26,6 +26,7 @@
 //! assert_eq!(fake.job_vms().len(), 1);
 //! ```
 
+mod agent;
 mod routes;
 mod server;
 mod state;
