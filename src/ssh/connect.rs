@@ -115,11 +115,12 @@ pub fn fingerprint_of_line(line: &str) -> Option<String> {
     parse_public_key_line(line).map(|key| key.fingerprint(HashAlg::Sha256).to_string())
 }
 
+/// `type base64 [comment]`, also with known_hosts-style leading fields (`[host]:port type ...`).
 fn parse_public_key_line(line: &str) -> Option<PublicKey> {
-    let mut fields = line.split_whitespace();
-    let algorithm = fields.next()?;
-    let base64 = fields.next()?;
-    PublicKey::from_openssh(&format!("{algorithm} {base64}")).ok()
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    fields
+        .windows(2)
+        .find_map(|pair| PublicKey::from_openssh(&format!("{} {}", pair[0], pair[1])).ok())
 }
 
 pub(crate) struct ClientHandler {
@@ -479,6 +480,8 @@ mod tests {
             vec![Algorithm::Ed25519]
         );
         assert_eq!(fingerprint_of_line("garbage"), None);
+        let known_hosts = format!("[192.0.2.15]:22 {line}");
+        assert_eq!(fingerprint_of_line(&known_hosts), Some(fp));
     }
 
     #[test]

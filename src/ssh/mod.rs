@@ -4,11 +4,17 @@
 //! INTERFACE CONTRACT (used by commands::prepare / commands::run): the signatures below are
 //! fixed; more may be added.
 //!
-//! - [`keys`]: `VM_SSH_PRIVATE_KEY` (text or path) → a key in zeroized memory, with clear errors.
-//! - [`connect`]: one TCP connection, key exchange, host-key pinning, public-key auth.
-//! - [`exec`]: commands and stage scripts, streamed byte for byte, and cancel.
-//! - [`sftp`]: uploads over the SFTP subsystem of the same connection.
-//! - [`provision`]: `gitlab-runner` and `git` inside the VM.
+//! - `keys`: `VM_SSH_PRIVATE_KEY` (text or path) → a key in zeroized memory, with clear errors.
+//! - `connect`: one TCP connection, key exchange, host-key pinning, public-key auth.
+//! - `exec`: commands and stage scripts, streamed byte for byte, and cancel.
+//! - `sftp`: uploads over the SFTP subsystem of the same connection.
+//! - `provision`: `gitlab-runner` and `git` inside the VM.
+//!
+//! A stage costs one TCP connection: kex (curve25519), public-key auth, then an SFTP session
+//! and the exec channel opened side by side. In the VM, stage scripts go to
+//! `~/.gitlab-proxmox-runner/job-<id>/<random>-<stage>.sh` (directory 0700, script 0700), run
+//! as `sudo -n -- setsid -w /bin/bash`, and are removed after the stage. The script's process
+//! group id sits next to it (`.pgid`) so that a cancel can kill the whole tree.
 
 mod connect;
 mod exec;
