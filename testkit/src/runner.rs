@@ -774,38 +774,38 @@ impl Execution {
             self.attempt = attempt;
             let dir = self.new_job_dir();
             let (verdict, job_env, driver) = self.prepare_attempt(dir.path());
-            match verdict {
+            let reason = match verdict {
                 Verdict::Ok => {
                     return Ok(Prepared {
                         dir,
                         driver: driver.unwrap_or_default(),
                     })
                 }
-                failure => {
+                Verdict::BuildFailure { exit_code } => {
+                    // The runner cleans up after a build failure too, but does not retry it.
                     self.cleanup(dir.path(), &job_env);
-                    drop(dir);
-                    if self.control.is_cancelled() {
-                        return Err(JobOutcome::Canceled);
-                    }
-                    match failure {
-                        Verdict::BuildFailure { exit_code } => {
-                            return Err(JobOutcome::ScriptFailure { exit_code })
-                        }
-                        Verdict::SystemFailure { reason } => {
-                            self.log_line(format!("ERROR: Preparation failed: {reason}"));
-                            last_reason = reason;
-                        }
-                        Verdict::Ok => unreachable!(),
-                    }
-                    if attempt < self.job.preparation_attempts {
-                        self.log_line(format!(
-                            "Will be retried in {:?} ...",
-                            self.job.retry_interval
-                        ));
-                        if self.pause(self.job.retry_interval) {
-                            return Err(JobOutcome::Canceled);
-                        }
-                    }
+                    return Err(if self.control.is_cancelled() {
+                        JobOutcome::Canceled
+                    } else {
+                        JobOutcome::ScriptFailure { exit_code }
+                    });
+                }
+                Verdict::SystemFailure { reason } => reason,
+            };
+            self.cleanup(dir.path(), &job_env);
+            drop(dir);
+            if self.control.is_cancelled() {
+                return Err(JobOutcome::Canceled);
+            }
+            self.log_line(format!("ERROR: Preparation failed: {reason}"));
+            last_reason = reason;
+            if attempt < self.job.preparation_attempts {
+                self.log_line(format!(
+                    "Will be retried in {:?} ...",
+                    self.job.retry_interval
+                ));
+                if self.pause(self.job.retry_interval) {
+                    return Err(JobOutcome::Canceled);
                 }
             }
         }

@@ -247,7 +247,7 @@ fn cancel_stops_the_whole_process_group_then_runs_after_script_and_cleanup() {
         .script(
             "build_script",
             format!(
-                "sleep 600 & echo $! > {}; echo started; wait",
+                "sleep 600 & echo $! > {}; echo started-$((6 * 7)); wait",
                 pid_file.display()
             ),
         )
@@ -255,7 +255,7 @@ fn cancel_stops_the_whole_process_group_then_runs_after_script_and_cleanup() {
         .start();
     assert!(job
         .control()
-        .wait_for_log("started", Duration::from_secs(30)));
+        .wait_for_log("started-42", Duration::from_secs(30)));
     let sleeper: i32 = std::fs::read_to_string(&pid_file)
         .unwrap()
         .trim()
