@@ -69,7 +69,7 @@ impl Options {
             static_bin: target_dir.join("x86_64-unknown-linux-musl/release/gitlab-proxmox-runner"),
             stage_rounds: 30,
             stream_bytes: 200_000_000,
-            stream_rounds: 5,
+            stream_rounds: 10,
             prepare_rounds: 5,
             boot_delays: vec![Duration::ZERO, Duration::from_secs(5)],
         };
@@ -554,7 +554,7 @@ impl Bench {
         );
         let _ = writeln!(
             report,
-            "| method | median MB/s | best MB/s | worst MB/s | client CPU (median) |\n|---|---|---|---|---|"
+            "| method | median MB/s | best MB/s | worst MB/s | client CPU (median) | every round, MB/s |\n|---|---|---|---|---|---|"
         );
         let mut medians = Vec::new();
         for method in &methods {
@@ -564,12 +564,17 @@ impl Bench {
             medians.push(mb_per_s(bytes, wall.median));
             let _ = writeln!(
                 report,
-                "| {} | {:.0} | {:.0} | {:.0} | {} |",
+                "| {} | {:.0} | {:.0} | {:.0} | {} | {} |",
                 method.name,
                 mb_per_s(bytes, wall.median),
                 mb_per_s(bytes, wall.min),
                 mb_per_s(bytes, wall.max),
-                ms(summarize(&cpus).median)
+                ms(summarize(&cpus).median),
+                walls
+                    .iter()
+                    .map(|wall| format!("{:.0}", mb_per_s(bytes, *wall)))
+                    .collect::<Vec<_>>()
+                    .join(" ")
             );
         }
         let _ = writeln!(report);
