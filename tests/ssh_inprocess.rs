@@ -105,6 +105,46 @@ fn a_dropped_connection_mid_stage_is_a_system_failure() {
 }
 
 #[test]
+fn keepalives_notice_a_hung_vm_within_about_a_minute() {
+    use std::io::BufRead;
+    let (server, key) = server_with_key();
+    let job = tempfile::tempdir().unwrap();
+    let mut child = stage_hook(
+        BIN,
+        job.path(),
+        &server.target(),
+        &key,
+        "build_script",
+        "echo started\nsleep 75\n",
+    )
+    .command()
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "started\n");
+    server.freeze();
+    let deadline = Instant::now() + Duration::from_secs(70);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("a silent VM went unnoticed for 70 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(SYSTEM_FAILURE), "{stderr}");
+    assert!(stderr.contains("lost mid-stage"), "{stderr}");
+}
+
+#[test]
 fn rsa_keys_sign_with_sha2_never_sha1() {
     if !gpr_testkit::sshkeys::ssh_keygen_available() {
         eprintln!("*** SKIPPED: rsa_keys_sign_with_sha2_never_sha1 needs ssh-keygen for RSA ***");

@@ -44,10 +44,11 @@ const CIPHER_ORDER: &[cipher::Name] = &[
     cipher::AES_128_CTR,
 ];
 
-/// A dead VM (or network) is noticed when this many keepalives go unanswered, each sent after
-/// this much silence: 3 × 15 s, i.e. within about a minute.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
-const KEEPALIVE_MAX: usize = 3;
+/// A dead VM (or network) is noticed within about a minute: after 10 s of silence russh sends
+/// a keepalive every 10 s, and gives up when the 5th falls due with 4 unanswered (≈50 s).
+/// Shorter would turn a brief network hiccup during a quiet build step into a system failure.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_MAX: usize = 4;
 /// Our receive window per channel. Large, so that a chatty build's output streams at full speed
 /// instead of stalling on window adjustments every 2 MB.
 const WINDOW_SIZE: u32 = 16 * 1024 * 1024;

@@ -4,7 +4,7 @@
 //! temp "home" directory, serves the `sftp` subsystem (enough for uploads: realpath, mkdir,
 //! lstat/stat, setstat, open/write/fsetstat/close, remove), and reports exit-status or exit-signal.
 //! `sudo` is a pass-through shim on the commands' PATH, so the driver's `sudo -n ...` command
-//! lines work without root. Knobs let tests drop connections abruptly, refuse the first few
+//! lines work without root. Knobs let tests drop connections abruptly, freeze them (socket open, silent), refuse the first few
 //! connections (a booting VM), and choose whether exit-status comes before or after EOF.
 
 use std::collections::HashMap;
@@ -36,6 +36,8 @@ struct State {
     refuse_first: AtomicUsize,
     status_before_eof: AtomicBool,
     links: Mutex<Vec<JoinHandle<()>>>,
+    /// Wakes every link to stop relaying while keeping its socket open (a hung VM).
+    freeze: tokio::sync::watch::Sender<bool>,
     home: PathBuf,
     shim_dir: PathBuf,
 }
@@ -86,6 +88,7 @@ impl TestSshServer {
             refuse_first: AtomicUsize::new(0),
             status_before_eof: AtomicBool::new(false),
             links: Mutex::new(Vec::new()),
+            freeze: tokio::sync::watch::channel(false).0,
             home,
             shim_dir,
         });
@@ -173,6 +176,12 @@ impl TestSshServer {
         self.state.status_before_eof.store(yes, Ordering::SeqCst);
     }
 
+    /// Every open connection goes silent, its TCP socket left open: a VM that hangs (or a
+    /// network that drops packets). Only keepalives can notice that.
+    pub fn freeze(&self) {
+        self.state.freeze.send_replace(true);
+    }
+
     /// Cuts every open connection abruptly (as when the VM dies).
     pub fn drop_connections(&self) {
         for link in self.state.links.lock().unwrap().drain(..) {
@@ -209,10 +218,17 @@ fn serve(
             let _ = session.await;
         }
     });
+    let mut frozen = state.freeze.subscribe();
     let link = tokio::spawn(async move {
         let mut socket = socket;
         let mut theirs = theirs;
-        let _ = tokio::io::copy_bidirectional(&mut socket, &mut theirs).await;
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut socket, &mut theirs) => {}
+            _ = async { frozen.wait_for(|frozen| *frozen).await.is_ok() } => {
+                // Hold the socket open, relay nothing, until the server is dropped.
+                std::future::pending::<()>().await;
+            }
+        }
     });
     state.links.lock().unwrap().push(link);
 }
