@@ -4,6 +4,12 @@ use clap::Parser;
 use gitlab_proxmox_runner::cli::{effective_args, Cli};
 use gitlab_proxmox_runner::{commands, hardening, ExitCodes};
 
+/// musl's malloc returns freed buffers to the kernel eagerly, so every SSH packet of a stage's
+/// output cost page faults; see Cargo.toml.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     hardening::disable_core_dumps();
     let cli = match Cli::try_parse_from(effective_args(std::env::args_os())) {
