@@ -350,15 +350,15 @@ fn classify_handshake_error(
                 .collect::<Vec<_>>()
                 .join(", ");
             ConnectFailure {
-                error: Error::ssh(
-                    format!("host key check for {}", target.vm_label),
-                    format!(
+                error: Error::HostKeyMismatch {
+                    context: format!("host key check for {}", target.vm_label),
+                    message: format!(
                         "HOST KEY MISMATCH at {where_}: the server presented {presented}, but \
                          the job pinned {expected}. Refusing to connect: another machine may be \
                          answering at this address (IP reuse or a man in the middle), or the \
                          VM regenerated its host keys after prepare read them"
                     ),
-                ),
+                },
                 transient: false,
             }
         }
