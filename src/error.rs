@@ -39,6 +39,10 @@ pub enum Error {
     #[error("{context}: {message}")]
     Ssh { context: String, message: String },
 
+    /// The VM presented an SSH host key other than the pinned ones.
+    #[error("{context}: {message}")]
+    HostKeyMismatch { context: String, message: String },
+
     /// A local file or I/O operation on the runner host failed.
     #[error("{context}: {source}")]
     Io {
@@ -67,6 +71,7 @@ impl Error {
             Error::Settings(_)
             | Error::Proxmox { .. }
             | Error::Ssh { .. }
+            | Error::HostKeyMismatch { .. }
             | Error::Io { .. }
             | Error::Cancelled(_)
             | Error::Infrastructure(_) => Blame::Infrastructure,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use gpr_testkit::fake_proxmox::{FakeConfig, FakeProxmox, Fault};
 use gpr_testkit::hook::{json_string, BUILD_FAILURE};
-use gpr_testkit::runner::{HookKind, JobOutcome, JobReport, RunnerJob};
+use gpr_testkit::runner::{Executable, HookKind, JobOutcome, JobReport, RunnerJob};
 use gpr_testkit::sshd::Sshd;
 use gpr_testkit::sshkeys::ClientKey;
 
@@ -111,9 +111,23 @@ impl World {
             .graceful_kill_timeout(Duration::from_secs(30))
     }
 
-    /// The older driver's setup: settings as `[[runners]] environment` entries (CUSTOM_ENV_).
+    /// The older driver's setup, as in examples/config.toml: `vm_*_exec` symlinks to the binary,
+    /// called with no arguments, and the settings as `[[runners]] environment` entries.
     fn compat_job(&self) -> RunnerJob {
+        let links = self.dir.path().join("compat-bin");
+        if !links.exists() {
+            std::fs::create_dir(&links).expect("symlink dir");
+            for hook in ["config", "prepare", "run", "cleanup"] {
+                std::os::unix::fs::symlink(binary(), links.join(format!("vm_{hook}_exec")))
+                    .expect("vm_*_exec symlink");
+            }
+        }
+        let exec = |hook: &str| links.join(format!("vm_{hook}_exec"));
         let mut job = RunnerJob::new(binary())
+            .executable(Executable::Config, exec("config"), &[])
+            .executable(Executable::Prepare, exec("prepare"), &[])
+            .executable(Executable::Run, exec("run"), &[])
+            .executable(Executable::Cleanup, exec("cleanup"), &[])
             .path_env(self.dir.path().join("empty-path"))
             .builds_dir_override(
                 self.dir

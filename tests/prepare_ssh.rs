@@ -192,6 +192,37 @@ fn a_host_key_other_than_the_agents_is_refused_and_leaves_no_vm() {
 }
 
 #[test]
+fn host_keys_regenerated_at_first_boot_are_read_again_through_the_agent() {
+    let Some(lab) = Lab::start("host_keys_regenerated_at_first_boot") else {
+        return;
+    };
+    // The agent answers before cloud-init replaced the template's host key.
+    let template_key = ClientKey::ed25519();
+    lab.fake
+        .set_stale_guest_file(ED25519_FILE, &format!("{}\n", template_key.public_line), 1);
+    let dir = tempfile::tempdir().unwrap();
+    let hook = lab.hook(dir.path(), 4716);
+    let out = run(&hook, "prepare");
+    out.assert_exit(0);
+    assert!(
+        out.log()
+            .contains("changed since the guest agent first read them"),
+        "{}",
+        out.log()
+    );
+    let state = JobState::load(dir.path()).unwrap().unwrap();
+    let real = lab
+        .sshd
+        .host_key_lines()
+        .into_iter()
+        .find(|line| line.starts_with("ssh-ed25519 "))
+        .unwrap();
+    assert_eq!(state.host_keys, vec![key_without_comment(&real)]);
+    run(&hook, "cleanup").assert_exit(0);
+    assert!(lab.fake.job_vms().is_empty());
+}
+
+#[test]
 fn a_failure_installing_the_runner_helper_leaves_no_vm() {
     let Some(lab) = Lab::start("a_failure_installing_the_runner_helper") else {
         return;

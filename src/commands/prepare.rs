@@ -36,6 +36,8 @@ const TASK_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// Removing what a failed prepare created (waits for a clone lock included).
 const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// Times prepare re-reads the host keys through the agent after a mismatch.
+const MAX_HOST_KEY_REREADS: u32 = 3;
 /// The guest's SSH host keys, in order of preference.
 const HOST_KEY_FILES: [&str; 3] = [
     "/etc/ssh/ssh_host_ed25519_key.pub",
@@ -737,8 +739,32 @@ impl Provisioning<'_> {
             user: settings.ssh_user.clone(),
             vm_label: format!("VM {vmid} on {}", self.node()),
         };
-        let connection =
-            ssh::wait_until_ready(&target, key, &check, deadline, &self.context.cancel).await?;
+        let mut check = check;
+        let mut rereads = 0;
+        let connection = loop {
+            let waited =
+                ssh::wait_until_ready(&target, key.clone(), &check, deadline, &self.context.cancel)
+                    .await;
+            // cloud-init regenerates the host keys on first boot, and the guest agent can answer
+            // before it has: the keys read a moment ago may be the template's. The agent is the
+            // trusted channel, so when it now reports different keys, pin those and try again.
+            let Err(Error::HostKeyMismatch { .. }) = &waited else {
+                break waited?;
+            };
+            let HostKeyCheck::Pinned(pinned) = &check else {
+                break waited?;
+            };
+            let (fresh, _) = self.read_host_keys().await;
+            if rereads >= MAX_HOST_KEY_REREADS || fresh.is_empty() || &fresh == pinned {
+                break waited?;
+            }
+            rereads += 1;
+            joblog::info(format!(
+                "VM {vmid}'s SSH host keys changed since the guest agent first read them \
+                 (regenerated at first boot); pinning the new ones"
+            ));
+            check = HostKeyCheck::Pinned(fresh);
+        };
         let (host_keys, source) = match check {
             HostKeyCheck::Pinned(keys) => (keys, "guest-agent"),
             HostKeyCheck::FirstUse => (vec![connection.host_key()], "first-use"),

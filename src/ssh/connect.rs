@@ -350,15 +350,15 @@ fn classify_handshake_error(
                 .collect::<Vec<_>>()
                 .join(", ");
             ConnectFailure {
-                error: Error::ssh(
-                    format!("host key check for {}", target.vm_label),
-                    format!(
+                error: Error::HostKeyMismatch {
+                    context: format!("host key check for {}", target.vm_label),
+                    message: format!(
                         "HOST KEY MISMATCH at {where_}: the server presented {presented}, but \
                          the job pinned {expected}. Refusing to connect: another machine may be \
                          answering at this address (IP reuse or a man in the middle), or the \
                          VM regenerated its host keys after prepare read them"
                     ),
-                ),
+                },
                 transient: false,
             }
         }
@@ -463,9 +463,21 @@ mod tests {
 
     #[test]
     fn pinned_rsa_asks_only_for_sha2_signatures() {
-        let rsa = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQDJ";
-        // A truncated key does not parse: nothing pinned, nothing asked.
-        assert!(parse_public_key_line(rsa).is_none());
+        let rsa = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQDUd7r9/O7puKvQ2yx/O89S93xL+q3nbzYOYnP6uRoI0Vz5dXwF3c1KfqafUv84WG137WzNoP2srmwYH/kNRUbVJr8a5OIaU5zlFmGcgkA6mDW+9CMvulbb3dzwM78Afc/4N/LjI3SS9uQdlYlPMIfmnPRoU2lbAWLmPWPBKeZqzyfI1QkkL7Zzfbe4ljgHUhYjtqe4ZARzu12Qvb2ke8hs7AWSwl74Li57X7AopWSUYKSFqVPZtvydP8dAHVFv7knaYbuHcSdtLTXqTxOSiBTGPHgiCOvAEUHlxuPK9awA4HjCHSS/UxB4ZK8YyOJwec5sODMpz600sVQeNOO5H7IH x";
+        let pinned = parse_public_key_line(rsa).unwrap();
+        assert_eq!(
+            host_key_algorithms(Some(&[pinned])),
+            vec![
+                Algorithm::Rsa {
+                    hash: Some(HashAlg::Sha512)
+                },
+                Algorithm::Rsa {
+                    hash: Some(HashAlg::Sha256)
+                },
+            ]
+        );
+        // A truncated key does not parse: it is never pinned.
+        assert!(parse_public_key_line(&rsa[..60]).is_none());
         let first_use = host_key_algorithms(None);
         assert!(!first_use.contains(&Algorithm::Rsa { hash: None }));
         assert_eq!(first_use.first(), Some(&Algorithm::Ed25519));

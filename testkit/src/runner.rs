@@ -84,6 +84,15 @@ pub enum JobOutcome {
     Canceled,
 }
 
+/// The four executables of `[runners.custom]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Executable {
+    Config = 0,
+    Prepare = 1,
+    Run = 2,
+    Cleanup = 3,
+}
+
 /// Which executable a call was.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HookKind {
@@ -446,11 +455,9 @@ static NEXT_JOB: AtomicU64 = AtomicU64::new(0);
 /// One CI job, described like GitLab and `[[runners]]` would describe it.
 #[derive(Clone)]
 pub struct RunnerJob {
-    program: PathBuf,
-    config_args: Vec<OsString>,
-    prepare_args: Vec<OsString>,
-    run_args: Vec<OsString>,
-    cleanup_args: Vec<OsString>,
+    /// `[runners.custom]` `*_exec` and `*_args`, indexed by [`Executable`].
+    programs: [PathBuf; 4],
+    args: [Vec<OsString>; 4],
     host_env: BTreeMap<String, String>,
     runner_env: BTreeMap<String, String>,
     job_vars: BTreeMap<String, JobVariable>,
@@ -474,11 +481,13 @@ impl RunnerJob {
         let sequence = NEXT_JOB.fetch_add(1, Ordering::SeqCst);
         let job_id = 7_000_000 + u64::from(std::process::id() % 10_000) * 1000 + sequence % 1000;
         let mut job = RunnerJob {
-            program: program.as_ref().to_path_buf(),
-            config_args: vec!["config".into()],
-            prepare_args: vec!["prepare".into()],
-            run_args: vec!["run".into()],
-            cleanup_args: vec!["cleanup".into()],
+            programs: std::array::from_fn(|_| program.as_ref().to_path_buf()),
+            args: [
+                vec!["config".into()],
+                vec!["prepare".into()],
+                vec!["run".into()],
+                vec!["cleanup".into()],
+            ],
             host_env: BTreeMap::new(),
             runner_env: BTreeMap::new(),
             job_vars: BTreeMap::new(),
@@ -570,10 +579,20 @@ impl RunnerJob {
         cleanup: &[&str],
     ) -> Self {
         let owned = |args: &[&str]| args.iter().map(OsString::from).collect();
-        self.config_args = owned(config);
-        self.prepare_args = owned(prepare);
-        self.run_args = owned(run);
-        self.cleanup_args = owned(cleanup);
+        self.args = [owned(config), owned(prepare), owned(run), owned(cleanup)];
+        self
+    }
+
+    /// One hook's own `*_exec` and `*_args` (e.g. the older driver's `vm_run_exec` symlink
+    /// with no arguments).
+    pub fn executable(
+        mut self,
+        which: Executable,
+        program: impl AsRef<Path>,
+        args: &[&str],
+    ) -> Self {
+        self.programs[which as usize] = program.as_ref().to_path_buf();
+        self.args[which as usize] = args.iter().map(OsString::from).collect();
         self
     }
 
@@ -651,8 +670,16 @@ impl RunnerJob {
         RunningJob { control, thread }
     }
 
-    fn hook(&self, job_dir: &Path, args: &[OsString], job_env: &BTreeMap<String, String>) -> Hook {
-        let mut hook = Hook::new(&self.program, job_dir).args(args.iter().cloned());
+    fn hook(
+        &self,
+        which: Executable,
+        job_dir: &Path,
+        extra_args: Vec<OsString>,
+        job_env: &BTreeMap<String, String>,
+    ) -> Hook {
+        let mut hook = Hook::new(&self.programs[which as usize], job_dir)
+            .args(self.args[which as usize].iter().cloned())
+            .args(extra_args);
         for (name, value) in &self.host_env {
             hook = hook.host_env(name, value);
         }
@@ -841,7 +868,7 @@ impl Execution {
         dir: &Path,
     ) -> (Verdict, BTreeMap<String, String>, Option<DriverConfig>) {
         let no_env = BTreeMap::new();
-        let hook = self.job.hook(dir, &self.job.config_args, &no_env);
+        let hook = self.job.hook(Executable::Config, dir, Vec::new(), &no_env);
         let finished = self.execute(HookKind::Config, hook, Stream::Captured, true);
         let verdict = self.verdict(dir, &finished);
         if verdict != Verdict::Ok {
@@ -873,7 +900,9 @@ impl Execution {
             driver.driver_name.as_deref().unwrap_or("(unnamed)"),
             driver.driver_version.as_deref().unwrap_or("")
         ));
-        let hook = self.job.hook(dir, &self.job.prepare_args, &job_env);
+        let hook = self
+            .job
+            .hook(Executable::Prepare, dir, Vec::new(), &job_env);
         let finished = self.execute(HookKind::Prepare, hook, Stream::JobLog, true);
         (self.verdict(dir, &finished), job_env, Some(driver))
     }
@@ -1134,10 +1163,9 @@ impl Execution {
                 })
             }
         };
-        let mut args = self.job.run_args.clone();
-        args.push(script.into_os_string());
-        args.push(stage.into());
-        let hook = self.job.hook(dir, &args, &driver.job_env);
+        // run_exec gets its own arguments, then the script's path and the stage name.
+        let extra = vec![script.into_os_string(), stage.into()];
+        let hook = self.job.hook(Executable::Run, dir, extra, &driver.job_env);
         let kind = HookKind::Run {
             stage: stage.to_string(),
         };
@@ -1149,7 +1177,7 @@ impl Execution {
     }
 
     fn cleanup(&mut self, dir: &Path, job_env: &BTreeMap<String, String>) {
-        let hook = self.job.hook(dir, &self.job.cleanup_args, job_env);
+        let hook = self.job.hook(Executable::Cleanup, dir, Vec::new(), job_env);
         let finished = self.execute(HookKind::Cleanup, hook, Stream::CleanupLog, false);
         // Its exit code never changes the job's status; the runner only logs it.
         if finished.code != Some(0) {

@@ -59,6 +59,12 @@ pub(super) fn agent(
                     "property is missing and it is not optional",
                 ));
             };
+            if let Some((stale, reads_left)) = state.stale_guest_files.get_mut(file.as_str()) {
+                if *reads_left > 0 {
+                    *reads_left -= 1;
+                    return Ok(json!({ "content": stale.clone(), "bytes-read": stale.len() }));
+                }
+            }
             match state.config.guest_files.get(file) {
                 // `truncated` appears only when the 16 MiB limit cut the file.
                 Some(content) => Ok(json!({

@@ -333,6 +333,14 @@ impl FakeProxmox {
             .insert(path.to_string(), content.to_string());
     }
 
+    /// The next `reads` reads of `path` return `stale` instead of its content, as when the
+    /// agent answers before cloud-init has regenerated the template's SSH host keys.
+    pub fn set_stale_guest_file(&self, path: &str, stale: &str, reads: u32) {
+        self.lock()
+            .stale_guest_files
+            .insert(path.to_string(), (stale.to_string(), reads));
+    }
+
     /// Applies to VMs started from now on.
     pub fn set_boot_time(&self, boot_time: Duration) {
         self.lock().config.boot_time = boot_time;

@@ -19,6 +19,9 @@ pub(crate) struct State {
     pub faults: Vec<Fault>,
     pub max_concurrent_clones: usize,
     pub simulated_time: Duration,
+    /// Guest files that read as an older content for their next N reads (host keys that
+    /// cloud-init has not regenerated yet).
+    pub stale_guest_files: BTreeMap<String, (String, u32)>,
     next_pid: u32,
     next_exec_pid: u32,
 }
@@ -154,6 +157,7 @@ impl State {
             faults: Vec::new(),
             max_concurrent_clones: 0,
             simulated_time: Duration::ZERO,
+            stale_guest_files: BTreeMap::new(),
             next_pid: 0x0002_1a40 + rand::random::<u16>() as u32,
             next_exec_pid: 1000,
             config,
