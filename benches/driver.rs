@@ -651,7 +651,7 @@ impl Bench {
                 let prepare_simulated = fake.simulated_time() - simulated;
                 self.note_rss(&format!("prepare, {name}"), &prepare);
                 if which == 0 {
-                    last_prepare_log = prepare.stderr.clone();
+                    last_prepare_log = without_ansi_colours(&prepare.stderr);
                 }
 
                 let command = hook.clone().arg("cleanup").command();
@@ -785,6 +785,24 @@ impl Bench {
             }
         }
     }
+}
+
+/// The job log colours warnings (`ESC[33;1m`); markdown shows the escapes as text.
+fn without_ansi_colours(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\u{1b}' {
+            for inner in chars.by_ref() {
+                if inner.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(ch);
+        }
+    }
+    out
 }
 
 fn median_min_max(values: &mut [f64]) -> (f64, f64, f64) {
