@@ -291,11 +291,18 @@ fn cancel_during_a_long_script_stops_the_remote_processes_and_destroys_the_vm() 
         "the script never started:\n{}",
         job.control().log()
     );
-    let remote_pid: u32 = std::fs::read_to_string(&pid_file)
-        .expect("the script wrote its pid")
-        .trim()
-        .parse()
-        .expect("a pid");
+    // Read until it parses: under load the log line can be seen through another path first.
+    let read_pid = || {
+        std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|text| text.trim().parse::<u32>().ok())
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || read_pid().is_some()),
+        "the script never wrote its pid to {}",
+        pid_file.display()
+    );
+    let remote_pid = read_pid().expect("checked above");
     assert!(process_alive(remote_pid));
     job.cancel();
     let report = job.wait();
