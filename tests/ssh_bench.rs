@@ -5,7 +5,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use gpr_testkit::ssh_job::{stage_hook, SshTarget};
+use gpr_testkit::ssh_job::stage_hook;
 use gpr_testkit::sshd::Sshd;
 use gpr_testkit::sshkeys::ClientKey;
 
@@ -26,12 +26,7 @@ fn per_stage_wall_time_against_local_sshd() {
     };
     let key = ClientKey::ed25519();
     sshd.authorize(&key);
-    let target = SshTarget {
-        host: sshd.host().into(),
-        port: sshd.port(),
-        user: "root".into(),
-        host_keys: sshd.host_key_lines(),
-    };
+    let target = sshd.root_target();
     let job = tempfile::tempdir().unwrap();
     let mut ours = Vec::new();
     for _ in 0..RUNS {

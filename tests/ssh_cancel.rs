@@ -1,10 +1,9 @@
 //! Cancel: the runner sends SIGTERM to the hook's process group; the stage's whole process tree
 //! in the VM must go, and the hook must exit promptly.
 
-use std::io::BufRead;
 use std::time::{Duration, Instant};
 
-use gpr_testkit::ssh_job::{stage_hook, SshTarget};
+use gpr_testkit::ssh_job::{spawn_until_first_line, stage_hook};
 use gpr_testkit::sshd::{process_table, Sshd};
 use gpr_testkit::sshkeys::ClientKey;
 
@@ -53,24 +52,18 @@ fn cancel_case_with(test: &str, trap: &str, background: &str) {
     };
     let key = ClientKey::ed25519();
     sshd.authorize(&key);
-    let target = SshTarget {
-        host: sshd.host().into(),
-        port: sshd.port(),
-        user: "root".into(),
-        host_keys: sshd.host_key_lines(),
-    };
+    let target = sshd.root_target();
     let job = tempfile::tempdir().unwrap();
     // A background child and a long foreground command.
     let body = format!("{trap}\n{background}\necho \"pids $$ $!\"\nsleep 600\necho never\n");
-    let mut child = stage_hook(BIN, job.path(), &target, &key, "build_script", &body)
-        .command()
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
+    let (mut child, mut stdout, line) = spawn_until_first_line(&stage_hook(
+        BIN,
+        job.path(),
+        &target,
+        &key,
+        "build_script",
+        &body,
+    ));
     let pids: Vec<u32> = line
         .trim()
         .strip_prefix("pids ")

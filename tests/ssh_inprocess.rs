@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use gitlab_proxmox_runner::cancel::Cancel;
 use gitlab_proxmox_runner::ssh::{self, Connection, HostKeyCheck, PrivateKey, Target};
 use gpr_testkit::hook::{BUILD_FAILURE, SYSTEM_FAILURE};
-use gpr_testkit::ssh_job::stage_hook;
+use gpr_testkit::ssh_job::{spawn_until_first_line, stage_hook};
 use gpr_testkit::ssh_server::TestSshServer;
 use gpr_testkit::sshkeys::{ClientKey, KeyKind};
 
@@ -77,25 +77,16 @@ fn any_stage_name_is_data() {
 
 #[test]
 fn a_dropped_connection_mid_stage_is_a_system_failure() {
-    use std::io::BufRead;
     let (server, key) = server_with_key();
     let job = tempfile::tempdir().unwrap();
-    let mut child = stage_hook(
+    let (child, _stdout, line) = spawn_until_first_line(&stage_hook(
         BIN,
         job.path(),
         &server.target(),
         &key,
         "build_script",
         "echo started\nsleep 30\n",
-    )
-    .command()
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
+    ));
     assert_eq!(line, "started\n");
     server.drop_connections();
     let output = child.wait_with_output().unwrap();
@@ -106,25 +97,16 @@ fn a_dropped_connection_mid_stage_is_a_system_failure() {
 
 #[test]
 fn keepalives_notice_a_hung_vm_within_about_a_minute() {
-    use std::io::BufRead;
     let (server, key) = server_with_key();
     let job = tempfile::tempdir().unwrap();
-    let mut child = stage_hook(
+    let (mut child, _stdout, line) = spawn_until_first_line(&stage_hook(
         BIN,
         job.path(),
         &server.target(),
         &key,
         "build_script",
         "echo started\nsleep 75\n",
-    )
-    .command()
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
+    ));
     assert_eq!(line, "started\n");
     server.freeze();
     let deadline = Instant::now() + Duration::from_secs(70);

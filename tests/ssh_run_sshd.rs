@@ -1,20 +1,11 @@
 //! The `run` hook against a real OpenSSH sshd on loopback (see `gpr_testkit::sshd`).
 
 use gpr_testkit::hook::{BUILD_FAILURE, SYSTEM_FAILURE};
-use gpr_testkit::ssh_job::{stage_hook, SshTarget};
+use gpr_testkit::ssh_job::{spawn_until_first_line, stage_hook};
 use gpr_testkit::sshd::Sshd;
 use gpr_testkit::sshkeys::{ClientKey, KeyKind};
 
 const BIN: &str = env!("CARGO_BIN_EXE_gitlab-proxmox-runner");
-
-fn target(sshd: &Sshd) -> SshTarget {
-    SshTarget {
-        host: sshd.host().to_string(),
-        port: sshd.port(),
-        user: "root".into(),
-        host_keys: sshd.host_key_lines(),
-    }
-}
 
 #[test]
 fn each_key_type_authenticates_and_runs_the_stage() {
@@ -39,7 +30,7 @@ fn each_key_type_authenticates_and_runs_the_stage() {
         let out = stage_hook(
             BIN,
             job.path(),
-            &target(&sshd),
+            &sshd.root_target(),
             &key,
             "build_script",
             "#!/usr/bin/env bash\necho \"hello from $(id -un)\"\n",
@@ -70,7 +61,8 @@ fn exit_codes_and_signals_reach_the_runner() {
         return;
     };
     let job = tempfile::tempdir().unwrap();
-    let run = |body: &str| stage_hook(BIN, job.path(), &target(&sshd), &key, "step_x", body).run();
+    let run =
+        |body: &str| stage_hook(BIN, job.path(), &sshd.root_target(), &key, "step_x", body).run();
 
     run("exit 0\n").assert_exit(0);
     assert!(!job.path().join("build_exit_code").exists());
@@ -95,7 +87,7 @@ fn a_foreign_host_key_is_refused_naming_both_fingerprints() {
     };
     let job = tempfile::tempdir().unwrap();
     let impostor = gpr_testkit::sshkeys::HostKey::ed25519().public_line;
-    let mut wrong = target(&sshd);
+    let mut wrong = sshd.root_target();
     wrong.host_keys = vec![impostor.clone()];
     let marker = job.path().join("must-not-run");
     let body = format!("touch '{}'\n", marker.display());
@@ -126,10 +118,17 @@ fn large_output_arrives_intact_and_separated() {
     let body = "for i in $(seq 1 2000); do echo \"err line $i\" >&2; \
                 head -c 25000 /dev/zero | tr '\\0' \"$(printf \\\\$(printf %o $((65 + i % 26))))\"; \
                 done\n";
-    let output = stage_hook(BIN, job.path(), &target(&sshd), &key, "build_script", body)
-        .command()
-        .output()
-        .unwrap();
+    let output = stage_hook(
+        BIN,
+        job.path(),
+        &sshd.root_target(),
+        &key,
+        "build_script",
+        body,
+    )
+    .command()
+    .output()
+    .unwrap();
     assert_eq!(
         output.status.code(),
         Some(0),
@@ -178,7 +177,7 @@ fn a_sudo_that_wants_a_password_fails_fast_and_says_so() {
     let out = stage_hook(
         BIN,
         job.path(),
-        &target(&sshd),
+        &sshd.root_target(),
         &key,
         "build_script",
         "echo hi\n",
@@ -195,27 +194,18 @@ fn a_sudo_that_wants_a_password_fails_fast_and_says_so() {
 
 #[test]
 fn losing_the_vm_mid_stage_is_a_system_failure() {
-    use std::io::BufRead;
     let Some((mut sshd, key)) = started("losing_the_vm_mid_stage_is_a_system_failure") else {
         return;
     };
     let job = tempfile::tempdir().unwrap();
-    let mut child = stage_hook(
+    let (child, _stdout, line) = spawn_until_first_line(&stage_hook(
         BIN,
         job.path(),
-        &target(&sshd),
+        &sshd.root_target(),
         &key,
         "build_script",
         "echo started\nexec sleep 120\n",
-    )
-    .command()
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
+    ));
     assert_eq!(line, "started\n");
     sshd.crash();
     let output = child.wait_with_output().unwrap();
@@ -240,7 +230,7 @@ fn a_key_file_path_works_too() {
     let out = stage_hook(
         BIN,
         job.path(),
-        &target(&sshd),
+        &sshd.root_target(),
         &by_path,
         "build_script",
         "echo ok\n",
@@ -284,7 +274,6 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn the_key_never_reaches_disk_or_the_process_environment() {
-    use std::io::BufRead;
     let Some(sshd) = Sshd::start_or_skip("the_key_never_reaches_disk_or_the_process_environment")
     else {
         return;
@@ -303,15 +292,17 @@ fn the_key_never_reaches_disk_or_the_process_environment() {
         "echo ready\nwhile [ ! -e '{}' ]; do sleep 0.05; done\necho done\n",
         proceed.display()
     );
-    let mut child = stage_hook(BIN, job.path(), &target(&sshd), &key, "build_script", &body)
-        .runner_env("VM_SSH_PRIVATE_KEY", key.private_text.clone())
-        .command()
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
+    let (mut child, _stdout, line) = spawn_until_first_line(
+        &stage_hook(
+            BIN,
+            job.path(),
+            &sshd.root_target(),
+            &key,
+            "build_script",
+            &body,
+        )
+        .runner_env("VM_SSH_PRIVATE_KEY", key.private_text.clone()),
+    );
     assert_eq!(line, "ready\n");
 
     // While the stage runs: the environment block holds neither the key nor the passphrase

@@ -89,3 +89,27 @@ pub fn stage_hook(
     }
     hook
 }
+
+/// Starts the hook with piped output and returns it once the stage printed its first stdout
+/// line (so a test can act while the stage runs), with that line and the rest of stdout.
+pub fn spawn_until_first_line(
+    hook: &Hook,
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStdout>,
+    String,
+) {
+    use std::io::BufRead;
+    let mut child = hook
+        .command()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the hook");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut line = String::new();
+    stdout
+        .read_line(&mut line)
+        .expect("read the stage's first line");
+    (child, stdout, line)
+}

@@ -223,6 +223,16 @@ impl Sshd {
         "127.0.0.1"
     }
 
+    /// This server as a job's "VM", logged into as root with its host keys pinned.
+    pub fn root_target(&self) -> crate::ssh_job::SshTarget {
+        crate::ssh_job::SshTarget {
+            host: self.host().to_string(),
+            port: self.port(),
+            user: "root".into(),
+            host_keys: self.host_key_lines(),
+        }
+    }
+
     /// The server's host public keys, OpenSSH lines (what prepare pins).
     pub fn host_key_lines(&self) -> Vec<String> {
         self.host_key_lines.clone()
