@@ -88,6 +88,12 @@ impl Options {
                 _ => {}
             }
         }
+        // Hooks run in their job directory: a relative path would name another file there.
+        for path in [&mut options.bin, &mut options.static_bin] {
+            if path.is_relative() {
+                *path = std::env::current_dir().expect("current dir").join(&*path);
+            }
+        }
         if options.smoke {
             options.stage_rounds = 3;
             options.stream_bytes = 10_000_000;
