@@ -405,7 +405,7 @@ pub(super) async fn wait_until_ready(
 ) -> Result<Connection> {
     let started = Instant::now();
     let mut last_progress = started;
-    let mut delay = Duration::from_millis(250);
+    let mut delay = Duration::from_millis(100);
     let where_ = describe_target(target);
     loop {
         let outcome = tokio::select! {
@@ -453,7 +453,8 @@ pub(super) async fn wait_until_ready(
                 )))
             }
         }
-        delay = (delay * 2).min(Duration::from_secs(2));
+        // Short: a VM whose sshd starts moments after the guest agent should not wait seconds.
+        delay = (delay * 2).min(Duration::from_millis(500));
     }
 }
 
