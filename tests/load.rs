@@ -11,6 +11,7 @@ use gitlab_proxmox_runner::job::JobInfo;
 use gitlab_proxmox_runner::marker::Marker;
 use gitlab_proxmox_runner::state::{JobState, Phase};
 use gpr_testkit::hook::Hook;
+use gpr_testkit::ssh_job::vm_on_local_sshd;
 use gpr_testkit::sshd::Sshd;
 use gpr_testkit::sshkeys::ClientKey;
 use gpr_testkit::{FakeConfig, FakeProxmox, Fault, NewVm};
@@ -38,11 +39,7 @@ impl Lab {
         for (name, value) in self.fake.settings_env() {
             hook = hook.host_env(name, value);
         }
-        hook.host_env("VM_NETWORK_CIDRS", "127.0.0.0/8")
-            .host_env("VM_SSH_PRIVATE_KEY", self.key.private_text.clone())
-            .host_env("VM_SSH_USER", "root")
-            .host_env("VM_SSH_PORT", self.sshd.port().to_string())
-            .host_env("VM_BOOT_TIMEOUT", "120")
+        vm_on_local_sshd(hook, self.sshd.port(), &self.key)
             .host_env("PROXMOX_MAX_CONCURRENT_CLONES", SLOTS_PER_HOST.to_string())
             .host_env(
                 "PROXMOX_CLONE_LOCK_DIR",

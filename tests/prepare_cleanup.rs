@@ -606,11 +606,7 @@ fn clones_refused_under_parallel_load_are_retried_until_each_job_has_its_vm() {
         .map(|(index, dir)| {
             hook(&fake, dir.path(), 100 + index as u64)
                 .arg("prepare")
-                .command()
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
                 .spawn()
-                .unwrap()
         })
         .collect();
     for child in children {

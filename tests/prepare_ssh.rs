@@ -7,6 +7,7 @@ use std::path::Path;
 use gitlab_proxmox_runner::marker::Marker;
 use gitlab_proxmox_runner::state::{JobState, Phase};
 use gpr_testkit::hook::{Hook, HookOutput, SYSTEM_FAILURE};
+use gpr_testkit::ssh_job::vm_on_local_sshd;
 use gpr_testkit::sshd::Sshd;
 use gpr_testkit::sshkeys::ClientKey;
 use gpr_testkit::{FakeConfig, FakeProxmox};
@@ -42,11 +43,7 @@ impl Lab {
         for (name, value) in self.fake.settings_env() {
             hook = hook.host_env(name, value);
         }
-        hook.host_env("VM_NETWORK_CIDRS", "127.0.0.0/8")
-            .host_env("VM_SSH_PRIVATE_KEY", self.key.private_text.clone())
-            .host_env("VM_SSH_USER", "root")
-            .host_env("VM_SSH_PORT", self.sshd.port().to_string())
-            .host_env("VM_BOOT_TIMEOUT", "120")
+        vm_on_local_sshd(hook, self.sshd.port(), &self.key)
             .job_var("CI_JOB_ID", job_id.to_string())
             .job_var("CI_PROJECT_PATH", "group/project")
             .job_var("CI_PROJECT_PATH_SLUG", "group-project")
@@ -264,15 +261,7 @@ fn sixteen_prepares_at_once_never_share_a_vm() {
         .collect();
     let children: Vec<_> = hooks
         .iter()
-        .map(|hook| {
-            hook.clone()
-                .arg("prepare")
-                .command()
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
+        .map(|hook| hook.clone().arg("prepare").spawn())
         .collect();
     for child in children {
         let output = child.wait_with_output().unwrap();

@@ -211,6 +211,15 @@ impl Hook {
         command
     }
 
+    /// Starts the hook with stdout and stderr piped, for tests that run several at once.
+    pub fn spawn(&self) -> std::process::Child {
+        self.command()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the hook binary")
+    }
+
     pub fn run(&self) -> HookOutput {
         let output = self.command().output().expect("start the hook binary");
         HookOutput {

@@ -65,6 +65,16 @@ pub fn driver_settings(hook: Hook) -> Hook {
         .host_env("PROXMOX_NODE", "pve-test")
 }
 
+/// Settings for a prepare whose "VM" is a local SSH server: the fake Proxmox's guest reports
+/// 127.0.0.1 (so loopback must count as the VM's network), logged into as root with `key`.
+pub fn vm_on_local_sshd(hook: Hook, port: u16, key: &ClientKey) -> Hook {
+    hook.host_env("VM_NETWORK_CIDRS", "127.0.0.0/8")
+        .host_env("VM_SSH_PRIVATE_KEY", key.private_text.clone())
+        .host_env("VM_SSH_USER", "root")
+        .host_env("VM_SSH_PORT", port.to_string())
+        .host_env("VM_BOOT_TIMEOUT", "120")
+}
+
 /// A `run <script> <stage>` hook for `body`, with the key in the driver's environment.
 pub fn stage_hook(
     program: impl AsRef<Path>,
