@@ -269,6 +269,8 @@ pub struct Settings {
     /// Key text or a path to a key file.
     pub ssh_private_key: Option<Secret>,
     pub ssh_private_key_origin: Option<Origin>,
+    /// The job's own variables chose the key: it may be key text, never a path on this host.
+    pub ssh_private_key_from_job: bool,
     pub ssh_key_passphrase: Option<Secret>,
     pub host_key_policy: HostKeyPolicy,
     /// `None`: `gitlab-runner` on the host's PATH.
@@ -670,6 +672,10 @@ impl Settings {
             ssh_user: raw.get("VM_SSH_USER").unwrap_or("ci").to_string(),
             ssh_port,
             ssh_private_key_origin: ssh_private_key.as_ref().map(|(_, origin)| *origin),
+            ssh_private_key_from_job: matches!(ssh_private_key, Some((_, Origin::CustomEnv)))
+                && sources
+                    .job_variable_names
+                    .is_none_or(|names| names.contains("VM_SSH_PRIVATE_KEY")),
             ssh_private_key: ssh_private_key.map(|(secret, _)| secret),
             ssh_key_passphrase,
             host_key_policy,

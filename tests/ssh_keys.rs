@@ -2,7 +2,7 @@
 //! errors that never echo key material or the passphrase. No SSH server is needed: the key is
 //! loaded before connecting.
 
-use gpr_testkit::hook::SYSTEM_FAILURE;
+use gpr_testkit::hook::{BUILD_FAILURE, SYSTEM_FAILURE};
 use gpr_testkit::ssh_job::{stage_hook, SshTarget};
 use gpr_testkit::sshkeys::{ClientKey, KeyKind};
 
@@ -146,4 +146,28 @@ fn an_unreachable_vm_is_a_system_failure_naming_it() {
     );
     assert!(out.stderr.contains("127.0.0.1:1"), "{}", out.stderr);
     assert!(!job.path().join("build_exit_code").exists());
+}
+
+#[test]
+fn a_job_may_give_key_text_but_not_a_path_on_the_runner_host() {
+    let key = ClientKey::ed25519();
+    let job = tempfile::tempdir().unwrap();
+    let key_file = job.path().join("host-key");
+    std::fs::write(&key_file, &key.private_text).unwrap();
+    let hook = stage_hook(BIN, job.path(), &nowhere(), &key, "build_script", "true\n");
+    // From the runner host's own settings a path is fine (fails later: nothing listens).
+    let out = hook
+        .clone()
+        .host_env("VM_SSH_PRIVATE_KEY", key_file.display().to_string())
+        .run();
+    out.assert_exit(SYSTEM_FAILURE);
+    assert!(!out.stderr.contains("not a path"), "{}", out.stderr);
+    // From the job's variables it is refused before the file is opened.
+    let out = hook
+        .clone()
+        .without_host_env("VM_SSH_PRIVATE_KEY")
+        .job_var("VM_SSH_PRIVATE_KEY", key_file.display().to_string())
+        .run();
+    out.assert_exit(BUILD_FAILURE);
+    assert!(out.stderr.contains("not a path"), "{}", out.stderr);
 }

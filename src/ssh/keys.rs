@@ -49,6 +49,13 @@ pub(super) fn load_private_key(settings: &Settings) -> Result<PrivateKey> {
              the path of a key file",
         ));
     }
+    if settings.ssh_private_key_from_job {
+        // A job must not make the driver open files on the runner host.
+        return Err(Error::JobRequest(format!(
+            "{SETTING} from the job's CI/CD variables must hold the key text itself (-----BEGIN \
+             ...), not a path: only the runner host's own settings may name a key file"
+        )));
+    }
     let text = read_key_file(Path::new(value))?;
     parse_private_key(&text, passphrase)
 }

@@ -111,6 +111,11 @@ impl Hook {
         self
     }
 
+    pub fn without_host_env(mut self, name: &str) -> Self {
+        self.host_env.remove(name);
+        self
+    }
+
     pub fn runner_env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.runner_env.insert(name.into(), value.into());
         self
