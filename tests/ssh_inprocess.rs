@@ -314,3 +314,22 @@ async fn the_runner_helper_is_installed_executable() {
         .join(".gitlab-proxmox-runner/gitlab-runner.upload")
         .exists());
 }
+
+#[test]
+fn a_stage_retries_a_connection_the_vm_refused_at_first() {
+    let (server, key) = server_with_key();
+    server.refuse_first(2);
+    let job = tempfile::tempdir().unwrap();
+    let out = stage_hook(
+        BIN,
+        job.path(),
+        &server.target(),
+        &key,
+        "build_script",
+        "echo made-it\n",
+    )
+    .run();
+    out.assert_exit(0);
+    assert!(out.stdout.contains("made-it"), "{}", out.log());
+    assert!(server.connections() >= 3, "{}", server.connections());
+}

@@ -137,7 +137,10 @@ fn run_without_a_ready_job_state_is_a_system_failure() {
 fn an_unreachable_vm_is_a_system_failure_naming_it() {
     let key = ClientKey::ed25519();
     let job = tempfile::tempdir().unwrap();
-    let out = stage_hook(BIN, job.path(), &nowhere(), &key, "build_script", "true\n").run();
+    let out = stage_hook(BIN, job.path(), &nowhere(), &key, "build_script", "true\n")
+        // A stage retries refused connections up to VM_BOOT_TIMEOUT (20 s at most).
+        .host_env("VM_BOOT_TIMEOUT", "1")
+        .run();
     out.assert_exit(SYSTEM_FAILURE);
     assert!(
         out.stderr.contains("VM 2000123 on pve-test"),
@@ -154,7 +157,8 @@ fn a_job_may_give_key_text_but_not_a_path_on_the_runner_host() {
     let job = tempfile::tempdir().unwrap();
     let key_file = job.path().join("host-key");
     std::fs::write(&key_file, &key.private_text).unwrap();
-    let hook = stage_hook(BIN, job.path(), &nowhere(), &key, "build_script", "true\n");
+    let hook = stage_hook(BIN, job.path(), &nowhere(), &key, "build_script", "true\n")
+        .host_env("VM_BOOT_TIMEOUT", "1");
     // From the runner host's own settings a path is fine (fails later: nothing listens).
     let out = hook
         .clone()

@@ -10,7 +10,7 @@ use zeroize::Zeroizing;
 
 use crate::commands::Context;
 use crate::error::{Error, Result};
-use crate::ssh::{self, Connection, HostKeyCheck, StageOutcome, StageScript, Target};
+use crate::ssh::{self, HostKeyCheck, StageOutcome, StageScript, Target};
 use crate::state::{JobState, Phase};
 
 pub async fn run(context: &Context, script: &Path, stage: &str) -> Result<()> {
@@ -47,15 +47,8 @@ pub async fn run(context: &Context, script: &Path, stage: &str) -> Result<()> {
     let key = ssh::load_private_key(&context.settings)?;
     let check = HostKeyCheck::Pinned(state.host_keys.clone());
 
-    let connection = tokio::select! {
-        connection = Connection::connect(&target, key, &check) => connection?,
-        reason = context.cancel.cancelled() => {
-            return Err(Error::Cancelled(format!(
-                "cancelled ({reason}) while connecting to {} for the stage {stage:?}",
-                target.vm_label
-            )));
-        }
-    };
+    let connection =
+        ssh::connect_for_stage(&target, key, &check, &context.settings, &context.cancel).await?;
     let job_key = match context.job.job_id {
         Some(id) => format!("job-{id}"),
         None => format!("vm-{}", state.vmid),

@@ -396,13 +396,26 @@ fn classify_handshake_error(
 
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
+/// How a retrying connect reports itself: prepare announces SSH coming up, a stage does not.
+pub(super) struct Patience<'a> {
+    pub deadline: Instant,
+    /// The setting or rule that set the deadline, for the give-up message.
+    pub limit: &'a str,
+    pub announce: bool,
+}
+
 pub(super) async fn wait_until_ready(
     target: &Target,
     key: Arc<PrivateKey>,
     check: &HostKeyCheck,
-    deadline: Instant,
+    patience: Patience<'_>,
     cancel: &Cancel,
 ) -> Result<Connection> {
+    let Patience {
+        deadline,
+        limit,
+        announce,
+    } = patience;
     let started = Instant::now();
     let mut last_progress = started;
     let mut delay = Duration::from_millis(100);
@@ -418,10 +431,12 @@ pub(super) async fn wait_until_ready(
         };
         let failure = match outcome {
             Ok(connection) => {
-                joblog::info(format!(
-                    "SSH up on {where_} after {}",
-                    joblog::secs(started.elapsed())
-                ));
+                if announce {
+                    joblog::info(format!(
+                        "SSH up on {where_} after {}",
+                        joblog::secs(started.elapsed())
+                    ));
+                }
                 return Ok(connection);
             }
             Err(failure) if !failure.transient => return Err(failure.error),
@@ -431,7 +446,7 @@ pub(super) async fn wait_until_ready(
         if now + delay >= deadline {
             return Err(Error::ssh(
                 format!(
-                    "waiting for SSH on {where_} (gave up after {}, VM_BOOT_TIMEOUT)",
+                    "waiting for SSH on {where_} (gave up after {}, {limit})",
                     joblog::secs(started.elapsed())
                 ),
                 failure.error,

@@ -23,7 +23,7 @@ mod provision;
 mod sftp;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::cancel::Cancel;
 use crate::error::Result;
@@ -174,7 +174,34 @@ pub async fn wait_until_ready(
     deadline: Instant,
     cancel: &Cancel,
 ) -> Result<Connection> {
-    connect::wait_until_ready(target, key, check, deadline, cancel).await
+    let patience = connect::Patience {
+        deadline,
+        limit: "VM_BOOT_TIMEOUT",
+        announce: true,
+    };
+    connect::wait_until_ready(target, key, check, patience, cancel).await
+}
+
+/// How long a stage keeps retrying a connection that was refused, reset or timed out: a network
+/// blip or an sshd restart at a stage's start should not fail the job as a system failure.
+pub const STAGE_CONNECT_PATIENCE: Duration = Duration::from_secs(20);
+
+/// Connects for one stage: like [`wait_until_ready`] but quiet on success and bounded by
+/// [`STAGE_CONNECT_PATIENCE`] (or `VM_BOOT_TIMEOUT` when shorter). A host-key mismatch still
+/// fails at once.
+pub async fn connect_for_stage(
+    target: &Target,
+    key: Arc<PrivateKey>,
+    check: &HostKeyCheck,
+    settings: &Settings,
+    cancel: &Cancel,
+) -> Result<Connection> {
+    let patience = connect::Patience {
+        deadline: Instant::now() + STAGE_CONNECT_PATIENCE.min(settings.boot_timeout),
+        limit: "a stage retries connecting for 20 s at most, or VM_BOOT_TIMEOUT if shorter",
+        announce: false,
+    };
+    connect::wait_until_ready(target, key, check, patience, cancel).await
 }
 
 /// Makes sure `gitlab-runner` (for artifacts and caches) and `git` exist in the VM: uploads
