@@ -2,12 +2,14 @@
 //! fresh Proxmox VE virtual machine and runs the job's stage scripts in it over SSH.
 //!
 //! One module per concern: [`settings`] (where configuration comes from and whom to trust),
-//! [`proxmox`] (the API client), [`ssh`] (the in-process SSH client), [`state`] (what prepare
-//! leaves for the later hooks), [`commands`] (one module per hook) and [`error`].
+//! [`proxmox`] (the API client), [`ssh`] (the in-process SSH client), [`vm`] (the engine that
+//! provisions, readies and destroys VMs, knowing nothing of hooks), [`state`] (what prepare
+//! leaves for the later hooks), [`commands`] (one thin module per hook), [`app`] (runtime,
+//! cancellation, the context each command family gets, errors to exit codes) and [`error`].
 
+pub mod app;
 pub mod cancel;
 pub mod cli;
-pub mod clone_slots;
 pub mod commands;
 pub mod error;
 pub mod hardening;
@@ -19,7 +21,7 @@ pub mod secret;
 pub mod settings;
 pub mod ssh;
 pub mod state;
-pub mod teardown;
+pub mod vm;
 
 pub use error::{Blame, Error, ExitCodes, Result};
 

@@ -10,7 +10,8 @@ use crate::joblog;
 use crate::marker::Marker;
 use crate::proxmox::Client;
 use crate::state::JobState;
-use crate::teardown::{self, Teardown};
+use crate::vm::teardown::{self, Teardown};
+use crate::vm::StderrLog;
 
 /// Long enough to wait out a full clone's lock, short enough to finish (and say why) before a
 /// `cleanup_exec_timeout` of 10 minutes (the README's example) kills us.
@@ -32,7 +33,7 @@ pub async fn cleanup(context: &Context) -> Result<()> {
     let deadline = Instant::now() + CLEANUP_TIMEOUT;
     let outcome = tokio::time::timeout(
         CLEANUP_TIMEOUT + Duration::from_secs(30),
-        teardown::destroy_owned_vm(&client, node, vmid, &marker, deadline),
+        teardown::destroy_owned_vm(&client, node, vmid, &marker, deadline, &StderrLog),
     )
     .await
     .map_err(|_| {

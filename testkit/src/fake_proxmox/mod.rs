@@ -27,6 +27,7 @@
 //! ```
 
 mod agent;
+mod api;
 mod routes;
 mod server;
 mod state;

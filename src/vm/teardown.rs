@@ -5,6 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+use super::poll::Poll;
+use super::{task, Log};
 use crate::error::{Error, Result};
 use crate::joblog;
 use crate::marker::Marker;
@@ -22,19 +24,19 @@ pub enum Teardown {
 }
 
 const MAX_ROUNDS: usize = 8;
-const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// Destroys VM `vmid` on `node` if its marker equals `expected`, giving up at `deadline`.
-pub async fn destroy_owned_vm(
+pub async fn destroy_owned_vm<L: Log + ?Sized>(
     client: &Client,
     node: &str,
     vmid: u32,
     expected: &Marker,
     deadline: Instant,
+    log: &L,
 ) -> Result<Teardown> {
     let started = Instant::now();
     let context = || format!("destroying VM {vmid} on node {node}");
-    let fail = |err: ApiError| Error::proxmox(context(), err);
+    let fail = |err: ApiError| Error::api(context(), err);
     let mut owner_checked = false;
     let mut acted = false;
     let mut stop_time = Duration::ZERO;
@@ -63,7 +65,7 @@ pub async fn destroy_owned_vm(
                 // the clone lock is gone.
                 Err(_) if status.lock() == Some("clone") && !waited_for_clone => {
                     waited_for_clone = true;
-                    if !wait_for_lock(client, node, vmid, "clone", deadline).await? {
+                    if !wait_for_lock(client, node, vmid, "clone", deadline, log).await? {
                         return Ok(gone(acted));
                     }
                     continue;
@@ -72,7 +74,7 @@ pub async fn destroy_owned_vm(
             }
         }
         if let Some(lock) = status.lock() {
-            if !wait_for_lock(client, node, vmid, lock, deadline).await? {
+            if !wait_for_lock(client, node, vmid, lock, deadline, log).await? {
                 return Ok(gone(acted));
             }
             continue;
@@ -80,14 +82,14 @@ pub async fn destroy_owned_vm(
         if status.is_running() {
             let stopping = Instant::now();
             let stopped = match client.stop_vm(node, vmid).await {
-                Ok(upid) => client.finish_task(&upid, deadline).await,
+                Ok(upid) => task::finish(client, &upid, deadline, log).await,
                 Err(err) => Err(err),
             };
             match stopped {
                 Ok(()) => stop_time += stopping.elapsed(),
                 Err(err) if err.is_not_found() => return Ok(gone(acted)),
                 Err(err) if err.is_vm_locked() || err.is_transient() => {
-                    pause_before_retry(deadline, &err, context)?;
+                    pause_before_retry(deadline, &err, context, log)?;
                     continue;
                 }
                 Err(err) => return Err(fail(err)),
@@ -95,12 +97,12 @@ pub async fn destroy_owned_vm(
         }
         let deleting = Instant::now();
         let deleted = match client.delete_vm(node, vmid).await {
-            Ok(upid) => client.finish_task(&upid, deadline).await,
+            Ok(upid) => task::finish(client, &upid, deadline, log).await,
             Err(err) => Err(err),
         };
         match deleted {
             Ok(()) => {
-                joblog::info(format!(
+                log.info(&format!(
                     "destroyed VM {vmid} on {node} in {} (stop {}, delete {})",
                     joblog::secs(started.elapsed()),
                     joblog::secs(stop_time),
@@ -111,13 +113,9 @@ pub async fn destroy_owned_vm(
             Err(err) if err.is_not_found() => return Ok(Teardown::Destroyed),
             // Started again behind our back, locked meanwhile, or a transient failure: look
             // at it afresh.
-            Err(err)
-                if err.is_vm_locked()
-                    || err.is_transient()
-                    || err.message.contains("is running") =>
-            {
+            Err(err) if err.is_vm_locked() || err.is_transient() || err.is_vm_running() => {
                 acted = true;
-                pause_before_retry(deadline, &err, context)?;
+                pause_before_retry(deadline, &err, context, log)?;
                 continue;
             }
             Err(err) => return Err(fail(err)),
@@ -146,71 +144,67 @@ fn ownership(found: Option<&Marker>, expected: &Marker) -> std::result::Result<(
     }
 }
 
-async fn wait_for_lock(
+async fn wait_for_lock<L: Log + ?Sized>(
     client: &Client,
     node: &str,
     vmid: u32,
     lock: &str,
     deadline: Instant,
+    log: &L,
 ) -> Result<bool> {
-    joblog::info(format!(
+    log.info(&format!(
         "VM {vmid} is locked ({lock}); waiting for the lock to clear before removing it"
     ));
-    wait_unlocked(client, node, vmid, deadline).await
+    wait_unlocked(client, node, vmid, deadline, log).await
 }
 
-fn pause_before_retry(
+fn pause_before_retry<L: Log + ?Sized>(
     deadline: Instant,
     err: &ApiError,
     context: impl Fn() -> String,
+    log: &L,
 ) -> Result<()> {
     if Instant::now() >= deadline {
-        return Err(Error::proxmox(context(), err));
+        return Err(Error::api(context(), err.clone()));
     }
-    joblog::info(format!("{}: {err}; trying again", context()));
+    log.info(&format!("{}: {err}; trying again", context()));
     Ok(())
 }
 
 /// Polls until the VM has no lock. `Ok(false)` when the VM disappeared meanwhile.
-pub async fn wait_unlocked(
+pub async fn wait_unlocked<L: Log + ?Sized>(
     client: &Client,
     node: &str,
     vmid: u32,
     deadline: Instant,
+    log: &L,
 ) -> Result<bool> {
-    let started = Instant::now();
-    let mut next_progress = started + PROGRESS_EVERY;
-    let mut delay = crate::proxmox::client::MIN_POLL_DELAY;
+    let mut poll = Poll::until(deadline);
     loop {
         let status = client
             .vm_status(node, vmid)
             .await
-            .map_err(|err| Error::proxmox(format!("reading VM {vmid} on node {node}"), err))?;
+            .map_err(|err| Error::api(format!("reading VM {vmid} on node {node}"), err))?;
         let Some(status) = status else {
             return Ok(false);
         };
         let Some(lock) = status.lock() else {
             return Ok(true);
         };
-        let now = Instant::now();
-        if now >= deadline {
-            return Err(Error::Proxmox {
-                context: format!("waiting for VM {vmid} on node {node}"),
-                message: format!(
-                    "still locked ({lock}) after {}; an API token cannot override the lock, \
-                     check the VM's running task in the PVE UI",
-                    joblog::secs(started.elapsed())
-                ),
-            });
-        }
-        if now >= next_progress {
-            joblog::info(format!(
+        poll.pause(|waited| {
+            log.info(&format!(
                 "VM {vmid} still locked ({lock}) after {}",
-                joblog::secs(started.elapsed())
-            ));
-            next_progress = now + PROGRESS_EVERY;
-        }
-        tokio::time::sleep(delay.min(deadline - now)).await;
-        delay = crate::proxmox::client::next_poll_delay(delay, started.elapsed());
+                joblog::secs(waited)
+            ))
+        })
+        .await
+        .map_err(|expired| Error::Proxmox {
+            context: format!("waiting for VM {vmid} on node {node}"),
+            message: format!(
+                "still locked ({lock}) after {}; an API token cannot override the lock, check \
+                 the VM's running task in the PVE UI",
+                joblog::secs(expired.waited)
+            ),
+        })?;
     }
 }

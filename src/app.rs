@@ -1,0 +1,146 @@
+//! Everything `main` does after parsing the command line: load the settings, start the async
+//! runtime and the cancellation token, build the context the command's family needs, run it,
+//! and turn its error into the exit code its caller expects.
+//!
+//! Two families: the job hooks (config, prepare, run, cleanup) run by gitlab-runner for one job,
+//! and the fleet commands (gc) run by an admin, cron or a timer, outside any job. Only the job
+//! hooks read `$JOB_RESPONSE_FILE`, the job's identity and the runner's exit codes.
+
+use std::path::{Path, PathBuf};
+
+use crate::cancel::Cancel;
+use crate::cli::{Cli, Command};
+use crate::commands::{cleanup, config, gc, prepare, run};
+use crate::error::{Error, ExitCodes, Result};
+use crate::job::JobInfo;
+use crate::settings::{self, Settings, Sources};
+use crate::{hardening, joblog};
+
+/// What every job hook gets.
+pub struct Context {
+    pub settings: Settings,
+    pub job: JobInfo,
+    /// The per-job directory (`$TMPDIR`) where the job state lives.
+    pub job_dir: PathBuf,
+    pub cancel: Cancel,
+}
+
+/// What a fleet command gets: no job, no job directory.
+pub struct FleetContext {
+    pub settings: Settings,
+    pub cancel: Cancel,
+}
+
+/// Runs the command and returns the process exit code.
+pub fn execute(cli: Cli) -> i32 {
+    match cli.command {
+        Command::Gc {
+            runner,
+            max_age,
+            dry_run,
+        } => {
+            // No runner asked for particular codes: gc's caller is cron or a person.
+            let exit_codes = ExitCodes::FALLBACK;
+            let loaded = load_settings(cli.config.as_deref(), None);
+            let result = with_runtime(loaded, |settings, cancel| async move {
+                let context = FleetContext { settings, cancel };
+                gc::gc(&context, runner.as_deref(), max_age.as_deref(), dry_run).await
+            });
+            exit_code(result, exit_codes, false)
+        }
+        command => {
+            let exit_codes = ExitCodes::from_env();
+            let loaded = settings::read_job_variable_names()
+                .and_then(|names| load_settings(cli.config.as_deref(), names.as_ref()));
+            let is_cleanup = matches!(command, Command::Cleanup);
+            let result = with_runtime(loaded, |settings, cancel| async move {
+                let context = Context {
+                    settings,
+                    job: JobInfo::from_env(),
+                    job_dir: crate::state::job_dir(),
+                    cancel,
+                };
+                run_job_hook(&context, command).await
+            });
+            exit_code(result, exit_codes, is_cleanup)
+        }
+    }
+}
+
+async fn run_job_hook(context: &Context, command: Command) -> Result<()> {
+    match command {
+        Command::Config => config::config(context).await,
+        Command::Prepare => prepare::prepare(context).await,
+        Command::Run { script, stage } => run::run(context, &script, &stage).await,
+        Command::Cleanup => cleanup::cleanup(context).await,
+        Command::Gc { .. } => unreachable!("gc is a fleet command"),
+    }
+}
+
+/// The settings file named by `--config` or `GITLAB_PROXMOX_RUNNER_CONFIG`, the process
+/// environment, and the names of the job's own variables where there is a job.
+fn load_settings(
+    config_file: Option<&Path>,
+    job_variable_names: Option<&std::collections::HashSet<String>>,
+) -> Result<Settings> {
+    let path = config_file
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os(settings::CONFIG_FILE_ENV).map(PathBuf::from));
+    let text = match &path {
+        Some(path) => Some(zeroize::Zeroizing::new(
+            std::fs::read_to_string(path).map_err(|err| {
+                Error::Settings(format!(
+                    "cannot read the driver config file {}: {err}",
+                    path.display()
+                ))
+            })?,
+        )),
+        None => None,
+    };
+    let env = |name: &str| std::env::var(name).ok();
+    Settings::from_sources(Sources {
+        file: text
+            .as_ref()
+            .zip(path.as_ref())
+            .map(|(text, path)| (text.as_str(), path.as_path())),
+        env: &env,
+        job_variable_names,
+    })
+}
+
+/// Wipes the secrets from the environment, then runs `command` on a current-thread runtime
+/// with SIGTERM/SIGINT cancelling its token.
+fn with_runtime<F, Fut>(loaded: Result<Settings>, command: F) -> Result<()>
+where
+    F: FnOnce(Settings, Cancel) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    // Settings are read while the process is single-threaded, then the secret values are wiped
+    // from the environment block before any thread (the tokio runtime's included) exists.
+    hardening::scrub_environment(settings::secret_names());
+    let settings = loaded?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| Error::io("cannot start the async runtime", err))?;
+    runtime.block_on(async move {
+        let cancel =
+            Cancel::on_signals().map_err(|err| Error::io("cannot install signal handlers", err))?;
+        command(settings, cancel).await
+    })
+}
+
+fn exit_code(result: Result<()>, exit_codes: ExitCodes, is_cleanup: bool) -> i32 {
+    match result {
+        Ok(()) => 0,
+        Err(err) => {
+            joblog::error(err.to_string());
+            if is_cleanup {
+                joblog::error(
+                    "cleanup did not finish; `gitlab-proxmox-runner gc` will sweep what is left",
+                );
+            }
+            exit_codes.for_blame(err.blame())
+        }
+    }
+}
