@@ -11,22 +11,12 @@ use std::time::{Duration, Instant};
 use gpr_testkit::fake_proxmox::{FakeConfig, FakeProxmox, Fault};
 use gpr_testkit::hook::{json_string, BUILD_FAILURE};
 use gpr_testkit::runner::{Executable, HookKind, JobOutcome, JobReport, RunnerJob};
-use gpr_testkit::sshd::Sshd;
-use gpr_testkit::sshkeys::ClientKey;
-
-/// The binary under test: `$GPR_BIN`, else the one cargo built for this test run.
-fn binary() -> PathBuf {
-    std::env::var_os("GPR_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_gitlab-proxmox-runner")))
-}
+use gpr_testkit::{driver_binary, Lab};
 
 /// A fake Proxmox cluster, a "VM" (local sshd) and a runner host whose driver settings live
 /// in a root-only TOML file passed by `--config`: the recommended setup.
 struct World {
-    fake: FakeProxmox,
-    sshd: Sshd,
-    key: ClientKey,
+    lab: Lab,
     dir: tempfile::TempDir,
     settings_file: PathBuf,
 }
@@ -35,25 +25,14 @@ impl World {
     /// `None` (test skipped) when there is no sshd and GPR_REQUIRE_SSHD is not set.
     #[track_caller]
     fn new(test: &str) -> Option<World> {
-        let sshd = Sshd::start_or_skip(test)?;
-        let key = ClientKey::ed25519();
-        sshd.authorize(&key);
-        let host_key = sshd
-            .host_key_lines()
-            .into_iter()
-            .find(|line| line.starts_with("ssh-ed25519 "))
-            .expect("the test sshd has an ed25519 host key");
-        let fake = FakeProxmox::start(FakeConfig::default());
-        // What the guest agent's file-read returns: the "VM"'s real host key.
-        fake.set_guest_file("/etc/ssh/ssh_host_ed25519_key.pub", &host_key);
+        // The binary under test: `$GPR_BIN`, else the one cargo built for this test run.
+        let lab = Lab::builder(driver_binary!()).with_sshd_or_skip(test)?;
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::create_dir(dir.path().join("empty-path")).expect("empty PATH dir");
         std::fs::create_dir(dir.path().join("builds")).expect("builds dir");
         let settings_file = dir.path().join("driver.toml");
         let world = World {
-            fake,
-            sshd,
-            key,
+            lab,
             dir,
             settings_file,
         };
@@ -74,18 +53,12 @@ impl World {
     }
 
     fn settings(&self) -> Vec<(String, String)> {
-        let mut settings = self.fake.settings_env();
-        settings.extend([
-            ("VM_SSH_USER".to_string(), "root".to_string()),
-            ("VM_SSH_PORT".to_string(), self.sshd.port().to_string()),
-            (
-                "VM_SSH_PRIVATE_KEY".to_string(),
-                self.key.private_text.clone(),
-            ),
-            ("VM_BOOT_TIMEOUT".to_string(), "60".to_string()),
-            // The fake's guest agent reports the "VM" at 127.0.0.1 (this machine's sshd).
-            ("VM_NETWORK_CIDRS".to_string(), "127.0.0.0/8".to_string()),
-        ]);
+        let mut settings = self.lab.settings();
+        for (name, value) in &mut settings {
+            if name == "VM_BOOT_TIMEOUT" {
+                *value = "60".to_string();
+            }
+        }
         settings
     }
 
@@ -96,7 +69,7 @@ impl World {
         let builds = tempfile::tempdir_in(self.dir.path().join("builds"))
             .expect("builds dir")
             .keep();
-        RunnerJob::new(binary())
+        RunnerJob::new(self.lab.bin.clone())
             .hook_args(
                 &["--config", config, "config"],
                 &["--config", config, "prepare"],
@@ -118,12 +91,12 @@ impl World {
         if !links.exists() {
             std::fs::create_dir(&links).expect("symlink dir");
             for hook in ["config", "prepare", "run", "cleanup"] {
-                std::os::unix::fs::symlink(binary(), links.join(format!("vm_{hook}_exec")))
+                std::os::unix::fs::symlink(&self.lab.bin, links.join(format!("vm_{hook}_exec")))
                     .expect("vm_*_exec symlink");
             }
         }
         let exec = |hook: &str| links.join(format!("vm_{hook}_exec"));
-        let mut job = RunnerJob::new(binary())
+        let mut job = RunnerJob::new(self.lab.bin.clone())
             .executable(Executable::Config, exec("config"), &[])
             .executable(Executable::Prepare, exec("prepare"), &[])
             .executable(Executable::Run, exec("run"), &[])
@@ -148,7 +121,7 @@ impl World {
     /// After every job: the fake holds no VM but its templates.
     #[track_caller]
     fn assert_no_vms(&self, report: &JobReport) {
-        let left = self.fake.job_vms();
+        let left = self.lab.fake.job_vms();
         assert!(
             left.is_empty(),
             "VMs left behind: {:?}\n--- job log\n{}\n--- cleanup log\n{}",
@@ -160,7 +133,8 @@ impl World {
 
     /// The clone requests the fake received.
     fn clone_requests(&self) -> usize {
-        self.fake
+        self.lab
+            .fake
             .requests()
             .iter()
             .filter(|r| r.method == "POST" && r.path.ends_with("/clone"))
@@ -389,7 +363,7 @@ fn prepare_failing_at_each_step_is_retried_and_leaks_nothing() {
         ),
     ];
     for (step, fault, evidence) in faults {
-        world.fake.inject(fault);
+        world.lab.fake.inject(fault);
         let marker = format!("survived-{}", step.replace(' ', "-"));
         let report = world
             .job()
@@ -418,7 +392,7 @@ fn a_prepare_that_never_succeeds_fails_the_job_as_a_system_failure_and_leaks_not
     ) else {
         return;
     };
-    world.fake.inject(Fault::CloneTaskFails {
+    world.lab.fake.inject(Fault::CloneTaskFails {
         count: 1000,
         message: "clone failed: injected permanent storage error".into(),
     });

@@ -36,6 +36,29 @@ pub fn binary_or_override(built: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(built))
 }
 
+/// A hook of `bin` in job directory `dir` with `fake`'s API settings in the driver's own
+/// environment (what a systemd unit or the runner's service environment exports).
+pub fn api_hook(bin: impl AsRef<Path>, fake: &FakeProxmox, dir: impl AsRef<Path>) -> Hook {
+    let mut hook = Hook::new(bin, dir);
+    for (name, value) in fake.settings_env() {
+        hook = hook.host_env(name, value);
+    }
+    hook
+}
+
+/// A fleet command of `bin` (`gc ...`) the way cron or a systemd timer runs it: no job
+/// variables, no `JOB_RESPONSE_FILE`, no `CUSTOM_ENV_`, no `TMPDIR`; `fake`'s settings in the
+/// environment.
+pub fn fleet_command(bin: impl AsRef<Path>, fake: &FakeProxmox) -> Command {
+    let mut command = Command::new(bin.as_ref());
+    command
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .envs(fake.settings_env())
+        .stdin(Stdio::null());
+    command
+}
+
 /// Where the fake guest agent serves the "VM"'s host key from.
 pub const ED25519_HOST_KEY_FILE: &str = "/etc/ssh/ssh_host_ed25519_key.pub";
 
@@ -112,14 +135,10 @@ impl Lab {
     /// The driver's settings as a runner host would set them: the fake's API, and with sshd
     /// the VMs' SSH (see [`vm_on_local_sshd`]).
     pub fn settings(&self) -> Vec<(String, String)> {
-        let hook = self.with_settings(Hook::new(&self.bin, "."));
-        hook.host_env_pairs()
+        self.hook(".").host_env_pairs()
     }
 
-    fn with_settings(&self, mut hook: Hook) -> Hook {
-        for (name, value) in self.fake.settings_env() {
-            hook = hook.host_env(name, value);
-        }
+    fn with_sshd_settings(&self, hook: Hook) -> Hook {
         match &self.sshd {
             Some(sshd) => vm_on_local_sshd(hook, sshd.port(), &self.key),
             None => hook,
@@ -128,18 +147,11 @@ impl Lab {
 
     /// A hook of the driver in job directory `dir`, with [`Lab::settings`] in its environment.
     pub fn hook(&self, dir: impl AsRef<Path>) -> Hook {
-        self.with_settings(Hook::new(&self.bin, dir))
+        self.with_sshd_settings(api_hook(&self.bin, &self.fake, dir))
     }
 
-    /// A fleet command (`gc ...`) the way cron or a systemd timer runs it: no job variables, no
-    /// `JOB_RESPONSE_FILE`, no `CUSTOM_ENV_`, no `TMPDIR`; the fake's settings in the environment.
+    /// [`fleet_command`] against this lab's fake.
     pub fn fleet_command(&self) -> Command {
-        let mut command = Command::new(&self.bin);
-        command
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .envs(self.fake.settings_env())
-            .stdin(Stdio::null());
-        command
+        fleet_command(&self.bin, &self.fake)
     }
 }
