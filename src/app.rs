@@ -33,48 +33,64 @@ pub struct FleetContext {
 
 /// Runs the command and returns the process exit code.
 pub fn execute(cli: Cli) -> i32 {
+    let file = cli.config;
     match cli.command {
         Command::Gc {
             runner,
             max_age,
             dry_run,
-        } => {
-            // No runner asked for particular codes: gc's caller is cron or a person.
-            let exit_codes = ExitCodes::FALLBACK;
-            let loaded = load_settings(cli.config.as_deref(), None);
-            let result = with_runtime(loaded, |settings, cancel| async move {
-                let context = FleetContext { settings, cancel };
-                gc::gc(&context, runner.as_deref(), max_age.as_deref(), dry_run).await
-            });
-            exit_code(result, exit_codes, false)
-        }
-        command => {
-            let exit_codes = ExitCodes::from_env();
-            let loaded = settings::read_job_variable_names()
-                .and_then(|names| load_settings(cli.config.as_deref(), names.as_ref()));
-            let is_cleanup = matches!(command, Command::Cleanup);
-            let result = with_runtime(loaded, |settings, cancel| async move {
-                let context = Context {
-                    settings,
-                    job: JobInfo::from_env(),
-                    job_dir: crate::state::job_dir(),
-                    cancel,
-                };
-                run_job_hook(&context, command).await
-            });
-            exit_code(result, exit_codes, is_cleanup)
-        }
+        } => fleet_command(file.as_deref(), |context| async move {
+            gc::gc(&context, runner.as_deref(), max_age.as_deref(), dry_run).await
+        }),
+        Command::Config => job_hook(file.as_deref(), false, |context| async move {
+            config::config(&context).await
+        }),
+        Command::Prepare => job_hook(file.as_deref(), false, |context| async move {
+            prepare::prepare(&context).await
+        }),
+        Command::Run { script, stage } => job_hook(file.as_deref(), false, |context| async move {
+            run::run(&context, &script, &stage).await
+        }),
+        Command::Cleanup => job_hook(file.as_deref(), true, |context| async move {
+            cleanup::cleanup(&context).await
+        }),
     }
 }
 
-async fn run_job_hook(context: &Context, command: Command) -> Result<()> {
-    match command {
-        Command::Config => config::config(context).await,
-        Command::Prepare => prepare::prepare(context).await,
-        Command::Run { script, stage } => run::run(context, &script, &stage).await,
-        Command::Cleanup => cleanup::cleanup(context).await,
-        Command::Gc { .. } => unreachable!("gc is a fleet command"),
-    }
+/// A hook gitlab-runner runs for one job: the job's variable names (`$JOB_RESPONSE_FILE`) take
+/// part in the settings' trust rule, the job's identity and directory come from the runner's
+/// environment, and errors map to the exit codes the runner asked for.
+fn job_hook<F, Fut>(file: Option<&Path>, is_cleanup: bool, hook: F) -> i32
+where
+    F: FnOnce(Context) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let exit_codes = ExitCodes::from_env();
+    let loaded =
+        settings::read_job_variable_names().and_then(|names| load_settings(file, names.as_ref()));
+    let result = with_runtime(loaded, |settings, cancel| {
+        hook(Context {
+            settings,
+            job: JobInfo::from_env(),
+            job_dir: crate::state::job_dir(),
+            cancel,
+        })
+    });
+    exit_code(result, exit_codes, is_cleanup)
+}
+
+/// A command run by an admin, cron or a timer, outside any job: no job variables, no job
+/// directory; the plain exit codes (1: the request was wrong, 2: the infrastructure failed).
+fn fleet_command<F, Fut>(file: Option<&Path>, command: F) -> i32
+where
+    F: FnOnce(FleetContext) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let loaded = load_settings(file, None);
+    let result = with_runtime(loaded, |settings, cancel| {
+        command(FleetContext { settings, cancel })
+    });
+    exit_code(result, ExitCodes::FALLBACK, false)
 }
 
 /// The settings file named by `--config` or `GITLAB_PROXMOX_RUNNER_CONFIG`, the process
