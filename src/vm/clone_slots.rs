@@ -38,7 +38,7 @@ pub fn default_dir() -> PathBuf {
 
 /// Takes a free slot, waiting (polling with jitter) while all are held. `Ok(None)` when no cap
 /// is configured.
-pub async fn acquire<L: Log + ?Sized>(settings: &Settings, log: &L) -> Result<Option<CloneSlot>> {
+pub async fn acquire(settings: &Settings, log: &dyn Log) -> Result<Option<CloneSlot>> {
     let slots = settings.max_concurrent_clones;
     if slots == 0 {
         return Ok(None);

@@ -42,7 +42,7 @@ impl std::fmt::Display for VmRef {
 }
 
 /// Where the engine's progress lines go.
-pub trait Log {
+pub trait Log: Sync {
     fn info(&self, message: &str);
     fn warn(&self, message: &str);
 }
@@ -74,6 +74,19 @@ pub enum Milestone<'a> {
     Started,
     /// The VM answered over SSH with the host keys in `ReadyVm`.
     Ready(&'a ReadyVm),
+}
+
+/// A sink seen as its log (trait upcasting needs a newer Rust than the crate's MSRV).
+pub(crate) struct SinkLog<'a>(pub &'a dyn Sink);
+
+impl Log for SinkLog<'_> {
+    fn info(&self, message: &str) {
+        self.0.info(message);
+    }
+
+    fn warn(&self, message: &str) {
+        self.0.warn(message);
+    }
 }
 
 /// What the caller of [`provision`] and [`ready`] learns while they run.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use backon::BackoffBuilder;
 
 use super::template::Template;
-use super::{clone_slots, task, teardown, Milestone, Sink, VmRef};
+use super::{clone_slots, task, teardown, Milestone, Sink, SinkLog, VmRef};
 use crate::error::{Error, Result};
 use crate::joblog;
 use crate::marker::Marker;
@@ -143,7 +143,7 @@ impl Provisioning<'_> {
         let mut last_problem = String::new();
         for _ in 0..MAX_CLONE_ATTEMPTS {
             // Held from the VMID check until the clone task ends; released before any pause.
-            let slot = clone_slots::acquire(self.settings, sink).await?;
+            let slot = clone_slots::acquire(self.settings, &SinkLog(sink)).await?;
             let vmid = self.pick_free_vmid().await?;
             // Recorded before the clone request: whatever happens next, the caller can find it.
             sink.reached(Milestone::Allocated(&VmRef {
@@ -224,7 +224,14 @@ impl Provisioning<'_> {
             Err(err) if err.is_transient() => return Ok(CloneAttempt::Transient(err)),
             Err(err) => return Err(Error::api(context(), err)),
         };
-        match task::finish(self.client, &upid, Instant::now() + CLONE_TIMEOUT, sink).await {
+        match task::finish(
+            self.client,
+            &upid,
+            Instant::now() + CLONE_TIMEOUT,
+            &SinkLog(sink),
+        )
+        .await
+        {
             Ok(()) => {
                 // PVE may hold `lock: clone` a moment after the task ends; config and start
                 // would be refused until it clears.
@@ -233,7 +240,7 @@ impl Provisioning<'_> {
                     node,
                     vmid,
                     Instant::now() + TASK_TIMEOUT,
-                    sink,
+                    &SinkLog(sink),
                 )
                 .await?;
                 Ok(CloneAttempt::Done)
@@ -262,7 +269,7 @@ impl Provisioning<'_> {
             node,
             vmid,
             Instant::now() + CLONE_TIMEOUT,
-            sink,
+            &SinkLog(sink),
         )
         .await?;
         if !unlocked {
@@ -287,7 +294,7 @@ impl Provisioning<'_> {
             vmid,
             self.order.marker,
             deadline,
-            sink,
+            &SinkLog(sink),
         )
         .await?;
         Ok(())
@@ -329,7 +336,13 @@ impl Provisioning<'_> {
             })?;
             let grown = async {
                 if let Some(upid) = self.client.grow_disk(node, vmid, &disk, grow).await? {
-                    task::finish(self.client, &upid, Instant::now() + TASK_TIMEOUT, sink).await?;
+                    task::finish(
+                        self.client,
+                        &upid,
+                        Instant::now() + TASK_TIMEOUT,
+                        &SinkLog(sink),
+                    )
+                    .await?;
                 }
                 Ok::<(), ApiError>(())
             };
@@ -354,7 +367,15 @@ impl Provisioning<'_> {
         let started = Instant::now();
         let node = self.node;
         let result = match self.client.start_vm(node, vmid).await {
-            Ok(upid) => task::finish(self.client, &upid, Instant::now() + TASK_TIMEOUT, sink).await,
+            Ok(upid) => {
+                task::finish(
+                    self.client,
+                    &upid,
+                    Instant::now() + TASK_TIMEOUT,
+                    &SinkLog(sink),
+                )
+                .await
+            }
             Err(err) => Err(err),
         };
         match result {

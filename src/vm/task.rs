@@ -9,11 +9,11 @@ use crate::proxmox::{ApiError, ApiErrorKind, Client, TaskOutcome, Upid};
 
 /// Polls a task until it stops or `deadline` passes. A long task prints a progress line every
 /// 10 s.
-pub async fn wait<L: Log + ?Sized>(
+pub async fn wait(
     client: &Client,
     upid: &Upid,
     deadline: Instant,
-    log: &L,
+    log: &dyn Log,
 ) -> Result<TaskOutcome, ApiError> {
     let mut poll = Poll::until(deadline);
     loop {
@@ -43,11 +43,11 @@ pub async fn wait<L: Log + ?Sized>(
 }
 
 /// Waits for a task and turns a failed one into an error (`WARNINGS: N` is success).
-pub async fn finish<L: Log + ?Sized>(
+pub async fn finish(
     client: &Client,
     upid: &Upid,
     deadline: Instant,
-    log: &L,
+    log: &dyn Log,
 ) -> Result<(), ApiError> {
     match wait(client, upid, deadline, log).await? {
         TaskOutcome::Ok | TaskOutcome::Warnings(_) => Ok(()),

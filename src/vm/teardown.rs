@@ -26,13 +26,13 @@ pub enum Teardown {
 const MAX_ROUNDS: usize = 8;
 
 /// Destroys VM `vmid` on `node` if its marker equals `expected`, giving up at `deadline`.
-pub async fn destroy_owned_vm<L: Log + ?Sized>(
+pub async fn destroy_owned_vm(
     client: &Client,
     node: &str,
     vmid: u32,
     expected: &Marker,
     deadline: Instant,
-    log: &L,
+    log: &dyn Log,
 ) -> Result<Teardown> {
     let started = Instant::now();
     let context = || format!("destroying VM {vmid} on node {node}");
@@ -144,13 +144,13 @@ fn ownership(found: Option<&Marker>, expected: &Marker) -> std::result::Result<(
     }
 }
 
-async fn wait_for_lock<L: Log + ?Sized>(
+async fn wait_for_lock(
     client: &Client,
     node: &str,
     vmid: u32,
     lock: &str,
     deadline: Instant,
-    log: &L,
+    log: &dyn Log,
 ) -> Result<bool> {
     log.info(&format!(
         "VM {vmid} is locked ({lock}); waiting for the lock to clear before removing it"
@@ -158,11 +158,11 @@ async fn wait_for_lock<L: Log + ?Sized>(
     wait_unlocked(client, node, vmid, deadline, log).await
 }
 
-fn pause_before_retry<L: Log + ?Sized>(
+fn pause_before_retry(
     deadline: Instant,
     err: &ApiError,
     context: impl Fn() -> String,
-    log: &L,
+    log: &dyn Log,
 ) -> Result<()> {
     if Instant::now() >= deadline {
         return Err(Error::api(context(), err.clone()));
@@ -172,12 +172,12 @@ fn pause_before_retry<L: Log + ?Sized>(
 }
 
 /// Polls until the VM has no lock. `Ok(false)` when the VM disappeared meanwhile.
-pub async fn wait_unlocked<L: Log + ?Sized>(
+pub async fn wait_unlocked(
     client: &Client,
     node: &str,
     vmid: u32,
     deadline: Instant,
-    log: &L,
+    log: &dyn Log,
 ) -> Result<bool> {
     let mut poll = Poll::until(deadline);
     loop {
