@@ -93,6 +93,7 @@ fn state_for(dir: &Path, vmid: u32, phase: Phase, marker: &Marker) -> JobState {
         ssh_user: None,
         host_keys: vec![],
         host_key_source: None,
+        lost: None,
     };
     state.save(dir).unwrap();
     state

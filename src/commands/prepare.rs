@@ -392,6 +392,7 @@ impl Provisioning<'_> {
                 ssh_user: None,
                 host_keys: Vec::new(),
                 host_key_source: None,
+                lost: None,
             });
             self.save_state()?;
             let attempt = self.try_clone(template, vmid, full).await?;
@@ -781,7 +782,8 @@ impl Provisioning<'_> {
         self.timings.push(("ssh", started.elapsed()));
 
         let helper = Instant::now();
-        ssh::provision_runner_helper(&connection, self.settings()).await?;
+        ssh::provision_runner_helper(&connection, self.settings().runner_helper_path.as_deref())
+            .await?;
         self.timings.push(("helper", helper.elapsed()));
         Ok(())
     }

@@ -1,0 +1,257 @@
+//! A VM that vanishes mid-job (crashed guest, bridge or firewall change, node without uplink):
+//! whole jobs driven like gitlab-runner drives them ([`RunnerJob`]), against the fake Proxmox
+//! and a real local sshd as the VM, reached through a TCP proxy that the test black-holes.
+//!
+//! `GPR_BIN` replaces the binary under test (e.g. an older build, to measure it).
+//! Without sshd on the machine these tests are skipped, unless `GPR_REQUIRE_SSHD=1`.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use gpr_testkit::fake_proxmox::{FakeConfig, FakeProxmox};
+use gpr_testkit::hook::{json_string, SYSTEM_FAILURE};
+use gpr_testkit::runner::{HookKind, JobOutcome, JobReport, RunnerJob};
+use gpr_testkit::sshd::Sshd;
+use gpr_testkit::sshkeys::ClientKey;
+use gpr_testkit::tcp_proxy::TcpProxy;
+
+fn binary() -> PathBuf {
+    std::env::var_os("GPR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_gitlab-proxmox-runner")))
+}
+
+/// The fake cluster, the "VM" (local sshd) and the network between them (the proxy).
+struct World {
+    fake: FakeProxmox,
+    _sshd: Sshd,
+    proxy: TcpProxy,
+    dir: tempfile::TempDir,
+    settings_file: PathBuf,
+}
+
+impl World {
+    #[track_caller]
+    fn new(test: &str) -> Option<World> {
+        let sshd = Sshd::start_or_skip(test)?;
+        let key = ClientKey::ed25519();
+        sshd.authorize(&key);
+        let host_key = sshd
+            .host_key_lines()
+            .into_iter()
+            .find(|line| line.starts_with("ssh-ed25519 "))
+            .expect("the test sshd has an ed25519 host key");
+        let fake = FakeProxmox::start(FakeConfig::default());
+        fake.set_guest_file("/etc/ssh/ssh_host_ed25519_key.pub", &host_key);
+        let proxy = TcpProxy::start(SocketAddr::from((Ipv4Addr::LOCALHOST, sshd.port())));
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(dir.path().join("empty-path")).expect("empty PATH dir");
+        std::fs::create_dir(dir.path().join("builds")).expect("builds dir");
+        let settings_file = dir.path().join("driver.toml");
+        let mut settings = fake.settings_env();
+        settings.extend([
+            ("VM_SSH_USER".to_string(), "root".to_string()),
+            // Every SSH connection to the "VM" goes through the proxy.
+            ("VM_SSH_PORT".to_string(), proxy.port().to_string()),
+            ("VM_SSH_PRIVATE_KEY".to_string(), key.private_text.clone()),
+            ("VM_BOOT_TIMEOUT".to_string(), "60".to_string()),
+            ("VM_NETWORK_CIDRS".to_string(), "127.0.0.0/8".to_string()),
+        ]);
+        let mut text = String::new();
+        for (name, value) in settings {
+            text.push_str(&format!("{name} = {}\n", json_string(&value)));
+        }
+        std::fs::write(&settings_file, text).expect("write driver.toml");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&settings_file, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod driver.toml");
+        Some(World {
+            fake,
+            _sshd: sshd,
+            proxy,
+            dir,
+            settings_file,
+        })
+    }
+
+    fn job(&self) -> RunnerJob {
+        let config = self.settings_file.to_str().expect("utf-8 path");
+        let builds = tempfile::tempdir_in(self.dir.path().join("builds"))
+            .expect("builds dir")
+            .keep();
+        RunnerJob::new(binary())
+            .hook_args(
+                &["--config", config, "config"],
+                &["--config", config, "prepare"],
+                &["--config", config, "run"],
+                &["--config", config, "cleanup"],
+            )
+            .path_env(self.dir.path().join("empty-path"))
+            .builds_dir_override(builds.to_string_lossy().into_owned())
+            .temp_root(self.dir.path())
+            .retry_interval(Duration::ZERO)
+            .hook_timeout(Duration::from_secs(300))
+            .graceful_kill_timeout(Duration::from_secs(30))
+    }
+}
+
+fn run_call<'a>(report: &'a JobReport, stage: &str) -> Option<&'a gpr_testkit::runner::HookCall> {
+    report.calls.iter().find(|call| {
+        call.kind
+            == HookKind::Run {
+                stage: stage.into(),
+            }
+    })
+}
+
+/// `12:03:41` → seconds since midnight.
+fn seconds_of_day(text: &str) -> Option<u64> {
+    let mut parts = text.split(':').map(|part| part.parse::<u64>().ok());
+    let (h, m, s) = (parts.next()??, parts.next()??, parts.next()??);
+    Some(h * 3600 + m * 60 + s)
+}
+
+/// The issue's scenario: the network to the VM goes silent while a quiet stage runs.
+#[test]
+fn a_vm_that_vanishes_mid_stage_fails_the_job_in_seconds_and_leaks_nothing() {
+    let test =
+        "ssh_lost_vm::a_vm_that_vanishes_mid_stage_fails_the_job_in_seconds_and_leaks_nothing";
+    let Some(world) = World::new(test) else {
+        return;
+    };
+    let job = world
+        .job()
+        // A stage that prints nothing for minutes is normal (a long compile, a test suite):
+        // only keepalives can tell it from a dead VM.
+        .script(
+            "build_script",
+            "echo quiet-stage-started-$((6 * 7)); sleep 600",
+        )
+        .script("after_script", "echo after-script-ran")
+        .script("upload_artifacts_on_failure", "echo uploading")
+        .start();
+    assert!(
+        job.control()
+            .wait_for_log("quiet-stage-started-42", Duration::from_secs(120)),
+        "the stage never started:\n{}",
+        job.control().log()
+    );
+    let connections_before_the_loss = world.proxy.connections();
+    let lost_at = Instant::now();
+    let lost_wall = std::time::SystemTime::now();
+    world.proxy.black_hole();
+
+    // The harness announces the next stage the moment build_script's hook has exited.
+    let noticed = job
+        .control()
+        .wait_for_log("Running after_script", Duration::from_secs(240));
+    let detection = lost_at.elapsed();
+    let report = job.wait();
+    let job_end = lost_at.elapsed();
+    let cleanup = report
+        .calls
+        .iter()
+        .find(|call| call.kind == HookKind::Cleanup)
+        .map(|call| call.duration);
+    eprintln!(
+        "MEASURED: loss noticed by the stage after {detection:.1?}; job over (cleanup \
+         included) {job_end:.1?} after the loss; cleanup took {cleanup:.1?}; later stages: {:?}",
+        ["after_script", "upload_artifacts_on_failure"]
+            .map(|stage| run_call(&report, stage).map(|call| call.duration))
+    );
+    for line in report.log.lines().filter(|line| line.contains("ERROR")) {
+        eprintln!("  job log: {line}");
+    }
+    assert!(noticed, "build_script never ended:\n{}", report.log);
+
+    assert!(
+        matches!(report.outcome, JobOutcome::SystemFailure { .. }),
+        "{:?}\n{}",
+        report.outcome,
+        report.log
+    );
+    assert_eq!(report.stage_exit_code("build_script"), Some(SYSTEM_FAILURE));
+    // Detection bound 20 s; generous for a loaded 2-core test machine.
+    assert!(
+        detection < Duration::from_secs(25),
+        "the stage noticed the loss only after {detection:?}:\n{}",
+        report.log
+    );
+    assert!(
+        report.log.contains("stopped answering"),
+        "the stage does not say what happened:\n{}",
+        report.log
+    );
+    // Every later stage fails at once, with one clear line, without trying to connect.
+    for stage in ["after_script", "upload_artifacts_on_failure"] {
+        let call = run_call(&report, stage).unwrap_or_else(|| panic!("{stage} did not run"));
+        assert_eq!(call.exit_code, Some(SYSTEM_FAILURE), "{stage}");
+        assert!(
+            call.duration < Duration::from_secs(5),
+            "{stage} took {:?}",
+            call.duration
+        );
+    }
+    assert_eq!(
+        world.proxy.connections(),
+        connections_before_the_loss,
+        "a later stage tried to reach the lost VM:\n{}",
+        report.log
+    );
+    let unreachable_lines: Vec<&str> = report
+        .log
+        .lines()
+        .filter(|line| line.contains("has been unreachable since"))
+        .collect();
+    assert_eq!(unreachable_lines.len(), 2, "{}", report.log);
+    for line in unreachable_lines {
+        assert!(
+            line.contains("UTC (lost during build_script); not retrying"),
+            "{line}"
+        );
+        assert!(line.contains("VM "), "{line}");
+        // "since" is when the VM went silent, not when the loss was noticed.
+        let shown = line
+            .split("unreachable since ")
+            .nth(1)
+            .and_then(|rest| rest.get(..8))
+            .and_then(seconds_of_day)
+            .unwrap_or_else(|| panic!("no time in {line}"));
+        let actual = lost_wall
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            % 86_400;
+        let off = (shown + 86_400 - actual) % 86_400;
+        assert!(
+            off <= 3 || off >= 86_400 - 3,
+            "shown {shown}, lost at {actual}: {line}"
+        );
+    }
+    assert!(!report.log.contains("after-script-ran"));
+    // cleanup destroys the VM through the API, lost or not.
+    assert_eq!(
+        report
+            .calls
+            .iter()
+            .filter(|call| call.kind == HookKind::Cleanup)
+            .map(|call| call.exit_code)
+            .collect::<Vec<_>>(),
+        [Some(0)],
+        "{}",
+        report.cleanup_log
+    );
+    let left = world.fake.job_vms();
+    assert!(
+        left.is_empty(),
+        "VMs left behind: {:?}\n{}",
+        left.iter().map(|vm| vm.vmid).collect::<Vec<_>>(),
+        report.cleanup_log
+    );
+    assert!(
+        job_end < Duration::from_secs(35),
+        "the job ended {job_end:?} after the loss:\n{}",
+        report.log
+    );
+}
