@@ -58,13 +58,6 @@ async fn run_in_vm(context: &Context, script: &Path, stage: &str) -> Result<Stag
         ))
     })?;
     let vm_label = format!("VM {} on {}", state.vmid, state.node);
-    if let Some(lost) = &state.lost {
-        return Err(Error::Infrastructure(format!(
-            "{vm_label} has been unreachable since {} (lost during {}); not retrying",
-            lost.since_utc(),
-            lost.stage.escape_debug()
-        )));
-    }
     let (Some(ip), true) = (state.ip.clone(), state.phase >= Phase::Ready) else {
         return Err(Error::Infrastructure(format!(
             "{vm_label} is not ready for the stage {stage:?} (prepare got as far as {:?}); \
@@ -87,7 +80,16 @@ async fn run_in_vm(context: &Context, script: &Path, stage: &str) -> Result<Stag
             err,
         )
     })?);
+    // The key first: a job whose key is unusable hears about that, not about the VM.
     let key = ssh::load_private_key(&context.settings)?;
+    if let Some(lost) = &state.lost {
+        return Err(Error::Infrastructure(format!(
+            "{} has been unreachable since {} (lost during {}); not retrying",
+            target.vm_label,
+            lost.since_utc(),
+            lost.stage.escape_debug()
+        )));
+    }
     let check = HostKeyCheck::Pinned(state.host_keys.clone());
     let deadlines = Deadlines::for_stages(context.settings.boot_timeout);
 
