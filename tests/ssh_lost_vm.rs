@@ -172,3 +172,76 @@ fn a_vm_that_vanishes_mid_stage_fails_the_job_in_seconds_and_leaks_nothing() {
         report.log
     );
 }
+
+/// A VM that was not lost gets the connect retry at a stage's start (a restart blip): here it
+/// never comes back, so that one stage retries for its 20 s, records the loss, and the stage
+/// after it does not wait again.
+#[test]
+fn a_vm_that_stops_accepting_between_stages_costs_one_stage_its_patience_not_every_stage() {
+    let test = "ssh_lost_vm::a_vm_that_stops_accepting_between_stages_costs_one_stage_its_patience_not_every_stage";
+    let Some(world) = World::new(test) else {
+        return;
+    };
+    let gate = world.dir.path().join("connections-refused");
+    let job = world
+        .job()
+        .script(
+            "build_script",
+            format!(
+                "echo build-waiting-$((6 * 7)); while [ ! -e '{}' ]; do sleep 0.05; done",
+                gate.display()
+            ),
+        )
+        .script("after_script", "echo after-script-ran")
+        .script("upload_artifacts_on_success", "echo uploading")
+        .start();
+    assert!(
+        job.control()
+            .wait_for_log("build-waiting-42", Duration::from_secs(120)),
+        "the stage never started:\n{}",
+        job.control().log()
+    );
+    // The open connection keeps working; every new one is reset (sshd gone for good).
+    world.proxy.refuse_new();
+    std::fs::write(&gate, "").unwrap();
+    let report = job.wait();
+    let durations = [
+        "build_script",
+        "after_script",
+        "upload_artifacts_on_success",
+    ]
+    .map(|stage| run_call(&report, stage).map(|call| (call.exit_code, call.duration)));
+    eprintln!("MEASURED: stages (exit code, duration): {durations:?}");
+    assert_eq!(
+        report.stage_exit_code("build_script"),
+        Some(0),
+        "{}",
+        report.log
+    );
+    let (after_code, after_took) = durations[1].expect("after_script ran");
+    assert_eq!(after_code, Some(SYSTEM_FAILURE), "{}", report.log);
+    // It retried (a blip would have been ridden out), bounded by the stage's patience.
+    assert!(
+        report.log.contains("gave up after"),
+        "after_script did not retry:\n{}",
+        report.log
+    );
+    assert!(
+        after_took < Duration::from_secs(28),
+        "after_script took {after_took:?}"
+    );
+    let (upload_code, upload_took) = durations[2].expect("upload_artifacts_on_success ran");
+    assert_eq!(upload_code, Some(SYSTEM_FAILURE), "{}", report.log);
+    assert!(
+        upload_took < Duration::from_secs(5),
+        "upload_artifacts_on_success took {upload_took:?}"
+    );
+    assert!(
+        report
+            .log
+            .contains("UTC (lost during after_script); not retrying"),
+        "{}",
+        report.log
+    );
+    assert!(world.fake.job_vms().is_empty(), "{}", report.cleanup_log);
+}
