@@ -245,3 +245,31 @@ fn a_vm_that_stops_accepting_between_stages_costs_one_stage_its_patience_not_eve
     );
     assert!(world.fake.job_vms().is_empty(), "{}", report.cleanup_log);
 }
+
+/// The other side of the bound: a stage that prints nothing for longer than the keepalive
+/// budget is healthy, and must not be taken for a lost VM.
+#[test]
+fn a_quiet_stage_longer_than_the_keepalive_budget_is_not_a_lost_vm() {
+    use gpr_testkit::ssh_job::stage_hook;
+    use gpr_testkit::sshd::Sshd;
+    use gpr_testkit::sshkeys::ClientKey;
+    let test = "ssh_lost_vm::a_quiet_stage_longer_than_the_keepalive_budget_is_not_a_lost_vm";
+    let Some(sshd) = Sshd::start_or_skip(test) else {
+        return;
+    };
+    let key = ClientKey::ed25519();
+    sshd.authorize(&key);
+    let job = tempfile::tempdir().unwrap();
+    let out = stage_hook(
+        common::binary(),
+        job.path(),
+        &sshd.root_target(),
+        &key,
+        "build_script",
+        // 18 s is the silence budget; 24 s of silence from the script itself.
+        "sleep 24; echo still-here\n",
+    )
+    .run();
+    out.assert_exit(0);
+    assert_eq!(out.stdout, "still-here\n");
+}

@@ -20,36 +20,39 @@ use crate::ssh::{self, Deadlines, HostKeyCheck, StageOutcome, StageScript, Targe
 use crate::state::{JobState, Lost, Phase};
 
 pub async fn run(context: &Context, script: &Path, stage: &str) -> Result<()> {
-    let outcome = run_in_vm(context, script, stage).await;
+    let ended = run_in_vm(context, script, stage).await;
     // Whatever happened, $BUILD_EXIT_CODE_FILE now speaks for this stage: the runner reads it
     // after every build-failure exit, and a code left by an earlier stage would be reported
     // as this one's.
-    let reported = match &outcome {
-        Ok(StageOutcome::Exited(code)) if *code != 0 => Some(*code),
-        Ok(StageOutcome::Killed { signal }) => exit_code_of_signal(signal),
+    let reported = match &ended {
+        Ok(Ended::Exited(code)) if *code != 0 => Some(*code),
+        Ok(Ended::Killed(signal)) => exit_code_of_signal(signal),
         _ => None,
     };
     let recorded = record_build_exit_code(reported);
-    match outcome? {
-        StageOutcome::Exited(0) => recorded,
-        StageOutcome::Exited(code) => {
+    match ended? {
+        Ended::Exited(0) => recorded,
+        Ended::Exited(code) => {
             recorded?;
             Err(Error::ScriptFailed { code })
         }
-        StageOutcome::Killed { signal } => {
+        Ended::Killed(signal) => {
             recorded?;
             Err(Error::ScriptKilled {
                 signal: format!("SIG{signal}"),
             })
         }
-        StageOutcome::Lost(_) => Err(Error::Infrastructure(
-            "the stage lost its VM (internal: reported as an outcome)".into(),
-        )),
     }
 }
 
+/// How the stage's script ended in the VM.
+enum Ended {
+    Exited(u32),
+    Killed(String),
+}
+
 /// Runs the stage; a lost VM is recorded in the job state and comes back as an error.
-async fn run_in_vm(context: &Context, script: &Path, stage: &str) -> Result<StageOutcome> {
+async fn run_in_vm(context: &Context, script: &Path, stage: &str) -> Result<Ended> {
     let mut state = JobState::load(&context.job_dir)?.ok_or_else(|| {
         Error::Infrastructure(format!(
             "no job state in {} for the stage {stage:?}: prepare did not run or did not finish \
@@ -129,7 +132,8 @@ async fn run_in_vm(context: &Context, script: &Path, stage: &str) -> Result<Stag
                 ),
             ))
         }
-        other => Ok(other),
+        StageOutcome::Exited(code) => Ok(Ended::Exited(code)),
+        StageOutcome::Killed { signal } => Ok(Ended::Killed(signal)),
     }
 }
 
