@@ -10,6 +10,9 @@
 //! - `sftp`: uploads over the SFTP subsystem of the same connection.
 //! - `provision`: `gitlab-runner` and `git` inside the VM.
 //!
+//! Callers pass a key, a [`Target`], [`Deadlines`] and paths, never the runner's settings (the
+//! one exception, [`load_private_key`], goes with the key-trust rule into the config module).
+//!
 //! A stage costs one TCP connection: kex (curve25519), public-key auth, then an SFTP session
 //! and the exec channel opened side by side. In the VM, stage scripts go to
 //! `~/.gitlab-proxmox-runner/job-<id>/<random>-<stage>.sh` (directory 0700, script 0700), run
