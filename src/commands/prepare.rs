@@ -18,7 +18,7 @@ use crate::joblog;
 use crate::marker::Marker;
 use crate::proxmox::address::choose_address;
 use crate::proxmox::{ApiError, ApiErrorKind, Client, CloneRequest};
-use crate::settings::{AllowedTemplates, CloneMode, HostKeyPolicy, Origin, Settings};
+use crate::settings::{AllowedTemplates, CloneMode, HostKeyPolicy, Settings};
 use crate::ssh::{self, HostKeyCheck, Target};
 use crate::state::{JobState, Phase};
 use crate::teardown::{self, Teardown};
@@ -47,13 +47,8 @@ const HOST_KEY_FILES: [&str; 3] = [
 
 pub async fn prepare(context: &Context) -> Result<()> {
     let settings = &context.settings;
-    if settings.ssh_private_key_origin == Some(Origin::CustomEnv) {
-        joblog::warn(
-            "VM_SSH_PRIVATE_KEY came in through CUSTOM_ENV_ (a CI/CD variable or [[runners]] \
-             environment): gitlab-runner exports it into every stage script it writes into the \
-             VM, so every job can read it. Put the key in the driver's config file or the \
-             runner host's environment instead.",
-        );
+    for warning in &settings.trust_warnings {
+        joblog::warn(warning);
     }
     super::config::require_ssh_key(settings)?;
     let client = Client::new(settings)?;
