@@ -258,10 +258,18 @@ impl Provisioning<'_> {
                      node {node}; fix the map or create the template"
                 )));
             };
+            // Only real templates, as for any other path: a map entry that names a running VM
+            // (another job's included) would hand a job a full clone of that VM's disks.
+            if !status.template {
+                return Err(Error::Settings(format!(
+                    "PROXMOX_TEMPLATES maps {wanted} to VMID {vmid}, which is not a template on \
+                     node {node}; convert it (qm template {vmid}) or fix the map"
+                )));
+            }
             return Ok(ResolvedTemplate {
                 vmid,
                 label: format!("{wanted} ({vmid})"),
-                is_template: status.template,
+                is_template: true,
             });
         }
         let permitted = match &settings.allowed_templates {
