@@ -4,6 +4,7 @@
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use gitlab_proxmox_runner::config::DEFAULT_MAX_JOB_TIMEOUT;
 use gitlab_proxmox_runner::job::JobInfo;
 use gitlab_proxmox_runner::marker::Marker;
 use gpr_testkit::{FakeConfig, FakeProxmox, NewVm};
@@ -19,16 +20,21 @@ fn now() -> u64 {
         .as_secs()
 }
 
-/// A marker of runner `runner` for job `job`, created `age_secs` ago.
+/// A marker of runner host `runner` (its PROXMOX_RUNNER_ID) for job `job`, created `age_secs`
+/// ago, with the deadline prepare records for a job of unknown timeout (24 h cap + 1 h).
 fn marker(runner: &str, job: u64, age_secs: u64) -> Marker {
-    let mut marker = Marker::new(&JobInfo {
-        job_id: Some(job),
-        pipeline_id: Some(7),
-        project_path: Some("group/project".into()),
-        runner_short_token: Some(runner.into()),
-        ..Default::default()
-    });
-    marker.created = now() - age_secs;
+    let mut marker = Marker::for_job(
+        &JobInfo {
+            job_id: Some(job),
+            pipeline_id: Some(7),
+            project_path: Some("group/project".into()),
+            ..Default::default()
+        },
+        runner,
+        DEFAULT_MAX_JOB_TIMEOUT,
+    );
+    marker.created -= age_secs;
+    marker.deadline = marker.deadline.map(|deadline| deadline - age_secs);
     marker
 }
 
@@ -186,8 +192,8 @@ fn foreign_vms_are_never_touched() {
     let old = marker("xS6Vzpvo", 1, 30 * DAY);
     let valid_line = old.render();
     let foreign: Vec<(u32, &str, String, bool)> = vec![
-        // A valid marker but no tag: someone copied a description.
-        (2_000_001, "ubuntu", old.description(), false),
+        // (Changed rule: a valid marker without the tag is an orphan now, see
+        // `untagged_vms_with_a_marker_are_orphans_past_their_deadline`.)
         // The tag but no marker at all.
         (2_000_002, TAG, "a VM someone made by hand".into(), false),
         // The tag and a garbled marker.
@@ -198,12 +204,14 @@ fn foreign_vms_are_never_touched() {
             false,
         ),
         // The tag and a marker of an unknown (future) format.
-        (2_000_004, TAG, valid_line.replace("v=1", "v=2"), false),
-        // The tag and two marker lines: edited by hand, trust neither.
+        (2_000_004, TAG, valid_line.replace("v=2", "v=3"), false),
+        // The tag and a marker that is not the description's first line: job text, or a hand
+        // edit, never the driver. (Changed rule: extra lines AFTER a valid first line no
+        // longer make a VM foreign.)
         (
             2_000_005,
             TAG,
-            format!("{valid_line}\n{valid_line}\n"),
+            format!("copied by hand\n{valid_line}\n"),
             false,
         ),
         // A template carrying tag and marker.
@@ -247,13 +255,6 @@ fn foreign_vms_are_never_touched() {
     assert!(touched.is_empty(), "foreign VMs were touched: {touched:?}");
     assert!(
         run.stderr.contains("VM 2000002 on pve1 carries the gitlab-proxmox-runner tag but no valid ownership marker"),
-        "{}",
-        run.stderr
-    );
-    // The marker without the tag is what a prepare that died mid-clone leaves: reported.
-    assert!(
-        run.stderr
-            .contains("VM 2000001 on pve1 has this driver's ownership marker"),
         "{}",
         run.stderr
     );
