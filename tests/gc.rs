@@ -426,8 +426,10 @@ fn the_example_systemd_units_run_the_sweep_with_the_documented_default() {
     let gc_at = args.iter().position(|arg| *arg == "gc").expect("runs gc");
     assert_eq!(args[1], "--config", "{exec}");
     assert!(args[..gc_at].len() == 3, "{exec}");
-    let age_at = args.iter().position(|arg| *arg == "--max-age").unwrap();
-    assert_eq!(parse_age(args[age_at + 1]).unwrap(), DEFAULT_MAX_AGE);
+    // (Changed: the unit relies on each VM's recorded deadline; `--max-age` would override
+    // them all.)
+    assert!(!args.contains(&"--max-age"), "{exec}");
+    assert!(service.contains("25 h") && parse_age("25h").unwrap() == DEFAULT_MAX_AGE);
     assert!(service.contains("Type=oneshot"));
 
     let timer = std::fs::read_to_string(examples.join("gitlab-proxmox-runner-gc.timer")).unwrap();
@@ -491,4 +493,104 @@ fn sigterm_stops_the_sweep_promptly() {
     assert_ne!(run.code, 0);
     assert!(run.stderr.contains("gc was cancelled"), "{}", run.stderr);
     assert!(exists(&fake, 2_000_650));
+}
+
+/// A marker line as prepare writes it (v=2), spelled out so the wire format is pinned.
+fn v2_line(runner: &str, job: u64, created: u64, deadline: u64) -> String {
+    format!(
+        "gitlab-proxmox-runner: v=2 nonce={:032x} runner={runner} created={created} \
+         deadline={deadline} driver=0.2.0 job={job} pipeline=7 project=group/project",
+        u128::from(job) * 7919 + 1
+    )
+}
+
+/// A marker line of an older driver version (v=1: no deadline, a job-controlled runner).
+fn v1_line(runner: &str, job: u64, created: u64) -> String {
+    format!(
+        "gitlab-proxmox-runner: v=1 runner={runner} job={job} project=group/project pipeline=7 \
+         created={created} driver=0.1.0 nonce={:032x}",
+        u128::from(job) * 104_729 + 3
+    )
+}
+
+fn vm_with(fake: &FakeProxmox, vmid: u32, tags: &str, first_line: &str) {
+    fake.add_vm(NewVm {
+        vmid,
+        name: format!("ci-{vmid}"),
+        tags: tags.into(),
+        description: format!("{first_line}\n\nCreated by gitlab-proxmox-runner.\n"),
+        running: true,
+        ..Default::default()
+    });
+}
+
+#[test]
+fn each_vm_is_swept_past_its_own_deadline_and_v1_vms_by_age() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let now = now();
+    // A 10-minute job that ended (deadline = created + 10 min + 1 h) an hour ago.
+    vm_with(&fake, 2_000_801, TAG, &v2_line("h", 1, now - 3 * 3600, now - 3600));
+    // A long job, still within its deadline, though older than the short one.
+    vm_with(&fake, 2_000_802, TAG, &v2_line("h", 2, now - 3 * 3600, now + 3600));
+    // Older driver versions: no deadline, swept by age (25 h).
+    vm_with(&fake, 2_000_803, TAG, &v1_line("t", 3, now - 26 * 3600));
+    vm_with(&fake, 2_000_804, TAG, &v1_line("t", 4, now - 3 * 3600));
+    gc(&fake, &[])
+        .assert_ok()
+        .assert_summary("gc: 2 orphans destroyed, 0 skipped (locked), 2 live kept");
+    assert!(!exists(&fake, 2_000_801) && !exists(&fake, 2_000_803));
+    assert!(exists(&fake, 2_000_802) && exists(&fake, 2_000_804));
+    // --max-age overrides every deadline.
+    gc(&fake, &["--max-age", "2h"])
+        .assert_ok()
+        .assert_summary("gc: 2 orphans destroyed");
+    assert!(!exists(&fake, 2_000_802) && !exists(&fake, 2_000_804));
+}
+
+#[test]
+fn untagged_vms_with_a_marker_are_orphans_past_their_deadline() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let now = now();
+    // The runner died between the clone (marker in the description) and tagging.
+    vm_with(&fake, 2_000_901, "ubuntu", &v2_line("h", 1, now - 3 * 3600, now - 60));
+    vm_with(&fake, 2_000_902, "", &v1_line("t", 2, now - 30 * 3600));
+    // Mid-prepare right now: not yet tagged, well within its deadline.
+    vm_with(&fake, 2_000_903, "ubuntu", &v2_line("h", 3, now - 5, now + 3600));
+    // No marker on the first line: foreign, whatever follows.
+    vm_with(
+        &fake,
+        2_000_904,
+        "ubuntu",
+        &format!("database\n{}", v2_line("h", 4, now - 3 * 3600, now - 60)),
+    );
+    let run = gc(&fake, &[]);
+    run.assert_ok()
+        .assert_summary("gc: 2 orphans destroyed, 0 skipped (locked), 1 live kept");
+    assert!(!exists(&fake, 2_000_901) && !exists(&fake, 2_000_902));
+    assert!(exists(&fake, 2_000_903) && exists(&fake, 2_000_904));
+    assert!(
+        run.stderr.contains("VM 2000901 on pve1 has this driver's ownership marker but not the"),
+        "{}",
+        run.stderr
+    );
+    let touched: Vec<String> = changing_requests(&fake)
+        .into_iter()
+        .filter(|request| request.contains("/2000903") || request.contains("/2000904"))
+        .collect();
+    assert!(touched.is_empty(), "{touched:?}");
+}
+
+#[test]
+fn runner_compares_the_hosts_runner_id_and_v1_vms_go_by_age() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let now = now();
+    vm_with(&fake, 2_000_951, TAG, &v2_line("ci-host-1", 1, now - 3 * 3600, now - 60));
+    vm_with(&fake, 2_000_952, TAG, &v2_line("ci-host-2", 2, now - 3 * 3600, now - 60));
+    // A v1 VM whose job set CI_RUNNER_SHORT_TOKEN to dodge the sweep: age decides.
+    vm_with(&fake, 2_000_953, TAG, &v1_line("someone-else", 3, now - 30 * 3600));
+    gc(&fake, &["--runner", "ci-host-1"])
+        .assert_ok()
+        .assert_summary("gc: 2 orphans destroyed, 0 skipped (locked), 0 live kept, 1 of other runners kept");
+    assert!(!exists(&fake, 2_000_951) && !exists(&fake, 2_000_953));
+    assert!(exists(&fake, 2_000_952));
 }
