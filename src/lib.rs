@@ -21,9 +21,9 @@ pub mod ssh;
 pub mod state;
 pub mod teardown;
 
-pub use error::{Blame, Error, ExitCodes, Result};
 /// The settings' old path, kept so that modules written against it still build.
 pub use config as settings;
+pub use error::{Blame, Error, ExitCodes, Result};
 
 pub const DRIVER_NAME: &str = "gitlab-proxmox-runner";
 pub const DRIVER_VERSION: &str = env!("CARGO_PKG_VERSION");

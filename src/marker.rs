@@ -23,7 +23,9 @@
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS, NON_ALPHANUMERIC};
+use percent_encoding::{
+    percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS, NON_ALPHANUMERIC,
+};
 
 use crate::job::JobInfo;
 
@@ -283,7 +285,10 @@ mod tests {
     fn a_marker_round_trips_through_its_line_and_the_description() {
         let marker = marker();
         let line = marker.render();
-        assert!(line.starts_with("gitlab-proxmox-runner: v=2 nonce="), "{line}");
+        assert!(
+            line.starts_with("gitlab-proxmox-runner: v=2 nonce="),
+            "{line}"
+        );
         assert!(!line.contains('\n'));
         assert!(line.contains("job=8123456"));
         assert!(line.contains("runner=ci-host-1"), "{line}");
@@ -307,8 +312,16 @@ mod tests {
             ..job()
         };
         let default = Marker::for_job(&unknown, "h", Duration::from_secs(7200));
-        assert_eq!(default.deadline, capped.deadline.map(|d| d - capped.created + default.created));
-        assert_eq!(deadline_for(u64::MAX - 1, Some(5), Duration::from_secs(9)), u64::MAX);
+        assert_eq!(
+            default.deadline,
+            capped
+                .deadline
+                .map(|d| d - capped.created + default.created)
+        );
+        assert_eq!(
+            deadline_for(u64::MAX - 1, Some(5), Duration::from_secs(9)),
+            u64::MAX
+        );
     }
 
     #[test]
@@ -322,7 +335,10 @@ mod tests {
         let description = ours.description();
         // Marker line, blank line, sentence: nothing else.
         assert_eq!(description.lines().count(), 3, "{description}");
-        assert!(description.lines().skip(1).all(|l| !l.starts_with(MARKER_PREFIX)));
+        assert!(description
+            .lines()
+            .skip(1)
+            .all(|l| !l.starts_with(MARKER_PREFIX)));
         assert_eq!(Marker::find_in(&description), Some(ours.clone()));
         assert_eq!(ownership(Some(&description), &ours), Ok(()));
         // Extra marker lines after ours (edited by hand, or a forgery): ours still counts.
@@ -379,8 +395,14 @@ mod tests {
     fn gc_uses_the_deadline_unless_the_admin_overrides_it() {
         let marker = marker();
         let hour = Duration::from_secs(3600);
-        assert_eq!(marker.sweepable_from(None, hour * 25), marker.deadline.unwrap());
-        assert_eq!(marker.sweepable_from(Some(hour * 48), hour), marker.created + 48 * 3600);
+        assert_eq!(
+            marker.sweepable_from(None, hour * 25),
+            marker.deadline.unwrap()
+        );
+        assert_eq!(
+            marker.sweepable_from(Some(hour * 48), hour),
+            marker.created + 48 * 3600
+        );
         assert!(marker.made_by_runner("ci-host-1"));
         assert!(!marker.made_by_runner("xS6Vzpvo"));
     }

@@ -529,9 +529,19 @@ fn each_vm_is_swept_past_its_own_deadline_and_v1_vms_by_age() {
     let fake = FakeProxmox::start(FakeConfig::default());
     let now = now();
     // A 10-minute job that ended (deadline = created + 10 min + 1 h) an hour ago.
-    vm_with(&fake, 2_000_801, TAG, &v2_line("h", 1, now - 3 * 3600, now - 3600));
+    vm_with(
+        &fake,
+        2_000_801,
+        TAG,
+        &v2_line("h", 1, now - 3 * 3600, now - 3600),
+    );
     // A long job, still within its deadline, though older than the short one.
-    vm_with(&fake, 2_000_802, TAG, &v2_line("h", 2, now - 3 * 3600, now + 3600));
+    vm_with(
+        &fake,
+        2_000_802,
+        TAG,
+        &v2_line("h", 2, now - 3 * 3600, now + 3600),
+    );
     // Older driver versions: no deadline, swept by age (25 h).
     vm_with(&fake, 2_000_803, TAG, &v1_line("t", 3, now - 26 * 3600));
     vm_with(&fake, 2_000_804, TAG, &v1_line("t", 4, now - 3 * 3600));
@@ -552,10 +562,20 @@ fn untagged_vms_with_a_marker_are_orphans_past_their_deadline() {
     let fake = FakeProxmox::start(FakeConfig::default());
     let now = now();
     // The runner died between the clone (marker in the description) and tagging.
-    vm_with(&fake, 2_000_901, "ubuntu", &v2_line("h", 1, now - 3 * 3600, now - 60));
+    vm_with(
+        &fake,
+        2_000_901,
+        "ubuntu",
+        &v2_line("h", 1, now - 3 * 3600, now - 60),
+    );
     vm_with(&fake, 2_000_902, "", &v1_line("t", 2, now - 30 * 3600));
     // Mid-prepare right now: not yet tagged, well within its deadline.
-    vm_with(&fake, 2_000_903, "ubuntu", &v2_line("h", 3, now - 5, now + 3600));
+    vm_with(
+        &fake,
+        2_000_903,
+        "ubuntu",
+        &v2_line("h", 3, now - 5, now + 3600),
+    );
     // No marker on the first line: foreign, whatever follows.
     vm_with(
         &fake,
@@ -569,7 +589,8 @@ fn untagged_vms_with_a_marker_are_orphans_past_their_deadline() {
     assert!(!exists(&fake, 2_000_901) && !exists(&fake, 2_000_902));
     assert!(exists(&fake, 2_000_903) && exists(&fake, 2_000_904));
     assert!(
-        run.stderr.contains("VM 2000901 on pve1 has this driver's ownership marker but not the"),
+        run.stderr
+            .contains("VM 2000901 on pve1 has this driver's ownership marker but not the"),
         "{}",
         run.stderr
     );
@@ -584,13 +605,30 @@ fn untagged_vms_with_a_marker_are_orphans_past_their_deadline() {
 fn runner_compares_the_hosts_runner_id_and_v1_vms_go_by_age() {
     let fake = FakeProxmox::start(FakeConfig::default());
     let now = now();
-    vm_with(&fake, 2_000_951, TAG, &v2_line("ci-host-1", 1, now - 3 * 3600, now - 60));
-    vm_with(&fake, 2_000_952, TAG, &v2_line("ci-host-2", 2, now - 3 * 3600, now - 60));
+    vm_with(
+        &fake,
+        2_000_951,
+        TAG,
+        &v2_line("ci-host-1", 1, now - 3 * 3600, now - 60),
+    );
+    vm_with(
+        &fake,
+        2_000_952,
+        TAG,
+        &v2_line("ci-host-2", 2, now - 3 * 3600, now - 60),
+    );
     // A v1 VM whose job set CI_RUNNER_SHORT_TOKEN to dodge the sweep: age decides.
-    vm_with(&fake, 2_000_953, TAG, &v1_line("someone-else", 3, now - 30 * 3600));
+    vm_with(
+        &fake,
+        2_000_953,
+        TAG,
+        &v1_line("someone-else", 3, now - 30 * 3600),
+    );
     gc(&fake, &["--runner", "ci-host-1"])
         .assert_ok()
-        .assert_summary("gc: 2 orphans destroyed, 0 skipped (locked), 0 live kept, 1 of other runners kept");
+        .assert_summary(
+            "gc: 2 orphans destroyed, 0 skipped (locked), 0 live kept, 1 of other runners kept",
+        );
     assert!(!exists(&fake, 2_000_951) && !exists(&fake, 2_000_953));
     assert!(exists(&fake, 2_000_952));
 }

@@ -42,7 +42,10 @@ impl Host {
         vm.authorize(&key);
         // Installing the helper must never reach this machine's /usr/local/bin: the "VM"'s
         // `install` refuses, so an uploaded helper stays where the driver staged it.
-        vm.shim("install", "#!/bin/sh\necho 'install refused by the test VM' >&2\nexit 1\n");
+        vm.shim(
+            "install",
+            "#!/bin/sh\necho 'install refused by the test VM' >&2\nexit 1\n",
+        );
         let fake = FakeProxmox::start(FakeConfig::default());
         fake.set_guest_file(ED25519_FILE, &format!("{}\n", vm.host_key_lines()[0]));
         let dir = tempfile::tempdir().expect("temp dir");
@@ -221,10 +224,18 @@ fn another_jobs_vm(fake: &FakeProxmox, vmid: u32) {
 
 #[track_caller]
 fn assert_nothing_of(host: &Host, attacker: &FakeProxmox, report: &JobReport) {
-    assert_eq!(attacker.request_count(), 0, "the job's PROXMOX_HOST was contacted");
+    assert_eq!(
+        attacker.request_count(),
+        0,
+        "the job's PROXMOX_HOST was contacted"
+    );
     for body in host.clone_requests() {
         for forbidden in ["attacker", "full=1", "newid=1"] {
-            assert!(!body.contains(forbidden), "clone request {body:?}\n{}", report.log);
+            assert!(
+                !body.contains(forbidden),
+                "clone request {body:?}\n{}",
+                report.log
+            );
         }
     }
     for request in host.fake.requests() {
@@ -241,7 +252,10 @@ fn assert_nothing_of(host: &Host, attacker: &FakeProxmox, report: &JobReport) {
         "a file named by the job was copied into the VM\n{}",
         report.log
     );
-    assert!(host.fake.vm(NEIGHBOUR).is_some_and(|vm| vm.status == "running"));
+    assert!(host
+        .fake
+        .vm(NEIGHBOUR)
+        .is_some_and(|vm| vm.status == "running"));
 }
 
 #[test]
@@ -249,7 +263,9 @@ fn secrets_for_every_host_only_setting_change_nothing_with_a_settings_file() {
     let host = Host::new();
     let attacker = FakeProxmox::start(FakeConfig::default());
     another_jobs_vm(&host.fake, NEIGHBOUR);
-    let mut job = host.job().script("build_script", "echo ran-on-the-runners-own-terms");
+    let mut job = host
+        .job()
+        .script("build_script", "echo ran-on-the-runners-own-terms");
     let attacks = attack_values(&host, &attacker);
     for (name, value) in &attacks {
         job = job.secret(JobSecret::new(name, value));
@@ -265,12 +281,20 @@ fn secrets_for_every_host_only_setting_change_nothing_with_a_settings_file() {
         .find(|line| line.contains("ignored CUSTOM_ENV_"))
         .unwrap_or_else(|| panic!("no line about ignored values\n{}", report.log));
     for (name, _) in &attacks {
-        assert!(line.contains(&format!("CUSTOM_ENV_{name}")), "{name}: {line}");
+        assert!(
+            line.contains(&format!("CUSTOM_ENV_{name}")),
+            "{name}: {line}"
+        );
     }
     for value in [attacker.host(), "attacker".into(), "999999".into()] {
         assert!(!line.contains(value.as_str()), "{line}");
     }
-    assert_eq!(report.log.matches("ignored CUSTOM_ENV_").count(), 1, "{}", report.log);
+    assert_eq!(
+        report.log.matches("ignored CUSTOM_ENV_").count(),
+        1,
+        "{}",
+        report.log
+    );
     host.assert_no_vms(&report);
 }
 
@@ -319,7 +343,10 @@ fn secrets_for_host_only_settings_are_refused_in_the_runners_environment_setup()
         assert_nothing_of(&host, &attacker, &report);
         host.assert_no_vms(&report);
     }
-    assert!(host.clone_requests().len() == 1, "only the RUNNER_HELPER_PATH job ran");
+    assert!(
+        host.clone_requests().len() == 1,
+        "only the RUNNER_HELPER_PATH job ran"
+    );
 }
 
 #[test]
@@ -327,21 +354,35 @@ fn a_helper_path_from_a_job_is_never_copied_into_the_vm() {
     let host = Host::new();
     let secret = host.secret_file().display().to_string();
     let jobs = [
-        ("variable, settings file", host.job().job_var("RUNNER_HELPER_PATH", &secret)),
+        (
+            "variable, settings file",
+            host.job().job_var("RUNNER_HELPER_PATH", &secret),
+        ),
         (
             "secret, settings file",
-            host.job().secret(JobSecret::new("RUNNER_HELPER_PATH", &secret)),
+            host.job()
+                .secret(JobSecret::new("RUNNER_HELPER_PATH", &secret)),
         ),
         (
             "secret, [[runners]] environment",
-            host.compat_job().secret(JobSecret::new("RUNNER_HELPER_PATH", &secret)),
+            host.compat_job()
+                .secret(JobSecret::new("RUNNER_HELPER_PATH", &secret)),
         ),
     ];
     for (how, job) in jobs {
         let report = job.script("build_script", "true").run();
         report.assert_success();
-        assert_eq!(host.staged_helper(), None, "{how}: the VM received the file\n{}", report.log);
-        assert!(!report.log.contains("runner-host-secret"), "{how}\n{}", report.log);
+        assert_eq!(
+            host.staged_helper(),
+            None,
+            "{how}: the VM received the file\n{}",
+            report.log
+        );
+        assert!(
+            !report.log.contains("runner-host-secret"),
+            "{how}\n{}",
+            report.log
+        );
         host.assert_no_vms(&report);
     }
     // The detector works: the runner host's own RUNNER_HELPER_PATH is uploaded.
@@ -352,7 +393,8 @@ fn a_helper_path_from_a_job_is_never_copied_into_the_vm() {
         .run();
     report.assert_success();
     assert!(
-        host.staged_helper().is_some_and(|text| text.contains("runner host secret")),
+        host.staged_helper()
+            .is_some_and(|text| text.contains("runner host secret")),
         "{}",
         report.log
     );
@@ -405,9 +447,15 @@ fn gc_sweeps_an_orphan_whose_job_forged_markers_and_its_deadline_is_capped() {
         ));
     let out = hook.clone().arg("prepare").run();
     out.assert_exit(0);
-    let state = JobState::load(dir.path()).unwrap().expect("prepare saved its state");
+    let state = JobState::load(dir.path())
+        .unwrap()
+        .expect("prepare saved its state");
     let marker = Marker::parse_line(&state.marker).expect("a marker in the state");
-    assert_eq!(marker.runner.as_deref(), Some("ci-host-7"), "the host's id, not the job's");
+    assert_eq!(
+        marker.runner.as_deref(),
+        Some("ci-host-7"),
+        "the host's id, not the job's"
+    );
     assert_eq!(
         marker.deadline.map(|deadline| deadline - marker.created),
         Some(600 + 3600),
@@ -442,15 +490,25 @@ fn the_older_setup_refuses_a_missing_or_incomplete_job_response_file() {
     }
     // The job's PROXMOX_HOST wins in CUSTOM_ENV_; only the response file could tell.
     let cases = [
-        ("no JOB_RESPONSE_FILE", hook.clone().without_job_response_file()),
-        ("no variables list", hook.clone().job_response_text(r#"{"id":1,"token":"t"}"#)),
+        (
+            "no JOB_RESPONSE_FILE",
+            hook.clone().without_job_response_file(),
+        ),
+        (
+            "no variables list",
+            hook.clone().job_response_text(r#"{"id":1,"token":"t"}"#),
+        ),
         ("not JSON", hook.clone().job_response_text("{garbage")),
     ];
     for (how, hook) in cases {
         for name in ["config", "prepare", "cleanup"] {
             let out = hook.clone().arg(name).run();
             assert_ne!(out.code, 0, "{how}, {name}: accepted\n{}", out.log());
-            assert!(out.log().contains("JOB_RESPONSE_FILE"), "{how}, {name}\n{}", out.log());
+            assert!(
+                out.log().contains("JOB_RESPONSE_FILE"),
+                "{how}, {name}\n{}",
+                out.log()
+            );
         }
     }
     assert_eq!(attacker.request_count(), 0);
@@ -500,13 +558,24 @@ fn proxy_variables_in_the_environment_do_not_route_api_traffic() {
     let proxy = CountingProxy::start();
     let dir = tempfile::tempdir().unwrap();
     let mut hook = host.hook(dir.path());
-    for name in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
+    for name in [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
         hook = hook.host_env(name, proxy.url());
     }
     let out = hook.clone().arg("prepare").run();
     out.assert_exit(0);
     hook.clone().arg("cleanup").run().assert_exit(0);
-    assert_eq!(proxy.connections(), 0, "API traffic went through the environment's proxy");
+    assert_eq!(
+        proxy.connections(),
+        0,
+        "API traffic went through the environment's proxy"
+    );
     assert!(host.fake.request_count() > 0);
     assert!(host.fake.job_vms().is_empty());
 
@@ -540,7 +609,14 @@ fn a_map_entry_that_is_not_a_template_is_never_cloned() {
         report.log
     );
     assert!(report.log.contains("not a template"), "{}", report.log);
-    assert!(host.clone_requests().is_empty(), "{:?}", host.clone_requests());
-    assert!(host.fake.vm(NEIGHBOUR).is_some_and(|vm| vm.status == "running"));
+    assert!(
+        host.clone_requests().is_empty(),
+        "{:?}",
+        host.clone_requests()
+    );
+    assert!(host
+        .fake
+        .vm(NEIGHBOUR)
+        .is_some_and(|vm| vm.status == "running"));
     host.assert_no_vms(&report);
 }

@@ -58,11 +58,7 @@ pub async fn prepare(context: &Context) -> Result<()> {
     let mut run = Provisioning {
         context,
         client: &client,
-        marker: Marker::for_job(
-            &context.job,
-            &settings.runner_id,
-            settings.max_job_timeout,
-        ),
+        marker: Marker::for_job(&context.job, &settings.runner_id, settings.max_job_timeout),
         vm_name: vm_name(&context.job),
         state: None,
         timings: Vec::new(),

@@ -168,7 +168,8 @@ impl Values {
 
 impl Settings {
     pub fn from_decision(decision: Decision) -> Result<Settings> {
-        let mut trust_warnings: Vec<String> = trust::ignored_warning(&decision).into_iter().collect();
+        let mut trust_warnings: Vec<String> =
+            trust::ignored_warning(&decision).into_iter().collect();
         let mut raw = Values { decision };
         let api = raw.required("PROXMOX_HOST").and_then(|text| {
             ApiEndpoint::parse(text).ok_or_else(|| {
@@ -326,31 +327,33 @@ impl Settings {
             }
         };
         let key_from_job = raw.decision.job_chosen.contains("VM_SSH_PRIVATE_KEY");
-        let ssh_private_key = raw
-            .take_secret("VM_SSH_PRIVATE_KEY")
-            .map(|(value, origin)| {
-                let key = match classify_private_key(value) {
-                    // A job must not make the driver open files on the runner host.
-                    Ok(SshKey::File(_)) if key_from_job => {
-                        return Err(Error::JobRequest(
-                            "VM_SSH_PRIVATE_KEY from the job's CI/CD variables must hold the \
+        let ssh_private_key =
+            raw.take_secret("VM_SSH_PRIVATE_KEY")
+                .map(|(value, origin)| {
+                    let key =
+                        match classify_private_key(value) {
+                            // A job must not make the driver open files on the runner host.
+                            Ok(SshKey::File(_)) if key_from_job => return Err(Error::JobRequest(
+                                "VM_SSH_PRIVATE_KEY from the job's CI/CD variables must hold the \
                              key text itself (-----BEGIN ...), not a path: only the runner \
                              host's own settings may name a key file"
-                                .into(),
-                        ))
-                    }
-                    Err(Error::Settings(message)) if key_from_job => {
-                        return Err(Error::JobRequest(message))
-                    }
-                    other => other?,
-                };
-                Ok(SshKeySetting {
-                    key,
-                    via_custom_env: origin == Origin::CustomEnv,
+                                    .into(),
+                            )),
+                            Err(Error::Settings(message)) if key_from_job => {
+                                return Err(Error::JobRequest(message))
+                            }
+                            other => other?,
+                        };
+                    Ok(SshKeySetting {
+                        key,
+                        via_custom_env: origin == Origin::CustomEnv,
+                    })
                 })
-            })
-            .transpose()?;
-        if ssh_private_key.as_ref().is_some_and(|key| key.via_custom_env) {
+                .transpose()?;
+        if ssh_private_key
+            .as_ref()
+            .is_some_and(|key| key.via_custom_env)
+        {
             trust_warnings.push(
                 "VM_SSH_PRIVATE_KEY came in through CUSTOM_ENV_ (a CI/CD variable or [[runners]] \
                  environment): gitlab-runner exports it into every stage script it writes into \

@@ -46,12 +46,14 @@ impl Settings {
             None => None,
         };
         let response = std::env::var_os("JOB_RESPONSE_FILE").map(|path| {
-            std::fs::read(&path).map(zeroize::Zeroizing::new).map_err(|err| {
-                format!(
-                    "cannot read the job response file {} ($JOB_RESPONSE_FILE): {err}",
-                    Path::new(&path).display()
-                )
-            })
+            std::fs::read(&path)
+                .map(zeroize::Zeroizing::new)
+                .map_err(|err| {
+                    format!(
+                        "cannot read the job response file {} ($JOB_RESPONSE_FILE): {err}",
+                        Path::new(&path).display()
+                    )
+                })
         });
         let env = |name: &str| std::env::var(name).ok();
         Settings::from_sources(Sources {
@@ -178,14 +180,21 @@ mod tests {
         env.insert("CUSTOM_ENV_PROXMOX_NODE".into(), "from-custom".into());
         env.insert("CUSTOM_ENV_PROXMOX_POOL".into(), "someone-elses".into());
         let err = load(&env, None, Some(&[])).unwrap_err();
-        assert!(err.to_string().contains("CUSTOM_ENV_PROXMOX_NODE was ignored"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("CUSTOM_ENV_PROXMOX_NODE was ignored"),
+            "{err}"
+        );
         env.insert("PROXMOX_NODE".into(), "pve1".into());
         // Without a job response file too: in this setup the driver never needs it.
         let settings = load_with(&env, None, None).unwrap();
         assert_eq!(settings.pool, None);
         assert_eq!(settings.trust_warnings.len(), 1);
         let warning = &settings.trust_warnings[0];
-        assert!(warning.contains("CUSTOM_ENV_PROXMOX_NODE, CUSTOM_ENV_PROXMOX_POOL"), "{warning}");
+        assert!(
+            warning.contains("CUSTOM_ENV_PROXMOX_NODE, CUSTOM_ENV_PROXMOX_POOL"),
+            "{warning}"
+        );
         assert!(!warning.contains("someone-elses"), "{warning}");
         // A file alone makes the setup host-configured.
         let file = HOST
@@ -224,7 +233,10 @@ mod tests {
     fn the_older_setup_fails_closed_without_a_readable_job_response() {
         let env = runners_env();
         let missing = load_with(&env, None, None).unwrap_err();
-        assert!(missing.to_string().contains("JOB_RESPONSE_FILE"), "{missing}");
+        assert!(
+            missing.to_string().contains("JOB_RESPONSE_FILE"),
+            "{missing}"
+        );
         let unreadable = load_with(&env, None, Some(Err("cannot read it".into()))).unwrap_err();
         assert!(unreadable.to_string().contains("cannot read it"));
         for bad in [&b"not json"[..], br#"{"id":1}"#] {
@@ -236,7 +248,10 @@ mod tests {
     #[test]
     fn a_file_the_driver_copies_never_comes_from_custom_env() {
         for mut env in [base_env(), runners_env()] {
-            env.insert("CUSTOM_ENV_RUNNER_HELPER_PATH".into(), "/etc/gitlab-runner/proxmox.toml".into());
+            env.insert(
+                "CUSTOM_ENV_RUNNER_HELPER_PATH".into(),
+                "/etc/gitlab-runner/proxmox.toml".into(),
+            );
             let settings = load(&env, None, Some(&[])).unwrap();
             assert_eq!(settings.runner_helper_path, None);
             assert!(settings.trust_warnings[0].contains("CUSTOM_ENV_RUNNER_HELPER_PATH"));
@@ -266,9 +281,15 @@ mod tests {
             assert_eq!(settings.template, "debian-12");
             let ssh_key = settings.ssh_private_key.as_ref().unwrap();
             assert!(ssh_key.via_custom_env && matches!(ssh_key.key, SshKey::Text(_)));
-            assert!(settings.trust_warnings.iter().any(|w| w.contains("VM_SSH_PRIVATE_KEY came in")));
+            assert!(settings
+                .trust_warnings
+                .iter()
+                .any(|w| w.contains("VM_SSH_PRIVATE_KEY came in")));
 
-            env.insert("CUSTOM_ENV_VM_SSH_PRIVATE_KEY".into(), "/etc/ssh/ssh_host_ed25519_key".into());
+            env.insert(
+                "CUSTOM_ENV_VM_SSH_PRIVATE_KEY".into(),
+                "/etc/ssh/ssh_host_ed25519_key".into(),
+            );
             let err = load(&env, None, Some(&names)).unwrap_err();
             assert!(matches!(err, Error::JobRequest(_)), "{err}");
         }
@@ -276,7 +297,10 @@ mod tests {
         let mut env = runners_env();
         env.insert("CUSTOM_ENV_VM_SSH_PRIVATE_KEY".into(), "/etc/ci-key".into());
         let settings = load(&env, None, Some(&[])).unwrap();
-        assert!(matches!(settings.ssh_private_key.unwrap().key, SshKey::File(_)));
+        assert!(matches!(
+            settings.ssh_private_key.unwrap().key,
+            SshKey::File(_)
+        ));
         // From the host's own environment, a path is fine.
         let mut env = base_env();
         env.insert("VM_SSH_PRIVATE_KEY".into(), "/etc/ci-key".into());

@@ -333,7 +333,12 @@ mod tests {
             "http://proxy.example:3128"
         );
         assert!(parse_proxy_url("https://[::1]:3128").is_ok());
-        for bad in ["proxy:3128", "socks5://p:1", "http://u:p@proxy:1", "http://"] {
+        for bad in [
+            "proxy:3128",
+            "socks5://p:1",
+            "http://u:p@proxy:1",
+            "http://",
+        ] {
             assert!(parse_proxy_url(bad).is_err(), "{bad}");
         }
     }

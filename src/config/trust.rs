@@ -207,9 +207,9 @@ pub fn decide(
 ) -> Result<Decision> {
     let setup = Setup::detect(&layers);
     let needs_job_names = setup == Setup::RunnersEnvironment
-        && SPECS.iter().any(|spec| {
-            spec.trust == Trust::HostOnly && layers.custom_env.contains_key(spec.name)
-        });
+        && SPECS
+            .iter()
+            .any(|spec| spec.trust == Trust::HostOnly && layers.custom_env.contains_key(spec.name));
     let job_names = match (&job_response, needs_job_names) {
         (_, false) => job_response
             .as_ref()

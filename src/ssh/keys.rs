@@ -15,8 +15,8 @@ use base64ct::{Base64, Encoding};
 use zeroize::Zeroizing;
 
 use super::PrivateKey;
-use crate::error::{Error, Result};
 use crate::config::{Settings, SshKey};
+use crate::error::{Error, Result};
 
 const SETTING: &str = "VM_SSH_PRIVATE_KEY";
 

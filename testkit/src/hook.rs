@@ -299,7 +299,10 @@ impl Hook {
             .values()
             .chain(&self.overrides)
             .map(|var| (&var.key, &var.value));
-        let secrets = self.secrets.iter().map(|secret| (&secret.key, &secret.value));
+        let secrets = self
+            .secrets
+            .iter()
+            .map(|secret| (&secret.key, &secret.value));
         for (name, value) in self.runner_env.iter().chain(job_vars).chain(secrets) {
             command.env(format!("CUSTOM_ENV_{name}"), value);
         }

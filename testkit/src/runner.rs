@@ -565,7 +565,11 @@ impl RunnerJob {
     /// A `.gitlab-ci.yml` `variables:` entry that overrides a predefined variable (e.g.
     /// `CI_PROJECT_PATH`): both entries are in the job payload, the job's last, and it wins
     /// in `CUSTOM_ENV_` and in the scripts. The runner's own paths keep the predefined value.
-    pub fn override_predefined(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+    pub fn override_predefined(
+        mut self,
+        name: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Self {
         self.overrides.push(JobVariable::new(name, value));
         self
     }
