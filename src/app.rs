@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use crate::cancel::Cancel;
 use crate::cli::{Cli, Command};
 use crate::commands::{cleanup, config, gc, prepare, run};
+use crate::config::{secret_names, Settings, Sources, CONFIG_FILE_ENV};
 use crate::error::{Error, ExitCodes, Result};
 use crate::job::JobInfo;
-use crate::settings::{self, Settings, Sources};
 use crate::{hardening, joblog};
 
 /// What every job hook gets.
@@ -66,8 +66,7 @@ where
     Fut: std::future::Future<Output = Result<()>>,
 {
     let exit_codes = ExitCodes::from_env();
-    let loaded =
-        settings::read_job_variable_names().and_then(|names| load_settings(file, names.as_ref()));
+    let loaded = Settings::load(file);
     let result = with_runtime(loaded, |settings, cancel| {
         hook(Context {
             settings,
@@ -86,22 +85,19 @@ where
     F: FnOnce(FleetContext) -> Fut,
     Fut: std::future::Future<Output = Result<()>>,
 {
-    let loaded = load_settings(file, None);
+    let loaded = load_host_settings(file);
     let result = with_runtime(loaded, |settings, cancel| {
         command(FleetContext { settings, cancel })
     });
     exit_code(result, ExitCodes::FALLBACK, false)
 }
 
-/// The settings file named by `--config` or `GITLAB_PROXMOX_RUNNER_CONFIG`, the process
-/// environment, and the names of the job's own variables where there is a job.
-fn load_settings(
-    config_file: Option<&Path>,
-    job_variable_names: Option<&std::collections::HashSet<String>>,
-) -> Result<Settings> {
+/// The settings file named by `--config` or `GITLAB_PROXMOX_RUNNER_CONFIG` and the process
+/// environment; no job, so no `$JOB_RESPONSE_FILE`.
+fn load_host_settings(config_file: Option<&Path>) -> Result<Settings> {
     let path = config_file
         .map(Path::to_path_buf)
-        .or_else(|| std::env::var_os(settings::CONFIG_FILE_ENV).map(PathBuf::from));
+        .or_else(|| std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from));
     let text = match &path {
         Some(path) => Some(zeroize::Zeroizing::new(
             std::fs::read_to_string(path).map_err(|err| {
@@ -120,7 +116,7 @@ fn load_settings(
             .zip(path.as_ref())
             .map(|(text, path)| (text.as_str(), path.as_path())),
         env: &env,
-        job_variable_names,
+        job_response: None,
     })
 }
 
@@ -133,7 +129,7 @@ where
 {
     // Settings are read while the process is single-threaded, then the secret values are wiped
     // from the environment block before any thread (the tokio runtime's included) exists.
-    hardening::scrub_environment(settings::secret_names());
+    hardening::scrub_environment(secret_names());
     let settings = loaded?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -1,7 +1,7 @@
 //! gitlab-proxmox-runner: a GitLab Runner custom executor driver that gives every CI job a
 //! fresh Proxmox VE virtual machine and runs the job's stage scripts in it over SSH.
 //!
-//! One module per concern: [`settings`] (where configuration comes from and whom to trust),
+//! One module per concern: [`config`] (where configuration comes from and whom to trust),
 //! [`proxmox`] (the API client), [`ssh`] (the in-process SSH client), [`vm`] (the engine that
 //! provisions, readies and destroys VMs, knowing nothing of hooks), [`state`] (what prepare
 //! leaves for the later hooks), [`commands`] (one thin module per hook), [`app`] (runtime,
@@ -11,6 +11,7 @@ pub mod app;
 pub mod cancel;
 pub mod cli;
 pub mod commands;
+pub mod config;
 pub mod error;
 pub mod hardening;
 pub mod job;
@@ -18,11 +19,12 @@ pub mod joblog;
 pub mod marker;
 pub mod proxmox;
 pub mod secret;
-pub mod settings;
 pub mod ssh;
 pub mod state;
 pub mod vm;
 
+/// The settings' old path, kept so that modules written against it still build.
+pub use config as settings;
 pub use error::{Blame, Error, ExitCodes, Result};
 
 pub const DRIVER_NAME: &str = "gitlab-proxmox-runner";

@@ -77,7 +77,7 @@ fn settings_for(fake: &FakeProxmox) -> Settings {
     Settings::from_sources(Sources {
         file: None,
         env: &lookup,
-        job_variable_names: None,
+        job_response: None,
     })
     .expect("the fake's settings parse")
 }

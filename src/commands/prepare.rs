@@ -17,7 +17,6 @@ use crate::error::{Error, Result};
 use crate::joblog;
 use crate::marker::Marker;
 use crate::proxmox::Client;
-use crate::settings::{Origin, Settings};
 use crate::state::JobState;
 use crate::vm::provision::{self, Order};
 use crate::vm::teardown::{self, Teardown};
@@ -27,12 +26,15 @@ use crate::vm::{ready, template, Sink, StderrLog};
 const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 
 pub async fn prepare(context: &Context) -> Result<()> {
-    warn_if_the_key_reaches_every_job(&context.settings);
+    for warning in &context.settings.trust_warnings {
+        joblog::warn(warning);
+    }
     super::config::require_ssh_key(&context.settings)?;
     let client = Client::new(&context.settings)?;
     remove_earlier_attempt(&client, context).await?;
 
-    let marker = Marker::new(&context.job);
+    let settings = &context.settings;
+    let marker = Marker::for_job(&context.job, &settings.runner_id, settings.max_job_timeout);
     let mut job = JobRecord::new(context, &marker);
     let finished = tokio::select! {
         result = bring_up(&client, context, &marker, &mut job) => Some(result),
@@ -99,17 +101,6 @@ async fn bring_up(
         phases.join(", ")
     ));
     Ok(())
-}
-
-fn warn_if_the_key_reaches_every_job(settings: &Settings) {
-    if settings.ssh_private_key_origin == Some(Origin::CustomEnv) {
-        joblog::warn(
-            "VM_SSH_PRIVATE_KEY came in through CUSTOM_ENV_ (a CI/CD variable or [[runners]] \
-             environment): gitlab-runner exports it into every stage script it writes into the \
-             VM, so every job can read it. Put the key in the driver's config file or the \
-             runner host's environment instead.",
-        );
-    }
 }
 
 /// gitlab-runner retries a failed prepare in the same job directory, running cleanup in

@@ -10,11 +10,11 @@ use backon::BackoffBuilder;
 
 use super::template::Template;
 use super::{clone_slots, task, teardown, Milestone, Sink, SinkLog, VmRef};
+use crate::config::{CloneMode, Settings};
 use crate::error::{Error, Result};
 use crate::joblog;
 use crate::marker::Marker;
 use crate::proxmox::{ApiError, ApiErrorKind, Client, CloneRequest};
-use crate::settings::{CloneMode, Settings};
 
 /// Random VMIDs checked with `nextid?vmid=` per allocation before giving up.
 const MAX_VMID_PICKS: usize = 32;

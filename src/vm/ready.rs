@@ -9,12 +9,12 @@ use super::poll::Poll;
 use super::provision::Provisioned;
 use super::{HostKeySource, Milestone, ReadyVm, Sink, VmRef};
 use crate::cancel::Cancel;
+use crate::config::{HostKeyPolicy, Settings};
 use crate::error::{Error, Result};
 use crate::joblog;
 use crate::proxmox::address::choose_address;
 use crate::proxmox::types::AgentInterface;
 use crate::proxmox::Client;
-use crate::settings::{HostKeyPolicy, Settings};
 use crate::ssh::{self, HostKeyCheck, Target};
 
 /// Times the host keys are read again through the agent after a mismatch.
@@ -210,7 +210,7 @@ async fn connect_ssh(
     sink.timing("ssh", started.elapsed());
 
     let helper = Instant::now();
-    ssh::provision_runner_helper(&connection, settings).await?;
+    ssh::provision_runner_helper(&connection, settings.runner_helper_path.as_deref()).await?;
     sink.timing("helper", helper.elapsed());
     Ok(ready)
 }

@@ -1,9 +1,9 @@
 //! Which template VM a requested name means on a node, checked against what the admin allows,
 //! and how it may be cloned.
 
+use crate::config::{AllowedTemplates, CloneMode, Settings};
 use crate::error::{Error, Result};
 use crate::proxmox::Client;
-use crate::settings::{AllowedTemplates, CloneMode, Settings};
 
 /// A template (or, with a full clone, any VM the admin mapped) on a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,7 +47,15 @@ pub async fn resolve(
                  node {node}; fix the map or create the template"
             )));
         };
-        return Ok(found(vmid, status.template));
+        // Only real templates, as for any other path: a map entry that names a running VM
+        // (another job's included) would hand a job a full clone of that VM's disks.
+        if !status.template {
+            return Err(Error::Settings(format!(
+                "PROXMOX_TEMPLATES maps {wanted} to VMID {vmid}, which is not a template on \
+                 node {node}; convert it (qm template {vmid}) or fix the map"
+            )));
+        }
+        return Ok(found(vmid, true));
     }
     let permitted = match &settings.allowed_templates {
         AllowedTemplates::MapOnly => false,

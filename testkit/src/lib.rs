@@ -11,6 +11,7 @@ pub mod ssh_job;
 pub mod ssh_server;
 pub mod sshd;
 pub mod sshkeys;
+pub mod tcp_proxy;
 
 pub use lab::{Lab, LabBuilder};
 

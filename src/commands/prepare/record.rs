@@ -83,6 +83,7 @@ impl Sink for JobRecord<'_> {
                     ssh_user: None,
                     host_keys: Vec::new(),
                     host_key_source: None,
+                    lost: None,
                 };
                 state.save(&self.context.job_dir)?;
                 self.state = Some(state);

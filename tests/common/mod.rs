@@ -1,0 +1,75 @@
+//! A whole-job world for tests: the fake Proxmox cluster, a local sshd as the job's "VM", and a
+//! TCP proxy as the network between the runner host and the VM (every SSH connection of the
+//! driver goes through it, so a test can cut it).
+//!
+//! `GPR_BIN` replaces the binary under test (e.g. an older build, to measure it).
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use gpr_testkit::hook::json_string;
+use gpr_testkit::runner::RunnerJob;
+use gpr_testkit::tcp_proxy::TcpProxy;
+use gpr_testkit::{driver_binary, Lab};
+
+/// The fake cluster, the "VM" (local sshd) and the network between them (the proxy).
+pub struct World {
+    pub lab: Lab,
+    pub proxy: TcpProxy,
+    pub dir: tempfile::TempDir,
+    settings_file: PathBuf,
+}
+
+impl World {
+    #[track_caller]
+    pub fn new(test: &str) -> Option<World> {
+        let lab = Lab::builder(driver_binary!()).with_sshd_or_skip(test)?;
+        let proxy = TcpProxy::start(SocketAddr::from((Ipv4Addr::LOCALHOST, lab.sshd().port())));
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(dir.path().join("empty-path")).expect("empty PATH dir");
+        std::fs::create_dir(dir.path().join("builds")).expect("builds dir");
+        let settings_file = dir.path().join("driver.toml");
+        let mut text = String::new();
+        for (name, mut value) in lab.settings() {
+            match name.as_str() {
+                // Every SSH connection to the "VM" goes through the proxy.
+                "VM_SSH_PORT" => value = proxy.port().to_string(),
+                "VM_BOOT_TIMEOUT" => value = "60".to_string(),
+                _ => {}
+            }
+            text.push_str(&format!("{name} = {}\n", json_string(&value)));
+        }
+        std::fs::write(&settings_file, text).expect("write driver.toml");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&settings_file, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod driver.toml");
+        Some(World {
+            lab,
+            proxy,
+            dir,
+            settings_file,
+        })
+    }
+
+    pub fn job(&self) -> RunnerJob {
+        let config = self.settings_file.to_str().expect("utf-8 path");
+        let builds = tempfile::tempdir_in(self.dir.path().join("builds"))
+            .expect("builds dir")
+            .keep();
+        RunnerJob::new(self.lab.bin.clone())
+            .hook_args(
+                &["--config", config, "config"],
+                &["--config", config, "prepare"],
+                &["--config", config, "run"],
+                &["--config", config, "cleanup"],
+            )
+            .path_env(self.dir.path().join("empty-path"))
+            .builds_dir_override(builds.to_string_lossy().into_owned())
+            .temp_root(self.dir.path())
+            .retry_interval(Duration::ZERO)
+            .hook_timeout(Duration::from_secs(300))
+            .graceful_kill_timeout(Duration::from_secs(30))
+    }
+}
