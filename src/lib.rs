@@ -17,6 +17,7 @@ pub mod hardening;
 pub mod job;
 pub mod joblog;
 pub mod marker;
+pub mod poll;
 pub mod proxmox;
 pub mod secret;
 pub mod ssh;

@@ -11,11 +11,11 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::poll::Poll;
 use super::Log;
 use crate::config::Settings;
 use crate::error::{Error, Result};
 use crate::joblog;
+use crate::poll::Poll;
 
 /// Giving up on a slot after this long means something holds them all (a hung prepare).
 const SLOT_WAIT_LIMIT: Duration = Duration::from_secs(30 * 60);

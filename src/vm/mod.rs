@@ -8,15 +8,16 @@
 //!   runner helper;
 //! - [`teardown`]: the one safe way to destroy a VM of ours;
 //! - [`clone_slots`]: the per-host cap on clones in flight;
-//! - [`task`]: waiting for a Proxmox task;
-//! - [`poll`]: the one wait primitive (deadline, pause schedule, progress lines) all of these use.
+//! - [`task`]: waiting for a Proxmox task.
+//!
+//! Every wait here goes through [`crate::poll`], the one wait primitive (deadline, pause
+//! schedule, progress lines).
 //!
 //! The node is always a parameter: nothing here reads where a VM should go from the settings.
 //! The engine reports through the caller's [`Log`] and, while provisioning, its [`Sink`]:
 //! prepare writes the job log and the job state; another caller logs elsewhere.
 
 pub mod clone_slots;
-pub mod poll;
 pub mod provision;
 pub mod ready;
 pub mod task;

@@ -5,13 +5,13 @@
 use std::net::IpAddr;
 use std::time::Instant;
 
-use super::poll::Poll;
 use super::provision::Provisioned;
 use super::{HostKeySource, Milestone, ReadyVm, Sink, VmRef};
 use crate::cancel::Cancel;
 use crate::config::{HostKeyPolicy, Settings};
 use crate::error::{Error, Result};
 use crate::joblog;
+use crate::poll::Poll;
 use crate::proxmox::address::choose_address;
 use crate::proxmox::types::AgentInterface;
 use crate::proxmox::Client;
@@ -51,7 +51,7 @@ pub async fn ready(
 }
 
 /// Polls the guest agent (at most 100 ms apart while the VM boots, see
-/// [`super::poll::next_poll_delay`]) until it reports a usable address.
+/// [`crate::poll::next_poll_delay`]) until it reports a usable address.
 async fn wait_for_address(
     client: &Client,
     settings: &Settings,

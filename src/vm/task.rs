@@ -2,9 +2,9 @@
 
 use std::time::Instant;
 
-use super::poll::Poll;
 use super::Log;
 use crate::joblog;
+use crate::poll::Poll;
 use crate::proxmox::{ApiError, ApiErrorKind, Client, TaskOutcome, Upid};
 
 /// Polls a task until it stops or `deadline` passes. A long task prints a progress line every

@@ -5,11 +5,11 @@
 
 use std::time::{Duration, Instant};
 
-use super::poll::Poll;
 use super::{task, Log};
 use crate::error::{Error, Result};
 use crate::joblog;
 use crate::marker::Marker;
+use crate::poll::Poll;
 use crate::proxmox::{ApiError, Client};
 
 /// What happened to the VM.

@@ -1,7 +1,8 @@
 //! The one way the driver waits for something it can only observe by asking again: a task to
-//! end, a lock to clear, the guest agent to report an address, a clone slot to free up. A
-//! [`Poll`] holds the deadline, the pause schedule and when the next progress line is due; the
-//! caller looks, and when the wait is not over calls [`Poll::pause`].
+//! end, a lock to clear, the guest agent to report an address, a clone slot to free up, sshd to
+//! accept. A [`Poll`] holds the deadline, the pause schedule and when the next progress line is
+//! due; the caller looks, and when the wait is not over calls [`Poll::pause`]. It depends on
+//! nothing of the driver, so the engine (`vm`) and the SSH client (`ssh`) both use it.
 
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,9 @@ enum Schedule {
     /// A random pause in `min..min + spread`: for waiters that compete for the same thing (clone
     /// slots), so they do not look in lockstep.
     Jittered { min: Duration, spread: Duration },
+    /// Doubling from a first pause up to `max`, giving up as soon as the next pause would reach
+    /// the deadline: for attempts that need time of their own (an SSH handshake).
+    Doubling { delay: Duration, max: Duration },
 }
 
 /// The deadline passed while the wait was not over.
@@ -71,6 +75,12 @@ impl Poll {
         Poll::with(deadline, Schedule::Jittered { min, spread })
     }
 
+    /// A wait whose pauses double from `first` to `max`; it ends when the next pause would
+    /// reach the deadline, since an attempt right at the deadline has no time to succeed.
+    pub fn doubling(deadline: Instant, first: Duration, max: Duration) -> Poll {
+        Poll::with(deadline, Schedule::Doubling { delay: first, max })
+    }
+
     fn with(deadline: Instant, schedule: Schedule) -> Poll {
         let started = Clock::now();
         Poll {
@@ -96,7 +106,18 @@ impl Poll {
     /// until the next look (never past the deadline).
     pub async fn pause(&mut self, progress: impl FnOnce(Duration)) -> Result<(), Expired> {
         let now = Clock::now();
-        if now >= self.deadline {
+        let pause = match self.schedule {
+            Schedule::Adaptive { delay } | Schedule::Doubling { delay, .. } => delay,
+            Schedule::Jittered { min, spread } => {
+                let spread_ms = spread.as_millis().max(1) as u64;
+                min + Duration::from_millis(rand::random::<u64>() % spread_ms)
+            }
+        };
+        let over = match self.schedule {
+            Schedule::Doubling { .. } => now + pause >= self.deadline,
+            _ => now >= self.deadline,
+        };
+        if over {
             return Err(Expired {
                 waited: self.elapsed(),
             });
@@ -105,18 +126,14 @@ impl Poll {
             progress(self.elapsed());
             self.next_progress = now + PROGRESS_EVERY;
         }
-        let pause = match &mut self.schedule {
-            Schedule::Adaptive { delay } => {
-                let pause = *delay;
-                *delay = next_poll_delay(pause, self.started.elapsed());
-                pause
-            }
-            Schedule::Jittered { min, spread } => {
-                let spread_ms = spread.as_millis().max(1) as u64;
-                *min + Duration::from_millis(rand::random::<u64>() % spread_ms)
-            }
-        };
         tokio::time::sleep_until(now + pause.min(self.deadline - now)).await;
+        // The adaptive schedule grows with the time waited, the sleep just taken included.
+        let waited = self.elapsed();
+        match &mut self.schedule {
+            Schedule::Adaptive { delay } => *delay = next_poll_delay(*delay, waited),
+            Schedule::Doubling { delay, max } => *delay = (*delay * 2).min(*max),
+            Schedule::Jittered { .. } => {}
+        }
         Ok(())
     }
 }
@@ -170,6 +187,29 @@ mod tests {
         assert_eq!(progress, vec![10, 20]);
         assert!(expired.waited >= Duration::from_secs(25), "{expired:?}");
         assert!(Clock::now() >= deadline);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn doubling_pauses_give_up_before_sleeping_into_the_deadline() {
+        let start = Clock::now();
+        let deadline = start + Duration::from_millis(1000);
+        let mut poll = Poll::doubling(
+            deadline.into_std(),
+            Duration::from_millis(100),
+            Duration::from_millis(500),
+        );
+        let mut pauses = Vec::new();
+        let expired = loop {
+            let before = Clock::now();
+            match poll.pause(|_| {}).await {
+                Ok(()) => pauses.push((Clock::now() - before).as_millis()),
+                Err(expired) => break expired,
+            }
+        };
+        // 100 + 200 + 400 = 700 ms; the next 500 ms pause would reach the deadline.
+        assert_eq!(pauses, vec![100, 200, 400]);
+        assert!(Clock::now() < deadline, "gave up before the deadline");
+        assert_eq!(expired.waited, Duration::from_millis(700));
     }
 
     #[tokio::test(start_paused = true)]
