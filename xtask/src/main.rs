@@ -104,23 +104,25 @@ fn fresh_dir(dir: &Path) -> io::Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
-fn command() -> clap::Command {
+fn completions(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut written = Vec::new();
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        // As the binary parses: `help` included (`gitlab-proxmox-runner help gc` works).
+        written.push(clap_complete::generate_to(shell, &mut Cli::command(), BIN, dir)?);
+    }
+    Ok(written)
+}
+
+/// The command the man pages describe: `help` is clap's, it needs no page of its own.
+fn man_command() -> clap::Command {
     let mut cmd = Cli::command().disable_help_subcommand(true);
     // Gives subcommands their "gitlab-proxmox-runner-gc" display names, which name their pages.
     cmd.build();
     cmd
 }
 
-fn completions(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    let mut written = Vec::new();
-    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
-        written.push(clap_complete::generate_to(shell, &mut command(), BIN, dir)?);
-    }
-    Ok(written)
-}
-
 fn man_pages(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    let cmd = command();
+    let cmd = man_command();
     let source = format!("{BIN} {}", cmd.get_version().unwrap_or_default());
     let manual = "GitLab Runner custom executor";
     // roff drops an empty .TH argument, which shifts source and manual into the wrong slots.
