@@ -108,7 +108,12 @@ fn completions(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut written = Vec::new();
     for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
         // As the binary parses: `help` included (`gitlab-proxmox-runner help gc` works).
-        written.push(clap_complete::generate_to(shell, &mut Cli::command(), BIN, dir)?);
+        written.push(clap_complete::generate_to(
+            shell,
+            &mut Cli::command(),
+            BIN,
+            dir,
+        )?);
     }
     Ok(written)
 }
