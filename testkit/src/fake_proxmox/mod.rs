@@ -13,7 +13,10 @@
 //! not yet booted, then interfaces `lo`, `eth0` with net0's MAC and `guest_ip`, `docker0`).
 //! Errors put the message into the reason phrase and close the connection. Bodies may be
 //! form-urlencoded (`&` and `;` split fields) or JSON; booleans must be `1`/`0`.
-//! Not simulated: permissions (inject a 403 with [`Fault::HttpErrors`]), pools, storages, HA,
+//! `access/permissions` answers from ACLs set with [`FakeProxmox::set_acl`] (user and token, privilege
+//! separation; no other endpoint enforces them); `nodes/{node}/storage` lists `local` (dir) and
+//! `local-lvm` (lvmthin); a node marked offline shows so in `/nodes` and answers 595.
+//! Not simulated: permission enforcement (inject a 403 with [`Fault::HttpErrors`]), pools, HA,
 //! snapshots, real guest-exec output.
 //!
 //! ```ignore
@@ -26,6 +29,7 @@
 //! assert_eq!(fake.job_vms().len(), 1);
 //! ```
 
+mod access;
 mod agent;
 mod api;
 mod routes;
@@ -38,6 +42,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+pub use access::{AclSubject, RUNNER_ROLE};
 use state::State;
 
 /// How the fake cluster looks and how long its simulated operations take.
@@ -340,6 +345,33 @@ impl FakeProxmox {
         self.lock()
             .stale_guest_files
             .insert(path.to_string(), (stale.to_string(), reads));
+    }
+
+    /// Replaces the ACL entry of `subject` on `path` (an empty list still overrides what `path`
+    /// would inherit, as a role without privileges does in PVE).
+    pub fn set_acl(&self, subject: AclSubject, path: &str, privileges: &[&str]) {
+        let privileges = privileges.iter().map(|p| p.to_string()).collect();
+        let mut state = self.lock();
+        let acl = match subject {
+            AclSubject::User => &mut state.acls.user,
+            AclSubject::Token => &mut state.acls.token,
+        };
+        acl.insert(path.to_string(), privileges);
+    }
+
+    /// Whether the token is privilege-separated (PVE's default, and the fake's).
+    pub fn set_privsep(&self, privsep: bool) {
+        self.lock().acls.privsep = privsep;
+    }
+
+    /// Takes a node down (`false`) or brings it back.
+    pub fn set_node_online(&self, node: &str, online: bool) {
+        let mut state = self.lock();
+        if online {
+            state.offline_nodes.remove(node);
+        } else {
+            state.offline_nodes.insert(node.to_string());
+        }
     }
 
     /// Applies to VMs started from now on.

@@ -22,6 +22,10 @@ pub(crate) struct State {
     /// Guest files that read as an older content for their next N reads (host keys that
     /// cloud-init has not regenerated yet).
     pub stale_guest_files: BTreeMap<String, (String, u32)>,
+    /// ACLs for `GET /access/permissions`.
+    pub acls: super::access::Acls,
+    /// Nodes that are down: `offline` in `/nodes`, 595 for requests proxied to them.
+    pub offline_nodes: std::collections::BTreeSet<String>,
     next_pid: u32,
     next_exec_pid: u32,
 }
@@ -158,6 +162,8 @@ impl State {
             max_concurrent_clones: 0,
             simulated_time: Duration::ZERO,
             stale_guest_files: BTreeMap::new(),
+            acls: super::access::Acls::default(),
+            offline_nodes: std::collections::BTreeSet::new(),
             next_pid: 0x0002_1a40 + rand::random::<u16>() as u32,
             next_exec_pid: 1000,
             config,
