@@ -312,7 +312,7 @@ async fn api_findings(settings: &Settings, out: &mut Output<'_>) -> Option<Api> 
                 format!(
                     "the API's certificate is not trusted {} ({}); {presented}",
                     trust_words(&settings.tls),
-                    err.message
+                    tls_reason(&err.message)
                 ),
                 format!(
                     "compare that fingerprint with the node's (Node → System → Certificates, or \
@@ -352,6 +352,14 @@ async fn api_findings(settings: &Settings, out: &mut Output<'_>) -> Option<Api> 
             None
         }
     }
+}
+
+/// rustls's words, without the HTTP client's wrapping (`error sending request for url ...`).
+fn tls_reason(message: &str) -> &str {
+    ["invalid peer certificate", "the API's certificate has"]
+        .iter()
+        .find_map(|start| message.find(start))
+        .map_or(message, |index| &message[index..])
 }
 
 async fn node_finding(api: &Api, settings: &Settings, out: &mut Output<'_>) {
@@ -612,13 +620,13 @@ async fn privilege_findings(
             path: format!("/pool/{pool}"),
             alternative_path: Some(new_vm),
             privileges: job,
-            what_for: "the job VMs (create, configure, start, guest agent, destroy)".into(),
+            what_for: "the job VMs: create, configure, start, guest agent, destroy".into(),
         },
         None => Need {
             path: new_vm,
             alternative_path: None,
             privileges: job,
-            what_for: "the job VMs (create, configure, start, guest agent, destroy)".into(),
+            what_for: "the job VMs: create, configure, start, guest agent, destroy".into(),
         },
     });
     for storage in &templates.storages {
@@ -690,7 +698,7 @@ async fn privilege_finding(api: &Api, need: &Need) -> Finding {
         Ok(user) => Some(privileges::missing(need, &user, None, api.major).is_empty()),
         Err(_) => None,
     };
-    let role_privs = missing
+    let mut role_privs: Vec<&str> = missing
         .iter()
         .map(|p| {
             if api.major.is_some_and(|m| m < 9) {
@@ -699,8 +707,9 @@ async fn privilege_finding(api: &Api, need: &Need) -> Finding {
                 p.pve9
             }
         })
-        .collect::<Vec<_>>()
-        .join(" ");
+        .collect();
+    role_privs.dedup();
+    let role_privs = role_privs.join(" ");
     let (why, fix) = match user_has_them {
         Some(true) => (
             format!(
