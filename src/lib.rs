@@ -8,6 +8,7 @@
 pub mod cancel;
 pub mod cli;
 pub mod clone_slots;
+pub mod clone_watch;
 pub mod commands;
 pub mod error;
 pub mod hardening;

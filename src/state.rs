@@ -53,6 +53,14 @@ pub struct JobState {
     /// Where the host keys came from: `guest-agent` or `first-use`.
     #[serde(default)]
     pub host_key_source: Option<String>,
+    /// When the clone request left (Unix seconds); `None` until then. With no
+    /// [`clone_upid`](Self::clone_upid), the answer never came: the clone may still run.
+    #[serde(default)]
+    pub clone_sent_at: Option<u64>,
+    /// The clone task, once the API answered: until it ends, a missing VM is not a gone VM
+    /// (its worker writes the config a moment later).
+    #[serde(default)]
+    pub clone_upid: Option<String>,
 }
 
 /// The directory for per-job files: `$TMPDIR` as the runner sets it, else the working directory
@@ -144,6 +152,8 @@ mod tests {
             ssh_user: None,
             host_keys: vec![],
             host_key_source: None,
+            clone_sent_at: None,
+            clone_upid: None,
         }
     }
 

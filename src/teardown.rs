@@ -5,10 +5,12 @@
 
 use std::time::{Duration, Instant};
 
+use crate::clone_watch::{self, CloneEnd};
 use crate::error::{Error, Result};
 use crate::joblog;
 use crate::marker::Marker;
-use crate::proxmox::{ApiError, Client};
+use crate::proxmox::{ApiError, Client, Presence};
+use crate::state::JobState;
 
 /// What happened to the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +25,29 @@ pub enum Teardown {
 
 const MAX_ROUNDS: usize = 8;
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// The pause before the second round; it doubles each round up to `MAX_RETRY_PAUSE`, so the
+/// rounds ride out about a minute of a busy node.
+const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(500);
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(15);
+
+/// Destroys the VM a job state names: first waits until its clone (if one was requested) can
+/// no longer create it, then [`destroy_owned_vm`].
+pub async fn destroy_job_vm(
+    client: &Client,
+    state: &JobState,
+    expected: &Marker,
+    deadline: Instant,
+) -> Result<Teardown> {
+    let settled = clone_watch::wait_clone_settled(client, state, deadline).await?;
+    let outcome = destroy_owned_vm(client, &state.node, state.vmid, expected, deadline).await?;
+    if let (CloneEnd::Ended(Some(error)), Teardown::AlreadyGone) = (&settled, &outcome) {
+        joblog::info(format!(
+            "the clone into VM {} had failed ({error}); PVE removed what it had made",
+            state.vmid
+        ));
+    }
+    Ok(outcome)
+}
 
 /// Destroys VM `vmid` on `node` if its marker equals `expected`, giving up at `deadline`.
 pub async fn destroy_owned_vm(
@@ -47,9 +72,24 @@ pub async fn destroy_owned_vm(
     };
 
     let mut waited_for_clone = false;
+    let mut pause = FIRST_RETRY_PAUSE;
     for _ in 0..MAX_ROUNDS {
-        let Some(status) = client.vm_status(node, vmid).await.map_err(fail)? else {
-            return Ok(gone(acted));
+        let status = match client.vm_presence(node, vmid).await.map_err(fail)? {
+            Presence::Exists(status) => status,
+            Presence::Gone => return Ok(gone(acted)),
+            // Ours is gone (or never joined the token's pool); another VM holds the id now.
+            Presence::Hidden(_) if acted => return Ok(Teardown::Destroyed),
+            // Foreign, or ours with a token that lacks VM.Audit on it: nothing proves which.
+            Presence::Hidden(err) => {
+                return Err(Error::Proxmox {
+                    context: context(),
+                    message: format!(
+                        "a VM holds this VMID, but the API token may not see it ({err}); if it \
+                         is this job's VM, the token lacks VM.Audit on it (check the ACL on \
+                         PROXMOX_POOL); left for `gitlab-proxmox-runner gc`"
+                    ),
+                })
+            }
         };
         // Ownership first, so a foreign VM is never waited on, let alone touched.
         if !owner_checked {
@@ -87,7 +127,7 @@ pub async fn destroy_owned_vm(
                 Ok(()) => stop_time += stopping.elapsed(),
                 Err(err) if err.is_not_found() => return Ok(gone(acted)),
                 Err(err) if err.is_vm_locked() || err.is_transient() => {
-                    pause_before_retry(deadline, &err, context)?;
+                    pause_before_retry(deadline, &err, context, &mut pause).await?;
                     continue;
                 }
                 Err(err) => return Err(fail(err)),
@@ -117,7 +157,7 @@ pub async fn destroy_owned_vm(
                     || err.message.contains("is running") =>
             {
                 acted = true;
-                pause_before_retry(deadline, &err, context)?;
+                pause_before_retry(deadline, &err, context, &mut pause).await?;
                 continue;
             }
             Err(err) => return Err(fail(err)),
@@ -159,15 +199,25 @@ async fn wait_for_lock(
     wait_unlocked(client, node, vmid, deadline).await
 }
 
-fn pause_before_retry(
+/// Sleeps `pause` (doubling it for the next round), or fails with `err` when the deadline
+/// leaves no room for another round.
+async fn pause_before_retry(
     deadline: Instant,
     err: &ApiError,
     context: impl Fn() -> String,
+    pause: &mut Duration,
 ) -> Result<()> {
-    if Instant::now() >= deadline {
+    let now = Instant::now();
+    if now + *pause >= deadline {
         return Err(Error::proxmox(context(), err));
     }
-    joblog::info(format!("{}: {err}; trying again", context()));
+    joblog::info(format!(
+        "{}: {err}; trying again in {}",
+        context(),
+        joblog::secs(*pause)
+    ));
+    tokio::time::sleep(*pause).await;
+    *pause = (*pause * 2).min(MAX_RETRY_PAUSE);
     Ok(())
 }
 
@@ -182,11 +232,11 @@ pub async fn wait_unlocked(
     let mut next_progress = started + PROGRESS_EVERY;
     let mut delay = crate::proxmox::client::MIN_POLL_DELAY;
     loop {
-        let status = client
-            .vm_status(node, vmid)
+        let presence = client
+            .vm_presence(node, vmid)
             .await
             .map_err(|err| Error::proxmox(format!("reading VM {vmid} on node {node}"), err))?;
-        let Some(status) = status else {
+        let Presence::Exists(status) = presence else {
             return Ok(false);
         };
         let Some(lock) = status.lock() else {
@@ -194,11 +244,17 @@ pub async fn wait_unlocked(
         };
         let now = Instant::now();
         if now >= deadline {
+            let whose = if lock == "clone" {
+                "its clone task"
+            } else {
+                "another task (a backup, a migration, a snapshot)"
+            };
             return Err(Error::Proxmox {
                 context: format!("waiting for VM {vmid} on node {node}"),
                 message: format!(
-                    "still locked ({lock}) after {}; an API token cannot override the lock, \
-                     check the VM's running task in the PVE UI",
+                    "still locked ({lock}) by {whose} after {}; an API token cannot override \
+                     the lock. Left for `gitlab-proxmox-runner gc`, which removes it once the \
+                     lock is gone",
                     joblog::secs(started.elapsed())
                 ),
             });

@@ -35,6 +35,10 @@ const CLONE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 const TASK_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// Removing what a failed prepare created (waits for a clone lock included).
 const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// The same after SIGTERM: gitlab-runner sends SIGKILL `graceful_kill_timeout` later (the
+/// README recommends 30 s). What rollback cannot finish in time stays in the job state for
+/// cleanup, which the runner runs next.
+const CANCELLED_ROLLBACK_TIMEOUT: Duration = Duration::from_secs(20);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// Times prepare re-reads the host keys through the agent after a mismatch.
 const MAX_HOST_KEY_REREADS: u32 = 3;
@@ -104,9 +108,7 @@ async fn remove_earlier_attempt(client: &Client, context: &Context) -> Result<()
     match Marker::parse_line(&earlier.marker) {
         Some(marker) => {
             let deadline = Instant::now() + ROLLBACK_TIMEOUT;
-            let outcome =
-                teardown::destroy_owned_vm(client, &earlier.node, earlier.vmid, &marker, deadline)
-                    .await?;
+            let outcome = teardown::destroy_job_vm(client, &earlier, &marker, deadline).await?;
             if let Teardown::NotOurs(reason) = outcome {
                 joblog::warn(format!(
                     "VM {} on {} is not the one the earlier attempt created ({reason}); left it \
@@ -127,8 +129,13 @@ async fn remove_earlier_attempt(client: &Client, context: &Context) -> Result<()
 /// Destroys what prepare created, with cleanup's logic. Never fails: if it cannot finish, the
 /// job state stays for cleanup (which the runner runs after every failed prepare).
 async fn rollback(client: &Client, context: &Context, state: &JobState, marker: &Marker) {
-    let deadline = Instant::now() + ROLLBACK_TIMEOUT;
-    match teardown::destroy_owned_vm(client, &state.node, state.vmid, marker, deadline).await {
+    let budget = if context.cancel.is_cancelled() {
+        CANCELLED_ROLLBACK_TIMEOUT
+    } else {
+        ROLLBACK_TIMEOUT
+    };
+    let deadline = Instant::now() + budget;
+    match teardown::destroy_job_vm(client, state, marker, deadline).await {
         Ok(outcome) => {
             if let Teardown::NotOurs(reason) = outcome {
                 joblog::warn(format!(
@@ -392,6 +399,9 @@ impl Provisioning<'_> {
                 ssh_user: None,
                 host_keys: Vec::new(),
                 host_key_source: None,
+                // Saved as sent before it is: from here on, a VM may appear at this VMID.
+                clone_sent_at: Some(crate::clone_watch::now_epoch()),
+                clone_upid: None,
             });
             self.save_state()?;
             let attempt = self.try_clone(template, vmid, full).await?;
@@ -441,13 +451,13 @@ impl Provisioning<'_> {
     }
 
     async fn try_clone(
-        &self,
+        &mut self,
         template: &ResolvedTemplate,
         vmid: u32,
         full: bool,
     ) -> Result<CloneAttempt> {
-        let settings = self.settings();
-        let node = self.node();
+        let settings = self.context.settings.clone();
+        let node = settings.node.as_str();
         let context = || {
             format!(
                 "cloning template {} into VM {vmid} on node {node}",
@@ -468,7 +478,8 @@ impl Provisioning<'_> {
             // The template is locked for a moment (a backup, another job's clone start).
             Err(err) if err.is_vm_locked() => return Ok(CloneAttempt::Transient(err)),
             Err(err) if err.kind == ApiErrorKind::Transport => {
-                // The request may have reached PVE: if a VM with our marker appeared, it is ours.
+                // The request may have reached PVE, whose worker writes the VM a moment later:
+                // once no clone that could be ours runs, a VM with our marker is ours.
                 return if self.adopt_if_ours(vmid).await? {
                     Ok(CloneAttempt::Done)
                 } else {
@@ -478,6 +489,10 @@ impl Provisioning<'_> {
             Err(err) if err.is_transient() => return Ok(CloneAttempt::Transient(err)),
             Err(err) => return Err(Error::proxmox(context(), err)),
         };
+        if let Some(state) = &mut self.state {
+            state.clone_upid = Some(upid.raw.clone());
+        }
+        self.save_state()?;
         match self
             .client
             .finish_task(&upid, Instant::now() + CLONE_TIMEOUT)
@@ -491,8 +506,11 @@ impl Provisioning<'_> {
                 Ok(CloneAttempt::Done)
             }
             Err(err) if err.kind == ApiErrorKind::Task => {
-                // The task failed; a half-made VM of ours may be left at the id.
-                self.remove_leftover(vmid).await?;
+                // The task failed, and PVE removed what it had made. Make sure, unless the VMID
+                // belongs to another job's clone in flight (our worker never got its lock).
+                if !err.is_clash_on(vmid) {
+                    self.remove_leftover(vmid).await?;
+                }
                 if err.is_clash_on(vmid) {
                     Ok(CloneAttempt::Clash(err.message))
                 } else if err.is_transient() {
@@ -508,6 +526,10 @@ impl Provisioning<'_> {
 
     async fn adopt_if_ours(&self, vmid: u32) -> Result<bool> {
         let node = self.node();
+        if let Some(state) = &self.state {
+            let deadline = Instant::now() + CLONE_TIMEOUT;
+            crate::clone_watch::wait_clone_settled(self.client, state, deadline).await?;
+        }
         if !teardown::wait_unlocked(self.client, node, vmid, Instant::now() + CLONE_TIMEOUT).await?
         {
             return Ok(false);
