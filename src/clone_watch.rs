@@ -47,7 +47,12 @@ pub async fn wait_clone_settled(
         return Ok(CloneEnd::NeverSent);
     };
     let vmid = state.vmid;
-    let context = || format!("waiting for the clone into VM {vmid} on node {}", state.node);
+    let context = || {
+        format!(
+            "waiting for the clone into VM {vmid} on node {}",
+            state.node
+        )
+    };
     if let Some(upid) = state.clone_upid.as_deref().and_then(Upid::parse) {
         let status = client
             .task_status(&upid)

@@ -12,7 +12,6 @@ use crate::proxmox::Client;
 use crate::state::JobState;
 use crate::teardown::{self, Teardown};
 
-
 pub async fn cleanup(context: &Context) -> Result<()> {
     let Some(state) = JobState::load(&context.job_dir)? else {
         joblog::info("no job state: prepare created no VM, nothing to clean up");

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::job::JobInfo;
 use crate::joblog;
 use crate::marker::Marker;
-use crate::proxmox::address::choose_address;
+use crate::proxmox::address::{choose_address, preferred_address, IPV4_GRACE};
 use crate::proxmox::{ApiError, ApiErrorKind, Client, CloneRequest};
 use crate::settings::{AllowedTemplates, CloneMode, HostKeyPolicy, Origin, Settings};
 use crate::ssh::{self, HostKeyCheck, Target};
@@ -40,6 +40,10 @@ const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// cleanup, which the runner runs next.
 const CANCELLED_ROLLBACK_TIMEOUT: Duration = Duration::from_secs(20);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// How long SSH is tried at an IPv6 address before the agent is asked for IPv4 again.
+const IPV6_CONNECT_SLICE: Duration = Duration::from_secs(10);
+/// The least time the runner helper install gets, even when the boot used up VM_BOOT_TIMEOUT.
+const MIN_HELPER_INSTALL_TIME: Duration = Duration::from_secs(60);
 /// Times prepare re-reads the host keys through the agent after a mismatch.
 const MAX_HOST_KEY_REREADS: u32 = 3;
 /// The guest's SSH host keys, in order of preference.
@@ -230,7 +234,7 @@ impl Provisioning<'_> {
         let ip = self.wait_for_address(net0_mac.as_deref(), deadline).await?;
 
         step.set("waiting for SSH");
-        self.connect_ssh(ip, deadline).await?;
+        self.connect_ssh(ip, net0_mac.as_deref(), deadline).await?;
 
         let phases: Vec<String> = self
             .timings
@@ -653,6 +657,8 @@ impl Provisioning<'_> {
         let mut next_progress = started + PROGRESS_EVERY;
         let mut delay = crate::proxmox::client::MIN_POLL_DELAY;
         let mut last = String::new();
+        // Since when the agent has offered an IPv6 address and nothing better.
+        let mut only_ipv6_since: Option<Instant> = None;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let answer =
@@ -661,7 +667,16 @@ impl Provisioning<'_> {
                 Err(_) if last.is_empty() => last = "the guest agent did not answer in time".into(),
                 Err(_) => {}
                 Ok(Ok(answer)) => {
-                    if let Some(ip) = choose_address(&answer.result, net0_mac, &cidrs) {
+                    let v6_for = *only_ipv6_since.get_or_insert_with(Instant::now);
+                    let grace_over = v6_for.elapsed() >= IPV4_GRACE
+                        || deadline.saturating_duration_since(Instant::now()) <= IPV4_GRACE;
+                    let chosen = choose_address(&answer.result, net0_mac, &cidrs);
+                    if chosen.is_none_or(|ip| ip.is_ipv4()) {
+                        only_ipv6_since = None;
+                    }
+                    if let Some(ip) =
+                        preferred_address(&answer.result, net0_mac, &cidrs, grace_over)
+                    {
                         self.timings.push(("agent+IP", started.elapsed()));
                         joblog::info(format!(
                             "guest agent up, IP {ip} after {}",
@@ -669,10 +684,18 @@ impl Provisioning<'_> {
                         ));
                         return Ok(ip);
                     }
-                    last = format!(
-                        "the guest agent reports no usable address yet (seen: {})",
-                        seen_addresses(&answer.result)
-                    );
+                    last = if chosen.is_some() {
+                        format!(
+                            "only an IPv6 address so far; waiting up to {} for IPv4 (seen: {})",
+                            joblog::secs(IPV4_GRACE),
+                            seen_addresses(&answer.result)
+                        )
+                    } else {
+                        format!(
+                            "the guest agent reports no usable address yet (seen: {})",
+                            seen_addresses(&answer.result)
+                        )
+                    };
                 }
                 Ok(Err(err)) if err.message.contains("No QEMU guest agent configured") => {
                     return Err(Error::Settings(format!(
@@ -711,30 +734,82 @@ impl Provisioning<'_> {
 
     /// The VM's SSH host keys, read through the guest agent (a channel that needs no trust in
     /// the network). Empty when none could be read.
-    async fn read_host_keys(&self) -> (Vec<String>, Vec<String>) {
-        let mut keys = Vec::new();
-        let mut problems = Vec::new();
+    async fn read_host_keys(&self, deadline: Instant) -> HostKeyRead {
+        let mut read = HostKeyRead::default();
         for file in HOST_KEY_FILES {
-            match self
-                .client
-                .agent_file_read(self.node(), self.vmid(), file)
-                .await
-            {
-                Ok(answer) => match parse_public_key_line(&answer.content) {
-                    Some(key) => keys.push(key),
-                    None => problems.push(format!("{file}: not a public key")),
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let answer = tokio::time::timeout(
+                remaining,
+                self.client.agent_file_read(self.node(), self.vmid(), file),
+            )
+            .await;
+            match answer {
+                Ok(Ok(answer)) => match parse_public_key_line(&answer.content) {
+                    Some(key) => read.keys.push(key),
+                    None => {
+                        read.only_missing = false;
+                        read.problems.push(format!("{file}: not a public key"));
+                    }
                 },
-                Err(err) => problems.push(format!("{file}: {}", err.message)),
+                Ok(Err(err)) => {
+                    if !is_missing_file(&err) {
+                        read.only_missing = false;
+                    }
+                    read.problems.push(format!("{file}: {}", err.message));
+                }
+                Err(_) => {
+                    read.problems
+                        .push(format!("{file}: the guest agent did not answer in time"));
+                    break;
+                }
             }
         }
-        (keys, problems)
+        read
     }
 
-    async fn connect_ssh(&mut self, ip: IpAddr, deadline: Instant) -> Result<()> {
+    /// Reads the host keys through the agent until one exists or `deadline` passes: cloud-init
+    /// generates them after networking is up, so the first read often finds none. A read the
+    /// agent refuses for another reason (permissions, a blocked command) ends the wait at once.
+    async fn wait_for_host_keys(&self, deadline: Instant) -> HostKeyRead {
         let started = Instant::now();
-        let settings = self.settings();
+        let mut pause = Duration::from_millis(200);
+        let mut announced = false;
+        loop {
+            let read = self.read_host_keys(deadline).await;
+            let now = Instant::now();
+            if !read.keys.is_empty() || !read.only_missing || now + pause >= deadline {
+                if announced && !read.keys.is_empty() {
+                    joblog::info(format!(
+                        "VM {}'s SSH host keys appeared after {}",
+                        self.vmid(),
+                        joblog::secs(started.elapsed())
+                    ));
+                }
+                return read;
+            }
+            if !announced {
+                joblog::info(format!(
+                    "VM {} has no SSH host key yet (cloud-init writes them after networking is \
+                     up); reading again through the guest agent until VM_BOOT_TIMEOUT",
+                    self.vmid()
+                ));
+                announced = true;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn connect_ssh(
+        &mut self,
+        ip: IpAddr,
+        net0_mac: Option<&str>,
+        deadline: Instant,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let settings = self.context.settings.clone();
         let vmid = self.vmid();
-        let (keys, problems) = self.read_host_keys().await;
+        let HostKeyRead { keys, problems, .. } = self.wait_for_host_keys(deadline).await;
         let check = if !keys.is_empty() {
             HostKeyCheck::Pinned(keys)
         } else if settings.host_key_policy == HostKeyPolicy::Strict {
@@ -754,8 +829,9 @@ impl Provisioning<'_> {
             ));
             HostKeyCheck::FirstUse
         };
-        let key = ssh::load_private_key(settings)?;
-        let target = Target {
+        let key = ssh::load_private_key(&settings)?;
+        let mut ip = ip;
+        let mut target = Target {
             host: ip.to_string(),
             port: settings.ssh_port,
             user: settings.ssh_user.clone(),
@@ -764,9 +840,35 @@ impl Provisioning<'_> {
         let mut check = check;
         let mut rereads = 0;
         let connection = loop {
-            let waited =
-                ssh::wait_until_ready(&target, key.clone(), &check, deadline, &self.context.cancel)
-                    .await;
+            // An IPv6 address may be unreachable from this runner host: try it for a while,
+            // then ask the agent again (DHCPv4 may have finished meanwhile).
+            let attempt_deadline = if ip.is_ipv6() {
+                deadline.min(Instant::now() + IPV6_CONNECT_SLICE)
+            } else {
+                deadline
+            };
+            let waited = ssh::wait_until_ready(
+                &target,
+                key.clone(),
+                &check,
+                attempt_deadline,
+                &self.context.cancel,
+            )
+            .await;
+            if waited.is_err()
+                && attempt_deadline < deadline
+                && !matches!(waited, Err(Error::HostKeyMismatch { .. }))
+            {
+                if let Some(better) = self.requery_ipv4(net0_mac, deadline).await {
+                    joblog::info(format!(
+                        "VM {vmid} did not answer SSH at its IPv6 address {ip}; the guest agent \
+                         now reports {better}, trying that"
+                    ));
+                    ip = better;
+                    target.host = ip.to_string();
+                }
+                continue;
+            }
             // cloud-init regenerates the host keys on first boot, and the guest agent can answer
             // before it has: the keys read a moment ago may be the template's. The agent is the
             // trusted channel, so when it now reports different keys, pin those and try again.
@@ -776,7 +878,7 @@ impl Provisioning<'_> {
             let HostKeyCheck::Pinned(pinned) = &check else {
                 break waited?;
             };
-            let (fresh, _) = self.read_host_keys().await;
+            let fresh = self.read_host_keys(deadline).await.keys;
             if rereads >= MAX_HOST_KEY_REREADS || fresh.is_empty() || &fresh == pinned {
                 break waited?;
             }
@@ -802,11 +904,66 @@ impl Provisioning<'_> {
         self.save_state()?;
         self.timings.push(("ssh", started.elapsed()));
 
+        // Bounded like the boot: a VM that stops answering mid-install must not hold prepare
+        // until prepare_exec_timeout (with a floor, so a slow boot leaves the install a chance).
         let helper = Instant::now();
-        ssh::provision_runner_helper(&connection, self.settings()).await?;
+        let budget = deadline
+            .saturating_duration_since(helper)
+            .max(MIN_HELPER_INSTALL_TIME);
+        tokio::time::timeout(budget, ssh::provision_runner_helper(&connection, &settings))
+            .await
+            .map_err(|_| {
+                Error::ssh(
+                    format!("installing gitlab-runner in VM {vmid}"),
+                    format!(
+                        "not done after {} (VM_BOOT_TIMEOUT); the VM stopped answering or is \
+                         very slow",
+                        joblog::secs(budget)
+                    ),
+                )
+            })??;
         self.timings.push(("helper", helper.elapsed()));
         Ok(())
     }
+
+    /// Asks the agent again for an IPv4 address (any family counts once it differs).
+    async fn requery_ipv4(&self, net0_mac: Option<&str>, deadline: Instant) -> Option<IpAddr> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let answer = tokio::time::timeout(
+            remaining,
+            self.client.agent_interfaces(self.node(), self.vmid()),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        let cidrs = &self.settings().network_cidrs;
+        choose_address(&answer.result, net0_mac, cidrs).filter(IpAddr::is_ipv4)
+    }
+}
+
+/// What one pass over the host key files found.
+#[derive(Debug)]
+struct HostKeyRead {
+    keys: Vec<String>,
+    problems: Vec<String>,
+    /// Every failure was a missing file: worth reading again later.
+    only_missing: bool,
+}
+
+impl Default for HostKeyRead {
+    fn default() -> Self {
+        HostKeyRead {
+            keys: Vec::new(),
+            problems: Vec::new(),
+            only_missing: true,
+        }
+    }
+}
+
+/// qemu-guest-agent's `failed to open file '...' (mode: 'r'): No such file or directory`.
+fn is_missing_file(err: &ApiError) -> bool {
+    let text = err.message.to_ascii_lowercase();
+    text.contains("failed to open file") && text.contains("no such file or directory")
 }
 
 fn agent_not_ready(err: &ApiError) -> bool {

@@ -69,13 +69,15 @@ impl ApiError {
     /// missing pool or disk) are failures of an existing VM's operation, not its absence.
     pub fn is_not_found(&self) -> bool {
         let text = self.message.to_ascii_lowercase();
-        text.split("configuration file 'nodes/").skip(1).any(|rest| {
-            rest.split_once('\'').is_some_and(|(path, after)| {
-                path.contains("/qemu-server/")
-                    && path.ends_with(".conf")
-                    && after.trim_start().starts_with("does not exist")
+        text.split("configuration file 'nodes/")
+            .skip(1)
+            .any(|rest| {
+                rest.split_once('\'').is_some_and(|(path, after)| {
+                    path.contains("/qemu-server/")
+                        && path.ends_with(".conf")
+                        && after.trim_start().starts_with("does not exist")
+                })
             })
-        })
     }
 
     /// The VMID is taken: `VM N already exists`, `config file already exists`.
@@ -282,8 +284,10 @@ mod tests {
     #[test]
     fn only_a_missing_vm_config_means_the_vm_is_gone() {
         let task = |text: &str| ApiError::new(ApiErrorKind::Task, text);
-        assert!(task("Configuration file 'nodes/pve2/qemu-server/2000123.conf' does not exist")
-            .is_not_found());
+        assert!(
+            task("Configuration file 'nodes/pve2/qemu-server/2000123.conf' does not exist")
+                .is_not_found()
+        );
         for other in [
             "storage 'fast' does not exist",
             "pool 'ci' does not exist",

@@ -575,6 +575,14 @@ impl RunnerJob {
         self
     }
 
+    /// A `run:` (CI steps) job as the runner shims it on the custom executor: the steps go
+    /// into the `STEPS` variable and the job's only script is `step-runner ci`, so the VM
+    /// needs a `step-runner` binary on its PATH.
+    pub fn run_steps(self, steps_yaml: impl Into<String>) -> Self {
+        self.job_var("STEPS", steps_yaml)
+            .script("build_script", "step-runner ci")
+    }
+
     /// Replaces the driver's arguments (e.g. `["--config", path, "prepare"]`).
     pub fn hook_args(
         mut self,
