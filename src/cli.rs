@@ -36,10 +36,12 @@ pub enum Command {
     Cleanup,
     /// Destroy VMs this driver created whose jobs are long gone (run it from cron or a timer).
     Gc {
-        /// Only VMs created by this runner (its short token); default: every runner's.
-        #[arg(long, value_name = "SHORT_TOKEN")]
+        /// Only VMs created by the runner host whose PROXMOX_RUNNER_ID this is (default:
+        /// every runner's). VMs of older driver versions are judged by age alone.
+        #[arg(long, value_name = "RUNNER_ID")]
         runner: Option<String>,
-        /// Only VMs older than this (e.g. 90m, 4h, 2d; default: 25h, a 24 h job plus 1 h).
+        /// Sweep VMs older than this, instead of each VM's own recorded deadline (e.g. 90m,
+        /// 4h, 2d). Without it, VMs of older driver versions count as orphans after 25h.
         #[arg(long, value_name = "AGE")]
         max_age: Option<String>,
         /// List what would be destroyed, change nothing.

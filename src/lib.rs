@@ -1,7 +1,7 @@
 //! gitlab-proxmox-runner: a GitLab Runner custom executor driver that gives every CI job a
 //! fresh Proxmox VE virtual machine and runs the job's stage scripts in it over SSH.
 //!
-//! One module per concern: [`settings`] (where configuration comes from and whom to trust),
+//! One module per concern: [`config`] (where configuration comes from and whom to trust),
 //! [`proxmox`] (the API client), [`ssh`] (the in-process SSH client), [`state`] (what prepare
 //! leaves for the later hooks), [`commands`] (one module per hook) and [`error`].
 
@@ -10,6 +10,7 @@ pub mod cli;
 pub mod clone_slots;
 pub mod clone_watch;
 pub mod commands;
+pub mod config;
 pub mod error;
 pub mod hardening;
 pub mod job;
@@ -17,11 +18,12 @@ pub mod joblog;
 pub mod marker;
 pub mod proxmox;
 pub mod secret;
-pub mod settings;
 pub mod ssh;
 pub mod state;
 pub mod teardown;
 
+/// The settings' old path, kept so that modules written against it still build.
+pub use config as settings;
 pub use error::{Blame, Error, ExitCodes, Result};
 
 pub const DRIVER_NAME: &str = "gitlab-proxmox-runner";

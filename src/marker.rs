@@ -1,24 +1,39 @@
-//! The ownership marker: one machine-readable line in the description of every VM this driver
-//! creates, e.g.
+//! The ownership marker: the FIRST line of the description of every VM this driver creates,
+//! and the one place that decides whether a VM is ours and when it may be swept, e.g.
 //!
 //! ```text
-//! gitlab-proxmox-runner: v=1 runner=xS6Vzpvo job=8123456 project=group/project pipeline=991 created=1764293000 driver=0.1.0 nonce=6a1f0c3d9b2e4f5a8c7d6e5f4a3b2c1d
+//! gitlab-proxmox-runner: v=2 nonce=6a1f0c3d9b2e4f5a8c7d6e5f4a3b2c1d runner=ci-host-1 created=1764293000 deadline=1764300200 driver=0.1.0 job=8123456 pipeline=991 project=group/project
 //! ```
 //!
-//! cleanup compares it with the marker prepare saved in the job state before it destroys a VM
-//! (never delete a VM this job did not create); the orphan sweep uses it to find old VMs and
-//! their runner. The random per-prepare `nonce` makes two prepares of the same job (the runner
-//! retries prepare) different owners.
+//! - **Ownership is the nonce**: 128 random bits prepare draws for every VM and keeps in the job
+//!   state. cleanup destroys the VM at the state's VMID only when the marker line carries that
+//!   nonce; two prepares of the same job (the runner retries prepare) are different owners.
+//! - **Fixed position, no job text that can reach it**: only the first line counts, whatever the
+//!   description holds after it. Job-supplied text (project path; ids are numbers) is
+//!   percent-encoded on that line, and in the sentence for people after it, so it can neither
+//!   add a line nor a `key=value` pair.
+//! - **Host-set facts only decide**: `runner` is the host's `PROXMOX_RUNNER_ID`; `created` and
+//!   `deadline` are the driver's clock. `deadline` is the job timeout (`CI_JOB_TIMEOUT`, which a
+//!   job can override, so capped by the host's `PROXMOX_MAX_JOB_TIMEOUT`) plus
+//!   [`DEADLINE_MARGIN`] for prepare and cleanup. `job`, `pipeline` and `project` are labels.
+//! - **v=1** markers (older driver versions, still on running VMs) are read too: their `runner`
+//!   was the job-overridable `CI_RUNNER_SHORT_TOKEN`, so it is ignored, and they have no
+//!   deadline: gc sweeps them by age alone.
 
 use std::fmt::Write as _;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use percent_encoding::{
+    percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS, NON_ALPHANUMERIC,
+};
 
 use crate::job::JobInfo;
 
 pub const MARKER_PREFIX: &str = "gitlab-proxmox-runner:";
-const FORMAT_VERSION: &str = "1";
+pub const CURRENT_VERSION: u8 = 2;
+/// What a VM may live beyond its job's timeout: prepare (a full clone, the boot), after_script
+/// and uploads, and cleanup's own bound.
+pub const DEADLINE_MARGIN: Duration = Duration::from_secs(3600);
 const NONE: &str = "-";
 
 /// Everything but what reads well in a project path or token is percent-encoded, so a value
@@ -30,35 +45,67 @@ const VALUE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'~');
 
+/// In the sentence for people: control characters (newlines included) and `%` itself.
+const SENTENCE: &AsciiSet = &CONTROLS.add(b'%');
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Marker {
-    /// `CI_RUNNER_SHORT_TOKEN` of the runner that created the VM.
+    pub version: u8,
+    /// v2: the creating runner host's `PROXMOX_RUNNER_ID`. v1: `CI_RUNNER_SHORT_TOKEN`, which a
+    /// job can override, so never used to decide anything.
     pub runner: Option<String>,
+    /// Labels from the job (its predefined variables, which it can override).
     pub job_id: Option<u64>,
     pub project: Option<String>,
     pub pipeline_id: Option<u64>,
     /// Creation time, seconds since the Unix epoch.
     pub created: u64,
+    /// v2: when the VM's job must be over, seconds since the Unix epoch.
+    pub deadline: Option<u64>,
     pub driver_version: String,
     /// 128 random bits as hex, new for every prepare.
     pub nonce: String,
 }
 
+fn now_epoch() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|age| age.as_secs())
+        .unwrap_or(0)
+}
+
+/// `created` + the job's timeout (capped at `max_job_timeout`, which it is when unknown) +
+/// [`DEADLINE_MARGIN`].
+pub fn deadline_for(created: u64, job_timeout_secs: Option<u64>, max_job_timeout: Duration) -> u64 {
+    let cap = max_job_timeout.as_secs();
+    let timeout = job_timeout_secs.unwrap_or(cap).min(cap);
+    created
+        .saturating_add(timeout)
+        .saturating_add(DEADLINE_MARGIN.as_secs())
+}
+
 impl Marker {
-    /// A new marker for this job, stamped now, with a fresh nonce.
-    pub fn new(job: &JobInfo) -> Marker {
+    /// A marker for this job on the runner host `runner_id`, stamped now, with a fresh nonce.
+    pub fn for_job(job: &JobInfo, runner_id: &str, max_job_timeout: Duration) -> Marker {
+        let created = now_epoch();
         Marker {
-            runner: job.runner_short_token.clone(),
+            version: CURRENT_VERSION,
+            runner: Some(runner_id.to_string()),
             job_id: job.job_id,
             project: job.project_path.clone(),
             pipeline_id: job.pipeline_id,
-            created: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|age| age.as_secs())
-                .unwrap_or(0),
+            created,
+            deadline: Some(deadline_for(created, job.timeout_secs, max_job_timeout)),
             driver_version: crate::DRIVER_VERSION.to_string(),
             nonce: format!("{:032x}", rand::random::<u128>()),
         }
+    }
+
+    /// [`Marker::for_job`] with no runner identity and the default job timeout cap.
+    pub fn new(job: &JobInfo) -> Marker {
+        let mut marker = Marker::for_job(job, NONE, crate::config::DEFAULT_MAX_JOB_TIMEOUT);
+        marker.runner = None;
+        marker
     }
 
     /// The marker line (no newline).
@@ -73,29 +120,45 @@ impl Marker {
             value.map_or_else(|| NONE.to_string(), |n| n.to_string())
         }
         let mut line = String::from(MARKER_PREFIX);
+        if self.version == 1 {
+            let _ = write!(
+                line,
+                " v=1 runner={} job={} project={} pipeline={} created={} driver={} nonce={}",
+                text(self.runner.as_deref()),
+                number(self.job_id),
+                text(self.project.as_deref()),
+                number(self.pipeline_id),
+                self.created,
+                text(Some(&self.driver_version)),
+                text(Some(&self.nonce)),
+            );
+            return line;
+        }
         let _ = write!(
             line,
-            " v={FORMAT_VERSION} runner={} job={} project={} pipeline={} created={} driver={} nonce={}",
-            text(self.runner.as_deref()),
-            number(self.job_id),
-            text(self.project.as_deref()),
-            number(self.pipeline_id),
-            self.created,
-            text(Some(&self.driver_version)),
+            " v={} nonce={} runner={} created={} deadline={} driver={} job={} pipeline={} project={}",
+            self.version,
             text(Some(&self.nonce)),
+            text(self.runner.as_deref()),
+            self.created,
+            number(self.deadline),
+            text(Some(&self.driver_version)),
+            number(self.job_id),
+            number(self.pipeline_id),
+            text(self.project.as_deref()),
         );
         line
     }
 
-    /// The whole VM description: the marker line, then a sentence for people.
+    /// The whole VM description: the marker line, then a sentence for people in which job text
+    /// cannot start a line either.
     pub fn description(&self) -> String {
         let job = self
             .job_id
             .map_or_else(|| "a CI job".to_string(), |id| format!("CI job {id}"));
-        let project = self
-            .project
-            .as_deref()
-            .map_or_else(String::new, |path| format!(" of {path}"));
+        let project = self.project.as_deref().map_or_else(String::new, |path| {
+            format!(" of {}", utf8_percent_encode(path, SENTENCE))
+        });
         format!(
             "{}\n\nCreated by gitlab-proxmox-runner for {job}{project}; destroyed by the job's \
              cleanup, or by `gitlab-proxmox-runner gc` if the runner died.\n",
@@ -106,69 +169,95 @@ impl Marker {
     /// Parses one marker line. `None` unless it is a complete marker of a known version.
     pub fn parse_line(line: &str) -> Option<Marker> {
         let rest = line.trim().strip_prefix(MARKER_PREFIX)?;
-        let mut version = None;
-        let mut runner = None;
-        let mut job_id = None;
-        let mut project = None;
-        let mut pipeline_id = None;
-        let mut created = None;
-        let mut driver_version = None;
-        let mut nonce = None;
+        let mut fields: Vec<(&str, Option<String>)> = Vec::new();
         for pair in rest.split_whitespace() {
             let (key, raw) = pair.split_once('=')?;
+            // A key twice: not a line this driver wrote.
+            if fields.iter().any(|(seen, _)| *seen == key) {
+                return None;
+            }
             let value = if raw == NONE {
                 None
             } else {
                 Some(percent_decode_str(raw).decode_utf8().ok()?.into_owned())
             };
-            let number = |value: &Option<String>| -> Option<Option<u64>> {
-                match value {
-                    None => Some(None),
-                    Some(text) => text.parse().ok().map(Some),
-                }
-            };
-            match key {
-                "v" => version = value,
-                "runner" => runner = value,
-                "job" => job_id = number(&value)?,
-                "project" => project = value,
-                "pipeline" => pipeline_id = number(&value)?,
-                "created" => created = value.and_then(|text| text.parse::<u64>().ok()),
-                "driver" => driver_version = value,
-                "nonce" => nonce = value,
-                // Later versions may add keys.
-                _ => {}
+            fields.push((key, value));
+        }
+        let field = |name: &str| -> Option<String> {
+            fields
+                .iter()
+                .find(|(key, _)| *key == name)
+                .and_then(|(_, value)| value.clone())
+        };
+        // `Some(None)` for `-` or absent, `None` for garbage.
+        let number = |name: &str| -> Option<Option<u64>> {
+            match field(name) {
+                None => Some(None),
+                Some(text) => text.parse().ok().map(Some),
             }
-        }
-        if version.as_deref() != Some(FORMAT_VERSION) {
-            return None;
-        }
-        let nonce = nonce.filter(|nonce| {
+        };
+        let version = match field("v").as_deref() {
+            Some("1") => 1,
+            Some("2") => 2,
+            _ => return None,
+        };
+        let nonce = field("nonce").filter(|nonce| {
             (16..=64).contains(&nonce.len()) && nonce.chars().all(|c| c.is_ascii_hexdigit())
         })?;
+        let deadline = number("deadline")?;
+        if version == 2 && deadline.is_none() {
+            return None;
+        }
         Some(Marker {
-            runner,
-            job_id,
-            project,
-            pipeline_id,
-            created: created?,
-            driver_version: driver_version?,
+            version,
+            runner: field("runner"),
+            job_id: number("job")?,
+            project: field("project"),
+            pipeline_id: number("pipeline")?,
+            created: number("created")??,
+            deadline: if version == 1 { None } else { deadline },
+            driver_version: field("driver")?,
             nonce,
         })
     }
 
-    /// The marker in a VM description, if it has exactly one that parses.
+    /// The marker on the first line of a VM description. Whatever follows that line (another
+    /// marker included) does not count.
     pub fn find_in(description: &str) -> Option<Marker> {
-        let mut found = description
-            .lines()
-            .filter(|line| line.trim_start().starts_with(MARKER_PREFIX))
-            .map(Marker::parse_line);
-        let first = found.next()??;
-        // Two marker lines: someone edited the description; trust neither.
-        if found.next().is_some() {
-            return None;
+        Marker::parse_line(description.trim_start().lines().next()?)
+    }
+
+    /// Whether `gc --runner <id>` covers this VM. A v1 marker's runner is job-controlled, so
+    /// v1 VMs are judged by age alone, whatever the filter.
+    pub fn made_by_runner(&self, runner_id: &str) -> bool {
+        self.version == 1 || self.runner.as_deref() == Some(runner_id)
+    }
+
+    /// When gc may destroy the VM: `created + max_age` when the admin passed `--max-age`, else
+    /// the recorded deadline, else (v1) `created + default_max_age`.
+    pub fn sweepable_from(&self, max_age: Option<Duration>, default_max_age: Duration) -> u64 {
+        match (max_age, self.deadline) {
+            (Some(age), _) => self.created.saturating_add(age.as_secs()),
+            (None, Some(deadline)) => deadline,
+            (None, None) => self.created.saturating_add(default_max_age.as_secs()),
         }
-        Some(first)
+    }
+}
+
+/// `Ok` when `description` carries `expected`'s marker (same version and nonce), else why not.
+pub fn ownership(description: Option<&str>, expected: &Marker) -> Result<(), String> {
+    match description.and_then(Marker::find_in) {
+        Some(found) if found.version == expected.version && found.nonce == expected.nonce => Ok(()),
+        Some(found) => Err(format!(
+            "its ownership marker belongs to another prepare (job {}, created {}, nonce {})",
+            found.job_id.map_or("-".to_string(), |id| id.to_string()),
+            found.created,
+            found.nonce
+        )),
+        None => Err(
+            "its description carries no gitlab-proxmox-runner ownership marker on its first line"
+                .into(),
+        ),
     }
 }
 
@@ -183,65 +272,161 @@ mod tests {
             project_path: Some("group/sub group/project".into()),
             project_slug: Some("group-sub-group-project".into()),
             runner_short_token: Some("xS6Vzpvo".into()),
+            timeout_secs: Some(600),
             ..Default::default()
         }
     }
 
+    fn marker() -> Marker {
+        Marker::for_job(&job(), "ci-host-1", Duration::from_secs(3600))
+    }
+
     #[test]
     fn a_marker_round_trips_through_its_line_and_the_description() {
-        let marker = Marker::new(&job());
+        let marker = marker();
         let line = marker.render();
+        assert!(
+            line.starts_with("gitlab-proxmox-runner: v=2 nonce="),
+            "{line}"
+        );
         assert!(!line.contains('\n'));
         assert!(line.contains("job=8123456"));
+        assert!(line.contains("runner=ci-host-1"), "{line}");
         assert!(line.contains("project=group/sub%20group/project"), "{line}");
         assert_eq!(Marker::parse_line(&line), Some(marker.clone()));
         assert_eq!(Marker::find_in(&marker.description()), Some(marker));
     }
 
     #[test]
+    fn the_deadline_is_the_job_timeout_capped_by_the_host_plus_a_margin() {
+        let marker = marker();
+        assert_eq!(marker.deadline, Some(marker.created + 600 + 3600));
+        let greedy = JobInfo {
+            timeout_secs: Some(10 * 365 * 86_400),
+            ..job()
+        };
+        let capped = Marker::for_job(&greedy, "h", Duration::from_secs(7200));
+        assert_eq!(capped.deadline, Some(capped.created + 7200 + 3600));
+        let unknown = JobInfo {
+            timeout_secs: None,
+            ..job()
+        };
+        let default = Marker::for_job(&unknown, "h", Duration::from_secs(7200));
+        assert_eq!(
+            default.deadline,
+            capped
+                .deadline
+                .map(|d| d - capped.created + default.created)
+        );
+        assert_eq!(
+            deadline_for(u64::MAX - 1, Some(5), Duration::from_secs(9)),
+            u64::MAX
+        );
+    }
+
+    #[test]
+    fn job_text_cannot_add_lines_pairs_or_a_second_owner() {
+        let forged_line = marker().render();
+        let evil = JobInfo {
+            project_path: Some(format!("g/p\n{forged_line}\nnonce=00 x=y")),
+            ..job()
+        };
+        let ours = Marker::for_job(&evil, "ci-host-1", Duration::from_secs(3600));
+        let description = ours.description();
+        // Marker line, blank line, sentence: nothing else.
+        assert_eq!(description.lines().count(), 3, "{description}");
+        assert!(description
+            .lines()
+            .skip(1)
+            .all(|l| !l.starts_with(MARKER_PREFIX)));
+        assert_eq!(Marker::find_in(&description), Some(ours.clone()));
+        assert_eq!(ownership(Some(&description), &ours), Ok(()));
+        // Extra marker lines after ours (edited by hand, or a forgery): ours still counts.
+        let appended = format!("{description}{forged_line}\n{forged_line}\n");
+        assert_eq!(ownership(Some(&appended), &ours), Ok(()));
+        // A forged line first is simply another owner.
+        let prepended = format!("{forged_line}\n{description}");
+        assert!(ownership(Some(&prepended), &ours).is_err());
+    }
+
+    #[test]
     fn every_prepare_gets_its_own_nonce() {
-        let a = Marker::new(&job());
-        let b = Marker::new(&job());
+        let a = marker();
+        let b = marker();
         assert_ne!(a.nonce, b.nonce);
-        assert_ne!(a, b);
         assert_eq!(a.nonce.len(), 32);
+        assert!(ownership(Some(&a.description()), &b).is_err());
     }
 
     #[test]
     fn missing_job_facts_are_dashes() {
         let marker = Marker::new(&JobInfo::default());
         let line = marker.render();
-        assert!(
-            line.contains("runner=- job=- project=- pipeline=-"),
-            "{line}"
-        );
+        assert!(line.contains("runner=- "), "{line}");
+        assert!(line.contains("job=- pipeline=- project=-"), "{line}");
         assert_eq!(Marker::parse_line(&line), Some(marker));
     }
 
     #[test]
-    fn the_recorded_description_parses() {
+    fn the_recorded_v1_description_parses_and_is_judged_by_age() {
         let text = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/fixtures/proxmox/config.json"
         ))
         .unwrap();
         let config: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let marker = Marker::find_in(config["data"]["description"].as_str().unwrap()).unwrap();
+        let description = config["data"]["description"].as_str().unwrap();
+        let marker = Marker::find_in(description).unwrap();
+        assert_eq!(marker.version, 1);
         assert_eq!(marker.runner.as_deref(), Some("xS6Vzpvo"));
         assert_eq!(marker.job_id, Some(8123456));
         assert_eq!(marker.created, 1764293000);
+        assert_eq!(marker.deadline, None);
+        assert_eq!(Marker::parse_line(&marker.render()), Some(marker.clone()));
+        assert!(marker.made_by_runner("anyone"));
+        let day = Duration::from_secs(86_400);
+        assert_eq!(marker.sweepable_from(None, day), 1764293000 + 86_400);
+        // A v1 VM whose job appended a second marker line: still ours (the first line counts).
+        let forged = format!("{description}\n{}\n", marker.render());
+        assert_eq!(ownership(Some(&forged), &marker), Ok(()));
+    }
+
+    #[test]
+    fn gc_uses_the_deadline_unless_the_admin_overrides_it() {
+        let marker = marker();
+        let hour = Duration::from_secs(3600);
+        assert_eq!(
+            marker.sweepable_from(None, hour * 25),
+            marker.deadline.unwrap()
+        );
+        assert_eq!(
+            marker.sweepable_from(Some(hour * 48), hour),
+            marker.created + 48 * 3600
+        );
+        assert!(marker.made_by_runner("ci-host-1"));
+        assert!(!marker.made_by_runner("xS6Vzpvo"));
     }
 
     #[test]
     fn damaged_or_foreign_markers_do_not_parse() {
-        let line = Marker::new(&job()).render();
-        assert!(Marker::parse_line(&line.replace("v=1", "v=2")).is_none());
+        let line = marker().render();
+        assert!(Marker::parse_line(&line.replace("v=2", "v=3")).is_none());
         assert!(Marker::parse_line(&line.replace("job=8123456", "job=abc")).is_none());
-        let without_nonce: String = line.split(" nonce=").next().unwrap().to_string();
+        let without_deadline: String = line
+            .split(' ')
+            .filter(|pair| !pair.starts_with("deadline="))
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(Marker::parse_line(&without_deadline).is_none());
+        let without_nonce: String = line
+            .split(' ')
+            .filter(|pair| !pair.starts_with("nonce="))
+            .collect::<Vec<_>>()
+            .join(" ");
         assert!(Marker::parse_line(&without_nonce).is_none());
+        assert!(Marker::parse_line(&format!("{line} nonce=0123456789abcdef")).is_none());
         assert!(Marker::parse_line("gitlab-proxmox-runner: garbage").is_none());
         assert!(Marker::find_in("just a VM someone made by hand").is_none());
-        let twice = format!("{line}\n{line}\n");
-        assert!(Marker::find_in(&twice).is_none());
+        assert!(Marker::find_in(&format!("hand-made\n{line}")).is_none());
     }
 }

@@ -61,6 +61,33 @@ pub struct JobState {
     /// (its worker writes the config a moment later).
     #[serde(default)]
     pub clone_upid: Option<String>,
+    /// Set by the stage that lost the VM: later stages fail at once instead of waiting for a
+    /// VM that is gone. cleanup ignores it (it destroys the VM through the API, not SSH).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<Lost>,
+}
+
+/// When and where a stage lost its VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lost {
+    /// Unix seconds: when the VM was last heard from.
+    pub since: u64,
+    /// The stage that noticed (a runner-given name: data, shown escaped).
+    pub stage: String,
+}
+
+impl Lost {
+    /// `12:03:41 UTC`: a job lasts hours at most, the time of day is what an admin compares
+    /// with the node's logs.
+    pub fn since_utc(&self) -> String {
+        let of_day = self.since % 86_400;
+        format!(
+            "{:02}:{:02}:{:02} UTC",
+            of_day / 3600,
+            of_day % 3600 / 60,
+            of_day % 60
+        )
+    }
 }
 
 /// The directory for per-job files: `$TMPDIR` as the runner sets it, else the working directory
@@ -154,6 +181,7 @@ mod tests {
             host_key_source: None,
             clone_sent_at: None,
             clone_upid: None,
+            lost: None,
         }
     }
 
@@ -174,6 +202,22 @@ mod tests {
         JobState::remove(dir.path()).unwrap();
         JobState::remove(dir.path()).unwrap();
         assert_eq!(JobState::load(dir.path()).unwrap(), None);
+    }
+
+    #[test]
+    fn a_lost_vm_is_remembered_and_older_states_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = sample();
+        state.save(dir.path()).unwrap();
+        let text = std::fs::read_to_string(state_path(dir.path())).unwrap();
+        assert!(!text.contains("lost"), "{text}");
+        state.lost = Some(Lost {
+            since: 1_764_676_421,
+            stage: "build_script".into(),
+        });
+        state.save(dir.path()).unwrap();
+        assert_eq!(JobState::load(dir.path()).unwrap(), Some(state.clone()));
+        assert_eq!(state.lost.unwrap().since_utc(), "11:53:41 UTC");
     }
 
     #[test]

@@ -96,8 +96,7 @@ pub async fn destroy_owned_vm(
             let Some(config) = client.vm_config(node, vmid).await.map_err(fail)? else {
                 return Ok(gone(acted));
             };
-            let found = config.description().as_deref().and_then(Marker::find_in);
-            match ownership(found.as_ref(), expected) {
+            match crate::marker::ownership(config.description().as_deref(), expected) {
                 Ok(()) => owner_checked = true,
                 // A VM still being cloned may not show its description yet: look again once
                 // the clone lock is gone.
@@ -170,20 +169,6 @@ pub async fn destroy_owned_vm(
              `gitlab-proxmox-runner gc` will retry"
         ),
     })
-}
-
-/// `Ok` when `found` is the marker this job expects, else why not.
-fn ownership(found: Option<&Marker>, expected: &Marker) -> std::result::Result<(), String> {
-    match found {
-        Some(marker) if marker == expected => Ok(()),
-        Some(marker) => Err(format!(
-            "its ownership marker belongs to another prepare (job {}, created {}, nonce {})",
-            marker.job_id.map_or("-".to_string(), |id| id.to_string()),
-            marker.created,
-            marker.nonce
-        )),
-        None => Err("its description carries no gitlab-proxmox-runner ownership marker".into()),
-    }
 }
 
 async fn wait_for_lock(

@@ -1,6 +1,5 @@
 //! The files in `examples/` are what admins copy: they must stay valid for the driver.
 
-use std::collections::HashSet;
 use std::path::Path;
 
 use gitlab_proxmox_runner::settings::{Settings, Sources, TlsTrust};
@@ -16,11 +15,10 @@ fn example(name: &str) -> String {
 fn the_example_driver_settings_file_loads() {
     let text = example("driver.toml");
     let no_env = |_: &str| None;
-    let no_job_variables = HashSet::new();
     let settings = Settings::from_sources(Sources {
         file: Some((&text, Path::new("examples/driver.toml"))),
         env: &no_env,
-        job_variable_names: Some(&no_job_variables),
+        job_response: None,
     })
     .expect("examples/driver.toml is accepted by the driver");
     assert_eq!(settings.node, "pve1");

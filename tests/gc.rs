@@ -4,6 +4,7 @@
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use gitlab_proxmox_runner::config::DEFAULT_MAX_JOB_TIMEOUT;
 use gitlab_proxmox_runner::job::JobInfo;
 use gitlab_proxmox_runner::marker::Marker;
 use gpr_testkit::{FakeConfig, FakeProxmox, NewVm};
@@ -19,16 +20,21 @@ fn now() -> u64 {
         .as_secs()
 }
 
-/// A marker of runner `runner` for job `job`, created `age_secs` ago.
+/// A marker of runner host `runner` (its PROXMOX_RUNNER_ID) for job `job`, created `age_secs`
+/// ago, with the deadline prepare records for a job of unknown timeout (24 h cap + 1 h).
 fn marker(runner: &str, job: u64, age_secs: u64) -> Marker {
-    let mut marker = Marker::new(&JobInfo {
-        job_id: Some(job),
-        pipeline_id: Some(7),
-        project_path: Some("group/project".into()),
-        runner_short_token: Some(runner.into()),
-        ..Default::default()
-    });
-    marker.created = now() - age_secs;
+    let mut marker = Marker::for_job(
+        &JobInfo {
+            job_id: Some(job),
+            pipeline_id: Some(7),
+            project_path: Some("group/project".into()),
+            ..Default::default()
+        },
+        runner,
+        DEFAULT_MAX_JOB_TIMEOUT,
+    );
+    marker.created -= age_secs;
+    marker.deadline = marker.deadline.map(|deadline| deadline - age_secs);
     marker
 }
 
@@ -186,8 +192,8 @@ fn foreign_vms_are_never_touched() {
     let old = marker("xS6Vzpvo", 1, 30 * DAY);
     let valid_line = old.render();
     let foreign: Vec<(u32, &str, String, bool)> = vec![
-        // A valid marker but no tag: someone copied a description.
-        (2_000_001, "ubuntu", old.description(), false),
+        // (Changed rule: a valid marker without the tag is an orphan now, see
+        // `untagged_vms_with_a_marker_are_orphans_past_their_deadline`.)
         // The tag but no marker at all.
         (2_000_002, TAG, "a VM someone made by hand".into(), false),
         // The tag and a garbled marker.
@@ -198,12 +204,14 @@ fn foreign_vms_are_never_touched() {
             false,
         ),
         // The tag and a marker of an unknown (future) format.
-        (2_000_004, TAG, valid_line.replace("v=1", "v=2"), false),
-        // The tag and two marker lines: edited by hand, trust neither.
+        (2_000_004, TAG, valid_line.replace("v=2", "v=3"), false),
+        // The tag and a marker that is not the description's first line: job text, or a hand
+        // edit, never the driver. (Changed rule: extra lines AFTER a valid first line no
+        // longer make a VM foreign.)
         (
             2_000_005,
             TAG,
-            format!("{valid_line}\n{valid_line}\n"),
+            format!("copied by hand\n{valid_line}\n"),
             false,
         ),
         // A template carrying tag and marker.
@@ -247,13 +255,6 @@ fn foreign_vms_are_never_touched() {
     assert!(touched.is_empty(), "foreign VMs were touched: {touched:?}");
     assert!(
         run.stderr.contains("VM 2000002 on pve1 carries the gitlab-proxmox-runner tag but no valid ownership marker"),
-        "{}",
-        run.stderr
-    );
-    // The marker without the tag is what a prepare that died mid-clone leaves: reported.
-    assert!(
-        run.stderr
-            .contains("VM 2000001 on pve1 has this driver's ownership marker"),
         "{}",
         run.stderr
     );
@@ -425,8 +426,10 @@ fn the_example_systemd_units_run_the_sweep_with_the_documented_default() {
     let gc_at = args.iter().position(|arg| *arg == "gc").expect("runs gc");
     assert_eq!(args[1], "--config", "{exec}");
     assert!(args[..gc_at].len() == 3, "{exec}");
-    let age_at = args.iter().position(|arg| *arg == "--max-age").unwrap();
-    assert_eq!(parse_age(args[age_at + 1]).unwrap(), DEFAULT_MAX_AGE);
+    // (Changed: the unit relies on each VM's recorded deadline; `--max-age` would override
+    // them all.)
+    assert!(!args.contains(&"--max-age"), "{exec}");
+    assert!(service.contains("25 h") && parse_age("25h").unwrap() == DEFAULT_MAX_AGE);
     assert!(service.contains("Type=oneshot"));
 
     let timer = std::fs::read_to_string(examples.join("gitlab-proxmox-runner-gc.timer")).unwrap();
@@ -490,4 +493,142 @@ fn sigterm_stops_the_sweep_promptly() {
     assert_ne!(run.code, 0);
     assert!(run.stderr.contains("gc was cancelled"), "{}", run.stderr);
     assert!(exists(&fake, 2_000_650));
+}
+
+/// A marker line as prepare writes it (v=2), spelled out so the wire format is pinned.
+fn v2_line(runner: &str, job: u64, created: u64, deadline: u64) -> String {
+    format!(
+        "gitlab-proxmox-runner: v=2 nonce={:032x} runner={runner} created={created} \
+         deadline={deadline} driver=0.2.0 job={job} pipeline=7 project=group/project",
+        u128::from(job) * 7919 + 1
+    )
+}
+
+/// A marker line of an older driver version (v=1: no deadline, a job-controlled runner).
+fn v1_line(runner: &str, job: u64, created: u64) -> String {
+    format!(
+        "gitlab-proxmox-runner: v=1 runner={runner} job={job} project=group/project pipeline=7 \
+         created={created} driver=0.1.0 nonce={:032x}",
+        u128::from(job) * 104_729 + 3
+    )
+}
+
+fn vm_with(fake: &FakeProxmox, vmid: u32, tags: &str, first_line: &str) {
+    fake.add_vm(NewVm {
+        vmid,
+        name: format!("ci-{vmid}"),
+        tags: tags.into(),
+        description: format!("{first_line}\n\nCreated by gitlab-proxmox-runner.\n"),
+        running: true,
+        ..Default::default()
+    });
+}
+
+#[test]
+fn each_vm_is_swept_past_its_own_deadline_and_v1_vms_by_age() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let now = now();
+    // A 10-minute job that ended (deadline = created + 10 min + 1 h) an hour ago.
+    vm_with(
+        &fake,
+        2_000_801,
+        TAG,
+        &v2_line("h", 1, now - 3 * 3600, now - 3600),
+    );
+    // A long job, still within its deadline, though older than the short one.
+    vm_with(
+        &fake,
+        2_000_802,
+        TAG,
+        &v2_line("h", 2, now - 3 * 3600, now + 3600),
+    );
+    // Older driver versions: no deadline, swept by age (25 h).
+    vm_with(&fake, 2_000_803, TAG, &v1_line("t", 3, now - 26 * 3600));
+    vm_with(&fake, 2_000_804, TAG, &v1_line("t", 4, now - 3 * 3600));
+    gc(&fake, &[])
+        .assert_ok()
+        .assert_summary("gc: 2 orphans destroyed, 0 skipped (locked), 2 live kept");
+    assert!(!exists(&fake, 2_000_801) && !exists(&fake, 2_000_803));
+    assert!(exists(&fake, 2_000_802) && exists(&fake, 2_000_804));
+    // --max-age overrides every deadline.
+    gc(&fake, &["--max-age", "2h"])
+        .assert_ok()
+        .assert_summary("gc: 2 orphans destroyed");
+    assert!(!exists(&fake, 2_000_802) && !exists(&fake, 2_000_804));
+}
+
+#[test]
+fn untagged_vms_with_a_marker_are_orphans_past_their_deadline() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let now = now();
+    // The runner died between the clone (marker in the description) and tagging.
+    vm_with(
+        &fake,
+        2_000_901,
+        "ubuntu",
+        &v2_line("h", 1, now - 3 * 3600, now - 60),
+    );
+    vm_with(&fake, 2_000_902, "", &v1_line("t", 2, now - 30 * 3600));
+    // Mid-prepare right now: not yet tagged, well within its deadline.
+    vm_with(
+        &fake,
+        2_000_903,
+        "ubuntu",
+        &v2_line("h", 3, now - 5, now + 3600),
+    );
+    // No marker on the first line: foreign, whatever follows.
+    vm_with(
+        &fake,
+        2_000_904,
+        "ubuntu",
+        &format!("database\n{}", v2_line("h", 4, now - 3 * 3600, now - 60)),
+    );
+    let run = gc(&fake, &[]);
+    run.assert_ok()
+        .assert_summary("gc: 2 orphans destroyed, 0 skipped (locked), 1 live kept");
+    assert!(!exists(&fake, 2_000_901) && !exists(&fake, 2_000_902));
+    assert!(exists(&fake, 2_000_903) && exists(&fake, 2_000_904));
+    assert!(
+        run.stderr
+            .contains("VM 2000901 on pve1 has this driver's ownership marker but not the"),
+        "{}",
+        run.stderr
+    );
+    let touched: Vec<String> = changing_requests(&fake)
+        .into_iter()
+        .filter(|request| request.contains("/2000903") || request.contains("/2000904"))
+        .collect();
+    assert!(touched.is_empty(), "{touched:?}");
+}
+
+#[test]
+fn runner_compares_the_hosts_runner_id_and_v1_vms_go_by_age() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let now = now();
+    vm_with(
+        &fake,
+        2_000_951,
+        TAG,
+        &v2_line("ci-host-1", 1, now - 3 * 3600, now - 60),
+    );
+    vm_with(
+        &fake,
+        2_000_952,
+        TAG,
+        &v2_line("ci-host-2", 2, now - 3 * 3600, now - 60),
+    );
+    // A v1 VM whose job set CI_RUNNER_SHORT_TOKEN to dodge the sweep: age decides.
+    vm_with(
+        &fake,
+        2_000_953,
+        TAG,
+        &v1_line("someone-else", 3, now - 30 * 3600),
+    );
+    gc(&fake, &["--runner", "ci-host-1"])
+        .assert_ok()
+        .assert_summary(
+            "gc: 2 orphans destroyed, 0 skipped (locked), 0 live kept, 1 of other runners kept",
+        );
+    assert!(!exists(&fake, 2_000_951) && !exists(&fake, 2_000_953));
+    assert!(exists(&fake, 2_000_952));
 }

@@ -45,6 +45,8 @@ impl Lab {
                 "PROXMOX_CLONE_LOCK_DIR",
                 host.lock_dir.path().display().to_string(),
             )
+            // The marker names the runner host by this, not by the job's short token.
+            .host_env("PROXMOX_RUNNER_ID", host.token)
             .job_var("CI_JOB_ID", job_id.to_string())
             .job_var("CI_PIPELINE_ID", "500")
             .job_var("CI_PROJECT_PATH", "group/project")
@@ -141,11 +143,14 @@ fn thirty_two_jobs_from_two_hosts_each_get_their_own_vm_and_leave_nothing() {
         runner_short_token: Some("hostAAAA".into()),
         ..Default::default()
     });
-    orphan_marker.created = SystemTime::now()
+    let two_days_ago = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
         - 2 * 86_400;
+    let age = orphan_marker.created - two_days_ago;
+    orphan_marker.created = two_days_ago;
+    orphan_marker.deadline = orphan_marker.deadline.map(|deadline| deadline - age);
     let orphan = 2_999_999;
     lab.fake.add_vm(NewVm {
         vmid: orphan,

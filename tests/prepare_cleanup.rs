@@ -95,6 +95,7 @@ fn state_for(dir: &Path, vmid: u32, phase: Phase, marker: &Marker) -> JobState {
         host_key_source: None,
         clone_sent_at: None,
         clone_upid: None,
+        lost: None,
     };
     state.save(dir).unwrap();
     state
@@ -176,7 +177,8 @@ fn the_clone_gets_name_marker_tag_and_resources_before_it_boots() {
         .host_env("VM_BOOT_TIMEOUT", "20")
         .host_env("VM_CORES", "4")
         .host_env("VM_MEMORY_MB", "4096")
-        .host_env("VM_DISK_GROW_GB", "5");
+        .host_env("VM_DISK_GROW_GB", "5")
+        .host_env("PROXMOX_RUNNER_ID", "ci-host-1");
     let mut child = hook.clone().arg("prepare").command().spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     let vm = loop {
@@ -208,7 +210,8 @@ fn the_clone_gets_name_marker_tag_and_resources_before_it_boots() {
     assert_eq!(marker.job_id, Some(8123456));
     assert_eq!(marker.pipeline_id, Some(77));
     assert_eq!(marker.project.as_deref(), Some("group/project"));
-    assert_eq!(marker.runner.as_deref(), Some("xS6Vzpvo"));
+    // (Changed: the runner host's PROXMOX_RUNNER_ID, not the job-overridable short token.)
+    assert_eq!(marker.runner.as_deref(), Some("ci-host-1"));
     assert_eq!(Some(marker), Marker::parse_line(&state.marker));
     assert!(
         (2_000_000..=2_999_999).contains(&vm.vmid),
@@ -671,9 +674,11 @@ fn task_warnings_count_as_success_and_a_lingering_clone_lock_is_waited_out() {
 fn a_key_from_custom_env_is_warned_about() {
     let fake = FakeProxmox::start(FakeConfig::default());
     let dir = tempfile::tempdir().unwrap();
-    let out = prepare(
-        &hook_without_key(&fake, dir.path(), 20).job_var("VM_SSH_PRIVATE_KEY", "not-a-usable-key"),
-    );
+    // (Changed: key text, because a job's key path is now refused before prepare starts.)
+    let out = prepare(&hook_without_key(&fake, dir.path(), 20).job_var(
+        "VM_SSH_PRIVATE_KEY",
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nnot-a-usable-key\n-----END OPENSSH PRIVATE KEY-----",
+    ));
     assert_log_has(&out, "VM_SSH_PRIVATE_KEY came in through CUSTOM_ENV_");
     let fake2 = FakeProxmox::start(FakeConfig::default());
     let out = prepare(&hook(&fake2, dir.path(), 20));
@@ -682,6 +687,19 @@ fn a_key_from_custom_env_is_warned_about() {
         "{}",
         out.log()
     );
+}
+
+#[test]
+fn a_key_path_from_the_job_is_refused_before_any_request() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let out = prepare(
+        &hook_without_key(&fake, dir.path(), 22)
+            .job_var("VM_SSH_PRIVATE_KEY", "/etc/ssh/ssh_host_ed25519_key"),
+    );
+    out.assert_exit(BUILD_FAILURE);
+    assert_log_has(&out, "must hold the key text itself");
+    assert_eq!(fake.request_count(), 0);
 }
 
 #[test]

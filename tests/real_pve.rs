@@ -235,6 +235,7 @@ fn with_a_pool_scoped_token_cleanup_of_a_gone_or_cloning_vm_succeeds() {
         host_key_source: None,
         clone_sent_at: None,
         clone_upid: None,
+        lost: None,
     };
     state.save(dir.path()).unwrap();
     let again = hook.clone().arg("cleanup").run();
@@ -248,6 +249,7 @@ fn with_a_pool_scoped_token_gc_sweeps_the_pools_orphans() {
     let fake = pool_fake();
     let old = Marker {
         created: 1_000,
+        deadline: Some(2_000),
         ..Marker::new(&JobInfo {
             job_id: Some(5),
             ..Default::default()
@@ -294,6 +296,7 @@ fn job_vm_with_state(fake: &FakeProxmox, dir: &Path, vmid: u32) {
         host_key_source: None,
         clone_sent_at: None,
         clone_upid: None,
+        lost: None,
     }
     .save(dir)
     .unwrap();
@@ -362,4 +365,62 @@ fn teardown_rounds_pause_and_ride_out_a_busy_config_lock() {
     out.assert_exit(0);
     assert!(out.log().contains("trying again in"), "{}", out.log());
     assert!(fake.vm(2_000_170).is_none());
+}
+
+// ------------------------------------------------------------------ 6: the runner's TMPDIR
+
+#[test]
+fn a_vm_whose_prepare_died_before_tagging_and_whose_cleanup_failed_is_swept_by_gc() {
+    let fake = FakeProxmox::start(FakeConfig {
+        clone_time: Duration::from_millis(600),
+        ..FakeConfig::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let hook = hook(&fake, dir.path(), 180);
+    let mut child = hook.clone().arg("prepare").command().spawn().unwrap();
+    wait_until("the clone's config", Duration::from_secs(30), || {
+        !fake.job_vms().is_empty()
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // cleanup cannot reach the API, and the runner removes $TMPDIR anyway: the job state,
+    // the only record of the VM on the runner host, is gone.
+    fake.inject(Fault::HttpErrors {
+        count: 1_000,
+        status: 503,
+        message: "Service Unavailable".into(),
+        path_contains: None,
+    });
+    let failed = hook
+        .clone()
+        .host_env("VM_CLEANUP_TIMEOUT", "2")
+        .arg("cleanup")
+        .run();
+    assert_ne!(failed.code, 0, "{}", failed.log());
+    drop(dir);
+    fake.clear_faults();
+    wait_until("the clone ends", Duration::from_secs(30), || {
+        fake.running_clone_tasks() == 0
+    });
+    let left = fake.job_vms();
+    assert_eq!(left.len(), 1, "the leftover");
+    assert!(
+        !left[0].tags.contains("gitlab-proxmox-runner"),
+        "never tagged"
+    );
+    // The safety net: gc finds it by its marker alone.
+    let sweep_dir = tempfile::tempdir().unwrap();
+    let gc = gc_hook(&fake, sweep_dir.path())
+        .args(["gc", "--max-age", "0s"])
+        .run();
+    gc.assert_exit(0);
+    assert!(fake.job_vms().is_empty(), "{}", gc.log());
+}
+
+fn gc_hook(fake: &FakeProxmox, dir: &Path) -> Hook {
+    let mut hook = Hook::new(bin(), dir);
+    for (name, value) in fake.settings_env() {
+        hook = hook.host_env(name, value);
+    }
+    hook
 }

@@ -40,6 +40,7 @@ fn cleanup_needing_the_api(hook: Hook, dir: &Path) -> HookOutput {
         host_key_source: None,
         clone_sent_at: None,
         clone_upid: None,
+        lost: None,
     }
     .save(dir)
     .unwrap();

@@ -2,12 +2,16 @@
 //! kill or a host reboot, when cleanup_exec never ran).
 //!
 //! A VM is a candidate only when every one of these holds: it is a QEMU guest, not a template,
-//! its VMID is inside `PROXMOX_VMID_RANGE`, it carries the driver's tag, and its description
-//! holds exactly one ownership marker that parses. Everything else is foreign and never touched.
-//! A candidate older than `--max-age` (by the creation time in its marker) is an orphan and is
-//! removed with the same stop+delete as cleanup, which re-reads the marker right before acting,
-//! so a VMID reused meanwhile by a new job is left alone. Sweeps on many runner hosts may race
-//! on one VM: the loser finds it gone and counts it as done.
+//! its VMID is inside `PROXMOX_VMID_RANGE`, and the first line of its description is an
+//! ownership marker that parses (see [`crate::marker`]). Tagged or not: a prepare that died
+//! between the clone and tagging leaves an untagged VM with a marker. Everything else is
+//! foreign and never touched. A candidate is an orphan once past its own recorded deadline
+//! (job timeout capped by the host, plus a margin), or, with `--max-age`, once older than that
+//! (v1 markers, which have no deadline: older than [`DEFAULT_MAX_AGE`]). Only host-set marker
+//! fields decide; `--runner` compares the host's `PROXMOX_RUNNER_ID`. An orphan is removed with
+//! the same stop+delete as cleanup, which re-reads the marker right before acting, so a VMID
+//! reused meanwhile by a new job is left alone. Sweeps on many runner hosts may race on one VM:
+//! the loser finds it gone and counts it as done.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -22,10 +26,9 @@ use crate::proxmox::types::ClusterVm;
 use crate::proxmox::Client;
 use crate::teardown::{self, Teardown};
 
-/// The age after which a VM is an orphan when `--max-age` is not given: a 24 h job (well above
-/// GitLab's default 1 h job timeout, and the longest `maximum_timeout` most runners allow) plus
-/// 1 h for prepare (clone, boot) and cleanup. Runners that allow longer jobs must pass a larger
-/// `--max-age`; a smaller one only when their `maximum_timeout` is smaller too.
+/// The age after which a VM without a recorded deadline (a v1 marker) is an orphan when
+/// `--max-age` is not given: a 24 h job (well above GitLab's default 1 h job timeout, and the
+/// longest `maximum_timeout` most runners allow) plus 1 h for prepare (clone, boot) and cleanup.
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(25 * 3600);
 /// Orphans stopped and deleted at the same time.
 const PARALLEL_DESTROYS: usize = 4;
@@ -100,8 +103,8 @@ enum FirstLook {
         node: String,
         vmid: u32,
     },
-    /// In range but without the tag: never touched, but a prepare that died between the clone
-    /// and tagging leaves exactly this, so its marker is read to tell the admin.
+    /// In range but without the tag: what a prepare that died between the clone and tagging
+    /// leaves; its marker decides.
     Untagged {
         node: String,
         vmid: u32,
@@ -203,11 +206,8 @@ pub async fn gc(
     max_age: Option<&str>,
     dry_run: bool,
 ) -> Result<()> {
-    let max_age = max_age
-        .map(parse_age)
-        .transpose()?
-        .unwrap_or(DEFAULT_MAX_AGE);
-    if max_age < Duration::from_secs(3600) {
+    let max_age = max_age.map(parse_age).transpose()?;
+    if let Some(max_age) = max_age.filter(|age| *age < Duration::from_secs(3600)) {
         joblog::warn(format!(
             "gc: --max-age {} is shorter than most jobs: VMs of jobs still running will be \
              destroyed",
@@ -228,7 +228,7 @@ async fn sweep(
     context: &Context,
     client: Arc<Client>,
     runner: Option<&str>,
-    max_age: Duration,
+    max_age: Option<Duration>,
     dry_run: bool,
 ) -> Result<()> {
     let started = Instant::now();
@@ -239,25 +239,28 @@ async fn sweep(
         .await
         .map_err(|err| Error::proxmox("gc: listing the cluster's VMs (/cluster/resources)", err))?;
     joblog::info(format!(
-        "gc: {} guests on the cluster; looking for VMs tagged {} in {}-{} older than {}{}",
+        "gc: {} guests on the cluster; looking for VMs with this driver's marker in {}-{} {}{}",
         vms.len(),
-        crate::VM_TAG,
         range.0,
         range.1,
-        age_text(max_age),
+        max_age.map_or_else(
+            || format!(
+                "past their own deadline (older than {} without one)",
+                age_text(DEFAULT_MAX_AGE)
+            ),
+            |age| format!("older than {}", age_text(age))
+        ),
         runner.map_or_else(String::new, |token| format!(" created by runner {token}"))
     ));
 
     let now = now_epoch();
     let mut orphans = Vec::new();
     for vm in &vms {
-        let (node, vmid) = match first_look(vm, range) {
-            FirstLook::Tagged { node, vmid } => (node, vmid),
-            FirstLook::Untagged { node, vmid } => {
-                tally.foreign += 1;
-                report_untagged(&client, &node, vmid, now, max_age).await;
-                continue;
-            }
+        let (node, vmid, tagged) = match first_look(vm, range) {
+            FirstLook::Tagged { node, vmid } => (node, vmid, true),
+            // A prepare that died between the clone and tagging leaves exactly this: its
+            // marker decides, as for a tagged VM.
+            FirstLook::Untagged { node, vmid } => (node, vmid, false),
             FirstLook::Foreign => {
                 tally.foreign += 1;
                 continue;
@@ -268,6 +271,13 @@ async fn sweep(
             // Removed since the listing: nothing to judge.
             Ok(None) => continue,
             // One unreachable node must not stop the sweep of the others.
+            Err(err) if !tagged => {
+                joblog::warn(format!(
+                    "gc: cannot read the config of untagged VM {vmid} on {node} ({err}); skipped"
+                ));
+                tally.foreign += 1;
+                continue;
+            }
             Err(err) => {
                 joblog::warn(format!(
                     "gc: cannot read the config of VM {vmid} on {node} ({err}); skipped"
@@ -277,22 +287,32 @@ async fn sweep(
             }
         };
         let Some(marker) = config.description().as_deref().and_then(Marker::find_in) else {
-            joblog::warn(format!(
-                "gc: VM {vmid} on {node} carries the {} tag but no valid ownership marker in \
-                 its description; left alone (remove it by hand if it is a leftover)",
-                crate::VM_TAG
-            ));
+            if tagged {
+                joblog::warn(format!(
+                    "gc: VM {vmid} on {node} carries the {} tag but no valid ownership marker \
+                     on the first line of its description; left alone (remove it by hand if it \
+                     is a leftover)",
+                    crate::VM_TAG
+                ));
+            }
             tally.foreign += 1;
             continue;
         };
-        if runner.is_some() && marker.runner.as_deref() != runner {
+        if runner.is_some_and(|runner| !marker.made_by_runner(runner)) {
             tally.other_runners += 1;
             continue;
         }
         let age = Duration::from_secs(now.saturating_sub(marker.created));
-        if age < max_age {
+        if now < marker.sweepable_from(max_age, DEFAULT_MAX_AGE) {
             tally.live += 1;
             continue;
+        }
+        if !tagged {
+            joblog::info(format!(
+                "gc: VM {vmid} on {node} has this driver's ownership marker but not the {} tag: \
+                 its prepare died between the clone and configuring it; sweeping it as an orphan",
+                crate::VM_TAG
+            ));
         }
         let lock = vm
             .lock
@@ -334,31 +354,6 @@ async fn sweep(
             tally.failed.len(),
             tally.failed.join("; ")
         )))
-    }
-}
-
-/// Warns about an old VM with a valid marker but without the tag: the leftover of a prepare that
-/// died mid-clone (clones carry the template's tags until prepare sets the driver's).
-async fn report_untagged(client: &Client, node: &str, vmid: u32, now: u64, max_age: Duration) {
-    let Ok(Some(config)) = client.vm_config(node, vmid).await else {
-        return;
-    };
-    let Some(marker) = config.description().as_deref().and_then(Marker::find_in) else {
-        return;
-    };
-    let age = Duration::from_secs(now.saturating_sub(marker.created));
-    if age >= max_age {
-        joblog::warn(format!(
-            "gc: VM {vmid} on {node} has this driver's ownership marker (job {}, age {}) but not \
-             the {} tag, so gc leaves it alone: its prepare probably died during the clone. \
-             Check it and remove it by hand (tagging your templates {} closes this gap)",
-            marker
-                .job_id
-                .map_or_else(|| "-".to_string(), |id| id.to_string()),
-            age_text(age),
-            crate::VM_TAG,
-            crate::VM_TAG
-        ));
     }
 }
 

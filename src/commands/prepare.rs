@@ -18,7 +18,7 @@ use crate::joblog;
 use crate::marker::Marker;
 use crate::proxmox::address::{choose_address, preferred_address, IPV4_GRACE};
 use crate::proxmox::{ApiError, ApiErrorKind, Client, CloneRequest};
-use crate::settings::{AllowedTemplates, CloneMode, HostKeyPolicy, Origin, Settings};
+use crate::settings::{AllowedTemplates, CloneMode, HostKeyPolicy, Settings};
 use crate::ssh::{self, HostKeyCheck, Target};
 use crate::state::{JobState, Phase};
 use crate::teardown::{self, Teardown};
@@ -55,13 +55,8 @@ const HOST_KEY_FILES: [&str; 3] = [
 
 pub async fn prepare(context: &Context) -> Result<()> {
     let settings = &context.settings;
-    if settings.ssh_private_key_origin == Some(Origin::CustomEnv) {
-        joblog::warn(
-            "VM_SSH_PRIVATE_KEY came in through CUSTOM_ENV_ (a CI/CD variable or [[runners]] \
-             environment): gitlab-runner exports it into every stage script it writes into the \
-             VM, so every job can read it. Put the key in the driver's config file or the \
-             runner host's environment instead.",
-        );
+    for warning in &settings.trust_warnings {
+        joblog::warn(warning);
     }
     super::config::require_ssh_key(settings)?;
     let client = Client::new(settings)?;
@@ -71,7 +66,7 @@ pub async fn prepare(context: &Context) -> Result<()> {
     let mut run = Provisioning {
         context,
         client: &client,
-        marker: Marker::new(&context.job),
+        marker: Marker::for_job(&context.job, &settings.runner_id, settings.max_job_timeout),
         vm_name: vm_name(&context.job),
         state: None,
         timings: Vec::new(),
@@ -274,10 +269,18 @@ impl Provisioning<'_> {
                      node {node}; fix the map or create the template"
                 )));
             };
+            // Only real templates, as for any other path: a map entry that names a running VM
+            // (another job's included) would hand a job a full clone of that VM's disks.
+            if !status.template {
+                return Err(Error::Settings(format!(
+                    "PROXMOX_TEMPLATES maps {wanted} to VMID {vmid}, which is not a template on \
+                     node {node}; convert it (qm template {vmid}) or fix the map"
+                )));
+            }
             return Ok(ResolvedTemplate {
                 vmid,
                 label: format!("{wanted} ({vmid})"),
-                is_template: status.template,
+                is_template: true,
             });
         }
         let permitted = match &settings.allowed_templates {
@@ -406,6 +409,7 @@ impl Provisioning<'_> {
                 // Saved as sent before it is: from here on, a VM may appear at this VMID.
                 clone_sent_at: Some(crate::clone_watch::now_epoch()),
                 clone_upid: None,
+                lost: None,
             });
             self.save_state()?;
             let attempt = self.try_clone(template, vmid, full).await?;
@@ -910,18 +914,21 @@ impl Provisioning<'_> {
         let budget = deadline
             .saturating_duration_since(helper)
             .max(MIN_HELPER_INSTALL_TIME);
-        tokio::time::timeout(budget, ssh::provision_runner_helper(&connection, &settings))
-            .await
-            .map_err(|_| {
-                Error::ssh(
-                    format!("installing gitlab-runner in VM {vmid}"),
-                    format!(
-                        "not done after {} (VM_BOOT_TIMEOUT); the VM stopped answering or is \
+        tokio::time::timeout(
+            budget,
+            ssh::provision_runner_helper(&connection, settings.runner_helper_path.as_deref()),
+        )
+        .await
+        .map_err(|_| {
+            Error::ssh(
+                format!("installing gitlab-runner in VM {vmid}"),
+                format!(
+                    "not done after {} (VM_BOOT_TIMEOUT); the VM stopped answering or is \
                          very slow",
-                        joblog::secs(budget)
-                    ),
-                )
-            })??;
+                    joblog::secs(budget)
+                ),
+            )
+        })??;
         self.timings.push(("helper", helper.elapsed()));
         Ok(())
     }

@@ -129,7 +129,16 @@ impl Client {
                  PROXMOX_TLS_FINGERPRINT or PROXMOX_TLS_CA_FILE instead.",
             );
         }
-        let http = reqwest::Client::builder()
+        // reqwest would follow HTTP(S)_PROXY/ALL_PROXY from the environment, sending the token
+        // wherever they point: only PROXMOX_HTTPS_PROXY (host-only) may choose a proxy.
+        let mut builder = reqwest::Client::builder().no_proxy();
+        if let Some(proxy) = &settings.api_proxy {
+            let proxy = reqwest::Proxy::all(proxy.as_str()).map_err(|err| {
+                Error::Settings(format!("PROXMOX_HTTPS_PROXY={proxy:?} is unusable: {err}"))
+            })?;
+            builder = builder.proxy(proxy);
+        }
+        let http = builder
             .tls_backend_preconfigured(tls)
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)

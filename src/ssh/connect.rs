@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use russh::client::{self, AuthResult};
 use russh::keys::{Algorithm, HashAlg, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use russh::{cipher, kex, Preferred};
+use tokio::sync::watch;
 
 use super::{describe_target, Connection, HostKeyCheck, PrivateKey, Target};
 use crate::cancel::Cancel;
@@ -44,11 +45,27 @@ const CIPHER_ORDER: &[cipher::Name] = &[
     cipher::AES_128_CTR,
 ];
 
-/// A dead VM (or network) is noticed within about a minute: after 10 s of silence russh sends
-/// a keepalive every 10 s, and gives up when the 5th falls due with 4 unanswered (≈50 s).
-/// Shorter would turn a brief network hiccup during a quiet build step into a system failure.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-const KEEPALIVE_MAX: usize = 4;
+/// How a dead VM (or network) is noticed while a stage runs: after `KEEPALIVE_INTERVAL` without a
+/// byte from the VM, russh sends a keepalive, then one every interval, and gives up when the
+/// next one falls due with `KEEPALIVE_MAX` unanswered: after `SILENCE_BUDGET` (3 s × 6 = 18 s)
+/// of complete silence, inside the 20 s the job may lose.
+///
+/// Why this does not kill healthy stages on a loaded host: what must arrive is *any* byte from
+/// the VM in 18 s, and the keepalive reply is sent by sshd itself, not by the job's processes.
+/// A stage that prints nothing (a long compile, a quiet test suite) is kept alive by the
+/// replies alone. On a guest with every CPU pegged, sshd is one runnable process among many
+/// and CFS gives it a slice within milliseconds; even a guest that swaps hard or whose vCPUs
+/// are starved by the node stalls for a few seconds, not 18. TCP retransmits any probe or reply
+/// that is dropped (its first retransmission timeout is about 1 s), so a lossy link costs
+/// seconds too. A guest that cannot get one packet out in 18 s is not going to finish its job.
+/// Short intervals cost nothing on a chatty stage (any output resets the timer) and one small
+/// packet every 3 s on a quiet one. The old budget (10 s × 5) let a vanished VM hold the job
+/// for 50 s per stage.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3);
+const KEEPALIVE_MAX: usize = 5;
+/// Silence after which a connection is declared dead (see above).
+pub(super) const SILENCE_BUDGET: Duration =
+    Duration::from_secs(KEEPALIVE_INTERVAL.as_secs() * (KEEPALIVE_MAX as u64 + 1));
 /// Our receive window per channel. Large, so that a chatty build's output streams at full speed
 /// instead of stalling on window adjustments every 2 MB.
 const WINDOW_SIZE: u32 = 16 * 1024 * 1024;
@@ -128,6 +145,38 @@ pub(crate) struct ClientHandler {
     /// `None`: first use, accept what is presented.
     pinned: Option<Vec<PublicKey>>,
     presented: Arc<Mutex<Option<PublicKey>>>,
+    /// Why the session ended, for a stage whose channel closed without an exit status.
+    ended: watch::Sender<Option<SessionEnd>>,
+}
+
+/// How an established session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SessionEnd {
+    /// Nothing came back: keepalives went unanswered, or TCP gave up (timed out, no route).
+    /// The VM vanished or the network to it did; trying again at once is pointless.
+    Silent(String),
+    /// Closed or reset by the VM (or something on the way): it was there to do so.
+    Closed(String),
+}
+
+fn session_end_of(err: &russh::Error) -> SessionEnd {
+    use std::io::ErrorKind as K;
+    match err {
+        russh::Error::KeepaliveTimeout => SessionEnd::Silent(format!(
+            "it stopped answering: nothing arrived for {} s and {KEEPALIVE_MAX} keepalives went \
+             unanswered",
+            SILENCE_BUDGET.as_secs()
+        )),
+        russh::Error::IO(io)
+            if matches!(
+                io.kind(),
+                K::TimedOut | K::HostUnreachable | K::NetworkUnreachable
+            ) =>
+        {
+            SessionEnd::Silent(format!("it stopped answering: {io}"))
+        }
+        other => SessionEnd::Closed(other.to_string()),
+    }
 }
 
 impl client::Handler for ClientHandler {
@@ -148,6 +197,22 @@ impl client::Handler for ClientHandler {
             None => true,
             Some(pinned) => pinned.iter().any(|p| p.key_data() == key.key_data()),
         })
+    }
+
+    async fn disconnected(
+        &mut self,
+        reason: client::DisconnectReason<Self::Error>,
+    ) -> std::result::Result<(), Self::Error> {
+        let (end, result) = match reason {
+            // The VM's own words are not repeated: they are text a job controls.
+            client::DisconnectReason::ReceivedDisconnect(_) => (
+                SessionEnd::Closed("the VM's sshd closed the connection".into()),
+                Ok(()),
+            ),
+            client::DisconnectReason::Error(err) => (session_end_of(&err), Err(err)),
+        };
+        self.ended.send_replace(Some(end));
+        result
     }
 }
 
@@ -212,9 +277,11 @@ async fn attempt(
     };
     let config = client_config(host_key_algorithms(pinned.as_deref()));
     let presented = Arc::new(Mutex::new(None));
+    let (ended, ended_receiver) = watch::channel(None);
     let handler = ClientHandler {
         pinned: pinned.clone(),
         presented: presented.clone(),
+        ended,
     };
 
     let tcp = tokio::time::timeout(
@@ -309,6 +376,7 @@ async fn attempt(
         handle,
         host_key,
         target: target.clone(),
+        ended: ended_receiver,
     })
 }
 
@@ -404,13 +472,22 @@ pub(super) struct Patience<'a> {
     pub announce: bool,
 }
 
+/// Why waiting for SSH ended without a connection.
+pub(super) struct WaitFailure {
+    pub error: Error,
+    /// The deadline passed with every attempt failing in a way that waiting might have fixed
+    /// (refused, reset, timed out, unreachable): the VM did not answer, as opposed to a host
+    /// key mismatch, a bad key or a cancel.
+    pub gave_up: bool,
+}
+
 pub(super) async fn wait_until_ready(
     target: &Target,
     key: Arc<PrivateKey>,
     check: &HostKeyCheck,
     patience: Patience<'_>,
     cancel: &Cancel,
-) -> Result<Connection> {
+) -> std::result::Result<Connection, WaitFailure> {
     let Patience {
         deadline,
         limit,
@@ -420,14 +497,25 @@ pub(super) async fn wait_until_ready(
     let mut last_progress = started;
     let mut delay = Duration::from_millis(100);
     let where_ = describe_target(target);
+    let cancelled = |reason: &str| WaitFailure {
+        error: Error::Cancelled(format!(
+            "cancelled ({reason}) while waiting for SSH on {where_}"
+        )),
+        gave_up: false,
+    };
     loop {
+        // One attempt may not outlast the deadline: a black-holed address would otherwise
+        // hold a stage for the whole handshake timeout.
+        let bounded = tokio::time::timeout_at(deadline.into(), attempt(target, &key, check));
         let outcome = tokio::select! {
-            outcome = attempt(target, &key, check) => outcome,
-            reason = cancel.cancelled() => {
-                return Err(Error::Cancelled(format!(
-                    "cancelled ({reason}) while waiting for SSH on {where_}"
-                )))
-            }
+            outcome = bounded => outcome.unwrap_or_else(|_| Err(ConnectFailure {
+                error: Error::ssh(
+                    format!("connecting to {where_}"),
+                    "no answer before the deadline",
+                ),
+                transient: true,
+            })),
+            reason = cancel.cancelled() => return Err(cancelled(reason)),
         };
         let failure = match outcome {
             Ok(connection) => {
@@ -439,18 +527,26 @@ pub(super) async fn wait_until_ready(
                 }
                 return Ok(connection);
             }
-            Err(failure) if !failure.transient => return Err(failure.error),
+            Err(failure) if !failure.transient => {
+                return Err(WaitFailure {
+                    error: failure.error,
+                    gave_up: false,
+                })
+            }
             Err(failure) => failure,
         };
         let now = Instant::now();
         if now + delay >= deadline {
-            return Err(Error::ssh(
-                format!(
-                    "waiting for SSH on {where_} (gave up after {}, {limit})",
-                    joblog::secs(started.elapsed())
+            return Err(WaitFailure {
+                error: Error::ssh(
+                    format!(
+                        "waiting for SSH on {where_} (gave up after {}, {limit})",
+                        joblog::secs(started.elapsed())
+                    ),
+                    failure.error,
                 ),
-                failure.error,
-            ));
+                gave_up: true,
+            });
         }
         if now.duration_since(last_progress) + delay >= PROGRESS_EVERY {
             joblog::info(format!(
@@ -462,11 +558,7 @@ pub(super) async fn wait_until_ready(
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            reason = cancel.cancelled() => {
-                return Err(Error::Cancelled(format!(
-                    "cancelled ({reason}) while waiting for SSH on {where_}"
-                )))
-            }
+            reason = cancel.cancelled() => return Err(cancelled(reason)),
         }
         // Short: a VM whose sshd starts moments after the guest agent should not wait seconds.
         delay = (delay * 2).min(Duration::from_millis(500));

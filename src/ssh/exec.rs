@@ -10,10 +10,11 @@ use std::fs::File;
 use std::io::Write;
 use std::mem::ManuallyDrop;
 use std::os::fd::FromRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use russh::{ChannelMsg, Sig};
 
+use super::connect::{SessionEnd, SILENCE_BUDGET};
 use super::sftp::Sftp;
 use super::{CommandOutput, Connection};
 use crate::cancel::Cancel;
@@ -32,7 +33,36 @@ pub struct StageScript<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StageOutcome {
     Exited(u32),
-    Killed { signal: String },
+    Killed {
+        signal: String,
+    },
+    /// The VM stopped answering mid-stage: nothing will come back from it.
+    Lost(LostConnection),
+}
+
+/// A connection that went silent (keepalives unanswered, or TCP gave up), as opposed to one
+/// the VM closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostConnection {
+    /// When the silence began, as far as we can tell: the last byte from the VM, or the start
+    /// of the keepalive budget, whichever is later.
+    pub since: SystemTime,
+    /// What gave up, e.g. "it stopped answering: nothing arrived for 18 s and ...".
+    pub cause: String,
+}
+
+impl LostConnection {
+    fn after_silence_from(last_heard: Instant, cause: String) -> LostConnection {
+        let now = Instant::now();
+        let budget_began = now.checked_sub(SILENCE_BUDGET).unwrap_or(last_heard);
+        let silent_for = now.duration_since(last_heard.max(budget_began));
+        LostConnection {
+            since: SystemTime::now()
+                .checked_sub(silent_for)
+                .unwrap_or_else(SystemTime::now),
+            cause,
+        }
+    }
 }
 
 /// The per-job directory, under the SSH user's home (which nobody else can write into, so no
@@ -42,6 +72,17 @@ const BASE_DIR: &str = ".gitlab-proxmox-runner";
 const GRACE_TENTHS: u32 = 30;
 /// Our own bound on the whole cancel: well inside the runner's force-kill window.
 const CANCEL_BOUND: Duration = Duration::from_secs(10);
+/// The most of a command's stdout (and of its stderr) kept in memory. What is captured is a
+/// few status lines (tool checks, an install's error); the VM is the job's, and a VM that
+/// answers with more is misbehaving: the command is abandoned instead of buffered.
+const CAPTURE_LIMIT: usize = 64 * 1024;
+
+/// Appends `data` to `buffer` up to [`CAPTURE_LIMIT`]; false once something had to be dropped.
+fn capture(buffer: &mut Vec<u8>, data: &[u8]) -> bool {
+    let room = CAPTURE_LIMIT.saturating_sub(buffer.len());
+    buffer.extend_from_slice(&data[..data.len().min(room)]);
+    data.len() <= room
+}
 
 /// `'...'` for any POSIX shell: the only special character inside single quotes is `'`.
 pub(crate) fn sh_quote(text: &str) -> String {
@@ -118,17 +159,32 @@ pub(super) async fn exec_capture(connection: &Connection, command: &str) -> Resu
         signal: None,
         stdout: Vec::new(),
         stderr: Vec::new(),
+        truncated: false,
     };
     let mut eof = false;
     while let Some(message) = channel.wait().await {
-        match message {
-            ChannelMsg::Data { data } => output.stdout.extend_from_slice(&data),
-            ChannelMsg::ExtendedData { data, ext: 1 } => output.stderr.extend_from_slice(&data),
-            ChannelMsg::ExitStatus { exit_status } => output.status = Some(exit_status),
-            ChannelMsg::ExitSignal { signal_name: s, .. } => output.signal = Some(signal_name(&s)),
-            ChannelMsg::Eof => eof = true,
+        let fits = match message {
+            ChannelMsg::Data { data } => capture(&mut output.stdout, &data),
+            ChannelMsg::ExtendedData { data, ext: 1 } => capture(&mut output.stderr, &data),
+            ChannelMsg::ExitStatus { exit_status } => {
+                output.status = Some(exit_status);
+                true
+            }
+            ChannelMsg::ExitSignal { signal_name: s, .. } => {
+                output.signal = Some(signal_name(&s));
+                true
+            }
+            ChannelMsg::Eof => {
+                eof = true;
+                true
+            }
             ChannelMsg::Close => break,
-            _ => {}
+            _ => true,
+        };
+        if !fits {
+            output.truncated = true;
+            let _ = channel.close().await;
+            return Ok(output);
         }
         if eof && (output.status.is_some() || output.signal.is_some()) {
             break;
@@ -200,9 +256,22 @@ pub(super) async fn run_stage(
     cancel: &Cancel,
 ) -> Result<StageOutcome> {
     let where_ = connection.describe();
+    let started_at = Instant::now();
     // Nothing runs in the VM yet: a cancel here just stops.
     let prepared = tokio::select! {
-        prepared = upload_and_start(connection, script) => prepared?,
+        prepared = upload_and_start(connection, script) => match prepared {
+            Ok(prepared) => prepared,
+            Err(err) => {
+                if connection.handle.is_closed() {
+                    if let Some(SessionEnd::Silent(cause)) = connection.session_end().await {
+                        return Ok(StageOutcome::Lost(LostConnection::after_silence_from(
+                            started_at, cause,
+                        )));
+                    }
+                }
+                return Err(err);
+            }
+        },
         reason = cancel.cancelled() => {
             return Err(Error::Cancelled(format!(
                 "the job was cancelled ({reason}) before the stage {:?} started on {where_}",
@@ -227,10 +296,15 @@ pub(super) async fn run_stage(
     let mut cancelled: Option<&'static str> = None;
     let mut kill = None;
     let mut give_up = None;
+    let mut last_heard = Instant::now();
 
     loop {
         tokio::select! {
-            message = channel.wait() => match message {
+            message = channel.wait() => {
+                if message.is_some() {
+                    last_heard = Instant::now();
+                }
+                match message {
                 Some(ChannelMsg::Data { data }) => stdout.write(&data),
                 Some(ChannelMsg::ExtendedData { data, ext }) => {
                     if ext == 1 && stderr_head.len() < 4096 {
@@ -260,6 +334,7 @@ pub(super) async fn run_stage(
                 }
                 Some(ChannelMsg::Close) | None => break,
                 Some(_) => {}
+                }
             },
             reason = cancel.cancelled(), if cancelled.is_none() => {
                 cancelled = Some(reason);
@@ -299,6 +374,12 @@ pub(super) async fn run_stage(
         (_, Some(signal)) => StageOutcome::Killed { signal },
         (Some(code), None) => StageOutcome::Exited(code),
         (None, None) => {
+            if let Some(SessionEnd::Silent(cause)) = connection.session_end().await {
+                sftp.close().await;
+                return Ok(StageOutcome::Lost(LostConnection::after_silence_from(
+                    last_heard, cause,
+                )));
+            }
             return Err(Error::ssh(
                 format!("running the stage {:?} on {where_}", script.stage),
                 "the connection to the VM was lost mid-stage (no exit status arrived); the VM \

@@ -15,8 +15,8 @@ use base64ct::{Base64, Encoding};
 use zeroize::Zeroizing;
 
 use super::PrivateKey;
+use crate::config::{Settings, SshKey};
 use crate::error::{Error, Result};
-use crate::settings::Settings;
 
 const SETTING: &str = "VM_SSH_PRIVATE_KEY";
 
@@ -25,7 +25,7 @@ fn key_error(message: impl Into<String>) -> Error {
 }
 
 pub(super) fn load_private_key(settings: &Settings) -> Result<PrivateKey> {
-    let value = settings.ssh_private_key.as_ref().ok_or_else(|| {
+    let setting = settings.ssh_private_key.as_ref().ok_or_else(|| {
         Error::Settings(format!(
             "{SETTING} is not set; set it to the private key text or the path of a key file \
              whose public half is authorized in the VM template"
@@ -36,28 +36,15 @@ pub(super) fn load_private_key(settings: &Settings) -> Result<PrivateKey> {
         .as_ref()
         .map(|secret| secret.expose())
         .filter(|pass| !pass.is_empty());
-    let value = value.expose().trim();
-    let looks_public = ["ssh-", "ecdsa-sha2-", "sk-"]
-        .iter()
-        .any(|prefix| value.starts_with(prefix));
-    if value.contains("-----BEGIN") || value.contains("PuTTY-User-Key-File") || looks_public {
-        return parse_private_key(value, passphrase);
+    // Whether a path may be opened was decided with the trust rule (config::trust): a job's
+    // value is never a `File`.
+    match &setting.key {
+        SshKey::Text(text) => parse_private_key(text.expose().trim(), passphrase),
+        SshKey::File(path) => {
+            let text = read_key_file(path)?;
+            parse_private_key(&text, passphrase)
+        }
     }
-    if value.contains('\n') || value.len() > 4096 {
-        return Err(key_error(
-            "not a private key: the value is neither PEM/OpenSSH key text (-----BEGIN ...) nor \
-             the path of a key file",
-        ));
-    }
-    if settings.ssh_private_key_from_job {
-        // A job must not make the driver open files on the runner host.
-        return Err(Error::JobRequest(format!(
-            "{SETTING} from the job's CI/CD variables must hold the key text itself (-----BEGIN \
-             ...), not a path: only the runner host's own settings may name a key file"
-        )));
-    }
-    let text = read_key_file(Path::new(value))?;
-    parse_private_key(&text, passphrase)
 }
 
 /// Reads a key file into wiped memory. The path is not echoed: a mangled key pasted into the

@@ -10,6 +10,9 @@
 //! - `sftp`: uploads over the SFTP subsystem of the same connection.
 //! - `provision`: `gitlab-runner` and `git` inside the VM.
 //!
+//! Callers pass a key, a [`Target`], [`Deadlines`] and paths, never the runner's settings (the
+//! one exception, [`load_private_key`], goes with the key-trust rule into the config module).
+//!
 //! A stage costs one TCP connection: kex (curve25519), public-key auth, then an SFTP session
 //! and the exec channel opened side by side. In the VM, stage scripts go to
 //! `~/.gitlab-proxmox-runner/job-<id>/<random>-<stage>.sh` (directory 0700, script 0700), run
@@ -30,7 +33,7 @@ use crate::error::Result;
 use crate::settings::Settings;
 
 pub use connect::fingerprint_of_line;
-pub use exec::{StageOutcome, StageScript};
+pub use exec::{LostConnection, StageOutcome, StageScript};
 
 /// Where to connect.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,8 +94,11 @@ pub struct CommandOutput {
     /// `None` when the remote side sent no exit status (killed by a signal).
     pub status: Option<u32>,
     pub signal: Option<String>,
+    /// At most 64 KiB of each; the rest is not read.
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+    /// The command produced more than that and was abandoned (its channel closed).
+    pub truncated: bool,
 }
 
 /// Loads `VM_SSH_PRIVATE_KEY` (key text or a path) with `VM_SSH_KEY_PASSPHRASE`.
@@ -105,6 +111,8 @@ pub struct Connection {
     handle: russh::client::Handle<connect::ClientHandler>,
     host_key: String,
     target: Target,
+    /// Set by the session task when the session ends.
+    ended: tokio::sync::watch::Receiver<Option<connect::SessionEnd>>,
 }
 
 impl Connection {
@@ -148,6 +156,18 @@ impl Connection {
         describe_target(&self.target)
     }
 
+    /// Why the session ended, once a channel saw it end. The session task records the reason
+    /// just before it finishes; `None` when it says nothing within a moment (or still runs).
+    pub(crate) async fn session_end(&self) -> Option<connect::SessionEnd> {
+        let mut ended = self.ended.clone();
+        let waited =
+            tokio::time::timeout(Duration::from_secs(2), ended.wait_for(|end| end.is_some())).await;
+        match waited {
+            Ok(Ok(end)) => end.clone(),
+            _ => None,
+        }
+    }
+
     /// Closes the connection politely (the VM's sshd logs a clean disconnect).
     pub async fn close(self) {
         let _ = self
@@ -179,35 +199,79 @@ pub async fn wait_until_ready(
         limit: "VM_BOOT_TIMEOUT",
         announce: true,
     };
-    connect::wait_until_ready(target, key, check, patience, cancel).await
+    connect::wait_until_ready(target, key, check, patience, cancel)
+        .await
+        .map_err(|failure| failure.error)
 }
 
 /// How long a stage keeps retrying a connection that was refused, reset or timed out: a network
 /// blip or an sshd restart at a stage's start should not fail the job as a system failure.
 pub const STAGE_CONNECT_PATIENCE: Duration = Duration::from_secs(20);
 
+/// The time limits the SSH layer works within, chosen by the caller from the runner host's
+/// settings (the SSH layer never sees the settings themselves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// How long a stage retries connecting before it gives up.
+    pub stage_connect: Duration,
+}
+
+impl Deadlines {
+    /// [`STAGE_CONNECT_PATIENCE`], or the VM's boot timeout when that is shorter (a VM that
+    /// may take only 5 s to boot should not get 20 s to answer a stage).
+    pub fn for_stages(boot_timeout: Duration) -> Deadlines {
+        Deadlines {
+            stage_connect: STAGE_CONNECT_PATIENCE.min(boot_timeout),
+        }
+    }
+}
+
+/// A stage could not connect.
+#[derive(Debug)]
+pub struct StageConnectError {
+    pub error: crate::error::Error,
+    /// The VM never answered within [`Deadlines::stage_connect`] (as opposed to a host-key
+    /// mismatch, a cancel, or a job state without keys): the next stage need not wait again.
+    pub unreachable: bool,
+}
+
+impl From<StageConnectError> for crate::error::Error {
+    fn from(failure: StageConnectError) -> Self {
+        failure.error
+    }
+}
+
 /// Connects for one stage: like [`wait_until_ready`] but quiet on success and bounded by
-/// [`STAGE_CONNECT_PATIENCE`] (or `VM_BOOT_TIMEOUT` when shorter). A host-key mismatch still
-/// fails at once.
+/// `deadlines.stage_connect`. A host-key mismatch still fails at once.
 pub async fn connect_for_stage(
     target: &Target,
     key: Arc<PrivateKey>,
     check: &HostKeyCheck,
-    settings: &Settings,
+    deadlines: Deadlines,
     cancel: &Cancel,
-) -> Result<Connection> {
+) -> std::result::Result<Connection, StageConnectError> {
     let patience = connect::Patience {
-        deadline: Instant::now() + STAGE_CONNECT_PATIENCE.min(settings.boot_timeout),
+        deadline: Instant::now() + deadlines.stage_connect,
         limit: "a stage retries connecting for 20 s at most, or VM_BOOT_TIMEOUT if shorter",
         announce: false,
     };
-    connect::wait_until_ready(target, key, check, patience, cancel).await
+    connect::wait_until_ready(target, key, check, patience, cancel)
+        .await
+        .map_err(|failure| StageConnectError {
+            error: failure.error,
+            unreachable: failure.gave_up,
+        })
 }
 
 /// Makes sure `gitlab-runner` (for artifacts and caches) and `git` exist in the VM: uploads
-/// the helper binary when missing, warns loudly when it cannot.
-pub async fn provision_runner_helper(connection: &Connection, settings: &Settings) -> Result<()> {
-    provision::provision_runner_helper(connection, settings).await
+/// the helper binary when missing, warns loudly when it cannot. `helper` is the binary the
+/// runner host's settings name (`RUNNER_HELPER_PATH`); without one, `gitlab-runner` on the
+/// host's PATH is used if there is one.
+pub async fn provision_runner_helper(
+    connection: &Connection,
+    helper: Option<&std::path::Path>,
+) -> Result<()> {
+    provision::provision_runner_helper(connection, helper).await
 }
 
 /// The upload-and-install step of [`provision_runner_helper`], to any path (tests, and admins

@@ -13,7 +13,6 @@ use super::sftp::Sftp;
 use super::Connection;
 use crate::error::{Error, Result};
 use crate::joblog;
-use crate::settings::Settings;
 
 const REMOTE_HELPER: &str = "/usr/local/bin/gitlab-runner";
 
@@ -28,10 +27,10 @@ fn flag(stdout: &str, name: &str) -> Option<bool> {
         .map(|code| code.trim() == "0")
 }
 
-/// `RUNNER_HELPER_PATH`, else `gitlab-runner` on the host's PATH.
-fn helper_on_host(settings: &Settings) -> Option<PathBuf> {
-    if let Some(path) = &settings.runner_helper_path {
-        return Some(path.clone());
+/// The configured helper, else `gitlab-runner` on the host's PATH.
+fn helper_on_host(configured: Option<&Path>) -> Option<PathBuf> {
+    if let Some(path) = configured {
+        return Some(path.to_path_buf());
     }
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -48,7 +47,7 @@ fn is_executable_file(path: &Path) -> bool {
 
 pub(super) async fn provision_runner_helper(
     connection: &Connection,
-    settings: &Settings,
+    configured: Option<&Path>,
 ) -> Result<()> {
     let where_ = connection.describe();
     let check = connection.exec_capture(CHECK).await?;
@@ -71,7 +70,7 @@ pub(super) async fn provision_runner_helper(
     if has_runner {
         return Ok(());
     }
-    let Some(helper) = helper_on_host(settings) else {
+    let Some(helper) = helper_on_host(configured) else {
         joblog::warn(format!(
             "gitlab-runner is missing on {where_} and there is no helper binary to install \
              (RUNNER_HELPER_PATH is unset and no gitlab-runner is on the runner host's PATH). \

@@ -1,10 +1,15 @@
 //! Uploads over the SFTP subsystem of the job's one connection (no `scp`, no second login).
 
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
 use russh_sftp::client::error::Error as SftpError;
 use russh_sftp::client::RawSftpSession;
 use russh_sftp::protocol::{FileAttributes, OpenFlags, StatusCode};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::Connection;
 use crate::error::{Error, Result};
@@ -13,6 +18,93 @@ use crate::error::{Error, Result};
 const WRITES_IN_FLIGHT: usize = 16;
 /// Well below OpenSSH sftp-server's 256 KiB message limit.
 const WRITE_CHUNK: usize = 64 * 1024;
+/// The longest SFTP packet accepted from the VM: OpenSSH's own message limit. What we ask
+/// for (status, handles, attributes, one realpath name) needs a few hundred bytes.
+const MAX_PACKET_FROM_VM: u32 = 256 * 1024;
+
+/// The SFTP channel, checking each packet's length prefix as it passes: russh-sftp allocates
+/// whatever length a packet announces (up to 4 GiB) before reading it, and the VM's
+/// sftp-server is the job's to replace.
+struct BoundedPackets<S> {
+    inner: S,
+    header: [u8; 4],
+    header_filled: usize,
+    /// Bytes of the current packet's body still to pass.
+    remaining: u64,
+}
+
+impl<S> BoundedPackets<S> {
+    fn new(inner: S) -> Self {
+        BoundedPackets {
+            inner,
+            header: [0; 4],
+            header_filled: 0,
+            remaining: 0,
+        }
+    }
+
+    fn check(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            if self.remaining > 0 {
+                let skip = bytes
+                    .len()
+                    .min(self.remaining.try_into().unwrap_or(usize::MAX));
+                self.remaining -= skip as u64;
+                bytes = &bytes[skip..];
+                continue;
+            }
+            self.header[self.header_filled] = bytes[0];
+            self.header_filled += 1;
+            bytes = &bytes[1..];
+            if self.header_filled == self.header.len() {
+                self.header_filled = 0;
+                let length = u32::from_be_bytes(self.header);
+                if length > MAX_PACKET_FROM_VM {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "the VM's sftp-server announced a {length}-byte packet (more than \
+                             {MAX_PACKET_FROM_VM}); refusing it"
+                        ),
+                    ));
+                }
+                self.remaining = u64::from(length);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for BoundedPackets<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        Poll::Ready(this.check(&buf.filled()[before..]))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for BoundedPackets<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bytes: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, bytes)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
 
 pub(crate) struct Sftp {
     session: Arc<RawSftpSession>,
@@ -32,7 +124,7 @@ impl Sftp {
             .request_subsystem(false, "sftp")
             .await
             .map_err(|err| fail(err.to_string()))?;
-        let session = RawSftpSession::new(channel.into_stream());
+        let session = RawSftpSession::new(BoundedPackets::new(channel.into_stream()));
         session.set_timeout(60);
         session.init().await.map_err(|err| {
             fail(format!(
@@ -219,5 +311,35 @@ fn describe_sftp_error(err: &SftpError) -> String {
         },
         SftpError::Timeout => "the VM did not answer within 60 s".into(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn packets_pass_until_one_announces_too_much() {
+        let (mut vm, ours) = tokio::io::duplex(1 << 20);
+        let mut guarded = BoundedPackets::new(ours);
+        // Two small packets, split awkwardly across writes, then a 4 GiB announcement.
+        let mut stream = Vec::new();
+        for body in [&b"hello"[..], &[7u8; 300][..]] {
+            stream.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            stream.extend_from_slice(body);
+        }
+        let (first, second) = stream.split_at(3);
+        vm.write_all(first).await.unwrap();
+        vm.write_all(second).await.unwrap();
+        let mut passed = vec![0u8; stream.len()];
+        guarded.read_exact(&mut passed).await.unwrap();
+        assert_eq!(passed, stream);
+
+        vm.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        let mut more = [0u8; 16];
+        let err = guarded.read(&mut more).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("sftp-server"), "{err}");
     }
 }

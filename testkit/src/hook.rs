@@ -1,6 +1,8 @@
 //! Runs one hook of the real binary the way gitlab-runner does: a per-job directory as cwd and
 //! `TMPDIR`, the runner's exit-code variables, `JOB_RESPONSE_FILE`, and `CUSTOM_ENV_*` built from
-//! `[[runners]] environment` entries first and the job's own variables after (the job wins).
+//! `[[runners]] environment` entries first, then the job's own variables, then its overrides of
+//! predefined variables, then its resolved `secrets:` (later wins, as in the runner's
+//! `GetAllVariables`).
 //!
 //! ```ignore
 //! let out = Hook::new(bin, &job_dir)
@@ -31,6 +33,15 @@ pub struct Hook {
     runner_env: BTreeMap<String, String>,
     /// The job's own variables: CUSTOM_ENV_ and in JOB_RESPONSE_FILE.
     job_vars: BTreeMap<String, JobVariable>,
+    /// `.gitlab-ci.yml` `variables:` entries that override a predefined variable: listed after
+    /// the predefined one in JOB_RESPONSE_FILE (both entries), and the job's value wins.
+    overrides: Vec<JobVariable>,
+    /// `secrets:` entries: under `secrets` in JOB_RESPONSE_FILE (not `variables`), resolved by
+    /// the runner into variables after all the others.
+    secrets: Vec<JobSecret>,
+    /// Replaces `response.json` (`Some(None)`: no `JOB_RESPONSE_FILE` at all), for tests of
+    /// what the driver does when the runner's file is missing or damaged.
+    response_override: Option<Option<String>>,
     /// `job_env` from config_exec's JSON (prepare, run and cleanup only).
     driver_env: BTreeMap<String, String>,
     path: Option<OsString>,
@@ -55,6 +66,38 @@ impl JobVariable {
             masked: false,
             file: false,
         }
+    }
+}
+
+/// One `secrets:` entry of a job, as gitlab-runner resolves it (`common/secrets.go`,
+/// `handleSecret`): a variable named after the entry's key whose value is the secret, of file
+/// type unless the job says `file: false`. For the custom executor that means
+/// `CUSTOM_ENV_<key>` holds the secret's content either way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobSecret {
+    pub key: String,
+    /// What the secrets manager returned.
+    pub value: String,
+    pub file: bool,
+}
+
+impl JobSecret {
+    pub fn new(key: impl Into<String>, value: impl Into<String>) -> JobSecret {
+        JobSecret {
+            key: key.into(),
+            value: value.into(),
+            file: true,
+        }
+    }
+
+    /// The entry under the response's `secrets` map: where to fetch it, not its value.
+    fn response_json(&self) -> String {
+        format!(
+            r#"{}:{{"vault":{{"server":{{"url":"https://vault.example.test","auth":{{"name":"jwt","path":"jwt","data":{{"jwt":"$VAULT_ID_TOKEN"}}}}}},"engine":{{"name":"kv-v2","path":"kv-v2"}},"path":{},"field":"value"}},"file":{}}}"#,
+            json_string(&self.key),
+            json_string(&format!("ci/{}", self.key)),
+            self.file
+        )
     }
 }
 
@@ -91,6 +134,9 @@ impl Hook {
             host_env: BTreeMap::new(),
             runner_env: BTreeMap::new(),
             job_vars: BTreeMap::new(),
+            overrides: Vec::new(),
+            secrets: Vec::new(),
+            response_override: None,
             driver_env: BTreeMap::new(),
             path: None,
         }
@@ -137,6 +183,30 @@ impl Hook {
         self
     }
 
+    /// A `.gitlab-ci.yml` override of a predefined variable (`CI_PROJECT_PATH: ...`).
+    pub fn job_override(mut self, variable: JobVariable) -> Self {
+        self.overrides.push(variable);
+        self
+    }
+
+    /// A `secrets:` entry, resolved by the runner before the hooks run.
+    pub fn secret(mut self, secret: JobSecret) -> Self {
+        self.secrets.push(secret);
+        self
+    }
+
+    /// Runs the hook without `JOB_RESPONSE_FILE` (a runner never does this).
+    pub fn without_job_response_file(mut self) -> Self {
+        self.response_override = Some(None);
+        self
+    }
+
+    /// Writes `text` as `response.json` instead of the job payload.
+    pub fn job_response_text(mut self, text: impl Into<String>) -> Self {
+        self.response_override = Some(Some(text.into()));
+        self
+    }
+
     /// Replaces PATH (e.g. to prove no `ssh`/`scp` is needed).
     pub fn path_env(mut self, path: impl Into<OsString>) -> Self {
         self.path = Some(path.into());
@@ -147,11 +217,12 @@ impl Hook {
         &self.job_dir
     }
 
-    /// The runner's job payload: `{"variables":[{"key","value",...}]}`.
+    /// The runner's job payload: `{"variables":[{"key","value",...}],"secrets":{...}}`.
     pub fn job_response_json(&self) -> String {
         let variables: Vec<String> = self
             .job_vars
             .values()
+            .chain(&self.overrides)
             .map(|var| {
                 format!(
                     r#"{{"key":{},"value":{},"public":{},"masked":{},"file":{},"raw":false}}"#,
@@ -163,6 +234,7 @@ impl Hook {
                 )
             })
             .collect();
+        let secrets: Vec<String> = self.secrets.iter().map(JobSecret::response_json).collect();
         let id = self
             .job_vars
             .get("CI_JOB_ID")
@@ -172,8 +244,13 @@ impl Hook {
             .job_vars
             .get("CI_JOB_TOKEN")
             .map_or("job-token", |var| var.value.as_str());
+        let secrets = if secrets.is_empty() {
+            String::new()
+        } else {
+            format!(r#","secrets":{{{}}}"#, secrets.join(","))
+        };
         format!(
-            r#"{{"id":{id},"token":{},"variables":[{}]}}"#,
+            r#"{{"id":{id},"token":{},"variables":[{}]{secrets}}}"#,
             json_string(token),
             variables.join(",")
         )
@@ -183,7 +260,13 @@ impl Hook {
     pub fn command(&self) -> Command {
         std::fs::create_dir_all(&self.job_dir).expect("create job dir");
         let response = self.job_dir.join("response.json");
-        std::fs::write(&response, self.job_response_json()).expect("write response.json");
+        let response_text = match &self.response_override {
+            None => Some(self.job_response_json()),
+            Some(text) => text.clone(),
+        };
+        if let Some(text) = &response_text {
+            std::fs::write(&response, text).expect("write response.json");
+        }
         let mut command = Command::new(&self.program);
         command
             .args(&self.args)
@@ -202,15 +285,25 @@ impl Hook {
             .env("BUILD_FAILURE_EXIT_CODE", BUILD_FAILURE.to_string())
             .env("SYSTEM_FAILURE_EXIT_CODE", SYSTEM_FAILURE.to_string())
             .env("BUILD_EXIT_CODE_FILE", self.job_dir.join("build_exit_code"))
-            .env("JOB_RESPONSE_FILE", &response)
             .stdin(Stdio::null())
             // The runner starts every executable in its own process group, so that a cancel
             // (SIGTERM, then SIGKILL, to the group) reaches everything the hook started.
             .process_group(0);
+        if response_text.is_some() {
+            command.env("JOB_RESPONSE_FILE", &response);
+        }
         // config_exec's `job_env`: after the runner's own variables, before the job's.
         command.envs(&self.driver_env);
-        let job_vars = self.job_vars.values().map(|var| (&var.key, &var.value));
-        for (name, value) in self.runner_env.iter().chain(job_vars) {
+        let job_vars = self
+            .job_vars
+            .values()
+            .chain(&self.overrides)
+            .map(|var| (&var.key, &var.value));
+        let secrets = self
+            .secrets
+            .iter()
+            .map(|secret| (&secret.key, &secret.value));
+        for (name, value) in self.runner_env.iter().chain(job_vars).chain(secrets) {
             command.env(format!("CUSTOM_ENV_{name}"), value);
         }
         command

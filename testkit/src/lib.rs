@@ -9,6 +9,7 @@ pub mod ssh_job;
 pub mod ssh_server;
 pub mod sshd;
 pub mod sshkeys;
+pub mod tcp_proxy;
 
 pub use fake_proxmox::{
     FakeConfig, FakeProxmox, Fault, NewVm, RecordedRequest, Template, VmSnapshot,

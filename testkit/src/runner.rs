@@ -37,7 +37,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::hook::{Hook, JobVariable, BUILD_FAILURE, SYSTEM_FAILURE};
+use crate::hook::{Hook, JobSecret, JobVariable, BUILD_FAILURE, SYSTEM_FAILURE};
 
 /// The runner's `PreparationRetries`.
 pub const PREPARATION_ATTEMPTS: u32 = 3;
@@ -466,6 +466,8 @@ pub struct RunnerJob {
     host_env: BTreeMap<String, String>,
     runner_env: BTreeMap<String, String>,
     job_vars: BTreeMap<String, JobVariable>,
+    overrides: Vec<JobVariable>,
+    secrets: Vec<JobSecret>,
     scripts: Vec<(String, Vec<String>)>,
     path: Option<OsString>,
     runner_builds_dir: Option<String>,
@@ -496,6 +498,8 @@ impl RunnerJob {
             host_env: BTreeMap::new(),
             runner_env: BTreeMap::new(),
             job_vars: BTreeMap::new(),
+            overrides: Vec::new(),
+            secrets: Vec::new(),
             scripts: Vec::new(),
             path: None,
             runner_builds_dir: None,
@@ -560,6 +564,26 @@ impl RunnerJob {
 
     pub fn job_variable(mut self, variable: JobVariable) -> Self {
         self.job_vars.insert(variable.key.clone(), variable);
+        self
+    }
+
+    /// A `.gitlab-ci.yml` `variables:` entry that overrides a predefined variable (e.g.
+    /// `CI_PROJECT_PATH`): both entries are in the job payload, the job's last, and it wins
+    /// in `CUSTOM_ENV_` and in the scripts. The runner's own paths keep the predefined value.
+    pub fn override_predefined(
+        mut self,
+        name: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Self {
+        self.overrides.push(JobVariable::new(name, value));
+        self
+    }
+
+    /// A `secrets:` entry (Vault, a cloud secrets manager, GitLab's secrets manager), resolved
+    /// by the runner into a variable after all the others, listed under the payload's
+    /// `secrets`, not its `variables`.
+    pub fn secret(mut self, secret: JobSecret) -> Self {
+        self.secrets.push(secret);
         self
     }
 
@@ -701,6 +725,12 @@ impl RunnerJob {
         }
         for variable in self.job_vars.values() {
             hook = hook.job_variable(variable.clone());
+        }
+        for variable in &self.overrides {
+            hook = hook.job_override(variable.clone());
+        }
+        for secret in &self.secrets {
+            hook = hook.secret(secret.clone());
         }
         for (name, value) in job_env {
             hook = hook.driver_env(name, value);
@@ -991,13 +1021,21 @@ impl Execution {
             };
             merged.insert(name, var);
         }
-        for var in self.job.job_vars.values() {
+        for var in self.job.job_vars.values().chain(&self.job.overrides) {
             let script_var = ScriptVariable {
                 name: var.key.clone(),
                 value: var.value.clone(),
                 file: var.file,
             };
             merged.insert(var.key.clone(), script_var);
+        }
+        for secret in &self.job.secrets {
+            let script_var = ScriptVariable {
+                name: secret.key.clone(),
+                value: secret.value.clone(),
+                file: secret.file,
+            };
+            merged.insert(secret.key.clone(), script_var);
         }
         merged.into_values().collect()
     }

@@ -142,6 +142,16 @@ impl TestSshServer {
         &self.state.home
     }
 
+    /// Puts `script` on the commands' PATH as `name`, ahead of the system's (e.g. an
+    /// `install` that refuses, so a test sees what was uploaded without it landing in
+    /// `/usr/local/bin` of the machine running the tests).
+    pub fn shim(&self, name: &str, script: &str) {
+        let path = self.state.shim_dir.join(name);
+        std::fs::write(&path, script).expect("write shim");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod shim");
+    }
+
     pub fn target(&self) -> SshTarget {
         SshTarget {
             host: "127.0.0.1".into(),

@@ -319,3 +319,61 @@ fn every_attempts_directory_is_removed_after_its_cleanup_even_a_failed_one() {
         "{calls:?}"
     );
 }
+
+/// `secrets:` and predefined-variable overrides reach a hook as gitlab-runner passes them.
+#[test]
+fn secrets_and_overrides_arrive_as_the_runner_passes_them() {
+    use gpr_testkit::hook::{Hook, JobSecret, JobVariable};
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Hook::new("/usr/bin/env", dir.path())
+        .runner_env("FROM_RUNNER", "runner")
+        .job_var("CI_PROJECT_PATH", "group/demo")
+        .job_override(JobVariable::new("CI_PROJECT_PATH", "group/evil"))
+        .job_var("SHADOWED", "variable")
+        .secret(JobSecret::new("SHADOWED", "from-vault"))
+        .secret(JobSecret {
+            file: false,
+            ..JobSecret::new("PLAIN_SECRET", "s3cr3t")
+        });
+    let out = hook.run();
+    out.assert_exit(0);
+    let env: Vec<&str> = out.stdout.lines().collect();
+    // The job's override and its resolved secrets win, as the later entries.
+    assert!(
+        env.contains(&"CUSTOM_ENV_CI_PROJECT_PATH=group/evil"),
+        "{env:?}"
+    );
+    assert!(env.contains(&"CUSTOM_ENV_SHADOWED=from-vault"), "{env:?}");
+    assert!(env.contains(&"CUSTOM_ENV_PLAIN_SECRET=s3cr3t"), "{env:?}");
+    let response: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("response.json")).unwrap())
+            .unwrap();
+    let keys: Vec<&str> = response["variables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["key"].as_str().unwrap())
+        .collect();
+    // Both CI_PROJECT_PATH entries, the job's last; secrets are not variables.
+    assert_eq!(keys.iter().filter(|k| **k == "CI_PROJECT_PATH").count(), 2);
+    assert_eq!(
+        response["variables"].as_array().unwrap().last().unwrap()["value"],
+        "group/evil"
+    );
+    assert!(!keys.contains(&"PLAIN_SECRET"), "{keys:?}");
+    assert_eq!(response["secrets"]["SHADOWED"]["file"], true);
+    assert_eq!(response["secrets"]["PLAIN_SECRET"]["file"], false);
+    assert!(
+        response["secrets"]["SHADOWED"].get("value").is_none(),
+        "values never in the file"
+    );
+
+    let missing = Hook::new("/usr/bin/env", dir.path())
+        .without_job_response_file()
+        .run();
+    assert!(
+        !missing.stdout.contains("JOB_RESPONSE_FILE="),
+        "{}",
+        missing.stdout
+    );
+}

@@ -1,0 +1,411 @@
+//! The parsed settings: what the hooks, the API client and the SSH client use. Built from the
+//! values the trust rule let through ([`super::trust::Decision`]); where a value came from is
+//! decided there, and only its consequences are kept here (e.g. [`SshKey`]'s variant).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::parse::{
+    classify_private_key, default_runner_id, is_runner_id, parse_bool, parse_fingerprint,
+    parse_proxy_url, parse_template_map, parse_vmid_range, ApiEndpoint, Cidr, SshKey,
+};
+use super::sources::Origin;
+use super::trust::{self, Decision};
+use crate::error::{Error, Result};
+use crate::secret::Secret;
+
+pub const DEFAULT_TEMPLATES: &str =
+    "ubuntu-focal=60900,ubuntu-bionic=60910,debian-11=60920,debian-12=60930";
+/// Above PVE's default `next-id` upper bound (1000000), so PVE's own id allocation for
+/// hand-made VMs never lands in it.
+pub const DEFAULT_VMID_RANGE: (u32, u32) = (2_000_000, 2_999_999);
+/// The longest job a VM's recorded deadline allows for unless the host says otherwise: GitLab's
+/// largest usual `maximum_timeout`.
+pub const DEFAULT_MAX_JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// How the driver trusts the Proxmox API's TLS certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsTrust {
+    /// The runner host's CA store (there is none on a distroless host).
+    SystemRoots,
+    /// A PEM file holding the CA (e.g. the cluster's `/etc/pve/pve-root-ca.pem`).
+    CaFile(PathBuf),
+    /// The SHA-256 fingerprint of the API's leaf certificate, as the PVE UI shows it.
+    Fingerprint([u8; 32]),
+    /// No verification at all (loudly warned about in the job log).
+    Insecure,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloneMode {
+    Linked,
+    Full,
+}
+
+/// Which templates a job may ask for beyond the named map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowedTemplates {
+    /// Only the names in `PROXMOX_TEMPLATES` (the default).
+    MapOnly,
+    /// Any template VM on the node, by VMID or name (`*`).
+    AnyOnNode,
+    /// The map plus these VMIDs or VM names.
+    Listed(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostKeyPolicy {
+    /// Pin the key read through the guest agent; if the agent cannot read it, pin the key seen
+    /// on the first connection in prepare (with a warning).
+    AgentThenFirstUse,
+    /// Only a key read through the guest agent is accepted.
+    Strict,
+}
+
+/// `VM_SSH_PRIVATE_KEY` as the trust rule left it: a job's value is always [`SshKey::Text`].
+#[derive(Debug, Clone)]
+pub struct SshKeySetting {
+    pub key: SshKey,
+    /// It came in through `CUSTOM_ENV_`, so gitlab-runner also exports it into every stage
+    /// script it writes into the VM.
+    pub via_custom_env: bool,
+}
+
+/// All settings, parsed and checked. Secrets stay in [`Secret`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub api: ApiEndpoint,
+    pub api_user: String,
+    pub api_token_name: String,
+    pub api_token_value: Secret,
+    /// `PROXMOX_HTTPS_PROXY`: the only proxy the API client ever uses (the environment's
+    /// `HTTPS_PROXY` and friends are ignored).
+    pub api_proxy: Option<String>,
+    pub node: String,
+    pub tls: TlsTrust,
+    pub templates: BTreeMap<String, u32>,
+    /// The template the job asked for (or the default), not yet resolved to a VMID.
+    pub template: String,
+    pub allowed_templates: AllowedTemplates,
+    pub vmid_range: (u32, u32),
+    /// `None`: linked when the source is a template.
+    pub clone_mode: Option<CloneMode>,
+    pub storage: Option<String>,
+    pub pool: Option<String>,
+    /// Cap on clones in flight from this runner host (0 = no cap).
+    pub max_concurrent_clones: u32,
+    pub clone_lock_dir: Option<PathBuf>,
+    /// `PROXMOX_RUNNER_ID`: who created a VM, in its ownership marker (`gc --runner`).
+    pub runner_id: String,
+    /// `PROXMOX_MAX_JOB_TIMEOUT`: caps the job timeout a VM's recorded deadline allows for.
+    pub max_job_timeout: Duration,
+    pub vm_cores: Option<u32>,
+    pub vm_memory_mb: Option<u32>,
+    pub vm_disk_grow_gb: Option<u32>,
+    pub boot_timeout: Duration,
+    /// How long cleanup may take (waits for locks included) before it leaves the VM to gc;
+    /// keep it below the runner's `cleanup_exec_timeout`.
+    pub cleanup_timeout: Duration,
+    /// Empty: any global unicast address.
+    pub network_cidrs: Vec<Cidr>,
+    pub ssh_user: String,
+    pub ssh_port: u16,
+    pub ssh_private_key: Option<SshKeySetting>,
+    pub ssh_key_passphrase: Option<Secret>,
+    pub host_key_policy: HostKeyPolicy,
+    /// `None`: `gitlab-runner` on the host's PATH.
+    pub runner_helper_path: Option<PathBuf>,
+    /// Lines for the job log about what the trust rule did (names only, never values).
+    pub trust_warnings: Vec<String>,
+}
+
+struct Values {
+    decision: Decision,
+}
+
+impl Values {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.decision
+            .values
+            .get(name)
+            .map(|(value, _)| value.expose().trim())
+            .filter(|value| !value.is_empty())
+    }
+
+    fn take_secret(&mut self, name: &str) -> Option<(Secret, Origin)> {
+        self.decision
+            .values
+            .remove(name)
+            .filter(|(value, _)| !value.expose().trim().is_empty())
+    }
+
+    fn required(&self, name: &str) -> Result<&str> {
+        self.get(name).ok_or_else(|| {
+            let ignored = if self.decision.ignored.contains(&name) {
+                format!(
+                    " (CUSTOM_ENV_{name} was ignored: with a config file or driver settings in \
+                     the runner host's environment, no setting comes from [[runners]] \
+                     environment or the job)"
+                )
+            } else {
+                String::new()
+            };
+            Error::Settings(format!(
+                "{name} is not set{ignored}; set it in the driver's config file (--config) or \
+                 the runner host's environment"
+            ))
+        })
+    }
+
+    fn number<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>> {
+        self.get(name)
+            .map(|text| {
+                text.parse::<T>().map_err(|_| {
+                    Error::Settings(format!("{name}={text:?} is not a valid whole number"))
+                })
+            })
+            .transpose()
+    }
+}
+
+impl Settings {
+    pub fn from_decision(decision: Decision) -> Result<Settings> {
+        let mut trust_warnings: Vec<String> =
+            trust::ignored_warning(&decision).into_iter().collect();
+        let mut raw = Values { decision };
+        let api = raw.required("PROXMOX_HOST").and_then(|text| {
+            ApiEndpoint::parse(text).ok_or_else(|| {
+                Error::Settings(format!(
+                    "PROXMOX_HOST={text:?} is not host, host:port or https://host:port"
+                ))
+            })
+        })?;
+        let api_user = raw.required("PROXMOX_USER")?.to_string();
+        if !api_user.contains('@') {
+            return Err(Error::Settings(format!(
+                "PROXMOX_USER={api_user:?} must include the realm, e.g. ci@pve or root@pam"
+            )));
+        }
+        let api_token_name = raw.required("PROXMOX_TOKEN_NAME")?.to_string();
+        let (api_token_value, _) = raw.take_secret("PROXMOX_TOKEN_VALUE").ok_or_else(|| {
+            Error::Settings(
+                "PROXMOX_TOKEN_VALUE is not set; put the API token secret in the driver's config \
+                 file or the runner host's environment"
+                    .into(),
+            )
+        })?;
+        let api_proxy = raw
+            .get("PROXMOX_HTTPS_PROXY")
+            .map(parse_proxy_url)
+            .transpose()?;
+        let node = raw.required("PROXMOX_NODE")?.to_string();
+
+        let insecure = raw
+            .get("PROXMOX_TLS_INSECURE")
+            .map(|text| parse_bool("PROXMOX_TLS_INSECURE", text))
+            .transpose()?
+            .unwrap_or(false);
+        let ca_file = raw.get("PROXMOX_TLS_CA_FILE").map(PathBuf::from);
+        let fingerprint = raw
+            .get("PROXMOX_TLS_FINGERPRINT")
+            .map(|text| {
+                parse_fingerprint(text).ok_or_else(|| {
+                    Error::Settings(format!(
+                        "PROXMOX_TLS_FINGERPRINT={text:?} is not a SHA-256 fingerprint \
+                         (32 bytes as hex, AA:BB:... as the PVE UI shows it)"
+                    ))
+                })
+            })
+            .transpose()?;
+        let tls = match (ca_file, fingerprint, insecure) {
+            (Some(_), Some(_), _) => {
+                return Err(Error::Settings(
+                    "set only one of PROXMOX_TLS_CA_FILE and PROXMOX_TLS_FINGERPRINT".into(),
+                ))
+            }
+            (Some(path), None, _) => TlsTrust::CaFile(path),
+            (None, Some(fp), _) => TlsTrust::Fingerprint(fp),
+            (None, None, true) => TlsTrust::Insecure,
+            (None, None, false) => TlsTrust::SystemRoots,
+        };
+
+        let templates =
+            parse_template_map(raw.get("PROXMOX_TEMPLATES").unwrap_or(DEFAULT_TEMPLATES))?;
+        let template = raw
+            .get("PROXMOX_TEMPLATE")
+            .or(raw.get("PROXMOX_DEFAULT_TEMPLATE"))
+            .unwrap_or("ubuntu-focal")
+            .to_string();
+        let allowed_templates = match raw.get("PROXMOX_ALLOWED_TEMPLATES") {
+            None => AllowedTemplates::MapOnly,
+            Some("*") => AllowedTemplates::AnyOnNode,
+            Some(list) => AllowedTemplates::Listed(
+                list.split(',')
+                    .map(str::trim)
+                    .filter(|item| !item.is_empty())
+                    .map(String::from)
+                    .collect(),
+            ),
+        };
+        let vmid_range = raw
+            .get("PROXMOX_VMID_RANGE")
+            .map(parse_vmid_range)
+            .transpose()?
+            .unwrap_or(DEFAULT_VMID_RANGE);
+        let clone_mode = match raw
+            .get("PROXMOX_CLONE")
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None => None,
+            Some("linked") => Some(CloneMode::Linked),
+            Some("full") => Some(CloneMode::Full),
+            Some(other) => {
+                return Err(Error::Settings(format!(
+                    "PROXMOX_CLONE={other:?} must be linked or full"
+                )))
+            }
+        };
+        let runner_id = match raw.get("PROXMOX_RUNNER_ID") {
+            Some(id) if is_runner_id(id) => id.to_string(),
+            Some(id) => {
+                return Err(Error::Settings(format!(
+                    "PROXMOX_RUNNER_ID={id:?} must be 1 to 64 letters, digits, '.', '_' or '-'"
+                )))
+            }
+            None => default_runner_id(),
+        };
+        let max_job_timeout = match raw.number::<u64>("PROXMOX_MAX_JOB_TIMEOUT")? {
+            Some(0) => {
+                return Err(Error::Settings(
+                    "PROXMOX_MAX_JOB_TIMEOUT must be at least 1 second".into(),
+                ))
+            }
+            Some(secs) => Duration::from_secs(secs),
+            None => DEFAULT_MAX_JOB_TIMEOUT,
+        };
+        let boot_timeout =
+            Duration::from_secs(raw.number::<u64>("VM_BOOT_TIMEOUT")?.unwrap_or(300));
+        if boot_timeout.is_zero() {
+            return Err(Error::Settings(
+                "VM_BOOT_TIMEOUT must be at least 1 second".into(),
+            ));
+        }
+        let cleanup_timeout =
+            Duration::from_secs(raw.number::<u64>("VM_CLEANUP_TIMEOUT")?.unwrap_or(420));
+        if cleanup_timeout.is_zero() {
+            return Err(Error::Settings(
+                "VM_CLEANUP_TIMEOUT must be at least 1 second".into(),
+            ));
+        }
+        let network_cidrs = raw
+            .get("VM_NETWORK_CIDRS")
+            .map(|text| {
+                text.split(',')
+                    .map(str::trim)
+                    .filter(|item| !item.is_empty())
+                    .map(|item| {
+                        Cidr::parse(item).ok_or_else(|| {
+                            Error::Settings(format!(
+                                "VM_NETWORK_CIDRS entry {item:?} is not an address or network \
+                                 like 192.0.2.0/24"
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .transpose()?
+            .unwrap_or_default();
+        let ssh_port = raw.number::<u16>("VM_SSH_PORT")?.unwrap_or(22);
+        if ssh_port == 0 {
+            return Err(Error::Settings("VM_SSH_PORT must not be 0".into()));
+        }
+        let host_key_policy = match raw
+            .get("VM_SSH_HOST_KEY_POLICY")
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("agent-then-first-use") | Some("default") => {
+                HostKeyPolicy::AgentThenFirstUse
+            }
+            Some("strict") => HostKeyPolicy::Strict,
+            Some(other) => {
+                return Err(Error::Settings(format!(
+                    "VM_SSH_HOST_KEY_POLICY={other:?} must be strict or agent-then-first-use"
+                )))
+            }
+        };
+        let key_from_job = raw.decision.job_chosen.contains("VM_SSH_PRIVATE_KEY");
+        let ssh_private_key =
+            raw.take_secret("VM_SSH_PRIVATE_KEY")
+                .map(|(value, origin)| {
+                    let key =
+                        match classify_private_key(value) {
+                            // A job must not make the driver open files on the runner host.
+                            Ok(SshKey::File(_)) if key_from_job => return Err(Error::JobRequest(
+                                "VM_SSH_PRIVATE_KEY from the job's CI/CD variables must hold the \
+                             key text itself (-----BEGIN ...), not a path: only the runner \
+                             host's own settings may name a key file"
+                                    .into(),
+                            )),
+                            Err(Error::Settings(message)) if key_from_job => {
+                                return Err(Error::JobRequest(message))
+                            }
+                            other => other?,
+                        };
+                    Ok(SshKeySetting {
+                        key,
+                        via_custom_env: origin == Origin::CustomEnv,
+                    })
+                })
+                .transpose()?;
+        if ssh_private_key
+            .as_ref()
+            .is_some_and(|key| key.via_custom_env)
+        {
+            trust_warnings.push(
+                "VM_SSH_PRIVATE_KEY came in through CUSTOM_ENV_ (a CI/CD variable or [[runners]] \
+                 environment): gitlab-runner exports it into every stage script it writes into \
+                 the VM, so every job can read it. Put the key in the driver's config file or \
+                 the runner host's environment instead."
+                    .into(),
+            );
+        }
+        let ssh_key_passphrase = raw.take_secret("VM_SSH_KEY_PASSPHRASE").map(|(s, _)| s);
+
+        Ok(Settings {
+            api,
+            api_user,
+            api_token_name,
+            api_token_value,
+            api_proxy,
+            node,
+            tls,
+            templates,
+            template,
+            allowed_templates,
+            vmid_range,
+            clone_mode,
+            storage: raw.get("PROXMOX_STORAGE").map(String::from),
+            pool: raw.get("PROXMOX_POOL").map(String::from),
+            max_concurrent_clones: raw.number("PROXMOX_MAX_CONCURRENT_CLONES")?.unwrap_or(0),
+            clone_lock_dir: raw.get("PROXMOX_CLONE_LOCK_DIR").map(PathBuf::from),
+            runner_id,
+            max_job_timeout,
+            vm_cores: raw.number("VM_CORES")?,
+            vm_memory_mb: raw.number("VM_MEMORY_MB")?,
+            vm_disk_grow_gb: raw.number("VM_DISK_GROW_GB")?,
+            boot_timeout,
+            cleanup_timeout,
+            network_cidrs,
+            ssh_user: raw.get("VM_SSH_USER").unwrap_or("ci").to_string(),
+            ssh_port,
+            ssh_private_key,
+            ssh_key_passphrase,
+            host_key_policy,
+            runner_helper_path: raw.get("RUNNER_HELPER_PATH").map(PathBuf::from),
+            trust_warnings,
+        })
+    }
+}

@@ -1,0 +1,353 @@
+//! Driver settings: where they come from ([`sources`]), which of them a job may set
+//! ([`trust`], the one rule), how their values parse ([`parse`]) and their checked form
+//! ([`host`]).
+//!
+//! Every setting can come from three places, in this order of precedence:
+//! 1. the driver's TOML file (`--config FILE` or `GITLAB_PROXMOX_RUNNER_CONFIG`),
+//! 2. the driver process's own environment under the plain name (what a systemd unit exports),
+//! 3. `CUSTOM_ENV_<NAME>` (what `[[runners]] environment` produces, kept for the older driver),
+//!    subject to [`trust`]: shared with the job, whose variables, secrets and overrides of
+//!    predefined variables reach the driver under the same names and win.
+
+pub mod host;
+pub mod parse;
+pub mod sources;
+pub mod trust;
+
+use std::path::{Path, PathBuf};
+
+pub use host::{
+    AllowedTemplates, CloneMode, HostKeyPolicy, Settings, SshKeySetting, TlsTrust,
+    DEFAULT_MAX_JOB_TIMEOUT, DEFAULT_TEMPLATES, DEFAULT_VMID_RANGE,
+};
+pub use parse::{parse_fingerprint, parse_template_map, ApiEndpoint, Cidr, SshKey};
+pub use sources::{Origin, Sources};
+pub use trust::{secret_names, JobNames, Setup};
+
+use crate::error::{Error, Result};
+
+pub const CONFIG_FILE_ENV: &str = "GITLAB_PROXMOX_RUNNER_CONFIG";
+
+impl Settings {
+    /// Loads the settings the way every hook does: the file named by `--config` or
+    /// `GITLAB_PROXMOX_RUNNER_CONFIG`, the process environment, and `$JOB_RESPONSE_FILE`.
+    pub fn load(config_file: Option<&Path>) -> Result<Settings> {
+        let env_path = std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from);
+        let path = config_file.map(Path::to_path_buf).or(env_path);
+        let text = match &path {
+            Some(path) => Some(zeroize::Zeroizing::new(
+                std::fs::read_to_string(path).map_err(|err| {
+                    Error::Settings(format!(
+                        "cannot read the driver config file {}: {err}",
+                        path.display()
+                    ))
+                })?,
+            )),
+            None => None,
+        };
+        let response = std::env::var_os("JOB_RESPONSE_FILE").map(|path| {
+            std::fs::read(&path)
+                .map(zeroize::Zeroizing::new)
+                .map_err(|err| {
+                    format!(
+                        "cannot read the job response file {} ($JOB_RESPONSE_FILE): {err}",
+                        Path::new(&path).display()
+                    )
+                })
+        });
+        let env = |name: &str| std::env::var(name).ok();
+        Settings::from_sources(Sources {
+            file: text
+                .as_ref()
+                .zip(path.as_ref())
+                .map(|(t, p)| (t.as_str(), p.as_path())),
+            env: &env,
+            job_response: response.as_ref().map(|read| match read {
+                Ok(bytes) => Ok(bytes.as_slice()),
+                Err(message) => Err(message.clone()),
+            }),
+        })
+    }
+
+    pub fn from_sources(sources: Sources<'_>) -> Result<Settings> {
+        let layers = sources::Layers::collect(&sources)?;
+        let decision = trust::decide(layers, sources.job_response)?;
+        Settings::from_decision(decision)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    const HOST: [(&str, &str); 5] = [
+        ("PROXMOX_HOST", "pve.example.test"),
+        ("PROXMOX_USER", "ci@pve"),
+        ("PROXMOX_TOKEN_NAME", "runner"),
+        ("PROXMOX_TOKEN_VALUE", "s3cr3t-token"),
+        ("PROXMOX_NODE", "pve1"),
+    ];
+
+    /// The recommended setup without a file: the driver settings in the process environment.
+    fn base_env() -> HashMap<String, String> {
+        HOST.into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// The older setup: every driver setting as a `[[runners]] environment` entry.
+    fn runners_env() -> HashMap<String, String> {
+        HOST.into_iter()
+            .map(|(k, v)| (format!("CUSTOM_ENV_{k}"), v.to_string()))
+            .collect()
+    }
+
+    fn response(variables: &[&str], secrets: &[&str]) -> String {
+        let variables: Vec<String> = variables
+            .iter()
+            .map(|key| format!(r#"{{"key":"{key}","value":"x","public":true,"masked":false}}"#))
+            .collect();
+        let secrets: Vec<String> = secrets
+            .iter()
+            .map(|key| format!(r#""{key}":{{"vault":{{"path":"p","field":"f"}},"file":true}}"#))
+            .collect();
+        format!(
+            r#"{{"id":1,"variables":[{}],"secrets":{{{}}}}}"#,
+            variables.join(","),
+            secrets.join(",")
+        )
+    }
+
+    fn load_with(
+        env: &HashMap<String, String>,
+        file: Option<&str>,
+        job_response: Option<std::result::Result<&[u8], String>>,
+    ) -> Result<Settings> {
+        let lookup = |name: &str| env.get(name).cloned();
+        Settings::from_sources(Sources {
+            file: file.map(|text| (text, Path::new("/etc/test.toml"))),
+            env: &lookup,
+            job_response,
+        })
+    }
+
+    fn load(
+        env: &HashMap<String, String>,
+        file: Option<&str>,
+        job: Option<&[&str]>,
+    ) -> Result<Settings> {
+        let json = job.map(|names| response(names, &[]));
+        load_with(env, file, json.as_ref().map(|text| Ok(text.as_bytes())))
+    }
+
+    #[test]
+    fn defaults_match_the_older_driver() {
+        let settings = load(&base_env(), None, Some(&[])).unwrap();
+        assert_eq!(
+            settings.api.base_url(),
+            "https://pve.example.test:8006/api2/json"
+        );
+        assert_eq!(settings.templates["ubuntu-focal"], 60900);
+        assert_eq!(settings.templates["debian-12"], 60930);
+        assert_eq!(settings.template, "ubuntu-focal");
+        assert_eq!(settings.ssh_user, "ci");
+        assert_eq!(settings.ssh_port, 22);
+        assert_eq!(settings.boot_timeout, Duration::from_secs(300));
+        assert_eq!(settings.tls, TlsTrust::SystemRoots);
+        assert_eq!(settings.vmid_range, DEFAULT_VMID_RANGE);
+        assert_eq!(settings.max_job_timeout, DEFAULT_MAX_JOB_TIMEOUT);
+        assert_eq!(settings.api_proxy, None);
+        assert!(parse::is_runner_id(&settings.runner_id));
+        assert!(settings.trust_warnings.is_empty());
+    }
+
+    #[test]
+    fn file_beats_process_env() {
+        let mut env = base_env();
+        env.insert("PROXMOX_NODE".into(), "from-env".into());
+        assert_eq!(load(&env, None, None).unwrap().node, "from-env");
+        let file = "PROXMOX_NODE = \"from-file\"\n";
+        assert_eq!(load(&env, Some(file), None).unwrap().node, "from-file");
+    }
+
+    #[test]
+    fn with_host_settings_no_host_only_value_is_read_from_custom_env() {
+        // Changed rule: before, a CUSTOM_ENV_ value the job did not define was used here.
+        let mut env = base_env();
+        env.remove("PROXMOX_NODE");
+        env.insert("CUSTOM_ENV_PROXMOX_NODE".into(), "from-custom".into());
+        env.insert("CUSTOM_ENV_PROXMOX_POOL".into(), "someone-elses".into());
+        let err = load(&env, None, Some(&[])).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("CUSTOM_ENV_PROXMOX_NODE was ignored"),
+            "{err}"
+        );
+        env.insert("PROXMOX_NODE".into(), "pve1".into());
+        // Without a job response file too: in this setup the driver never needs it.
+        let settings = load_with(&env, None, None).unwrap();
+        assert_eq!(settings.pool, None);
+        assert_eq!(settings.trust_warnings.len(), 1);
+        let warning = &settings.trust_warnings[0];
+        assert!(
+            warning.contains("CUSTOM_ENV_PROXMOX_NODE, CUSTOM_ENV_PROXMOX_POOL"),
+            "{warning}"
+        );
+        assert!(!warning.contains("someone-elses"), "{warning}");
+        // A file alone makes the setup host-configured.
+        let file = HOST
+            .iter()
+            .map(|(k, v)| format!("{k} = \"{v}\"\n"))
+            .collect::<String>();
+        let settings = load_with(&runners_env_with_pool(), Some(&file), None).unwrap();
+        assert_eq!(settings.pool, None);
+    }
+
+    fn runners_env_with_pool() -> HashMap<String, String> {
+        let mut env = runners_env();
+        env.insert("CUSTOM_ENV_PROXMOX_POOL".into(), "ci".into());
+        env
+    }
+
+    #[test]
+    fn the_older_setup_reads_custom_env_but_refuses_what_the_job_defines() {
+        let env = runners_env_with_pool();
+        let settings = load(&env, None, Some(&["CI_JOB_ID"])).unwrap();
+        assert_eq!(settings.node, "pve1");
+        assert_eq!(settings.pool.as_deref(), Some("ci"));
+        for (variables, secrets) in [(&["PROXMOX_POOL"][..], &[][..]), (&[], &["PROXMOX_POOL"])] {
+            let json = response(variables, secrets);
+            let err = load_with(&env, None, Some(Ok(json.as_bytes()))).unwrap_err();
+            assert!(matches!(err, Error::JobRequest(_)), "{err}");
+            assert!(err.to_string().contains("PROXMOX_POOL"), "{err}");
+        }
+        // A blank value the job defines would still replace the admin's.
+        let mut blank = env.clone();
+        blank.insert("CUSTOM_ENV_PROXMOX_POOL".into(), String::new());
+        assert!(load(&blank, None, Some(&["PROXMOX_POOL"])).is_err());
+    }
+
+    #[test]
+    fn the_older_setup_fails_closed_without_a_readable_job_response() {
+        let env = runners_env();
+        let missing = load_with(&env, None, None).unwrap_err();
+        assert!(
+            missing.to_string().contains("JOB_RESPONSE_FILE"),
+            "{missing}"
+        );
+        let unreadable = load_with(&env, None, Some(Err("cannot read it".into()))).unwrap_err();
+        assert!(unreadable.to_string().contains("cannot read it"));
+        for bad in [&b"not json"[..], br#"{"id":1}"#] {
+            let err = load_with(&env, None, Some(Ok(bad))).unwrap_err();
+            assert!(err.to_string().contains("JOB_RESPONSE_FILE"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_file_the_driver_copies_never_comes_from_custom_env() {
+        for mut env in [base_env(), runners_env()] {
+            env.insert(
+                "CUSTOM_ENV_RUNNER_HELPER_PATH".into(),
+                "/etc/gitlab-runner/proxmox.toml".into(),
+            );
+            let settings = load(&env, None, Some(&[])).unwrap();
+            assert_eq!(settings.runner_helper_path, None);
+            assert!(settings.trust_warnings[0].contains("CUSTOM_ENV_RUNNER_HELPER_PATH"));
+        }
+        let mut env = base_env();
+        env.insert("RUNNER_HELPER_PATH".into(), "/usr/bin/gitlab-runner".into());
+        assert!(load(&env, None, None).unwrap().runner_helper_path.is_some());
+    }
+
+    #[test]
+    fn a_job_variable_shadowed_by_the_host_is_harmless() {
+        let mut env = base_env();
+        env.insert("CUSTOM_ENV_PROXMOX_HOST".into(), "evil.example.test".into());
+        let settings = load(&env, None, Some(&["PROXMOX_HOST"])).unwrap();
+        assert_eq!(settings.api.host, "pve.example.test");
+    }
+
+    #[test]
+    fn the_job_may_pick_its_template_and_key_text_but_no_key_file() {
+        let key = "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----";
+        for env in [base_env(), runners_env()] {
+            let mut env = env;
+            env.insert("CUSTOM_ENV_PROXMOX_TEMPLATE".into(), "debian-12".into());
+            env.insert("CUSTOM_ENV_VM_SSH_PRIVATE_KEY".into(), key.into());
+            let names = ["PROXMOX_TEMPLATE", "VM_SSH_PRIVATE_KEY"];
+            let settings = load(&env, None, Some(&names)).unwrap();
+            assert_eq!(settings.template, "debian-12");
+            let ssh_key = settings.ssh_private_key.as_ref().unwrap();
+            assert!(ssh_key.via_custom_env && matches!(ssh_key.key, SshKey::Text(_)));
+            assert!(settings
+                .trust_warnings
+                .iter()
+                .any(|w| w.contains("VM_SSH_PRIVATE_KEY came in")));
+
+            env.insert(
+                "CUSTOM_ENV_VM_SSH_PRIVATE_KEY".into(),
+                "/etc/ssh/ssh_host_ed25519_key".into(),
+            );
+            let err = load(&env, None, Some(&names)).unwrap_err();
+            assert!(matches!(err, Error::JobRequest(_)), "{err}");
+        }
+        // A key path from [[runners]] environment (not the job's) is the admin's.
+        let mut env = runners_env();
+        env.insert("CUSTOM_ENV_VM_SSH_PRIVATE_KEY".into(), "/etc/ci-key".into());
+        let settings = load(&env, None, Some(&[])).unwrap();
+        assert!(matches!(
+            settings.ssh_private_key.unwrap().key,
+            SshKey::File(_)
+        ));
+        // From the host's own environment, a path is fine.
+        let mut env = base_env();
+        env.insert("VM_SSH_PRIVATE_KEY".into(), "/etc/ci-key".into());
+        let settings = load(&env, None, None).unwrap();
+        let ssh_key = settings.ssh_private_key.unwrap();
+        assert!(!ssh_key.via_custom_env && matches!(ssh_key.key, SshKey::File(_)));
+    }
+
+    #[test]
+    fn unknown_file_keys_and_bad_toml_are_reported_without_echoing_values() {
+        let err = load(&base_env(), Some("PROXMOX_HOTS = \"x\"\n"), None).unwrap_err();
+        assert!(err.to_string().contains("PROXMOX_HOTS"));
+        let err = load(
+            &base_env(),
+            Some("VM_SSH_PRIVATE_KEY = \"-----BEGIN OPENSSH PRIVATE KEY\n"),
+            None,
+        )
+        .unwrap_err();
+        assert!(!err.to_string().contains("BEGIN"), "{err}");
+    }
+
+    #[test]
+    fn file_accepts_lowercase_keys_numbers_and_tables() {
+        let file = "vm_ssh_port = 2222\nPROXMOX_TEMPLATES = { alpine = 9000, noble = 9001 }\n";
+        let settings = load(&base_env(), Some(file), None).unwrap();
+        assert_eq!(settings.ssh_port, 2222);
+        assert_eq!(settings.templates.len(), 2);
+        assert_eq!(settings.templates["noble"], 9001);
+    }
+
+    #[test]
+    fn bad_fingerprints_runner_ids_and_proxies_are_refused() {
+        for (name, value) in [
+            ("PROXMOX_TLS_FINGERPRINT", "zz"),
+            ("PROXMOX_RUNNER_ID", "two words"),
+            ("PROXMOX_HTTPS_PROXY", "proxy:3128"),
+            ("PROXMOX_MAX_JOB_TIMEOUT", "0"),
+        ] {
+            let mut env = base_env();
+            env.insert(name.into(), value.into());
+            assert!(load(&env, None, None).is_err(), "{name}={value}");
+        }
+        let mut env = base_env();
+        env.insert("PROXMOX_RUNNER_ID".into(), "runner-7".into());
+        env.insert("PROXMOX_HTTPS_PROXY".into(), "http://127.0.0.1:3128".into());
+        let settings = load(&env, None, None).unwrap();
+        assert_eq!(settings.runner_id, "runner-7");
+        assert_eq!(settings.api_proxy.as_deref(), Some("http://127.0.0.1:3128"));
+    }
+}
