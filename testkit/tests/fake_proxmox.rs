@@ -46,10 +46,6 @@ async fn clone_start_agent_delete_lifecycle() {
     // ... first a temporary one holding just the clone lock.
     let during = common::wait_for_vm(&fake, 100122);
     assert_eq!(during.lock.as_deref(), Some("clone"));
-    assert_eq!(
-        during.description, "",
-        "no description while the disks are cloned"
-    );
     let start_while_locked = api.post("/nodes/pve1/qemu/100122/status/start", &[]).await;
     let status = api
         .wait_task_data(start_while_locked.body["data"].as_str().expect("UPID"))
@@ -794,7 +790,8 @@ async fn clones_appear_late_answers_get_lost_and_locks_expire() {
     let lost = common::client(&fake)
         .post(format!("{}{clone}", fake.api_url()))
         .header("Authorization", &api.auth)
-        .form(&[("newid", "100900"), ("description", "mine")])
+        // A full clone: its temporary config stays until the first disk is copied.
+        .form(&[("newid", "100900"), ("description", "mine"), ("full", "1")])
         .send()
         .await;
     assert!(lost.is_err(), "the connection drops without an answer");

@@ -789,7 +789,13 @@ fn clone(
         destroying: false,
         clone: Some(super::state::CloneProgress {
             full_config: error.is_none().then_some(config),
-            full_at: config_at + (ends - pool_step).saturating_duration_since(config_at) / 2,
+            // A linked clone's disk is a snapshot, written at once; a full clone's first disk
+            // copy takes most of the task.
+            full_at: if full {
+                config_at + (ends - pool_step).saturating_duration_since(config_at) / 2
+            } else {
+                (config_at + state.config.clone_config_delay).min(ends - pool_step)
+            },
             unlock_at,
             unlocked: false,
             pool,
