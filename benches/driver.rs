@@ -18,7 +18,7 @@
 //! ```
 //!
 //! Options: `--smoke`, `--out FILE` (else the report goes to stdout), `--bin FILE` (the driver
-//! to measure; default: the binary cargo built for this target), `--static-bin FILE` (default:
+//! to measure; default: `$GPR_BIN`, else the binary cargo built for this target), `--static-bin FILE` (default:
 //! `target/x86_64-unknown-linux-musl/release/gitlab-proxmox-runner`, measured as a second
 //! "ours" when it exists). Needs root and /usr/sbin/sshd, like the sshd tests.
 
@@ -65,7 +65,7 @@ impl Options {
         let mut options = Options {
             smoke: false,
             out: None,
-            bin: PathBuf::from(env!("CARGO_BIN_EXE_gitlab-proxmox-runner")),
+            bin: gpr_testkit::driver_binary!(),
             static_bin: target_dir.join("x86_64-unknown-linux-musl/release/gitlab-proxmox-runner"),
             stage_rounds: 30,
             stream_bytes: 200_000_000,

@@ -38,7 +38,7 @@ fn main() -> ExitCode {
 fn run_as_driver(args: &[std::ffi::OsString]) -> ExitCode {
     use clap::Parser;
     use gitlab_proxmox_runner::cli::{effective_args, Cli};
-    use gitlab_proxmox_runner::{commands, hardening, ExitCodes};
+    use gitlab_proxmox_runner::{app, hardening, ExitCodes};
     hardening::disable_core_dumps();
     let argv = std::iter::once("gitlab-proxmox-runner".into()).chain(args.iter().cloned());
     let cli = match Cli::try_parse_from(effective_args(argv)) {
@@ -48,7 +48,7 @@ fn run_as_driver(args: &[std::ffi::OsString]) -> ExitCode {
             return ExitCode::from(ExitCodes::from_env().system_failure as u8);
         }
     };
-    ExitCode::from(commands::execute(cli).clamp(0, 255) as u8)
+    ExitCode::from(app::execute(cli).clamp(0, 255) as u8)
 }
 
 fn demo() -> Result<bool, String> {

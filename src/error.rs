@@ -31,7 +31,15 @@ pub enum Error {
     #[error("settings: {0}")]
     Settings(String),
 
-    /// The Proxmox API failed or refused. `message` carries the API's own words.
+    /// A Proxmox API request failed or was refused; `source` says how (its `cause()` is for
+    /// callers that must decide what to do next) and carries the API's own words.
+    #[error("{context}: {source}")]
+    Api {
+        context: String,
+        source: crate::proxmox::ApiError,
+    },
+
+    /// Proxmox did not get done what we asked, in our words (e.g. gave up after N attempts).
     #[error("{context}: {message}")]
     Proxmox { context: String, message: String },
 
@@ -69,6 +77,7 @@ impl Error {
                 Blame::Job
             }
             Error::Settings(_)
+            | Error::Api { .. }
             | Error::Proxmox { .. }
             | Error::Ssh { .. }
             | Error::HostKeyMismatch { .. }
@@ -89,6 +98,22 @@ impl Error {
         Error::Ssh {
             context: context.into(),
             message: message.to_string(),
+        }
+    }
+
+    /// A failed API request, kept whole so that callers can ask what it means.
+    pub fn api(context: impl Into<String>, source: crate::proxmox::ApiError) -> Self {
+        Error::Api {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// The API error behind this one, if an API request failed.
+    pub fn api_error(&self) -> Option<&crate::proxmox::ApiError> {
+        match self {
+            Error::Api { source, .. } => Some(source),
+            _ => None,
         }
     }
 

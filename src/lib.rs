@@ -2,13 +2,14 @@
 //! fresh Proxmox VE virtual machine and runs the job's stage scripts in it over SSH.
 //!
 //! One module per concern: [`config`] (where configuration comes from and whom to trust),
-//! [`proxmox`] (the API client), [`ssh`] (the in-process SSH client), [`state`] (what prepare
-//! leaves for the later hooks), [`commands`] (one module per hook) and [`error`].
+//! [`proxmox`] (the API client), [`ssh`] (the in-process SSH client), [`vm`] (the engine that
+//! provisions, readies and destroys VMs, knowing nothing of hooks), [`state`] (what prepare
+//! leaves for the later hooks), [`commands`] (one thin module per hook), [`app`] (runtime,
+//! cancellation, the context each command family gets, errors to exit codes) and [`error`].
 
+pub mod app;
 pub mod cancel;
 pub mod cli;
-pub mod clone_slots;
-pub mod clone_watch;
 pub mod commands;
 pub mod config;
 pub mod error;
@@ -16,11 +17,12 @@ pub mod hardening;
 pub mod job;
 pub mod joblog;
 pub mod marker;
+pub mod poll;
 pub mod proxmox;
 pub mod secret;
 pub mod ssh;
 pub mod state;
-pub mod teardown;
+pub mod vm;
 
 /// The settings' old path, kept so that modules written against it still build.
 pub use config as settings;

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use gitlab_proxmox_runner::cli::{effective_args, Cli};
-use gitlab_proxmox_runner::{commands, hardening, ExitCodes};
+use gitlab_proxmox_runner::{app, hardening, ExitCodes};
 
 /// musl's malloc returns freed buffers to the kernel eagerly, so every SSH packet of a stage's
 /// output cost page faults; see Cargo.toml.
@@ -23,5 +23,5 @@ fn main() -> ExitCode {
             };
         }
     };
-    ExitCode::from(commands::execute(cli).clamp(0, 255) as u8)
+    ExitCode::from(app::execute(cli).clamp(0, 255) as u8)
 }

@@ -90,6 +90,21 @@ impl Lost {
     }
 }
 
+impl JobState {
+    /// What the engine needs to know about the clone that may create this state's VM.
+    pub fn clone_trace(&self) -> crate::vm::clone_watch::CloneTrace {
+        crate::vm::clone_watch::CloneTrace {
+            vm: crate::vm::VmRef {
+                node: self.node.clone(),
+                vmid: self.vmid,
+            },
+            template: self.template_vmid,
+            sent_at: self.clone_sent_at,
+            upid: self.clone_upid.clone(),
+        }
+    }
+}
+
 /// The directory for per-job files: `$TMPDIR` as the runner sets it, else the working directory
 /// (which the runner also makes per job).
 pub fn job_dir() -> PathBuf {

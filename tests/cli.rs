@@ -1,13 +1,12 @@
 //! The binary's command line and exit-code contract, run as gitlab-runner would run it.
 
+use gpr_testkit::driver_binary;
 use gpr_testkit::hook::{Hook, SYSTEM_FAILURE};
-
-const BIN: &str = env!("CARGO_BIN_EXE_gitlab-proxmox-runner");
 
 #[test]
 fn missing_settings_are_a_system_failure_naming_the_setting() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Hook::new(BIN, dir.path()).arg("prepare").run();
+    let out = Hook::new(driver_binary!(), dir.path()).arg("prepare").run();
     out.assert_exit(SYSTEM_FAILURE);
     assert!(out.stderr.contains("PROXMOX_HOST"), "{}", out.stderr);
 }
@@ -15,7 +14,7 @@ fn missing_settings_are_a_system_failure_naming_the_setting() {
 #[test]
 fn exit_codes_follow_the_runner_variables() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Hook::new(BIN, dir.path())
+    let out = Hook::new(driver_binary!(), dir.path())
         .arg("prepare")
         .command()
         .env("SYSTEM_FAILURE_EXIT_CODE", "77")

@@ -11,22 +11,12 @@ use std::time::{Duration, Instant};
 use gpr_testkit::fake_proxmox::{FakeConfig, FakeProxmox, Fault};
 use gpr_testkit::hook::{json_string, BUILD_FAILURE};
 use gpr_testkit::runner::{Executable, HookKind, JobOutcome, JobReport, RunnerJob};
-use gpr_testkit::sshd::Sshd;
-use gpr_testkit::sshkeys::ClientKey;
-
-/// The binary under test: `$GPR_BIN`, else the one cargo built for this test run.
-fn binary() -> PathBuf {
-    std::env::var_os("GPR_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_gitlab-proxmox-runner")))
-}
+use gpr_testkit::{driver_binary, Lab};
 
 /// A fake Proxmox cluster, a "VM" (local sshd) and a runner host whose driver settings live
 /// in a root-only TOML file passed by `--config`: the recommended setup.
 struct World {
-    fake: FakeProxmox,
-    sshd: Sshd,
-    key: ClientKey,
+    lab: Lab,
     dir: tempfile::TempDir,
     settings_file: PathBuf,
     /// Settings beyond the usual ones (e.g. `PROXMOX_POOL`).
@@ -43,25 +33,16 @@ impl World {
     /// A world whose cluster is `config`, with `extra` settings for the driver.
     #[track_caller]
     fn with(test: &str, config: FakeConfig, extra: &[(&str, &str)]) -> Option<World> {
-        let sshd = Sshd::start_or_skip(test)?;
-        let key = ClientKey::ed25519();
-        sshd.authorize(&key);
-        let host_key = sshd
-            .host_key_lines()
-            .into_iter()
-            .find(|line| line.starts_with("ssh-ed25519 "))
-            .expect("the test sshd has an ed25519 host key");
-        let fake = FakeProxmox::start(config);
-        // What the guest agent's file-read returns: the "VM"'s real host key.
-        fake.set_guest_file("/etc/ssh/ssh_host_ed25519_key.pub", &host_key);
+        // The binary under test: `$GPR_BIN`, else the one cargo built for this test run.
+        let lab = Lab::builder(driver_binary!())
+            .fake(config)
+            .with_sshd_or_skip(test)?;
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::create_dir(dir.path().join("empty-path")).expect("empty PATH dir");
         std::fs::create_dir(dir.path().join("builds")).expect("builds dir");
         let settings_file = dir.path().join("driver.toml");
         let world = World {
-            fake,
-            sshd,
-            key,
+            lab,
             dir,
             settings_file,
             extra_settings: extra
@@ -86,18 +67,12 @@ impl World {
     }
 
     fn settings(&self) -> Vec<(String, String)> {
-        let mut settings = self.fake.settings_env();
-        settings.extend([
-            ("VM_SSH_USER".to_string(), "root".to_string()),
-            ("VM_SSH_PORT".to_string(), self.sshd.port().to_string()),
-            (
-                "VM_SSH_PRIVATE_KEY".to_string(),
-                self.key.private_text.clone(),
-            ),
-            ("VM_BOOT_TIMEOUT".to_string(), "60".to_string()),
-            // The fake's guest agent reports the "VM" at 127.0.0.1 (this machine's sshd).
-            ("VM_NETWORK_CIDRS".to_string(), "127.0.0.0/8".to_string()),
-        ]);
+        let mut settings = self.lab.settings();
+        for (name, value) in &mut settings {
+            if name == "VM_BOOT_TIMEOUT" {
+                *value = "60".to_string();
+            }
+        }
         for (name, value) in &self.extra_settings {
             settings.retain(|(existing, _)| existing != name);
             settings.push((name.clone(), value.clone()));
@@ -112,7 +87,7 @@ impl World {
         let builds = tempfile::tempdir_in(self.dir.path().join("builds"))
             .expect("builds dir")
             .keep();
-        RunnerJob::new(binary())
+        RunnerJob::new(self.lab.bin.clone())
             .hook_args(
                 &["--config", config, "config"],
                 &["--config", config, "prepare"],
@@ -134,12 +109,12 @@ impl World {
         if !links.exists() {
             std::fs::create_dir(&links).expect("symlink dir");
             for hook in ["config", "prepare", "run", "cleanup"] {
-                std::os::unix::fs::symlink(binary(), links.join(format!("vm_{hook}_exec")))
+                std::os::unix::fs::symlink(&self.lab.bin, links.join(format!("vm_{hook}_exec")))
                     .expect("vm_*_exec symlink");
             }
         }
         let exec = |hook: &str| links.join(format!("vm_{hook}_exec"));
-        let mut job = RunnerJob::new(binary())
+        let mut job = RunnerJob::new(self.lab.bin.clone())
             .executable(Executable::Config, exec("config"), &[])
             .executable(Executable::Prepare, exec("prepare"), &[])
             .executable(Executable::Run, exec("run"), &[])
@@ -164,7 +139,7 @@ impl World {
     /// After every job: the fake holds no VM but its templates.
     #[track_caller]
     fn assert_no_vms(&self, report: &JobReport) {
-        let left = self.fake.job_vms();
+        let left = self.lab.fake.job_vms();
         assert!(
             left.is_empty(),
             "VMs left behind: {:?}\n--- job log\n{}\n--- cleanup log\n{}",
@@ -176,7 +151,8 @@ impl World {
 
     /// The clone requests the fake received.
     fn clone_requests(&self) -> usize {
-        self.fake
+        self.lab
+            .fake
             .requests()
             .iter()
             .filter(|r| r.method == "POST" && r.path.ends_with("/clone"))
@@ -405,7 +381,7 @@ fn prepare_failing_at_each_step_is_retried_and_leaks_nothing() {
         ),
     ];
     for (step, fault, evidence) in faults {
-        world.fake.inject(fault);
+        world.lab.fake.inject(fault);
         let marker = format!("survived-{}", step.replace(' ', "-"));
         let report = world
             .job()
@@ -434,7 +410,7 @@ fn a_prepare_that_never_succeeds_fails_the_job_as_a_system_failure_and_leaks_not
     ) else {
         return;
     };
-    world.fake.inject(Fault::CloneTaskFails {
+    world.lab.fake.inject(Fault::CloneTaskFails {
         count: 1000,
         message: "clone failed: injected permanent storage error".into(),
     });
@@ -605,7 +581,7 @@ fn a_whole_job_runs_with_a_pool_scoped_token_through_a_failed_clone() {
     ) else {
         return;
     };
-    world.fake.inject(Fault::CloneTaskFails {
+    world.lab.fake.inject(Fault::CloneTaskFails {
         count: 1,
         message: "clone failed: cfs-lock 'storage-local-lvm' error: got lock request timeout"
             .into(),
@@ -657,13 +633,14 @@ fn host_keys_that_appear_after_the_agent_are_still_pinned() {
         return;
     };
     let host_key = world
-        .sshd
+        .lab
+        .sshd()
         .host_key_lines()
         .into_iter()
         .find(|line| line.starts_with("ssh-ed25519 "))
         .expect("ed25519 host key");
     // cloud-init writes the keys a while after the agent is up.
-    world.fake.set_late_guest_file(
+    world.lab.fake.set_late_guest_file(
         "/etc/ssh/ssh_host_ed25519_key.pub",
         &host_key,
         Duration::from_millis(1500),

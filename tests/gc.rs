@@ -7,9 +7,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use gitlab_proxmox_runner::config::DEFAULT_MAX_JOB_TIMEOUT;
 use gitlab_proxmox_runner::job::JobInfo;
 use gitlab_proxmox_runner::marker::Marker;
-use gpr_testkit::{FakeConfig, FakeProxmox, NewVm};
+use gpr_testkit::lab::fleet_command;
+use gpr_testkit::{driver_binary, FakeConfig, FakeProxmox, NewVm};
 
-const BIN: &str = env!("CARGO_BIN_EXE_gitlab-proxmox-runner");
 const TAG: &str = "gitlab-proxmox-runner";
 const DAY: u64 = 86_400;
 
@@ -51,15 +51,11 @@ fn job_vm(fake: &FakeProxmox, vmid: u32, marker: &Marker) {
 }
 
 fn gc_command(fake: &FakeProxmox, args: &[&str]) -> Command {
-    let mut command = Command::new(BIN);
+    let mut command = fleet_command(driver_binary!(), fake);
     command
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
         .env("PROXMOX_VMID_RANGE", "2000000-2999999")
-        .envs(fake.settings_env())
         .arg("gc")
         .args(args)
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     command

@@ -14,13 +14,13 @@ use std::time::Duration;
 use gitlab_proxmox_runner::config::trust::{Trust, SPECS};
 use gitlab_proxmox_runner::marker::Marker;
 use gitlab_proxmox_runner::state::JobState;
+use gpr_testkit::driver_binary;
 use gpr_testkit::hook::{json_string, Hook, JobSecret, BUILD_FAILURE};
 use gpr_testkit::runner::{JobOutcome, JobReport, RunnerJob};
 use gpr_testkit::ssh_server::TestSshServer;
 use gpr_testkit::sshkeys::ClientKey;
 use gpr_testkit::{FakeConfig, FakeProxmox, NewVm};
 
-const BIN: &str = env!("CARGO_BIN_EXE_gitlab-proxmox-runner");
 const ED25519_FILE: &str = "/etc/ssh/ssh_host_ed25519_key.pub";
 /// Another job's running VM, where a forged template map would point.
 const NEIGHBOUR: u32 = 2_000_999;
@@ -86,7 +86,7 @@ impl Host {
         let builds = tempfile::tempdir_in(self.dir.path().join("builds"))
             .expect("builds dir")
             .keep();
-        RunnerJob::new(BIN)
+        RunnerJob::new(driver_binary!())
             .builds_dir_override(builds.to_string_lossy().into_owned())
             .temp_root(self.dir.path())
             .retry_interval(Duration::ZERO)
@@ -116,7 +116,7 @@ impl Host {
 
     /// One hook of the recommended setup, for tests that stop between hooks.
     fn hook(&self, dir: &Path) -> Hook {
-        let mut hook = Hook::new(BIN, dir)
+        let mut hook = Hook::new(driver_binary!(), dir)
             .arg("--config")
             .arg(&self.settings_file)
             .job_var("CI_JOB_ID", "4242")
@@ -466,7 +466,7 @@ fn gc_sweeps_an_orphan_whose_job_forged_markers_and_its_deadline_is_capped() {
     assert_eq!(vm.description.lines().count(), 3, "{:?}", vm.description);
 
     // The runner dies: no cleanup. The sweep of this runner's VMs finds the orphan anyway.
-    let gc = std::process::Command::new(BIN)
+    let gc = std::process::Command::new(driver_binary!())
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
         .args(["--config", host.settings_file.to_str().unwrap()])
@@ -485,7 +485,7 @@ fn the_older_setup_refuses_a_missing_or_incomplete_job_response_file() {
     let host = Host::new();
     let attacker = FakeProxmox::start(FakeConfig::default());
     let dir = tempfile::tempdir().unwrap();
-    let mut hook = Hook::new(BIN, dir.path()).job_var("PROXMOX_HOST", attacker.host());
+    let mut hook = Hook::new(driver_binary!(), dir.path()).job_var("PROXMOX_HOST", attacker.host());
     for (name, value) in host.settings() {
         hook = hook.runner_env(name, value);
     }

@@ -4,19 +4,15 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gitlab_proxmox_runner::job::JobInfo;
 use gitlab_proxmox_runner::marker::Marker;
 use gitlab_proxmox_runner::state::{JobState, Phase};
 use gpr_testkit::hook::Hook;
-use gpr_testkit::ssh_job::vm_on_local_sshd;
-use gpr_testkit::sshd::Sshd;
-use gpr_testkit::sshkeys::ClientKey;
-use gpr_testkit::{FakeConfig, FakeProxmox, Fault, NewVm};
+use gpr_testkit::{driver_binary, FakeConfig, Fault, Lab, NewVm};
 
-const BIN: &str = env!("CARGO_BIN_EXE_gitlab-proxmox-runner");
 const JOBS_PER_HOST: usize = 16;
 /// Clone slots per runner host (PROXMOX_MAX_CONCURRENT_CLONES).
 const SLOTS_PER_HOST: usize = 2;
@@ -27,43 +23,24 @@ struct RunnerHost {
     lock_dir: tempfile::TempDir,
 }
 
-struct Lab {
-    fake: FakeProxmox,
-    sshd: Sshd,
-    key: ClientKey,
+fn host_hook(lab: &Lab, host: &RunnerHost, dir: &Path, job_id: u64) -> Hook {
+    lab.hook(dir)
+        .host_env("PROXMOX_MAX_CONCURRENT_CLONES", SLOTS_PER_HOST.to_string())
+        .host_env(
+            "PROXMOX_CLONE_LOCK_DIR",
+            host.lock_dir.path().display().to_string(),
+        )
+        // The marker names the runner host by this, not by the job's short token.
+        .host_env("PROXMOX_RUNNER_ID", host.token)
+        .job_var("CI_JOB_ID", job_id.to_string())
+        .job_var("CI_PIPELINE_ID", "500")
+        .job_var("CI_PROJECT_PATH", "group/project")
+        .job_var("CI_PROJECT_PATH_SLUG", "group-project")
+        .job_var("CI_RUNNER_SHORT_TOKEN", host.token)
 }
 
-impl Lab {
-    fn hook(&self, host: &RunnerHost, dir: &Path, job_id: u64) -> Hook {
-        let mut hook = Hook::new(BIN, dir);
-        for (name, value) in self.fake.settings_env() {
-            hook = hook.host_env(name, value);
-        }
-        vm_on_local_sshd(hook, self.sshd.port(), &self.key)
-            .host_env("PROXMOX_MAX_CONCURRENT_CLONES", SLOTS_PER_HOST.to_string())
-            .host_env(
-                "PROXMOX_CLONE_LOCK_DIR",
-                host.lock_dir.path().display().to_string(),
-            )
-            // The marker names the runner host by this, not by the job's short token.
-            .host_env("PROXMOX_RUNNER_ID", host.token)
-            .job_var("CI_JOB_ID", job_id.to_string())
-            .job_var("CI_PIPELINE_ID", "500")
-            .job_var("CI_PROJECT_PATH", "group/project")
-            .job_var("CI_PROJECT_PATH_SLUG", "group-project")
-            .job_var("CI_RUNNER_SHORT_TOKEN", host.token)
-    }
-
-    fn gc(&self) -> std::process::Output {
-        Command::new(BIN)
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .envs(self.fake.settings_env())
-            .arg("gc")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run gc")
-    }
+fn gc(lab: &Lab) -> std::process::Output {
+    lab.fleet_command().arg("gc").output().expect("run gc")
 }
 
 struct Job {
@@ -99,24 +76,20 @@ fn finish(children: Vec<Child>) -> Vec<(i32, String)> {
 #[test]
 fn thirty_two_jobs_from_two_hosts_each_get_their_own_vm_and_leave_nothing() {
     let test = "thirty_two_jobs_from_two_hosts_each_get_their_own_vm_and_leave_nothing";
-    let Some(sshd) = Sshd::start_or_skip(test) else {
-        return;
-    };
-    let key = ClientKey::ed25519();
-    sshd.authorize(&key);
     // Short simulated tasks keep the run modest; clones long enough to overlap.
-    let fake = FakeProxmox::start(FakeConfig {
+    let config = FakeConfig {
         clone_time: Duration::from_millis(300),
         task_time: Duration::from_millis(30),
         boot_time: Duration::from_millis(100),
         ..FakeConfig::default()
-    });
-    let ed25519 = sshd
-        .host_key_lines()
-        .into_iter()
-        .find(|line| line.starts_with("ssh-ed25519 "))
-        .expect("an ed25519 host key");
-    fake.set_guest_file("/etc/ssh/ssh_host_ed25519_key.pub", &format!("{ed25519}\n"));
+    };
+    let Some(lab) = Lab::builder(driver_binary!())
+        .fake(config)
+        .with_sshd_or_skip(test)
+    else {
+        return;
+    };
+    let fake = &lab.fake;
     // The storage takes two clones at a time; more fail as PVE's cluster lock times out.
     fake.inject(Fault::ConcurrentCloneLimit {
         max: 2,
@@ -135,7 +108,6 @@ fn thirty_two_jobs_from_two_hosts_each_get_their_own_vm_and_leave_nothing() {
         status: 500,
         message: "unable to create VM 2000000: config file already exists".into(),
     });
-    let lab = Lab { fake, sshd, key };
 
     // A VM of a job whose runner died two days ago: the only thing gc may remove.
     let mut orphan_marker = Marker::new(&JobInfo {
@@ -174,7 +146,7 @@ fn thirty_two_jobs_from_two_hosts_each_get_their_own_vm_and_leave_nothing() {
         .map(|index| {
             let host = &hosts[index % 2];
             let dir = tempfile::tempdir().unwrap();
-            let hook = lab.hook(host, dir.path(), 9_000 + index as u64);
+            let hook = host_hook(&lab, host, dir.path(), 9_000 + index as u64);
             Job {
                 dir,
                 hook,
@@ -192,7 +164,7 @@ fn thirty_two_jobs_from_two_hosts_each_get_their_own_vm_and_leave_nothing() {
         assert!(Instant::now() < deadline, "no VMs appeared");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let gc = lab.gc();
+    let gc = gc(&lab);
     let gc_stdout = String::from_utf8_lossy(&gc.stdout).into_owned();
     assert_eq!(
         gc.status.code(),

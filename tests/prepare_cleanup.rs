@@ -11,9 +11,9 @@ use gitlab_proxmox_runner::job::JobInfo;
 use gitlab_proxmox_runner::marker::Marker;
 use gitlab_proxmox_runner::state::{JobState, Phase, STATE_FILE_NAME};
 use gpr_testkit::hook::{Hook, HookOutput, BUILD_FAILURE, SYSTEM_FAILURE};
-use gpr_testkit::{FakeConfig, FakeProxmox, Fault, NewVm, RecordedRequest};
+use gpr_testkit::lab::api_hook;
+use gpr_testkit::{driver_binary, FakeConfig, FakeProxmox, Fault, NewVm, RecordedRequest};
 
-const BIN: &str = env!("CARGO_BIN_EXE_gitlab-proxmox-runner");
 const NO_VM_LEFT: &str = "no job VM may be left on the fake";
 
 /// A loopback port nothing listens on.
@@ -28,11 +28,8 @@ fn hook(fake: &FakeProxmox, dir: &Path, job_id: u64) -> Hook {
 }
 
 fn hook_without_key(fake: &FakeProxmox, dir: &Path, job_id: u64) -> Hook {
-    let mut hook = Hook::new(BIN, dir);
-    for (name, value) in fake.settings_env() {
-        hook = hook.host_env(name, value);
-    }
-    hook.host_env("VM_NETWORK_CIDRS", "127.0.0.0/8")
+    api_hook(driver_binary!(), fake, dir)
+        .host_env("VM_NETWORK_CIDRS", "127.0.0.0/8")
         .host_env("VM_SSH_PORT", closed_port().to_string())
         .host_env("VM_BOOT_TIMEOUT", "20")
         .host_env("PROXMOX_VMID_RANGE", "2000000-2999999")
@@ -721,7 +718,7 @@ fn a_job_that_redirects_the_api_is_refused_before_any_request() {
     let dir = tempfile::tempdir().unwrap();
     // The admin configured the API through [[runners]] environment (CUSTOM_ENV_); the job's
     // own variable with the same name wins there, so the driver must notice and refuse.
-    let mut hook = Hook::new(BIN, dir.path());
+    let mut hook = Hook::new(driver_binary!(), dir.path());
     for (name, value) in fake.settings_env() {
         hook = hook.runner_env(name, value);
     }

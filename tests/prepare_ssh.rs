@@ -7,48 +7,23 @@ use std::path::Path;
 use gitlab_proxmox_runner::marker::Marker;
 use gitlab_proxmox_runner::state::{JobState, Phase};
 use gpr_testkit::hook::{Hook, HookOutput, SYSTEM_FAILURE};
-use gpr_testkit::ssh_job::vm_on_local_sshd;
-use gpr_testkit::sshd::Sshd;
+use gpr_testkit::lab::ED25519_HOST_KEY_FILE as ED25519_FILE;
 use gpr_testkit::sshkeys::ClientKey;
-use gpr_testkit::{FakeConfig, FakeProxmox};
-
-const BIN: &str = env!("CARGO_BIN_EXE_gitlab-proxmox-runner");
-const ED25519_FILE: &str = "/etc/ssh/ssh_host_ed25519_key.pub";
+use gpr_testkit::{driver_binary, Lab};
 
 /// The fake, the sshd, the key it accepts; the fake's guest serves sshd's ed25519 host key
 /// through the agent, as a real guest serves its own.
-struct Lab {
-    fake: FakeProxmox,
-    sshd: Sshd,
-    key: ClientKey,
+#[track_caller]
+fn start(test: &str) -> Option<Lab> {
+    Lab::builder(driver_binary!()).with_sshd_or_skip(test)
 }
 
-impl Lab {
-    fn start(test: &str) -> Option<Lab> {
-        let sshd = Sshd::start_or_skip(test)?;
-        let key = ClientKey::ed25519();
-        sshd.authorize(&key);
-        let fake = FakeProxmox::start(FakeConfig::default());
-        let ed25519 = sshd
-            .host_key_lines()
-            .into_iter()
-            .find(|line| line.starts_with("ssh-ed25519 "))
-            .expect("the test sshd has an ed25519 host key");
-        fake.set_guest_file(ED25519_FILE, &format!("{ed25519}\n"));
-        Some(Lab { fake, sshd, key })
-    }
-
-    fn hook(&self, dir: &Path, job_id: u64) -> Hook {
-        let mut hook = Hook::new(BIN, dir);
-        for (name, value) in self.fake.settings_env() {
-            hook = hook.host_env(name, value);
-        }
-        vm_on_local_sshd(hook, self.sshd.port(), &self.key)
-            .job_var("CI_JOB_ID", job_id.to_string())
-            .job_var("CI_PROJECT_PATH", "group/project")
-            .job_var("CI_PROJECT_PATH_SLUG", "group-project")
-            .job_var("CI_RUNNER_SHORT_TOKEN", "xS6Vzpvo")
-    }
+fn job_hook(lab: &Lab, dir: &Path, job_id: u64) -> Hook {
+    lab.hook(dir)
+        .job_var("CI_JOB_ID", job_id.to_string())
+        .job_var("CI_PROJECT_PATH", "group/project")
+        .job_var("CI_PROJECT_PATH_SLUG", "group-project")
+        .job_var("CI_RUNNER_SHORT_TOKEN", "xS6Vzpvo")
 }
 
 fn run(hook: &Hook, name: &str) -> HookOutput {
@@ -64,11 +39,11 @@ fn key_without_comment(line: &str) -> String {
 
 #[test]
 fn prepare_brings_up_a_reachable_vm_and_cleanup_removes_it() {
-    let Some(lab) = Lab::start("prepare_brings_up_a_reachable_vm_and_cleanup_removes_it") else {
+    let Some(lab) = start("prepare_brings_up_a_reachable_vm_and_cleanup_removes_it") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let hook = lab.hook(dir.path(), 4711);
+    let hook = job_hook(&lab, dir.path(), 4711);
     let out = run(&hook, "prepare");
     out.assert_exit(0);
     let log = out.log();
@@ -84,11 +59,11 @@ fn prepare_brings_up_a_reachable_vm_and_cleanup_removes_it() {
     let state = JobState::load(dir.path()).unwrap().expect("a job state");
     assert_eq!(state.phase, Phase::Ready);
     assert_eq!(state.ip.as_deref(), Some("127.0.0.1"));
-    assert_eq!(state.ssh_port, Some(lab.sshd.port()));
+    assert_eq!(state.ssh_port, Some(lab.sshd().port()));
     assert_eq!(state.ssh_user.as_deref(), Some("root"));
     assert_eq!(state.host_key_source.as_deref(), Some("guest-agent"));
     let ed25519 = lab
-        .sshd
+        .sshd()
         .host_key_lines()
         .into_iter()
         .find(|line| line.starts_with("ssh-ed25519"))
@@ -117,12 +92,12 @@ fn prepare_brings_up_a_reachable_vm_and_cleanup_removes_it() {
 
 #[test]
 fn without_an_agent_readable_host_key_the_first_key_is_pinned_with_a_warning() {
-    let Some(lab) = Lab::start("without_an_agent_readable_host_key") else {
+    let Some(lab) = start("without_an_agent_readable_host_key") else {
         return;
     };
     lab.fake.set_guest_file(ED25519_FILE, "");
     let dir = tempfile::tempdir().unwrap();
-    let hook = lab.hook(dir.path(), 4712);
+    let hook = job_hook(&lab, dir.path(), 4712);
     let out = run(&hook, "prepare");
     out.assert_exit(0);
     assert!(
@@ -135,7 +110,7 @@ fn without_an_agent_readable_host_key_the_first_key_is_pinned_with_a_warning() {
     assert_eq!(state.host_key_source.as_deref(), Some("first-use"));
     assert_eq!(state.host_keys.len(), 1);
     let served: Vec<String> = lab
-        .sshd
+        .sshd()
         .host_key_lines()
         .iter()
         .map(|line| key_without_comment(line))
@@ -151,14 +126,12 @@ fn without_an_agent_readable_host_key_the_first_key_is_pinned_with_a_warning() {
 
 #[test]
 fn strict_host_key_policy_refuses_without_an_agent_key_and_leaves_no_vm() {
-    let Some(lab) = Lab::start("strict_host_key_policy_refuses") else {
+    let Some(lab) = start("strict_host_key_policy_refuses") else {
         return;
     };
     lab.fake.set_guest_file(ED25519_FILE, "");
     let dir = tempfile::tempdir().unwrap();
-    let hook = lab
-        .hook(dir.path(), 4713)
-        .host_env("VM_SSH_HOST_KEY_POLICY", "strict");
+    let hook = job_hook(&lab, dir.path(), 4713).host_env("VM_SSH_HOST_KEY_POLICY", "strict");
     let out = run(&hook, "prepare");
     out.assert_exit(SYSTEM_FAILURE);
     assert!(
@@ -171,7 +144,7 @@ fn strict_host_key_policy_refuses_without_an_agent_key_and_leaves_no_vm() {
 
 #[test]
 fn a_host_key_other_than_the_agents_is_refused_and_leaves_no_vm() {
-    let Some(lab) = Lab::start("a_host_key_other_than_the_agents_is_refused") else {
+    let Some(lab) = start("a_host_key_other_than_the_agents_is_refused") else {
         return;
     };
     // The agent says the VM's key is one sshd does not have: someone else answers on the IP.
@@ -180,7 +153,7 @@ fn a_host_key_other_than_the_agents_is_refused_and_leaves_no_vm() {
         .set_guest_file(ED25519_FILE, &format!("{}\n", impostor.public_line));
     let dir = tempfile::tempdir().unwrap();
     let out = run(
-        &lab.hook(dir.path(), 4714).host_env("VM_BOOT_TIMEOUT", "5"),
+        &job_hook(&lab, dir.path(), 4714).host_env("VM_BOOT_TIMEOUT", "5"),
         "prepare",
     );
     out.assert_exit(SYSTEM_FAILURE);
@@ -190,7 +163,7 @@ fn a_host_key_other_than_the_agents_is_refused_and_leaves_no_vm() {
 
 #[test]
 fn host_keys_regenerated_at_first_boot_are_read_again_through_the_agent() {
-    let Some(lab) = Lab::start("host_keys_regenerated_at_first_boot") else {
+    let Some(lab) = start("host_keys_regenerated_at_first_boot") else {
         return;
     };
     // The agent answers before cloud-init replaced the template's host key.
@@ -198,7 +171,7 @@ fn host_keys_regenerated_at_first_boot_are_read_again_through_the_agent() {
     lab.fake
         .set_stale_guest_file(ED25519_FILE, &format!("{}\n", template_key.public_line), 1);
     let dir = tempfile::tempdir().unwrap();
-    let hook = lab.hook(dir.path(), 4716);
+    let hook = job_hook(&lab, dir.path(), 4716);
     let out = run(&hook, "prepare");
     out.assert_exit(0);
     assert!(
@@ -209,7 +182,7 @@ fn host_keys_regenerated_at_first_boot_are_read_again_through_the_agent() {
     );
     let state = JobState::load(dir.path()).unwrap().unwrap();
     let real = lab
-        .sshd
+        .sshd()
         .host_key_lines()
         .into_iter()
         .find(|line| line.starts_with("ssh-ed25519 "))
@@ -221,18 +194,18 @@ fn host_keys_regenerated_at_first_boot_are_read_again_through_the_agent() {
 
 #[test]
 fn a_failure_installing_the_runner_helper_leaves_no_vm() {
-    let Some(lab) = Lab::start("a_failure_installing_the_runner_helper") else {
+    let Some(lab) = start("a_failure_installing_the_runner_helper") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let out = run(
-        &lab.hook(dir.path(), 4715)
+        &job_hook(&lab, dir.path(), 4715)
             .host_env("RUNNER_HELPER_PATH", "/nonexistent/gitlab-runner"),
         "prepare",
     );
     if out.code == 0 {
         // This host has gitlab-runner on PATH, so nothing needed installing.
-        run(&lab.hook(dir.path(), 4715), "cleanup").assert_exit(0);
+        run(&job_hook(&lab, dir.path(), 4715), "cleanup").assert_exit(0);
         return;
     }
     out.assert_exit(SYSTEM_FAILURE);
@@ -246,7 +219,7 @@ fn a_failure_installing_the_runner_helper_leaves_no_vm() {
 
 #[test]
 fn sixteen_prepares_at_once_never_share_a_vm() {
-    let Some(lab) = Lab::start("sixteen_prepares_at_once_never_share_a_vm") else {
+    let Some(lab) = start("sixteen_prepares_at_once_never_share_a_vm") else {
         return;
     };
     // A narrow range makes the random picks collide, in nextid and in the clone itself.
@@ -255,7 +228,7 @@ fn sixteen_prepares_at_once_never_share_a_vm() {
         .iter()
         .enumerate()
         .map(|(index, dir)| {
-            lab.hook(dir.path(), 9000 + index as u64)
+            job_hook(&lab, dir.path(), 9000 + index as u64)
                 .host_env("PROXMOX_VMID_RANGE", "2000000-2000023")
         })
         .collect();

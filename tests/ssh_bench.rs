@@ -5,11 +5,11 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use gpr_testkit::driver_binary;
 use gpr_testkit::ssh_job::stage_hook;
 use gpr_testkit::sshd::Sshd;
 use gpr_testkit::sshkeys::ClientKey;
 
-const BIN: &str = env!("CARGO_BIN_EXE_gitlab-proxmox-runner");
 const RUNS: usize = 20;
 const SCRIPT: &str = "#!/usr/bin/env bash\necho \"stage on $(hostname)\"\n";
 
@@ -30,7 +30,14 @@ fn per_stage_wall_time_against_local_sshd() {
     let job = tempfile::tempdir().unwrap();
     let mut ours = Vec::new();
     for _ in 0..RUNS {
-        let hook = stage_hook(BIN, job.path(), &target, &key, "build_script", SCRIPT);
+        let hook = stage_hook(
+            driver_binary!(),
+            job.path(),
+            &target,
+            &key,
+            "build_script",
+            SCRIPT,
+        );
         let started = Instant::now();
         let out = hook.run();
         ours.push(started.elapsed());

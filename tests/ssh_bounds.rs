@@ -100,7 +100,7 @@ fn a_vm_flooding_output_during_cancel_does_not_grow_the_hooks_memory() {
     sshd.authorize(&key);
     let job = tempfile::tempdir().unwrap();
     let (mut child, mut stdout, line) = spawn_until_first_line(&stage_hook(
-        common::binary(),
+        gpr_testkit::driver_binary!(),
         job.path(),
         &sshd.root_target(),
         &key,

@@ -3,11 +3,10 @@
 
 use std::time::{Duration, Instant};
 
+use gpr_testkit::driver_binary;
 use gpr_testkit::ssh_job::{spawn_until_first_line, stage_hook};
 use gpr_testkit::sshd::{process_table, Sshd};
 use gpr_testkit::sshkeys::ClientKey;
-
-const BIN: &str = env!("CARGO_BIN_EXE_gitlab-proxmox-runner");
 
 fn alive(pid: u32) -> bool {
     process_table().iter().any(|(p, _, _)| *p == pid)
@@ -57,7 +56,7 @@ fn cancel_case_with(test: &str, trap: &str, background: &str) {
     // A background child and a long foreground command.
     let body = format!("{trap}\n{background}\necho \"pids $$ $!\"\nsleep 600\necho never\n");
     let (mut child, mut stdout, line) = spawn_until_first_line(&stage_hook(
-        BIN,
+        driver_binary!(),
         job.path(),
         &target,
         &key,

@@ -6,12 +6,11 @@ use std::time::{Duration, Instant};
 
 use gitlab_proxmox_runner::cancel::Cancel;
 use gitlab_proxmox_runner::ssh::{self, Connection, HostKeyCheck, PrivateKey, Target};
+use gpr_testkit::driver_binary;
 use gpr_testkit::hook::{BUILD_FAILURE, SYSTEM_FAILURE};
 use gpr_testkit::ssh_job::{spawn_until_first_line, stage_hook};
 use gpr_testkit::ssh_server::TestSshServer;
 use gpr_testkit::sshkeys::{ClientKey, KeyKind};
-
-const BIN: &str = env!("CARGO_BIN_EXE_gitlab-proxmox-runner");
 
 fn server_with_key() -> (TestSshServer, ClientKey) {
     let server = TestSshServer::start();
@@ -28,7 +27,7 @@ fn exit_status_and_eof_in_either_order() {
         server.status_before_eof(status_first);
         let run = |body: &str| {
             stage_hook(
-                BIN,
+                driver_binary!(),
                 job.path(),
                 &server.target(),
                 &key,
@@ -64,7 +63,15 @@ fn any_stage_name_is_data() {
     ] {
         // The script reports where it runs from and its own mode.
         let body = "echo \"$(stat -c %a \"$0\") $(stat -c %a \"$(dirname \"$0\")\")\"\n";
-        let out = stage_hook(BIN, job.path(), &server.target(), &key, &stage, body).run();
+        let out = stage_hook(
+            driver_binary!(),
+            job.path(),
+            &server.target(),
+            &key,
+            &stage,
+            body,
+        )
+        .run();
         out.assert_exit(0);
         assert_eq!(out.stdout, "700 700\n", "stage {stage:?}");
     }
@@ -80,7 +87,7 @@ fn a_dropped_connection_mid_stage_is_a_system_failure() {
     let (server, key) = server_with_key();
     let job = tempfile::tempdir().unwrap();
     let (child, _stdout, line) = spawn_until_first_line(&stage_hook(
-        BIN,
+        driver_binary!(),
         job.path(),
         &server.target(),
         &key,
@@ -100,7 +107,7 @@ fn keepalives_notice_a_hung_vm_within_about_a_minute() {
     let (server, key) = server_with_key();
     let job = tempfile::tempdir().unwrap();
     let (mut child, _stdout, line) = spawn_until_first_line(&stage_hook(
-        BIN,
+        driver_binary!(),
         job.path(),
         &server.target(),
         &key,
@@ -137,7 +144,7 @@ fn rsa_keys_sign_with_sha2_never_sha1() {
     server.authorize(&key);
     let job = tempfile::tempdir().unwrap();
     stage_hook(
-        BIN,
+        driver_binary!(),
         job.path(),
         &server.target(),
         &key,
@@ -321,7 +328,7 @@ fn a_stage_retries_a_connection_the_vm_refused_at_first() {
     server.refuse_first(2);
     let job = tempfile::tempdir().unwrap();
     let out = stage_hook(
-        BIN,
+        driver_binary!(),
         job.path(),
         &server.target(),
         &key,

@@ -2,11 +2,10 @@
 //! errors that never echo key material or the passphrase. No SSH server is needed: the key is
 //! loaded before connecting.
 
+use gpr_testkit::driver_binary;
 use gpr_testkit::hook::{BUILD_FAILURE, SYSTEM_FAILURE};
 use gpr_testkit::ssh_job::{stage_hook, SshTarget};
 use gpr_testkit::sshkeys::{ClientKey, KeyKind};
-
-const BIN: &str = env!("CARGO_BIN_EXE_gitlab-proxmox-runner");
 
 fn nowhere() -> SshTarget {
     SshTarget {
@@ -23,7 +22,15 @@ fn nowhere() -> SshTarget {
 /// Runs the hook with `key` (text and passphrase as given) and returns its stderr.
 fn key_error(key: &ClientKey) -> String {
     let job = tempfile::tempdir().unwrap();
-    let out = stage_hook(BIN, job.path(), &nowhere(), key, "build_script", "true\n").run();
+    let out = stage_hook(
+        driver_binary!(),
+        job.path(),
+        &nowhere(),
+        key,
+        "build_script",
+        "true\n",
+    )
+    .run();
     out.assert_exit(SYSTEM_FAILURE);
     for fragment in key.secret_fragments() {
         assert!(
@@ -115,7 +122,14 @@ fn a_missing_key_file_is_reported_without_echoing_the_value() {
 fn run_without_a_ready_job_state_is_a_system_failure() {
     let key = ClientKey::ed25519();
     let job = tempfile::tempdir().unwrap();
-    let hook = stage_hook(BIN, job.path(), &nowhere(), &key, "build_script", "true\n");
+    let hook = stage_hook(
+        driver_binary!(),
+        job.path(),
+        &nowhere(),
+        &key,
+        "build_script",
+        "true\n",
+    );
     // No state at all: prepare never ran here.
     std::fs::remove_file(job.path().join("gitlab-proxmox-runner-state.json")).unwrap();
     let out = hook.run();
@@ -124,7 +138,14 @@ fn run_without_a_ready_job_state_is_a_system_failure() {
 
     // A state from a prepare that did not get as far as SSH.
     let job = tempfile::tempdir().unwrap();
-    let hook = stage_hook(BIN, job.path(), &nowhere(), &key, "build_script", "true\n");
+    let hook = stage_hook(
+        driver_binary!(),
+        job.path(),
+        &nowhere(),
+        &key,
+        "build_script",
+        "true\n",
+    );
     let path = job.path().join("gitlab-proxmox-runner-state.json");
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, text.replace("\"ready\"", "\"started\"")).unwrap();
@@ -137,10 +158,17 @@ fn run_without_a_ready_job_state_is_a_system_failure() {
 fn an_unreachable_vm_is_a_system_failure_naming_it() {
     let key = ClientKey::ed25519();
     let job = tempfile::tempdir().unwrap();
-    let out = stage_hook(BIN, job.path(), &nowhere(), &key, "build_script", "true\n")
-        // A stage retries refused connections up to VM_BOOT_TIMEOUT (20 s at most).
-        .host_env("VM_BOOT_TIMEOUT", "1")
-        .run();
+    let out = stage_hook(
+        driver_binary!(),
+        job.path(),
+        &nowhere(),
+        &key,
+        "build_script",
+        "true\n",
+    )
+    // A stage retries refused connections up to VM_BOOT_TIMEOUT (20 s at most).
+    .host_env("VM_BOOT_TIMEOUT", "1")
+    .run();
     out.assert_exit(SYSTEM_FAILURE);
     assert!(
         out.stderr.contains("VM 2000123 on pve-test"),
@@ -157,8 +185,15 @@ fn a_job_may_give_key_text_but_not_a_path_on_the_runner_host() {
     let job = tempfile::tempdir().unwrap();
     let key_file = job.path().join("host-key");
     std::fs::write(&key_file, &key.private_text).unwrap();
-    let hook = stage_hook(BIN, job.path(), &nowhere(), &key, "build_script", "true\n")
-        .host_env("VM_BOOT_TIMEOUT", "1");
+    let hook = stage_hook(
+        driver_binary!(),
+        job.path(),
+        &nowhere(),
+        &key,
+        "build_script",
+        "true\n",
+    )
+    .host_env("VM_BOOT_TIMEOUT", "1");
     // From the runner host's own settings a path is fine (fails later: nothing listens).
     let out = hook
         .clone()

@@ -159,7 +159,7 @@ fn a_vm_that_vanishes_mid_stage_fails_the_job_in_seconds_and_leaks_nothing() {
         "{}",
         report.cleanup_log
     );
-    let left = world.fake.job_vms();
+    let left = world.lab.fake.job_vms();
     assert!(
         left.is_empty(),
         "VMs left behind: {:?}\n{}",
@@ -243,7 +243,11 @@ fn a_vm_that_stops_accepting_between_stages_costs_one_stage_its_patience_not_eve
         "{}",
         report.log
     );
-    assert!(world.fake.job_vms().is_empty(), "{}", report.cleanup_log);
+    assert!(
+        world.lab.fake.job_vms().is_empty(),
+        "{}",
+        report.cleanup_log
+    );
 }
 
 /// The other side of the bound: a stage that prints nothing for longer than the keepalive
@@ -261,7 +265,7 @@ fn a_quiet_stage_longer_than_the_keepalive_budget_is_not_a_lost_vm() {
     sshd.authorize(&key);
     let job = tempfile::tempdir().unwrap();
     let out = stage_hook(
-        common::binary(),
+        gpr_testkit::driver_binary!(),
         job.path(),
         &sshd.root_target(),
         &key,

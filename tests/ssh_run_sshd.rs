@@ -1,11 +1,10 @@
 //! The `run` hook against a real OpenSSH sshd on loopback (see `gpr_testkit::sshd`).
 
+use gpr_testkit::driver_binary;
 use gpr_testkit::hook::{BUILD_FAILURE, SYSTEM_FAILURE};
 use gpr_testkit::ssh_job::{spawn_until_first_line, stage_hook};
 use gpr_testkit::sshd::Sshd;
 use gpr_testkit::sshkeys::{ClientKey, KeyKind};
-
-const BIN: &str = env!("CARGO_BIN_EXE_gitlab-proxmox-runner");
 
 #[test]
 fn each_key_type_authenticates_and_runs_the_stage() {
@@ -28,7 +27,7 @@ fn each_key_type_authenticates_and_runs_the_stage() {
         sshd.authorize(&key);
         let job = tempfile::tempdir().unwrap();
         let out = stage_hook(
-            BIN,
+            driver_binary!(),
             job.path(),
             &sshd.root_target(),
             &key,
@@ -61,8 +60,17 @@ fn exit_codes_and_signals_reach_the_runner() {
         return;
     };
     let job = tempfile::tempdir().unwrap();
-    let run =
-        |body: &str| stage_hook(BIN, job.path(), &sshd.root_target(), &key, "step_x", body).run();
+    let run = |body: &str| {
+        stage_hook(
+            driver_binary!(),
+            job.path(),
+            &sshd.root_target(),
+            &key,
+            "step_x",
+            body,
+        )
+        .run()
+    };
 
     run("exit 0\n").assert_exit(0);
     assert!(!job.path().join("build_exit_code").exists());
@@ -91,7 +99,15 @@ fn a_foreign_host_key_is_refused_naming_both_fingerprints() {
     wrong.host_keys = vec![impostor.clone()];
     let marker = job.path().join("must-not-run");
     let body = format!("touch '{}'\n", marker.display());
-    let out = stage_hook(BIN, job.path(), &wrong, &key, "build_script", &body).run();
+    let out = stage_hook(
+        driver_binary!(),
+        job.path(),
+        &wrong,
+        &key,
+        "build_script",
+        &body,
+    )
+    .run();
     out.assert_exit(SYSTEM_FAILURE);
     assert!(
         !marker.exists(),
@@ -119,7 +135,7 @@ fn large_output_arrives_intact_and_separated() {
                 head -c 25000 /dev/zero | tr '\\0' \"$(printf \\\\$(printf %o $((65 + i % 26))))\"; \
                 done\n";
     let output = stage_hook(
-        BIN,
+        driver_binary!(),
         job.path(),
         &sshd.root_target(),
         &key,
@@ -175,7 +191,7 @@ fn a_sudo_that_wants_a_password_fails_fast_and_says_so() {
     sshd.authorize(&key);
     let job = tempfile::tempdir().unwrap();
     let out = stage_hook(
-        BIN,
+        driver_binary!(),
         job.path(),
         &sshd.root_target(),
         &key,
@@ -199,7 +215,7 @@ fn losing_the_vm_mid_stage_is_a_system_failure() {
     };
     let job = tempfile::tempdir().unwrap();
     let (child, _stdout, line) = spawn_until_first_line(&stage_hook(
-        BIN,
+        driver_binary!(),
         job.path(),
         &sshd.root_target(),
         &key,
@@ -228,7 +244,7 @@ fn a_key_file_path_works_too() {
     };
     let job = tempfile::tempdir().unwrap();
     let out = stage_hook(
-        BIN,
+        driver_binary!(),
         job.path(),
         &sshd.root_target(),
         &by_path,
@@ -294,7 +310,7 @@ fn the_key_never_reaches_disk_or_the_process_environment() {
     );
     let (mut child, _stdout, line) = spawn_until_first_line(
         &stage_hook(
-            BIN,
+            driver_binary!(),
             job.path(),
             &sshd.root_target(),
             &key,

@@ -7,14 +7,13 @@ use std::path::Path;
 use gitlab_proxmox_runner::job::JobInfo;
 use gitlab_proxmox_runner::marker::Marker;
 use gitlab_proxmox_runner::state::{JobState, Phase};
+use gpr_testkit::driver_binary;
 use gpr_testkit::hook::{Hook, HookOutput, SYSTEM_FAILURE};
 use gpr_testkit::{FakeConfig, FakeProxmox};
 
-const BIN: &str = env!("CARGO_BIN_EXE_gitlab-proxmox-runner");
-
 /// The fake's settings without any TLS trust setting.
 fn hook_without_trust(fake: &FakeProxmox, dir: &Path) -> Hook {
-    let mut hook = Hook::new(BIN, dir);
+    let mut hook = Hook::new(driver_binary!(), dir);
     for (name, value) in fake.settings_env() {
         if !name.starts_with("PROXMOX_TLS_") {
             hook = hook.host_env(name, value);

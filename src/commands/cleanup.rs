@@ -10,7 +10,8 @@ use crate::joblog;
 use crate::marker::Marker;
 use crate::proxmox::Client;
 use crate::state::JobState;
-use crate::teardown::{self, Teardown};
+use crate::vm::teardown::{self, Teardown};
+use crate::vm::StderrLog;
 
 pub async fn cleanup(context: &Context) -> Result<()> {
     let Some(state) = JobState::load(&context.job_dir)? else {
@@ -30,9 +31,10 @@ pub async fn cleanup(context: &Context) -> Result<()> {
     // us. The hard stop a little later covers a request that hangs past the deadline.
     let budget = context.settings.cleanup_timeout;
     let deadline = Instant::now() + budget;
+    let trace = state.clone_trace();
     let outcome = tokio::time::timeout(
         budget + budget.min(Duration::from_secs(30)),
-        teardown::destroy_job_vm(&client, &state, &marker, deadline),
+        teardown::destroy_traced_vm(&client, &trace, &marker, deadline, &StderrLog),
     )
     .await
     .map_err(|_| {

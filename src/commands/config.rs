@@ -2,8 +2,8 @@
 //! without the network (the settings themselves were parsed before we got here).
 
 use crate::commands::Context;
+use crate::config::Settings;
 use crate::error::{Error, Result};
-use crate::settings::Settings;
 
 /// The JSON gitlab-runner reads from config_exec's stdout.
 pub fn driver_json() -> serde_json::Value {

@@ -18,13 +18,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::task::JoinSet;
 
-use crate::commands::Context;
+use crate::commands::FleetContext;
 use crate::error::{Error, Result};
 use crate::joblog;
 use crate::marker::Marker;
 use crate::proxmox::types::ClusterVm;
 use crate::proxmox::Client;
-use crate::teardown::{self, Teardown};
+use crate::vm::teardown::{self, Teardown};
+use crate::vm::StderrLog;
 
 /// The age after which a VM without a recorded deadline (a v1 marker) is an orphan when
 /// `--max-age` is not given: a 24 h job (well above GitLab's default 1 h job timeout, and the
@@ -201,7 +202,7 @@ fn now_epoch() -> u64 {
 }
 
 pub async fn gc(
-    context: &Context,
+    context: &FleetContext,
     runner: Option<&str>,
     max_age: Option<&str>,
     dry_run: bool,
@@ -225,7 +226,7 @@ pub async fn gc(
 }
 
 async fn sweep(
-    context: &Context,
+    context: &FleetContext,
     client: Arc<Client>,
     runner: Option<&str>,
     max_age: Option<Duration>,
@@ -237,7 +238,7 @@ async fn sweep(
     let vms = client
         .cluster_vms()
         .await
-        .map_err(|err| Error::proxmox("gc: listing the cluster's VMs (/cluster/resources)", err))?;
+        .map_err(|err| Error::api("gc: listing the cluster's VMs (/cluster/resources)", err))?;
     joblog::info(format!(
         "gc: {} guests on the cluster; looking for VMs with this driver's marker in {}-{} {}{}",
         vms.len(),
@@ -425,7 +426,7 @@ async fn destroy_unless_locked(
     let status = client
         .vm_status(node, vmid)
         .await
-        .map_err(|err| Error::proxmox(format!("gc: reading VM {vmid} on {node}"), err))?;
+        .map_err(|err| Error::api(format!("gc: reading VM {vmid} on {node}"), err))?;
     let Some(status) = status else {
         return Ok(Some(Teardown::AlreadyGone));
     };
@@ -436,7 +437,7 @@ async fn destroy_unless_locked(
         ));
         return Ok(None);
     }
-    teardown::destroy_owned_vm(client, node, vmid, &orphan.marker, deadline)
+    teardown::destroy_owned_vm(client, node, vmid, &orphan.marker, deadline, &StderrLog)
         .await
         .map(Some)
 }

@@ -1,7 +1,8 @@
 //! The HTTP side of the API: token auth, TLS trust, form-encoded bodies, `{"data": ...}`
-//! envelopes, PVE's error wording, bounded retries of transient failures, and task polling.
+//! envelopes, PVE's error wording and bounded retries of transient failures. Waiting for tasks
+//! and guest state is the engine's (`crate::vm::task`, `crate::vm::poll`).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use backon::BackoffBuilder;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
@@ -11,8 +12,7 @@ use serde::de::DeserializeOwned;
 
 use super::error::{from_http_answer, ApiError, ApiErrorKind};
 use super::types::{
-    value_as_u64, AgentFileRead, AgentInterfaces, ClusterVm, TaskOutcome, TaskStatus, Upid,
-    VmConfig, VmStatus,
+    value_as_u64, AgentFileRead, AgentInterfaces, ClusterVm, TaskStatus, Upid, VmConfig, VmStatus,
 };
 use crate::error::{Error, Result};
 use crate::joblog;
@@ -22,28 +22,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Per request. Agent calls can take PVE's own qga timeout (~10 s) before they fail.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(45);
 
-/// Status polls (tasks, locks, the guest agent): the time between a task's end (or the agent
-/// coming up) and our noticing it is added to every job. So while a wait is young, the next
-/// poll comes after 1/20 of the time waited so far (20 ms at least, [`FAST_POLL_MAX`] at most):
-/// we notice at most 5% (and 100 ms) late. Nearly every linked clone, start, stop, delete and
-/// boot ends within [`FAST_POLL_PHASE`]; after it, polls slow down by 25% a step to
-/// [`SLOW_POLL_MAX`], so that a 30-minute full clone costs PVE about 1900 status reads, not
-/// the 18000 of polling 100 ms apart throughout.
-pub const MIN_POLL_DELAY: Duration = Duration::from_millis(20);
-pub const FAST_POLL_MAX: Duration = Duration::from_millis(100);
-pub const FAST_POLL_PHASE: Duration = Duration::from_secs(15);
-pub const SLOW_POLL_MAX: Duration = Duration::from_secs(1);
-
-/// The pause before the next poll of a wait that began `elapsed` ago (see [`FAST_POLL_MAX`]).
-pub fn next_poll_delay(previous: Duration, elapsed: Duration) -> Duration {
-    if elapsed < FAST_POLL_PHASE {
-        (elapsed / 20).clamp(MIN_POLL_DELAY, FAST_POLL_MAX)
-    } else {
-        (previous * 5 / 4).clamp(FAST_POLL_MAX, SLOW_POLL_MAX)
-    }
-}
 const MAX_RETRIES: usize = 4;
-const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// When a failed request may be sent again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -415,49 +394,6 @@ impl Client {
         .await
     }
 
-    /// Polls a task until it stops (see [`next_poll_delay`]) or `deadline` passes. A long task
-    /// prints a progress line every 10 s.
-    pub async fn wait_task(&self, upid: &Upid, deadline: Instant) -> Result<TaskOutcome, ApiError> {
-        let started = Instant::now();
-        let mut next_progress = started + PROGRESS_EVERY;
-        let mut delay = MIN_POLL_DELAY;
-        loop {
-            if let Some(outcome) = self.task_status(upid).await?.outcome() {
-                return Ok(outcome);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(ApiError::new(
-                    ApiErrorKind::Timeout,
-                    format!(
-                        "task {upid} still running after {} when we stopped waiting",
-                        joblog::secs(started.elapsed())
-                    ),
-                ));
-            }
-            if now >= next_progress {
-                joblog::info(format!(
-                    "{} {} on {} still running after {}",
-                    upid.task_type,
-                    upid.id,
-                    upid.node,
-                    joblog::secs(started.elapsed())
-                ));
-                next_progress = now + PROGRESS_EVERY;
-            }
-            tokio::time::sleep(delay.min(deadline - now)).await;
-            delay = next_poll_delay(delay, started.elapsed());
-        }
-    }
-
-    /// Waits for a task and turns a failed one into an error (`WARNINGS: N` is success).
-    pub async fn finish_task(&self, upid: &Upid, deadline: Instant) -> Result<(), ApiError> {
-        match self.wait_task(upid, deadline).await? {
-            TaskOutcome::Ok | TaskOutcome::Warnings(_) => Ok(()),
-            TaskOutcome::Failed(message) => Err(ApiError::new(ApiErrorKind::Task, message)),
-        }
-    }
-
     pub async fn agent_interfaces(
         &self,
         node: &str,
@@ -562,38 +498,6 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn polls_stay_close_while_a_wait_is_young_then_slow_down() {
-        let mut delay = MIN_POLL_DELAY;
-        let mut elapsed = Duration::ZERO;
-        let mut polls = 0;
-        while elapsed < FAST_POLL_PHASE {
-            delay = next_poll_delay(delay, elapsed);
-            // Never more than 5% of the wait late (or 20 ms), never more than 100 ms.
-            assert!(delay <= FAST_POLL_MAX, "{delay:?} apart at {elapsed:?}");
-            assert!(
-                delay <= MIN_POLL_DELAY.max(elapsed / 20),
-                "{delay:?} apart at {elapsed:?}"
-            );
-            elapsed += delay;
-            polls += 1;
-        }
-        assert!(polls <= 200, "{polls} polls in the fast phase");
-        for _ in 0..20 {
-            delay = next_poll_delay(delay, elapsed);
-            elapsed += delay;
-        }
-        assert_eq!(delay, SLOW_POLL_MAX);
-        let slow_phase = Duration::from_secs(30 * 60);
-        let mut polls = 0;
-        while elapsed < slow_phase {
-            delay = next_poll_delay(delay, elapsed);
-            elapsed += delay;
-            polls += 1;
-        }
-        assert!(polls <= 1800, "{polls} polls in a 30-minute wait");
-    }
 
     #[test]
     fn upids_are_encoded_as_one_path_segment() {

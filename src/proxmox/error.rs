@@ -4,9 +4,33 @@
 //! PVE reports most failures as HTTP 500 with the text in the status line's reason phrase
 //! (`500 unable to create VM 101: config file already exists`); only pve-http-server >= 5.2
 //! also puts `"message"` in the body. Parameter errors are 400 with an `errors` map.
+//!
+//! Every match on PVE's wording lives in this file: callers ask [`ApiError::cause`] or one of
+//! the `is_*` questions, never the message text.
 
 use std::collections::BTreeMap;
 use std::fmt;
+
+/// What a failure means, for a caller that must decide what to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The VM (or task) does not exist.
+    NotFound,
+    /// The VMID is taken (the VM exists, or a racing clone holds its config lock).
+    AlreadyExists,
+    /// The VM is locked (`clone`, `backup`, ...): wait for the lock to clear.
+    Locked,
+    /// The token lacks a privilege (or is not accepted at all).
+    PermissionDenied,
+    /// The VM has no guest agent configured: asking again cannot help.
+    AgentNotConfigured,
+    /// The guest agent is not up (yet), or timed out.
+    AgentNotReady,
+    /// The same request may succeed later (connection trouble, 5xx, lock timeouts).
+    Transient,
+    /// Anything else: permanent.
+    Other,
+}
 
 /// How a request failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +144,58 @@ impl ApiError {
     /// The request clashed with another job over the same VMID: pick another id.
     pub fn is_vmid_clash(&self) -> bool {
         self.is_already_exists() || self.is_vmid_lock_timeout()
+    }
+
+    /// `VM 7 is running - destroy failed`: the VM was started again behind our back.
+    pub fn is_vm_running(&self) -> bool {
+        self.message.contains("is running")
+    }
+
+    /// `VM 7 already running`: a start that found the VM up.
+    pub fn is_already_running(&self) -> bool {
+        self.message.contains("already running")
+    }
+
+    /// `No QEMU guest agent configured`: the VM's config lacks `agent: 1`.
+    pub fn is_agent_not_configured(&self) -> bool {
+        self.message.contains("No QEMU guest agent configured")
+    }
+
+    /// The guest agent is not answering yet: the VM is booting (`QEMU guest agent is not
+    /// running`, `VM N is not running`, a `qga ... got timeout`).
+    pub fn is_agent_not_ready(&self) -> bool {
+        let text = self.message.to_ascii_lowercase();
+        text.contains("guest agent is not running")
+            || text.contains("is not running")
+            || text.contains("got timeout")
+            || text.contains("qga")
+    }
+
+    /// 401/403, or PVE's `Permission check failed` in a 500 or a task.
+    pub fn is_permission_denied(&self) -> bool {
+        matches!(self.status(), Some(401 | 403))
+            || self.haystack().contains("permission check failed")
+    }
+
+    /// The one answer for callers that decide by kind (the first that applies, in this order).
+    pub fn cause(&self) -> Cause {
+        if self.is_permission_denied() {
+            Cause::PermissionDenied
+        } else if self.is_agent_not_configured() {
+            Cause::AgentNotConfigured
+        } else if self.is_not_found() {
+            Cause::NotFound
+        } else if self.is_already_exists() {
+            Cause::AlreadyExists
+        } else if self.is_vm_locked() {
+            Cause::Locked
+        } else if self.is_transient() {
+            Cause::Transient
+        } else if self.is_agent_not_ready() {
+            Cause::AgentNotReady
+        } else {
+            Cause::Other
+        }
     }
 
     /// Whether an identical request may succeed later: connection trouble, 5xx answers
@@ -390,6 +466,55 @@ mod tests {
             b"",
         );
         assert!(taken.is_clash_on(2000001));
+    }
+
+    #[test]
+    fn agent_boot_errors_are_retryable() {
+        let http = |text: &str| from_http_answer(500, Some(text), b"");
+        assert!(http("QEMU guest agent is not running").is_agent_not_ready());
+        assert!(http("VM 2000123 is not running").is_agent_not_ready());
+        assert!(
+            http("VM 2000123 qga command 'guest-network-get-interfaces' failed - got timeout")
+                .is_agent_not_ready()
+        );
+        assert!(!http("No QEMU guest agent configured").is_agent_not_ready());
+    }
+
+    #[test]
+    fn causes_are_told_apart_without_reading_the_text() {
+        let http = |status, text: &str| from_http_answer(status, Some(text), b"");
+        assert_eq!(
+            http(
+                500,
+                "Configuration file 'nodes/pve1/qemu-server/7.conf' does not exist"
+            )
+            .cause(),
+            Cause::NotFound
+        );
+        assert_eq!(
+            http(500, "unable to create VM 7: config file already exists").cause(),
+            Cause::AlreadyExists
+        );
+        assert_eq!(http(500, "VM is locked (clone)").cause(), Cause::Locked);
+        assert_eq!(
+            http(403, "Permission check failed (/vms/100, VM.Clone)").cause(),
+            Cause::PermissionDenied
+        );
+        assert_eq!(
+            http(500, "No QEMU guest agent configured").cause(),
+            Cause::AgentNotConfigured
+        );
+        assert_eq!(
+            http(500, "QEMU guest agent is not running").cause(),
+            Cause::AgentNotReady
+        );
+        assert_eq!(http(503, "Service Unavailable").cause(), Cause::Transient);
+        assert_eq!(
+            http(400, "Parameter verification failed.").cause(),
+            Cause::Other
+        );
+        assert!(http(500, "VM 7 is running - destroy failed").is_vm_running());
+        assert!(http(500, "VM 7 already running").is_already_running());
     }
 
     #[test]

@@ -13,6 +13,7 @@ use super::{describe_target, Connection, HostKeyCheck, PrivateKey, Target};
 use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 use crate::joblog;
+use crate::poll::Poll;
 
 /// Key exchange, cheapest first. Every stage is a new connection, so the kex runs once per
 /// stage and its CPU cost is per-stage overhead. curve25519-sha256 is one X25519 operation per
@@ -462,8 +463,6 @@ fn classify_handshake_error(
     }
 }
 
-const PROGRESS_EVERY: Duration = Duration::from_secs(10);
-
 /// How a retrying connect reports itself: prepare announces SSH coming up, a stage does not.
 pub(super) struct Patience<'a> {
     pub deadline: Instant,
@@ -493,9 +492,13 @@ pub(super) async fn wait_until_ready(
         limit,
         announce,
     } = patience;
-    let started = Instant::now();
-    let mut last_progress = started;
-    let mut delay = Duration::from_millis(100);
+    // Short pauses: a VM whose sshd starts moments after the guest agent should not wait
+    // seconds.
+    let mut poll = Poll::doubling(
+        deadline,
+        Duration::from_millis(100),
+        Duration::from_millis(500),
+    );
     let where_ = describe_target(target);
     let cancelled = |reason: &str| WaitFailure {
         error: Error::Cancelled(format!(
@@ -522,7 +525,7 @@ pub(super) async fn wait_until_ready(
                 if announce {
                     joblog::info(format!(
                         "SSH up on {where_} after {}",
-                        joblog::secs(started.elapsed())
+                        joblog::secs(poll.elapsed())
                     ));
                 }
                 return Ok(connection);
@@ -535,33 +538,28 @@ pub(super) async fn wait_until_ready(
             }
             Err(failure) => failure,
         };
-        let now = Instant::now();
-        if now + delay >= deadline {
+        let paused = tokio::select! {
+            paused = poll.pause(|waited| {
+                joblog::info(format!(
+                    "still waiting for SSH on {where_} ({} so far; last: {})",
+                    joblog::secs(waited),
+                    failure.error
+                ))
+            }) => paused,
+            reason = cancel.cancelled() => return Err(cancelled(reason)),
+        };
+        if let Err(expired) = paused {
             return Err(WaitFailure {
                 error: Error::ssh(
                     format!(
                         "waiting for SSH on {where_} (gave up after {}, {limit})",
-                        joblog::secs(started.elapsed())
+                        joblog::secs(expired.waited)
                     ),
                     failure.error,
                 ),
                 gave_up: true,
             });
         }
-        if now.duration_since(last_progress) + delay >= PROGRESS_EVERY {
-            joblog::info(format!(
-                "still waiting for SSH on {where_} ({} so far; last: {})",
-                joblog::secs(started.elapsed()),
-                failure.error
-            ));
-            last_progress = now;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            reason = cancel.cancelled() => return Err(cancelled(reason)),
-        }
-        // Short: a VM whose sshd starts moments after the guest agent should not wait seconds.
-        delay = (delay * 2).min(Duration::from_millis(500));
     }
 }
 

@@ -213,6 +213,14 @@ impl Hook {
         self
     }
 
+    /// The driver's own environment as set so far, in name order.
+    pub fn host_env_pairs(&self) -> Vec<(String, String)> {
+        self.host_env
+            .iter()
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect()
+    }
+
     pub fn job_dir(&self) -> &Path {
         &self.job_dir
     }

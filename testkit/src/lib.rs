@@ -1,15 +1,19 @@
 //! Test doubles for gitlab-proxmox-runner, shared by the integration tests, the benchmarks and
 //! the demo: run a hook like gitlab-runner does ([`hook`]), run whole jobs like gitlab-runner
-//! does ([`runner`]), and fake a Proxmox VE cluster over HTTPS ([`fake_proxmox`]).
+//! does ([`runner`]), fake a Proxmox VE cluster over HTTPS ([`fake_proxmox`]), and set up all
+//! of it (fake, sshd, key → hooks) in one step ([`lab`], with [`driver_binary!`]).
 
 pub mod fake_proxmox;
 pub mod hook;
+pub mod lab;
 pub mod runner;
 pub mod ssh_job;
 pub mod ssh_server;
 pub mod sshd;
 pub mod sshkeys;
 pub mod tcp_proxy;
+
+pub use lab::{Lab, LabBuilder};
 
 pub use fake_proxmox::{
     FakeConfig, FakeProxmox, Fault, NewVm, RecordedRequest, Template, VmSnapshot,

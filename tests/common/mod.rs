@@ -9,23 +9,14 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use gpr_testkit::fake_proxmox::{FakeConfig, FakeProxmox};
 use gpr_testkit::hook::json_string;
 use gpr_testkit::runner::RunnerJob;
-use gpr_testkit::sshd::Sshd;
-use gpr_testkit::sshkeys::ClientKey;
 use gpr_testkit::tcp_proxy::TcpProxy;
-
-pub fn binary() -> PathBuf {
-    std::env::var_os("GPR_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_gitlab-proxmox-runner")))
-}
+use gpr_testkit::{driver_binary, Lab};
 
 /// The fake cluster, the "VM" (local sshd) and the network between them (the proxy).
 pub struct World {
-    pub fake: FakeProxmox,
-    pub sshd: Sshd,
+    pub lab: Lab,
     pub proxy: TcpProxy,
     pub dir: tempfile::TempDir,
     settings_file: PathBuf,
@@ -34,32 +25,20 @@ pub struct World {
 impl World {
     #[track_caller]
     pub fn new(test: &str) -> Option<World> {
-        let sshd = Sshd::start_or_skip(test)?;
-        let key = ClientKey::ed25519();
-        sshd.authorize(&key);
-        let host_key = sshd
-            .host_key_lines()
-            .into_iter()
-            .find(|line| line.starts_with("ssh-ed25519 "))
-            .expect("the test sshd has an ed25519 host key");
-        let fake = FakeProxmox::start(FakeConfig::default());
-        fake.set_guest_file("/etc/ssh/ssh_host_ed25519_key.pub", &host_key);
-        let proxy = TcpProxy::start(SocketAddr::from((Ipv4Addr::LOCALHOST, sshd.port())));
+        let lab = Lab::builder(driver_binary!()).with_sshd_or_skip(test)?;
+        let proxy = TcpProxy::start(SocketAddr::from((Ipv4Addr::LOCALHOST, lab.sshd().port())));
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::create_dir(dir.path().join("empty-path")).expect("empty PATH dir");
         std::fs::create_dir(dir.path().join("builds")).expect("builds dir");
         let settings_file = dir.path().join("driver.toml");
-        let mut settings = fake.settings_env();
-        settings.extend([
-            ("VM_SSH_USER".to_string(), "root".to_string()),
-            // Every SSH connection to the "VM" goes through the proxy.
-            ("VM_SSH_PORT".to_string(), proxy.port().to_string()),
-            ("VM_SSH_PRIVATE_KEY".to_string(), key.private_text.clone()),
-            ("VM_BOOT_TIMEOUT".to_string(), "60".to_string()),
-            ("VM_NETWORK_CIDRS".to_string(), "127.0.0.0/8".to_string()),
-        ]);
         let mut text = String::new();
-        for (name, value) in settings {
+        for (name, mut value) in lab.settings() {
+            match name.as_str() {
+                // Every SSH connection to the "VM" goes through the proxy.
+                "VM_SSH_PORT" => value = proxy.port().to_string(),
+                "VM_BOOT_TIMEOUT" => value = "60".to_string(),
+                _ => {}
+            }
             text.push_str(&format!("{name} = {}\n", json_string(&value)));
         }
         std::fs::write(&settings_file, text).expect("write driver.toml");
@@ -67,8 +46,7 @@ impl World {
         std::fs::set_permissions(&settings_file, std::fs::Permissions::from_mode(0o600))
             .expect("chmod driver.toml");
         Some(World {
-            fake,
-            sshd,
+            lab,
             proxy,
             dir,
             settings_file,
@@ -80,7 +58,7 @@ impl World {
         let builds = tempfile::tempdir_in(self.dir.path().join("builds"))
             .expect("builds dir")
             .keep();
-        RunnerJob::new(binary())
+        RunnerJob::new(self.lab.bin.clone())
             .hook_args(
                 &["--config", config, "config"],
                 &["--config", config, "prepare"],

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::routes::{fail, not_implemented, param_error, vm_on_node, ApiRequest, Result};
+use super::api::{fail, not_implemented, param_error, vm_on_node, ApiRequest, Result};
 use super::state::State;
 
 pub(super) fn agent(

@@ -34,6 +34,7 @@
 //! ```
 
 mod agent;
+mod api;
 mod routes;
 mod server;
 mod state;

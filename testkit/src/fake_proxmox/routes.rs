@@ -6,67 +6,12 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 
 use super::agent::agent;
-use super::server::param_map;
+use super::api::{
+    fail, missing_config_text, not_implemented, param_error, param_errors, param_map, vm_on_node,
+    vm_on_node_mut, ApiRequest, Reply, Result,
+};
 use super::state::{random_mac, Effect, State, TaskSpec, Vm, MAX_DESCRIPTION};
 use super::Fault;
-
-pub(crate) struct ApiRequest {
-    pub method: String,
-    /// Decoded path below `/api2/json`, e.g. `/nodes/pve1/qemu`.
-    pub path: String,
-    pub segments: Vec<String>,
-    /// Query parameters, then body parameters, in order.
-    pub params: Vec<(String, String)>,
-}
-
-pub(crate) enum Reply {
-    Data(Value),
-    /// `data` plus further top-level keys (e.g. the task log's `total`).
-    DataWith(Value, Map<String, Value>),
-    /// An error: the message goes into the reason phrase; `errors` makes it a 400-style
-    /// "Parameter verification failed." with a field map.
-    Fail {
-        status: u16,
-        message: String,
-        errors: Option<BTreeMap<String, String>>,
-    },
-    /// The request took effect, but the connection drops before any answer.
-    Dropped,
-    /// This answer, after a pause (with the state unlocked meanwhile).
-    Delayed(Duration, Box<Reply>),
-}
-
-pub(super) type Result<T> = std::result::Result<T, Reply>;
-
-pub(super) fn fail(status: u16, message: impl Into<String>) -> Reply {
-    Reply::Fail {
-        status,
-        message: message.into(),
-        errors: None,
-    }
-}
-
-fn param_errors(errors: BTreeMap<String, String>) -> Reply {
-    Reply::Fail {
-        status: 400,
-        message: "Parameter verification failed.".into(),
-        errors: Some(errors),
-    }
-}
-
-pub(super) fn param_error(field: &str, message: impl Into<String>) -> Reply {
-    param_errors(BTreeMap::from([(field.to_string(), message.into())]))
-}
-
-pub(super) fn not_implemented(request: &ApiRequest) -> Reply {
-    fail(
-        501,
-        format!(
-            "Method '{} {}' not implemented",
-            request.method, request.path
-        ),
-    )
-}
 
 pub(crate) fn dispatch(state: &mut State, request: &ApiRequest) -> Reply {
     state.advance();
@@ -324,14 +269,6 @@ fn is_urlencoded(text: &str) -> bool {
         .all(|c| c.is_ascii_alphanumeric() || "-%_.!~*'()".contains(c))
 }
 
-fn missing_config_text(node: &str, vmid: u32) -> String {
-    format!("Configuration file 'nodes/{node}/qemu-server/{vmid}.conf' does not exist")
-}
-
-fn missing_config(node: &str, vmid: u32) -> Reply {
-    fail(500, missing_config_text(node, vmid))
-}
-
 /// Options only root@pam may use; an API token gets a parameter error.
 fn root_only(params: &BTreeMap<String, String>, options: &[&str]) -> Result<()> {
     let errors: BTreeMap<String, String> = options
@@ -353,22 +290,6 @@ fn root_only(params: &BTreeMap<String, String>, options: &[&str]) -> Result<()> 
     } else {
         Err(param_errors(errors))
     }
-}
-
-pub(super) fn vm_on_node<'a>(state: &'a State, node: &str, vmid: u32) -> Result<&'a Vm> {
-    state
-        .vms
-        .get(&vmid)
-        .filter(|vm| vm.node == node)
-        .ok_or_else(|| missing_config(node, vmid))
-}
-
-fn vm_on_node_mut<'a>(state: &'a mut State, node: &str, vmid: u32) -> Result<&'a mut Vm> {
-    state
-        .vms
-        .get_mut(&vmid)
-        .filter(|vm| vm.node == node)
-        .ok_or_else(|| missing_config(node, vmid))
 }
 
 /// PVE checks the privileges on `/vms/<vmid>` before the handler runs, so with pool-scoped

@@ -1,7 +1,6 @@
 //! HTTPS plumbing: a throw-away CA and server certificate, the accept loop on its own thread and
 //! runtime, and the translation between HTTP and the fake's [`routes`](super::routes).
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -20,7 +19,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 use tokio_rustls::TlsAcceptor;
 
-use super::routes::{self, ApiRequest, Reply};
+use super::api::{ApiRequest, Reply};
+use super::routes;
 use super::state::State;
 use super::RecordedRequest;
 
@@ -446,9 +446,4 @@ fn render(reply: Reply, message_in_body: bool) -> Response<Full<Bytes>> {
         }
     }
     response
-}
-
-/// Parameters as a map (the last value wins, like PVE's decoder).
-pub(crate) fn param_map(params: &[(String, String)]) -> BTreeMap<String, String> {
-    params.iter().cloned().collect()
 }

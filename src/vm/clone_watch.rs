@@ -6,10 +6,10 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use super::{task, Log, VmRef};
 use crate::error::{Error, Result};
 use crate::joblog;
 use crate::proxmox::{Client, TaskOutcome, Upid};
-use crate::state::JobState;
 
 /// How long after a clone request whose answer never came its worker may still appear in the
 /// node's task list (the API forks the worker before it answers; the request may have been
@@ -26,7 +26,20 @@ pub fn now_epoch() -> u64 {
         .unwrap_or(0)
 }
 
-/// What became of the clone the job state names.
+/// What is known about the clone that may create a VM: the caller records it (prepare in the
+/// job state) as the clone goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloneTrace {
+    pub vm: VmRef,
+    /// The template it is cloned from (the task list names the source).
+    pub template: Option<u32>,
+    /// When the clone request left (Unix seconds); `None`: never sent.
+    pub sent_at: Option<u64>,
+    /// The clone task, once the API answered.
+    pub upid: Option<String>,
+}
+
+/// What became of the clone a [`CloneTrace`] names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CloneEnd {
     /// The request never left: nothing can appear.
@@ -37,36 +50,32 @@ pub enum CloneEnd {
     NoneRunning,
 }
 
-/// Waits (until `deadline`) until the clone named by `state` cannot create a VM any more.
+/// Waits (until `deadline`) until the clone named by `trace` cannot create a VM any more.
 pub async fn wait_clone_settled(
     client: &Client,
-    state: &JobState,
+    trace: &CloneTrace,
     deadline: Instant,
+    log: &dyn Log,
 ) -> Result<CloneEnd> {
-    let Some(sent_at) = state.clone_sent_at else {
+    let Some(sent_at) = trace.sent_at else {
         return Ok(CloneEnd::NeverSent);
     };
-    let vmid = state.vmid;
-    let context = || {
-        format!(
-            "waiting for the clone into VM {vmid} on node {}",
-            state.node
-        )
-    };
-    if let Some(upid) = state.clone_upid.as_deref().and_then(Upid::parse) {
+    let vmid = trace.vm.vmid;
+    let node = trace.vm.node.as_str();
+    let context = || format!("waiting for the clone into VM {vmid} on node {node}");
+    if let Some(upid) = trace.upid.as_deref().and_then(Upid::parse) {
         let status = client
             .task_status(&upid)
             .await
-            .map_err(|err| Error::proxmox(context(), err))?;
+            .map_err(|err| Error::api(context(), err))?;
         if status.outcome().is_none() {
-            joblog::info(format!(
+            log.info(&format!(
                 "the clone into VM {vmid} still runs; waiting for its task to end first"
             ));
         }
-        let outcome = client
-            .wait_task(&upid, deadline)
+        let outcome = task::wait(client, &upid, deadline, log)
             .await
-            .map_err(|err| Error::proxmox(context(), err))?;
+            .map_err(|err| Error::api(context(), err))?;
         return Ok(CloneEnd::Ended(match outcome {
             TaskOutcome::Ok | TaskOutcome::Warnings(_) => None,
             TaskOutcome::Failed(message) => Some(message),
@@ -74,16 +83,16 @@ pub async fn wait_clone_settled(
     }
     // The answer was lost (or we were stopped before it came): any clone of the template that
     // started around our request may be ours. Wait until none runs.
-    let Some(template) = state.template_vmid else {
+    let Some(template) = trace.template else {
         return Ok(CloneEnd::NoneRunning);
     };
     let started = Instant::now();
     let mut announced = false;
     loop {
         let candidates = client
-            .running_clone_tasks(&state.node, template)
+            .running_clone_tasks(node, template)
             .await
-            .map_err(|err| Error::proxmox(context(), err))?
+            .map_err(|err| Error::api(context(), err))?
             .into_iter()
             .filter(|task| task.start_epoch() + CLOCK_SLACK_SECS >= sent_at)
             .count();
@@ -103,7 +112,7 @@ pub async fn wait_clone_settled(
             });
         }
         if !announced {
-            joblog::info(format!(
+            log.info(&format!(
                 "the answer to the clone into VM {vmid} never came; waiting for the clone tasks \
                  of template {template} to end before judging VM {vmid}"
             ));

@@ -11,13 +11,14 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::Log;
+use crate::config::Settings;
 use crate::error::{Error, Result};
 use crate::joblog;
-use crate::settings::Settings;
+use crate::poll::Poll;
 
 /// Giving up on a slot after this long means something holds them all (a hung prepare).
 const SLOT_WAIT_LIMIT: Duration = Duration::from_secs(30 * 60);
-const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// One held slot; dropping it releases the slot.
 #[derive(Debug)]
@@ -37,44 +38,44 @@ pub fn default_dir() -> PathBuf {
 
 /// Takes a free slot, waiting (polling with jitter) while all are held. `Ok(None)` when no cap
 /// is configured.
-pub async fn acquire(settings: &Settings) -> Result<Option<CloneSlot>> {
+pub async fn acquire(settings: &Settings, log: &dyn Log) -> Result<Option<CloneSlot>> {
     let slots = settings.max_concurrent_clones;
     if slots == 0 {
         return Ok(None);
     }
     let dir = settings.clone_lock_dir.clone().unwrap_or_else(default_dir);
     prepare_dir(&dir)?;
-    let started = Instant::now();
-    let mut next_progress = started + PROGRESS_EVERY;
+    let mut poll = Poll::jittered(
+        Instant::now() + SLOT_WAIT_LIMIT,
+        Duration::from_millis(50),
+        Duration::from_millis(200),
+    );
     loop {
         if let Some(slot) = try_acquire(&dir, slots)? {
-            let waited = started.elapsed();
+            let waited = poll.elapsed();
             if waited >= Duration::from_millis(500) {
-                joblog::info(format!(
+                log.info(&format!(
                     "waited {} for a clone slot (PROXMOX_MAX_CONCURRENT_CLONES={slots})",
                     joblog::secs(waited)
                 ));
             }
             return Ok(Some(slot));
         }
-        let now = Instant::now();
-        if now >= started + SLOT_WAIT_LIMIT {
-            return Err(Error::Infrastructure(format!(
+        poll.pause(|waited| {
+            log.info(&format!(
+                "still waiting for one of {slots} clone slots after {}",
+                joblog::secs(waited)
+            ))
+        })
+        .await
+        .map_err(|expired| {
+            Error::Infrastructure(format!(
                 "all {slots} clone slots in {} stayed taken for {}; check for hung prepare \
                  processes on this runner host, or raise PROXMOX_MAX_CONCURRENT_CLONES",
                 dir.display(),
-                joblog::secs(started.elapsed())
-            )));
-        }
-        if now >= next_progress {
-            joblog::info(format!(
-                "still waiting for one of {slots} clone slots after {}",
-                joblog::secs(started.elapsed())
-            ));
-            next_progress = now + PROGRESS_EVERY;
-        }
-        let pause = Duration::from_millis(50 + rand::random::<u64>() % 200);
-        tokio::time::sleep(pause).await;
+                joblog::secs(expired.waited)
+            ))
+        })?;
     }
 }
 

@@ -5,12 +5,13 @@
 
 use std::time::{Duration, Instant};
 
-use crate::clone_watch::{self, CloneEnd};
+use super::clone_watch::{self, CloneEnd, CloneTrace};
+use super::{task, Log};
 use crate::error::{Error, Result};
 use crate::joblog;
 use crate::marker::Marker;
+use crate::poll::Poll;
 use crate::proxmox::{ApiError, Client, Presence};
-use crate::state::JobState;
 
 /// What happened to the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,26 +25,27 @@ pub enum Teardown {
 }
 
 const MAX_ROUNDS: usize = 8;
-const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// The pause before the second round; it doubles each round up to `MAX_RETRY_PAUSE`, so the
 /// rounds ride out about a minute of a busy node.
 const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(500);
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(15);
 
-/// Destroys the VM a job state names: first waits until its clone (if one was requested) can
-/// no longer create it, then [`destroy_owned_vm`].
-pub async fn destroy_job_vm(
+/// Destroys the VM a clone trace names: first waits until its clone (if one was requested) can
+/// no longer create it (qemu-server writes the config after answering the clone request), then
+/// [`destroy_owned_vm`].
+pub async fn destroy_traced_vm(
     client: &Client,
-    state: &JobState,
+    trace: &CloneTrace,
     expected: &Marker,
     deadline: Instant,
+    log: &dyn Log,
 ) -> Result<Teardown> {
-    let settled = clone_watch::wait_clone_settled(client, state, deadline).await?;
-    let outcome = destroy_owned_vm(client, &state.node, state.vmid, expected, deadline).await?;
+    let settled = clone_watch::wait_clone_settled(client, trace, deadline, log).await?;
+    let (node, vmid) = (trace.vm.node.as_str(), trace.vm.vmid);
+    let outcome = destroy_owned_vm(client, node, vmid, expected, deadline, log).await?;
     if let (CloneEnd::Ended(Some(error)), Teardown::AlreadyGone) = (&settled, &outcome) {
-        joblog::info(format!(
-            "the clone into VM {} had failed ({error}); PVE removed what it had made",
-            state.vmid
+        log.info(&format!(
+            "the clone into VM {vmid} had failed ({error}); PVE removed what it had made"
         ));
     }
     Ok(outcome)
@@ -56,10 +58,11 @@ pub async fn destroy_owned_vm(
     vmid: u32,
     expected: &Marker,
     deadline: Instant,
+    log: &dyn Log,
 ) -> Result<Teardown> {
     let started = Instant::now();
     let context = || format!("destroying VM {vmid} on node {node}");
-    let fail = |err: ApiError| Error::proxmox(context(), err);
+    let fail = |err: ApiError| Error::api(context(), err);
     let mut owner_checked = false;
     let mut acted = false;
     let mut stop_time = Duration::ZERO;
@@ -102,7 +105,7 @@ pub async fn destroy_owned_vm(
                 // the clone lock is gone.
                 Err(_) if status.lock() == Some("clone") && !waited_for_clone => {
                     waited_for_clone = true;
-                    if !wait_for_lock(client, node, vmid, "clone", deadline).await? {
+                    if !wait_for_lock(client, node, vmid, "clone", deadline, log).await? {
                         return Ok(gone(acted));
                     }
                     continue;
@@ -111,7 +114,7 @@ pub async fn destroy_owned_vm(
             }
         }
         if let Some(lock) = status.lock() {
-            if !wait_for_lock(client, node, vmid, lock, deadline).await? {
+            if !wait_for_lock(client, node, vmid, lock, deadline, log).await? {
                 return Ok(gone(acted));
             }
             continue;
@@ -119,14 +122,14 @@ pub async fn destroy_owned_vm(
         if status.is_running() {
             let stopping = Instant::now();
             let stopped = match client.stop_vm(node, vmid).await {
-                Ok(upid) => client.finish_task(&upid, deadline).await,
+                Ok(upid) => task::finish(client, &upid, deadline, log).await,
                 Err(err) => Err(err),
             };
             match stopped {
                 Ok(()) => stop_time += stopping.elapsed(),
                 Err(err) if err.is_not_found() => return Ok(gone(acted)),
                 Err(err) if err.is_vm_locked() || err.is_transient() => {
-                    pause_before_retry(deadline, &err, context, &mut pause).await?;
+                    pause_before_retry(deadline, &err, context, log, &mut pause).await?;
                     continue;
                 }
                 Err(err) => return Err(fail(err)),
@@ -134,12 +137,12 @@ pub async fn destroy_owned_vm(
         }
         let deleting = Instant::now();
         let deleted = match client.delete_vm(node, vmid).await {
-            Ok(upid) => client.finish_task(&upid, deadline).await,
+            Ok(upid) => task::finish(client, &upid, deadline, log).await,
             Err(err) => Err(err),
         };
         match deleted {
             Ok(()) => {
-                joblog::info(format!(
+                log.info(&format!(
                     "destroyed VM {vmid} on {node} in {} (stop {}, delete {})",
                     joblog::secs(started.elapsed()),
                     joblog::secs(stop_time),
@@ -150,13 +153,9 @@ pub async fn destroy_owned_vm(
             Err(err) if err.is_not_found() => return Ok(Teardown::Destroyed),
             // Started again behind our back, locked meanwhile, or a transient failure: look
             // at it afresh.
-            Err(err)
-                if err.is_vm_locked()
-                    || err.is_transient()
-                    || err.message.contains("is running") =>
-            {
+            Err(err) if err.is_vm_locked() || err.is_transient() || err.is_vm_running() => {
                 acted = true;
-                pause_before_retry(deadline, &err, context, &mut pause).await?;
+                pause_before_retry(deadline, &err, context, log, &mut pause).await?;
                 continue;
             }
             Err(err) => return Err(fail(err)),
@@ -177,11 +176,12 @@ async fn wait_for_lock(
     vmid: u32,
     lock: &str,
     deadline: Instant,
+    log: &dyn Log,
 ) -> Result<bool> {
-    joblog::info(format!(
+    log.info(&format!(
         "VM {vmid} is locked ({lock}); waiting for the lock to clear before removing it"
     ));
-    wait_unlocked(client, node, vmid, deadline).await
+    wait_unlocked(client, node, vmid, deadline, log).await
 }
 
 /// Sleeps `pause` (doubling it for the next round), or fails with `err` when the deadline
@@ -190,13 +190,13 @@ async fn pause_before_retry(
     deadline: Instant,
     err: &ApiError,
     context: impl Fn() -> String,
+    log: &dyn Log,
     pause: &mut Duration,
 ) -> Result<()> {
-    let now = Instant::now();
-    if now + *pause >= deadline {
-        return Err(Error::proxmox(context(), err));
+    if Instant::now() + *pause >= deadline {
+        return Err(Error::api(context(), err.clone()));
     }
-    joblog::info(format!(
+    log.info(&format!(
         "{}: {err}; trying again in {}",
         context(),
         joblog::secs(*pause)
@@ -212,46 +212,39 @@ pub async fn wait_unlocked(
     node: &str,
     vmid: u32,
     deadline: Instant,
+    log: &dyn Log,
 ) -> Result<bool> {
-    let started = Instant::now();
-    let mut next_progress = started + PROGRESS_EVERY;
-    let mut delay = crate::proxmox::client::MIN_POLL_DELAY;
+    let mut poll = Poll::until(deadline);
     loop {
         let presence = client
             .vm_presence(node, vmid)
             .await
-            .map_err(|err| Error::proxmox(format!("reading VM {vmid} on node {node}"), err))?;
+            .map_err(|err| Error::api(format!("reading VM {vmid} on node {node}"), err))?;
         let Presence::Exists(status) = presence else {
             return Ok(false);
         };
         let Some(lock) = status.lock() else {
             return Ok(true);
         };
-        let now = Instant::now();
-        if now >= deadline {
-            let whose = if lock == "clone" {
-                "its clone task"
-            } else {
-                "another task (a backup, a migration, a snapshot)"
-            };
-            return Err(Error::Proxmox {
-                context: format!("waiting for VM {vmid} on node {node}"),
-                message: format!(
-                    "still locked ({lock}) by {whose} after {}; an API token cannot override \
-                     the lock. Left for `gitlab-proxmox-runner gc`, which removes it once the \
-                     lock is gone",
-                    joblog::secs(started.elapsed())
-                ),
-            });
-        }
-        if now >= next_progress {
-            joblog::info(format!(
+        poll.pause(|waited| {
+            log.info(&format!(
                 "VM {vmid} still locked ({lock}) after {}",
-                joblog::secs(started.elapsed())
-            ));
-            next_progress = now + PROGRESS_EVERY;
-        }
-        tokio::time::sleep(delay.min(deadline - now)).await;
-        delay = crate::proxmox::client::next_poll_delay(delay, started.elapsed());
+                joblog::secs(waited)
+            ))
+        })
+        .await
+        .map_err(|expired| Error::Proxmox {
+            context: format!("waiting for VM {vmid} on node {node}"),
+            message: format!(
+                "still locked ({lock}) by {} after {}; an API token cannot override the lock. \
+                 Left for `gitlab-proxmox-runner gc`, which removes it once the lock is gone",
+                if lock == "clone" {
+                    "its clone task"
+                } else {
+                    "another task (a backup, a migration, a snapshot)"
+                },
+                joblog::secs(expired.waited)
+            ),
+        })?;
     }
 }

@@ -1,0 +1,158 @@
+//! Everything `main` does after parsing the command line: load the settings, start the async
+//! runtime and the cancellation token, build the context the command's family needs, run it,
+//! and turn its error into the exit code its caller expects.
+//!
+//! Two families: the job hooks (config, prepare, run, cleanup) run by gitlab-runner for one job,
+//! and the fleet commands (gc) run by an admin, cron or a timer, outside any job. Only the job
+//! hooks read `$JOB_RESPONSE_FILE`, the job's identity and the runner's exit codes.
+
+use std::path::{Path, PathBuf};
+
+use crate::cancel::Cancel;
+use crate::cli::{Cli, Command};
+use crate::commands::{cleanup, config, gc, prepare, run};
+use crate::config::{secret_names, Settings, Sources, CONFIG_FILE_ENV};
+use crate::error::{Error, ExitCodes, Result};
+use crate::job::JobInfo;
+use crate::{hardening, joblog};
+
+/// What every job hook gets.
+pub struct Context {
+    pub settings: Settings,
+    pub job: JobInfo,
+    /// The per-job directory (`$TMPDIR`) where the job state lives.
+    pub job_dir: PathBuf,
+    pub cancel: Cancel,
+}
+
+/// What a fleet command gets: no job, no job directory.
+pub struct FleetContext {
+    pub settings: Settings,
+    pub cancel: Cancel,
+}
+
+/// Runs the command and returns the process exit code.
+pub fn execute(cli: Cli) -> i32 {
+    let file = cli.config;
+    match cli.command {
+        Command::Gc {
+            runner,
+            max_age,
+            dry_run,
+        } => fleet_command(file.as_deref(), |context| async move {
+            gc::gc(&context, runner.as_deref(), max_age.as_deref(), dry_run).await
+        }),
+        Command::Config => job_hook(file.as_deref(), false, |context| async move {
+            config::config(&context).await
+        }),
+        Command::Prepare => job_hook(file.as_deref(), false, |context| async move {
+            prepare::prepare(&context).await
+        }),
+        Command::Run { script, stage } => job_hook(file.as_deref(), false, |context| async move {
+            run::run(&context, &script, &stage).await
+        }),
+        Command::Cleanup => job_hook(file.as_deref(), true, |context| async move {
+            cleanup::cleanup(&context).await
+        }),
+    }
+}
+
+/// A hook gitlab-runner runs for one job: the job's variable names (`$JOB_RESPONSE_FILE`) take
+/// part in the settings' trust rule, the job's identity and directory come from the runner's
+/// environment, and errors map to the exit codes the runner asked for.
+fn job_hook<F, Fut>(file: Option<&Path>, is_cleanup: bool, hook: F) -> i32
+where
+    F: FnOnce(Context) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let exit_codes = ExitCodes::from_env();
+    let loaded = Settings::load(file);
+    let result = with_runtime(loaded, |settings, cancel| {
+        hook(Context {
+            settings,
+            job: JobInfo::from_env(),
+            job_dir: crate::state::job_dir(),
+            cancel,
+        })
+    });
+    exit_code(result, exit_codes, is_cleanup)
+}
+
+/// A command run by an admin, cron or a timer, outside any job: no job variables, no job
+/// directory; the plain exit codes (1: the request was wrong, 2: the infrastructure failed).
+fn fleet_command<F, Fut>(file: Option<&Path>, command: F) -> i32
+where
+    F: FnOnce(FleetContext) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let loaded = load_host_settings(file);
+    let result = with_runtime(loaded, |settings, cancel| {
+        command(FleetContext { settings, cancel })
+    });
+    exit_code(result, ExitCodes::FALLBACK, false)
+}
+
+/// The settings file named by `--config` or `GITLAB_PROXMOX_RUNNER_CONFIG` and the process
+/// environment; no job, so no `$JOB_RESPONSE_FILE`.
+fn load_host_settings(config_file: Option<&Path>) -> Result<Settings> {
+    let path = config_file
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from));
+    let text = match &path {
+        Some(path) => Some(zeroize::Zeroizing::new(
+            std::fs::read_to_string(path).map_err(|err| {
+                Error::Settings(format!(
+                    "cannot read the driver config file {}: {err}",
+                    path.display()
+                ))
+            })?,
+        )),
+        None => None,
+    };
+    let env = |name: &str| std::env::var(name).ok();
+    Settings::from_sources(Sources {
+        file: text
+            .as_ref()
+            .zip(path.as_ref())
+            .map(|(text, path)| (text.as_str(), path.as_path())),
+        env: &env,
+        job_response: None,
+    })
+}
+
+/// Wipes the secrets from the environment, then runs `command` on a current-thread runtime
+/// with SIGTERM/SIGINT cancelling its token.
+fn with_runtime<F, Fut>(loaded: Result<Settings>, command: F) -> Result<()>
+where
+    F: FnOnce(Settings, Cancel) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    // Settings are read while the process is single-threaded, then the secret values are wiped
+    // from the environment block before any thread (the tokio runtime's included) exists.
+    hardening::scrub_environment(secret_names());
+    let settings = loaded?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| Error::io("cannot start the async runtime", err))?;
+    runtime.block_on(async move {
+        let cancel =
+            Cancel::on_signals().map_err(|err| Error::io("cannot install signal handlers", err))?;
+        command(settings, cancel).await
+    })
+}
+
+fn exit_code(result: Result<()>, exit_codes: ExitCodes, is_cleanup: bool) -> i32 {
+    match result {
+        Ok(()) => 0,
+        Err(err) => {
+            joblog::error(err.to_string());
+            if is_cleanup {
+                joblog::error(
+                    "cleanup did not finish; `gitlab-proxmox-runner gc` will sweep what is left",
+                );
+            }
+            exit_codes.for_blame(err.blame())
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! The VM engine: everything it takes to turn a template into a VM that answers SSH, and to
+//! remove it again, with no knowledge of hooks or jobs. prepare drives it today; a warm-pool
+//! service, a preflight check or multi-node placement drive the same calls.
+//!
+//! - [`template`]: which template VM a requested name means, and the clone mode it allows;
+//! - [`provision`]: a free VMID, the clone (with its clash and retry logic), configure, start;
+//! - [`ready`]: the guest agent's address, the host keys read through the agent, SSH, the
+//!   runner helper;
+//! - [`teardown`]: the one safe way to destroy a VM of ours;
+//! - [`clone_slots`]: the per-host cap on clones in flight;
+//! - [`task`]: waiting for a Proxmox task.
+//!
+//! Every wait here goes through [`crate::poll`], the one wait primitive (deadline, pause
+//! schedule, progress lines).
+//!
+//! The node is always a parameter: nothing here reads where a VM should go from the settings.
+//! The engine reports through the caller's [`Log`] and, while provisioning, its [`Sink`]:
+//! prepare writes the job log and the job state; another caller logs elsewhere.
+
+pub mod clone_slots;
+pub mod clone_watch;
+pub mod provision;
+pub mod ready;
+pub mod task;
+pub mod teardown;
+pub mod template;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use crate::error::Result;
+
+/// A VM on a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmRef {
+    pub node: String,
+    pub vmid: u32,
+}
+
+impl std::fmt::Display for VmRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VM {} on {}", self.vmid, self.node)
+    }
+}
+
+/// Where the engine's progress lines go.
+pub trait Log: Sync {
+    fn info(&self, message: &str);
+    fn warn(&self, message: &str);
+}
+
+/// The hooks' and gc's log: stderr, in [`crate::joblog`]'s format.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StderrLog;
+
+impl Log for StderrLog {
+    fn info(&self, message: &str) {
+        crate::joblog::info(message);
+    }
+
+    fn warn(&self, message: &str) {
+        crate::joblog::warn(message);
+    }
+}
+
+/// How far a VM got while the engine brings it up.
+#[derive(Debug)]
+pub enum Milestone<'a> {
+    /// A VMID was chosen and the clone request comes next: record it now, so that whatever
+    /// happens later the VM can be found and removed.
+    Allocated(&'a VmRef),
+    /// The clone request for the VMID of the last `Allocated` was answered with this task:
+    /// until it ends, a missing VM there is not a gone one.
+    CloneStarted(&'a crate::proxmox::Upid),
+    /// The VMID chosen last was given up: nothing of ours is left there.
+    Released,
+    /// The clone task finished: the VM exists.
+    Cloned,
+    Started,
+    /// The VM answered over SSH with the host keys in `ReadyVm`.
+    Ready(&'a ReadyVm),
+}
+
+/// A sink seen as its log (trait upcasting needs a newer Rust than the crate's MSRV).
+pub(crate) struct SinkLog<'a>(pub &'a dyn Sink);
+
+impl Log for SinkLog<'_> {
+    fn info(&self, message: &str) {
+        self.0.info(message);
+    }
+
+    fn warn(&self, message: &str) {
+        self.0.warn(message);
+    }
+}
+
+/// What the caller of [`provision`] and [`ready`] learns while they run.
+pub trait Sink: Log {
+    /// The step the engine is in now, in words for a message ("cloning the template").
+    fn step(&mut self, step: &'static str);
+    /// How long a phase took ("clone", "agent+IP", ...), for a summary.
+    fn timing(&mut self, phase: &'static str, took: Duration);
+    /// A milestone; an error stops the engine (e.g. the job state could not be written).
+    fn reached(&mut self, milestone: Milestone<'_>) -> Result<()>;
+}
+
+/// Where a ready VM's SSH server is and which host keys it proved to have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadyVm {
+    pub vm: VmRef,
+    pub ip: IpAddr,
+    pub ssh_port: u16,
+    pub ssh_user: String,
+    /// OpenSSH public key lines (`ssh-ed25519 AAAA...`), to pin for every later connection.
+    pub host_keys: Vec<String>,
+    pub host_key_source: HostKeySource,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostKeySource {
+    /// Read through the guest agent before the first connection.
+    GuestAgent,
+    /// Accepted on first connection (VM_SSH_HOST_KEY_POLICY allows it).
+    FirstUse,
+}
+
+impl HostKeySource {
+    /// The job state's word for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostKeySource::GuestAgent => "guest-agent",
+            HostKeySource::FirstUse => "first-use",
+        }
+    }
+}

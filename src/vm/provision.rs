@@ -1,0 +1,424 @@
+//! From a template to a started VM of ours: a free VMID, the clone (retried into fresh VMIDs
+//! on clashes and load), tags, cores, memory and disk, start. Every milestone goes to the
+//! caller's [`Sink`] before the engine goes on, so that the caller can always find (and remove)
+//! what was created.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use backon::BackoffBuilder;
+
+use super::template::Template;
+use super::{clone_slots, task, teardown, Milestone, Sink, SinkLog, VmRef};
+use crate::config::{CloneMode, Settings};
+use crate::error::{Error, Result};
+use crate::joblog;
+use crate::marker::Marker;
+use crate::proxmox::{ApiError, ApiErrorKind, Client, CloneRequest};
+
+/// Random VMIDs checked with `nextid?vmid=` per allocation before giving up.
+const MAX_VMID_PICKS: usize = 32;
+/// Clone attempts (each into a fresh VMID) before giving up. With the pauses between them
+/// (jittered, doubling up to `MAX_CLONE_PAUSE`) that rides out a few minutes of clone storms.
+const MAX_CLONE_ATTEMPTS: usize = 12;
+const MAX_CLONE_PAUSE: Duration = Duration::from_secs(20);
+/// A full clone of a large disk can take this long.
+const CLONE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// start and resize tasks.
+const TASK_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// Removing the half-made VM a failed clone task left.
+const LEFTOVER_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+
+/// What to create: a VM named `name`, carrying `marker`, cloned from `template` on the
+/// template's node.
+#[derive(Debug, Clone, Copy)]
+pub struct Order<'a> {
+    pub template: &'a Template,
+    pub mode: CloneMode,
+    pub name: &'a str,
+    pub marker: &'a Marker,
+}
+
+/// A started VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provisioned {
+    pub vm: VmRef,
+    /// net0's MAC (new for the clone): which guest interface is the VM's.
+    pub net0_mac: Option<String>,
+}
+
+enum CloneAttempt {
+    Done,
+    /// The VMID turned out to be taken: try another at once.
+    Clash(String),
+    /// Worth another try after a pause.
+    Transient(ApiError),
+}
+
+/// Clones, configures and starts a VM for `order`. Reports `Allocated` before every clone
+/// request; on failure the VM named by the last `Allocated` (not `Released`) may exist.
+pub async fn provision(
+    client: &Client,
+    settings: &Settings,
+    order: &Order<'_>,
+    sink: &mut dyn Sink,
+) -> Result<Provisioned> {
+    let mut run = Provisioning {
+        client,
+        settings,
+        order,
+        node: &order.template.node,
+        tried_vmids: HashSet::new(),
+        sent_at: None,
+    };
+    sink.step("cloning the template");
+    let vmid = run.clone_into_new_vm(sink).await?;
+    let vm = VmRef {
+        node: run.node.to_string(),
+        vmid,
+    };
+    sink.step("configuring the VM");
+    let net0_mac = run.configure(vmid, sink).await?;
+    sink.step("starting the VM");
+    run.start(vmid, sink).await?;
+    Ok(Provisioned { vm, net0_mac })
+}
+
+struct Provisioning<'a> {
+    client: &'a Client,
+    settings: &'a Settings,
+    order: &'a Order<'a>,
+    node: &'a str,
+    tried_vmids: HashSet<u32>,
+    /// When the current clone request left (Unix seconds).
+    sent_at: Option<u64>,
+}
+
+impl Provisioning<'_> {
+    /// A random VMID in the range that `nextid?vmid=` says is free.
+    async fn pick_free_vmid(&mut self) -> Result<u32> {
+        let (low, high) = self.settings.vmid_range;
+        let size = (high - low) as usize + 1;
+        let candidates: Vec<u32> = {
+            let mut rng = rand::rng();
+            let amount = size.min(MAX_VMID_PICKS * 2);
+            rand::seq::index::sample(&mut rng, size, amount)
+                .into_iter()
+                .map(|index| low + index as u32)
+                .filter(|vmid| !self.tried_vmids.contains(vmid))
+                .take(MAX_VMID_PICKS)
+                .collect()
+        };
+        for vmid in candidates {
+            self.tried_vmids.insert(vmid);
+            let free =
+                self.client.vmid_is_free(vmid).await.map_err(|err| {
+                    Error::api(format!("checking whether VMID {vmid} is free"), err)
+                })?;
+            if free {
+                return Ok(vmid);
+            }
+        }
+        Err(Error::Infrastructure(format!(
+            "no free VMID found in PROXMOX_VMID_RANGE {low}-{high} after {} tries; widen the \
+             range or remove stale VMs (gitlab-proxmox-runner gc)",
+            self.tried_vmids.len()
+        )))
+    }
+
+    async fn clone_into_new_vm(&mut self, sink: &mut dyn Sink) -> Result<u32> {
+        let started = Instant::now();
+        let template = self.order.template;
+        let full = self.order.mode == CloneMode::Full;
+        let mode = if full { "full" } else { "linked" };
+        let mut pauses = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(500))
+            .with_max_delay(MAX_CLONE_PAUSE)
+            .with_max_times(MAX_CLONE_ATTEMPTS)
+            .with_jitter()
+            .build();
+        if !full && self.settings.storage.is_some() {
+            sink.warn(
+                "PROXMOX_STORAGE applies to full clones only; ignored for this linked clone \
+                 (set PROXMOX_CLONE=full to use it)",
+            );
+        }
+        let mut last_problem = String::new();
+        for _ in 0..MAX_CLONE_ATTEMPTS {
+            // Held from the VMID check until the clone task ends; released before any pause.
+            let slot = clone_slots::acquire(self.settings, &SinkLog(sink)).await?;
+            let vmid = self.pick_free_vmid().await?;
+            // Recorded before the clone request: whatever happens next, the caller can find it.
+            sink.reached(Milestone::Allocated(&VmRef {
+                node: self.node.to_string(),
+                vmid,
+            }))?;
+            self.sent_at = Some(super::clone_watch::now_epoch());
+            let attempt = self.try_clone(vmid, full, sink).await?;
+            drop(slot);
+            match attempt {
+                CloneAttempt::Done => {
+                    sink.reached(Milestone::Cloned)?;
+                    sink.timing("clone", started.elapsed());
+                    sink.info(&format!(
+                        "cloned template {} → VM {vmid} ({mode}) in {}",
+                        template.label,
+                        joblog::secs(started.elapsed())
+                    ));
+                    return Ok(vmid);
+                }
+                CloneAttempt::Clash(reason) => {
+                    sink.info(&format!(
+                        "VMID {vmid} was taken meanwhile ({reason}); trying another"
+                    ));
+                    last_problem = reason;
+                }
+                CloneAttempt::Transient(err) => {
+                    let pause = pauses.next().unwrap_or(Duration::from_secs(1));
+                    sink.info(&format!(
+                        "clone into VM {vmid} failed ({err}); trying again with another VMID in {}",
+                        joblog::secs(pause)
+                    ));
+                    last_problem = err.to_string();
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            // Nothing of ours is left at that VMID (try_clone made sure): forget it.
+            sink.reached(Milestone::Released)?;
+        }
+        Err(Error::Proxmox {
+            context: format!("cloning template {} on node {}", template.label, self.node),
+            message: format!(
+                "gave up after {MAX_CLONE_ATTEMPTS} attempts; the last one failed with: \
+                 {last_problem}"
+            ),
+        })
+    }
+
+    async fn try_clone(&self, vmid: u32, full: bool, sink: &mut dyn Sink) -> Result<CloneAttempt> {
+        let template = self.order.template;
+        let node = self.node;
+        let context = || {
+            format!(
+                "cloning template {} into VM {vmid} on node {node}",
+                template.label
+            )
+        };
+        let request = CloneRequest {
+            newid: vmid,
+            name: self.order.name.to_string(),
+            description: self.order.marker.description(),
+            full,
+            storage: self.settings.storage.clone(),
+            pool: self.settings.pool.clone(),
+        };
+        let upid = match self.client.clone_vm(node, template.vmid, &request).await {
+            Ok(upid) => upid,
+            Err(err) if err.is_clash_on(vmid) => return Ok(CloneAttempt::Clash(err.message)),
+            // The template is locked for a moment (a backup, another job's clone start).
+            Err(err) if err.is_vm_locked() => return Ok(CloneAttempt::Transient(err)),
+            Err(err) if err.kind == ApiErrorKind::Transport => {
+                // The request may have reached PVE, whose worker writes the VM a moment later:
+                // once no clone that could be ours runs, a VM with our marker is ours.
+                return if self.adopt_if_ours(vmid, sink).await? {
+                    Ok(CloneAttempt::Done)
+                } else {
+                    Ok(CloneAttempt::Transient(err))
+                };
+            }
+            Err(err) if err.is_transient() => return Ok(CloneAttempt::Transient(err)),
+            Err(err) => return Err(Error::api(context(), err)),
+        };
+        sink.reached(Milestone::CloneStarted(&upid))?;
+        match task::finish(
+            self.client,
+            &upid,
+            Instant::now() + CLONE_TIMEOUT,
+            &SinkLog(sink),
+        )
+        .await
+        {
+            Ok(()) => {
+                // PVE may hold `lock: clone` a moment after the task ends; config and start
+                // would be refused until it clears.
+                teardown::wait_unlocked(
+                    self.client,
+                    node,
+                    vmid,
+                    Instant::now() + TASK_TIMEOUT,
+                    &SinkLog(sink),
+                )
+                .await?;
+                Ok(CloneAttempt::Done)
+            }
+            Err(err) if err.kind == ApiErrorKind::Task => {
+                // The task failed, and PVE removed what it had made. Make sure, unless the VMID
+                // belongs to another job's clone in flight (our worker never got its lock).
+                if !err.is_clash_on(vmid) {
+                    self.remove_leftover(vmid, sink).await?;
+                }
+                if err.is_clash_on(vmid) {
+                    Ok(CloneAttempt::Clash(err.message))
+                } else if err.is_transient() {
+                    Ok(CloneAttempt::Transient(err))
+                } else {
+                    Err(Error::api(context(), err))
+                }
+            }
+            // Lost track of the task (timeout, API gone): the caller's rollback takes it from
+            // here.
+            Err(err) => Err(Error::api(context(), err)),
+        }
+    }
+
+    async fn adopt_if_ours(&self, vmid: u32, sink: &mut dyn Sink) -> Result<bool> {
+        let node = self.node;
+        let trace = super::clone_watch::CloneTrace {
+            vm: VmRef {
+                node: node.to_string(),
+                vmid,
+            },
+            template: Some(self.order.template.vmid),
+            sent_at: self.sent_at,
+            upid: None,
+        };
+        super::clone_watch::wait_clone_settled(
+            self.client,
+            &trace,
+            Instant::now() + CLONE_TIMEOUT,
+            &SinkLog(sink),
+        )
+        .await?;
+        let unlocked = teardown::wait_unlocked(
+            self.client,
+            node,
+            vmid,
+            Instant::now() + CLONE_TIMEOUT,
+            &SinkLog(sink),
+        )
+        .await?;
+        if !unlocked {
+            return Ok(false);
+        }
+        let config = self
+            .client
+            .vm_config(node, vmid)
+            .await
+            .map_err(|err| Error::api(format!("reading VM {vmid} on node {node}"), err))?;
+        let marker = config
+            .and_then(|config| config.description())
+            .and_then(|description| Marker::find_in(&description));
+        Ok(marker.as_ref() == Some(self.order.marker))
+    }
+
+    async fn remove_leftover(&self, vmid: u32, sink: &mut dyn Sink) -> Result<()> {
+        let deadline = Instant::now() + LEFTOVER_TIMEOUT;
+        teardown::destroy_owned_vm(
+            self.client,
+            self.node,
+            vmid,
+            self.order.marker,
+            deadline,
+            &SinkLog(sink),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Tags, cores, memory and disk; returns net0's MAC (new for the clone).
+    async fn configure(&self, vmid: u32, sink: &mut dyn Sink) -> Result<Option<String>> {
+        let started = Instant::now();
+        let settings = self.settings;
+        let template = self.order.template;
+        let node = self.node;
+        let context = || format!("configuring VM {vmid} on node {node}");
+        // Overwrites the tags inherited from the template.
+        let mut fields = vec![("tags", crate::VM_TAG.to_string())];
+        if let Some(cores) = settings.vm_cores {
+            fields.push(("cores", cores.to_string()));
+        }
+        if let Some(memory) = settings.vm_memory_mb {
+            fields.push(("memory", memory.to_string()));
+        }
+        self.client
+            .set_config(node, vmid, &fields)
+            .await
+            .map_err(|err| Error::api(context(), err))?;
+        let read_config = || async {
+            self.client
+                .vm_config(node, vmid)
+                .await
+                .map_err(|err| Error::api(context(), err))?
+                .ok_or_else(|| Error::proxmox(context(), "the VM vanished right after its clone"))
+        };
+        let mut config = read_config().await?;
+        if let Some(grow) = settings.vm_disk_grow_gb.filter(|grow| *grow > 0) {
+            let disk = config.boot_disk().ok_or_else(|| {
+                Error::Settings(format!(
+                    "VM_DISK_GROW_GB is set, but VM {vmid} (from template {}) has no boot disk to grow",
+                    template.label
+                ))
+            })?;
+            let grown = async {
+                if let Some(upid) = self.client.grow_disk(node, vmid, &disk, grow).await? {
+                    task::finish(
+                        self.client,
+                        &upid,
+                        Instant::now() + TASK_TIMEOUT,
+                        &SinkLog(sink),
+                    )
+                    .await?;
+                }
+                Ok::<(), ApiError>(())
+            };
+            grown
+                .await
+                .map_err(|err| Error::api(format!("growing disk {disk} of VM {vmid}"), err))?;
+            config = read_config().await?;
+        }
+        if config.agent_enabled() != Some(true) {
+            return Err(Error::Settings(format!(
+                "template {} has no QEMU guest agent configured, so the driver cannot learn the \
+                 VM's address: run `qm set {} --agent enabled=1` and install qemu-guest-agent \
+                 in the template",
+                template.label, template.vmid
+            )));
+        }
+        sink.timing("configure", started.elapsed());
+        Ok(config.net0_mac())
+    }
+
+    async fn start(&self, vmid: u32, sink: &mut dyn Sink) -> Result<()> {
+        let started = Instant::now();
+        let node = self.node;
+        let result = match self.client.start_vm(node, vmid).await {
+            Ok(upid) => {
+                task::finish(
+                    self.client,
+                    &upid,
+                    Instant::now() + TASK_TIMEOUT,
+                    &SinkLog(sink),
+                )
+                .await
+            }
+            Err(err) => Err(err),
+        };
+        match result {
+            Ok(()) => {}
+            Err(err) if err.is_already_running() => {}
+            Err(err) => {
+                return Err(Error::api(
+                    format!("starting VM {vmid} on node {node}"),
+                    err,
+                ))
+            }
+        }
+        sink.reached(Milestone::Started)?;
+        sink.timing("start", started.elapsed());
+        sink.info(&format!(
+            "started VM {vmid} in {}",
+            joblog::secs(started.elapsed())
+        ));
+        Ok(())
+    }
+}

@@ -1,0 +1,437 @@
+//! From a started VM to one that answers SSH: the guest agent's address, the SSH host keys
+//! read through the agent (a channel that needs no trust in the network), an SSH connection
+//! that proves them, and the runner helper installed.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use super::provision::Provisioned;
+use super::{HostKeySource, Milestone, ReadyVm, Sink, VmRef};
+use crate::cancel::Cancel;
+use crate::config::{HostKeyPolicy, Settings};
+use crate::error::{Error, Result};
+use crate::joblog;
+use crate::poll::Poll;
+use crate::proxmox::address::{choose_address, preferred_address, IPV4_GRACE};
+use crate::proxmox::types::AgentInterface;
+use crate::proxmox::{ApiError, Client};
+use crate::ssh::{self, HostKeyCheck, Target};
+
+/// How long SSH is tried at an IPv6 address before the agent is asked for IPv4 again.
+const IPV6_CONNECT_SLICE: Duration = Duration::from_secs(10);
+/// The least time the runner helper install gets, even when the boot used up VM_BOOT_TIMEOUT.
+const MIN_HELPER_INSTALL_TIME: Duration = Duration::from_secs(60);
+/// Times the host keys are read again through the agent after a mismatch.
+const MAX_HOST_KEY_REREADS: u32 = 3;
+/// The guest's SSH host keys, in order of preference.
+const HOST_KEY_FILES: [&str; 3] = [
+    "/etc/ssh/ssh_host_ed25519_key.pub",
+    "/etc/ssh/ssh_host_ecdsa_key.pub",
+    "/etc/ssh/ssh_host_rsa_key.pub",
+];
+
+/// Waits (until `deadline`) for the VM's address and SSH, pins its host keys, installs the
+/// runner helper. Reports `Ready` once SSH answered with the pinned keys.
+pub async fn ready(
+    client: &Client,
+    settings: &Settings,
+    started: &Provisioned,
+    deadline: Instant,
+    cancel: &Cancel,
+    sink: &mut dyn Sink,
+) -> Result<ReadyVm> {
+    sink.step("waiting for the guest agent and the VM's address");
+    let ip = wait_for_address(
+        client,
+        settings,
+        &started.vm,
+        started.net0_mac.as_deref(),
+        deadline,
+        sink,
+    )
+    .await?;
+    sink.step("waiting for SSH");
+    let net0_mac = started.net0_mac.as_deref();
+    let target = SshAt { ip, net0_mac };
+    connect_ssh(
+        client,
+        settings,
+        &started.vm,
+        target,
+        deadline,
+        cancel,
+        sink,
+    )
+    .await
+}
+
+/// Where prepare connects first, and what picks a better address when that fails.
+struct SshAt<'a> {
+    ip: IpAddr,
+    net0_mac: Option<&'a str>,
+}
+
+/// Polls the guest agent (at most 100 ms apart while the VM boots, see
+/// [`crate::poll::next_poll_delay`]) until it reports a usable address.
+async fn wait_for_address(
+    client: &Client,
+    settings: &Settings,
+    vm: &VmRef,
+    net0_mac: Option<&str>,
+    deadline: Instant,
+    sink: &mut dyn Sink,
+) -> Result<IpAddr> {
+    let (node, vmid) = (vm.node.as_str(), vm.vmid);
+    let cidrs = &settings.network_cidrs;
+    let mut poll = Poll::until(deadline);
+    let mut last = String::new();
+    // Since when the agent has offered an IPv6 address and nothing better.
+    let mut only_ipv6_since: Option<Instant> = None;
+    loop {
+        let answer =
+            tokio::time::timeout(poll.remaining(), client.agent_interfaces(node, vmid)).await;
+        match answer {
+            Err(_) if last.is_empty() => last = "the guest agent did not answer in time".into(),
+            Err(_) => {}
+            Ok(Ok(answer)) => {
+                let chosen = choose_address(&answer.result, net0_mac, cidrs);
+                if chosen.is_none_or(|ip| ip.is_ipv4()) {
+                    only_ipv6_since = None;
+                }
+                let v6_for = *only_ipv6_since.get_or_insert_with(Instant::now);
+                let grace_over = v6_for.elapsed() >= IPV4_GRACE || poll.remaining() <= IPV4_GRACE;
+                if let Some(ip) = preferred_address(&answer.result, net0_mac, cidrs, grace_over) {
+                    sink.timing("agent+IP", poll.elapsed());
+                    sink.info(&format!(
+                        "guest agent up, IP {ip} after {}",
+                        joblog::secs(poll.elapsed())
+                    ));
+                    return Ok(ip);
+                }
+                last = if chosen.is_some() {
+                    format!(
+                        "only an IPv6 address so far; waiting up to {} for IPv4 (seen: {})",
+                        joblog::secs(IPV4_GRACE),
+                        seen_addresses(&answer.result)
+                    )
+                } else {
+                    format!(
+                        "the guest agent reports no usable address yet (seen: {})",
+                        seen_addresses(&answer.result)
+                    )
+                };
+            }
+            Ok(Err(err)) if err.is_agent_not_configured() => {
+                return Err(Error::Settings(format!(
+                    "VM {vmid} has no QEMU guest agent configured; enable it on the \
+                     template (qm set <template> --agent enabled=1)"
+                )))
+            }
+            Ok(Err(err)) if err.is_agent_not_ready() || err.is_transient() => last = err.message,
+            Ok(Err(err)) => {
+                return Err(Error::api(
+                    format!("asking the guest agent of VM {vmid} for its addresses"),
+                    err,
+                ))
+            }
+        }
+        poll.pause(|waited| {
+            sink.info(&format!(
+                "still waiting for VM {vmid}'s address after {}: {last}",
+                joblog::secs(waited)
+            ))
+        })
+        .await
+        .map_err(|_| {
+            Error::Infrastructure(format!(
+                "VM {vmid} on {node} reported no usable IP address within VM_BOOT_TIMEOUT \
+                 ({} s); last: {last}. Check that qemu-guest-agent starts in the template \
+                 and that VM_NETWORK_CIDRS matches the VM's network",
+                settings.boot_timeout.as_secs()
+            ))
+        })?;
+    }
+}
+
+/// What one pass over the host key files found.
+#[derive(Debug)]
+struct HostKeyRead {
+    keys: Vec<String>,
+    problems: Vec<String>,
+    /// Every failure was a missing file: worth reading again later.
+    only_missing: bool,
+}
+
+/// qemu-guest-agent's `failed to open file '...' (mode: 'r'): No such file or directory`.
+fn is_missing_file(err: &ApiError) -> bool {
+    let text = err.message.to_ascii_lowercase();
+    text.contains("failed to open file") && text.contains("no such file or directory")
+}
+
+/// The VM's SSH host keys, read through the guest agent, each read bounded by `deadline`.
+/// Empty when none could be read, with why not.
+async fn read_host_keys(client: &Client, vm: &VmRef, deadline: Instant) -> HostKeyRead {
+    let mut read = HostKeyRead {
+        keys: Vec::new(),
+        problems: Vec::new(),
+        only_missing: true,
+    };
+    for file in HOST_KEY_FILES {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let answer =
+            tokio::time::timeout(remaining, client.agent_file_read(&vm.node, vm.vmid, file)).await;
+        match answer {
+            Ok(Ok(answer)) => match parse_public_key_line(&answer.content) {
+                Some(key) => read.keys.push(key),
+                None => {
+                    read.only_missing = false;
+                    read.problems.push(format!("{file}: not a public key"));
+                }
+            },
+            Ok(Err(err)) => {
+                read.only_missing &= is_missing_file(&err);
+                read.problems.push(format!("{file}: {}", err.message));
+            }
+            Err(_) => {
+                read.problems
+                    .push(format!("{file}: the guest agent did not answer in time"));
+                break;
+            }
+        }
+    }
+    read
+}
+
+/// Reads the host keys through the agent until one exists or `deadline` passes: cloud-init
+/// generates them after networking is up, so the first read often finds none. A read the agent
+/// refuses for another reason (permissions, a blocked command) ends the wait at once.
+async fn wait_for_host_keys(
+    client: &Client,
+    vm: &VmRef,
+    deadline: Instant,
+    sink: &mut dyn Sink,
+) -> HostKeyRead {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(200);
+    let mut announced = false;
+    loop {
+        let read = read_host_keys(client, vm, deadline).await;
+        let now = Instant::now();
+        if !read.keys.is_empty() || !read.only_missing || now + pause >= deadline {
+            if announced && !read.keys.is_empty() {
+                sink.info(&format!(
+                    "VM {}'s SSH host keys appeared after {}",
+                    vm.vmid,
+                    joblog::secs(started.elapsed())
+                ));
+            }
+            return read;
+        }
+        if !announced {
+            sink.info(&format!(
+                "VM {} has no SSH host key yet (cloud-init writes them after networking is up); \
+                 reading again through the guest agent until VM_BOOT_TIMEOUT",
+                vm.vmid
+            ));
+            announced = true;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Asks the agent again for an IPv4 address.
+async fn requery_ipv4(
+    client: &Client,
+    settings: &Settings,
+    vm: &VmRef,
+    net0_mac: Option<&str>,
+    deadline: Instant,
+) -> Option<IpAddr> {
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let answer = tokio::time::timeout(remaining, client.agent_interfaces(&vm.node, vm.vmid))
+        .await
+        .ok()?
+        .ok()?;
+    choose_address(&answer.result, net0_mac, &settings.network_cidrs).filter(IpAddr::is_ipv4)
+}
+
+async fn connect_ssh(
+    client: &Client,
+    settings: &Settings,
+    vm: &VmRef,
+    at: SshAt<'_>,
+    deadline: Instant,
+    cancel: &Cancel,
+    sink: &mut dyn Sink,
+) -> Result<ReadyVm> {
+    let started = Instant::now();
+    let vmid = vm.vmid;
+    let HostKeyRead { keys, problems, .. } = wait_for_host_keys(client, vm, deadline, sink).await;
+    let mut check = if !keys.is_empty() {
+        HostKeyCheck::Pinned(keys)
+    } else if settings.host_key_policy == HostKeyPolicy::Strict {
+        return Err(Error::ssh(
+            format!("reading VM {vmid}'s SSH host key through the guest agent"),
+            format!(
+                "{} (VM_SSH_HOST_KEY_POLICY=strict accepts no other source); give the API \
+                 token the guest-agent file-read permission",
+                problems.join("; ")
+            ),
+        ));
+    } else {
+        sink.warn(&format!(
+            "could not read VM {vmid}'s SSH host key through the guest agent ({}); trusting \
+             the key it presents on first connection",
+            problems.join("; ")
+        ));
+        HostKeyCheck::FirstUse
+    };
+    let key = ssh::load_private_key(settings)?;
+    let mut ip = at.ip;
+    let mut target = Target {
+        host: ip.to_string(),
+        port: settings.ssh_port,
+        user: settings.ssh_user.clone(),
+        vm_label: format!("VM {vmid} on {}", vm.node),
+    };
+    let mut rereads = 0;
+    let connection = loop {
+        // An IPv6 address may be unreachable from this runner host: try it for a while, then
+        // ask the agent again (DHCPv4 may have finished meanwhile).
+        let attempt_deadline = if ip.is_ipv6() {
+            deadline.min(Instant::now() + IPV6_CONNECT_SLICE)
+        } else {
+            deadline
+        };
+        let waited =
+            ssh::wait_until_ready(&target, key.clone(), &check, attempt_deadline, cancel).await;
+        if waited.is_err()
+            && attempt_deadline < deadline
+            && !cancel.is_cancelled()
+            && !matches!(waited, Err(Error::HostKeyMismatch { .. }))
+        {
+            if let Some(better) = requery_ipv4(client, settings, vm, at.net0_mac, deadline).await {
+                sink.info(&format!(
+                    "VM {vmid} did not answer SSH at its IPv6 address {ip}; the guest agent now \
+                     reports {better}, trying that"
+                ));
+                ip = better;
+                target.host = ip.to_string();
+            }
+            continue;
+        }
+        // cloud-init regenerates the host keys on first boot, and the guest agent can answer
+        // before it has: the keys read a moment ago may be the template's. The agent is the
+        // trusted channel, so when it now reports different keys, pin those and try again.
+        let Err(Error::HostKeyMismatch { .. }) = &waited else {
+            break waited?;
+        };
+        let HostKeyCheck::Pinned(pinned) = &check else {
+            break waited?;
+        };
+        let fresh = read_host_keys(client, vm, deadline).await.keys;
+        if rereads >= MAX_HOST_KEY_REREADS || fresh.is_empty() || &fresh == pinned {
+            break waited?;
+        }
+        rereads += 1;
+        sink.info(&format!(
+            "VM {vmid}'s SSH host keys changed since the guest agent first read them \
+             (regenerated at first boot); pinning the new ones"
+        ));
+        check = HostKeyCheck::Pinned(fresh);
+    };
+    let (host_keys, host_key_source) = match check {
+        HostKeyCheck::Pinned(keys) => (keys, HostKeySource::GuestAgent),
+        HostKeyCheck::FirstUse => (vec![connection.host_key()], HostKeySource::FirstUse),
+    };
+    let ready = ReadyVm {
+        vm: vm.clone(),
+        ip,
+        ssh_port: target.port,
+        ssh_user: target.user.clone(),
+        host_keys,
+        host_key_source,
+    };
+    sink.reached(Milestone::Ready(&ready))?;
+    sink.timing("ssh", started.elapsed());
+
+    // Bounded like the boot: a VM that stops answering mid-install must not hold prepare until
+    // prepare_exec_timeout (with a floor, so a slow boot leaves the install a chance).
+    let helper = Instant::now();
+    let budget = deadline
+        .saturating_duration_since(helper)
+        .max(MIN_HELPER_INSTALL_TIME);
+    tokio::time::timeout(
+        budget,
+        ssh::provision_runner_helper(&connection, settings.runner_helper_path.as_deref()),
+    )
+    .await
+    .map_err(|_| {
+        Error::ssh(
+            format!("installing gitlab-runner in VM {vmid}"),
+            format!(
+                "not done after {} (VM_BOOT_TIMEOUT); the VM stopped answering or is very slow",
+                joblog::secs(budget)
+            ),
+        )
+    })??;
+    sink.timing("helper", helper.elapsed());
+    Ok(ready)
+}
+
+fn seen_addresses(interfaces: &[AgentInterface]) -> String {
+    let seen: Vec<String> = interfaces
+        .iter()
+        .flat_map(|iface| {
+            iface
+                .ip_addresses
+                .iter()
+                .map(move |addr| format!("{}={}", iface.name, addr.ip_address))
+        })
+        .collect();
+    if seen.is_empty() {
+        "none".into()
+    } else {
+        seen.join(", ")
+    }
+}
+
+/// `ssh-ed25519 AAAA... comment` → `ssh-ed25519 AAAA...`; `None` for anything else.
+pub fn parse_public_key_line(content: &str) -> Option<String> {
+    let line = content
+        .lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty() && !line.starts_with('#'))?;
+    let mut fields = line.split_whitespace();
+    let kind = fields.next()?;
+    let blob = fields.next()?;
+    let known = kind.starts_with("ssh-") || kind.starts_with("ecdsa-sha2-");
+    let base64 = blob
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '='));
+    (known && base64 && blob.len() >= 16).then(|| format!("{kind} {blob}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_key_files_become_pinnable_lines() {
+        assert_eq!(
+            parse_public_key_line(
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHnN0E7mBOmkZ2dJ7iU1eC3c root@vm\n"
+            )
+            .as_deref(),
+            Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHnN0E7mBOmkZ2dJ7iU1eC3c")
+        );
+        assert!(parse_public_key_line(
+            "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAA= x"
+        )
+        .is_some());
+        assert!(parse_public_key_line("").is_none());
+        assert!(parse_public_key_line("cat: No such file or directory").is_none());
+        assert!(parse_public_key_line("ssh-ed25519 not*base64!").is_none());
+    }
+}

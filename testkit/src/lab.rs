@@ -1,0 +1,157 @@
+//! The one setup for tests that run the driver against a fake cluster: the fake Proxmox, the
+//! client key the "VMs" accept, optionally a real sshd on loopback standing in for every VM
+//! (its ed25519 host key served through the fake's guest agent, as a real guest serves its
+//! own), and hooks wired to all of it.
+//!
+//! ```ignore
+//! let Some(lab) = Lab::builder(gpr_testkit::driver_binary!()).with_sshd_or_skip("my_test") else {
+//!     return;
+//! };
+//! lab.hook(dir.path()).arg("prepare").run().assert_exit(0);
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::fake_proxmox::{FakeConfig, FakeProxmox};
+use crate::hook::Hook;
+use crate::ssh_job::vm_on_local_sshd;
+use crate::sshd::Sshd;
+use crate::sshkeys::ClientKey;
+
+/// The driver binary under test: `$GPR_BIN` (CI points it at the static musl build), else the
+/// one cargo built for the calling test or bench.
+#[macro_export]
+macro_rules! driver_binary {
+    () => {
+        $crate::lab::binary_or_override(env!("CARGO_BIN_EXE_gitlab-proxmox-runner"))
+    };
+}
+
+/// `$GPR_BIN` if set, else `built`.
+pub fn binary_or_override(built: &str) -> PathBuf {
+    std::env::var_os("GPR_BIN")
+        .filter(|bin| !bin.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(built))
+}
+
+/// A hook of `bin` in job directory `dir` with `fake`'s API settings in the driver's own
+/// environment (what a systemd unit or the runner's service environment exports).
+pub fn api_hook(bin: impl AsRef<Path>, fake: &FakeProxmox, dir: impl AsRef<Path>) -> Hook {
+    let mut hook = Hook::new(bin, dir);
+    for (name, value) in fake.settings_env() {
+        hook = hook.host_env(name, value);
+    }
+    hook
+}
+
+/// A fleet command of `bin` (`gc ...`) the way cron or a systemd timer runs it: no job
+/// variables, no `JOB_RESPONSE_FILE`, no `CUSTOM_ENV_`, no `TMPDIR`; `fake`'s settings in the
+/// environment.
+pub fn fleet_command(bin: impl AsRef<Path>, fake: &FakeProxmox) -> Command {
+    let mut command = Command::new(bin.as_ref());
+    command
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .envs(fake.settings_env())
+        .stdin(Stdio::null());
+    command
+}
+
+/// Where the fake guest agent serves the "VM"'s host key from.
+pub const ED25519_HOST_KEY_FILE: &str = "/etc/ssh/ssh_host_ed25519_key.pub";
+
+pub struct LabBuilder {
+    bin: PathBuf,
+    config: FakeConfig,
+}
+
+impl LabBuilder {
+    /// The fake's configuration (task durations, node, templates, ...).
+    pub fn fake(mut self, config: FakeConfig) -> LabBuilder {
+        self.config = config;
+        self
+    }
+
+    /// A lab without sshd: the hooks reach the Proxmox steps, the SSH settings are the test's.
+    pub fn start(self) -> Lab {
+        Lab {
+            bin: self.bin,
+            fake: FakeProxmox::start(self.config),
+            sshd: None,
+            key: ClientKey::ed25519(),
+        }
+    }
+
+    /// A lab whose VMs answer SSH: `None` (the test is skipped, loudly) when this machine has no
+    /// sshd and `GPR_REQUIRE_SSHD` is not set.
+    #[track_caller]
+    pub fn with_sshd_or_skip(self, test: &str) -> Option<Lab> {
+        let sshd = Sshd::start_or_skip(test)?;
+        let key = ClientKey::ed25519();
+        sshd.authorize(&key);
+        let fake = FakeProxmox::start(self.config);
+        let ed25519 = sshd
+            .host_key_lines()
+            .into_iter()
+            .find(|line| line.starts_with("ssh-ed25519 "))
+            .expect("the test sshd has an ed25519 host key");
+        fake.set_guest_file(ED25519_HOST_KEY_FILE, &format!("{ed25519}\n"));
+        Some(Lab {
+            bin: self.bin,
+            fake,
+            sshd: Some(sshd),
+            key,
+        })
+    }
+}
+
+pub struct Lab {
+    pub bin: PathBuf,
+    pub fake: FakeProxmox,
+    pub sshd: Option<Sshd>,
+    /// The client key: accepted by the sshd (when there is one), and the driver's
+    /// `VM_SSH_PRIVATE_KEY` in [`Lab::settings`].
+    pub key: ClientKey,
+}
+
+impl Lab {
+    pub fn builder(bin: impl Into<PathBuf>) -> LabBuilder {
+        LabBuilder {
+            bin: bin.into(),
+            config: FakeConfig::default(),
+        }
+    }
+
+    /// The sshd standing in for the VMs; panics in a lab started without one.
+    #[track_caller]
+    pub fn sshd(&self) -> &Sshd {
+        self.sshd
+            .as_ref()
+            .expect("this lab was started without sshd")
+    }
+
+    /// The driver's settings as a runner host would set them: the fake's API, and with sshd
+    /// the VMs' SSH (see [`vm_on_local_sshd`]).
+    pub fn settings(&self) -> Vec<(String, String)> {
+        self.hook(".").host_env_pairs()
+    }
+
+    fn with_sshd_settings(&self, hook: Hook) -> Hook {
+        match &self.sshd {
+            Some(sshd) => vm_on_local_sshd(hook, sshd.port(), &self.key),
+            None => hook,
+        }
+    }
+
+    /// A hook of the driver in job directory `dir`, with [`Lab::settings`] in its environment.
+    pub fn hook(&self, dir: impl AsRef<Path>) -> Hook {
+        self.with_sshd_settings(api_hook(&self.bin, &self.fake, dir))
+    }
+
+    /// [`fleet_command`] against this lab's fake.
+    pub fn fleet_command(&self) -> Command {
+        fleet_command(&self.bin, &self.fake)
+    }
+}
