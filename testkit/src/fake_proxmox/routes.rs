@@ -720,6 +720,7 @@ fn clone(
             unlock_at,
             unlocked: false,
             pool,
+            upid: String::new(),
         }),
     };
     let log = vec![
@@ -746,6 +747,10 @@ fn clone(
         log,
     });
     if writes_config {
+        let mut vm = vm;
+        if let Some(progress) = vm.clone.as_mut() {
+            progress.upid = upid.clone();
+        }
         state.pending_clones.push(super::state::PendingClone {
             vmid: newid,
             upid: upid.clone(),

@@ -64,6 +64,8 @@ pub(crate) struct CloneProgress {
     pub unlock_at: Instant,
     pub unlocked: bool,
     pub pool: Option<String>,
+    /// The clone task building it: only that task's failure removes it.
+    pub upid: String,
 }
 
 /// A clone whose worker has been forked but has not written the temporary config yet.
@@ -404,13 +406,21 @@ impl State {
                 // qemu-server unlinks the half-made config as the last thing before it dies.
                 let upid = self.tasks[index].upid.clone();
                 self.pending_clones.retain(|pending| pending.upid != upid);
-                if self.vms.get(&vmid).is_some_and(|vm| vm.clone.is_some()) {
+                let built_by_this_task = self.vms.get(&vmid).is_some_and(|vm| {
+                    vm.clone
+                        .as_ref()
+                        .is_some_and(|progress| progress.upid == upid)
+                });
+                if built_by_this_task {
                     self.vms.remove(&vmid);
                 }
             }
             Effect::CloneDone { vmid, .. } => {
+                let upid = self.tasks[index].upid.clone();
                 if let Some(vm) = self.vms.get_mut(&vmid) {
-                    if let Some(progress) = vm.clone.take() {
+                    let ours = vm.clone.as_ref().is_some_and(|p| p.upid == upid);
+                    let taken = if ours { vm.clone.take() } else { None };
+                    if let Some(progress) = taken {
                         if let Some(config) = progress.full_config {
                             vm.config = config;
                         }
