@@ -422,8 +422,17 @@ fn smoke_runs_one_vm_end_to_end_and_leaves_none() {
     else {
         return;
     };
-    let checked = run(check_command(&lab, &[]).arg("--smoke"));
+    // No helper: the "VM" is this machine's own sshd, and a helper would be installed into its
+    // /usr/local/bin (the runner-helper line is advisory, so the exit status stays 0).
+    let checked = run(check_command(&lab, &[("RUNNER_HELPER_PATH", "")]).arg("--smoke"));
     checked.assert_code(READY);
+    assert!(
+        checked
+            .stdout
+            .contains("✘ runner helper: none on this host"),
+        "{}",
+        checked.stdout
+    );
     let smoke = checked
         .stdout
         .lines()

@@ -16,6 +16,7 @@ use crate::joblog;
 use crate::marker::Marker;
 use crate::proxmox::Client;
 use crate::ssh::{self, Connection, HostKeyCheck, Target};
+use crate::vm::clone_watch::CloneTrace;
 use crate::vm::provision::{self, Order};
 use crate::vm::teardown::{self, Teardown};
 use crate::vm::{ready, template, HostKeySource, Log, Milestone, ReadyVm, Sink, StderrLog, VmRef};
@@ -41,7 +42,10 @@ pub struct Smoke {
 
 #[derive(Default)]
 struct SmokeSink {
-    vm: Option<VmRef>,
+    /// The template being cloned, for the clone trace.
+    template: Option<u32>,
+    /// What was created, for the teardown: the VM and its clone request.
+    trace: Option<CloneTrace>,
     step: &'static str,
     phases: Vec<(&'static str, Duration)>,
 }
@@ -67,8 +71,21 @@ impl Sink for SmokeSink {
 
     fn reached(&mut self, milestone: Milestone<'_>) -> Result<()> {
         match milestone {
-            Milestone::Allocated(vm) => self.vm = Some(vm.clone()),
-            Milestone::Released => self.vm = None,
+            Milestone::Allocated(vm) => {
+                self.trace = Some(CloneTrace {
+                    vm: vm.clone(),
+                    template: self.template,
+                    // Counted as sent before it is: from here on, a VM may appear there.
+                    sent_at: Some(crate::vm::clone_watch::now_epoch()),
+                    upid: None,
+                })
+            }
+            Milestone::CloneStarted(upid) => {
+                if let Some(trace) = &mut self.trace {
+                    trace.upid = Some(upid.raw.clone());
+                }
+            }
+            Milestone::Released => self.trace = None,
             Milestone::Cloned | Milestone::Started | Milestone::Ready(_) => {}
         }
         Ok(())
@@ -103,13 +120,12 @@ pub async fn run(client: &Client, settings: &Settings, cancel: &Cancel) -> Smoke
     // Removal is not raced against the signal: a second SIGTERM must not leave the VM.
     let mut left_behind = None;
     let mut destroyed = false;
-    if let Some(vm) = sink.vm.take() {
+    if let Some(trace) = sink.trace.take() {
         let started = Instant::now();
+        let vm = trace.vm.clone();
         joblog::info(format!("smoke test: removing {vm}"));
         let deadline = Instant::now() + DESTROY_TIMEOUT;
-        match teardown::destroy_owned_vm(client, &vm.node, vm.vmid, &marker, deadline, &StderrLog)
-            .await
-        {
+        match teardown::destroy_traced_vm(client, &trace, &marker, deadline, &StderrLog).await {
             Ok(Teardown::Destroyed | Teardown::AlreadyGone) => destroyed = true,
             Ok(Teardown::NotOurs(reason)) => {
                 left_behind = Some((vm, format!("it changed hands ({reason}); left alone")))
@@ -163,6 +179,7 @@ async fn bring_up(
     let total = Instant::now();
     let template = template::resolve(client, settings, &settings.node, &settings.template).await?;
     let mode = template::clone_mode(settings, &template)?;
+    sink.template = Some(template.vmid);
     sink.timing("template", total.elapsed());
     let order = Order {
         template: &template,
