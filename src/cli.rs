@@ -48,6 +48,16 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Keep WARM_POOL warm VMs per template, ready for jobs to claim (run it as a service).
+    Pool {
+        /// This service's id in its warm VMs' markers (default: PROXMOX_RUNNER_ID). Give
+        /// every pool service on one host its own.
+        #[arg(long, value_name = "ID")]
+        id: Option<String>,
+        /// Seconds between looks at the cluster (a finished warm-up also starts one).
+        #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+        interval: f64,
+    },
 }
 
 /// Maps the older driver's executable names onto subcommands.

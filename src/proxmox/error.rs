@@ -126,6 +126,17 @@ impl ApiError {
                 && self.haystack().contains(&format!("/lock-{vmid}.conf")))
     }
 
+    /// A config write whose `digest` no longer matches: `detected modified configuration - file
+    /// changed by other user? Try again.` (older qemu-server: `checksum missmatch (file change
+    /// by other user?)`). Someone else changed the VM since it was read.
+    pub fn is_config_modified(&self) -> bool {
+        let text = self.haystack();
+        text.contains("by other user")
+            || text.contains("detected modified configuration")
+            || text.contains("checksum mismatch")
+            || text.contains("checksum missmatch")
+    }
+
     /// `VM is locked (clone)` and similar: wait for the lock to clear, then try again.
     pub fn is_vm_locked(&self) -> bool {
         self.haystack().contains("is locked")
@@ -225,6 +236,8 @@ impl ApiError {
             "no such",
             "failed to open file",
             "unable to parse",
+            // A stale digest stays stale.
+            "by other user",
         ];
         DEFINITE.iter().any(|needle| text.contains(needle))
     }
