@@ -485,7 +485,7 @@ mod tests {
         );
         let parsed = Marker::find_in(&description).unwrap();
         assert_eq!(parsed, marker);
-        assert_eq!(parsed.warm, Some(warm));
+        assert_eq!(parsed.warm, Some(warm.clone()));
         assert_eq!(warm_host_keys(&description), keys);
         assert_eq!(ownership(Some(&description), &marker), Ok(()));
         // A job marker has no warm fields, so job VMs' lines are unchanged.
