@@ -285,3 +285,26 @@ impl Round<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::host::parse_warm_pool;
+
+    #[test]
+    fn warm_pool_reads_the_files_table_and_refuses_garbage() {
+        // `WARM_POOL = { debian-12 = 4, ubuntu-focal = 0 }` reaches the parser as this.
+        let pool = parse_warm_pool("debian-12=4,ubuntu-focal=0").unwrap();
+        assert_eq!(pool.get("debian-12"), Some(&4));
+        assert_eq!(pool.get("ubuntu-focal"), Some(&0));
+        assert!(parse_warm_pool("").unwrap().is_empty());
+        for bad in [
+            "debian-12",
+            "=4",
+            "debian-12=-1",
+            "debian-12=many",
+            "d=100000",
+        ] {
+            assert!(parse_warm_pool(bad).is_err(), "{bad:?}");
+        }
+    }
+}
