@@ -414,3 +414,81 @@ fn a_killed_pool_service_leaves_nothing_gc_does_not_remove() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn claims_race_with_two_pool_services_that_keep_refilling_and_trimming() {
+    let Some(lab) = start("claims_race_with_two_pool_services_that_keep_refilling_and_trimming")
+    else {
+        return;
+    };
+    let a = PoolService::start(&lab, "pool-a", 4, &[]);
+    let b = PoolService::start(&lab, "pool-b", 4, &[]);
+    let initial: HashSet<u32> = wait_for("4 warm VMs", Duration::from_secs(90), || {
+        let warm = complete_warm(&lab);
+        (warm.len() >= 4).then(|| warm.iter().map(|vm| vm.vmid).collect())
+    });
+
+    // The services go on refilling, recycling and trimming while the jobs claim.
+    let dirs: Vec<tempfile::TempDir> = (0..16).map(|_| tempfile::tempdir().unwrap()).collect();
+    let outputs: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = dirs
+            .iter()
+            .enumerate()
+            .map(|(i, dir)| {
+                let runner = if i % 2 == 0 { "runner-a" } else { "runner-b" };
+                let hook = job_hook(&lab, dir.path(), 6000 + i as u64, runner);
+                scope.spawn(move || hook.arg("prepare").run())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut vmids = HashSet::new();
+    let mut claimed = HashSet::new();
+    for (out, dir) in outputs.iter().zip(&dirs) {
+        out.assert_exit(0);
+        let state = JobState::load(dir.path()).unwrap().expect("a job state");
+        assert!(
+            vmids.insert(state.vmid),
+            "VMID {} served two jobs",
+            state.vmid
+        );
+        // Each job's VM carries that job's marker, whichever path it took.
+        let vm = lab.fake.vm(state.vmid).expect("the job's VM exists");
+        assert_eq!(marker_of(&vm), Marker::parse_line(&state.marker));
+        if out.log().contains("claimed warm VM") {
+            claimed.insert(state.vmid);
+        }
+    }
+    assert!(
+        initial.iter().all(|vmid| !lab
+            .fake
+            .vm(*vmid)
+            .is_some_and(|vm| marker_of(&vm).is_some_and(|m| m.warm.is_some()))),
+        "every VM that was warm when the jobs came was claimed or recycled"
+    );
+    assert!(claimed.len() >= 4, "claimed {claimed:?}");
+
+    for (i, dir) in dirs.iter().enumerate() {
+        let runner = if i % 2 == 0 { "runner-a" } else { "runner-b" };
+        job_hook(&lab, dir.path(), 6000 + i as u64, runner)
+            .arg("cleanup")
+            .run()
+            .assert_exit(0);
+    }
+    for vmid in &vmids {
+        assert!(
+            lab.fake.vm(*vmid).is_none(),
+            "VM {vmid} outlived its cleanup"
+        );
+    }
+    let (code_a, log_a) = a.stop();
+    let (code_b, log_b) = b.stop();
+    assert_eq!((code_a, code_b), (0, 0), "{log_a}\n{log_b}");
+    // What is left is warm VMs no job took: gc's business.
+    assert!(lab
+        .fake
+        .job_vms()
+        .iter()
+        .all(|vm| marker_of(vm).is_some_and(|m| m.warm.is_some() || m.job_id.is_none())));
+    gc_everything(&lab);
+}
