@@ -460,10 +460,10 @@ fn claims_race_with_two_pool_services_that_keep_refilling_and_trimming() {
         }
     }
     assert!(
-        initial.iter().all(|vmid| !lab
+        initial.iter().all(|vmid| lab
             .fake
             .vm(*vmid)
-            .is_some_and(|vm| marker_of(&vm).is_some_and(|m| m.warm.is_some()))),
+            .is_none_or(|vm| marker_of(&vm).is_none_or(|m| m.warm.is_none()))),
         "every VM that was warm when the jobs came was claimed or recycled"
     );
     assert!(claimed.len() >= 4, "claimed {claimed:?}");
