@@ -57,6 +57,10 @@ pub enum Command {
         /// Seconds between looks at the cluster (a finished warm-up also starts one).
         #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
         interval: f64,
+        /// Also run the orphan sweep (gc, each VM by its own deadline) every this many
+        /// seconds, so one service covers fleet hygiene (default: never; use the gc timer).
+        #[arg(long, value_name = "SECONDS")]
+        gc_every: Option<u64>,
     },
 }
 

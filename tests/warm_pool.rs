@@ -492,3 +492,48 @@ fn claims_race_with_two_pool_services_that_keep_refilling_and_trimming() {
         .all(|vm| marker_of(vm).is_some_and(|m| m.warm.is_some() || m.job_id.is_none())));
     gc_everything(&lab);
 }
+
+#[test]
+fn the_pool_service_can_run_the_orphan_sweep_on_a_schedule() {
+    let Some(lab) = start("the_pool_service_can_run_the_orphan_sweep_on_a_schedule") else {
+        return;
+    };
+    // A job VM whose runner died long ago: past its recorded deadline.
+    let mut orphan = Marker::new(&Default::default());
+    orphan.created = 1_700_000_000;
+    orphan.deadline = Some(1_700_003_600);
+    lab.fake.add_vm(gpr_testkit::NewVm {
+        vmid: 2_000_500,
+        name: "ci-1-dead".into(),
+        tags: "gitlab-proxmox-runner".into(),
+        description: orphan.description(),
+        running: true,
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let err = dir.path().join("pool.err");
+    let mut sweeping = Command::new(&lab.bin)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .envs(lab.settings())
+        .env("WARM_POOL", format!("{TEMPLATE}=0"))
+        .args(["pool", "--interval", "0.2", "--gc-every", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let swept = Instant::now();
+    while lab.fake.vm(2_000_500).is_some() {
+        if swept.elapsed() > Duration::from_secs(30) {
+            let _ = sweeping.kill();
+            panic!(
+                "the orphan is still there: {}",
+                std::fs::read_to_string(&err).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    unsafe { libc::kill(sweeping.id() as i32, libc::SIGTERM) };
+    assert!(sweeping.wait().unwrap().success());
+}

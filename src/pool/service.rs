@@ -15,6 +15,8 @@
 //!   services that refilled at the same moment overfill by at most their shared deficit, for
 //!   one round; they never both recycle the same VM, and never trim below the target.
 //!
+//! With `--gc-every`, it also runs the orphan sweep (the gc timer's) on that schedule.
+//!
 //! SIGTERM: no new warm-up starts, warm-ups in flight are cancelled and their VMs destroyed,
 //! complete warm VMs stay for jobs to claim (a restarted service counts them again; without
 //! one, gc sweeps them after their idle deadline). SIGKILL leaves the same, plus at most the
@@ -48,15 +50,25 @@ pub fn has_pool(settings: &Settings, template_name: &str) -> bool {
         .is_some_and(|count| *count > 0)
 }
 
-pub async fn pool(context: &FleetContext, pool_id: Option<&str>, interval: Duration) -> Result<()> {
+pub async fn pool(
+    context: &FleetContext,
+    pool_id: Option<&str>,
+    interval: Duration,
+    gc_every: Option<Duration>,
+) -> Result<()> {
     // The engine's futures hold its `dyn Sink`, which is not `Send`: warm-ups run as local
     // tasks on the one runtime thread (they spend their time waiting on the API anyway).
     tokio::task::LocalSet::new()
-        .run_until(serve(context, pool_id, interval))
+        .run_until(serve(context, pool_id, interval, gc_every))
         .await
 }
 
-async fn serve(context: &FleetContext, pool_id: Option<&str>, interval: Duration) -> Result<()> {
+async fn serve(
+    context: &FleetContext,
+    pool_id: Option<&str>,
+    interval: Duration,
+    gc_every: Option<Duration>,
+) -> Result<()> {
     let settings = Arc::new(context.settings.clone());
     if settings.warm_pool.is_empty() {
         return Err(Error::Settings(
@@ -90,7 +102,17 @@ async fn serve(context: &FleetContext, pool_id: Option<&str>, interval: Duration
     ));
     let mut warming: JoinSet<(String, Result<Warmed>)> = JoinSet::new();
     let mut in_flight: BTreeMap<String, usize> = BTreeMap::new();
+    let mut last_sweep: Option<Instant> = None;
     while !cancel.is_cancelled() {
+        if let Some(every) = gc_every {
+            if last_sweep.is_none_or(|at| at.elapsed() >= every) {
+                last_sweep = Some(Instant::now());
+                // The same sweep as the gc timer's, warm VMs past their idle deadline included.
+                if let Err(err) = crate::commands::gc::gc(context, None, None, false).await {
+                    joblog::warn(format!("pool {pool_id}: orphan sweep: {err}"));
+                }
+            }
+        }
         for (name, target) in &settings.warm_pool {
             let round = Round {
                 client: &client,
