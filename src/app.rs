@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use crate::cancel::Cancel;
 use crate::cli::{Cli, Command};
 use crate::commands::{cleanup, config, gc, prepare, run};
-use crate::config::{secret_names, Settings, Sources, CONFIG_FILE_ENV};
+use crate::config::{secret_names, Settings};
 use crate::error::{Error, ExitCodes, Result};
 use crate::job::JobInfo;
 use crate::{hardening, joblog};
@@ -100,7 +100,7 @@ where
     F: FnOnce(FleetContext) -> Fut,
     Fut: std::future::Future<Output = Result<()>>,
 {
-    let loaded = load_host_settings(file);
+    let loaded = Settings::load_for_fleet(file);
     let result = with_runtime(loaded, |settings, cancel| {
         command(FleetContext { settings, cancel })
     });
@@ -110,7 +110,7 @@ where
 /// The preflight: a fleet command whose settings failing to load is one of its findings, and
 /// whose exit code is its verdict (see [`crate::check`]).
 fn fleet_check(file: Option<&Path>, smoke: bool, format: crate::cli::CheckFormat) -> i32 {
-    let loaded = load_host_settings(file);
+    let loaded = Settings::load_for_fleet(file);
     let source = crate::commands::check::settings_source(file);
     let result = with_runtime(Ok(()), |(), cancel| async move {
         let options = crate::commands::check::Options {
@@ -123,34 +123,6 @@ fn fleet_check(file: Option<&Path>, smoke: bool, format: crate::cli::CheckFormat
     result.unwrap_or_else(|err| {
         joblog::error(err.to_string());
         crate::commands::check::EXIT_NOT_RUN
-    })
-}
-
-/// The settings file named by `--config` or `GITLAB_PROXMOX_RUNNER_CONFIG` and the process
-/// environment; no job, so no `$JOB_RESPONSE_FILE`.
-fn load_host_settings(config_file: Option<&Path>) -> Result<Settings> {
-    let path = config_file
-        .map(Path::to_path_buf)
-        .or_else(|| std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from));
-    let text = match &path {
-        Some(path) => Some(zeroize::Zeroizing::new(
-            std::fs::read_to_string(path).map_err(|err| {
-                Error::Settings(format!(
-                    "cannot read the driver config file {}: {err}",
-                    path.display()
-                ))
-            })?,
-        )),
-        None => None,
-    };
-    let env = |name: &str| std::env::var(name).ok();
-    Settings::from_sources(Sources {
-        file: text
-            .as_ref()
-            .zip(path.as_ref())
-            .map(|(text, path)| (text.as_str(), path.as_path())),
-        env: &env,
-        job_response: None,
     })
 }
 

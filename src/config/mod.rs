@@ -29,11 +29,41 @@ use crate::error::{Error, Result};
 pub const CONFIG_FILE_ENV: &str = "GITLAB_PROXMOX_RUNNER_CONFIG";
 
 impl Settings {
-    /// Loads the settings the way every hook does: the file named by `--config` or
+    /// Loads the settings the way every job hook does: the file named by `--config` or
     /// `GITLAB_PROXMOX_RUNNER_CONFIG`, the process environment, and `$JOB_RESPONSE_FILE`.
     pub fn load(config_file: Option<&Path>) -> Result<Settings> {
-        let env_path = std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from);
-        let path = config_file.map(Path::to_path_buf).or(env_path);
+        let response = std::env::var_os("JOB_RESPONSE_FILE").map(|path| {
+            std::fs::read(&path)
+                .map(zeroize::Zeroizing::new)
+                .map_err(|err| {
+                    format!(
+                        "cannot read the job response file {} ($JOB_RESPONSE_FILE): {err}",
+                        Path::new(&path).display()
+                    )
+                })
+        });
+        Settings::load_with(
+            config_file,
+            response.as_ref().map(|read| match read {
+                Ok(bytes) => Ok(bytes.as_slice()),
+                Err(message) => Err(message.clone()),
+            }),
+        )
+    }
+
+    /// Loads the settings of a command outside any job (gc, pool, check): the settings file and
+    /// the process environment; no job, so no `$JOB_RESPONSE_FILE`.
+    pub fn load_for_fleet(config_file: Option<&Path>) -> Result<Settings> {
+        Settings::load_with(config_file, None)
+    }
+
+    fn load_with(
+        config_file: Option<&Path>,
+        job_response: Option<std::result::Result<&[u8], String>>,
+    ) -> Result<Settings> {
+        let path = config_file
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from));
         let text = match &path {
             Some(path) => Some(zeroize::Zeroizing::new(
                 std::fs::read_to_string(path).map_err(|err| {
@@ -45,27 +75,14 @@ impl Settings {
             )),
             None => None,
         };
-        let response = std::env::var_os("JOB_RESPONSE_FILE").map(|path| {
-            std::fs::read(&path)
-                .map(zeroize::Zeroizing::new)
-                .map_err(|err| {
-                    format!(
-                        "cannot read the job response file {} ($JOB_RESPONSE_FILE): {err}",
-                        Path::new(&path).display()
-                    )
-                })
-        });
         let env = |name: &str| std::env::var(name).ok();
         Settings::from_sources(Sources {
             file: text
                 .as_ref()
                 .zip(path.as_ref())
-                .map(|(t, p)| (t.as_str(), p.as_path())),
+                .map(|(text, path)| (text.as_str(), path.as_path())),
             env: &env,
-            job_response: response.as_ref().map(|read| match read {
-                Ok(bytes) => Ok(bytes.as_slice()),
-                Err(message) => Err(message.clone()),
-            }),
+            job_response,
         })
     }
 
