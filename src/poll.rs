@@ -43,7 +43,19 @@ enum Schedule {
     /// Doubling from a first pause up to `max`, giving up as soon as the next pause would reach
     /// the deadline: for attempts that need time of their own (an SSH handshake).
     Doubling { delay: Duration, max: Duration },
+    /// A fixed share of the time waited so far, in `min..=max`: for waits whose every look
+    /// costs the API something (see [`Poll::proportional`]).
+    Proportional {
+        delay: Duration,
+        min: Duration,
+        max: Duration,
+    },
 }
+
+/// The share of the time waited so far that a [`Poll::proportional`] wait pauses: it notices
+/// the end at most 1/5 of the wait late, and a wait of `t` costs about `ln(t / first) / ln 1.2`
+/// looks.
+const PROPORTIONAL_SHARE: u32 = 5;
 
 /// The deadline passed while the wait was not over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +93,28 @@ impl Poll {
         Poll::with(deadline, Schedule::Doubling { delay: first, max })
     }
 
+    /// A wait whose pauses are 1/5 of the time waited so far, in `min..=max`; the time before
+    /// the first look (spent by the caller, e.g. a task's typical duration) counts as waited
+    /// when `already_waited` says so. Each look costs an API request (or, for the guest agent,
+    /// an API worker for seconds): the pauses grow with the wait instead of staying short.
+    pub fn proportional(
+        deadline: Instant,
+        already_waited: Duration,
+        min: Duration,
+        max: Duration,
+    ) -> Poll {
+        let mut poll = Poll::with(
+            deadline,
+            Schedule::Proportional {
+                delay: (already_waited / PROPORTIONAL_SHARE).clamp(min, max),
+                min,
+                max,
+            },
+        );
+        poll.started = poll.started.checked_sub(already_waited).unwrap_or(poll.started);
+        poll
+    }
+
     fn with(deadline: Instant, schedule: Schedule) -> Poll {
         let started = Clock::now();
         Poll {
@@ -107,7 +141,9 @@ impl Poll {
     pub async fn pause(&mut self, progress: impl FnOnce(Duration)) -> Result<(), Expired> {
         let now = Clock::now();
         let pause = match self.schedule {
-            Schedule::Adaptive { delay } | Schedule::Doubling { delay, .. } => delay,
+            Schedule::Adaptive { delay }
+            | Schedule::Doubling { delay, .. }
+            | Schedule::Proportional { delay, .. } => delay,
             Schedule::Jittered { min, spread } => {
                 let spread_ms = spread.as_millis().max(1) as u64;
                 min + Duration::from_millis(rand::random::<u64>() % spread_ms)
@@ -132,6 +168,9 @@ impl Poll {
         match &mut self.schedule {
             Schedule::Adaptive { delay } => *delay = next_poll_delay(*delay, waited),
             Schedule::Doubling { delay, max } => *delay = (*delay * 2).min(*max),
+            Schedule::Proportional { delay, min, max } => {
+                *delay = (waited / PROPORTIONAL_SHARE).clamp(*min, *max)
+            }
             Schedule::Jittered { .. } => {}
         }
         Ok(())
@@ -210,6 +249,32 @@ mod tests {
         assert_eq!(pauses, vec![100, 200, 400]);
         assert!(Clock::now() < deadline, "gave up before the deadline");
         assert_eq!(expired.waited, Duration::from_millis(700));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn proportional_pauses_grow_with_the_wait_and_count_the_time_before_the_first_look() {
+        let deadline = Clock::now() + Duration::from_secs(3600);
+        let mut poll = Poll::proportional(
+            deadline.into_std(),
+            Duration::from_millis(500),
+            Duration::from_millis(50),
+            Duration::from_secs(1),
+        );
+        assert_eq!(poll.elapsed(), Duration::from_millis(500));
+        let mut looks = 1;
+        while poll.elapsed() < Duration::from_secs(1) {
+            poll.pause(|_| {}).await.unwrap();
+            looks += 1;
+        }
+        // 0.5, 0.6, 0.72, 0.864, 1.037 s: a 1 s task costs 5 looks and is seen 37 ms late.
+        assert_eq!(looks, 5);
+        assert!(poll.elapsed() < Duration::from_millis(1100), "{:?}", poll.elapsed());
+        let mut looks = 0;
+        while poll.elapsed() < Duration::from_secs(1800) {
+            poll.pause(|_| {}).await.unwrap();
+            looks += 1;
+        }
+        assert!(looks <= 1820, "{looks} looks in a 30-minute wait");
     }
 
     #[tokio::test(start_paused = true)]
