@@ -111,7 +111,10 @@ impl Poll {
                 max,
             },
         );
-        poll.started = poll.started.checked_sub(already_waited).unwrap_or(poll.started);
+        poll.started = poll
+            .started
+            .checked_sub(already_waited)
+            .unwrap_or(poll.started);
         poll
     }
 
@@ -268,7 +271,11 @@ mod tests {
         }
         // 0.5, 0.6, 0.72, 0.864, 1.037 s: a 1 s task costs 5 looks and is seen 37 ms late.
         assert_eq!(looks, 5);
-        assert!(poll.elapsed() < Duration::from_millis(1100), "{:?}", poll.elapsed());
+        assert!(
+            poll.elapsed() < Duration::from_millis(1100),
+            "{:?}",
+            poll.elapsed()
+        );
         let mut looks = 0;
         while poll.elapsed() < Duration::from_secs(1800) {
             poll.pause(|_| {}).await.unwrap();

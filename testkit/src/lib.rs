@@ -16,5 +16,5 @@ pub mod tcp_proxy;
 pub use lab::{Lab, LabBuilder};
 
 pub use fake_proxmox::{
-    FakeConfig, FakeProxmox, Fault, NewVm, RecordedRequest, Template, VmSnapshot,
+    ApiCapacity, FakeConfig, FakeProxmox, Fault, NewVm, RecordedRequest, Template, VmSnapshot,
 };

@@ -65,6 +65,22 @@ pub struct FakeConfig {
     pub bad_token_delay: Duration,
     /// pve-http-server >= 5.2.0 also puts `"message"` into error bodies; older ones do not.
     pub message_in_body: bool,
+    /// The API daemon's worker limit; `None`: every request is served at once.
+    pub capacity: Option<ApiCapacity>,
+}
+
+/// pveproxy/pvedaemon serve a few requests at a time (3 workers each by default); the rest
+/// queue. A guest-agent call made before the agent runs holds its worker until QEMU's agent
+/// timeout.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiCapacity {
+    /// Requests served at the same time.
+    pub workers: usize,
+    /// How long each request holds its worker.
+    pub service_time: Duration,
+    /// How long an agent call on a VM whose agent is not up yet holds its worker before it
+    /// fails.
+    pub agent_timeout: Duration,
 }
 
 impl Default for FakeConfig {
@@ -96,6 +112,7 @@ impl Default for FakeConfig {
             guest_files: BTreeMap::new(),
             bad_token_delay: Duration::from_millis(20),
             message_in_body: false,
+            capacity: None,
         }
     }
 }
@@ -355,6 +372,13 @@ impl FakeProxmox {
     /// The highest number of clone tasks that were running at the same time.
     pub fn max_concurrent_clones(&self) -> usize {
         self.lock().max_concurrent_clones
+    }
+
+    /// The most requests that were in service at the same time (with [`ApiCapacity`], at most
+    /// its `workers`) and the most that waited for a worker.
+    pub fn max_concurrent_requests(&self) -> (usize, usize) {
+        let state = self.lock();
+        (state.max_in_service, state.max_queued)
     }
 
     /// Sum of the simulated durations of every task and boot served so far.

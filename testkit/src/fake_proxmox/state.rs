@@ -18,6 +18,11 @@ pub(crate) struct State {
     pub connections: usize,
     pub faults: Vec<Fault>,
     pub max_concurrent_clones: usize,
+    /// Requests being served / waiting for a worker now, and the most seen.
+    pub in_service: usize,
+    pub queued: usize,
+    pub max_in_service: usize,
+    pub max_queued: usize,
     pub simulated_time: Duration,
     /// Guest files that read as an older content for their next N reads (host keys that
     /// cloud-init has not regenerated yet).
@@ -156,6 +161,10 @@ impl State {
             connections: 0,
             faults: Vec::new(),
             max_concurrent_clones: 0,
+            in_service: 0,
+            queued: 0,
+            max_in_service: 0,
+            max_queued: 0,
             simulated_time: Duration::ZERO,
             stale_guest_files: BTreeMap::new(),
             next_pid: 0x0002_1a40 + rand::random::<u16>() as u32,
