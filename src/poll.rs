@@ -68,6 +68,9 @@ pub struct Poll {
     started: Clock,
     deadline: Clock,
     next_progress: Clock,
+    /// When the last pause ended (the wait began): the look since then took its share of the
+    /// next pause on a proportional schedule.
+    last_wake: Clock,
     schedule: Schedule,
 }
 
@@ -124,6 +127,7 @@ impl Poll {
             started,
             deadline: Clock::from_std(deadline),
             next_progress: started + PROGRESS_EVERY,
+            last_wake: started,
             schedule,
         }
     }
@@ -144,9 +148,12 @@ impl Poll {
     pub async fn pause(&mut self, progress: impl FnOnce(Duration)) -> Result<(), Expired> {
         let now = Clock::now();
         let pause = match self.schedule {
-            Schedule::Adaptive { delay }
-            | Schedule::Doubling { delay, .. }
-            | Schedule::Proportional { delay, .. } => delay,
+            Schedule::Adaptive { delay } | Schedule::Doubling { delay, .. } => delay,
+            // A look that took long (an agent call held until QEMU's agent timeout) was
+            // waiting too: only the rest of the pause is left, and at least `min`.
+            Schedule::Proportional { delay, min, .. } => {
+                delay.saturating_sub(now - self.last_wake).max(min)
+            }
             Schedule::Jittered { min, spread } => {
                 let spread_ms = spread.as_millis().max(1) as u64;
                 min + Duration::from_millis(rand::random::<u64>() % spread_ms)
@@ -166,6 +173,7 @@ impl Poll {
             self.next_progress = now + PROGRESS_EVERY;
         }
         tokio::time::sleep_until(now + pause.min(self.deadline - now)).await;
+        self.last_wake = Clock::now();
         // The adaptive schedule grows with the time waited, the sleep just taken included.
         let waited = self.elapsed();
         match &mut self.schedule {
@@ -282,6 +290,21 @@ mod tests {
             looks += 1;
         }
         assert!(looks <= 1820, "{looks} looks in a 30-minute wait");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_look_counts_as_part_of_the_next_proportional_pause() {
+        let deadline = Clock::now() + Duration::from_secs(60);
+        let min = Duration::from_millis(250);
+        let mut poll = Poll::proportional(deadline.into_std(), Duration::ZERO, min, min * 8);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let before = Clock::now();
+        poll.pause(|_| {}).await.unwrap();
+        assert_eq!(Clock::now() - before, min);
+        let before = Clock::now();
+        poll.pause(|_| {}).await.unwrap();
+        // 3.25 s waited: 1/5 of it.
+        assert_eq!(Clock::now() - before, Duration::from_millis(650));
     }
 
     #[tokio::test(start_paused = true)]
