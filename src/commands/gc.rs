@@ -493,6 +493,7 @@ mod tests {
             tags: tags.map(String::from),
             lock: None,
             kind: Some("qemu".into()),
+            maxmem: None,
         }
     }
 

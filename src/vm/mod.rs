@@ -8,6 +8,7 @@
 //!   runner helper;
 //! - [`teardown`]: the one safe way to destroy a VM of ours;
 //! - [`clone_slots`]: the per-host cap on clones in flight;
+//! - [`placement`]: which node of `PROXMOX_NODES` a VM goes to, and its template there;
 //! - [`task`]: waiting for a Proxmox task.
 //!
 //! Every wait here goes through [`crate::poll`], the one wait primitive (deadline, pause
@@ -18,6 +19,7 @@
 //! prepare writes the job log and the job state; another caller logs elsewhere.
 
 pub mod clone_slots;
+pub mod placement;
 pub mod provision;
 pub mod ready;
 pub mod task;

@@ -16,5 +16,5 @@ pub mod tcp_proxy;
 pub use lab::{Lab, LabBuilder};
 
 pub use fake_proxmox::{
-    ApiCapacity, FakeConfig, FakeProxmox, Fault, NewVm, RecordedRequest, Template, VmSnapshot,
+    ApiCapacity, FakeConfig, FakeProxmox, Fault, NewVm, NodeLoad, RecordedRequest, Template, VmSnapshot,
 };

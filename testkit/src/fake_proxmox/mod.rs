@@ -117,6 +117,27 @@ impl Default for FakeConfig {
     }
 }
 
+/// A node's memory and status in `/cluster/resources?type=node`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeLoad {
+    pub max_mem: u64,
+    /// Used by everything but the guests (whose memory is added).
+    pub used_mem: u64,
+    /// An offline node is listed as `offline`, and requests proxied to it fail with
+    /// `595 Connection refused`.
+    pub online: bool,
+}
+
+impl Default for NodeLoad {
+    fn default() -> Self {
+        NodeLoad {
+            max_mem: 64 << 30,
+            used_mem: 4 << 30,
+            online: true,
+        }
+    }
+}
+
 /// A template VM on the main node.
 #[derive(Debug, Clone)]
 pub struct Template {
@@ -357,6 +378,11 @@ impl FakeProxmox {
         self.lock()
             .stale_guest_files
             .insert(path.to_string(), (stale.to_string(), reads));
+    }
+
+    /// Sets a node's memory and status (see [`NodeLoad`]).
+    pub fn set_node(&self, node: &str, load: NodeLoad) {
+        self.lock().node_loads.insert(node.to_string(), load);
     }
 
     /// Applies to VMs started from now on.

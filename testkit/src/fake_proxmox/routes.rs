@@ -142,7 +142,10 @@ fn vm_route(
 // Parameter checks with PVE's wording.
 
 fn check_node(state: &State, node: &str) -> Result<()> {
-    if state.is_known_node(node) {
+    if state.is_known_node(node) && !state.node_load(node).online {
+        // pveproxy forwards the request to the node and cannot reach it.
+        Err(fail(595, "Connection refused"))
+    } else if state.is_known_node(node) {
         Ok(())
     } else {
         Err(fail(
@@ -343,10 +346,20 @@ fn resources(state: &State, params: &BTreeMap<String, String>) -> Result<Value> 
     }
     if kind.is_none() || kind == Some("node") {
         for node in state.nodes() {
-            list.push(json!({
-                "id": format!("node/{node}"), "type": "node", "node": node, "status": "online",
-                "maxcpu": 16, "maxmem": 68719476736u64, "uptime": 864000, "level": "",
-            }));
+            let load = state.node_load(&node);
+            let mut entry = json!({
+                "id": format!("node/{node}"), "type": "node", "node": node,
+                "status": if load.online { "online" } else { "offline" },
+                "maxcpu": 16, "maxmem": load.max_mem, "uptime": 864000, "level": "",
+            });
+            // An offline node's entry has no live figures.
+            if load.online {
+                if let Some(object) = entry.as_object_mut() {
+                    object.insert("mem".into(), json!(load.used_mem));
+                    object.insert("cpu".into(), json!(0.05));
+                }
+            }
+            list.push(entry);
         }
     }
     Ok(Value::Array(list))
