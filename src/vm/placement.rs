@@ -159,8 +159,8 @@ pub async fn place(
     let copies = template_copies(settings, wanted, &vms)?;
     let views = node_views(settings, &nodes, &vms, &copies, avoid);
     let limits = Limits::from_settings(settings);
-    let chosen = choose(&views, limits, |ties| rand::random_range(0..ties.max(1)))
-        .map_err(|why| {
+    let chosen =
+        choose(&views, limits, |ties| rand::random_range(0..ties.max(1))).map_err(|why| {
             Error::Infrastructure(format!(
                 "no node can take the job's VM (template {wanted}): {why}. Check the nodes' \
                  status, PROXMOX_NODES and the per-node limits"
@@ -199,10 +199,7 @@ fn template_copies(
             .map(|vmid| (vm.node.clone(), (vmid, vm.maxmem)))
     };
     if let Some(&mapped) = settings.templates.get(wanted) {
-        let Some(original) = templates
-            .iter()
-            .find(|vm| vm.vmid == u64::from(mapped))
-        else {
+        let Some(original) = templates.iter().find(|vm| vm.vmid == u64::from(mapped)) else {
             return Err(Error::Settings(format!(
                 "PROXMOX_TEMPLATES maps {wanted} to VMID {mapped}, which is not a template \
                  anywhere in the cluster; fix the map or create the template"
@@ -265,7 +262,8 @@ fn node_views(
         // A clone in flight does not carry our tag yet, only its lock.
         .filter(|vm| {
             let tags = vm.tags.as_deref().unwrap_or("");
-            tags.split([';', ',', ' ']).any(|tag| tag.trim() == crate::VM_TAG)
+            tags.split([';', ',', ' '])
+                .any(|tag| tag.trim() == crate::VM_TAG)
                 || vm.lock.as_deref() == Some("clone")
         })
         .collect();
@@ -323,13 +321,21 @@ mod tests {
 
     #[test]
     fn the_node_with_most_free_memory_wins() {
-        let nodes = [view("pve1", 10, 0), view("pve2", 41, 3), view("pve3", 20, 1)];
+        let nodes = [
+            view("pve1", 10, 0),
+            view("pve2", 41, 3),
+            view("pve3", 20, 1),
+        ];
         assert_eq!(choose(&nodes, NO_LIMITS, |_| 0).unwrap().name, "pve2");
     }
 
     #[test]
     fn near_ties_are_broken_by_the_pick() {
-        let nodes = [view("pve1", 40, 0), view("pve2", 40, 3), view("pve3", 20, 1)];
+        let nodes = [
+            view("pve1", 40, 0),
+            view("pve2", 40, 3),
+            view("pve3", 20, 1),
+        ];
         assert_eq!(
             choose(&nodes, NO_LIMITS, |ties| {
                 assert_eq!(ties, 2);

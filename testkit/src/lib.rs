@@ -16,5 +16,6 @@ pub mod tcp_proxy;
 pub use lab::{Lab, LabBuilder};
 
 pub use fake_proxmox::{
-    ApiCapacity, FakeConfig, FakeProxmox, Fault, NewVm, NodeLoad, RecordedRequest, Template, VmSnapshot,
+    ApiCapacity, FakeConfig, FakeProxmox, Fault, NewVm, NodeLoad, RecordedRequest, Template,
+    VmSnapshot,
 };
