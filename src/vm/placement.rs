@@ -77,11 +77,11 @@ impl Limits {
 
 /// Picks a node of `nodes` (see the module text); `pick` chooses among near-ties (an index below
 /// its argument). `Err` says why no node qualified, node by node.
-pub fn choose<'a>(
-    nodes: &'a [NodeView],
+pub fn choose(
+    nodes: &[NodeView],
     limits: Limits,
     pick: impl FnOnce(usize) -> usize,
-) -> std::result::Result<&'a NodeView, String> {
+) -> std::result::Result<&NodeView, String> {
     let mut refusals = Vec::new();
     let mut candidates = Vec::new();
     for node in nodes {
