@@ -1,41 +1,15 @@
 //! The API footprint of a typical job (prepare, six stages, cleanup), counted by endpoint against
 //! the fake: at most the older Python driver's 41 requests (issue 12). Counts, not times.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use gpr_testkit::fake_proxmox::RecordedRequest;
 use gpr_testkit::hook::Hook;
 use gpr_testkit::{driver_binary, ApiCapacity, FakeConfig, Lab};
 
 /// What the older Python driver sent for the same job.
 const OLD_DRIVER_REQUESTS: usize = 41;
-
-/// `GET /nodes/{node}/qemu/{vmid}/agent/network-get-interfaces` → `GET qemu/agent/network-get-interfaces`.
-fn endpoint(request: &RecordedRequest) -> String {
-    let path = request.path.trim_start_matches("/api2/json");
-    let words: Vec<&str> = path
-        .split('/')
-        .filter(|part| !part.is_empty())
-        .filter(|part| !part.chars().all(|c| c.is_ascii_digit()))
-        .filter(|part| !part.starts_with("UPID"))
-        .collect();
-    let mut words = words;
-    if words.first() == Some(&"nodes") && words.len() > 1 {
-        words.remove(1);
-    }
-    format!("{} {}", request.method, words.join("/"))
-}
-
-fn by_endpoint(requests: &[RecordedRequest]) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for request in requests {
-        *counts.entry(endpoint(request)).or_insert(0) += 1;
-    }
-    counts
-}
 
 fn job_hook(lab: &Lab, dir: &Path) -> Hook {
     job_hook_for(lab, dir, 4711)
@@ -91,7 +65,7 @@ fn a_typical_job_stays_within_the_old_drivers_request_budget() {
     assert!(lab.fake.job_vms().is_empty());
 
     let requests = lab.fake.requests();
-    let counts = by_endpoint(&requests);
+    let counts = lab.fake.requests_by_endpoint();
     let table: Vec<String> = counts
         .iter()
         .map(|(endpoint, count)| format!("{count:4}  {endpoint}"))

@@ -199,6 +199,23 @@ pub struct RecordedRequest {
     pub body: String,
 }
 
+impl RecordedRequest {
+    /// `GET /api2/json/nodes/pve1/qemu/2000001/status/current` → `GET nodes/qemu/status/current`.
+    pub fn endpoint(&self) -> String {
+        let path = self.path.trim_start_matches("/api2/json");
+        let mut words: Vec<&str> = path
+            .split('/')
+            .filter(|part| !part.is_empty())
+            .filter(|part| !part.chars().all(|c| c.is_ascii_digit()))
+            .filter(|part| !part.starts_with("UPID"))
+            .collect();
+        if words.first() == Some(&"nodes") && words.len() > 1 {
+            words.remove(1);
+        }
+        format!("{} {}", self.method, words.join("/"))
+    }
+}
+
 /// Misbehaviour to inject; counted faults apply to the next `count` matching operations.
 #[derive(Debug, Clone)]
 pub enum Fault {
@@ -329,6 +346,16 @@ impl FakeProxmox {
 
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.lock().requests.clone()
+    }
+
+    /// Requests so far grouped by endpoint, node names, VMIDs and UPIDs left out
+    /// (`GET nodes/qemu/agent/network-get-interfaces`).
+    pub fn requests_by_endpoint(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for request in self.lock().requests.iter() {
+            *counts.entry(request.endpoint()).or_insert(0) += 1;
+        }
+        counts
     }
 
     pub fn request_count(&self) -> usize {
