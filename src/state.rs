@@ -53,6 +53,14 @@ pub struct JobState {
     /// Where the host keys came from: `guest-agent` or `first-use`.
     #[serde(default)]
     pub host_key_source: Option<String>,
+    /// When the clone request left (Unix seconds); `None` until then. With no
+    /// [`clone_upid`](Self::clone_upid), the answer never came: the clone may still run.
+    #[serde(default)]
+    pub clone_sent_at: Option<u64>,
+    /// The clone task, once the API answered: until it ends, a missing VM is not a gone VM
+    /// (its worker writes the config a moment later).
+    #[serde(default)]
+    pub clone_upid: Option<String>,
     /// Set by the stage that lost the VM: later stages fail at once instead of waiting for a
     /// VM that is gone. cleanup ignores it (it destroys the VM through the API, not SSH).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -79,6 +87,21 @@ impl Lost {
             of_day % 3600 / 60,
             of_day % 60
         )
+    }
+}
+
+impl JobState {
+    /// What the engine needs to know about the clone that may create this state's VM.
+    pub fn clone_trace(&self) -> crate::vm::clone_watch::CloneTrace {
+        crate::vm::clone_watch::CloneTrace {
+            vm: crate::vm::VmRef {
+                node: self.node.clone(),
+                vmid: self.vmid,
+            },
+            template: self.template_vmid,
+            sent_at: self.clone_sent_at,
+            upid: self.clone_upid.clone(),
+        }
     }
 }
 
@@ -171,6 +194,8 @@ mod tests {
             ssh_user: None,
             host_keys: vec![],
             host_key_source: None,
+            clone_sent_at: None,
+            clone_upid: None,
             lost: None,
         }
     }

@@ -19,14 +19,24 @@ struct World {
     lab: Lab,
     dir: tempfile::TempDir,
     settings_file: PathBuf,
+    /// Settings beyond the usual ones (e.g. `PROXMOX_POOL`).
+    extra_settings: Vec<(String, String)>,
 }
 
 impl World {
     /// `None` (test skipped) when there is no sshd and GPR_REQUIRE_SSHD is not set.
     #[track_caller]
     fn new(test: &str) -> Option<World> {
+        World::with(test, FakeConfig::default(), &[])
+    }
+
+    /// A world whose cluster is `config`, with `extra` settings for the driver.
+    #[track_caller]
+    fn with(test: &str, config: FakeConfig, extra: &[(&str, &str)]) -> Option<World> {
         // The binary under test: `$GPR_BIN`, else the one cargo built for this test run.
-        let lab = Lab::builder(driver_binary!()).with_sshd_or_skip(test)?;
+        let lab = Lab::builder(driver_binary!())
+            .fake(config)
+            .with_sshd_or_skip(test)?;
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::create_dir(dir.path().join("empty-path")).expect("empty PATH dir");
         std::fs::create_dir(dir.path().join("builds")).expect("builds dir");
@@ -35,6 +45,10 @@ impl World {
             lab,
             dir,
             settings_file,
+            extra_settings: extra
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_string()))
+                .collect(),
         };
         world.write_settings();
         Some(world)
@@ -58,6 +72,10 @@ impl World {
             if name == "VM_BOOT_TIMEOUT" {
                 *value = "60".to_string();
             }
+        }
+        for (name, value) in &self.extra_settings {
+            settings.retain(|(existing, _)| existing != name);
+            settings.push((name.clone(), value.clone()));
         }
         settings
     }
@@ -546,4 +564,125 @@ fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+// ------------------------------------------------------------- real PVE and real guests
+
+#[test]
+fn a_whole_job_runs_with_a_pool_scoped_token_through_a_failed_clone() {
+    let config = FakeConfig {
+        token_pool: Some("ci".into()),
+        ..FakeConfig::default()
+    };
+    let Some(world) = World::with(
+        "e2e::a_whole_job_runs_with_a_pool_scoped_token_through_a_failed_clone",
+        config,
+        &[("PROXMOX_POOL", "ci")],
+    ) else {
+        return;
+    };
+    world.lab.fake.inject(Fault::CloneTaskFails {
+        count: 1,
+        message: "clone failed: cfs-lock 'storage-local-lvm' error: got lock request timeout"
+            .into(),
+    });
+    let report = world
+        .job()
+        .script("build_script", "echo pool-scoped-job-ran")
+        .run();
+    report.assert_success();
+    assert!(report.log.contains("pool-scoped-job-ran"));
+    assert_eq!(world.clone_requests(), 2, "{}", report.log);
+    assert!(
+        !report.cleanup_log.contains("Permission check failed"),
+        "{}",
+        report.cleanup_log
+    );
+    world.assert_no_vms(&report);
+}
+
+#[test]
+fn an_agent_that_reports_ipv6_first_gets_the_job_its_ipv4_address() {
+    let config = FakeConfig {
+        // ::1 answers "connection refused" here: the test sshd listens on 127.0.0.1 only, like
+        // a VM whose IPv6 the runner host cannot reach.
+        guest_ip6: Some("::1".parse().expect("IPv6")),
+        guest_ip_delay: Duration::from_millis(1500),
+        ..FakeConfig::default()
+    };
+    let Some(world) = World::with(
+        "e2e::an_agent_that_reports_ipv6_first_gets_the_job_its_ipv4_address",
+        config,
+        &[
+            ("VM_NETWORK_CIDRS", "127.0.0.0/8,::1/128"),
+            ("VM_BOOT_TIMEOUT", "30"),
+        ],
+    ) else {
+        return;
+    };
+    let report = world.job().script("build_script", "echo v4-ok").run();
+    report.assert_success();
+    assert!(report.log.contains("IP 127.0.0.1"), "{}", report.log);
+    world.assert_no_vms(&report);
+}
+
+#[test]
+fn host_keys_that_appear_after_the_agent_are_still_pinned() {
+    let Some(world) = World::new("e2e::host_keys_that_appear_after_the_agent_are_still_pinned")
+    else {
+        return;
+    };
+    let host_key = world
+        .lab
+        .sshd()
+        .host_key_lines()
+        .into_iter()
+        .find(|line| line.starts_with("ssh-ed25519 "))
+        .expect("ed25519 host key");
+    // cloud-init writes the keys a while after the agent is up.
+    world.lab.fake.set_late_guest_file(
+        "/etc/ssh/ssh_host_ed25519_key.pub",
+        &host_key,
+        Duration::from_millis(1500),
+    );
+    let report = world.job().script("build_script", "echo pinned").run();
+    report.assert_success();
+    assert!(
+        report.log.contains("host keys appeared after"),
+        "{}",
+        report.log
+    );
+    assert!(!report.log.contains("first connection"), "{}", report.log);
+    world.assert_no_vms(&report);
+}
+
+#[test]
+fn a_run_steps_job_runs_step_runner_in_the_vm() {
+    let Some(world) = World::new("e2e::a_run_steps_job_runs_step_runner_in_the_vm") else {
+        return;
+    };
+    // The template's step-runner: here a stand-in that shows what the runner handed it.
+    let bin = world.dir.path().join("vm-bin");
+    std::fs::create_dir(&bin).expect("vm-bin");
+    let step_runner = bin.join("step-runner");
+    std::fs::write(
+        &step_runner,
+        "#!/bin/sh\necho \"step-runner $1 got: $STEPS\"\n",
+    )
+    .expect("write step-runner");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&step_runner, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let report = world
+        .job()
+        .job_var("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+        .run_steps("- name: hello\n  script: echo hi")
+        .run();
+    report.assert_success();
+    assert!(
+        report.log.contains("step-runner ci got: - name: hello"),
+        "{}",
+        report.log
+    );
+    assert!(report.stages_run().contains(&"build_script".to_string()));
+    world.assert_no_vms(&report);
 }

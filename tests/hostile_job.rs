@@ -194,6 +194,7 @@ fn attack_values(host: &Host, attacker: &FakeProxmox) -> Vec<(String, String)> {
             "VM_MEMORY_MB" => "999999".into(),
             "VM_DISK_GROW_GB" => "9999".into(),
             "VM_BOOT_TIMEOUT" => "1".into(),
+            "VM_CLEANUP_TIMEOUT" => "1".into(),
             "VM_NETWORK_CIDRS" => "10.0.0.0/8".into(),
             "VM_SSH_USER" => "root".into(),
             "VM_SSH_PORT" => "1".into(),

@@ -90,6 +90,8 @@ fn state_for(dir: &Path, vmid: u32, phase: Phase, marker: &Marker) -> JobState {
         ssh_user: None,
         host_keys: vec![],
         host_key_source: None,
+        clone_sent_at: None,
+        clone_upid: None,
         lost: None,
     };
     state.save(dir).unwrap();
@@ -895,7 +897,7 @@ fn cleanup_waits_for_a_clone_in_flight_then_removes_it() {
     assert_eq!(fake.job_vms().len(), 1);
     let out = cleanup(&hook);
     out.assert_exit(0);
-    assert_log_has(&out, "locked (clone); waiting for the lock to clear");
+    assert_log_has(&out, "still runs; waiting for its task to end");
     assert!(fake.job_vms().is_empty(), "{NO_VM_LEFT}");
     assert!(state_of(dir.path()).is_none());
 }

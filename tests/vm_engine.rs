@@ -57,6 +57,7 @@ impl Sink for Recorder<'_> {
                 );
                 format!("allocated {vm}")
             }
+            Milestone::CloneStarted(_) => "clone started".to_string(),
             Milestone::Released => "released".to_string(),
             Milestone::Cloned => "cloned".to_string(),
             Milestone::Started => "started".to_string(),
@@ -116,6 +117,7 @@ async fn the_engine_provisions_and_tears_down_without_any_job() {
         sink.milestones,
         vec![
             format!("allocated VM {vmid} on pve1"),
+            "clone started".to_string(),
             "cloned".to_string(),
             "started".to_string()
         ]

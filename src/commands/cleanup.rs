@@ -13,10 +13,6 @@ use crate::state::JobState;
 use crate::vm::teardown::{self, Teardown};
 use crate::vm::StderrLog;
 
-/// Long enough to wait out a full clone's lock, short enough to finish (and say why) before a
-/// `cleanup_exec_timeout` of 10 minutes (the README's example) kills us.
-const CLEANUP_TIMEOUT: Duration = Duration::from_secs(7 * 60);
-
 pub async fn cleanup(context: &Context) -> Result<()> {
     let Some(state) = JobState::load(&context.job_dir)? else {
         joblog::info("no job state: prepare created no VM, nothing to clean up");
@@ -30,17 +26,22 @@ pub async fn cleanup(context: &Context) -> Result<()> {
         )));
     };
     let client = Client::new(&context.settings)?;
-    let deadline = Instant::now() + CLEANUP_TIMEOUT;
+    // VM_CLEANUP_TIMEOUT (default 7 min) waits out a full clone's or a backup's lock and still
+    // finishes, saying why, before a `cleanup_exec_timeout` of 10 minutes (the README's) kills
+    // us. The hard stop a little later covers a request that hangs past the deadline.
+    let budget = context.settings.cleanup_timeout;
+    let deadline = Instant::now() + budget;
+    let trace = state.clone_trace();
     let outcome = tokio::time::timeout(
-        CLEANUP_TIMEOUT + Duration::from_secs(30),
-        teardown::destroy_owned_vm(&client, node, vmid, &marker, deadline, &StderrLog),
+        budget + budget.min(Duration::from_secs(30)),
+        teardown::destroy_traced_vm(&client, &trace, &marker, deadline, &StderrLog),
     )
     .await
     .map_err(|_| {
         Error::Infrastructure(format!(
-            "gave up destroying VM {vmid} on {node} after {} s; gitlab-proxmox-runner gc will \
-             retry",
-            CLEANUP_TIMEOUT.as_secs()
+            "gave up destroying VM {vmid} on {node} after {} s (VM_CLEANUP_TIMEOUT); \
+             gitlab-proxmox-runner gc will retry",
+            budget.as_secs()
         ))
     })??;
     match outcome {

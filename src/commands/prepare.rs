@@ -25,6 +25,10 @@ use crate::vm::{placement, ready, template, Sink, StderrLog};
 
 /// Removing what a failed prepare created (waits for a clone lock included).
 const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// The same after SIGTERM: gitlab-runner sends SIGKILL `graceful_kill_timeout` later (the
+/// README recommends 30 s). What rollback cannot finish in time stays in the job state for
+/// cleanup, which the runner runs next.
+const CANCELLED_ROLLBACK_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub async fn prepare(context: &Context) -> Result<()> {
     for warning in &context.settings.trust_warnings {
@@ -122,9 +126,9 @@ async fn remove_earlier_attempt(client: &Client, context: &Context) -> Result<()
     match Marker::parse_line(&earlier.marker) {
         Some(marker) => {
             let deadline = Instant::now() + ROLLBACK_TIMEOUT;
+            let trace = earlier.clone_trace();
             let outcome =
-                teardown::destroy_owned_vm(client, node, vmid, &marker, deadline, &StderrLog)
-                    .await?;
+                teardown::destroy_traced_vm(client, &trace, &marker, deadline, &StderrLog).await?;
             if let Teardown::NotOurs(reason) = outcome {
                 joblog::warn(format!(
                     "VM {vmid} on {node} is not the one the earlier attempt created ({reason}); \
@@ -144,8 +148,14 @@ async fn remove_earlier_attempt(client: &Client, context: &Context) -> Result<()
 /// job state stays for cleanup (which the runner runs after every failed prepare).
 async fn rollback(client: &Client, context: &Context, state: &JobState, marker: &Marker) {
     let (vmid, node) = (state.vmid, state.node.as_str());
-    let deadline = Instant::now() + ROLLBACK_TIMEOUT;
-    match teardown::destroy_owned_vm(client, node, vmid, marker, deadline, &StderrLog).await {
+    let budget = if context.cancel.is_cancelled() {
+        CANCELLED_ROLLBACK_TIMEOUT
+    } else {
+        ROLLBACK_TIMEOUT
+    };
+    let deadline = Instant::now() + budget;
+    let trace = state.clone_trace();
+    match teardown::destroy_traced_vm(client, &trace, marker, deadline, &StderrLog).await {
         Ok(outcome) => {
             if let Teardown::NotOurs(reason) = outcome {
                 joblog::warn(format!(

@@ -152,6 +152,9 @@ pub struct Settings {
     pub vm_memory_mb: Option<u32>,
     pub vm_disk_grow_gb: Option<u32>,
     pub boot_timeout: Duration,
+    /// How long cleanup may take (waits for locks included) before it leaves the VM to gc;
+    /// keep it below the runner's `cleanup_exec_timeout`.
+    pub cleanup_timeout: Duration,
     /// Empty: any global unicast address.
     pub network_cidrs: Vec<Cidr>,
     pub ssh_user: String,
@@ -346,6 +349,13 @@ impl Settings {
                 "VM_BOOT_TIMEOUT must be at least 1 second".into(),
             ));
         }
+        let cleanup_timeout =
+            Duration::from_secs(raw.number::<u64>("VM_CLEANUP_TIMEOUT")?.unwrap_or(420));
+        if cleanup_timeout.is_zero() {
+            return Err(Error::Settings(
+                "VM_CLEANUP_TIMEOUT must be at least 1 second".into(),
+            ));
+        }
         let network_cidrs = raw
             .get("VM_NETWORK_CIDRS")
             .map(|text| {
@@ -447,6 +457,7 @@ impl Settings {
             vm_memory_mb: raw.number("VM_MEMORY_MB")?,
             vm_disk_grow_gb: raw.number("VM_DISK_GROW_GB")?,
             boot_timeout,
+            cleanup_timeout,
             network_cidrs,
             ssh_user: raw.get("VM_SSH_USER").unwrap_or("ci").to_string(),
             ssh_port,

@@ -98,6 +98,7 @@ pub const SPECS: &[Spec] = &[
     host("VM_MEMORY_MB"),
     host("VM_DISK_GROW_GB"),
     host("VM_BOOT_TIMEOUT"),
+    host("VM_CLEANUP_TIMEOUT"),
     host("VM_NETWORK_CIDRS"),
     host("VM_SSH_USER"),
     host("VM_SSH_PORT"),

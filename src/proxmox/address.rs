@@ -80,6 +80,24 @@ pub fn choose_address(
         .copied()
 }
 
+/// How long prepare waits for an IPv4 address once the agent reports only IPv6 (a SLAAC
+/// address is up before DHCPv4 finishes, and a runner host without IPv6 could never reach it).
+pub const IPV4_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The address to use now, or `None` to ask the agent again: IPv4 whenever one qualifies;
+/// an IPv6 address only once `ipv4_grace_over` (the agent reported nothing else for
+/// [`IPV4_GRACE`], or the VM's network is IPv6-only by `VM_NETWORK_CIDRS`).
+pub fn preferred_address(
+    interfaces: &[AgentInterface],
+    net0_mac: Option<&str>,
+    cidrs: &[Cidr],
+    ipv4_grace_over: bool,
+) -> Option<IpAddr> {
+    let chosen = choose_address(interfaces, net0_mac, cidrs)?;
+    let ipv6_only_network = !cidrs.is_empty() && cidrs.iter().all(|cidr| cidr.addr.is_ipv6());
+    (chosen.is_ipv4() || ipv4_grace_over || ipv6_only_network).then_some(chosen)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::types::{AgentInterfaces, AgentIpAddress};
@@ -169,6 +187,26 @@ mod tests {
         assert_eq!(
             choose_address(&ifaces, None, &[]),
             Some("192.0.2.44".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn ipv6_alone_waits_for_the_grace_period_unless_the_network_is_ipv6_only() {
+        let v6_first = vec![iface("eth0", Some(NET0), &["2001:db8::5", "fe80::1"])];
+        assert_eq!(preferred_address(&v6_first, Some(NET0), &[], false), None);
+        assert_eq!(
+            preferred_address(&v6_first, Some(NET0), &[], true),
+            Some("2001:db8::5".parse().unwrap())
+        );
+        let v6_net = vec![Cidr::parse("2001:db8::/32").unwrap()];
+        assert_eq!(
+            preferred_address(&v6_first, Some(NET0), &v6_net, false),
+            Some("2001:db8::5".parse().unwrap())
+        );
+        let both = vec![iface("eth0", Some(NET0), &["2001:db8::5", "192.0.2.7"])];
+        assert_eq!(
+            preferred_address(&both, Some(NET0), &[], false),
+            Some("192.0.2.7".parse().unwrap())
         );
     }
 

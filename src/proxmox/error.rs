@@ -88,10 +88,20 @@ impl ApiError {
         text
     }
 
-    /// `Configuration file '...' does not exist`, or a 404: the VM (or task) is not there.
+    /// `Configuration file 'nodes/<node>/qemu-server/<vmid>.conf' does not exist`: PVE's only
+    /// words for a missing VM. Other "does not exist" texts (`storage 'x' does not exist`, a
+    /// missing pool or disk) are failures of an existing VM's operation, not its absence.
     pub fn is_not_found(&self) -> bool {
-        let text = self.haystack();
-        self.status() == Some(404) || text.contains("does not exist") || text.contains("no such vm")
+        let text = self.message.to_ascii_lowercase();
+        text.split("configuration file 'nodes/")
+            .skip(1)
+            .any(|rest| {
+                rest.split_once('\'').is_some_and(|(path, after)| {
+                    path.contains("/qemu-server/")
+                        && path.ends_with(".conf")
+                        && after.trim_start().starts_with("does not exist")
+                })
+            })
     }
 
     /// The VMID is taken: `VM N already exists`, `config file already exists`.
@@ -345,6 +355,25 @@ mod tests {
         );
         assert!(err.is_not_found(), "{err}");
         assert!(!err.is_transient());
+    }
+
+    #[test]
+    fn only_a_missing_vm_config_means_the_vm_is_gone() {
+        let task = |text: &str| ApiError::new(ApiErrorKind::Task, text);
+        assert!(
+            task("Configuration file 'nodes/pve2/qemu-server/2000123.conf' does not exist")
+                .is_not_found()
+        );
+        for other in [
+            "storage 'fast' does not exist",
+            "pool 'ci' does not exist",
+            "volume 'local-lvm:vm-2000123-disk-0' does not exist",
+            "Configuration file 'nodes/pve1/lxc/2000123.conf' does not exist",
+            "no such VM ('2000123')",
+        ] {
+            assert!(!task(other).is_not_found(), "{other}");
+        }
+        assert!(!from_http_answer(404, Some("Not Found"), b"").is_not_found());
     }
 
     #[test]

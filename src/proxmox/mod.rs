@@ -5,9 +5,11 @@
 pub mod address;
 pub mod client;
 pub mod error;
+pub mod presence;
 pub mod tls;
 pub mod types;
 
 pub use client::{Client, CloneRequest, Retry};
 pub use error::{ApiError, ApiErrorKind, Cause};
+pub use presence::Presence;
 pub use types::{TaskOutcome, Upid, VmConfig, VmStatus};

@@ -19,6 +19,7 @@
 //! prepare writes the job log and the job state; another caller logs elsewhere.
 
 pub mod clone_slots;
+pub mod clone_watch;
 pub mod placement;
 pub mod provision;
 pub mod ready;
@@ -70,6 +71,9 @@ pub enum Milestone<'a> {
     /// A VMID was chosen and the clone request comes next: record it now, so that whatever
     /// happens later the VM can be found and removed.
     Allocated(&'a VmRef),
+    /// The clone request for the VMID of the last `Allocated` was answered with this task:
+    /// until it ends, a missing VM there is not a gone one.
+    CloneStarted(&'a crate::proxmox::Upid),
     /// The VMID chosen last was given up: nothing of ours is left there.
     Released,
     /// The clone task finished: the VM exists.

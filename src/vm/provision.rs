@@ -69,6 +69,7 @@ pub async fn provision(
         order,
         node: &order.template.node,
         tried_vmids: HashSet::new(),
+        sent_at: None,
     };
     sink.step("cloning the template");
     let vmid = run.clone_into_new_vm(sink).await?;
@@ -89,6 +90,8 @@ struct Provisioning<'a> {
     order: &'a Order<'a>,
     node: &'a str,
     tried_vmids: HashSet<u32>,
+    /// When the current clone request left (Unix seconds).
+    sent_at: Option<u64>,
 }
 
 impl Provisioning<'_> {
@@ -150,6 +153,7 @@ impl Provisioning<'_> {
                 node: self.node.to_string(),
                 vmid,
             }))?;
+            self.sent_at = Some(super::clone_watch::now_epoch());
             let attempt = self.try_clone(vmid, full, sink).await?;
             drop(slot);
             match attempt {
@@ -214,7 +218,8 @@ impl Provisioning<'_> {
             // The template is locked for a moment (a backup, another job's clone start).
             Err(err) if err.is_vm_locked() => return Ok(CloneAttempt::Transient(err)),
             Err(err) if err.kind == ApiErrorKind::Transport => {
-                // The request may have reached PVE: if a VM with our marker appeared, it is ours.
+                // The request may have reached PVE, whose worker writes the VM a moment later:
+                // once no clone that could be ours runs, a VM with our marker is ours.
                 return if self.adopt_if_ours(vmid, sink).await? {
                     Ok(CloneAttempt::Done)
                 } else {
@@ -224,6 +229,7 @@ impl Provisioning<'_> {
             Err(err) if err.is_transient() => return Ok(CloneAttempt::Transient(err)),
             Err(err) => return Err(Error::api(context(), err)),
         };
+        sink.reached(Milestone::CloneStarted(&upid))?;
         match task::finish(
             self.client,
             &upid,
@@ -246,8 +252,11 @@ impl Provisioning<'_> {
                 Ok(CloneAttempt::Done)
             }
             Err(err) if err.kind == ApiErrorKind::Task => {
-                // The task failed; a half-made VM of ours may be left at the id.
-                self.remove_leftover(vmid, sink).await?;
+                // The task failed, and PVE removed what it had made. Make sure, unless the VMID
+                // belongs to another job's clone in flight (our worker never got its lock).
+                if !err.is_clash_on(vmid) {
+                    self.remove_leftover(vmid, sink).await?;
+                }
                 if err.is_clash_on(vmid) {
                     Ok(CloneAttempt::Clash(err.message))
                 } else if err.is_transient() {
@@ -264,6 +273,22 @@ impl Provisioning<'_> {
 
     async fn adopt_if_ours(&self, vmid: u32, sink: &mut dyn Sink) -> Result<bool> {
         let node = self.node;
+        let trace = super::clone_watch::CloneTrace {
+            vm: VmRef {
+                node: node.to_string(),
+                vmid,
+            },
+            template: Some(self.order.template.vmid),
+            sent_at: self.sent_at,
+            upid: None,
+        };
+        super::clone_watch::wait_clone_settled(
+            self.client,
+            &trace,
+            Instant::now() + CLONE_TIMEOUT,
+            &SinkLog(sink),
+        )
+        .await?;
         let unlocked = teardown::wait_unlocked(
             self.client,
             node,

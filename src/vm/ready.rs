@@ -12,11 +12,15 @@ use crate::config::{HostKeyPolicy, Settings};
 use crate::error::{Error, Result};
 use crate::joblog;
 use crate::poll::Poll;
-use crate::proxmox::address::choose_address;
+use crate::proxmox::address::{choose_address, preferred_address, IPV4_GRACE};
 use crate::proxmox::types::AgentInterface;
-use crate::proxmox::Client;
+use crate::proxmox::{ApiError, Client};
 use crate::ssh::{self, HostKeyCheck, Target};
 
+/// How long SSH is tried at an IPv6 address before the agent is asked for IPv4 again.
+const IPV6_CONNECT_SLICE: Duration = Duration::from_secs(10);
+/// The least time the runner helper install gets, even when the boot used up VM_BOOT_TIMEOUT.
+const MIN_HELPER_INSTALL_TIME: Duration = Duration::from_secs(60);
 /// Times the host keys are read again through the agent after a mismatch.
 const MAX_HOST_KEY_REREADS: u32 = 3;
 /// The guest's SSH host keys, in order of preference.
@@ -47,7 +51,24 @@ pub async fn ready(
     )
     .await?;
     sink.step("waiting for SSH");
-    connect_ssh(client, settings, &started.vm, ip, deadline, cancel, sink).await
+    let net0_mac = started.net0_mac.as_deref();
+    let target = SshAt { ip, net0_mac };
+    connect_ssh(
+        client,
+        settings,
+        &started.vm,
+        target,
+        deadline,
+        cancel,
+        sink,
+    )
+    .await
+}
+
+/// Where prepare connects first, and what picks a better address when that fails.
+struct SshAt<'a> {
+    ip: IpAddr,
+    net0_mac: Option<&'a str>,
 }
 
 /// No guest runs its agent this soon after QEMU started, and on real PVE an agent call made
@@ -74,6 +95,8 @@ async fn wait_for_address(
     tokio::time::sleep(first_look).await;
     let mut poll = Poll::proportional(deadline, first_look, AGENT_MIN_POLL, AGENT_MAX_POLL);
     let mut last = String::new();
+    // Since when the agent has offered an IPv6 address and nothing better.
+    let mut only_ipv6_since: Option<Instant> = None;
     loop {
         let answer =
             tokio::time::timeout(poll.remaining(), client.agent_interfaces(node, vmid)).await;
@@ -81,7 +104,13 @@ async fn wait_for_address(
             Err(_) if last.is_empty() => last = "the guest agent did not answer in time".into(),
             Err(_) => {}
             Ok(Ok(answer)) => {
-                if let Some(ip) = choose_address(&answer.result, net0_mac, cidrs) {
+                let chosen = choose_address(&answer.result, net0_mac, cidrs);
+                if chosen.is_none_or(|ip| ip.is_ipv4()) {
+                    only_ipv6_since = None;
+                }
+                let v6_for = *only_ipv6_since.get_or_insert_with(Instant::now);
+                let grace_over = v6_for.elapsed() >= IPV4_GRACE || poll.remaining() <= IPV4_GRACE;
+                if let Some(ip) = preferred_address(&answer.result, net0_mac, cidrs, grace_over) {
                     sink.timing("agent+IP", poll.elapsed());
                     sink.info(&format!(
                         "guest agent up, IP {ip} after {}",
@@ -89,10 +118,18 @@ async fn wait_for_address(
                     ));
                     return Ok(ip);
                 }
-                last = format!(
-                    "the guest agent reports no usable address yet (seen: {})",
-                    seen_addresses(&answer.result)
-                );
+                last = if chosen.is_some() {
+                    format!(
+                        "only an IPv6 address so far; waiting up to {} for IPv4 (seen: {})",
+                        joblog::secs(IPV4_GRACE),
+                        seen_addresses(&answer.result)
+                    )
+                } else {
+                    format!(
+                        "the guest agent reports no usable address yet (seen: {})",
+                        seen_addresses(&answer.result)
+                    )
+                };
             }
             Ok(Err(err)) if err.is_agent_not_configured() => {
                 return Err(Error::Settings(format!(
@@ -126,39 +163,126 @@ async fn wait_for_address(
     }
 }
 
-/// The VM's preferred SSH host key, read through the guest agent (the first of
-/// [`HOST_KEY_FILES`] it has: the SSH client then asks only for that type, so one is enough and
-/// saves API calls). Empty when none could be read, with why not.
-async fn read_host_keys(client: &Client, vm: &VmRef) -> (Vec<String>, Vec<String>) {
-    let mut keys = Vec::new();
-    let mut problems = Vec::new();
+/// What one pass over the host key files found.
+#[derive(Debug)]
+struct HostKeyRead {
+    keys: Vec<String>,
+    problems: Vec<String>,
+    /// Every failure was a missing file: worth reading again later.
+    only_missing: bool,
+}
+
+/// qemu-guest-agent's `failed to open file '...' (mode: 'r'): No such file or directory`.
+fn is_missing_file(err: &ApiError) -> bool {
+    let text = err.message.to_ascii_lowercase();
+    text.contains("failed to open file") && text.contains("no such file or directory")
+}
+
+/// The VM's preferred SSH host key (the first of [`HOST_KEY_FILES`] it has), read through the
+/// guest agent, each read bounded by `deadline`. Empty when none could be read, with why not.
+async fn read_host_keys(client: &Client, vm: &VmRef, deadline: Instant) -> HostKeyRead {
+    let mut read = HostKeyRead {
+        keys: Vec::new(),
+        problems: Vec::new(),
+        only_missing: true,
+    };
     for file in HOST_KEY_FILES {
-        match client.agent_file_read(&vm.node, vm.vmid, file).await {
-            Ok(answer) => match parse_public_key_line(&answer.content) {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let answer =
+            tokio::time::timeout(remaining, client.agent_file_read(&vm.node, vm.vmid, file)).await;
+        match answer {
+            Ok(Ok(answer)) => match parse_public_key_line(&answer.content) {
+                // The SSH client asks only for the pinned types, so the preferred key is
+                // enough, and saves the API two agent calls.
                 Some(key) => {
-                    keys.push(key);
+                    read.keys.push(key);
                     break;
                 }
-                None => problems.push(format!("{file}: not a public key")),
+                None => {
+                    read.only_missing = false;
+                    read.problems.push(format!("{file}: not a public key"));
+                }
             },
-            Err(err) => problems.push(format!("{file}: {}", err.message)),
+            Ok(Err(err)) => {
+                read.only_missing &= is_missing_file(&err);
+                read.problems.push(format!("{file}: {}", err.message));
+            }
+            Err(_) => {
+                read.problems
+                    .push(format!("{file}: the guest agent did not answer in time"));
+                break;
+            }
         }
     }
-    (keys, problems)
+    read
+}
+
+/// Reads the host keys through the agent until one exists or `deadline` passes: cloud-init
+/// generates them after networking is up, so the first read often finds none. A read the agent
+/// refuses for another reason (permissions, a blocked command) ends the wait at once.
+async fn wait_for_host_keys(
+    client: &Client,
+    vm: &VmRef,
+    deadline: Instant,
+    sink: &mut dyn Sink,
+) -> HostKeyRead {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(200);
+    let mut announced = false;
+    loop {
+        let read = read_host_keys(client, vm, deadline).await;
+        let now = Instant::now();
+        if !read.keys.is_empty() || !read.only_missing || now + pause >= deadline {
+            if announced && !read.keys.is_empty() {
+                sink.info(&format!(
+                    "VM {}'s SSH host keys appeared after {}",
+                    vm.vmid,
+                    joblog::secs(started.elapsed())
+                ));
+            }
+            return read;
+        }
+        if !announced {
+            sink.info(&format!(
+                "VM {} has no SSH host key yet (cloud-init writes them after networking is up); \
+                 reading again through the guest agent until VM_BOOT_TIMEOUT",
+                vm.vmid
+            ));
+            announced = true;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Asks the agent again for an IPv4 address.
+async fn requery_ipv4(
+    client: &Client,
+    settings: &Settings,
+    vm: &VmRef,
+    net0_mac: Option<&str>,
+    deadline: Instant,
+) -> Option<IpAddr> {
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let answer = tokio::time::timeout(remaining, client.agent_interfaces(&vm.node, vm.vmid))
+        .await
+        .ok()?
+        .ok()?;
+    choose_address(&answer.result, net0_mac, &settings.network_cidrs).filter(IpAddr::is_ipv4)
 }
 
 async fn connect_ssh(
     client: &Client,
     settings: &Settings,
     vm: &VmRef,
-    ip: IpAddr,
+    at: SshAt<'_>,
     deadline: Instant,
     cancel: &Cancel,
     sink: &mut dyn Sink,
 ) -> Result<ReadyVm> {
     let started = Instant::now();
     let vmid = vm.vmid;
-    let (keys, problems) = read_host_keys(client, vm).await;
+    let HostKeyRead { keys, problems, .. } = wait_for_host_keys(client, vm, deadline, sink).await;
     let mut check = if !keys.is_empty() {
         HostKeyCheck::Pinned(keys)
     } else if settings.host_key_policy == HostKeyPolicy::Strict {
@@ -179,7 +303,8 @@ async fn connect_ssh(
         HostKeyCheck::FirstUse
     };
     let key = ssh::load_private_key(settings)?;
-    let target = Target {
+    let mut ip = at.ip;
+    let mut target = Target {
         host: ip.to_string(),
         port: settings.ssh_port,
         user: settings.ssh_user.clone(),
@@ -187,7 +312,30 @@ async fn connect_ssh(
     };
     let mut rereads = 0;
     let connection = loop {
-        let waited = ssh::wait_until_ready(&target, key.clone(), &check, deadline, cancel).await;
+        // An IPv6 address may be unreachable from this runner host: try it for a while, then
+        // ask the agent again (DHCPv4 may have finished meanwhile).
+        let attempt_deadline = if ip.is_ipv6() {
+            deadline.min(Instant::now() + IPV6_CONNECT_SLICE)
+        } else {
+            deadline
+        };
+        let waited =
+            ssh::wait_until_ready(&target, key.clone(), &check, attempt_deadline, cancel).await;
+        if waited.is_err()
+            && attempt_deadline < deadline
+            && !cancel.is_cancelled()
+            && !matches!(waited, Err(Error::HostKeyMismatch { .. }))
+        {
+            if let Some(better) = requery_ipv4(client, settings, vm, at.net0_mac, deadline).await {
+                sink.info(&format!(
+                    "VM {vmid} did not answer SSH at its IPv6 address {ip}; the guest agent now \
+                     reports {better}, trying that"
+                ));
+                ip = better;
+                target.host = ip.to_string();
+            }
+            continue;
+        }
         // cloud-init regenerates the host keys on first boot, and the guest agent can answer
         // before it has: the keys read a moment ago may be the template's. The agent is the
         // trusted channel, so when it now reports different keys, pin those and try again.
@@ -197,7 +345,7 @@ async fn connect_ssh(
         let HostKeyCheck::Pinned(pinned) = &check else {
             break waited?;
         };
-        let (fresh, _) = read_host_keys(client, vm).await;
+        let fresh = read_host_keys(client, vm, deadline).await.keys;
         if rereads >= MAX_HOST_KEY_REREADS || fresh.is_empty() || &fresh == pinned {
             break waited?;
         }
@@ -223,8 +371,26 @@ async fn connect_ssh(
     sink.reached(Milestone::Ready(&ready))?;
     sink.timing("ssh", started.elapsed());
 
+    // Bounded like the boot: a VM that stops answering mid-install must not hold prepare until
+    // prepare_exec_timeout (with a floor, so a slow boot leaves the install a chance).
     let helper = Instant::now();
-    ssh::provision_runner_helper(&connection, settings.runner_helper_path.as_deref()).await?;
+    let budget = deadline
+        .saturating_duration_since(helper)
+        .max(MIN_HELPER_INSTALL_TIME);
+    tokio::time::timeout(
+        budget,
+        ssh::provision_runner_helper(&connection, settings.runner_helper_path.as_deref()),
+    )
+    .await
+    .map_err(|_| {
+        Error::ssh(
+            format!("installing gitlab-runner in VM {vmid}"),
+            format!(
+                "not done after {} (VM_BOOT_TIMEOUT); the VM stopped answering or is very slow",
+                joblog::secs(budget)
+            ),
+        )
+    })??;
     sink.timing("helper", helper.elapsed());
     Ok(ready)
 }

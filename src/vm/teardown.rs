@@ -5,12 +5,13 @@
 
 use std::time::{Duration, Instant};
 
+use super::clone_watch::{self, CloneEnd, CloneTrace};
 use super::{task, Log};
 use crate::error::{Error, Result};
 use crate::joblog;
 use crate::marker::Marker;
 use crate::poll::Poll;
-use crate::proxmox::{ApiError, Client};
+use crate::proxmox::{ApiError, Client, Presence};
 
 /// What happened to the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +25,31 @@ pub enum Teardown {
 }
 
 const MAX_ROUNDS: usize = 8;
+/// The pause before the second round; it doubles each round up to `MAX_RETRY_PAUSE`, so the
+/// rounds ride out about a minute of a busy node.
+const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(500);
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(15);
+
+/// Destroys the VM a clone trace names: first waits until its clone (if one was requested) can
+/// no longer create it (qemu-server writes the config after answering the clone request), then
+/// [`destroy_owned_vm`].
+pub async fn destroy_traced_vm(
+    client: &Client,
+    trace: &CloneTrace,
+    expected: &Marker,
+    deadline: Instant,
+    log: &dyn Log,
+) -> Result<Teardown> {
+    let settled = clone_watch::wait_clone_settled(client, trace, deadline, log).await?;
+    let (node, vmid) = (trace.vm.node.as_str(), trace.vm.vmid);
+    let outcome = destroy_owned_vm(client, node, vmid, expected, deadline, log).await?;
+    if let (CloneEnd::Ended(Some(error)), Teardown::AlreadyGone) = (&settled, &outcome) {
+        log.info(&format!(
+            "the clone into VM {vmid} had failed ({error}); PVE removed what it had made"
+        ));
+    }
+    Ok(outcome)
+}
 
 /// Destroys VM `vmid` on `node` if its marker equals `expected`, giving up at `deadline`.
 pub async fn destroy_owned_vm(
@@ -49,9 +75,24 @@ pub async fn destroy_owned_vm(
     };
 
     let mut waited_for_clone = false;
+    let mut pause = FIRST_RETRY_PAUSE;
     for _ in 0..MAX_ROUNDS {
-        let Some(status) = client.vm_status(node, vmid).await.map_err(fail)? else {
-            return Ok(gone(acted));
+        let status = match client.vm_presence(node, vmid).await.map_err(fail)? {
+            Presence::Exists(status) => status,
+            Presence::Gone => return Ok(gone(acted)),
+            // Ours is gone (or never joined the token's pool); another VM holds the id now.
+            Presence::Hidden(_) if acted => return Ok(Teardown::Destroyed),
+            // Foreign, or ours with a token that lacks VM.Audit on it: nothing proves which.
+            Presence::Hidden(err) => {
+                return Err(Error::Proxmox {
+                    context: context(),
+                    message: format!(
+                        "a VM holds this VMID, but the API token may not see it ({err}); if it \
+                         is this job's VM, the token lacks VM.Audit on it (check the ACL on \
+                         PROXMOX_POOL); left for `gitlab-proxmox-runner gc`"
+                    ),
+                })
+            }
         };
         // Ownership first, so a foreign VM is never waited on, let alone touched.
         if !owner_checked {
@@ -88,7 +129,7 @@ pub async fn destroy_owned_vm(
                 Ok(()) => stop_time += stopping.elapsed(),
                 Err(err) if err.is_not_found() => return Ok(gone(acted)),
                 Err(err) if err.is_vm_locked() || err.is_transient() => {
-                    pause_before_retry(deadline, &err, context, log)?;
+                    pause_before_retry(deadline, &err, context, log, &mut pause).await?;
                     continue;
                 }
                 Err(err) => return Err(fail(err)),
@@ -114,7 +155,7 @@ pub async fn destroy_owned_vm(
             // at it afresh.
             Err(err) if err.is_vm_locked() || err.is_transient() || err.is_vm_running() => {
                 acted = true;
-                pause_before_retry(deadline, &err, context, log)?;
+                pause_before_retry(deadline, &err, context, log, &mut pause).await?;
                 continue;
             }
             Err(err) => return Err(fail(err)),
@@ -143,16 +184,25 @@ async fn wait_for_lock(
     wait_unlocked(client, node, vmid, deadline, log).await
 }
 
-fn pause_before_retry(
+/// Sleeps `pause` (doubling it for the next round), or fails with `err` when the deadline
+/// leaves no room for another round.
+async fn pause_before_retry(
     deadline: Instant,
     err: &ApiError,
     context: impl Fn() -> String,
     log: &dyn Log,
+    pause: &mut Duration,
 ) -> Result<()> {
-    if Instant::now() >= deadline {
+    if Instant::now() + *pause >= deadline {
         return Err(Error::api(context(), err.clone()));
     }
-    log.info(&format!("{}: {err}; trying again", context()));
+    log.info(&format!(
+        "{}: {err}; trying again in {}",
+        context(),
+        joblog::secs(*pause)
+    ));
+    tokio::time::sleep(*pause).await;
+    *pause = (*pause * 2).min(MAX_RETRY_PAUSE);
     Ok(())
 }
 
@@ -166,11 +216,11 @@ pub async fn wait_unlocked(
 ) -> Result<bool> {
     let mut poll = Poll::until(deadline);
     loop {
-        let status = client
-            .vm_status(node, vmid)
+        let presence = client
+            .vm_presence(node, vmid)
             .await
             .map_err(|err| Error::api(format!("reading VM {vmid} on node {node}"), err))?;
-        let Some(status) = status else {
+        let Presence::Exists(status) = presence else {
             return Ok(false);
         };
         let Some(lock) = status.lock() else {
@@ -186,8 +236,13 @@ pub async fn wait_unlocked(
         .map_err(|expired| Error::Proxmox {
             context: format!("waiting for VM {vmid} on node {node}"),
             message: format!(
-                "still locked ({lock}) after {}; an API token cannot override the lock, check \
-                 the VM's running task in the PVE UI",
+                "still locked ({lock}) by {} after {}; an API token cannot override the lock. \
+                 Left for `gitlab-proxmox-runner gc`, which removes it once the lock is gone",
+                if lock == "clone" {
+                    "its clone task"
+                } else {
+                    "another task (a backup, a migration, a snapshot)"
+                },
                 joblog::secs(expired.waited)
             ),
         })?;

@@ -1,8 +1,11 @@
 //! Plays gitlab-runner for one whole job against the real binary, the way the runner's own code
 //! drives a custom executor (see `custom-executor-protocol.md`):
 //!
-//! - every job attempt gets a fresh temporary directory, used as cwd and `TMPDIR`, holding
-//!   `response.json` (`JOB_RESPONSE_FILE`) and the stage scripts (`scriptNNN/script`, 0700);
+//! - every preparation attempt gets a fresh temporary directory (`os.MkdirTemp`), used as cwd
+//!   and `TMPDIR` by config, prepare, run and cleanup, holding `response.json`
+//!   (`JOB_RESPONSE_FILE`) and the stage scripts (`scriptNNN/script`, 0700); it is removed
+//!   (`os.RemoveAll`) right after every cleanup, whatever cleanup's exit code, so nothing a
+//!   hook left there reaches the next attempt;
 //! - config_exec's stdout is parsed as the driver JSON, its `job_env` reaches the later hooks;
 //! - config + prepare are tried up to 3 times, with cleanup after every failed attempt; a
 //!   build-failure exit is not retried;
@@ -183,6 +186,8 @@ pub struct JobReport {
     pub attempts: u32,
     /// The last config_exec JSON that parsed.
     pub driver: Option<DriverConfig>,
+    /// Each preparation attempt's `$TMPDIR`, in order; all removed by the time the job ends.
+    pub job_dirs: Vec<PathBuf>,
 }
 
 impl JobReport {
@@ -594,6 +599,14 @@ impl RunnerJob {
         self
     }
 
+    /// A `run:` (CI steps) job as the runner shims it on the custom executor: the steps go
+    /// into the `STEPS` variable and the job's only script is `step-runner ci`, so the VM
+    /// needs a `step-runner` binary on its PATH.
+    pub fn run_steps(self, steps_yaml: impl Into<String>) -> Self {
+        self.job_var("STEPS", steps_yaml)
+            .script("build_script", "step-runner ci")
+    }
+
     /// Replaces the driver's arguments (e.g. `["--config", path, "prepare"]`).
     pub fn hook_args(
         mut self,
@@ -759,6 +772,7 @@ struct Execution {
     calls: Vec<HookCall>,
     attempt: u32,
     script_sequence: u32,
+    job_dirs: Vec<PathBuf>,
 }
 
 impl Execution {
@@ -777,6 +791,7 @@ impl Execution {
             calls: Vec::new(),
             attempt: 0,
             script_sequence: 0,
+            job_dirs: Vec::new(),
         }
     }
 
@@ -795,8 +810,9 @@ impl Execution {
             Err(outcome) => (outcome, None),
             Ok(prepared) => {
                 let outcome = self.run_stages(&prepared);
-                self.cleanup(prepared.dir.path(), &prepared.driver.job_env);
-                (outcome, Some(prepared.driver))
+                let Prepared { dir, driver } = prepared;
+                self.cleanup(dir, &driver.job_env);
+                (outcome, Some(driver))
             }
         };
         match &outcome {
@@ -820,6 +836,7 @@ impl Execution {
             calls: self.calls,
             attempts: self.attempt,
             driver,
+            job_dirs: self.job_dirs,
         }
     }
 
@@ -840,7 +857,7 @@ impl Execution {
                 }
                 Verdict::BuildFailure { exit_code } => {
                     // The runner cleans up after a build failure too, but does not retry it.
-                    self.cleanup(dir.path(), &job_env);
+                    self.cleanup(dir, &job_env);
                     return Err(if self.control.is_cancelled() {
                         JobOutcome::Canceled
                     } else {
@@ -849,8 +866,7 @@ impl Execution {
                 }
                 Verdict::SystemFailure { reason } => reason,
             };
-            self.cleanup(dir.path(), &job_env);
-            drop(dir);
+            self.cleanup(dir, &job_env);
             if self.control.is_cancelled() {
                 return Err(JobOutcome::Canceled);
             }
@@ -1214,8 +1230,12 @@ impl Execution {
         }
     }
 
-    fn cleanup(&mut self, dir: &Path, job_env: &BTreeMap<String, String>) {
-        let hook = self.job.hook(Executable::Cleanup, dir, Vec::new(), job_env);
+    /// cleanup_exec, then the attempt's directory goes, whatever cleanup's exit code: the job
+    /// state a driver keeps there never outlives a cleanup.
+    fn cleanup(&mut self, dir: tempfile::TempDir, job_env: &BTreeMap<String, String>) {
+        let hook = self
+            .job
+            .hook(Executable::Cleanup, dir.path(), Vec::new(), job_env);
         let finished = self.execute(HookKind::Cleanup, hook, Stream::CleanupLog, false);
         // Its exit code never changes the job's status; the runner only logs it.
         if finished.code != Some(0) {
@@ -1225,6 +1245,15 @@ impl Execution {
             );
             append(&self.cleanup_log, &[], &line);
         }
+        let path = dir.path().to_path_buf();
+        if let Err(err) = dir.close() {
+            append(
+                &self.cleanup_log,
+                &[],
+                &format!("WARNING: removing {}: {err}\n", path.display()),
+            );
+        }
+        self.job_dirs.push(path);
     }
 
     /// Starts the hook in its own process group, streams its output, and stops it (SIGTERM,

@@ -36,9 +36,15 @@ async fn clone_start_agent_delete_lifecycle() {
         .post("/nodes/pve1/qemu/60930/clone", &[("newid", "100122")])
         .await;
     assert_eq!(slow.status, StatusCode::OK, "{}", slow.body);
-    let during = fake
-        .vm(100122)
-        .expect("the clone exists while its task runs");
+    // Like qemu-server's worker, the fake writes the config only after the answer...
+    assert!(
+        fake.vm(100122).is_none(),
+        "the worker has not written the config yet"
+    );
+    let free = api.get("/cluster/nextid", &[("vmid", "100122")]).await;
+    assert_eq!(free.body["data"], "100122", "nextid sees no config yet");
+    // ... first a temporary one holding just the clone lock.
+    let during = common::wait_for_vm(&fake, 100122);
     assert_eq!(during.lock.as_deref(), Some("clone"));
     let start_while_locked = api.post("/nodes/pve1/qemu/100122/status/start", &[]).await;
     let status = api
@@ -220,7 +226,7 @@ async fn nextid_and_parameter_errors_have_pve_shapes() {
     assert_eq!(clone_request.method, "POST");
     assert_eq!(clone_request.body, "newid=150002&full=1&storage=fast");
     assert_eq!(
-        fake.vm(150002).and_then(|vm| vm.full_clone),
+        Some(common::wait_for_vm(&fake, 150002)).and_then(|vm| vm.full_clone),
         Some(true),
         "a full clone may name its storage"
     );
@@ -403,7 +409,9 @@ async fn clone_faults_locks_and_concurrency_limits() {
     assert_eq!(status["exitstatus"], limit_message);
     assert_eq!(fake.max_concurrent_clones(), 3);
     assert_eq!(
-        fake.vm(100301).and_then(|vm| vm.lock).as_deref(),
+        Some(common::wait_for_vm(&fake, 100301))
+            .and_then(|vm| vm.lock)
+            .as_deref(),
         Some("clone")
     );
 
@@ -647,4 +655,256 @@ async fn bodies_may_be_forms_split_on_semicolons_or_json() {
         .await;
     assert_eq!(too_long.status, StatusCode::BAD_REQUEST);
     assert!(too_long.body["errors"]["description"].is_string());
+}
+
+/// Polls `probe` (an API read) until `done` holds for its answer.
+async fn poll_until<F, Fut>(what: &str, mut probe: F, done: impl Fn(&common::Answer) -> bool)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = common::Answer>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = probe().await;
+        if done(&answer) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: last answer {} {} {}",
+            answer.status,
+            answer.reason,
+            answer.body
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_pool_scoped_token_sees_pool_members_only_and_403s_everything_else() {
+    let fake = FakeProxmox::start(FakeConfig {
+        token_pool: Some("ci".into()),
+        clone_time: Duration::from_millis(400),
+        ..FakeConfig::default()
+    });
+    fake.add_vm(NewVm {
+        vmid: 100800,
+        name: "someone-elses".into(),
+        ..NewVm::default()
+    });
+    let api = Api::new(&fake);
+    let denied = "Permission check failed (/vms/100800, VM.Audit)";
+    for path in [
+        "/nodes/pve1/qemu/100800/status/current",
+        "/nodes/pve1/qemu/100801/status/current",
+        "/nodes/pve1/qemu/100800/config",
+    ] {
+        let answer = api.get(path, &[]).await;
+        assert_eq!(answer.status.as_u16(), 403, "{path}");
+        assert!(
+            answer
+                .reason
+                .starts_with("Permission check failed (/vms/10080"),
+            "{path}: {}",
+            answer.reason
+        );
+    }
+    assert_eq!(
+        api.get("/nodes/pve1/qemu/100800/status/current", &[])
+            .await
+            .reason,
+        denied
+    );
+    // Existence stays knowable: nextid is open to every user.
+    let taken = api.get("/cluster/nextid", &[("vmid", "100800")]).await;
+    assert_eq!(taken.status.as_u16(), 400);
+    let free = api.get("/cluster/nextid", &[("vmid", "100801")]).await;
+    assert_eq!(free.body["data"], "100801");
+    // Listings show the pool's members (the templates) only.
+    let listed = api.get("/cluster/resources", &[("type", "vm")]).await;
+    let ids: Vec<u64> = listed.body["data"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|vm| vm["vmid"].as_u64())
+        .collect();
+    assert_eq!(ids, vec![60900, 60910, 60920, 60930]);
+    // A clone needs VM.Allocate on the new id or on the pool it names.
+    let clone = "/nodes/pve1/qemu/60900/clone";
+    let no_pool = api.post(clone, &[("newid", "100802")]).await;
+    assert_eq!(no_pool.status.as_u16(), 403);
+    assert_eq!(
+        no_pool.reason,
+        "Permission check failed (/vms/100802, VM.Allocate)"
+    );
+    let other_pool = api
+        .post(clone, &[("newid", "100802"), ("pool", "prod")])
+        .await;
+    assert_eq!(other_pool.status.as_u16(), 400, "{}", other_pool.body);
+    let started = api
+        .post(clone, &[("newid", "100802"), ("pool", "ci")])
+        .await;
+    let upid = started.body["data"].as_str().expect("UPID").to_string();
+    // The VM joins the pool only as the clone's last step: until then it is a 403 too.
+    let during = api.get("/nodes/pve1/qemu/100802/status/current", &[]).await;
+    assert_eq!(during.status.as_u16(), 403);
+    common::wait_for_vm(&fake, 100802);
+    let locked = api.get("/nodes/pve1/qemu/100802/config", &[]).await;
+    assert_eq!(locked.status.as_u16(), 403, "not a member while cloning");
+    assert_eq!(api.wait_task_data(&upid).await["exitstatus"], "OK");
+    let member = api.get("/nodes/pve1/qemu/100802/status/current", &[]).await;
+    assert_eq!(member.status, StatusCode::OK, "{}", member.body);
+    assert_eq!(
+        fake.vm(100802).and_then(|vm| vm.pool).as_deref(),
+        Some("ci")
+    );
+    // Gone again after a delete: 403, not "does not exist".
+    let delete = api
+        .call(Method::DELETE, "/nodes/pve1/qemu/100802", &[("purge", "1")])
+        .await;
+    let upid = delete.body["data"].as_str().expect("UPID").to_string();
+    assert_eq!(api.wait_task_data(&upid).await["exitstatus"], "OK");
+    let gone = api.get("/nodes/pve1/qemu/100802/status/current", &[]).await;
+    assert_eq!(gone.status.as_u16(), 403);
+    // The token still reads its own tasks, and lists them.
+    let tasks = api
+        .get(
+            "/nodes/pve1/tasks",
+            &[("typefilter", "qmclone"), ("source", "all")],
+        )
+        .await;
+    assert_eq!(tasks.body["data"].as_array().map(Vec::len), Some(1));
+}
+
+#[tokio::test]
+async fn clones_appear_late_answers_get_lost_and_locks_expire() {
+    let fake = FakeProxmox::start(FakeConfig {
+        clone_time: Duration::from_millis(600),
+        clone_config_delay: Duration::from_millis(100),
+        ..FakeConfig::default()
+    });
+    let api = Api::new(&fake);
+    let clone = "/nodes/pve1/qemu/60900/clone";
+    // The answer is lost, but the worker was forked: the VM appears anyway.
+    fake.inject(Fault::CloneAnswerLost { count: 1 });
+    let lost = common::client(&fake)
+        .post(format!("{}{clone}", fake.api_url()))
+        .header("Authorization", &api.auth)
+        // A full clone: its temporary config stays until the first disk is copied.
+        .form(&[("newid", "100900"), ("description", "mine"), ("full", "1")])
+        .send()
+        .await;
+    assert!(lost.is_err(), "the connection drops without an answer");
+    let active = api
+        .get(
+            "/nodes/pve1/tasks",
+            &[
+                ("source", "active"),
+                ("typefilter", "qmclone"),
+                ("vmid", "60900"),
+            ],
+        )
+        .await;
+    let running = active.body["data"].as_array().expect("tasks").clone();
+    assert_eq!(running.len(), 1, "{}", active.body);
+    assert!(running[0].get("endtime").is_none());
+    // First the temporary config (lock only), later the full one (still locked), then no lock.
+    let temporary = common::wait_for_vm(&fake, 100900);
+    assert_eq!(temporary.lock.as_deref(), Some("clone"));
+    assert_eq!(temporary.description, "");
+    assert!(!temporary.config.contains_key("name"));
+    // A second clone into the same id now fails at once; before the config existed it would
+    // have failed in its worker on the VMID's lock.
+    let taken = api.post(clone, &[("newid", "100900")]).await;
+    assert_eq!(
+        taken.reason,
+        "unable to create VM 100900: config file already exists"
+    );
+    let upid = running[0]["upid"].as_str().expect("UPID").to_string();
+    assert_eq!(api.wait_task_data(&upid).await["exitstatus"], "OK");
+    let done = fake.vm(100900).expect("the clone");
+    assert_eq!((done.lock, done.description.as_str()), (None, "mine"));
+
+    // A backup holds the VM for a while, then lets go.
+    assert!(fake.lock_vm_for(100900, "backup", Duration::from_millis(300)));
+    let status = api.get("/nodes/pve1/qemu/100900/status/current", &[]).await;
+    assert_eq!(status.body["data"]["lock"], "backup");
+    poll_until(
+        "the backup lock clears",
+        || api.get("/nodes/pve1/qemu/100900/status/current", &[]),
+        |answer| answer.body["data"].get("lock").is_none(),
+    )
+    .await;
+
+    // A delete that fails for a reason that is not the VM.
+    fake.inject(Fault::TaskFails {
+        kind: "qmdestroy".into(),
+        count: 1,
+        message: "storage 'fast' does not exist".into(),
+    });
+    let delete = api
+        .call(Method::DELETE, "/nodes/pve1/qemu/100900", &[("purge", "1")])
+        .await;
+    let upid = delete.body["data"].as_str().expect("UPID").to_string();
+    assert_eq!(
+        api.wait_task_data(&upid).await["exitstatus"],
+        "storage 'fast' does not exist"
+    );
+    assert!(fake.vm(100900).is_some(), "the VM is still there");
+}
+
+#[tokio::test]
+async fn the_agent_reports_ipv6_first_and_host_keys_late() {
+    let fake = FakeProxmox::start(FakeConfig {
+        boot_time: Duration::ZERO,
+        clone_time: Duration::ZERO,
+        guest_ip6: Some("2001:db8::10".parse().expect("IPv6")),
+        guest_ip_delay: Duration::from_millis(400),
+        ..FakeConfig::default()
+    });
+    let key = "/etc/ssh/ssh_host_ed25519_key.pub";
+    fake.set_late_guest_file(key, "ssh-ed25519 AAAAlate", Duration::from_millis(400));
+    let api = Api::new(&fake);
+    let clone = api
+        .post("/nodes/pve1/qemu/60900/clone", &[("newid", "101000")])
+        .await;
+    api.wait_task_data(clone.body["data"].as_str().expect("UPID"))
+        .await;
+    let start = api.post("/nodes/pve1/qemu/101000/status/start", &[]).await;
+    api.wait_task_data(start.body["data"].as_str().expect("UPID"))
+        .await;
+    let interfaces = "/nodes/pve1/qemu/101000/agent/network-get-interfaces";
+    let eth0 = |answer: &common::Answer| -> Vec<String> {
+        answer.body["data"]["result"][1]["ip-addresses"]
+            .as_array()
+            .map(|list| {
+                list.iter()
+                    .filter_map(|a| a["ip-address"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let early = api.get(interfaces, &[]).await;
+    assert_eq!(eth0(&early)[0], "2001:db8::10", "{}", early.body);
+    assert!(!eth0(&early).contains(&"127.0.0.1".to_string()));
+    let read = api
+        .get("/nodes/pve1/qemu/101000/agent/file-read", &[("file", key)])
+        .await;
+    assert_eq!(
+        read.reason,
+        format!("Agent error: failed to open file '{key}' (mode: 'r'): No such file or directory")
+    );
+    poll_until(
+        "IPv4 appears",
+        || api.get(interfaces, &[]),
+        |answer| eth0(answer).contains(&"127.0.0.1".to_string()),
+    )
+    .await;
+    let file_query = [("file", key)];
+    poll_until(
+        "the host key appears",
+        || api.get("/nodes/pve1/qemu/101000/agent/file-read", &file_query),
+        |answer| answer.body["data"]["content"] == "ssh-ed25519 AAAAlate",
+    )
+    .await;
 }

@@ -191,6 +191,18 @@ async fn the_fake_answers_like_the_recorded_pve_answers() {
     let clone_upid = upid(&clone);
     assert_like(&api.task_status(&clone_upid).await, "task-status-running");
     let vm_path = "/nodes/pve1/qemu/100123";
+    // The worker writes the full config (still locked) a moment after the answer.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !fake
+        .vm(100123)
+        .is_some_and(|vm| vm.config.contains_key("name"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the clone's config never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     assert_like(
         &api.get(&format!("{vm_path}/status/current"), &[]).await,
         "status-current-cloning",

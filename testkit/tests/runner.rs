@@ -10,7 +10,7 @@ use gpr_testkit::runner::{HookKind, JobOutcome, RunnerJob};
 const FAKE_DRIVER: &str = r#"#!/usr/bin/env bash
 # A custom executor driver in a few lines; the "VM" is this machine.
 calls="$FAKE_CALLS"
-echo "$1 tmpdir=$TMPDIR pwd=$PWD from_config=${FROM_CONFIG-unset} x=${CUSTOM_ENV_X-unset} response=$(test -f "$JOB_RESPONSE_FILE" && echo yes)" >> "$calls"
+echo "$1 tmpdir=$TMPDIR pwd=$PWD from_config=${FROM_CONFIG-unset} x=${CUSTOM_ENV_X-unset} response=$(test -f "$JOB_RESPONSE_FILE" && echo yes) state=$(test -f "$TMPDIR/state" && echo yes || echo no)" >> "$calls"
 case "$1" in
   config)
     echo "config says hello on stderr" >&2
@@ -19,6 +19,7 @@ case "$1" in
     ;;
   prepare)
     n=$(grep -c '^prepare' "$calls")
+    echo "attempt $n" > "$TMPDIR/state"
     if [ "$n" -le "${FAKE_PREPARE_FAILS:-0}" ]; then
       echo "prepare attempt $n fails" >&2
       exit "${FAKE_PREPARE_EXIT:-$SYSTEM_FAILURE_EXIT_CODE}"
@@ -33,6 +34,7 @@ case "$1" in
     ;;
   cleanup)
     echo "cleanup output"
+    exit "${FAKE_CLEANUP_EXIT:-0}"
     ;;
 esac
 "#;
@@ -283,6 +285,39 @@ fn cancel_stops_the_whole_process_group_then_runs_after_script_and_cleanup() {
             .unwrap_or_default()
             .contains(") Z ");
     assert!(!alive, "the script's child {sleeper} survived the cancel");
+}
+
+#[test]
+fn every_attempts_directory_is_removed_after_its_cleanup_even_a_failed_one() {
+    let fx = Fixture::new();
+    let report = fx
+        .job()
+        .host_env("FAKE_PREPARE_FAILS", "1")
+        .host_env("FAKE_CLEANUP_EXIT", "2")
+        .script("build_script", "true")
+        .run();
+    report.assert_success();
+    assert_eq!(report.exit_codes(&HookKind::Cleanup), [Some(2), Some(2)]);
+    assert_eq!(report.job_dirs.len(), 2);
+    for dir in &report.job_dirs {
+        assert!(!dir.exists(), "{} outlived its cleanup", dir.display());
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        assert!(name.starts_with("custom-executor"), "{name}");
+    }
+    // What the first attempt left in its $TMPDIR (a driver's job state) never reaches the
+    // second attempt, although the first cleanup failed.
+    let calls = fx.calls();
+    let prepares: Vec<&String> = calls.iter().filter(|l| l.starts_with("prepare")).collect();
+    assert_eq!(prepares.len(), 2);
+    assert!(
+        prepares.iter().all(|l| field(l, "state") == "no"),
+        "{calls:?}"
+    );
+    let cleanups: Vec<&String> = calls.iter().filter(|l| l.starts_with("cleanup")).collect();
+    assert!(
+        cleanups.iter().all(|l| field(l, "state") == "yes"),
+        "{calls:?}"
+    );
 }
 
 /// `secrets:` and predefined-variable overrides reach a hook as gitlab-runner passes them.

@@ -84,6 +84,9 @@ impl Sink for JobRecord<'_> {
                     host_keys: Vec::new(),
                     host_key_source: None,
                     lost: None,
+                    // Saved as sent before it is: from here on, a VM may appear at this VMID.
+                    clone_sent_at: Some(crate::vm::clone_watch::now_epoch()),
+                    clone_upid: None,
                 };
                 state.save(&self.context.job_dir)?;
                 self.state = Some(state);
@@ -92,6 +95,9 @@ impl Sink for JobRecord<'_> {
             Milestone::Released => {
                 self.state = None;
                 JobState::remove(&self.context.job_dir)
+            }
+            Milestone::CloneStarted(upid) => {
+                self.save(|state| state.clone_upid = Some(upid.raw.clone()))
             }
             Milestone::Cloned => self.save(|state| state.phase = Phase::Cloned),
             Milestone::Started => self.save(|state| state.phase = Phase::Started),

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -48,10 +48,23 @@ pub(super) fn agent(
         return Err(fail(500, "QEMU guest agent is not running"));
     }
     let mac = vm.net0_mac().unwrap_or_default().to_ascii_lowercase();
+    let now = Instant::now();
+    let agent_up_for = vm
+        .agent_ready_at
+        .map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
     match rest {
         ["ping"] => Ok(json!({ "result": {} })),
         ["info"] => Ok(json!({ "result": { "version": "8.5.2", "supported_commands": [] } })),
-        ["network-get-interfaces"] => Ok(interfaces(&mac, guest_ip)),
+        ["network-get-interfaces"] => {
+            let mut addresses = Vec::new();
+            if let Some(ip6) = state.config.guest_ip6 {
+                addresses.push(ip6);
+            }
+            if agent_up_for >= state.config.guest_ip_delay {
+                addresses.push(guest_ip);
+            }
+            Ok(interfaces(&mac, &addresses))
+        }
         ["file-read"] => {
             let Some(file) = params.get("file") else {
                 return Err(param_error(
@@ -65,7 +78,15 @@ pub(super) fn agent(
                     return Ok(json!({ "content": stale.clone(), "bytes-read": stale.len() }));
                 }
             }
-            match state.config.guest_files.get(file) {
+            let late = state
+                .late_guest_files
+                .get(file.as_str())
+                .map(|(content, after)| (agent_up_for >= *after).then(|| content.clone()));
+            let content = match late {
+                Some(late) => late,
+                None => state.config.guest_files.get(file).cloned(),
+            };
+            match content {
                 // `truncated` appears only when the 16 MiB limit cut the file.
                 Some(content) => Ok(json!({
                     "content": content,
@@ -110,16 +131,23 @@ pub(super) fn agent(
     }
 }
 
-fn interfaces(mac: &str, guest_ip: IpAddr) -> Value {
-    let (ip_type, prefix) = match guest_ip {
-        IpAddr::V4(_) => ("ipv4", 24),
-        IpAddr::V6(_) => ("ipv6", 64),
-    };
+fn interfaces(mac: &str, addresses: &[IpAddr]) -> Value {
+    let mut eth0: Vec<Value> = addresses
+        .iter()
+        .map(|ip| {
+            let (ip_type, prefix) = match ip {
+                IpAddr::V4(_) => ("ipv4", 24),
+                IpAddr::V6(_) => ("ipv6", 64),
+            };
+            json!({ "ip-address": ip.to_string(), "ip-address-type": ip_type, "prefix": prefix })
+        })
+        .collect();
     let link_local = format!(
         "fe80::be24:11ff:fe{}:{}",
         mac.get(9..11).unwrap_or("00"),
         mac.get(12..17).unwrap_or("00:00").replace(':', "")
     );
+    eth0.push(json!({ "ip-address": link_local, "ip-address-type": "ipv6", "prefix": 64 }));
     json!({ "result": [
         {
             "name": "lo",
@@ -134,10 +162,7 @@ fn interfaces(mac: &str, guest_ip: IpAddr) -> Value {
         {
             "name": "eth0",
             "hardware-address": mac,
-            "ip-addresses": [
-                { "ip-address": guest_ip.to_string(), "ip-address-type": ip_type, "prefix": prefix },
-                { "ip-address": link_local, "ip-address-type": "ipv6", "prefix": 64 },
-            ],
+            "ip-addresses": eth0,
             "statistics": { "rx-bytes": 987654, "rx-packets": 4321, "tx-bytes": 123456, "tx-packets": 1234,
                             "rx-errs": 0, "rx-dropped": 0, "tx-errs": 0, "tx-dropped": 0 },
         },

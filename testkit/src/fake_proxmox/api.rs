@@ -28,6 +28,10 @@ pub(crate) enum Reply {
         message: String,
         errors: Option<BTreeMap<String, String>>,
     },
+    /// The request took effect, but the connection drops before any answer.
+    Dropped,
+    /// This answer, after a pause (with the state unlocked meanwhile).
+    Delayed(std::time::Duration, Box<Reply>),
 }
 
 pub(super) type Result<T> = std::result::Result<T, Reply>;

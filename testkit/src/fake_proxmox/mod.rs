@@ -4,17 +4,24 @@
 //! configured duration has passed (computed from `Instant`s on every request; nothing sleeps).
 //!
 //! What it simulates, in PVE's words: token auth (401 after `bad_token_delay`); `cluster/nextid`
-//! (`?vmid=` → 400 `VM N already exists`); `cluster/resources`; clone (linked/full rules,
-//! `lock: clone` while the task runs, inherited tags/description, new net0 MAC, taken id → 500
-//! `config file already exists`; a failed clone removes the half-made VM); config GET/PUT/POST
+//! (`?vmid=` → 400 `VM N already exists`); `cluster/resources`; clone the way qemu-server's
+//! worker does it (linked/full rules; the POST answers a UPID before the worker has written
+//! anything; after `clone_config_delay` a temporary config with only `lock: clone`, halfway the
+//! full config with the inherited tags and the description, the lock goes, and joining the
+//! pool is the last step; a taken id → 500 `config file already exists`, an id whose config is
+//! not written yet → the worker's lock timeout; a failed clone removes the half-made VM);
+//! pool-scoped ACLs (`token_pool`: 403 `Permission check failed (/vms/N, VM.Audit)` for every
+//! VMID that is not a pool member, listings filtered, `nextid` open); the node's task list;
+//! foreign locks with durations; lost and slow clone answers; config GET/PUT/POST
 //! (tag and description checks, `delete=`, 500 `VM is locked (clone)`); resize; status/current;
 //! start/stop/shutdown/delete tasks (a second racing delete waits and ends with "does not
 //! exist"); task status/log only on the UPID's node; the agent (not running / not configured /
-//! not yet booted, then interfaces `lo`, `eth0` with net0's MAC and `guest_ip`, `docker0`).
-//! Errors put the message into the reason phrase and close the connection. Bodies may be
-//! form-urlencoded (`&` and `;` split fields) or JSON; booleans must be `1`/`0`.
-//! Not simulated: permissions (inject a 403 with [`Fault::HttpErrors`]), pools, storages, HA,
-//! snapshots, real guest-exec output.
+//! not yet booted, then interfaces `lo`, `eth0` with net0's MAC, `guest_ip6` first and
+//! `guest_ip` after `guest_ip_delay`, `docker0`; files that appear only some time after the
+//! agent). Errors put the message into the reason phrase and close the connection. Bodies may
+//! be form-urlencoded (`&` and `;` split fields) or JSON; booleans must be `1`/`0`.
+//! Not simulated: privileges finer than "pool member or not" (inject other 403s with
+//! [`Fault::HttpErrors`]), storages, HA, snapshots, real guest-exec output.
 //!
 //! ```ignore
 //! let fake = FakeProxmox::start(FakeConfig::default());
@@ -36,7 +43,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use state::State;
 
@@ -65,6 +72,22 @@ pub struct FakeConfig {
     pub bad_token_delay: Duration,
     /// pve-http-server >= 5.2.0 also puts `"message"` into error bodies; older ones do not.
     pub message_in_body: bool,
+    /// From the clone request until the clone worker has taken its locks and written the new
+    /// VM's temporary config (`lock: clone`, nothing else). Until then the VMID reads as free
+    /// and missing; the full config (description included) appears halfway through the clone,
+    /// and the VM joins its pool as the task's last step.
+    pub clone_config_delay: Duration,
+    /// `Some(pool)`: the token's ACLs sit on `/pool/<pool>` (plus storage and SDN), not on `/`:
+    /// every request about a VMID that is not (yet, or any more) a member of that pool gets
+    /// `403 Permission check failed (/vms/N, <privilege>)`, and listings show members only.
+    /// The templates are members. `GET /cluster/nextid` stays open to everyone.
+    pub token_pool: Option<String>,
+    /// The resource pools that exist.
+    pub pools: Vec<String>,
+    /// A global IPv6 address the agent reports on net0's interface as soon as it is up.
+    pub guest_ip6: Option<IpAddr>,
+    /// How long after the agent came up `guest_ip` appears (DHCPv4 slower than SLAAC).
+    pub guest_ip_delay: Duration,
     /// The API daemon's worker limit; `None`: every request is served at once.
     pub capacity: Option<ApiCapacity>,
 }
@@ -112,6 +135,11 @@ impl Default for FakeConfig {
             guest_files: BTreeMap::new(),
             bad_token_delay: Duration::from_millis(20),
             message_in_body: false,
+            clone_config_delay: Duration::from_millis(40),
+            token_pool: None,
+            pools: vec!["ci".to_string()],
+            guest_ip6: None,
+            guest_ip_delay: Duration::ZERO,
             capacity: None,
         }
     }
@@ -168,6 +196,7 @@ pub struct VmSnapshot {
     /// The VMID this guest was cloned from, for clones made through the API.
     pub cloned_from: Option<u32>,
     pub full_clone: Option<bool>,
+    pub pool: Option<String>,
 }
 
 /// A guest put into the fake directly: foreign VMs, orphans, leftovers for cleanup and gc tests.
@@ -183,6 +212,8 @@ pub struct NewVm {
     /// Running and booted (its agent answers at once).
     pub running: bool,
     pub lock: Option<String>,
+    /// The resource pool it belongs to.
+    pub pool: Option<String>,
 }
 
 /// One API request as the fake received it.
@@ -246,6 +277,25 @@ pub enum Fault {
     DeleteFailsWhileLocked,
     /// The next N otherwise successful tasks end with `WARNINGS: 1`.
     TaskWarnings { count: u32 },
+    /// The next N tasks of this type (`qmstop`, `qmdestroy`, ...) end with `message`, e.g. an
+    /// unrelated `storage 'x' does not exist`.
+    TaskFails {
+        kind: String,
+        count: u32,
+        message: String,
+    },
+    /// Tasks of this type started before `until` end with `message` (e.g. a config lock
+    /// another worker holds: `can't lock file '/var/lock/qemu-server/lock-N.conf' - got timeout`).
+    TaskFailsUntil {
+        kind: String,
+        until: Instant,
+        message: String,
+    },
+    /// The next N clone requests are carried out, but the connection drops before the answer
+    /// (a proxy timeout, a reset): the client never learns the UPID.
+    CloneAnswerLost { count: u32 },
+    /// Every clone request is carried out at once, but answered only after `delay`.
+    SlowCloneAnswer { delay: Duration },
 }
 
 /// A running fake Proxmox VE API. Dropping it shuts the server down.
@@ -386,6 +436,50 @@ impl FakeProxmox {
             Some(vm) => {
                 vm.lock = lock.map(str::to_string);
                 vm.lock_until = None;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Locks a VM as a backup (`"backup"`) or a migration (`"migrate"`) would, for `duration`;
+    /// false if there is no such VM.
+    pub fn lock_vm_for(&self, vmid: u32, lock: &str, duration: Duration) -> bool {
+        let mut state = self.lock();
+        state.advance();
+        match state.vms.get_mut(&vmid) {
+            Some(vm) => {
+                vm.lock = Some(lock.to_string());
+                vm.lock_until = Some(Instant::now() + duration);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// `path` reads as missing (the agent's `failed to open file` error) until `after` has
+    /// passed since the guest agent came up, then as `content`: host keys that cloud-init
+    /// generates after networking is up.
+    pub fn set_late_guest_file(&self, path: &str, content: &str, after: Duration) {
+        self.lock()
+            .late_guest_files
+            .insert(path.to_string(), (content.to_string(), after));
+    }
+
+    /// The clone tasks that have not ended yet.
+    pub fn running_clone_tasks(&self) -> usize {
+        let mut state = self.lock();
+        state.advance();
+        state.running_clones()
+    }
+
+    /// Adds a VM to a pool (or removes it with `None`); false if there is no such VM.
+    pub fn set_vm_pool(&self, vmid: u32, pool: Option<&str>) -> bool {
+        let mut state = self.lock();
+        state.advance();
+        match state.vms.get_mut(&vmid) {
+            Some(vm) => {
+                vm.pool = pool.map(str::to_string);
                 true
             }
             None => false,

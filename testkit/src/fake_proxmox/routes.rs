@@ -25,10 +25,28 @@ pub(crate) fn dispatch(state: &mut State, request: &ApiRequest) -> Reply {
     }) {
         return fail(status, message);
     }
-    match route(state, request) {
+    let reply = match route(state, request) {
         Ok(data) => data,
         Err(reply) => reply,
+    };
+    let is_clone =
+        request.method == "POST" && request.segments.last().is_some_and(|s| s == "clone");
+    if is_clone && matches!(reply, Reply::Data(_)) {
+        if state
+            .take_counted(|fault| matches!(fault, Fault::CloneAnswerLost { .. }))
+            .is_some()
+        {
+            return Reply::Dropped;
+        }
+        let slow = state.faults.iter().find_map(|fault| match fault {
+            Fault::SlowCloneAnswer { delay } => Some(*delay),
+            _ => None,
+        });
+        if let Some(delay) = slow {
+            return Reply::Delayed(delay, Box::new(reply));
+        }
     }
+    reply
 }
 
 fn route(state: &mut State, request: &ApiRequest) -> Result<Reply> {
@@ -74,6 +92,7 @@ fn node_route(
     let method = request.method.as_str();
     let data = match (method, rest) {
         ("GET", ["qemu"]) => node_qemu_list(state, node),
+        ("GET", ["tasks"]) => task_list(state, node, params)?,
         ("GET", ["tasks", upid, "status"]) => task_status(state, node, upid)?,
         ("GET", ["tasks", upid, "log"]) => return task_log(state, node, upid, params),
         (_, ["qemu", vmid, rest @ ..]) => {
@@ -94,6 +113,7 @@ fn vm_route(
     params: &BTreeMap<String, String>,
 ) -> Result<Reply> {
     let method = request.method.as_str();
+    check_vm_permission(state, vmid, method, rest)?;
     let data = match (method, rest) {
         ("GET", []) => {
             vm_on_node(state, node, vmid)?;
@@ -275,6 +295,36 @@ fn root_only(params: &BTreeMap<String, String>, options: &[&str]) -> Result<()> 
     }
 }
 
+/// PVE checks the privileges on `/vms/<vmid>` before the handler runs, so with pool-scoped
+/// ACLs a VMID that is not a member of the pool (missing, not yet created, gone, or foreign)
+/// answers 403 whatever its state.
+fn check_vm_permission(state: &State, vmid: u32, method: &str, rest: &[&str]) -> Result<()> {
+    if state.config.token_pool.is_none() {
+        return Ok(());
+    }
+    let privilege = match (method, rest) {
+        ("DELETE", []) => "VM.Allocate",
+        ("POST", ["clone"]) => "VM.Clone",
+        ("PUT" | "POST", ["config"]) => "VM.Config.Options",
+        ("PUT" | "POST", ["resize"]) => "VM.Config.Disk",
+        ("POST", ["status", _]) => "VM.PowerMgmt",
+        // PVE 8 (the version this fake reports) guards the agent with VM.Monitor.
+        (_, ["agent", ..]) => "VM.Monitor",
+        _ => "VM.Audit",
+    };
+    match state.vms.get(&vmid) {
+        Some(vm) if state.token_sees(vm) => Ok(()),
+        _ => Err(permission_denied(&format!("/vms/{vmid}"), privilege)),
+    }
+}
+
+pub(super) fn permission_denied(path: &str, privilege: &str) -> Reply {
+    fail(
+        403,
+        format!("Permission check failed ({path}, {privilege})"),
+    )
+}
+
 fn locked(lock: &str) -> Reply {
     fail(500, format!("VM is locked ({lock})"))
 }
@@ -309,7 +359,7 @@ fn resources(state: &State, params: &BTreeMap<String, String>) -> Result<Value> 
     let now = Instant::now();
     let mut list = Vec::new();
     if kind.is_none() || kind == Some("vm") {
-        for vm in state.vms.values() {
+        for vm in state.vms.values().filter(|vm| state.token_sees(vm)) {
             let mut entry = json!({
                 "id": format!("qemu/{}", vm.vmid),
                 "type": "qemu",
@@ -375,7 +425,7 @@ fn node_qemu_list(state: &State, node: &str) -> Value {
         state
             .vms
             .values()
-            .filter(|vm| vm.node == node)
+            .filter(|vm| vm.node == node && state.token_sees(vm))
             .map(|vm| {
                 let mut entry = json!({
                     "vmid": vm.vmid,
@@ -489,6 +539,21 @@ fn clone(
             "property is missing and it is not optional",
         ));
     };
+
+    // The API's permission check: VM.Clone on the source (checked by `vm_route`), and
+    // VM.Allocate on /vms/<newid> or, with `pool`, on /pool/<pool>.
+    if let Some(pool) = params.get("pool") {
+        if !state.config.pools.iter().any(|known| known == pool) {
+            return Err(param_error("pool", format!("pool '{pool}' does not exist")));
+        }
+    }
+    if let Some(scope) = &state.config.token_pool {
+        match params.get("pool") {
+            Some(pool) if pool == scope => {}
+            Some(pool) => return Err(permission_denied(&format!("/pool/{pool}"), "VM.Allocate")),
+            None => return Err(permission_denied(&format!("/vms/{newid}"), "VM.Allocate")),
+        }
+    }
 
     // The checks qemu-server's clone API makes before forking the worker, in its order; each
     // `die`s, which the API server turns into a 500 with the text as reason phrase.
@@ -613,27 +678,64 @@ fn clone(
             }
         }
     }
+    // A clone into a VMID whose worker has not written its config yet passes the early check,
+    // then its own worker times out on that VMID's config lock.
+    if error.is_none() && state.pending_clones.iter().any(|p| p.vmid == newid) {
+        error = Some(format!(
+            "can't lock file '/var/lock/qemu-server/lock-{newid}.conf' - got timeout"
+        ));
+        duration = duration.min(state.config.task_time);
+    }
     let agent_never = state.has_fault(|fault| matches!(fault, Fault::AgentNeverStarts));
     let pool = params.get("pool").cloned();
     let node_name = node.to_string();
-    state.vms.insert(
-        newid,
-        Vm {
-            vmid: newid,
-            node: node_name,
-            running: false,
-            lock: Some("clone".into()),
-            lock_until: None,
-            config,
-            cloned_from: Some(source),
-            full_clone: Some(full),
+    let now = Instant::now();
+    let ends = now + duration;
+    // Joining the pool comes last, a moment after the lock is gone.
+    let pool_step = (duration / 10).min(Duration::from_millis(20));
+    let config_at = (now + state.config.clone_config_delay).min(ends - pool_step);
+    let extra_lock = state.faults.iter().find_map(|fault| match fault {
+        Fault::LockAfterClone { duration } => Some(*duration),
+        _ => None,
+    });
+    let unlock_at = match extra_lock {
+        Some(extra) => ends + extra,
+        None => ends - pool_step,
+    };
+    // A worker that cannot get the new VMID's lock writes nothing.
+    let writes_config = error
+        .as_deref()
+        .is_none_or(|error| !error.contains(&format!("lock-{newid}.conf")));
+    // The temporary config: `# qmclone temporary file` and `lock: clone`, nothing else.
+    let vm = Vm {
+        vmid: newid,
+        node: node_name,
+        running: false,
+        lock: Some("clone".into()),
+        lock_until: None,
+        config: BTreeMap::new(),
+        cloned_from: Some(source),
+        full_clone: Some(full),
+        pool: None,
+        started_at: None,
+        agent_ready_at: None,
+        agent_never,
+        destroying: false,
+        clone: Some(super::state::CloneProgress {
+            full_config: error.is_none().then_some(config),
+            // A linked clone's disk is a snapshot, written at once; a full clone's first disk
+            // copy takes most of the task.
+            full_at: if full {
+                config_at + (ends - pool_step).saturating_duration_since(config_at) / 2
+            } else {
+                (config_at + state.config.clone_config_delay).min(ends - pool_step)
+            },
+            unlock_at,
+            unlocked: false,
             pool,
-            started_at: None,
-            agent_ready_at: None,
-            agent_never,
-            destroying: false,
-        },
-    );
+            upid: String::new(),
+        }),
+    };
     let log = vec![
         format!(
             "create {} clone of drive scsi0 ({source_disk})",
@@ -657,6 +759,20 @@ fn clone(
         },
         log,
     });
+    if writes_config {
+        let mut vm = vm;
+        if let Some(progress) = vm.clone.as_mut() {
+            progress.upid = upid.clone();
+        }
+        state.pending_clones.push(super::state::PendingClone {
+            vmid: newid,
+            upid: upid.clone(),
+            config_at,
+            vm,
+        });
+        // Apply at once what is already due (a zero delay writes the config right away).
+        state.advance();
+    }
     let running = state.running_clones();
     state.max_concurrent_clones = state.max_concurrent_clones.max(running);
     Ok(Value::String(upid))
@@ -1176,6 +1292,69 @@ fn task_status(state: &State, node: &str, upid: &str) -> Result<Value> {
         }
     }
     Ok(object)
+}
+
+/// `GET /nodes/<node>/tasks`: the node's tasks, newest first. A token sees its own tasks
+/// (`userfilter` matches part of the user, `vmid` the task's id, `source=active` only the
+/// running ones).
+fn task_list(state: &State, node: &str, params: &BTreeMap<String, String>) -> Result<Value> {
+    let source = params.get("source").map_or("archive", String::as_str);
+    if !matches!(source, "archive" | "active" | "all") {
+        return Err(param_error(
+            "source",
+            format!(
+                "value '{source}' does not have a value in the enumeration 'archive, active, all'"
+            ),
+        ));
+    }
+    let limit: usize = params
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(50);
+    let own = state.token_user();
+    let mut tasks: Vec<&super::state::Task> = state
+        .tasks
+        .iter()
+        .filter(|task| task.node == node && task.user == own)
+        .filter(|task| match source {
+            "active" => task.running(),
+            "archive" => !task.running(),
+            _ => true,
+        })
+        .filter(|task| {
+            params
+                .get("typefilter")
+                .is_none_or(|kind| task.kind == kind)
+        })
+        .filter(|task| params.get("vmid").is_none_or(|vmid| &task.id == vmid))
+        .filter(|task| {
+            params.get("userfilter").is_none_or(|user| {
+                task.user
+                    .to_ascii_lowercase()
+                    .contains(&user.to_ascii_lowercase())
+            })
+        })
+        .collect();
+    tasks.sort_by(|a, b| b.starttime.cmp(&a.starttime).then(b.pid.cmp(&a.pid)));
+    Ok(Value::Array(
+        tasks
+            .into_iter()
+            .take(limit)
+            .map(|task| {
+                let mut entry = json!({
+                    "upid": task.upid, "node": task.node, "pid": task.pid, "pstart": task.pstart,
+                    "starttime": task.starttime, "type": task.kind, "id": task.id, "user": task.user,
+                });
+                if task.done {
+                    if let Some(map) = entry.as_object_mut() {
+                        map.insert("status".into(), json!(task.exitstatus));
+                        map.insert("endtime".into(), json!(task.starttime));
+                    }
+                }
+                entry
+            })
+            .collect(),
+    ))
 }
 
 fn find_task<'a>(state: &'a State, node: &str, upid: &str) -> Result<&'a super::state::Task> {

@@ -185,12 +185,13 @@ fn serve(
                 let service = hyper::service::service_fn(move |request| {
                     let state = state.clone();
                     let workers = workers.clone();
+                    // An error makes hyper drop the connection without an answer.
                     async move {
                         let response = match workers {
                             Some(workers) => served_by_a_worker(state, &workers, request).await,
                             None => handle(state, request).await,
                         };
-                        Ok::<_, std::convert::Infallible>(response)
+                        response.ok_or(DroppedAnswer)
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -209,7 +210,7 @@ async fn served_by_a_worker(
     state: Arc<Mutex<State>>,
     workers: &tokio::sync::Semaphore,
     request: Request<Incoming>,
-) -> Response<Full<Bytes>> {
+) -> Option<Response<Full<Bytes>>> {
     let Some(capacity) = lock(&state).config.capacity else {
         return handle(state, request).await;
     };
@@ -228,7 +229,7 @@ async fn served_by_a_worker(
     tokio::time::sleep(capacity.service_time).await;
     let is_agent_call = request.uri().path().contains("/agent/");
     let response = handle(state.clone(), request).await;
-    if is_agent_call && response_says_agent_not_up(&response) {
+    if is_agent_call && response.as_ref().is_some_and(response_says_agent_not_up) {
         tokio::time::sleep(capacity.agent_timeout).await;
     }
     lock(&state).in_service -= 1;
@@ -245,7 +246,23 @@ fn response_says_agent_not_up(response: &Response<Full<Bytes>>) -> bool {
         })
 }
 
-async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+/// The answer is lost on purpose ([`Reply::Dropped`]).
+#[derive(Debug)]
+struct DroppedAnswer;
+
+impl std::fmt::Display for DroppedAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the fake dropped the answer")
+    }
+}
+
+impl std::error::Error for DroppedAnswer {}
+
+/// `None`: drop the connection without answering.
+async fn handle(
+    state: Arc<Mutex<State>>,
+    request: Request<Incoming>,
+) -> Option<Response<Full<Bytes>>> {
     let (parts, body) = request.into_parts();
     let method = parts.method.as_str().to_string();
     let raw_path = parts.uri.path().to_string();
@@ -287,14 +304,14 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Respons
     if let Some(refusal) = refusal {
         // pve-http-server delays every 401 (by 3 s) against password guessing.
         tokio::time::sleep(bad_token_delay).await;
-        return render(
+        return Some(render(
             Reply::Fail {
                 status: 401,
                 message: refusal.into(),
                 errors: None,
             },
             message_in_body,
-        );
+        ));
     }
 
     let is_json = parts
@@ -303,7 +320,7 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Respons
         .and_then(|value| value.to_str().ok())
         .is_some_and(|value| value.starts_with("application/json"));
 
-    let reply = match parse_request(&method, &raw_path, &raw_query, &body, is_json) {
+    let mut reply = match parse_request(&method, &raw_path, &raw_query, &body, is_json) {
         Ok(Some(api)) => routes::dispatch(&mut lock(&state), &api),
         Ok(None) => Reply::Fail {
             status: 404,
@@ -312,7 +329,16 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Respons
         },
         Err(reply) => reply,
     };
-    render(reply, message_in_body)
+    loop {
+        match reply {
+            Reply::Dropped => return None,
+            Reply::Delayed(delay, inner) => {
+                tokio::time::sleep(delay).await;
+                reply = *inner;
+            }
+            other => return Some(render(other, message_in_body)),
+        }
+    }
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -402,6 +428,11 @@ fn parse_json_body(body: &[u8]) -> Result<Vec<(String, String)>, Reply> {
 
 fn render(reply: Reply, message_in_body: bool) -> Response<Full<Bytes>> {
     let (status, reason, body) = match reply {
+        Reply::Dropped | Reply::Delayed(..) => (
+            500,
+            Some("internal error in the fake: unrendered reply".to_string()),
+            serde_json::json!({ "data": null }),
+        ),
         Reply::Data(data) => (200, None, serde_json::json!({ "data": data })),
         Reply::DataWith(data, extra) => {
             let mut body = serde_json::json!({ "data": data });

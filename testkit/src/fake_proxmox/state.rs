@@ -29,6 +29,12 @@ pub(crate) struct State {
     /// Guest files that read as an older content for their next N reads (host keys that
     /// cloud-init has not regenerated yet).
     pub stale_guest_files: BTreeMap<String, (String, u32)>,
+    /// Guest files that exist only from this long after the guest agent came up (host keys
+    /// that cloud-init writes after networking is up).
+    pub late_guest_files: BTreeMap<String, (String, Duration)>,
+    /// Clones whose worker has not written the new VM's config yet: the VMID is free as far
+    /// as `nextid` and every read can tell.
+    pub pending_clones: Vec<PendingClone>,
     next_pid: u32,
     next_exec_pid: u32,
 }
@@ -50,6 +56,31 @@ pub(crate) struct Vm {
     pub agent_never: bool,
     /// A destroy task is running on it.
     pub destroying: bool,
+    /// Set while a clone worker is still building this VM.
+    pub clone: Option<CloneProgress>,
+}
+
+/// A clone worker's progress on the VM it creates, as qemu-server's `clone_vm` does it: a
+/// temporary config holding only `lock: clone`, then the full config (still locked) once the
+/// first disk is cloned, then the lock goes, and joining the pool is the last step (the task's
+/// end).
+pub(crate) struct CloneProgress {
+    /// `None` once written (or never, for a task that fails).
+    pub full_config: Option<BTreeMap<String, String>>,
+    pub full_at: Instant,
+    pub unlock_at: Instant,
+    pub unlocked: bool,
+    pub pool: Option<String>,
+    /// The clone task building it: only that task's failure removes it.
+    pub upid: String,
+}
+
+/// A clone whose worker has been forked but has not written the temporary config yet.
+pub(crate) struct PendingClone {
+    pub vmid: u32,
+    pub upid: String,
+    pub config_at: Instant,
+    pub vm: Vm,
 }
 
 impl Vm {
@@ -106,8 +137,18 @@ impl Vm {
             config: self.config.clone(),
             cloned_from: self.cloned_from,
             full_clone: self.full_clone,
+            pool: self.pool.clone(),
         }
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Event {
+    ConfigWritten(usize),
+    FullConfig(u32),
+    Unlocked(u32),
+    LockExpired(u32),
+    TaskEnded(usize),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -170,10 +211,15 @@ impl State {
             max_queued: 0,
             simulated_time: Duration::ZERO,
             stale_guest_files: BTreeMap::new(),
+            late_guest_files: BTreeMap::new(),
+            pending_clones: Vec::new(),
             next_pid: 0x0002_1a40 + rand::random::<u16>() as u32,
             next_exec_pid: 1000,
             config,
         };
+        // With pool-scoped ACLs the templates must be pool members, or the token could not
+        // clone them.
+        let template_pool = state.config.token_pool.clone();
         for template in state.config.templates.clone() {
             let mut config = base_config(&template.name);
             config.insert("template".into(), "1".into());
@@ -213,11 +259,12 @@ impl State {
                     config,
                     cloned_from: None,
                     full_clone: None,
-                    pool: None,
+                    pool: template_pool.clone(),
                     started_at: None,
                     agent_ready_at: None,
                     agent_never: false,
                     destroying: false,
+                    clone: None,
                 },
             );
         }
@@ -263,11 +310,12 @@ impl State {
                 config,
                 cloned_from: None,
                 full_clone: None,
-                pool: None,
+                pool: new.pool,
                 started_at: new.running.then_some(now),
                 agent_ready_at: new.running.then_some(now),
                 agent_never: false,
                 destroying: false,
+                clone: None,
             },
         );
     }
@@ -306,69 +354,149 @@ impl State {
         format!("{}!{}", self.config.token_user, self.config.token_name)
     }
 
-    /// Applies everything that has happened since the last call.
+    /// Applies everything that has happened since the last call, event by event in the order
+    /// the events happened.
     pub fn advance(&mut self) {
         let now = Instant::now();
-        let mut ended: Vec<usize> = (0..self.tasks.len())
-            .filter(|&i| !self.tasks[i].done && self.tasks[i].ends <= now)
-            .collect();
-        ended.sort_by_key(|&i| self.tasks[i].ends);
-        for i in ended {
-            let ends = self.tasks[i].ends;
-            let ok = !is_task_error(&self.tasks[i].exitstatus);
-            self.tasks[i].done = true;
-            match self.tasks[i].effect {
-                Effect::None => {}
-                Effect::CloneDone { vmid, ok: _ } if !ok => {
-                    // PVE removes the half-made VM when a clone fails.
+        while let Some(event) = self.next_event(now) {
+            self.apply(event, now);
+        }
+    }
+
+    /// The earliest event due by `now`.
+    fn next_event(&self, now: Instant) -> Option<Event> {
+        let mut best: Option<(Instant, Event)> = None;
+        let mut consider = |at: Instant, event: Event| {
+            if at <= now && best.as_ref().is_none_or(|(best_at, _)| at < *best_at) {
+                best = Some((at, event));
+            }
+        };
+        for (index, pending) in self.pending_clones.iter().enumerate() {
+            consider(pending.config_at, Event::ConfigWritten(index));
+        }
+        for vm in self.vms.values() {
+            if let Some(progress) = &vm.clone {
+                if progress.full_config.is_some() {
+                    consider(progress.full_at, Event::FullConfig(vm.vmid));
+                }
+                if !progress.unlocked {
+                    consider(progress.unlock_at, Event::Unlocked(vm.vmid));
+                }
+            }
+            if let Some(until) = vm.lock_until {
+                consider(until, Event::LockExpired(vm.vmid));
+            }
+        }
+        for (index, task) in self.tasks.iter().enumerate() {
+            if !task.done {
+                consider(task.ends, Event::TaskEnded(index));
+            }
+        }
+        best.map(|(_, event)| event)
+    }
+
+    fn apply(&mut self, event: Event, now: Instant) {
+        match event {
+            Event::ConfigWritten(index) => {
+                let pending = self.pending_clones.remove(index);
+                // The worker holds the VMID's config lock, so nothing else can be there.
+                self.vms.entry(pending.vmid).or_insert(pending.vm);
+            }
+            Event::FullConfig(vmid) => {
+                if let Some(vm) = self.vms.get_mut(&vmid) {
+                    if let Some(config) = vm.clone.as_mut().and_then(|p| p.full_config.take()) {
+                        vm.config = config;
+                    }
+                }
+            }
+            Event::Unlocked(vmid) => {
+                if let Some(vm) = self.vms.get_mut(&vmid) {
+                    if let Some(progress) = vm.clone.as_mut() {
+                        progress.unlocked = true;
+                    }
+                    if vm.lock.as_deref() == Some("clone") {
+                        vm.lock = None;
+                    }
+                }
+            }
+            Event::LockExpired(vmid) => {
+                if let Some(vm) = self.vms.get_mut(&vmid) {
+                    vm.lock = None;
+                    vm.lock_until = None;
+                }
+            }
+            Event::TaskEnded(index) => self.end_task(index, now),
+        }
+    }
+
+    fn end_task(&mut self, index: usize, _now: Instant) {
+        let ok = !is_task_error(&self.tasks[index].exitstatus);
+        self.tasks[index].done = true;
+        match self.tasks[index].effect {
+            Effect::None => {}
+            Effect::CloneDone { vmid, .. } if !ok => {
+                // qemu-server unlinks the half-made config as the last thing before it dies.
+                let upid = self.tasks[index].upid.clone();
+                self.pending_clones.retain(|pending| pending.upid != upid);
+                let built_by_this_task = self.vms.get(&vmid).is_some_and(|vm| {
+                    vm.clone
+                        .as_ref()
+                        .is_some_and(|progress| progress.upid == upid)
+                });
+                if built_by_this_task {
                     self.vms.remove(&vmid);
                 }
-                Effect::CloneDone { vmid, .. } => {
-                    let extra_lock = self.faults.iter().find_map(|fault| match fault {
-                        Fault::LockAfterClone { duration } => Some(*duration),
-                        _ => None,
-                    });
-                    if let Some(vm) = self.vms.get_mut(&vmid) {
-                        match extra_lock {
-                            Some(duration) if ends + duration > now => {
-                                vm.lock_until = Some(ends + duration)
-                            }
-                            _ => {
-                                vm.lock = None;
-                                vm.lock_until = None;
-                            }
+            }
+            Effect::CloneDone { vmid, .. } => {
+                let upid = self.tasks[index].upid.clone();
+                if let Some(vm) = self.vms.get_mut(&vmid) {
+                    let ours = vm.clone.as_ref().is_some_and(|p| p.upid == upid);
+                    let taken = if ours { vm.clone.take() } else { None };
+                    if let Some(progress) = taken {
+                        if let Some(config) = progress.full_config {
+                            vm.config = config;
+                        }
+                        // Joining the pool is the worker's last step.
+                        vm.pool = progress.pool;
+                        if !progress.unlocked {
+                            // A lock that outlives the task (`Fault::LockAfterClone`).
+                            vm.lock_until = Some(progress.unlock_at);
                         }
                     }
                 }
-                Effect::Started { vmid, boot_time } if ok => {
-                    if let Some(vm) = self.vms.get_mut(&vmid) {
-                        vm.running = true;
-                        vm.started_at = Some(ends);
-                        vm.agent_ready_at = Some(ends + boot_time);
-                    }
-                }
-                Effect::Stopped { vmid } if ok => {
-                    if let Some(vm) = self.vms.get_mut(&vmid) {
-                        vm.running = false;
-                        vm.started_at = None;
-                        vm.agent_ready_at = None;
-                    }
-                }
-                Effect::Destroyed { vmid } => {
-                    if ok {
-                        self.vms.remove(&vmid);
-                    } else if let Some(vm) = self.vms.get_mut(&vmid) {
-                        vm.destroying = false;
-                    }
-                }
-                Effect::Started { .. } | Effect::Stopped { .. } => {}
             }
+            Effect::Started { vmid, boot_time } if ok => {
+                let ends = self.tasks[index].ends;
+                if let Some(vm) = self.vms.get_mut(&vmid) {
+                    vm.running = true;
+                    vm.started_at = Some(ends);
+                    vm.agent_ready_at = Some(ends + boot_time);
+                }
+            }
+            Effect::Stopped { vmid } if ok => {
+                if let Some(vm) = self.vms.get_mut(&vmid) {
+                    vm.running = false;
+                    vm.started_at = None;
+                    vm.agent_ready_at = None;
+                }
+            }
+            Effect::Destroyed { vmid } => {
+                if ok {
+                    self.vms.remove(&vmid);
+                } else if let Some(vm) = self.vms.get_mut(&vmid) {
+                    vm.destroying = false;
+                }
+            }
+            Effect::Started { .. } | Effect::Stopped { .. } => {}
         }
-        for vm in self.vms.values_mut() {
-            if vm.lock_until.is_some_and(|until| until <= now) {
-                vm.lock = None;
-                vm.lock_until = None;
-            }
+    }
+
+    /// Whether the API token may see this VM: always with an ACL on `/`, only for pool
+    /// members with pool-scoped ACLs.
+    pub fn token_sees(&self, vm: &Vm) -> bool {
+        match &self.config.token_pool {
+            None => true,
+            Some(pool) => vm.pool.as_deref() == Some(pool.as_str()),
         }
     }
 
@@ -388,7 +516,24 @@ impl State {
             "UPID:{node}:{pid:08X}:{pstart:08X}:{starttime:08X}:{}:{}:{user}:",
             spec.kind, spec.id
         );
-        let exitstatus = match spec.error {
+        let kind = spec.kind;
+        let injected = self
+            .take_counted(|f| matches!(f, Fault::TaskFails { kind: k, .. } if k == kind))
+            .and_then(|fault| match fault {
+                Fault::TaskFails { message, .. } => Some(message),
+                _ => None,
+            })
+            .or_else(|| {
+                self.faults.iter().find_map(|fault| match fault {
+                    Fault::TaskFailsUntil {
+                        kind: k,
+                        until,
+                        message,
+                    } if k == kind && *until > now => Some(message.clone()),
+                    _ => None,
+                })
+            });
+        let exitstatus = match spec.error.or(injected) {
             Some(error) => error,
             None => match self.take_counted(|f| matches!(f, Fault::TaskWarnings { .. })) {
                 Some(_) => "WARNINGS: 1".to_string(),
@@ -476,7 +621,9 @@ fn counted_remaining(fault: &Fault) -> u32 {
         | Fault::CloneRequestFails { count, .. }
         | Fault::HttpErrors { count, .. }
         | Fault::StartTaskFails { count, .. }
-        | Fault::TaskWarnings { count } => *count,
+        | Fault::TaskWarnings { count }
+        | Fault::TaskFails { count, .. }
+        | Fault::CloneAnswerLost { count } => *count,
         _ => 0,
     }
 }
@@ -487,7 +634,9 @@ fn counted_mut(fault: &mut Fault) -> Option<&mut u32> {
         | Fault::CloneRequestFails { count, .. }
         | Fault::HttpErrors { count, .. }
         | Fault::StartTaskFails { count, .. }
-        | Fault::TaskWarnings { count } => Some(count),
+        | Fault::TaskWarnings { count }
+        | Fault::TaskFails { count, .. }
+        | Fault::CloneAnswerLost { count } => Some(count),
         _ => None,
     }
 }

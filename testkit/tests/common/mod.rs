@@ -176,3 +176,16 @@ impl Api {
         self.wait_task(upid).await.body["data"].clone()
     }
 }
+
+/// Polls until the clone worker has written VM `vmid`'s config (the fake, like PVE, creates it
+/// a moment after the clone request returned).
+pub fn wait_for_vm(fake: &FakeProxmox, vmid: u32) -> gpr_testkit::VmSnapshot {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(vm) = fake.vm(vmid) {
+            return vm;
+        }
+        assert!(Instant::now() < deadline, "VM {vmid} never appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
