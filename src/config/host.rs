@@ -469,3 +469,19 @@ impl Settings {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_sets_are_lists_or_a_star() {
+        assert_eq!(parse_node_set("*").unwrap(), NodeSet::Every);
+        assert_eq!(
+            parse_node_set("pve1, pve2 pve3").unwrap(),
+            NodeSet::Listed(vec!["pve1".into(), "pve2".into(), "pve3".into()])
+        );
+        assert!(parse_node_set(" , ").is_err());
+        assert!(parse_node_set("pve1,../etc").is_err());
+    }
+}
