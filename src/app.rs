@@ -3,7 +3,7 @@
 //! and turn its error into the exit code its caller expects.
 //!
 //! Two families: the job hooks (config, prepare, run, cleanup) run by gitlab-runner for one job,
-//! and the fleet commands (gc) run by an admin, cron or a timer, outside any job. Only the job
+//! and the fleet commands (gc, check) run by an admin, cron or a timer, outside any job. Only the job
 //! hooks read `$JOB_RESPONSE_FILE`, the job's identity and the runner's exit codes.
 
 use std::path::{Path, PathBuf};
@@ -42,6 +42,7 @@ pub fn execute(cli: Cli) -> i32 {
         } => fleet_command(file.as_deref(), |context| async move {
             gc::gc(&context, runner.as_deref(), max_age.as_deref(), dry_run).await
         }),
+        Command::Check { smoke, format } => fleet_check(file.as_deref(), smoke, format),
         Command::Config => job_hook(file.as_deref(), false, |context| async move {
             config::config(&context).await
         }),
@@ -92,6 +93,25 @@ where
     exit_code(result, ExitCodes::FALLBACK, false)
 }
 
+/// The preflight: a fleet command whose settings failing to load is one of its findings, and
+/// whose exit code is its verdict (see [`crate::check`]).
+fn fleet_check(file: Option<&Path>, smoke: bool, format: crate::cli::CheckFormat) -> i32 {
+    let loaded = load_host_settings(file);
+    let source = crate::commands::check::settings_source(file);
+    let result = with_runtime(Ok(()), |(), cancel| async move {
+        let options = crate::commands::check::Options {
+            smoke,
+            format,
+            source,
+        };
+        Ok(crate::commands::check::run(loaded, &options, &cancel).await)
+    });
+    result.unwrap_or_else(|err| {
+        joblog::error(err.to_string());
+        crate::commands::check::EXIT_NOT_RUN
+    })
+}
+
 /// The settings file named by `--config` or `GITLAB_PROXMOX_RUNNER_CONFIG` and the process
 /// environment; no job, so no `$JOB_RESPONSE_FILE`.
 fn load_host_settings(config_file: Option<&Path>) -> Result<Settings> {
@@ -122,10 +142,10 @@ fn load_host_settings(config_file: Option<&Path>) -> Result<Settings> {
 
 /// Wipes the secrets from the environment, then runs `command` on a current-thread runtime
 /// with SIGTERM/SIGINT cancelling its token.
-fn with_runtime<F, Fut>(loaded: Result<Settings>, command: F) -> Result<()>
+fn with_runtime<S, T, F, Fut>(loaded: Result<S>, command: F) -> Result<T>
 where
-    F: FnOnce(Settings, Cancel) -> Fut,
-    Fut: std::future::Future<Output = Result<()>>,
+    F: FnOnce(S, Cancel) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
 {
     // Settings are read while the process is single-threaded, then the secret values are wiped
     // from the environment block before any thread (the tokio runtime's included) exists.

@@ -48,6 +48,23 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Preflight: check the settings, the API, the token's privileges, the node, the templates,
+    /// the VMID range and the SSH key, one line each (exit 0: all required checks passed).
+    Check {
+        /// Also run one throwaway VM end to end (clone, start, SSH, sudo, destroy).
+        #[arg(long)]
+        smoke: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = CheckFormat::Text)]
+        format: CheckFormat,
+    },
+}
+
+/// How `check` prints its results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckFormat {
+    Text,
+    Json,
 }
 
 /// Maps the older driver's executable names onto subcommands.

@@ -9,6 +9,7 @@
 
 pub mod app;
 pub mod cancel;
+pub mod check;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -1,6 +1,7 @@
 //! One thin module per hook; the engine ([`crate::vm`]) does the work, [`crate::app`] builds
 //! the context each gets.
 
+pub mod check;
 pub mod cleanup;
 pub mod config;
 pub mod gc;

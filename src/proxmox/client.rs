@@ -102,6 +102,12 @@ impl Client {
     /// before any request. Warns loudly in the log when TLS is not verified.
     pub fn new(settings: &Settings) -> Result<Client> {
         let tls = super::tls::client_config(&settings.tls)?;
+        Client::with_tls_config(settings, tls)
+    }
+
+    /// [`Client::new`] with a TLS configuration of the caller's (the preflight's records the
+    /// API's certificate).
+    pub fn with_tls_config(settings: &Settings, tls: rustls::ClientConfig) -> Result<Client> {
         if settings.tls == TlsTrust::Insecure {
             joblog::warn(
                 "PROXMOX_TLS_INSECURE is set: the Proxmox API's certificate is NOT verified, so \

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -21,33 +22,45 @@ const TRUST_SETTINGS: &str = "PROXMOX_TLS_CA_FILE (e.g. a copy of the cluster's 
 
 /// The rustls configuration for `trust`, on the ring provider.
 pub fn client_config(trust: &TlsTrust) -> Result<ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|err| Error::Infrastructure(format!("TLS setup failed: {err}")))?;
-    let config = match trust {
-        TlsTrust::SystemRoots => builder
-            .with_root_certificates(system_roots()?)
-            .with_no_client_auth(),
-        TlsTrust::CaFile(path) => builder
-            .with_root_certificates(roots_from_file(path)?)
-            .with_no_client_auth(),
-        TlsTrust::Fingerprint(expected) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedLeaf {
-                expected: Some(*expected),
-                provider,
-            }))
-            .with_no_client_auth(),
-        TlsTrust::Insecure => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedLeaf {
-                expected: None,
-                provider,
-            }))
-            .with_no_client_auth(),
+    config_with_verifier(verifier(trust)?)
+}
+
+/// The certificate verifier `trust` means (the preflight wraps it to see the certificate).
+pub fn verifier(trust: &TlsTrust) -> Result<Arc<dyn ServerCertVerifier>> {
+    let provider = provider();
+    let webpki = |roots: RootCertStore| -> Result<Arc<dyn ServerCertVerifier>> {
+        let verifier: Arc<dyn ServerCertVerifier> =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|err| Error::Infrastructure(format!("TLS setup failed: {err}")))?;
+        Ok(verifier)
     };
-    Ok(config)
+    match trust {
+        TlsTrust::SystemRoots => webpki(system_roots()?),
+        TlsTrust::CaFile(path) => webpki(roots_from_file(path)?),
+        TlsTrust::Fingerprint(expected) => Ok(Arc::new(PinnedLeaf {
+            expected: Some(*expected),
+            provider,
+        })),
+        TlsTrust::Insecure => Ok(Arc::new(PinnedLeaf {
+            expected: None,
+            provider,
+        })),
+    }
+}
+
+/// A client configuration (ring, safe protocol versions) that trusts what `verifier` accepts.
+pub fn config_with_verifier(verifier: Arc<dyn ServerCertVerifier>) -> Result<ClientConfig> {
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|err| Error::Infrastructure(format!("TLS setup failed: {err}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth())
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 fn system_roots() -> Result<RootCertStore> {

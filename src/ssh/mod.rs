@@ -274,6 +274,13 @@ pub async fn provision_runner_helper(
     provision::provision_runner_helper(connection, helper).await
 }
 
+/// The helper binary prepare would copy into a VM that lacks `gitlab-runner`:
+/// `RUNNER_HELPER_PATH` as configured (whether it exists or not), else `gitlab-runner` on the
+/// runner host's PATH.
+pub fn runner_helper_on_host(configured: Option<&std::path::Path>) -> Option<std::path::PathBuf> {
+    provision::helper_on_host(configured)
+}
+
 /// The upload-and-install step of [`provision_runner_helper`], to any path (tests, and admins
 /// who keep the helper elsewhere).
 pub async fn install_runner_helper(

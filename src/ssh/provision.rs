@@ -28,7 +28,7 @@ fn flag(stdout: &str, name: &str) -> Option<bool> {
 }
 
 /// The configured helper, else `gitlab-runner` on the host's PATH.
-fn helper_on_host(configured: Option<&Path>) -> Option<PathBuf> {
+pub(super) fn helper_on_host(configured: Option<&Path>) -> Option<PathBuf> {
     if let Some(path) = configured {
         return Some(path.to_path_buf());
     }

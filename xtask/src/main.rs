@@ -266,6 +266,13 @@ fn extra_sections(cmd: &clap::Command) -> Roff {
         "gc exits 0 when every orphan is gone or was skipped because it is locked, and \
          non-zero when the cluster could not be listed or a VM could not be destroyed.",
     )]);
+    roff.control("PP", []);
+    roff.text([roman(
+        "check exits 0 when every required check passed (advisory failures allowed), 1 when \
+         at least one required check failed (each failure is a line starting with \u{2718}, \
+         followed by its fix), and 2 when the check itself did not finish: interrupted by a \
+         signal, or the --smoke VM could not be removed.",
+    )]);
 
     roff.control("SH", ["SEE ALSO"]);
     let mut see_also: Vec<Inline> = Vec::new();

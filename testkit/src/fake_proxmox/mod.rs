@@ -20,8 +20,11 @@
 //! `guest_ip` after `guest_ip_delay`, `docker0`; files that appear only some time after the
 //! agent). Errors put the message into the reason phrase and close the connection. Bodies may
 //! be form-urlencoded (`&` and `;` split fields) or JSON; booleans must be `1`/`0`.
-//! Not simulated: privileges finer than "pool member or not" (inject other 403s with
-//! [`Fault::HttpErrors`]), storages, HA, snapshots, real guest-exec output.
+//! `access/permissions` answers from ACLs set with [`FakeProxmox::set_acl`] (user and token,
+//! privilege separation; only that endpoint reads them); `nodes/{node}/storage` lists `local`
+//! (dir) and `local-lvm` (lvmthin); a node marked offline shows so in `/nodes` and answers 595.
+//! Not simulated: privileges finer than "pool member or not" for other endpoints (inject other
+//! 403s with [`Fault::HttpErrors`]), HA, snapshots, real guest-exec output.
 //!
 //! ```ignore
 //! let fake = FakeProxmox::start(FakeConfig::default());
@@ -33,6 +36,7 @@
 //! assert_eq!(fake.job_vms().len(), 1);
 //! ```
 
+mod access;
 mod agent;
 mod api;
 mod routes;
@@ -45,6 +49,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+pub use access::{AclSubject, RUNNER_ROLE};
 use state::State;
 
 /// How the fake cluster looks and how long its simulated operations take.
@@ -151,8 +156,8 @@ pub struct NodeLoad {
     pub max_mem: u64,
     /// Used by everything but the guests (whose memory is added).
     pub used_mem: u64,
-    /// An offline node is listed as `offline`, and requests proxied to it fail with
-    /// `595 Connection refused`.
+    /// An offline node is listed as `offline`, and requests proxied to it fail with 595 (as
+    /// [`FakeProxmox::set_node_online`]).
     pub online: bool,
 }
 
@@ -503,7 +508,40 @@ impl FakeProxmox {
 
     /// Sets a node's memory and status (see [`NodeLoad`]).
     pub fn set_node(&self, node: &str, load: NodeLoad) {
-        self.lock().node_loads.insert(node.to_string(), load);
+        let mut state = self.lock();
+        state.node_loads.insert(node.to_string(), load);
+        if load.online {
+            state.offline_nodes.remove(node);
+        } else {
+            state.offline_nodes.insert(node.to_string());
+        }
+    }
+
+    /// Replaces the ACL entry of `subject` on `path` (an empty list still overrides what `path`
+    /// would inherit, as a role without privileges does in PVE).
+    pub fn set_acl(&self, subject: AclSubject, path: &str, privileges: &[&str]) {
+        let privileges = privileges.iter().map(|p| p.to_string()).collect();
+        let mut state = self.lock();
+        let acl = match subject {
+            AclSubject::User => &mut state.acls.user,
+            AclSubject::Token => &mut state.acls.token,
+        };
+        acl.insert(path.to_string(), privileges);
+    }
+
+    /// Whether the token is privilege-separated (PVE's default, and the fake's).
+    pub fn set_privsep(&self, privsep: bool) {
+        self.lock().acls.privsep = privsep;
+    }
+
+    /// Takes a node down (`false`) or brings it back.
+    pub fn set_node_online(&self, node: &str, online: bool) {
+        let mut state = self.lock();
+        if online {
+            state.offline_nodes.remove(node);
+        } else {
+            state.offline_nodes.insert(node.to_string());
+        }
     }
 
     /// Applies to VMs started from now on.

@@ -64,17 +64,23 @@ fn route(state: &mut State, request: &ApiRequest) -> Result<Reply> {
                 .nodes()
                 .into_iter()
                 .map(|node| {
+                    let status = if state.offline_nodes.contains(&node) { "offline" } else { "online" };
                     json!({
-                        "node": node, "status": "online", "type": "node", "id": format!("node/{node}"),
+                        "node": node, "status": status, "type": "node", "id": format!("node/{node}"),
                         "level": "", "maxcpu": 16, "maxmem": 68719476736u64, "uptime": 864000,
                     })
                 })
                 .collect(),
         ),
+        ("GET", ["access", "permissions"]) => super::access::permissions(state, &params)?,
         ("GET", ["cluster", "nextid"]) => nextid(state, &params)?,
         ("GET", ["cluster", "resources"]) => resources(state, &params)?,
         (_, ["nodes", node, rest @ ..]) => {
             check_node(state, node)?;
+            if state.offline_nodes.contains(*node) {
+                // pveproxy cannot reach the node it would forward the request to.
+                return Err(fail(595, format!("No route to host ({node})")));
+            }
             return node_route(state, request, node, rest, &params);
         }
         _ => return Err(not_implemented(request)),
@@ -92,6 +98,7 @@ fn node_route(
     let method = request.method.as_str();
     let data = match (method, rest) {
         ("GET", ["qemu"]) => node_qemu_list(state, node),
+        ("GET", ["storage"]) => node_storage_list(),
         ("GET", ["tasks"]) => task_list(state, node, params)?,
         ("GET", ["tasks", upid, "status"]) => task_status(state, node, upid)?,
         ("GET", ["tasks", upid, "log"]) => return task_log(state, node, upid, params),
@@ -162,10 +169,7 @@ fn vm_route(
 // Parameter checks with PVE's wording.
 
 fn check_node(state: &State, node: &str) -> Result<()> {
-    if state.is_known_node(node) && !state.node_load(node).online {
-        // pveproxy forwards the request to the node and cannot reach it.
-        Err(fail(595, "Connection refused"))
-    } else if state.is_known_node(node) {
+    if state.is_known_node(node) {
         Ok(())
     } else {
         Err(fail(
@@ -417,6 +421,18 @@ fn resources(state: &State, params: &BTreeMap<String, String>) -> Result<Value> 
 
 fn config_number(vm: &Vm, key: &str) -> Option<u64> {
     vm.config.get(key).and_then(|value| value.parse().ok())
+}
+
+/// The storages of a stock PVE install: `local` (a directory) and `local-lvm` (LVM-thin).
+fn node_storage_list() -> Value {
+    json!([
+        {"storage": "local", "type": "dir", "content": "iso,vztmpl,backup,images",
+         "active": 1, "enabled": 1, "shared": 0,
+         "total": 100_861_726_720u64, "used": 12_884_901_888u64, "avail": 87_976_824_832u64},
+        {"storage": "local-lvm", "type": "lvmthin", "content": "images,rootdir",
+         "active": 1, "enabled": 1, "shared": 0,
+         "total": 1_796_988_674_048u64, "used": 214_748_364_800u64, "avail": 1_582_240_309_248u64},
+    ])
 }
 
 fn node_qemu_list(state: &State, node: &str) -> Value {

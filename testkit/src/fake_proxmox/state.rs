@@ -29,6 +29,10 @@ pub(crate) struct State {
     /// Guest files that read as an older content for their next N reads (host keys that
     /// cloud-init has not regenerated yet).
     pub stale_guest_files: BTreeMap<String, (String, u32)>,
+    /// ACLs for `GET /access/permissions`.
+    pub acls: super::access::Acls,
+    /// Nodes that are down: `offline` in `/nodes`, 595 for requests proxied to them.
+    pub offline_nodes: std::collections::BTreeSet<String>,
     /// Guest files that exist only from this long after the guest agent came up (host keys
     /// that cloud-init writes after networking is up).
     pub late_guest_files: BTreeMap<String, (String, Duration)>,
@@ -211,6 +215,8 @@ impl State {
             max_queued: 0,
             simulated_time: Duration::ZERO,
             stale_guest_files: BTreeMap::new(),
+            acls: super::access::Acls::default(),
+            offline_nodes: std::collections::BTreeSet::new(),
             late_guest_files: BTreeMap::new(),
             pending_clones: Vec::new(),
             next_pid: 0x0002_1a40 + rand::random::<u16>() as u32,
@@ -334,6 +340,7 @@ impl State {
     /// running guests use (their configured memory).
     pub fn node_load(&self, node: &str) -> super::NodeLoad {
         let mut load = self.node_loads.get(node).copied().unwrap_or_default();
+        load.online = !self.offline_nodes.contains(node);
         load.used_mem += self
             .vms
             .values()

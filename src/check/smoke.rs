@@ -1,0 +1,229 @@
+//! `check --smoke`: one throwaway VM through the same engine the hooks use — clone, start,
+//! the guest agent's address, the host key through the agent, SSH, `sudo -n true` — then
+//! destroyed with cleanup's teardown, each phase timed. The VM is recorded before its clone is
+//! requested, so that whatever stops the test (a failure, SIGTERM) it is removed; were this
+//! process killed outright, its marker carries a deadline one hour out, after which `gc`
+//! sweeps it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::cancel::Cancel;
+use crate::config::Settings;
+use crate::error::{Error, Result};
+use crate::job::JobInfo;
+use crate::joblog;
+use crate::marker::Marker;
+use crate::proxmox::Client;
+use crate::ssh::{self, Connection, HostKeyCheck, Target};
+use crate::vm::clone_watch::CloneTrace;
+use crate::vm::provision::{self, Order};
+use crate::vm::teardown::{self, Teardown};
+use crate::vm::{ready, template, HostKeySource, Log, Milestone, ReadyVm, Sink, StderrLog, VmRef};
+
+/// The longest a smoke VM may live by its marker: `gc` removes it after this (plus gc's margin)
+/// if the check never could.
+const SMOKE_LIFETIME: Duration = Duration::from_secs(3600);
+const DESTROY_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+const VM_NAME: &str = "gpr-check-smoke";
+
+/// How the smoke test went.
+#[derive(Debug)]
+pub struct Smoke {
+    /// `Ok(summary)` or the failure, with the step it happened in.
+    pub result: std::result::Result<String, (String, Error)>,
+    /// SIGTERM/SIGINT stopped it (the VM was still removed).
+    pub interrupted: Option<&'static str>,
+    pub phases: Vec<(&'static str, Duration)>,
+    /// The VM that could not be removed, and why.
+    pub left_behind: Option<(VmRef, String)>,
+    pub host_key_source: Option<HostKeySource>,
+}
+
+#[derive(Default)]
+struct SmokeSink {
+    /// The template being cloned, for the clone trace.
+    template: Option<u32>,
+    /// What was created, for the teardown: the VM and its clone request.
+    trace: Option<CloneTrace>,
+    step: &'static str,
+    phases: Vec<(&'static str, Duration)>,
+}
+
+impl Log for SmokeSink {
+    fn info(&self, message: &str) {
+        StderrLog.info(message);
+    }
+
+    fn warn(&self, message: &str) {
+        StderrLog.warn(message);
+    }
+}
+
+impl Sink for SmokeSink {
+    fn step(&mut self, step: &'static str) {
+        self.step = step;
+    }
+
+    fn timing(&mut self, phase: &'static str, took: Duration) {
+        self.phases.push((phase, took));
+    }
+
+    fn reached(&mut self, milestone: Milestone<'_>) -> Result<()> {
+        match milestone {
+            Milestone::Allocated(vm) => {
+                self.trace = Some(CloneTrace {
+                    vm: vm.clone(),
+                    template: self.template,
+                    // Counted as sent before it is: from here on, a VM may appear there.
+                    sent_at: Some(crate::vm::clone_watch::now_epoch()),
+                    upid: None,
+                })
+            }
+            Milestone::CloneStarted(upid) => {
+                if let Some(trace) = &mut self.trace {
+                    trace.upid = Some(upid.raw.clone());
+                }
+            }
+            Milestone::Released => self.trace = None,
+            Milestone::Cloned | Milestone::Started | Milestone::Ready(_) => {}
+        }
+        Ok(())
+    }
+}
+
+pub async fn run(client: &Client, settings: &Settings, cancel: &Cancel) -> Smoke {
+    let marker = Marker::for_job(&JobInfo::default(), &settings.runner_id, SMOKE_LIFETIME);
+    let mut sink = SmokeSink {
+        step: "resolving the template",
+        ..SmokeSink::default()
+    };
+    let finished = tokio::select! {
+        result = bring_up(client, settings, &marker, cancel, &mut sink) => Some(result),
+        _ = cancel.cancelled() => None,
+    };
+    let interrupted = finished
+        .is_none()
+        .then(|| cancel.reason().unwrap_or("cancelled"));
+    let step = sink.step.to_string();
+    let outcome = match finished {
+        Some(Ok((ready, took))) => Ok((ready, took)),
+        Some(Err(err)) => Err((step.clone(), err)),
+        None => Err((
+            step.clone(),
+            Error::Cancelled(format!(
+                "the smoke test was interrupted ({}) while {step}",
+                interrupted.unwrap_or("cancelled")
+            )),
+        )),
+    };
+    // Removal is not raced against the signal: a second SIGTERM must not leave the VM.
+    let mut left_behind = None;
+    let mut destroyed = false;
+    if let Some(trace) = sink.trace.take() {
+        let started = Instant::now();
+        let vm = trace.vm.clone();
+        joblog::info(format!("smoke test: removing {vm}"));
+        let deadline = Instant::now() + DESTROY_TIMEOUT;
+        match teardown::destroy_traced_vm(client, &trace, &marker, deadline, &StderrLog).await {
+            Ok(Teardown::Destroyed | Teardown::AlreadyGone) => destroyed = true,
+            Ok(Teardown::NotOurs(reason)) => {
+                left_behind = Some((vm, format!("it changed hands ({reason}); left alone")))
+            }
+            Err(err) => left_behind = Some((vm, err.to_string())),
+        }
+        sink.phases.push(("destroy", started.elapsed()));
+    }
+    let host_key_source = outcome
+        .as_ref()
+        .ok()
+        .map(|(ready, _)| ready.host_key_source);
+    let result = outcome.map(|(ready, took)| {
+        format!(
+            "smoke test: VM {} on {} cloned, started, reachable at {}:{}, host key {}, \
+             `sudo -n true` as {} works, {} ({} in all)",
+            ready.vm.vmid,
+            ready.vm.node,
+            ready.ip,
+            ready.ssh_port,
+            match ready.host_key_source {
+                HostKeySource::GuestAgent => "read through the guest agent",
+                HostKeySource::FirstUse =>
+                    "NOT readable through the guest agent (trusted on first use)",
+            },
+            ready.ssh_user,
+            if destroyed {
+                "destroyed"
+            } else {
+                "NOT destroyed"
+            },
+            joblog::secs(took)
+        )
+    });
+    Smoke {
+        result,
+        interrupted,
+        phases: sink.phases,
+        left_behind,
+        host_key_source,
+    }
+}
+
+async fn bring_up(
+    client: &Client,
+    settings: &Settings,
+    marker: &Marker,
+    cancel: &Cancel,
+    sink: &mut SmokeSink,
+) -> Result<(ReadyVm, Duration)> {
+    let total = Instant::now();
+    let template = template::resolve(client, settings, &settings.node, &settings.template).await?;
+    let mode = template::clone_mode(settings, &template)?;
+    sink.template = Some(template.vmid);
+    sink.timing("template", total.elapsed());
+    let order = Order {
+        template: &template,
+        mode,
+        name: VM_NAME,
+        marker,
+    };
+    let started = provision::provision(client, settings, &order, sink).await?;
+    let deadline = Instant::now() + settings.boot_timeout;
+    let ready = ready::ready(client, settings, &started, deadline, cancel, sink).await?;
+
+    sink.step("running `sudo -n true` over SSH");
+    let sudo = Instant::now();
+    let key = ssh::load_private_key(settings)?;
+    let target = Target {
+        host: ready.ip.to_string(),
+        port: ready.ssh_port,
+        user: ready.ssh_user.clone(),
+        vm_label: ready.vm.to_string(),
+    };
+    let connection = Connection::connect(
+        &target,
+        Arc::clone(&key),
+        &HostKeyCheck::Pinned(ready.host_keys.clone()),
+    )
+    .await?;
+    let output = connection.exec_capture("sudo -n true").await;
+    connection.close().await;
+    let output = output?;
+    if output.status != Some(0) {
+        return Err(Error::ssh(
+            format!(
+                "running `sudo -n true` as {:?} on {}",
+                ready.ssh_user, ready.vm
+            ),
+            format!(
+                "sudo wants a password for {:?} (exit {:?}: {}); the SSH user needs \
+                 passwordless sudo (NOPASSWD in /etc/sudoers.d/ of the template)",
+                ready.ssh_user,
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+        ));
+    }
+    sink.timing("sudo", sudo.elapsed());
+    Ok((ready, total.elapsed()))
+}

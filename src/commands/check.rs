@@ -1,0 +1,959 @@
+//! `check`: the preflight. Runs against the live cluster with the driver's settings, read by
+//! the same trust rule as the hooks (a fleet command: the host's settings file and
+//! environment, no job), and prints one line per check, ✔ or ✘ with the fix, then a summary
+//! (or all of it as JSON with `--format json`). The checks and their wording live in
+//! [`crate::check`]; every ✘ has its row in the README's troubleshooting table.
+//!
+//! Exit status: [`EXIT_READY`] when every required check passed, [`EXIT_NOT_READY`] when one
+//! failed, [`EXIT_NOT_RUN`] when the check itself could not finish: interrupted, or its smoke
+//! VM could not be removed.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use reqwest::Method;
+
+use crate::cancel::Cancel;
+use crate::check::privileges::{self, Need, Privilege};
+use crate::check::templates::{self, can_link};
+use crate::check::tls::{CertificateFacts, Recording};
+use crate::check::{smoke, Finding, Report};
+use crate::cli::CheckFormat;
+use crate::config::{AllowedTemplates, CloneMode, Settings, TlsTrust, CONFIG_FILE_ENV};
+use crate::error::Result;
+use crate::joblog;
+use crate::marker::Marker;
+use crate::proxmox::{tls, ApiErrorKind, Client, Retry};
+
+pub const EXIT_READY: i32 = 0;
+pub const EXIT_NOT_READY: i32 = 1;
+pub const EXIT_NOT_RUN: i32 = 2;
+
+/// What the command line asked for.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub smoke: bool,
+    pub format: CheckFormat,
+    /// Where the settings came from, for the first line.
+    pub source: String,
+}
+
+/// `settings file /etc/...` or `the process environment`.
+pub fn settings_source(file: Option<&Path>) -> String {
+    file.map(Path::to_path_buf)
+        .or_else(|| std::env::var_os(CONFIG_FILE_ENV).map(Into::into))
+        .map_or_else(
+            || "the process environment".to_string(),
+            |path| {
+                format!(
+                    "settings file {} and the process environment",
+                    path.display()
+                )
+            },
+        )
+}
+
+/// Prints every finding as it is made (text) or all at the end (JSON).
+struct Output<'a> {
+    report: Report,
+    options: &'a Options,
+}
+
+impl Output<'_> {
+    fn add(&mut self, finding: Finding) {
+        if self.options.format == CheckFormat::Text {
+            println!("{}", finding.text());
+        }
+        self.report.add(finding);
+    }
+
+    fn finish(self, exit_code: i32) -> i32 {
+        match self.options.format {
+            CheckFormat::Text => println!("{}", self.report.summary_line()),
+            CheckFormat::Json => println!("{}", self.report.json(exit_code)),
+        }
+        exit_code
+    }
+}
+
+pub async fn run(loaded: Result<Settings>, options: &Options, cancel: &Cancel) -> i32 {
+    let mut out = Output {
+        report: Report::default(),
+        options,
+    };
+    let settings = match loaded {
+        Ok(settings) => settings,
+        Err(err) => {
+            out.add(Finding::fail(
+                "settings",
+                format!("settings: {err}"),
+                "the setting the message names (README, Settings); `check` reads the same \
+                 settings file and environment as the hooks",
+            ));
+            return out.finish(EXIT_NOT_READY);
+        }
+    };
+    let interrupted = tokio::select! {
+        () = checks(&settings, &mut out) => None,
+        reason = cancel.cancelled() => Some(reason),
+    };
+    if let Some(reason) = interrupted {
+        out.add(Finding::fail(
+            "interrupted",
+            format!("check was interrupted ({reason}) before it finished"),
+            "run it again",
+        ));
+        return out.finish(EXIT_NOT_RUN);
+    }
+    if options.smoke {
+        if !out.report.all_required_passed() {
+            out.add(Finding::skip(
+                "smoke",
+                "smoke test skipped: fix the ✘ lines above first",
+            ));
+        } else if let Some(exit) = smoke_test(&settings, &mut out, cancel).await {
+            return out.finish(exit);
+        }
+    }
+    let exit = if out.report.all_required_passed() {
+        EXIT_READY
+    } else {
+        EXIT_NOT_READY
+    };
+    out.finish(exit)
+}
+
+async fn checks(settings: &Settings, out: &mut Output<'_>) {
+    settings_findings(settings, out);
+    match api_findings(settings, out).await {
+        Some(api) => {
+            node_finding(&api, settings, out).await;
+            let needs = template_findings(&api, settings, out).await;
+            privilege_findings(&api, settings, needs, out).await;
+            vmid_range_finding(&api, settings, out).await;
+        }
+        None => {
+            for what in ["node", "templates", "privileges", "vmid_range"] {
+                out.add(Finding::skip(
+                    what,
+                    format!("{what}: skipped (needs the API)"),
+                ));
+            }
+        }
+    }
+    key_finding(settings, out);
+    helper_finding(settings, out);
+}
+
+fn settings_findings(settings: &Settings, out: &mut Output<'_>) {
+    let clones = match settings.clone_mode {
+        Some(CloneMode::Linked) => "linked clones",
+        Some(CloneMode::Full) => "full clones",
+        None => "linked clones of templates",
+    };
+    out.add(Finding::pass(
+        "settings",
+        format!(
+            "settings: read from {} (node {}, {} templates, VMIDs {}-{}, {clones})",
+            out.options.source,
+            settings.node,
+            settings.templates.len(),
+            settings.vmid_range.0,
+            settings.vmid_range.1
+        ),
+    ));
+    for warning in &settings.trust_warnings {
+        out.add(
+            Finding::fail(
+                "settings.trust",
+                format!("settings: {warning}"),
+                "move the setting into the settings file (README, Security model)",
+            )
+            .advisory(),
+        );
+    }
+    if settings.allowed_templates == AllowedTemplates::MapOnly
+        && !settings.templates.contains_key(settings.template.trim())
+    {
+        out.add(Finding::fail(
+            "settings.template",
+            format!(
+                "settings: the default template PROXMOX_TEMPLATE={:?} is not in \
+                 PROXMOX_TEMPLATES ({})",
+                settings.template,
+                settings
+                    .templates
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            "set PROXMOX_TEMPLATE to a name in PROXMOX_TEMPLATES, or add it to the map",
+        ));
+    }
+    if settings.storage.is_some() && settings.clone_mode != Some(CloneMode::Full) {
+        out.add(
+            Finding::fail(
+                "settings.storage",
+                "settings: PROXMOX_STORAGE is set, but linked clones always stay on the \
+                 template's storage, so it is ignored",
+                "drop it, or set PROXMOX_CLONE=full",
+            )
+            .advisory(),
+        );
+    }
+}
+
+/// What the later checks need from the API.
+struct Api {
+    client: Client,
+    /// PVE's major version, when `/version` said.
+    major: Option<u32>,
+    token: String,
+    user: String,
+}
+
+fn trust_words(trust: &TlsTrust) -> String {
+    match trust {
+        TlsTrust::SystemRoots => "by the system CA store".into(),
+        TlsTrust::CaFile(path) => format!("by PROXMOX_TLS_CA_FILE {}", path.display()),
+        TlsTrust::Fingerprint(_) => "by its pinned PROXMOX_TLS_FINGERPRINT".into(),
+        TlsTrust::Insecure => "NOT VERIFIED (PROXMOX_TLS_INSECURE)".into(),
+    }
+}
+
+async fn api_findings(settings: &Settings, out: &mut Output<'_>) -> Option<Api> {
+    let url = settings.api.base_url();
+    let token = format!("{}!{}", settings.api_user, settings.api_token_name);
+    let client = tls::verifier(&settings.tls)
+        .map(Recording::new)
+        .and_then(|recorder| {
+            let config = tls::config_with_verifier(recorder.clone())?;
+            Ok((Client::with_tls_config(settings, config)?, recorder))
+        });
+    let (client, recorder) = match client {
+        Ok(built) => built,
+        Err(err) => {
+            out.add(Finding::fail(
+                "api.tls",
+                format!("API certificate trust: {err}"),
+                "PROXMOX_TLS_CA_FILE (a copy of the cluster's /etc/pve/pve-root-ca.pem) or \
+                 PROXMOX_TLS_FINGERPRINT",
+            ));
+            return None;
+        }
+    };
+    let answer = client
+        .call::<serde_json::Value>(Method::GET, "/version", &[], &[], Retry::Never)
+        .await;
+    let seen = recorder.seen().map(|der| CertificateFacts::of(&der));
+    let facts_text = |facts: &CertificateFacts| {
+        format!(
+            "subject {}, issuer {}, SHA-256 fingerprint {}",
+            facts.subject, facts.issuer, facts.fingerprint
+        )
+    };
+    let reachable = |out: &mut Output<'_>| {
+        if settings.tls == TlsTrust::Insecure {
+            out.add(
+                Finding::fail(
+                    "api.tls",
+                    format!(
+                        "API {url} reachable, but its certificate is NOT VERIFIED \
+                         (PROXMOX_TLS_INSECURE); it presents {}",
+                        seen.as_ref().map_or_else(|| "nothing".into(), facts_text)
+                    ),
+                    "pin the fingerprint above with PROXMOX_TLS_FINGERPRINT (after comparing \
+                     it with the node's: Node → System → Certificates) and drop \
+                     PROXMOX_TLS_INSECURE",
+                )
+                .advisory(),
+            );
+        } else {
+            out.add(Finding::pass(
+                "api.tls",
+                format!(
+                    "API {url} reachable, certificate trusted {}",
+                    trust_words(&settings.tls)
+                ),
+            ));
+        }
+    };
+    match answer {
+        Ok(version) => {
+            reachable(out);
+            let text = version
+                .get("version")
+                .and_then(|v| v.as_str())
+                .unwrap_or("unknown version")
+                .to_string();
+            let major = text.split('.').next().and_then(|major| major.parse().ok());
+            out.add(Finding::pass(
+                "api.token",
+                format!("token {token} authenticates (Proxmox VE {text})"),
+            ));
+            Some(Api {
+                client,
+                major,
+                token,
+                user: settings.api_user.clone(),
+            })
+        }
+        Err(err) if err.kind == ApiErrorKind::Tls => {
+            let presented = seen.as_ref().map_or_else(
+                || "no certificate reached the verifier".to_string(),
+                |facts| format!("the API presents {}", facts_text(facts)),
+            );
+            let pin = seen.as_ref().map_or_else(String::new, |facts| {
+                format!(" PROXMOX_TLS_FINGERPRINT={}", facts.fingerprint)
+            });
+            out.add(Finding::fail(
+                "api.tls",
+                format!(
+                    "the API's certificate is not trusted {} ({}); {presented}",
+                    trust_words(&settings.tls),
+                    tls_reason(&err.message)
+                ),
+                format!(
+                    "compare that fingerprint with the node's (Node → System → Certificates, or \
+                     `openssl x509 -in /etc/pve/local/pve-ssl.pem -noout -fingerprint -sha256`), \
+                     then pin it:{pin}; or set PROXMOX_TLS_CA_FILE to a copy of the cluster's \
+                     /etc/pve/pve-root-ca.pem"
+                ),
+            ));
+            None
+        }
+        Err(err) if matches!(err.status(), Some(401)) => {
+            reachable(out);
+            out.add(Finding::fail(
+                "api.token",
+                format!("the API refused the token {token}: {err}"),
+                "check PROXMOX_USER, PROXMOX_TOKEN_NAME and PROXMOX_TOKEN_VALUE (the secret, \
+                 not the id): pveum user token list <user>",
+            ));
+            None
+        }
+        Err(err) if err.status().is_some() => {
+            reachable(out);
+            out.add(Finding::fail(
+                "api.token",
+                format!("GET /version with token {token} failed: {err}"),
+                "PROXMOX_HOST must be a Proxmox VE API (port 8006); the message names the rest",
+            ));
+            None
+        }
+        Err(err) => {
+            out.add(Finding::fail(
+                "api.tls",
+                format!("the API at {url} is not reachable: {err}"),
+                "PROXMOX_HOST (host or host:port, default port 8006), the network and firewall \
+                 between this host and the node, PROXMOX_HTTPS_PROXY",
+            ));
+            None
+        }
+    }
+}
+
+/// rustls's words, without the HTTP client's wrapping (`error sending request for url ...`).
+fn tls_reason(message: &str) -> &str {
+    ["invalid peer certificate", "the API's certificate has"]
+        .iter()
+        .find_map(|start| message.find(start))
+        .map_or(message, |index| &message[index..])
+}
+
+async fn node_finding(api: &Api, settings: &Settings, out: &mut Output<'_>) {
+    #[derive(serde::Deserialize)]
+    struct Node {
+        node: String,
+        #[serde(default)]
+        status: Option<String>,
+    }
+    let node = &settings.node;
+    let nodes = api
+        .client
+        .call::<Vec<Node>>(Method::GET, "/nodes", &[], &[], Retry::Idempotent)
+        .await;
+    let finding = match nodes {
+        Err(err) => Finding::fail(
+            "node",
+            format!("node {node}: cannot list the cluster's nodes: {err}"),
+            "the message names it",
+        ),
+        Ok(nodes) => match nodes.iter().find(|n| &n.node == node) {
+            None => Finding::fail(
+                "node",
+                format!(
+                    "node {node} is not a member of this cluster (members: {})",
+                    nodes
+                        .iter()
+                        .map(|n| n.node.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                "PROXMOX_NODE must name a node as `pvecm nodes` lists it",
+            ),
+            Some(found) if found.status.as_deref() == Some("online") => {
+                Finding::pass("node", format!("node {node} is online"))
+            }
+            Some(found) => Finding::fail(
+                "node",
+                format!(
+                    "node {node} is offline (status {})",
+                    found.status.as_deref().unwrap_or("unknown")
+                ),
+                "bring the node back (pvecm status on a cluster member) or set PROXMOX_NODE to \
+                 an online node",
+            ),
+        },
+    };
+    out.add(finding);
+}
+
+/// What the templates need, for the privilege check: storages and bridges.
+#[derive(Default)]
+struct TemplateNeeds {
+    storages: Vec<String>,
+    bridges: Vec<String>,
+}
+
+async fn template_findings(api: &Api, settings: &Settings, out: &mut Output<'_>) -> TemplateNeeds {
+    #[derive(serde::Deserialize)]
+    struct Storage {
+        storage: String,
+        #[serde(rename = "type")]
+        kind: String,
+    }
+    let node = &settings.node;
+    let mut needs = TemplateNeeds::default();
+    let storages: BTreeMap<String, String> = api
+        .client
+        .call::<Vec<Storage>>(
+            Method::GET,
+            &format!("/nodes/{}/storage", crate::proxmox::client::segment(node)),
+            &[],
+            &[],
+            Retry::Idempotent,
+        )
+        .await
+        .map(|list| list.into_iter().map(|s| (s.storage, s.kind)).collect())
+        .unwrap_or_default();
+    if let (Some(storage), Some(CloneMode::Full)) = (&settings.storage, settings.clone_mode) {
+        needs.storages.push(storage.clone());
+    }
+    for (name, &vmid) in &settings.templates {
+        let id = format!("template.{name}");
+        let label = format!("template {name} ({vmid}) on {node}");
+        let status = match api.client.vm_status(node, vmid).await {
+            Ok(Some(status)) => status,
+            Ok(None) => {
+                out.add(Finding::fail(
+                    id,
+                    format!("{label}: PROXMOX_TEMPLATES maps {name} to VMID {vmid}, which does not exist on node {node}"),
+                    "fix the map or PROXMOX_NODE, or create the template",
+                ));
+                continue;
+            }
+            Err(err) => {
+                out.add(Finding::fail(
+                    id,
+                    format!("{label}: cannot read it: {err}"),
+                    "the token's privileges on /vms/<vmid> (VM.Audit); see the privilege lines",
+                ));
+                continue;
+            }
+        };
+        let config = match api.client.vm_config(node, vmid).await {
+            Ok(Some(config)) => config,
+            Ok(None) => {
+                out.add(Finding::fail(
+                    id,
+                    format!("{label}: it vanished while being checked"),
+                    "run check again",
+                ));
+                continue;
+            }
+            Err(err) => {
+                out.add(Finding::fail(
+                    id,
+                    format!("{label}: cannot read its config: {err}"),
+                    "the token's privileges on /vms/<vmid> (VM.Audit); see the privilege lines",
+                ));
+                continue;
+            }
+        };
+        let mut problems: Vec<String> = Vec::new();
+        let mut fixes: Vec<String> = Vec::new();
+        if !status.template {
+            problems.push("it is not a template".into());
+            fixes.push(format!("convert it (qm template {vmid}) or fix the map"));
+        }
+        if config.agent_enabled() != Some(true) {
+            problems.push("its QEMU guest agent option is off".into());
+            fixes.push(format!(
+                "qm set {vmid} --agent enabled=1 (Options → QEMU Guest Agent), with \
+                 qemu-guest-agent installed in the guest"
+            ));
+        }
+        let bridge = templates::net0_bridge(&config);
+        if config.get("net0").is_none() {
+            problems.push("it has no net0".into());
+            fixes.push(format!("qm set {vmid} --net0 virtio,bridge=vmbr0"));
+        }
+        if let Some(bridge) = &bridge {
+            if !needs.bridges.contains(bridge) {
+                needs.bridges.push(bridge.clone());
+            }
+        }
+        let linked = match settings.clone_mode {
+            Some(CloneMode::Full) => false,
+            Some(CloneMode::Linked) => true,
+            None => status.template,
+        };
+        let mut placed = Vec::new();
+        for volume in templates::volumes(&config) {
+            if linked && !needs.storages.contains(&volume.storage) {
+                needs.storages.push(volume.storage.clone());
+            }
+            let kind = storages.get(&volume.storage);
+            let format = volume.format.as_deref();
+            let described = format!(
+                "{} ({}{})",
+                volume.storage,
+                kind.map_or("type unknown", String::as_str),
+                format.map_or_else(String::new, |f| format!(", {f}"))
+            );
+            if !placed.contains(&described) {
+                placed.push(described.clone());
+            }
+            if !linked {
+                continue;
+            }
+            match kind.map(|kind| can_link(kind, format)) {
+                Some(Some(true)) => {}
+                Some(Some(false)) => {
+                    problems.push(format!(
+                        "disk {} is on storage {described}, which cannot make linked clones",
+                        volume.key
+                    ));
+                    fixes.push(
+                        "move the template's disks to LVM-thin, ZFS, Ceph RBD or qcow2 on \
+                         directory/NFS storage, or set PROXMOX_CLONE=full (and PROXMOX_STORAGE)"
+                            .into(),
+                    );
+                }
+                Some(None) | None => {
+                    problems.push(format!(
+                        "cannot tell whether storage {described} of disk {} makes linked clones \
+                         (not listed for the token on {node})",
+                        volume.key
+                    ));
+                    fixes.push(format!(
+                        "give the token Datastore.Audit on /storage/{}, or set PROXMOX_CLONE=full",
+                        volume.storage
+                    ));
+                }
+            }
+        }
+        fixes.dedup();
+        if problems.is_empty() {
+            out.add(Finding::pass(
+                id,
+                format!(
+                    "{label}: a template, guest agent on, net0 on {}, disks on {} for {} clones",
+                    bridge.as_deref().unwrap_or("(no bridge)"),
+                    if placed.is_empty() {
+                        "no storage".to_string()
+                    } else {
+                        placed.join(", ")
+                    },
+                    if linked { "linked" } else { "full" }
+                ),
+            ));
+        } else {
+            out.add(Finding::fail(
+                id,
+                format!("{label}: {}", problems.join("; ")),
+                fixes.join("; "),
+            ));
+        }
+    }
+    needs
+}
+
+async fn privilege_findings(
+    api: &Api,
+    settings: &Settings,
+    templates: TemplateNeeds,
+    out: &mut Output<'_>,
+) {
+    use privileges::*;
+    let mut needs: Vec<Need> = Vec::new();
+    for (name, vmid) in &settings.templates {
+        needs.push(Need {
+            path: format!("/vms/{vmid}"),
+            alternative_path: None,
+            privileges: vec![VM_CLONE, VM_AUDIT],
+            what_for: format!("cloning template {name}"),
+        });
+    }
+    let new_vm = format!("/vms/{}", settings.vmid_range.0);
+    let mut job = vec![
+        VM_ALLOCATE,
+        VM_AUDIT,
+        VM_POWER,
+        VM_CONFIG_OPTIONS,
+        AGENT_AUDIT,
+        AGENT_FILE_READ,
+    ];
+    if settings.vm_cores.is_some() {
+        job.push(VM_CONFIG_CPU);
+    }
+    if settings.vm_memory_mb.is_some() {
+        job.push(VM_CONFIG_MEMORY);
+    }
+    if settings.vm_disk_grow_gb.is_some() {
+        job.push(VM_CONFIG_DISK);
+    }
+    needs.push(match &settings.pool {
+        Some(pool) => Need {
+            path: format!("/pool/{pool}"),
+            alternative_path: Some(new_vm),
+            privileges: job,
+            what_for: "the job VMs: create, configure, start, guest agent, destroy".into(),
+        },
+        None => Need {
+            path: new_vm,
+            alternative_path: None,
+            privileges: job,
+            what_for: "the job VMs: create, configure, start, guest agent, destroy".into(),
+        },
+    });
+    for storage in &templates.storages {
+        needs.push(Need {
+            path: format!("/storage/{storage}"),
+            alternative_path: None,
+            privileges: vec![DATASTORE_ALLOCATE, DATASTORE_AUDIT],
+            what_for: "the clones' disks".into(),
+        });
+    }
+    if api.major.is_none_or(|major| major >= 8) {
+        for bridge in &templates.bridges {
+            needs.push(Need {
+                path: format!("/sdn/zones/localnetwork/{bridge}"),
+                alternative_path: None,
+                privileges: vec![SDN_USE],
+                what_for: format!("the clones' NIC on bridge {bridge}"),
+            });
+        }
+    }
+    for need in &needs {
+        out.add(privilege_finding(api, need).await);
+    }
+}
+
+async fn privilege_finding(api: &Api, need: &Need) -> Finding {
+    let id = format!("privileges{}", need.path);
+    let token = &api.token;
+    let held = match privileges::effective(&api.client, &need.path, None).await {
+        Ok(held) => held,
+        Err(err) => {
+            return Finding::fail(
+                id,
+                format!(
+                    "privileges on {}: cannot read the token's permissions: {err}",
+                    need.path
+                ),
+                "the message names it (GET /access/permissions needs no privilege of its own)",
+            )
+        }
+    };
+    let alternative = match &need.alternative_path {
+        Some(path) => privileges::effective(&api.client, path, None).await.ok(),
+        None => None,
+    };
+    let missing = privileges::missing(need, &held, alternative.as_ref(), api.major);
+    let names = |list: &[Privilege]| {
+        list.iter()
+            .map(Privilege::describe)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if missing.is_empty() {
+        return Finding::pass(
+            id,
+            format!(
+                "privileges of {token} on {} ({}): {}",
+                need.path,
+                need.what_for,
+                names(&need.privileges)
+            ),
+        );
+    }
+    // Whether the user holds them: then only the token's own ACL is missing (privilege
+    // separation). Reading another user's permissions needs Sys.Audit on /access; without
+    // it, both ACLs are named.
+    let user_has_them = match privileges::effective(&api.client, &need.path, Some(&api.user)).await
+    {
+        Ok(user) => Some(privileges::missing(need, &user, None, api.major).is_empty()),
+        Err(_) => None,
+    };
+    let mut role_privs: Vec<&str> = missing
+        .iter()
+        .map(|p| {
+            if api.major.is_some_and(|m| m < 9) {
+                p.pve8
+            } else {
+                p.pve9
+            }
+        })
+        .collect();
+    role_privs.dedup();
+    let role_privs = role_privs.join(" ");
+    let (why, fix) = match user_has_them {
+        Some(true) => (
+            format!(
+                "; its user {} has them, so the token's own ACL is missing (the token has \
+                 privilege separation)",
+                api.user
+            ),
+            format!(
+                "grant the role to the token as well: pveum acl modify {} --tokens '{token}' \
+                 --roles GitLabRunner (README, Proxmox checklist, step 3)",
+                acl_path(&need.path)
+            ),
+        ),
+        _ => (
+            String::new(),
+            format!(
+                "add them to the role (pveum role modify GitLabRunner --append 1 --privs \
+                 \"{role_privs}\") and make sure both ACLs cover {}: pveum acl modify {} --users \
+                 {} --roles GitLabRunner; pveum acl modify {} --tokens '{token}' --roles \
+                 GitLabRunner (README, Proxmox checklist, step 3)",
+                need.path,
+                acl_path(&need.path),
+                api.user,
+                acl_path(&need.path)
+            ),
+        ),
+    };
+    Finding::fail(
+        id,
+        format!(
+            "privileges: {token} lacks {} on {} ({}){why}",
+            names(&missing),
+            need.path,
+            need.what_for
+        ),
+        fix,
+    )
+}
+
+/// Where to put the ACL: a new VM's id stands for `/vms` (or `/`).
+fn acl_path(path: &str) -> &str {
+    if path.starts_with("/vms/") {
+        "/vms"
+    } else {
+        path
+    }
+}
+
+async fn vmid_range_finding(api: &Api, settings: &Settings, out: &mut Output<'_>) {
+    let (low, high) = settings.vmid_range;
+    let id = "vmid_range";
+    let vms = match api.client.cluster_vms().await {
+        Ok(vms) => vms,
+        Err(err) => {
+            out.add(Finding::fail(
+                id,
+                format!("VMID range {low}-{high}: cannot list the cluster's guests: {err}"),
+                "the token's VM.Audit (see the privilege lines)",
+            ));
+            return;
+        }
+    };
+    let mut ours = 0;
+    let mut foreign = Vec::new();
+    for vm in &vms {
+        let Ok(vmid) = u32::try_from(vm.vmid) else {
+            continue;
+        };
+        if !(low..=high).contains(&vmid) {
+            continue;
+        }
+        let is_qemu = vm.kind.as_deref().is_none_or(|kind| kind == "qemu");
+        let marked = is_qemu
+            && !vm.template
+            && matches!(
+                api.client.vm_config(&vm.node, vmid).await,
+                Ok(Some(config)) if config.description().as_deref().and_then(Marker::find_in).is_some()
+            );
+        if marked {
+            ours += 1;
+        } else {
+            foreign.push(format!(
+                "{vmid} ({} on {})",
+                vm.name.as_deref().unwrap_or("unnamed"),
+                vm.node
+            ));
+        }
+    }
+    if foreign.is_empty() {
+        out.add(Finding::pass(
+            id,
+            format!("VMID range {low}-{high} (PROXMOX_VMID_RANGE) holds no foreign VM ({ours} of this driver's)"),
+        ));
+    } else {
+        out.add(Finding::fail(
+            id,
+            format!(
+                "VMID range {low}-{high} (PROXMOX_VMID_RANGE) holds {} guest(s) that are not this \
+                 driver's: {}",
+                foreign.len(),
+                foreign.join(", ")
+            ),
+            "keep the range free of other guests: move them out of it, or choose another \
+             PROXMOX_VMID_RANGE",
+        ));
+    }
+}
+
+fn key_finding(settings: &Settings, out: &mut Output<'_>) {
+    let finding = if settings.ssh_private_key.is_none() {
+        Finding::fail(
+            "ssh_key",
+            "SSH key: VM_SSH_PRIVATE_KEY is not set",
+            "VM_SSH_PRIVATE_KEY in the settings file (the private key, or its path)",
+        )
+    } else {
+        match crate::ssh::load_private_key(settings) {
+            Ok(key) => Finding::pass(
+                "ssh_key",
+                format!(
+                    "SSH key: {} {} (its public half must be in ~{}/.ssh/authorized_keys in \
+                     the template)",
+                    key.algorithm(),
+                    key.fingerprint(),
+                    settings.ssh_user
+                ),
+            ),
+            Err(err) => Finding::fail(
+                "ssh_key",
+                format!("SSH key: {err}"),
+                "the key file (the private half, in text form) and VM_SSH_KEY_PASSPHRASE",
+            ),
+        }
+    };
+    out.add(finding);
+}
+
+fn helper_finding(settings: &Settings, out: &mut Output<'_>) {
+    use std::os::unix::fs::PermissionsExt;
+    let configured = settings.runner_helper_path.as_deref();
+    let finding = match crate::ssh::runner_helper_on_host(configured) {
+        Some(path) => {
+            let executable = std::fs::metadata(&path)
+                .map(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false);
+            if executable {
+                Finding::pass(
+                    "runner_helper",
+                    format!(
+                        "runner helper: {} (copied into VMs whose template lacks gitlab-runner)",
+                        path.display()
+                    ),
+                )
+            } else {
+                Finding::fail(
+                    "runner_helper",
+                    format!(
+                        "runner helper: RUNNER_HELPER_PATH {} is not an executable file",
+                        path.display()
+                    ),
+                    "point RUNNER_HELPER_PATH at the gitlab-runner binary (linux-amd64), or \
+                     unset it and install gitlab-runner in the template",
+                )
+            }
+        }
+        None => Finding::fail(
+            "runner_helper",
+            "runner helper: none on this host (RUNNER_HELPER_PATH is unset and no gitlab-runner \
+             is on PATH): a template without gitlab-runner loses every job's artifacts and caches",
+            "install gitlab-runner in the template or set RUNNER_HELPER_PATH",
+        )
+        .advisory(),
+    };
+    out.add(finding);
+}
+
+/// `Some(exit code)` when the run must end with [`EXIT_NOT_RUN`].
+async fn smoke_test(settings: &Settings, out: &mut Output<'_>, cancel: &Cancel) -> Option<i32> {
+    let client = match Client::new(settings) {
+        Ok(client) => client,
+        Err(err) => {
+            out.add(Finding::fail(
+                "smoke",
+                format!("smoke test: {err}"),
+                "the message names it",
+            ));
+            return None;
+        }
+    };
+    let smoke = smoke::run(&client, settings, cancel).await;
+    out.report.smoke_phases = smoke
+        .phases
+        .iter()
+        .map(|(phase, took)| (phase.to_string(), took.as_secs_f64()))
+        .collect();
+    let phases = smoke
+        .phases
+        .iter()
+        .map(|(phase, took)| format!("{phase} {}", joblog::secs(*took)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    match smoke.result {
+        Ok(summary) => out.add(Finding::pass("smoke", format!("{summary}: {phases}"))),
+        Err((step, _)) if smoke.interrupted.is_some() => out.add(Finding::fail(
+            "smoke",
+            format!(
+                "smoke test interrupted ({}) while {step}; {}",
+                smoke.interrupted.unwrap_or("cancelled"),
+                if smoke.left_behind.is_some() {
+                    "its VM could NOT be removed (see below)"
+                } else {
+                    "nothing of it is left on the cluster"
+                }
+            ),
+            "run it again",
+        )),
+        Err((step, err)) => out.add(Finding::fail(
+            "smoke",
+            format!("smoke test failed while {step}: {err}"),
+            "the Troubleshooting row for the message (the hooks report the same)",
+        )),
+    }
+    if smoke.host_key_source == Some(crate::vm::HostKeySource::FirstUse) {
+        out.add(
+            Finding::fail(
+                "smoke.host_key",
+                "smoke test: the VM's SSH host key could not be read through the guest agent",
+                "give the token VM.GuestAgent.FileRead (PVE 9) / VM.Monitor (PVE 8), and keep the \
+                 host keys at /etc/ssh/ssh_host_*_key.pub in the template",
+            )
+            .advisory(),
+        );
+    }
+    if let Some((vm, why)) = &smoke.left_behind {
+        out.add(Finding::fail(
+            "smoke.cleanup",
+            format!("smoke test: could not remove {vm}: {why}"),
+            format!(
+                "remove it by hand (qm stop {0}; qm destroy {0} --purge on {1}), or let \
+                 gitlab-proxmox-runner gc sweep it after an hour",
+                vm.vmid, vm.node
+            ),
+        ));
+        return Some(EXIT_NOT_RUN);
+    }
+    smoke.interrupted.map(|_| EXIT_NOT_RUN)
+}

@@ -1,0 +1,499 @@
+//! `gitlab-proxmox-runner check` against the in-repo fake Proxmox, run the way an admin runs it
+//! (no job, the driver's settings in the environment): each misconfiguration in turn gives its
+//! ✘ line and exit status 1, a correct setup is all ✔, `--smoke` leaves no VM behind, also
+//! when SIGTERM arrives mid-way.
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use gpr_testkit::fake_proxmox::AclSubject;
+use gpr_testkit::{driver_binary, FakeConfig, FakeProxmox, Lab, NewVm};
+
+const READY: i32 = 0;
+const NOT_READY: i32 = 1;
+const NOT_RUN: i32 = 2;
+
+/// An executable the runner-helper check accepts.
+const HELPER: &str = "/bin/true";
+
+fn lab() -> Lab {
+    Lab::builder(driver_binary!()).start()
+}
+
+fn lab_with(config: FakeConfig) -> Lab {
+    Lab::builder(driver_binary!()).fake(config).start()
+}
+
+/// `check` with the lab's settings plus the client key and a helper, overridden by `extra`
+/// (an empty value removes the setting).
+fn check_command(lab: &Lab, extra: &[(&str, &str)]) -> Command {
+    let mut settings = lab.settings();
+    settings.push(("VM_SSH_PRIVATE_KEY".into(), lab.key.private_text.clone()));
+    settings.push(("RUNNER_HELPER_PATH".into(), HELPER.into()));
+    for (name, value) in extra {
+        settings.retain(|(key, _)| key != name);
+        if !value.is_empty() {
+            settings.push((name.to_string(), value.to_string()));
+        }
+    }
+    let mut command = Command::new(&lab.bin);
+    command
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .envs(settings)
+        .arg("check")
+        .stdin(Stdio::null());
+    command
+}
+
+struct Checked {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Checked {
+    fn of(output: Output) -> Checked {
+        Checked {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    #[track_caller]
+    fn assert_code(&self, code: i32) -> &Checked {
+        assert_eq!(
+            self.code, code,
+            "exit status\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    fn fail_lines(&self) -> Vec<&str> {
+        self.stdout
+            .lines()
+            .filter(|line| line.starts_with("✘"))
+            .collect()
+    }
+
+    /// The one ✘ line (and only one) contains every fragment; its fix line follows.
+    #[track_caller]
+    fn assert_single_failure(&self, fragments: &[&str]) -> &Checked {
+        let failures = self.fail_lines();
+        assert_eq!(failures.len(), 1, "one ✘ line expected:\n{}", self.stdout);
+        for fragment in fragments {
+            assert!(
+                failures[0].contains(fragment),
+                "{fragment:?} missing from {:?}\n{}",
+                failures[0],
+                self.stdout
+            );
+        }
+        let after = self
+            .stdout
+            .lines()
+            .skip_while(|line| !line.starts_with("✘"))
+            .nth(1)
+            .unwrap_or("");
+        assert!(after.trim_start().starts_with("fix: "), "{}", self.stdout);
+        self
+    }
+}
+
+fn run(command: &mut Command) -> Checked {
+    Checked::of(command.output().expect("run check"))
+}
+
+#[test]
+fn a_correct_setup_is_all_ticks() {
+    let lab = lab();
+    let checked = run(&mut check_command(&lab, &[]));
+    checked.assert_code(READY);
+    assert!(checked.fail_lines().is_empty(), "{}", checked.stdout);
+    for expected in [
+        "✔ settings:",
+        "✔ API https://",
+        "certificate trusted by its pinned PROXMOX_TLS_FINGERPRINT",
+        "✔ token ci@pve!runner authenticates (Proxmox VE 8.2.4)",
+        "✔ node pve1 is online",
+        "✔ template ubuntu-focal (60900) on pve1: a template, guest agent on, net0 on vmbr0, disks on local-lvm (lvmthin)",
+        "✔ privileges of ci@pve!runner on /vms/60900",
+        "✔ privileges of ci@pve!runner on /storage/local-lvm",
+        "✔ privileges of ci@pve!runner on /sdn/zones/localnetwork/vmbr0",
+        "✔ VMID range 2000000-2999999",
+        "✔ SSH key: ssh-ed25519 SHA256:",
+        "✔ runner helper: /bin/true",
+        "0 failed, 0 advisory, 0 skipped: ready for jobs",
+    ] {
+        assert!(checked.stdout.contains(expected), "{expected:?}\n{}", checked.stdout);
+    }
+    // The key's public fingerprint, never the key.
+    for fragment in lab.key.secret_fragments() {
+        assert!(!checked.stdout.contains(&fragment) && !checked.stderr.contains(&fragment));
+    }
+    // A preflight changes nothing.
+    assert!(lab.fake.job_vms().is_empty());
+    assert!(lab
+        .fake
+        .requests()
+        .iter()
+        .all(|request| request.method == "GET"));
+}
+
+#[test]
+fn json_output_has_every_check_and_the_exit_code() {
+    let lab = lab();
+    let checked = run(check_command(&lab, &[("PROXMOX_NODE", "pve9")]).args(["--format", "json"]));
+    checked.assert_code(NOT_READY);
+    let json: serde_json::Value = serde_json::from_str(&checked.stdout).expect(&checked.stdout);
+    assert_eq!(json["exit_code"], NOT_READY);
+    // The node, and the four templates that cannot be found on it.
+    assert_eq!(json["summary"]["failed"], 5, "{json:#}");
+    let node = json["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|check| check["id"] == "node")
+        .expect("a node check");
+    assert_eq!(node["status"], "fail");
+    assert!(node["message"]
+        .as_str()
+        .unwrap()
+        .contains("pve9 is not a member"));
+    assert!(node["fix"].as_str().unwrap().contains("PROXMOX_NODE"));
+}
+
+#[test]
+fn a_privilege_missing_on_the_token_only_is_named_with_both_pve_names() {
+    let lab = lab();
+    let mut role: Vec<&str> = gpr_testkit::fake_proxmox::RUNNER_ROLE.to_vec();
+    role.retain(|privilege| {
+        !matches!(
+            *privilege,
+            "VM.Clone" | "VM.Monitor" | "VM.GuestAgent.Audit" | "VM.GuestAgent.FileRead"
+        )
+    });
+    lab.fake.set_acl(AclSubject::Token, "/", &role);
+    let checked = run(&mut check_command(&lab, &[]));
+    checked.assert_code(NOT_READY);
+    let failures = checked.fail_lines();
+    let templates = failures
+        .iter()
+        .filter(|line| line.contains("lacks VM.Clone on /vms/"))
+        .count();
+    assert_eq!(templates, 4, "{}", checked.stdout);
+    assert!(
+        checked.stdout.contains(
+            "✘ privileges: ci@pve!runner lacks VM.GuestAgent.Audit (PVE 9) / VM.Monitor (PVE 8), \
+             VM.GuestAgent.FileRead (PVE 9) / VM.Monitor (PVE 8) on /vms/2000000"
+        ),
+        "{}",
+        checked.stdout
+    );
+    assert!(
+        checked.stdout.contains("--tokens 'ci@pve!runner'"),
+        "{}",
+        checked.stdout
+    );
+
+    // With Sys.Audit on /access the check can see that the user has them: only the token's
+    // ACL is missing.
+    let mut with_audit = role.clone();
+    with_audit.push("Sys.Audit");
+    lab.fake.set_acl(AclSubject::Token, "/", &with_audit);
+    let mut user_role: Vec<&str> = gpr_testkit::fake_proxmox::RUNNER_ROLE.to_vec();
+    user_role.push("Sys.Audit");
+    lab.fake.set_acl(AclSubject::User, "/", &user_role);
+    let checked = run(&mut check_command(&lab, &[]));
+    checked.assert_code(NOT_READY);
+    assert!(
+        checked.stdout.contains(
+            "its user ci@pve has them, so the token's own ACL is missing (the token has \
+             privilege separation)"
+        ),
+        "{}",
+        checked.stdout
+    );
+}
+
+#[test]
+fn a_template_without_the_agent_fails_its_line() {
+    let mut config = FakeConfig::default();
+    config.templates[0].agent = false;
+    let lab = lab_with(config);
+    run(&mut check_command(&lab, &[]))
+        .assert_code(NOT_READY)
+        .assert_single_failure(&[
+            "template ubuntu-focal (60900) on pve1: its QEMU guest agent option is off",
+        ]);
+}
+
+#[test]
+fn a_map_entry_that_is_not_a_template_fails_its_line() {
+    let lab = lab();
+    lab.fake.add_vm(NewVm {
+        vmid: 700,
+        name: "hand-made".into(),
+        ..Default::default()
+    });
+    run(&mut check_command(
+        &lab,
+        &[("PROXMOX_TEMPLATES", "ubuntu-focal=60900,plain=700")],
+    ))
+    .assert_code(NOT_READY)
+    .assert_single_failure(&["template plain (700) on pve1: it is not a template"]);
+}
+
+#[test]
+fn storage_without_linked_clones_fails_unless_clones_are_full() {
+    let mut config = FakeConfig::default();
+    config.templates[1].linked_clone_ok = false;
+    let lab = lab_with(config);
+    run(&mut check_command(&lab, &[]))
+        .assert_code(NOT_READY)
+        .assert_single_failure(&[
+            "template ubuntu-bionic (60910) on pve1: disk scsi0 is on storage local (dir, raw), \
+             which cannot make linked clones",
+        ]);
+    let checked = run(&mut check_command(&lab, &[("PROXMOX_CLONE", "full")]));
+    checked.assert_code(READY);
+    assert!(
+        checked.stdout.contains("for full clones"),
+        "{}",
+        checked.stdout
+    );
+}
+
+#[test]
+fn a_foreign_vm_in_the_vmid_range_fails() {
+    let lab = lab();
+    lab.fake.add_vm(NewVm {
+        vmid: 2_000_100,
+        name: "someones-vm".into(),
+        running: true,
+        ..Default::default()
+    });
+    run(&mut check_command(&lab, &[]))
+        .assert_code(NOT_READY)
+        .assert_single_failure(&[
+            "VMID range 2000000-2999999 (PROXMOX_VMID_RANGE) holds 1 guest(s) that are not this \
+             driver's: 2000100 (someones-vm on pve1)",
+        ]);
+}
+
+#[test]
+fn a_wrong_ca_names_the_certificate_to_pin() {
+    let lab = lab();
+    let other = FakeProxmox::start(FakeConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let wrong_ca = other.write_ca_file(dir.path());
+    let checked = run(&mut check_command(
+        &lab,
+        &[
+            ("PROXMOX_TLS_FINGERPRINT", ""),
+            ("PROXMOX_TLS_CA_FILE", wrong_ca.to_str().unwrap()),
+        ],
+    ));
+    checked.assert_code(NOT_READY).assert_single_failure(&[
+        "the API's certificate is not trusted by PROXMOX_TLS_CA_FILE",
+        &format!("SHA-256 fingerprint {}", lab.fake.fingerprint()),
+        "subject ",
+    ]);
+    assert!(
+        checked.stdout.contains(&format!(
+            "PROXMOX_TLS_FINGERPRINT={}",
+            lab.fake.fingerprint()
+        )),
+        "{}",
+        checked.stdout
+    );
+    // The right CA passes.
+    let right_ca = lab.fake.write_ca_file(dir.path());
+    run(&mut check_command(
+        &lab,
+        &[
+            ("PROXMOX_TLS_FINGERPRINT", ""),
+            ("PROXMOX_TLS_CA_FILE", right_ca.to_str().unwrap()),
+        ],
+    ))
+    .assert_code(READY);
+}
+
+#[test]
+fn a_pinned_fingerprint_that_is_not_the_apis_names_the_real_one() {
+    let lab = lab();
+    let wrong = ["00"; 32].join(":");
+    let checked = run(&mut check_command(
+        &lab,
+        &[("PROXMOX_TLS_FINGERPRINT", &wrong)],
+    ));
+    checked.assert_code(NOT_READY).assert_single_failure(&[
+        "the API's certificate is not trusted by its pinned PROXMOX_TLS_FINGERPRINT",
+        &format!("SHA-256 fingerprint {}", lab.fake.fingerprint()),
+        "the API presents subject CN=",
+    ]);
+    // Nothing else could be checked without the API: skipped, not failed.
+    assert!(
+        checked.stdout.contains("- node: skipped (needs the API)"),
+        "{}",
+        checked.stdout
+    );
+    // The token never went to an API that failed the pin.
+    assert!(lab.fake.requests().is_empty());
+}
+
+#[test]
+fn an_offline_node_fails() {
+    let lab = lab();
+    lab.fake.set_node_online("pve1", false);
+    let checked = run(&mut check_command(&lab, &[]));
+    checked.assert_code(NOT_READY);
+    let failures = checked.fail_lines();
+    assert!(
+        failures
+            .iter()
+            .any(|line| line.starts_with("✘ node pve1 is offline (status offline)")),
+        "{}",
+        checked.stdout
+    );
+}
+
+#[test]
+fn an_unparsable_key_fails_without_echoing_it() {
+    let lab = lab();
+    let garbage = "-----BEGIN OPENSSH PRIVATE KEY-----\nbm90IGEga2V5IGF0IGFsbA==\n-----END OPENSSH PRIVATE KEY-----\n";
+    let checked = run(&mut check_command(&lab, &[("VM_SSH_PRIVATE_KEY", garbage)]));
+    checked
+        .assert_code(NOT_READY)
+        .assert_single_failure(&["SSH key: "]);
+    assert!(
+        !checked.stdout.contains("bm90IGEga2V5"),
+        "{}",
+        checked.stdout
+    );
+}
+
+#[test]
+fn a_bad_token_and_bad_settings_fail_with_their_fix() {
+    let lab = lab();
+    run(&mut check_command(
+        &lab,
+        &[("PROXMOX_TOKEN_VALUE", "wrong")],
+    ))
+    .assert_code(NOT_READY)
+    .assert_single_failure(&["the API refused the token ci@pve!runner"]);
+    run(&mut check_command(&lab, &[("PROXMOX_CLONE", "sideways")]))
+        .assert_code(NOT_READY)
+        .assert_single_failure(&["settings: ", "PROXMOX_CLONE"]);
+}
+
+/// Polls (no fixed sleeps) until `done` holds or `limit` passes.
+fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    done()
+}
+
+fn wait_child(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for check") {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn smoke_runs_one_vm_end_to_end_and_leaves_none() {
+    let Some(lab) = Lab::builder(driver_binary!())
+        .with_sshd_or_skip("smoke_runs_one_vm_end_to_end_and_leaves_none")
+    else {
+        return;
+    };
+    // No helper: the "VM" is this machine's own sshd, and a helper would be installed into its
+    // /usr/local/bin (the runner-helper line is advisory, so the exit status stays 0).
+    let checked = run(check_command(&lab, &[("RUNNER_HELPER_PATH", "")]).arg("--smoke"));
+    checked.assert_code(READY);
+    assert!(
+        checked
+            .stdout
+            .contains("✘ runner helper: none on this host"),
+        "{}",
+        checked.stdout
+    );
+    let smoke = checked
+        .stdout
+        .lines()
+        .find(|line| line.starts_with("✔ smoke test: VM "))
+        .unwrap_or_else(|| panic!("{}", checked.stdout));
+    for phase in [
+        "host key read through the guest agent",
+        "`sudo -n true` as root works",
+        "destroyed",
+        "clone ",
+        "agent+IP ",
+        "ssh ",
+        "sudo ",
+        "destroy ",
+    ] {
+        assert!(smoke.contains(phase), "{phase:?} in {smoke}");
+    }
+    assert!(lab.fake.job_vms().is_empty(), "{:?}", lab.fake.job_vms());
+    assert!(lab
+        .fake
+        .requests()
+        .iter()
+        .any(|r| r.method == "POST" && r.path.ends_with("/clone")));
+}
+
+#[test]
+fn smoke_interrupted_by_sigterm_removes_its_vm() {
+    let lab = lab();
+    // The VM boots for longer than the test lasts: SIGTERM arrives while the check waits for it.
+    lab.fake.set_boot_time(Duration::from_secs(600));
+    let mut child = check_command(&lab, &[])
+        .arg("--smoke")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start check");
+    let started = wait_for(Duration::from_secs(60), || {
+        lab.fake.job_vms().iter().any(|vm| vm.status == "running")
+    });
+    assert!(started, "the smoke VM never started");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let status = wait_child(&mut child, Duration::from_secs(60)).expect("check ends after SIGTERM");
+    let output = child.wait_with_output().expect("collect output");
+    let checked = Checked::of(std::process::Output { status, ..output });
+    checked.assert_code(NOT_RUN);
+    assert!(
+        checked
+            .stdout
+            .contains("✘ smoke test interrupted (SIGTERM) while "),
+        "{}",
+        checked.stdout
+    );
+    assert!(
+        checked
+            .stdout
+            .contains("nothing of it is left on the cluster"),
+        "{}",
+        checked.stdout
+    );
+    assert!(lab.fake.job_vms().is_empty(), "{:?}", lab.fake.job_vms());
+}
