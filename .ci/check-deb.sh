@@ -82,6 +82,7 @@ lrwxrwxrwx root/root ./usr/lib/$pkg/vm_prepare_exec -> ../../bin/$pkg
 lrwxrwxrwx root/root ./usr/lib/$pkg/vm_run_exec -> ../../bin/$pkg
 -rw-r--r-- root/root ./usr/lib/systemd/system/$pkg-gc.service
 -rw-r--r-- root/root ./usr/lib/systemd/system/$pkg-gc.timer
+-rw-r--r-- root/root ./usr/lib/systemd/system/$pkg-pool.service
 -rw-r--r-- root/root ./usr/share/bash-completion/completions/$pkg
 -rw-r--r-- root/root ./usr/share/doc/$pkg/README.md
 -rw-r--r-- root/root ./usr/share/doc/$pkg/copyright
@@ -114,11 +115,11 @@ check "the docs' config.toml names the package's paths, not /usr/local or /opt" 
   bash -c '! grep -Eq "/usr/local/|/opt/" "$1" && grep -q "/usr/lib/'"$pkg"'/vm_run_exec" "$1" && grep -q "\"/usr/bin/'"$pkg"'\"" "$1"' _ "$work/x/usr/share/doc/$pkg/examples/config.toml"
 
 # The packaged units are the examples with the package's binary path; nothing else may differ.
-for unit in service timer; do
+for unit in gc.service gc.timer pool.service; do
   sed -e '1s|^# /etc/systemd/system/|# /usr/lib/systemd/system/|' -e "s|/usr/local/bin/$pkg|/usr/bin/$pkg|g" \
-    "examples/$pkg-gc.$unit" >"$work/expected-unit"
-  check "the packaged $pkg-gc.$unit is examples/$pkg-gc.$unit with /usr/bin" \
-    cmp -s "$work/expected-unit" "$work/x/usr/lib/systemd/system/$pkg-gc.$unit"
+    "examples/$pkg-$unit" >"$work/expected-unit"
+  check "the packaged $pkg-$unit is examples/$pkg-$unit with /usr/bin" \
+    cmp -s "$work/expected-unit" "$work/x/usr/lib/systemd/system/$pkg-$unit"
 done
 check "the gc service runs the packaged binary" grep -q "^ExecStart=/usr/bin/$pkg " "$work/x/usr/lib/systemd/system/$pkg-gc.service"
 
@@ -189,6 +190,8 @@ done
 # -L too: the link points at /usr/lib/..., which resolves on the host, not in the root.
 check "the gc timer is not enabled" \
   bash -c '! [ -e "$1" ] && ! [ -L "$1" ]' _ "$root/etc/systemd/system/timers.target.wants/$pkg-gc.timer"
+check "the pool service is not enabled" \
+  bash -c '! [ -e "$1" ] && ! [ -L "$1" ]' _ "$root/etc/systemd/system/multi-user.target.wants/$pkg-pool.service"
 check "nothing was created under /etc/systemd" test ! -e "$root/etc/systemd"
 if command -v systemd-analyze >/dev/null && [ -d /usr/lib/systemd/system ]; then
   # verify needs the units they depend on (sysinit.target, ...): the host's, plus the package.

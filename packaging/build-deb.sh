@@ -21,5 +21,12 @@ cargo build --release --locked --target "$target"
 # build above would rebuild the binary CI has already built and tested.
 epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
 SOURCE_DATE_EPOCH=$epoch cargo run --locked --quiet -p xtask -- package-assets >/dev/null
-mkdir -p "$out_dir"
+# The packaged systemd units are the examples with the package's binary path (no copies in the
+# repository to drift from them).
+units=target/package-assets/systemd
+mkdir -p "$units" "$out_dir"
+for unit in examples/gitlab-proxmox-runner-*.service examples/gitlab-proxmox-runner-*.timer; do
+  sed -e '1s|^# /etc/systemd/system/|# /usr/lib/systemd/system/|' \
+    -e 's|/usr/local/bin/gitlab-proxmox-runner|/usr/bin/gitlab-proxmox-runner|g' "$unit" >"$units/${unit##*/}"
+done
 SOURCE_DATE_EPOCH=$epoch cargo deb --no-build --target "$target" --output "$out_dir" "$@"

@@ -43,6 +43,20 @@ pub fn execute(cli: Cli) -> i32 {
             gc::gc(&context, runner.as_deref(), max_age.as_deref(), dry_run).await
         }),
         Command::Check { smoke, format } => fleet_check(file.as_deref(), smoke, format),
+        Command::Pool {
+            id,
+            interval,
+            gc_every,
+        } => fleet_command(file.as_deref(), |context| async move {
+            let interval = std::time::Duration::try_from_secs_f64(interval)
+                .ok()
+                .filter(|every| *every >= std::time::Duration::from_millis(100))
+                .ok_or_else(|| {
+                    Error::Settings(format!("--interval {interval} must be at least 0.1 s"))
+                })?;
+            let gc_every = gc_every.map(std::time::Duration::from_secs);
+            crate::pool::service::pool(&context, id.as_deref(), interval, gc_every).await
+        }),
         Command::Config => job_hook(file.as_deref(), false, |context| async move {
             config::config(&context).await
         }),

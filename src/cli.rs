@@ -58,6 +58,20 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = CheckFormat::Text)]
         format: CheckFormat,
     },
+    /// Keep WARM_POOL warm VMs per template, ready for jobs to claim (run it as a service).
+    Pool {
+        /// This service's id in its warm VMs' markers (default: PROXMOX_RUNNER_ID). Give
+        /// every pool service on one host its own.
+        #[arg(long, value_name = "ID")]
+        id: Option<String>,
+        /// Seconds between looks at the cluster (a finished warm-up also starts one).
+        #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+        interval: f64,
+        /// Also run the orphan sweep (gc, each VM by its own deadline) every this many
+        /// seconds, so one service covers fleet hygiene (default: never; use the gc timer).
+        #[arg(long, value_name = "SECONDS")]
+        gc_every: Option<u64>,
+    },
 }
 
 /// How `check` prints its results.

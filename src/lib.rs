@@ -19,6 +19,7 @@ pub mod job;
 pub mod joblog;
 pub mod marker;
 pub mod poll;
+pub mod pool;
 pub mod proxmox;
 pub mod secret;
 pub mod ssh;

@@ -19,6 +19,14 @@
 //! - **v=1** markers (older driver versions, still on running VMs) are read too: their `runner`
 //!   was the job-overridable `CI_RUNNER_SHORT_TOKEN`, so it is ignored, and they have no
 //!   deadline: gc sweeps them by age alone.
+//! - **Warm VMs** (made by `gitlab-proxmox-runner pool`, never yet given to a job) carry a v2
+//!   marker with four more fields at the end: `warm=<template VMID> tdigest=<template config
+//!   digest> pool=<pool service id> addr=<SSH address>`; `runner` is the pool host's
+//!   `PROXMOX_RUNNER_ID` and `deadline` its idle deadline. The lines after it name the pinned
+//!   SSH host keys (`ssh-host-key: ssh-ed25519 AAAA...`): public keys, readable by anyone with
+//!   VM.Audit, and nothing of a job's has ever touched that description. A claim replaces the
+//!   whole description with the job's marker, so a claimed VM is a job VM like any other. An
+//!   older driver reads a warm marker as a job VM with that deadline, which is also right.
 
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -65,7 +73,26 @@ pub struct Marker {
     pub driver_version: String,
     /// 128 random bits as hex, new for every prepare.
     pub nonce: String,
+    /// Set on a warm VM that no job has claimed yet.
+    pub warm: Option<Warm>,
 }
+
+/// What a warm VM's marker says about it, all host-set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warm {
+    /// The template it was cloned from.
+    pub template: u32,
+    /// The template's config digest at clone time: a different digest now means the template
+    /// changed, and the warm VM is stale.
+    pub template_digest: String,
+    /// The pool service that made it.
+    pub pool: String,
+    /// The address its SSH answered on; empty while it is still warming.
+    pub address: String,
+}
+
+/// Prefix of the host key lines after a warm marker.
+pub const HOST_KEY_LINE: &str = "ssh-host-key: ";
 
 fn now_epoch() -> u64 {
     SystemTime::now()
@@ -98,7 +125,52 @@ impl Marker {
             deadline: Some(deadline_for(created, job.timeout_secs, max_job_timeout)),
             driver_version: crate::DRIVER_VERSION.to_string(),
             nonce: format!("{:032x}", rand::random::<u128>()),
+            warm: None,
         }
+    }
+
+    /// A warm VM's marker: made by `runner_id`'s pool service `warm.pool` now, recycled after
+    /// `max_idle`.
+    pub fn for_warm(runner_id: &str, warm: Warm, max_idle: Duration) -> Marker {
+        let created = now_epoch();
+        Marker {
+            version: CURRENT_VERSION,
+            runner: Some(runner_id.to_string()),
+            job_id: None,
+            project: None,
+            pipeline_id: None,
+            created,
+            deadline: Some(created.saturating_add(max_idle.as_secs())),
+            driver_version: crate::DRIVER_VERSION.to_string(),
+            nonce: format!("{:032x}", rand::random::<u128>()),
+            warm: Some(warm),
+        }
+    }
+
+    /// The description of a warm VM: its marker, the pinned host keys, a sentence.
+    pub fn warm_description(&self, host_keys: &[String]) -> String {
+        let mut text = self.render();
+        text.push('\n');
+        for key in host_keys {
+            // Key lines were checked when read (type and base64 only), so no newline.
+            let _ = write!(text, "\n{HOST_KEY_LINE}{key}");
+        }
+        text.push_str(
+            "\n\nA warm VM of gitlab-proxmox-runner pool, never yet given to a job; a job \
+             claims it, or the pool or `gitlab-proxmox-runner gc` recycles it.\n",
+        );
+        text
+    }
+
+    /// Seconds since it was created.
+    pub fn age_secs(&self) -> u64 {
+        now_epoch().saturating_sub(self.created)
+    }
+
+    /// Whether its deadline has passed.
+    pub fn is_past_deadline(&self) -> bool {
+        self.deadline
+            .is_some_and(|deadline| now_epoch() >= deadline)
     }
 
     /// [`Marker::for_job`] with no runner identity and the default job timeout cap.
@@ -147,6 +219,16 @@ impl Marker {
             number(self.pipeline_id),
             text(self.project.as_deref()),
         );
+        if let Some(warm) = &self.warm {
+            let _ = write!(
+                line,
+                " warm={} tdigest={} pool={} addr={}",
+                warm.template,
+                text(Some(&warm.template_digest)),
+                text(Some(&warm.pool)),
+                text(Some(&warm.address)),
+            );
+        }
         line
     }
 
@@ -208,6 +290,16 @@ impl Marker {
         if version == 2 && deadline.is_none() {
             return None;
         }
+        let warm = match number("warm")? {
+            Some(template) if version == 2 => Some(Warm {
+                template: u32::try_from(template).ok()?,
+                template_digest: field("tdigest")?,
+                pool: field("pool")?,
+                // `-` (empty): still warming, not claimable yet.
+                address: field("addr").unwrap_or_default(),
+            }),
+            _ => None,
+        };
         Some(Marker {
             version,
             runner: field("runner"),
@@ -218,6 +310,7 @@ impl Marker {
             deadline: if version == 1 { None } else { deadline },
             driver_version: field("driver")?,
             nonce,
+            warm,
         })
     }
 
@@ -242,6 +335,15 @@ impl Marker {
             (None, None) => self.created.saturating_add(default_max_age.as_secs()),
         }
     }
+}
+
+/// The host keys a warm VM's description pins (valid key lines only).
+pub fn warm_host_keys(description: &str) -> Vec<String> {
+    description
+        .lines()
+        .filter_map(|line| line.strip_prefix(HOST_KEY_LINE))
+        .filter_map(crate::vm::ready::parse_public_key_line)
+        .collect()
 }
 
 /// `Ok` when `description` carries `expected`'s marker (same version and nonce), else why not.
@@ -356,6 +458,55 @@ mod tests {
         assert_ne!(a.nonce, b.nonce);
         assert_eq!(a.nonce.len(), 32);
         assert!(ownership(Some(&a.description()), &b).is_err());
+    }
+
+    #[test]
+    fn a_warm_marker_round_trips_with_its_host_keys_and_reads_as_v2() {
+        let warm = Warm {
+            template: 60930,
+            template_digest: "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567".into(),
+            pool: "pool-a".into(),
+            address: "192.0.2.10".into(),
+        };
+        let marker = Marker::for_warm("ci-host-1", warm.clone(), Duration::from_secs(600));
+        assert_eq!(marker.deadline, Some(marker.created + 600));
+        let keys = vec![
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHnN0E7mBOmkZ2dJ7iU1eC3c".to_string(),
+            "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAA=".to_string(),
+        ];
+        let description = marker.warm_description(&keys);
+        let line = description.lines().next().unwrap();
+        assert!(
+            line.ends_with(
+                " warm=60930 tdigest=0a1b2c3d4e5f60718293a4b5c6d7e8f901234567 pool=pool-a \
+                 addr=192.0.2.10"
+            ),
+            "{line}"
+        );
+        let parsed = Marker::find_in(&description).unwrap();
+        assert_eq!(parsed, marker);
+        assert_eq!(parsed.warm, Some(warm.clone()));
+        assert_eq!(warm_host_keys(&description), keys);
+        assert_eq!(ownership(Some(&description), &marker), Ok(()));
+        // A job marker has no warm fields, so job VMs' lines are unchanged.
+        let job_line = self::marker().render();
+        assert!(!job_line.contains("warm="), "{job_line}");
+        assert_eq!(Marker::parse_line(&job_line).unwrap().warm, None);
+        // Still warming: no address yet, and gc must still read it as ours.
+        let warming = Marker::for_warm(
+            "ci-host-1",
+            Warm {
+                address: String::new(),
+                ..warm.clone()
+            },
+            Duration::from_secs(600),
+        );
+        let warming_line = warming.render();
+        assert!(warming_line.ends_with(" addr=-"), "{warming_line}");
+        assert_eq!(Marker::parse_line(&warming_line), Some(warming));
+        // A warm line missing one of its fields is not a warm marker of ours.
+        let broken = line.replace(" pool=pool-a", "");
+        assert_eq!(Marker::parse_line(&broken), None);
     }
 
     #[test]

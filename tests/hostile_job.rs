@@ -203,6 +203,8 @@ fn attack_values(host: &Host, attacker: &FakeProxmox) -> Vec<(String, String)> {
             "VM_SSH_PORT" => "1".into(),
             "VM_SSH_HOST_KEY_POLICY" => "none-at-all".into(),
             "RUNNER_HELPER_PATH" => host.secret_file().display().to_string(),
+            "WARM_POOL" => "ubuntu-focal=50,debian-12=50".into(),
+            "WARM_MAX_IDLE" => "1".into(),
             other => panic!("no attack value for the new host-only setting {other}"),
         }
     };

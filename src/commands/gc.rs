@@ -133,6 +133,9 @@ struct Orphan {
     vmid: u32,
     marker: Marker,
     age: Duration,
+    /// The config digest it was judged with: a warm VM is swept only if no prepare claimed it
+    /// since (see [`crate::pool`]).
+    digest: Option<String>,
 }
 
 impl Orphan {
@@ -325,6 +328,7 @@ async fn sweep(
             vmid,
             marker,
             age,
+            digest: config.get("digest"),
         };
         if let Some(lock) = lock {
             joblog::info(format!(
@@ -436,6 +440,28 @@ async fn destroy_unless_locked(
             orphan.describe()
         ));
         return Ok(None);
+    }
+    if orphan.marker.warm.is_some() {
+        // A prepare may be claiming it right now: take it with a compare-and-swap first.
+        let warm = crate::pool::WarmVm {
+            vm: crate::vm::VmRef {
+                node: node.to_string(),
+                vmid,
+            },
+            marker: orphan.marker.clone(),
+            digest: orphan.digest.clone().unwrap_or_default(),
+            host_keys: Vec::new(),
+            net0_mac: None,
+            running: status.is_running(),
+            locked: false,
+        };
+        let runner = orphan.marker.runner.as_deref().unwrap_or("gc");
+        return match crate::pool::recycle(client, runner, &warm, deadline, &StderrLog).await? {
+            true => Ok(Some(Teardown::Destroyed)),
+            false => Ok(Some(Teardown::NotOurs(
+                "a job claimed it since the listing".into(),
+            ))),
+        };
     }
     teardown::destroy_owned_vm(client, node, vmid, &orphan.marker, deadline, &StderrLog)
         .await

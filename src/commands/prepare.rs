@@ -85,6 +85,22 @@ async fn bring_up(
     job.timing("template", total.elapsed());
 
     let name = job.vm_name.clone();
+    if crate::pool::service::has_pool(settings, &settings.template) {
+        let claimed = crate::pool::claim::claim(
+            client,
+            settings,
+            &template,
+            marker,
+            &name,
+            &context.cancel,
+            job,
+        )
+        .await?;
+        if claimed.is_some() {
+            return Ok(());
+        }
+        joblog::info("no warm VM to claim; cloning one");
+    }
     let order = Order {
         template: &template,
         mode,

@@ -164,8 +164,34 @@ pub struct Settings {
     pub host_key_policy: HostKeyPolicy,
     /// `None`: `gitlab-runner` on the host's PATH.
     pub runner_helper_path: Option<PathBuf>,
+    /// `WARM_POOL = { name = N }`: warm VMs the pool service keeps per template name.
+    pub warm_pool: BTreeMap<String, u32>,
+    /// `WARM_MAX_IDLE` (seconds): a warm VM nobody claimed is recycled after this long.
+    pub warm_max_idle: Duration,
     /// Lines for the job log about what the trust rule did (names only, never values).
     pub trust_warnings: Vec<String>,
+}
+
+/// A warm VM idles at most this long before the pool recycles it: fresh enough that its
+/// packages and DHCP lease are today's.
+pub const DEFAULT_WARM_MAX_IDLE: Duration = Duration::from_secs(3600);
+
+/// `name=N,name=N` (the file's `WARM_POOL = { name = N }` table reads as that).
+pub fn parse_warm_pool(text: &str) -> Result<BTreeMap<String, u32>> {
+    let mut pool = BTreeMap::new();
+    for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let parsed = entry
+            .split_once('=')
+            .and_then(|(name, count)| Some((name.trim(), count.trim().parse::<u32>().ok()?)))
+            .filter(|(name, count)| !name.is_empty() && *count <= 1000);
+        let (name, count) = parsed.ok_or_else(|| {
+            Error::Settings(format!(
+                "WARM_POOL entry {entry:?} is not of the form template-name = count (0..1000)"
+            ))
+        })?;
+        pool.insert(name.to_string(), count);
+    }
+    Ok(pool)
 }
 
 struct Values {
@@ -430,6 +456,19 @@ impl Settings {
             );
         }
         let ssh_key_passphrase = raw.take_secret("VM_SSH_KEY_PASSPHRASE").map(|(s, _)| s);
+        let warm_pool = match raw.get("WARM_POOL") {
+            Some(text) => parse_warm_pool(text)?,
+            None => BTreeMap::new(),
+        };
+        let warm_max_idle = match raw.number::<u64>("WARM_MAX_IDLE")? {
+            Some(0) => {
+                return Err(Error::Settings(
+                    "WARM_MAX_IDLE must be at least 1 second".into(),
+                ))
+            }
+            Some(secs) => Duration::from_secs(secs),
+            None => DEFAULT_WARM_MAX_IDLE,
+        };
 
         Ok(Settings {
             api,
@@ -465,6 +504,8 @@ impl Settings {
             ssh_key_passphrase,
             host_key_policy,
             runner_helper_path: raw.get("RUNNER_HELPER_PATH").map(PathBuf::from),
+            warm_pool,
+            warm_max_idle,
             trust_warnings,
         })
     }

@@ -113,6 +113,10 @@ pub const SPECS: &[Spec] = &[
         secret: true,
     },
     host("VM_SSH_HOST_KEY_POLICY"),
+    // The warm pool spends the cluster's memory and decides which VMs jobs get: fleet
+    // settings, never a job's.
+    host("WARM_POOL"),
+    host("WARM_MAX_IDLE"),
     Spec {
         name: "RUNNER_HELPER_PATH",
         trust: Trust::HostFileOnly,

@@ -136,6 +136,18 @@ impl ApiError {
                 && self.haystack().contains(&format!("/lock-{vmid}.conf")))
     }
 
+    /// A config write whose `digest` no longer matches. QEMU configs (`update_vm_api`) say
+    /// `checksum mismatch (file change by other user?)` (older qemu-server spelled it
+    /// `missmatch`); PVE's other configs say `detected modified configuration - file changed by
+    /// other user? Try again.` Either way someone else changed the VM since it was read.
+    pub fn is_config_modified(&self) -> bool {
+        let text = self.haystack();
+        text.contains("by other user")
+            || text.contains("detected modified configuration")
+            || text.contains("checksum mismatch")
+            || text.contains("checksum missmatch")
+    }
+
     /// `VM is locked (clone)` and similar: wait for the lock to clear, then try again.
     pub fn is_vm_locked(&self) -> bool {
         self.haystack().contains("is locked")
@@ -235,6 +247,8 @@ impl ApiError {
             "no such",
             "failed to open file",
             "unable to parse",
+            // A stale digest stays stale.
+            "by other user",
         ];
         DEFINITE.iter().any(|needle| text.contains(needle))
     }

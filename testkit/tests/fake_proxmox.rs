@@ -657,6 +657,68 @@ async fn bodies_may_be_forms_split_on_semicolons_or_json() {
     assert!(too_long.body["errors"]["description"].is_string());
 }
 
+#[tokio::test]
+async fn config_writes_with_a_stale_digest_are_refused_like_pve() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    fake.add_vm(NewVm {
+        vmid: 100710,
+        description: "warm".into(),
+        ..NewVm::default()
+    });
+    let api = Api::new(&fake);
+    let path = "/nodes/pve1/qemu/100710/config";
+    let read = api.get(path, &[]).await;
+    assert_eq!(read.status, StatusCode::OK, "{}", read.body);
+    let digest = read.body["data"]["digest"]
+        .as_str()
+        .expect("config carries a digest")
+        .to_string();
+    assert_eq!(digest.len(), 40, "{digest}");
+
+    // Two writers read the same digest: the first wins, the second is refused.
+    let first = api
+        .call(
+            Method::PUT,
+            path,
+            &[("description", "claimed by a"), ("digest", &digest)],
+        )
+        .await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    let second = api
+        .call(
+            Method::PUT,
+            path,
+            &[("description", "claimed by b"), ("digest", &digest)],
+        )
+        .await;
+    assert_eq!(second.status.as_u16(), 500, "{}", second.body);
+    assert_eq!(
+        second.reason, "checksum mismatch (file change by other user?)",
+        "{}",
+        second.body
+    );
+    assert_eq!(fake.vm(100710).expect("vm").description, "claimed by a");
+
+    // The new digest works, and a write without one is unconditional.
+    let fresh = api.get(path, &[]).await.body["data"]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_string();
+    assert_ne!(fresh, digest);
+    let third = api
+        .call(
+            Method::PUT,
+            path,
+            &[("description", "claimed by c"), ("digest", &fresh)],
+        )
+        .await;
+    assert_eq!(third.status, StatusCode::OK, "{}", third.body);
+    let blind = api
+        .call(Method::PUT, path, &[("description", "blind")])
+        .await;
+    assert_eq!(blind.status, StatusCode::OK, "{}", blind.body);
+}
+
 /// Polls `probe` (an API read) until `done` holds for its answer.
 async fn poll_until<F, Fut>(what: &str, mut probe: F, done: impl Fn(&common::Answer) -> bool)
 where

@@ -823,14 +823,21 @@ fn get_config(state: &State, node: &str, vmid: u32) -> Result<Value> {
     if let Some(lock) = &vm.lock {
         object.insert("lock".into(), Value::String(lock.clone()));
     }
-    object.insert("digest".into(), Value::String(digest(&vm.config)));
+    object.insert("digest".into(), Value::String(digest(vm)));
     Ok(Value::Object(object))
 }
 
-fn digest(config: &BTreeMap<String, String>) -> String {
+/// Like PVE's (a SHA-1 of the config file, lock line included): 40 hex digits that change with
+/// every write.
+fn digest(vm: &Vm) -> String {
     use sha2::{Digest, Sha256};
     let mut hasher = Sha256::new();
-    for (key, value) in config {
+    let lock = vm.lock.iter().map(|lock| ("lock", lock.as_str()));
+    let config = vm
+        .config
+        .iter()
+        .map(|(key, value)| (key.as_str(), value.as_str()));
+    for (key, value) in config.chain(lock) {
         hasher.update(key.as_bytes());
         hasher.update(b": ");
         hasher.update(value.as_bytes());
@@ -948,6 +955,14 @@ fn set_config(
     }
     root_only(params, &["skiplock"])?;
     let vm = vm_on_node_mut(state, node, vmid)?;
+    // qemu-server compares the digest inside the config lock, before the VM lock: this is
+    // the compare-and-swap a warm-pool claim relies on. QEMU configs answer with
+    // update_vm_api's own wording, not PVE::Tools::assert_if_modified's (LXC, node, firewall).
+    if let Some(expected) = params.get("digest").filter(|digest| !digest.is_empty()) {
+        if *expected != digest(vm) {
+            return Err(fail(500, "checksum mismatch (file change by other user?)"));
+        }
+    }
     if let Some(lock) = &vm.lock {
         return Err(locked(lock));
     }

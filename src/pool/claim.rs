@@ -1,0 +1,181 @@
+//! prepare's side of the pool: before cloning, take a warm VM of the job's template.
+//!
+//! 1. list our warm VMs of that template whose template digest is the template's today, past
+//!    their warm-up (address and host keys recorded) and inside their idle deadline;
+//! 2. in random order (racing prepares spread out), compare-and-swap the description to the
+//!    job's marker and the name to the job's, with the digest the VM was read with: PVE lets
+//!    exactly one writer through, the others try the next one;
+//! 3. the winner records the job state at once (from here cleanup destroys it like any job VM),
+//!    then checks it: running, the agent reports the recorded address, SSH answers with the
+//!    pinned host keys, the runner helper is there. A VM that fails a check is destroyed (it is
+//!    the job's now) and the next one is tried;
+//! 4. none left: `Ok(None)`, and prepare clones as it always did.
+
+use std::time::{Duration, Instant};
+
+use rand::seq::SliceRandom;
+
+use super::{list_warm, swap_description, Swap, WarmVm};
+use crate::cancel::Cancel;
+use crate::config::Settings;
+use crate::error::{Error, Result};
+use crate::joblog;
+use crate::marker::Marker;
+use crate::proxmox::address::choose_address;
+use crate::proxmox::Client;
+use crate::ssh::{self, HostKeyCheck, Target};
+use crate::vm::teardown;
+use crate::vm::template::Template;
+use crate::vm::{HostKeySource, Milestone, ReadyVm, Sink, SinkLog};
+
+/// A warm VM is up already: its checks get this long before it counts as broken.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
+/// Removing a claimed VM that failed its checks.
+const DISCARD_TIMEOUT: Duration = Duration::from_secs(3 * 60);
+
+/// Claims a warm VM of `template` for the job whose marker is `marker`, reporting every
+/// milestone to `sink` as the engine would. `Ok(None)` when there was none to claim.
+pub async fn claim(
+    client: &Client,
+    settings: &Settings,
+    template: &Template,
+    marker: &Marker,
+    vm_name: &str,
+    cancel: &Cancel,
+    sink: &mut dyn Sink,
+) -> Result<Option<ReadyVm>> {
+    let started = Instant::now();
+    let digest = super::warm::template_digest(client, template).await?;
+    let mut candidates: Vec<WarmVm> = list_warm(client, settings.vmid_range, Some(template.vmid))
+        .await?
+        .into_iter()
+        .filter(|warm| {
+            warm.is_complete()
+                && warm.running
+                && !warm.locked
+                && !warm.marker.is_past_deadline()
+                && warm
+                    .marker
+                    .warm
+                    .as_ref()
+                    .map(|w| w.template_digest.as_str())
+                    == Some(digest.as_str())
+        })
+        .collect();
+    if candidates.is_empty() {
+        return Ok(None);
+    }
+    candidates.shuffle(&mut rand::rng());
+    for warm in candidates {
+        let vmid = warm.vm.vmid;
+        match swap_description(client, &warm, marker.description(), Some(vm_name), marker).await {
+            Ok(Swap::Won) => {}
+            Ok(Swap::Lost(why)) => {
+                sink.info(&format!(
+                    "warm VM {vmid} was taken first ({why}); trying the next"
+                ));
+                continue;
+            }
+            Err(err) => {
+                sink.warn(&format!("could not claim warm VM {vmid}: {err}"));
+                continue;
+            }
+        }
+        // Ours from here: recorded before anything else, so cleanup finds it whatever happens.
+        sink.reached(Milestone::Allocated(&warm.vm))?;
+        sink.reached(Milestone::Cloned)?;
+        sink.reached(Milestone::Started)?;
+        match check(client, settings, &warm, cancel).await {
+            Ok(ready) => {
+                sink.reached(Milestone::Ready(&ready))?;
+                sink.timing("claim", started.elapsed());
+                sink.info(&format!(
+                    "claimed warm VM {vmid} (warm for {}) in {}",
+                    warm_for(warm.marker.age_secs()),
+                    joblog::secs(started.elapsed())
+                ));
+                return Ok(Some(ready));
+            }
+            Err(err) => {
+                sink.warn(&format!(
+                    "claimed warm VM {vmid} failed its check ({err}); destroying it and trying \
+                     the next"
+                ));
+                let deadline = Instant::now() + DISCARD_TIMEOUT;
+                let node = warm.vm.node.as_str();
+                teardown::destroy_owned_vm(client, node, vmid, marker, deadline, &SinkLog(sink))
+                    .await?;
+                sink.reached(Milestone::Released)?;
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// `7 min`, `45 s`.
+fn warm_for(secs: u64) -> String {
+    if secs < 120 {
+        format!("{secs} s")
+    } else {
+        format!("{} min", secs / 60)
+    }
+}
+
+/// Running, the same address, SSH with the pinned keys, the runner helper.
+async fn check(
+    client: &Client,
+    settings: &Settings,
+    warm: &WarmVm,
+    cancel: &Cancel,
+) -> Result<ReadyVm> {
+    let (node, vmid) = (warm.vm.node.as_str(), warm.vm.vmid);
+    let recorded = warm
+        .marker
+        .warm
+        .as_ref()
+        .map(|w| w.address.clone())
+        .unwrap_or_default();
+    let deadline = Instant::now() + CHECK_TIMEOUT;
+    let status = client
+        .vm_status(node, vmid)
+        .await
+        .map_err(|err| Error::api(format!("reading claimed VM {vmid} on {node}"), err))?;
+    if !status.is_some_and(|status| status.is_running()) {
+        return Err(Error::Infrastructure(format!(
+            "warm VM {vmid} on {node} is not running"
+        )));
+    }
+    let answer = tokio::time::timeout(CHECK_TIMEOUT, client.agent_interfaces(node, vmid))
+        .await
+        .map_err(|_| Error::Infrastructure(format!("the guest agent of VM {vmid} did not answer")))?
+        .map_err(|err| Error::api(format!("asking the guest agent of VM {vmid}"), err))?;
+    let ip = choose_address(
+        &answer.result,
+        warm.net0_mac.as_deref(),
+        &settings.network_cidrs,
+    )
+    .filter(|ip| ip.to_string() == recorded)
+    .ok_or_else(|| {
+        Error::Infrastructure(format!(
+            "warm VM {vmid}'s address is no longer {recorded} (a new DHCP lease?)"
+        ))
+    })?;
+    let key = ssh::load_private_key(settings)?;
+    let target = Target {
+        host: ip.to_string(),
+        port: settings.ssh_port,
+        user: settings.ssh_user.clone(),
+        vm_label: format!("VM {vmid} on {node}"),
+    };
+    let check = HostKeyCheck::Pinned(warm.host_keys.clone());
+    let connection = ssh::wait_until_ready(&target, key, &check, deadline, cancel).await?;
+    ssh::provision_runner_helper(&connection, settings.runner_helper_path.as_deref()).await?;
+    Ok(ReadyVm {
+        vm: warm.vm.clone(),
+        ip,
+        ssh_port: target.port,
+        ssh_user: target.user,
+        host_keys: warm.host_keys.clone(),
+        host_key_source: HostKeySource::GuestAgent,
+    })
+}

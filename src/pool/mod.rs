@@ -1,0 +1,200 @@
+//! The warm pool: VMs cloned, booted and SSH-verified before any job asks, so that a job's
+//! prepare can take one in a fraction of a second instead of waiting for a clone and a boot.
+//!
+//! - [`warm`]: bringing one warm VM up with the engine (and recycling one);
+//! - [`claim`]: prepare's side, taking a warm VM atomically across hosts;
+//! - [`service`]: `gitlab-proxmox-runner pool`, which keeps the configured number warm.
+//!
+//! **The one atomic step is Proxmox's own compare-and-swap**: every change of hands (a job
+//! claims a warm VM, the pool or gc condemns one) is a `PUT .../config` of a new description
+//! carrying the `digest` of the config that was judged. PVE checks it inside the VM's config
+//! lock and refuses the write when anything changed in between ("detected modified
+//! configuration"), so of any number of hosts racing for one VM exactly one wins, and the
+//! others see a new marker and move on. A warm VM therefore serves at most one job, and a VM
+//! a job has claimed is never recycled: its marker is the job's.
+
+pub mod claim;
+pub mod service;
+pub mod warm;
+
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::marker::{self, Marker};
+use crate::proxmox::Client;
+use crate::vm::teardown::{self, Teardown};
+use crate::vm::{Log, VmRef};
+
+/// A warm VM as the cluster shows it now.
+#[derive(Debug, Clone)]
+pub struct WarmVm {
+    pub vm: VmRef,
+    pub marker: Marker,
+    /// The config digest it was read with: a change of hands must present it.
+    pub digest: String,
+    pub host_keys: Vec<String>,
+    /// The net0 MAC, to find the address the agent reports on that interface.
+    pub net0_mac: Option<String>,
+    pub running: bool,
+    pub locked: bool,
+}
+
+impl WarmVm {
+    /// Fully warmed: its address and host keys are recorded (a VM still warming has neither).
+    pub fn is_complete(&self) -> bool {
+        self.marker
+            .warm
+            .as_ref()
+            .is_some_and(|warm| !warm.address.is_empty())
+            && !self.host_keys.is_empty()
+    }
+
+    pub fn template(&self) -> Option<u32> {
+        self.marker.warm.as_ref().map(|warm| warm.template)
+    }
+}
+
+/// Every warm VM of ours on the cluster (tagged, in `PROXMOX_VMID_RANGE`, a warm marker on the
+/// first line of its description), optionally only those of one template.
+pub async fn list_warm(
+    client: &Client,
+    range: (u32, u32),
+    template: Option<u32>,
+) -> Result<Vec<WarmVm>> {
+    let vms = client
+        .cluster_vms()
+        .await
+        .map_err(|err| Error::api("listing the cluster's VMs (/cluster/resources)", err))?;
+    let mut found = Vec::new();
+    for listed in vms {
+        let Ok(vmid) = u32::try_from(listed.vmid) else {
+            continue;
+        };
+        let is_qemu = listed.kind.as_deref().is_none_or(|kind| kind == "qemu");
+        if !is_qemu
+            || listed.template
+            || listed.node.is_empty()
+            || !(range.0..=range.1).contains(&vmid)
+            || !crate::commands::gc::has_driver_tag(listed.tags.as_deref())
+        {
+            continue;
+        }
+        // One node that does not answer must not hide the others' warm VMs.
+        let Ok(Some(config)) = client.vm_config(&listed.node, vmid).await else {
+            continue;
+        };
+        let Some(description) = config.description() else {
+            continue;
+        };
+        let Some(marker) = Marker::find_in(&description).filter(|m| m.warm.is_some()) else {
+            continue;
+        };
+        if template.is_some_and(|wanted| marker.warm.as_ref().map(|w| w.template) != Some(wanted)) {
+            continue;
+        }
+        let Some(digest) = config.get("digest") else {
+            continue;
+        };
+        found.push(WarmVm {
+            vm: VmRef {
+                node: listed.node.clone(),
+                vmid,
+            },
+            host_keys: marker::warm_host_keys(&description),
+            marker,
+            digest,
+            net0_mac: config.net0_mac(),
+            running: listed.status.as_deref() == Some("running"),
+            locked: listed.lock.as_deref().is_some_and(|lock| !lock.is_empty())
+                || config.lock().is_some(),
+        });
+    }
+    Ok(found)
+}
+
+/// What a compare-and-swap of a VM's description came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Swap {
+    /// Ours now: the description is the new one.
+    Won,
+    /// Someone else changed the VM first (a claim, a recycle), or it is gone or locked.
+    Lost(String),
+}
+
+/// Replaces `warm`'s description (and optionally its name) if its config is still the one
+/// read with `warm.digest`.
+pub async fn swap_description(
+    client: &Client,
+    warm: &WarmVm,
+    description: String,
+    name: Option<&str>,
+    expected: &Marker,
+) -> Result<Swap> {
+    let (node, vmid) = (warm.vm.node.as_str(), warm.vm.vmid);
+    let mut fields = vec![
+        ("description", description),
+        ("digest", warm.digest.clone()),
+    ];
+    if let Some(name) = name {
+        fields.push(("name", name.to_string()));
+    }
+    match client.set_config(node, vmid, &fields).await {
+        Ok(()) => Ok(Swap::Won),
+        Err(err) if err.is_not_found() => Ok(Swap::Lost("it is gone".into())),
+        Err(err) if err.is_vm_locked() => Ok(Swap::Lost(err.message)),
+        // A stale digest is someone else's write, or ours whose answer was lost and the
+        // client repeated: and a transient failure may have landed too. The marker says.
+        Err(err) if err.is_config_modified() || err.is_transient() => {
+            let config = client
+                .vm_config(node, vmid)
+                .await
+                .map_err(|again| Error::api(format!("reading VM {vmid} on {node}"), again))?;
+            let now = config.and_then(|config| config.description());
+            match marker::ownership(now.as_deref(), expected) {
+                Ok(()) => Ok(Swap::Won),
+                Err(_) if err.is_config_modified() => {
+                    Ok(Swap::Lost("another host changed it first".into()))
+                }
+                Err(_) => Ok(Swap::Lost(err.to_string())),
+            }
+        }
+        Err(err) => Err(Error::api(
+            format!("changing the description of VM {vmid} on {node}"),
+            err,
+        )),
+    }
+}
+
+/// Takes a warm VM out of the pool for destruction (compare-and-swap to a marker of its own,
+/// past its deadline), then destroys it. `Ok(false)` when it changed hands first (a job claimed
+/// it): then it is left alone.
+pub async fn recycle(
+    client: &Client,
+    runner_id: &str,
+    warm: &WarmVm,
+    deadline: Instant,
+    log: &dyn Log,
+) -> Result<bool> {
+    let mut condemned = Marker::for_warm(
+        runner_id,
+        warm.marker.warm.clone().unwrap_or_else(|| marker::Warm {
+            template: 0,
+            template_digest: "-".into(),
+            pool: "-".into(),
+            address: String::new(),
+        }),
+        std::time::Duration::ZERO,
+    );
+    // Not warm any more: no claim may take it, and gc sweeps it at once if we die now.
+    condemned.warm = None;
+    condemned.deadline = Some(condemned.created);
+    match swap_description(client, warm, condemned.description(), None, &condemned).await? {
+        Swap::Lost(_) => return Ok(false),
+        Swap::Won => {}
+    }
+    let (node, vmid) = (warm.vm.node.as_str(), warm.vm.vmid);
+    match teardown::destroy_owned_vm(client, node, vmid, &condemned, deadline, log).await? {
+        Teardown::Destroyed | Teardown::AlreadyGone => Ok(true),
+        Teardown::NotOurs(_) => Ok(false),
+    }
+}

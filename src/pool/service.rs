@@ -1,0 +1,332 @@
+//! `gitlab-proxmox-runner pool`: keeps `WARM_POOL = { name = N }` warm VMs per template.
+//!
+//! Every round (and whenever a warm-up finishes) it looks at the cluster, not at its memory:
+//!
+//! - **recycles** warm VMs whose template changed (digest), that are past their idle deadline
+//!   (`WARM_MAX_IDLE`) or are not running, and its own unfinished warm-ups from an earlier run
+//!   (older than `VM_BOOT_TIMEOUT`); every recycle is a compare-and-swap first, so a VM a job
+//!   is claiming is never touched;
+//! - **counts** the warm VMs of every pool service (complete ones, other services' warm-ups in
+//!   progress, its own warm-ups in flight) and **refills** the difference to the target, the
+//!   host's clone cap (`PROXMOX_MAX_CONCURRENT_CLONES`) applying to each clone as for jobs;
+//! - **trims** lasting overfill, by one rule every service applies to the same listing: order
+//!   the complete warm VMs of a template by (created, VMID); those beyond the target, newest
+//!   first, are the excess, and each service recycles the excess VMs that are its own. Two
+//!   services that refilled at the same moment overfill by at most their shared deficit, for
+//!   one round; they never both recycle the same VM, and never trim below the target.
+//!
+//! With `--gc-every`, it also runs the orphan sweep (the gc timer's) on that schedule.
+//!
+//! SIGTERM: no new warm-up starts, warm-ups in flight are cancelled and their VMs destroyed,
+//! complete warm VMs stay for jobs to claim (a restarted service counts them again; without
+//! one, gc sweeps them after their idle deadline). SIGKILL leaves the same, plus at most the
+//! warm-ups in flight, whose markers carry the idle deadline gc sweeps by.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+
+use super::warm::{self, Warmed};
+use super::{list_warm, recycle, WarmVm};
+use crate::commands::FleetContext;
+use crate::config::Settings;
+use crate::error::{Error, Result};
+use crate::joblog;
+use crate::proxmox::Client;
+use crate::vm::{template, StderrLog};
+
+/// A recycle includes stopping the VM.
+const RECYCLE_TIMEOUT: Duration = Duration::from_secs(3 * 60);
+
+/// Whether prepare should look for a warm VM of `template_name`: the runner host names the
+/// templates that have a pool (its settings file's `WARM_POOL`), so a fleet without a pool
+/// pays no extra API call per job.
+pub fn has_pool(settings: &Settings, template_name: &str) -> bool {
+    settings
+        .warm_pool
+        .get(template_name.trim())
+        .is_some_and(|count| *count > 0)
+}
+
+pub async fn pool(
+    context: &FleetContext,
+    pool_id: Option<&str>,
+    interval: Duration,
+    gc_every: Option<Duration>,
+) -> Result<()> {
+    // The engine's futures hold its `dyn Sink`, which is not `Send`: warm-ups run as local
+    // tasks on the one runtime thread (they spend their time waiting on the API anyway).
+    tokio::task::LocalSet::new()
+        .run_until(serve(context, pool_id, interval, gc_every))
+        .await
+}
+
+async fn serve(
+    context: &FleetContext,
+    pool_id: Option<&str>,
+    interval: Duration,
+    gc_every: Option<Duration>,
+) -> Result<()> {
+    let settings = Arc::new(context.settings.clone());
+    if settings.warm_pool.is_empty() {
+        return Err(Error::Settings(
+            "WARM_POOL is not set: name the templates to keep warm in the settings file, e.g. \
+             WARM_POOL = { debian-12 = 2 }"
+                .into(),
+        ));
+    }
+    crate::commands::config::require_ssh_key(&settings)?;
+    let pool_id = match pool_id.map(str::trim).filter(|id| !id.is_empty()) {
+        Some(id) if crate::config::parse::is_runner_id(id) => id.to_string(),
+        Some(id) => {
+            return Err(Error::Settings(format!(
+                "--id {id:?} must be 1 to 64 letters, digits, '.', '_' or '-'"
+            )))
+        }
+        None => settings.runner_id.clone(),
+    };
+    let client = Arc::new(Client::new(&settings)?);
+    let cancel = context.cancel.clone();
+    joblog::info(format!(
+        "pool {pool_id}: keeping {} warm (idle at most {} s), looking every {} s",
+        settings
+            .warm_pool
+            .iter()
+            .map(|(name, count)| format!("{name}={count}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        settings.warm_max_idle.as_secs(),
+        interval.as_secs_f64()
+    ));
+    let mut warming: JoinSet<(String, Result<Warmed>)> = JoinSet::new();
+    let mut in_flight: BTreeMap<String, usize> = BTreeMap::new();
+    let mut last_sweep: Option<Instant> = None;
+    while !cancel.is_cancelled() {
+        if let Some(every) = gc_every {
+            if last_sweep.is_none_or(|at| at.elapsed() >= every) {
+                last_sweep = Some(Instant::now());
+                // The same sweep as the gc timer's, warm VMs past their idle deadline included.
+                if let Err(err) = crate::commands::gc::gc(context, None, None, false).await {
+                    joblog::warn(format!("pool {pool_id}: orphan sweep: {err}"));
+                }
+            }
+        }
+        for (name, target) in &settings.warm_pool {
+            let round = Round {
+                client: &client,
+                settings: &settings,
+                pool_id: &pool_id,
+            };
+            match round
+                .tend(name, *target, in_flight.get(name).copied().unwrap_or(0))
+                .await
+            {
+                Ok((deficit, template, digest)) => {
+                    for _ in 0..deficit {
+                        let (client, settings, cancel) =
+                            (Arc::clone(&client), Arc::clone(&settings), cancel.clone());
+                        let (name, template, digest, pool_id) = (
+                            name.clone(),
+                            template.clone(),
+                            digest.clone(),
+                            pool_id.clone(),
+                        );
+                        *in_flight.entry(name.clone()).or_default() += 1;
+                        warming.spawn_local(async move {
+                            let result = warm::make_warm(
+                                &client, &settings, &template, &digest, &pool_id, &cancel,
+                                &StderrLog,
+                            )
+                            .await;
+                            (name, result)
+                        });
+                    }
+                }
+                Err(err) => joblog::warn(format!("pool {pool_id}: {name}: {err}")),
+            }
+        }
+        // The next round: after the interval, or as soon as a warm-up ends.
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = cancel.cancelled() => {}
+            Some(joined) = warming.join_next(), if !warming.is_empty() => {
+                finished(&pool_id, joined, &mut in_flight);
+            }
+        }
+    }
+    let stopping = warming.len();
+    while let Some(joined) = warming.join_next().await {
+        finished(&pool_id, joined, &mut in_flight);
+    }
+    joblog::info(format!(
+        "pool {pool_id}: stopped ({}); {stopping} warm-ups in flight were cancelled, warm VMs \
+         stay for jobs until their idle deadline",
+        cancel.reason().unwrap_or("cancelled")
+    ));
+    Ok(())
+}
+
+fn finished(
+    pool_id: &str,
+    joined: std::result::Result<(String, Result<Warmed>), tokio::task::JoinError>,
+    in_flight: &mut BTreeMap<String, usize>,
+) {
+    let Ok((name, result)) = joined else {
+        joblog::warn(format!("pool {pool_id}: a warm-up task ended abnormally"));
+        return;
+    };
+    if let Some(count) = in_flight.get_mut(&name) {
+        *count = count.saturating_sub(1);
+    }
+    match result {
+        Ok(warmed) => joblog::info(format!(
+            "pool {pool_id}: warmed VM {} from {name} in {} ({})",
+            warmed.vm.vmid,
+            joblog::secs(warmed.total),
+            warmed.phases
+        )),
+        Err(err) => joblog::warn(format!(
+            "pool {pool_id}: warming a VM from {name} failed: {err}"
+        )),
+    }
+}
+
+struct Round<'a> {
+    client: &'a Client,
+    settings: &'a Settings,
+    pool_id: &'a str,
+}
+
+impl Round<'_> {
+    /// Recycles what must go, trims our share of lasting overfill, returns how many to warm.
+    async fn tend(
+        &self,
+        name: &str,
+        target: u32,
+        in_flight: usize,
+    ) -> Result<(usize, template::Template, String)> {
+        let settings = self.settings;
+        let template = template::resolve(self.client, settings, &settings.node, name).await?;
+        let digest = warm::template_digest(self.client, &template).await?;
+        let listed = list_warm(self.client, settings.vmid_range, Some(template.vmid)).await?;
+        let stale_warmup = settings.boot_timeout + Duration::from_secs(600);
+        let mut complete = Vec::new();
+        let mut others_warming = 0;
+        for warm in listed {
+            let ours = warm
+                .marker
+                .warm
+                .as_ref()
+                .is_some_and(|w| w.pool == self.pool_id);
+            let why = if warm.locked {
+                None
+            } else if warm
+                .marker
+                .warm
+                .as_ref()
+                .map(|w| w.template_digest.as_str())
+                != Some(digest.as_str())
+            {
+                Some("its template changed")
+            } else if warm.marker.is_past_deadline() {
+                Some("idle too long")
+            } else if warm.is_complete() && !warm.running {
+                Some("it is not running")
+            } else if !warm.is_complete()
+                && ours
+                && in_flight == 0
+                && warm.marker.age_secs() > stale_warmup.as_secs()
+            {
+                Some("its warm-up never finished")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                self.recycle(&warm, why).await;
+                continue;
+            }
+            if warm.is_complete() {
+                complete.push(warm);
+            } else if !ours {
+                others_warming += 1;
+            }
+        }
+        complete.sort_by_key(|warm| (warm.marker.created, warm.vm.vmid));
+        let target = target as usize;
+        if complete.len() > target {
+            for warm in complete.split_off(target).iter().rev() {
+                if warm
+                    .marker
+                    .warm
+                    .as_ref()
+                    .is_some_and(|w| w.pool == self.pool_id)
+                {
+                    self.recycle(warm, "more warm VMs than WARM_POOL asks for")
+                        .await;
+                }
+            }
+        }
+        let counted = complete.len() + others_warming + in_flight;
+        let deficit = target.saturating_sub(counted);
+        if deficit > 0 {
+            joblog::info(format!(
+                "pool {}: {name}: {} warm, {} warming; warming {deficit} more",
+                self.pool_id,
+                complete.len(),
+                others_warming + in_flight
+            ));
+        }
+        Ok((deficit, template, digest))
+    }
+
+    async fn recycle(&self, warm: &WarmVm, why: &str) {
+        let started = Instant::now();
+        let deadline = Instant::now() + RECYCLE_TIMEOUT;
+        let vmid = warm.vm.vmid;
+        match recycle(
+            self.client,
+            &self.settings.runner_id,
+            warm,
+            deadline,
+            &StderrLog,
+        )
+        .await
+        {
+            Ok(true) => joblog::info(format!(
+                "pool {}: recycled warm VM {vmid} ({why}) in {}",
+                self.pool_id,
+                joblog::secs(started.elapsed())
+            )),
+            Ok(false) => {}
+            Err(err) => joblog::warn(format!(
+                "pool {}: could not recycle warm VM {vmid} ({why}): {err}",
+                self.pool_id
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::host::parse_warm_pool;
+
+    #[test]
+    fn warm_pool_reads_the_files_table_and_refuses_garbage() {
+        // `WARM_POOL = { debian-12 = 4, ubuntu-focal = 0 }` reaches the parser as this.
+        let pool = parse_warm_pool("debian-12=4,ubuntu-focal=0").unwrap();
+        assert_eq!(pool.get("debian-12"), Some(&4));
+        assert_eq!(pool.get("ubuntu-focal"), Some(&0));
+        assert!(parse_warm_pool("").unwrap().is_empty());
+        for bad in [
+            "debian-12",
+            "=4",
+            "debian-12=-1",
+            "debian-12=many",
+            "d=100000",
+        ] {
+            assert!(parse_warm_pool(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,539 @@
+//! The warm pool end to end: `gitlab-proxmox-runner pool` processes keep warm VMs on the fake
+//! cluster (a real sshd on loopback answering for every VM), prepare hooks claim them through
+//! PVE's config digest, and what nobody claims is recycled or swept.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gitlab_proxmox_runner::marker::Marker;
+use gitlab_proxmox_runner::proxmox::Client;
+use gitlab_proxmox_runner::settings::{Settings, Sources};
+use gitlab_proxmox_runner::state::JobState;
+use gpr_testkit::hook::Hook;
+use gpr_testkit::ssh_job::write_stage_script;
+use gpr_testkit::sshkeys::ClientKey;
+use gpr_testkit::{driver_binary, Lab, VmSnapshot};
+
+const TEMPLATE: &str = "ubuntu-focal";
+const TEMPLATE_VMID: u32 = 60900;
+
+#[track_caller]
+fn start(test: &str) -> Option<Lab> {
+    Lab::builder(driver_binary!()).with_sshd_or_skip(test)
+}
+
+/// A pool service the way its systemd unit runs it: the host's settings, no job.
+struct PoolService {
+    child: Child,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl PoolService {
+    fn start(lab: &Lab, id: &str, size: u32, extra: &[(&str, &str)]) -> PoolService {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("pool.log");
+        let mut command = Command::new(&lab.bin);
+        command
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .envs(lab.settings())
+            .env("WARM_POOL", format!("{TEMPLATE}={size}"))
+            .env("PROXMOX_RUNNER_ID", format!("host-{id}"))
+            .envs(extra.iter().copied())
+            .args(["pool", "--id", id, "--interval", "0.2"])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("pool.err")).unwrap());
+        let child = command.spawn().expect("start the pool service");
+        PoolService {
+            child,
+            log: dir.path().join("pool.err"),
+            _dir: dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, and its exit code.
+    fn stop(mut self) -> (i32, String) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        (status.code().unwrap_or(-1), self.log())
+    }
+}
+
+impl Drop for PoolService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `condition` every 50 ms until it holds; panics with `what` after `limit`.
+#[track_caller]
+fn wait_for<T>(what: &str, limit: Duration, mut condition: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = condition() {
+            return value;
+        }
+        assert!(started.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn marker_of(vm: &VmSnapshot) -> Option<Marker> {
+    Marker::find_in(&vm.description)
+}
+
+/// Warm VMs with their address and host keys recorded: claimable.
+fn complete_warm(lab: &Lab) -> Vec<VmSnapshot> {
+    lab.fake
+        .job_vms()
+        .into_iter()
+        .filter(|vm| {
+            marker_of(vm)
+                .and_then(|m| m.warm)
+                .is_some_and(|warm| !warm.address.is_empty())
+                && vm.description.contains("\nssh-host-key: ")
+                && vm.status == "running"
+        })
+        .collect()
+}
+
+fn job_hook(lab: &Lab, dir: &Path, job_id: u64, runner: &str) -> Hook {
+    lab.hook(dir)
+        .host_env("WARM_POOL", format!("{TEMPLATE}=1"))
+        .host_env("PROXMOX_RUNNER_ID", runner)
+        .job_var("CI_JOB_ID", job_id.to_string())
+        .job_var("CI_PROJECT_PATH", "group/project")
+        .job_var("CI_PROJECT_PATH_SLUG", "group-project")
+}
+
+fn settings_for(lab: &Lab) -> Settings {
+    let env = lab.settings();
+    let lookup = |name: &str| {
+        env.iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.clone())
+    };
+    Settings::from_sources(Sources {
+        file: None,
+        env: &lookup,
+        job_response: None,
+    })
+    .expect("the lab's settings parse")
+}
+
+/// A config write through the driver's own client (what an admin's `qm set` does).
+fn set_config(lab: &Lab, vmid: u32, key: &str, value: &str) {
+    let settings = settings_for(lab);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = Client::new(&settings).unwrap();
+        client
+            .set_config("pve1", vmid, &[(key, value.to_string())])
+            .await
+            .unwrap();
+    });
+}
+
+fn gc_everything(lab: &Lab) {
+    wait_for("gc to leave no VM behind", Duration::from_secs(60), || {
+        let out = lab
+            .fleet_command()
+            .args(["gc", "--max-age", "0s"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() || lab.fake.job_vms().is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lab.fake.job_vms().is_empty().then_some(())
+    });
+}
+
+#[test]
+fn a_warm_vm_is_claimed_the_job_runs_and_the_pool_refills() {
+    let Some(lab) = start("a_warm_vm_is_claimed_the_job_runs_and_the_pool_refills") else {
+        return;
+    };
+    let pool = PoolService::start(&lab, "pool-a", 1, &[]);
+    let warm = wait_for("a warm VM", Duration::from_secs(60), || {
+        complete_warm(&lab).into_iter().next()
+    });
+    assert_eq!(warm.cloned_from, Some(TEMPLATE_VMID));
+
+    let dir = tempfile::tempdir().unwrap();
+    let hook = job_hook(&lab, dir.path(), 4711, "runner-a");
+    let out = hook.clone().arg("prepare").run();
+    out.assert_exit(0);
+    let log = out.log();
+    assert!(
+        log.contains(&format!("claimed warm VM {} (warm for", warm.vmid)),
+        "{log}"
+    );
+    assert!(
+        !log.contains("cloned template"),
+        "no clone for this job: {log}"
+    );
+    let state = JobState::load(dir.path()).unwrap().expect("a job state");
+    assert_eq!(state.vmid, warm.vmid);
+    assert_eq!(state.ip.as_deref(), Some("127.0.0.1"));
+    assert!(!state.host_keys.is_empty());
+    // The VM is the job's now: its marker, its name, no warm fields left.
+    let claimed = lab.fake.vm(warm.vmid).unwrap();
+    let marker = marker_of(&claimed).unwrap();
+    assert_eq!(marker.warm, None);
+    assert_eq!(Some(marker), Marker::parse_line(&state.marker));
+    assert!(!claimed.description.contains("ssh-host-key"));
+    assert_eq!(claimed.name, "ci-4711-group-project");
+
+    let script = write_stage_script(dir.path(), "echo hello from the warm VM\n");
+    let out = hook
+        .clone()
+        .arg("run")
+        .arg(script)
+        .arg("build_script")
+        .run();
+    out.assert_exit(0);
+    assert!(
+        out.stdout.contains("hello from the warm VM"),
+        "{}",
+        out.log()
+    );
+
+    // The pool refills while the job runs.
+    let refill = wait_for("the pool to refill", Duration::from_secs(60), || {
+        complete_warm(&lab)
+            .into_iter()
+            .find(|vm| vm.vmid != warm.vmid)
+    });
+    hook.clone().arg("cleanup").run().assert_exit(0);
+    assert!(
+        lab.fake.vm(warm.vmid).is_none(),
+        "cleanup destroys a claimed VM"
+    );
+
+    let (code, pool_log) = pool.stop();
+    assert_eq!(code, 0, "{pool_log}");
+    assert!(pool_log.contains("warmed VM"), "{pool_log}");
+    assert!(pool_log.contains("stopped (SIGTERM)"), "{pool_log}");
+    // Documented: complete warm VMs outlive the service, until their idle deadline.
+    assert!(lab.fake.vm(refill.vmid).is_some());
+    gc_everything(&lab);
+}
+
+#[test]
+fn racing_prepares_from_two_runners_never_share_a_warm_vm() {
+    let Some(lab) = start("racing_prepares_from_two_runners_never_share_a_warm_vm") else {
+        return;
+    };
+    // Two services, one cluster-wide target: together they settle at 4.
+    let a = PoolService::start(&lab, "pool-a", 4, &[]);
+    let b = PoolService::start(&lab, "pool-b", 4, &[]);
+    wait_for("exactly 4 warm VMs", Duration::from_secs(90), || {
+        let warm = complete_warm(&lab).len();
+        let warming = lab.fake.job_vms().len() - warm;
+        (warm == 4 && warming == 0).then_some(())
+    });
+    let (code_a, log_a) = a.stop();
+    let (code_b, log_b) = b.stop();
+    assert_eq!((code_a, code_b), (0, 0), "{log_a}\n{log_b}");
+    let warm: HashSet<u32> = complete_warm(&lab).iter().map(|vm| vm.vmid).collect();
+    assert_eq!(warm.len(), 4);
+
+    let dirs: Vec<tempfile::TempDir> = (0..16).map(|_| tempfile::tempdir().unwrap()).collect();
+    let outputs: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = dirs
+            .iter()
+            .enumerate()
+            .map(|(i, dir)| {
+                let runner = if i % 2 == 0 { "runner-a" } else { "runner-b" };
+                let hook = job_hook(&lab, dir.path(), 5000 + i as u64, runner);
+                scope.spawn(move || hook.arg("prepare").run())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut claimed = Vec::new();
+    let mut vmids = HashSet::new();
+    for (out, dir) in outputs.iter().zip(&dirs) {
+        out.assert_exit(0);
+        let state = JobState::load(dir.path()).unwrap().expect("a job state");
+        assert!(
+            vmids.insert(state.vmid),
+            "VMID {} served two jobs",
+            state.vmid
+        );
+        if out.log().contains("claimed warm VM") {
+            claimed.push(state.vmid);
+        } else {
+            assert!(out.log().contains("cloned template"), "{}", out.log());
+        }
+    }
+    claimed.sort_unstable();
+    let mut expected: Vec<u32> = warm.into_iter().collect();
+    expected.sort_unstable();
+    assert_eq!(claimed, expected, "every warm VM served exactly one job");
+    assert_eq!(vmids.len(), 16);
+
+    for (i, dir) in dirs.iter().enumerate() {
+        let runner = if i % 2 == 0 { "runner-a" } else { "runner-b" };
+        job_hook(&lab, dir.path(), 5000 + i as u64, runner)
+            .arg("cleanup")
+            .run()
+            .assert_exit(0);
+    }
+    assert!(lab.fake.job_vms().is_empty(), "{:?}", lab.fake.job_vms());
+}
+
+#[test]
+fn a_template_change_recycles_warm_vms() {
+    let Some(lab) = start("a_template_change_recycles_warm_vms") else {
+        return;
+    };
+    let pool = PoolService::start(&lab, "pool-a", 1, &[]);
+    let old = wait_for("a warm VM", Duration::from_secs(60), || {
+        complete_warm(&lab).into_iter().next()
+    });
+    let old_digest = marker_of(&old).unwrap().warm.unwrap().template_digest;
+    set_config(&lab, TEMPLATE_VMID, "description", "ubuntu-focal, patched");
+    let new = wait_for(
+        "a warm VM of the new template",
+        Duration::from_secs(60),
+        || {
+            let now = complete_warm(&lab);
+            let gone = lab.fake.vm(old.vmid).is_none();
+            now.into_iter()
+                .find(|vm| marker_of(vm).unwrap().warm.unwrap().template_digest != old_digest)
+                .filter(|_| gone)
+        },
+    );
+    assert_ne!(new.vmid, old.vmid);
+    let (code, log) = pool.stop();
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains(&format!(
+            "recycled warm VM {} (its template changed)",
+            old.vmid
+        )),
+        "{log}"
+    );
+    gc_everything(&lab);
+}
+
+#[test]
+fn a_broken_warm_vm_is_never_handed_to_a_job() {
+    let Some(lab) = start("a_broken_warm_vm_is_never_handed_to_a_job") else {
+        return;
+    };
+    let pool = PoolService::start(&lab, "pool-a", 1, &[]);
+    let warm = wait_for("a warm VM", Duration::from_secs(60), || {
+        complete_warm(&lab).into_iter().next()
+    });
+    pool.stop();
+    // Its SSH server no longer has the host key it had when it was warmed (a guest that
+    // regenerated its keys, or someone else's machine at that address): the pinned key fails.
+    let stranger = ClientKey::ed25519();
+    let pinned = stranger
+        .public_line
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let description: String = warm
+        .description
+        .lines()
+        .map(|line| {
+            if line.starts_with("ssh-host-key: ") {
+                format!("ssh-host-key: {pinned}")
+            } else {
+                line.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    set_config(&lab, warm.vmid, "description", &description);
+
+    let dir = tempfile::tempdir().unwrap();
+    let hook = job_hook(&lab, dir.path(), 4712, "runner-a");
+    let out = hook.clone().arg("prepare").run();
+    out.assert_exit(0);
+    let log = out.log();
+    assert!(
+        log.contains(&format!("claimed warm VM {} failed its check", warm.vmid)),
+        "{log}"
+    );
+    assert!(log.contains("cloned template"), "{log}");
+    let state = JobState::load(dir.path()).unwrap().expect("a job state");
+    assert_ne!(state.vmid, warm.vmid);
+    assert!(
+        lab.fake.vm(warm.vmid).is_none(),
+        "the broken VM is destroyed"
+    );
+    hook.arg("cleanup").run().assert_exit(0);
+    assert!(lab.fake.job_vms().is_empty());
+}
+
+#[test]
+fn a_killed_pool_service_leaves_nothing_gc_does_not_remove() {
+    let Some(lab) = start("a_killed_pool_service_leaves_nothing_gc_does_not_remove") else {
+        return;
+    };
+    // Slow boots: the kill lands while warm-ups are in flight.
+    lab.fake.set_boot_time(Duration::from_secs(5));
+    let mut pool = PoolService::start(&lab, "pool-a", 3, &[("WARM_MAX_IDLE", "2")]);
+    wait_for("warm-ups in flight", Duration::from_secs(60), || {
+        (lab.fake.job_vms().len() >= 2).then_some(())
+    });
+    pool.child.kill().unwrap();
+    pool.child.wait().unwrap();
+    assert!(!lab.fake.job_vms().is_empty());
+    // The plain sweep, by each VM's own (idle) deadline: no --max-age.
+    let mut last = String::new();
+    let started = Instant::now();
+    while !lab.fake.job_vms().is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "gc left {:?}; its last run said:\n{last}",
+            lab.fake.job_vms()
+        );
+        let out = lab.fleet_command().arg("gc").output().unwrap();
+        last = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn claims_race_with_two_pool_services_that_keep_refilling_and_trimming() {
+    let Some(lab) = start("claims_race_with_two_pool_services_that_keep_refilling_and_trimming")
+    else {
+        return;
+    };
+    let a = PoolService::start(&lab, "pool-a", 4, &[]);
+    let b = PoolService::start(&lab, "pool-b", 4, &[]);
+    let initial: HashSet<u32> = wait_for("4 warm VMs", Duration::from_secs(90), || {
+        let warm = complete_warm(&lab);
+        (warm.len() >= 4).then(|| warm.iter().map(|vm| vm.vmid).collect())
+    });
+
+    // The services go on refilling, recycling and trimming while the jobs claim.
+    let dirs: Vec<tempfile::TempDir> = (0..16).map(|_| tempfile::tempdir().unwrap()).collect();
+    let outputs: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = dirs
+            .iter()
+            .enumerate()
+            .map(|(i, dir)| {
+                let runner = if i % 2 == 0 { "runner-a" } else { "runner-b" };
+                let hook = job_hook(&lab, dir.path(), 6000 + i as u64, runner);
+                scope.spawn(move || hook.arg("prepare").run())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut vmids = HashSet::new();
+    let mut claimed = HashSet::new();
+    for (out, dir) in outputs.iter().zip(&dirs) {
+        out.assert_exit(0);
+        let state = JobState::load(dir.path()).unwrap().expect("a job state");
+        assert!(
+            vmids.insert(state.vmid),
+            "VMID {} served two jobs",
+            state.vmid
+        );
+        // Each job's VM carries that job's marker, whichever path it took.
+        let vm = lab.fake.vm(state.vmid).expect("the job's VM exists");
+        assert_eq!(marker_of(&vm), Marker::parse_line(&state.marker));
+        if out.log().contains("claimed warm VM") {
+            claimed.insert(state.vmid);
+        }
+    }
+    assert!(
+        initial.iter().all(|vmid| lab
+            .fake
+            .vm(*vmid)
+            .is_none_or(|vm| marker_of(&vm).is_none_or(|m| m.warm.is_none()))),
+        "every VM that was warm when the jobs came was claimed or recycled"
+    );
+    assert!(claimed.len() >= 4, "claimed {claimed:?}");
+
+    for (i, dir) in dirs.iter().enumerate() {
+        let runner = if i % 2 == 0 { "runner-a" } else { "runner-b" };
+        job_hook(&lab, dir.path(), 6000 + i as u64, runner)
+            .arg("cleanup")
+            .run()
+            .assert_exit(0);
+    }
+    for vmid in &vmids {
+        assert!(
+            lab.fake.vm(*vmid).is_none(),
+            "VM {vmid} outlived its cleanup"
+        );
+    }
+    let (code_a, log_a) = a.stop();
+    let (code_b, log_b) = b.stop();
+    assert_eq!((code_a, code_b), (0, 0), "{log_a}\n{log_b}");
+    // What is left is warm VMs no job took: gc's business.
+    assert!(lab
+        .fake
+        .job_vms()
+        .iter()
+        .all(|vm| marker_of(vm).is_some_and(|m| m.warm.is_some() || m.job_id.is_none())));
+    gc_everything(&lab);
+}
+
+#[test]
+fn the_pool_service_can_run_the_orphan_sweep_on_a_schedule() {
+    let Some(lab) = start("the_pool_service_can_run_the_orphan_sweep_on_a_schedule") else {
+        return;
+    };
+    // A job VM whose runner died long ago: past its recorded deadline.
+    let mut orphan = Marker::new(&Default::default());
+    orphan.created = 1_700_000_000;
+    orphan.deadline = Some(1_700_003_600);
+    lab.fake.add_vm(gpr_testkit::NewVm {
+        vmid: 2_000_500,
+        name: "ci-1-dead".into(),
+        tags: "gitlab-proxmox-runner".into(),
+        description: orphan.description(),
+        running: true,
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let err = dir.path().join("pool.err");
+    let mut sweeping = Command::new(&lab.bin)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .envs(lab.settings())
+        .env("WARM_POOL", format!("{TEMPLATE}=0"))
+        .args(["pool", "--interval", "0.2", "--gc-every", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let swept = Instant::now();
+    while lab.fake.vm(2_000_500).is_some() {
+        if swept.elapsed() > Duration::from_secs(30) {
+            let _ = sweeping.kill();
+            panic!(
+                "the orphan is still there: {}",
+                std::fs::read_to_string(&err).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    unsafe { libc::kill(sweeping.id() as i32, libc::SIGTERM) };
+    assert!(sweeping.wait().unwrap().success());
+}
