@@ -43,7 +43,19 @@ enum Schedule {
     /// Doubling from a first pause up to `max`, giving up as soon as the next pause would reach
     /// the deadline: for attempts that need time of their own (an SSH handshake).
     Doubling { delay: Duration, max: Duration },
+    /// A fixed share of the time waited so far, in `min..=max`: for waits whose every look
+    /// costs the API something (see [`Poll::proportional`]).
+    Proportional {
+        delay: Duration,
+        min: Duration,
+        max: Duration,
+    },
 }
+
+/// The share of the time waited so far that a [`Poll::proportional`] wait pauses: it notices
+/// the end at most 1/5 of the wait late, and a wait of `t` costs about `ln(t / first) / ln 1.2`
+/// looks.
+const PROPORTIONAL_SHARE: u32 = 5;
 
 /// The deadline passed while the wait was not over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +68,9 @@ pub struct Poll {
     started: Clock,
     deadline: Clock,
     next_progress: Clock,
+    /// When the last pause ended (the wait began): the look since then took its share of the
+    /// next pause on a proportional schedule.
+    last_wake: Clock,
     schedule: Schedule,
 }
 
@@ -81,12 +96,38 @@ impl Poll {
         Poll::with(deadline, Schedule::Doubling { delay: first, max })
     }
 
+    /// A wait whose pauses are 1/5 of the time waited so far, in `min..=max`; the time before
+    /// the first look (spent by the caller, e.g. a task's typical duration) counts as waited
+    /// when `already_waited` says so. Each look costs an API request (or, for the guest agent,
+    /// an API worker for seconds): the pauses grow with the wait instead of staying short.
+    pub fn proportional(
+        deadline: Instant,
+        already_waited: Duration,
+        min: Duration,
+        max: Duration,
+    ) -> Poll {
+        let mut poll = Poll::with(
+            deadline,
+            Schedule::Proportional {
+                delay: (already_waited / PROPORTIONAL_SHARE).clamp(min, max),
+                min,
+                max,
+            },
+        );
+        poll.started = poll
+            .started
+            .checked_sub(already_waited)
+            .unwrap_or(poll.started);
+        poll
+    }
+
     fn with(deadline: Instant, schedule: Schedule) -> Poll {
         let started = Clock::now();
         Poll {
             started,
             deadline: Clock::from_std(deadline),
             next_progress: started + PROGRESS_EVERY,
+            last_wake: started,
             schedule,
         }
     }
@@ -108,6 +149,11 @@ impl Poll {
         let now = Clock::now();
         let pause = match self.schedule {
             Schedule::Adaptive { delay } | Schedule::Doubling { delay, .. } => delay,
+            // A look that took long (an agent call held until QEMU's agent timeout) was
+            // waiting too: only the rest of the pause is left, and at least `min`.
+            Schedule::Proportional { delay, min, .. } => {
+                delay.saturating_sub(now - self.last_wake).max(min)
+            }
             Schedule::Jittered { min, spread } => {
                 let spread_ms = spread.as_millis().max(1) as u64;
                 min + Duration::from_millis(rand::random::<u64>() % spread_ms)
@@ -127,11 +173,15 @@ impl Poll {
             self.next_progress = now + PROGRESS_EVERY;
         }
         tokio::time::sleep_until(now + pause.min(self.deadline - now)).await;
+        self.last_wake = Clock::now();
         // The adaptive schedule grows with the time waited, the sleep just taken included.
         let waited = self.elapsed();
         match &mut self.schedule {
             Schedule::Adaptive { delay } => *delay = next_poll_delay(*delay, waited),
             Schedule::Doubling { delay, max } => *delay = (*delay * 2).min(*max),
+            Schedule::Proportional { delay, min, max } => {
+                *delay = (waited / PROPORTIONAL_SHARE).clamp(*min, *max)
+            }
             Schedule::Jittered { .. } => {}
         }
         Ok(())
@@ -210,6 +260,51 @@ mod tests {
         assert_eq!(pauses, vec![100, 200, 400]);
         assert!(Clock::now() < deadline, "gave up before the deadline");
         assert_eq!(expired.waited, Duration::from_millis(700));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn proportional_pauses_grow_with_the_wait_and_count_the_time_before_the_first_look() {
+        let deadline = Clock::now() + Duration::from_secs(3600);
+        let mut poll = Poll::proportional(
+            deadline.into_std(),
+            Duration::from_millis(500),
+            Duration::from_millis(50),
+            Duration::from_secs(1),
+        );
+        assert_eq!(poll.elapsed(), Duration::from_millis(500));
+        let mut looks = 1;
+        while poll.elapsed() < Duration::from_secs(1) {
+            poll.pause(|_| {}).await.unwrap();
+            looks += 1;
+        }
+        // 0.5, 0.6, 0.72, 0.864, 1.037 s: a 1 s task costs 5 looks and is seen 37 ms late.
+        assert_eq!(looks, 5);
+        assert!(
+            poll.elapsed() < Duration::from_millis(1100),
+            "{:?}",
+            poll.elapsed()
+        );
+        let mut looks = 0;
+        while poll.elapsed() < Duration::from_secs(1800) {
+            poll.pause(|_| {}).await.unwrap();
+            looks += 1;
+        }
+        assert!(looks <= 1820, "{looks} looks in a 30-minute wait");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_look_counts_as_part_of_the_next_proportional_pause() {
+        let deadline = Clock::now() + Duration::from_secs(60);
+        let min = Duration::from_millis(250);
+        let mut poll = Poll::proportional(deadline.into_std(), Duration::ZERO, min, min * 8);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let before = Clock::now();
+        poll.pause(|_| {}).await.unwrap();
+        assert_eq!(Clock::now() - before, min);
+        let before = Clock::now();
+        poll.pause(|_| {}).await.unwrap();
+        // 3.25 s waited: 1/5 of it.
+        assert_eq!(Clock::now() - before, Duration::from_millis(650));
     }
 
     #[tokio::test(start_paused = true)]

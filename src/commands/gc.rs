@@ -519,6 +519,7 @@ mod tests {
             tags: tags.map(String::from),
             lock: None,
             kind: Some("qemu".into()),
+            maxmem: None,
         }
     }
 

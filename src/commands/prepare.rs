@@ -7,6 +7,7 @@
 mod name;
 mod record;
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 pub use name::vm_name;
@@ -20,7 +21,7 @@ use crate::proxmox::Client;
 use crate::state::JobState;
 use crate::vm::provision::{self, Order};
 use crate::vm::teardown::{self, Teardown};
-use crate::vm::{ready, template, Sink, StderrLog};
+use crate::vm::{placement, ready, template, Sink, StderrLog};
 
 /// Removing what a failed prepare created (waits for a clone lock included).
 const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5 * 60);
@@ -74,7 +75,11 @@ async fn bring_up(
     let total = Instant::now();
 
     job.step("resolving the template");
-    let template = template::resolve(client, settings, &settings.node, &settings.template).await?;
+    let placed = placement::place(client, settings, &settings.template, &HashSet::new()).await?;
+    if let Some(reason) = &placed.reason {
+        joblog::info(reason);
+    }
+    let template = placed.template;
     let mode = template::clone_mode(settings, &template)?;
     job.template_vmid = Some(template.vmid);
     job.timing("template", total.elapsed());

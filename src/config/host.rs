@@ -54,6 +54,46 @@ pub enum AllowedTemplates {
     Listed(Vec<String>),
 }
 
+/// The nodes prepare may place a job's VM on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeSet {
+    /// `PROXMOX_NODE` only (no `PROXMOX_NODES`): no placement, no extra API requests.
+    One,
+    /// `PROXMOX_NODES=pve1,pve2,...`.
+    Listed(Vec<String>),
+    /// `PROXMOX_NODES=*`: every online node of the cluster.
+    Every,
+}
+
+/// `PROXMOX_NODES`: a comma- or space-separated list of node names, or `*`.
+pub fn parse_node_set(text: &str) -> Result<NodeSet> {
+    let text = text.trim();
+    if text == "*" {
+        return Ok(NodeSet::Every);
+    }
+    let nodes: Vec<String> = text
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|name| !name.is_empty())
+        .map(str::to_string)
+        .collect();
+    let valid = |name: &String| {
+        name.len() <= 63
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    };
+    match nodes.iter().find(|name| !valid(name)) {
+        Some(bad) => Err(Error::Settings(format!(
+            "PROXMOX_NODES: {bad:?} is not a node name; list node names separated by commas, \
+             or `*` for every online node"
+        ))),
+        None if nodes.is_empty() => Err(Error::Settings(
+            "PROXMOX_NODES is empty; list node names separated by commas, or `*`".into(),
+        )),
+        None => Ok(NodeSet::Listed(nodes)),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HostKeyPolicy {
     /// Pin the key read through the guest agent; if the agent cannot read it, pin the key seen
@@ -82,7 +122,15 @@ pub struct Settings {
     /// `PROXMOX_HTTPS_PROXY`: the only proxy the API client ever uses (the environment's
     /// `HTTPS_PROXY` and friends are ignored).
     pub api_proxy: Option<String>,
+    /// `PROXMOX_NODE`, or with `PROXMOX_NODES` and no `PROXMOX_NODE` the first listed node
+    /// (empty for `*`): the node of commands that work on one node.
     pub node: String,
+    /// Where prepare may place VMs (`crate::vm::placement`).
+    pub nodes: NodeSet,
+    /// `PROXMOX_NODE_MAX_VMS`: at most this many of our VMs per node.
+    pub max_vms_per_node: Option<u32>,
+    /// `PROXMOX_NODE_MEMORY_RESERVE_MB`: memory a node keeps free of our VMs.
+    pub node_memory_reserve_mb: u64,
     pub tls: TlsTrust,
     pub templates: BTreeMap<String, u32>,
     /// The template the job asked for (or the default), not yet resolved to a VMID.
@@ -225,7 +273,16 @@ impl Settings {
             .get("PROXMOX_HTTPS_PROXY")
             .map(parse_proxy_url)
             .transpose()?;
-        let node = raw.required("PROXMOX_NODE")?.to_string();
+        let nodes = match raw.get("PROXMOX_NODES") {
+            Some(text) => parse_node_set(text)?,
+            None => NodeSet::One,
+        };
+        let node = match (&nodes, raw.get("PROXMOX_NODE")) {
+            (_, Some(node)) => node.trim().to_string(),
+            (NodeSet::Listed(listed), None) => listed[0].clone(),
+            (NodeSet::Every, None) => String::new(),
+            (NodeSet::One, None) => raw.required("PROXMOX_NODE")?.to_string(),
+        };
 
         let insecure = raw
             .get("PROXMOX_TLS_INSECURE")
@@ -420,6 +477,9 @@ impl Settings {
             api_token_value,
             api_proxy,
             node,
+            nodes,
+            max_vms_per_node: raw.number("PROXMOX_NODE_MAX_VMS")?,
+            node_memory_reserve_mb: raw.number("PROXMOX_NODE_MEMORY_RESERVE_MB")?.unwrap_or(0),
             tls,
             templates,
             template,
@@ -448,5 +508,21 @@ impl Settings {
             warm_max_idle,
             trust_warnings,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_sets_are_lists_or_a_star() {
+        assert_eq!(parse_node_set("*").unwrap(), NodeSet::Every);
+        assert_eq!(
+            parse_node_set("pve1, pve2 pve3").unwrap(),
+            NodeSet::Listed(vec!["pve1".into(), "pve2".into(), "pve3".into()])
+        );
+        assert!(parse_node_set(" , ").is_err());
+        assert!(parse_node_set("pve1,../etc").is_err());
     }
 }

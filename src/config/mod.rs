@@ -17,7 +17,7 @@ pub mod trust;
 use std::path::{Path, PathBuf};
 
 pub use host::{
-    AllowedTemplates, CloneMode, HostKeyPolicy, Settings, SshKeySetting, TlsTrust,
+    AllowedTemplates, CloneMode, HostKeyPolicy, NodeSet, Settings, SshKeySetting, TlsTrust,
     DEFAULT_MAX_JOB_TIMEOUT, DEFAULT_TEMPLATES, DEFAULT_VMID_RANGE,
 };
 pub use parse::{parse_fingerprint, parse_template_map, ApiEndpoint, Cidr, SshKey};

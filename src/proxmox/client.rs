@@ -12,7 +12,8 @@ use serde::de::DeserializeOwned;
 
 use super::error::{from_http_answer, ApiError, ApiErrorKind};
 use super::types::{
-    value_as_u64, AgentFileRead, AgentInterfaces, ClusterVm, TaskStatus, Upid, VmConfig, VmStatus,
+    value_as_u64, AgentFileRead, AgentInterfaces, ClusterNode, ClusterVm, TaskStatus, Upid,
+    VmConfig, VmStatus,
 };
 use crate::error::{Error, Result};
 use crate::joblog;
@@ -430,6 +431,12 @@ impl Client {
             Retry::Never,
         )
         .await
+    }
+
+    /// `GET /cluster/resources?type=node`.
+    pub async fn cluster_nodes(&self) -> Result<Vec<ClusterNode>, ApiError> {
+        self.get("/cluster/resources", &[("type", "node".to_string())])
+            .await
     }
 
     /// `GET /cluster/resources?type=vm`.

@@ -278,6 +278,29 @@ pub struct ClusterVm {
     pub lock: Option<String>,
     #[serde(default, rename = "type")]
     pub kind: Option<String>,
+    /// Configured memory in bytes.
+    #[serde(default)]
+    pub maxmem: Option<u64>,
+}
+
+/// A node as `GET /cluster/resources?type=node` lists it. An offline node has no `mem`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ClusterNode {
+    #[serde(default)]
+    pub node: String,
+    #[serde(default)]
+    pub status: Option<String>,
+    /// Bytes in use.
+    #[serde(default)]
+    pub mem: Option<u64>,
+    #[serde(default)]
+    pub maxmem: Option<u64>,
+}
+
+impl ClusterNode {
+    pub fn is_online(&self) -> bool {
+        self.status.as_deref() == Some("online")
+    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //!   runner helper;
 //! - [`teardown`]: the one safe way to destroy a VM of ours;
 //! - [`clone_slots`]: the per-host cap on clones in flight;
+//! - [`placement`]: which node of `PROXMOX_NODES` a VM goes to, and its template there;
 //! - [`task`]: waiting for a Proxmox task.
 //!
 //! Every wait here goes through [`crate::poll`], the one wait primitive (deadline, pause
@@ -19,6 +20,7 @@
 
 pub mod clone_slots;
 pub mod clone_watch;
+pub mod placement;
 pub mod provision;
 pub mod ready;
 pub mod task;

@@ -16,5 +16,6 @@ pub mod tcp_proxy;
 pub use lab::{Lab, LabBuilder};
 
 pub use fake_proxmox::{
-    FakeConfig, FakeProxmox, Fault, NewVm, RecordedRequest, Template, VmSnapshot,
+    ApiCapacity, FakeConfig, FakeProxmox, Fault, NewVm, NodeLoad, RecordedRequest, Template,
+    VmSnapshot,
 };

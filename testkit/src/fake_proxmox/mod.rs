@@ -93,6 +93,22 @@ pub struct FakeConfig {
     pub guest_ip6: Option<IpAddr>,
     /// How long after the agent came up `guest_ip` appears (DHCPv4 slower than SLAAC).
     pub guest_ip_delay: Duration,
+    /// The API daemon's worker limit; `None`: every request is served at once.
+    pub capacity: Option<ApiCapacity>,
+}
+
+/// pveproxy/pvedaemon serve a few requests at a time (3 workers each by default); the rest
+/// queue. A guest-agent call made before the agent runs holds its worker until QEMU's agent
+/// timeout.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiCapacity {
+    /// Requests served at the same time.
+    pub workers: usize,
+    /// How long each request holds its worker.
+    pub service_time: Duration,
+    /// How long an agent call on a VM whose agent is not up yet holds its worker before it
+    /// fails.
+    pub agent_timeout: Duration,
 }
 
 impl Default for FakeConfig {
@@ -129,6 +145,28 @@ impl Default for FakeConfig {
             pools: vec!["ci".to_string()],
             guest_ip6: None,
             guest_ip_delay: Duration::ZERO,
+            capacity: None,
+        }
+    }
+}
+
+/// A node's memory and status in `/cluster/resources?type=node`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeLoad {
+    pub max_mem: u64,
+    /// Used by everything but the guests (whose memory is added).
+    pub used_mem: u64,
+    /// An offline node is listed as `offline`, and requests proxied to it fail with 595 (as
+    /// [`FakeProxmox::set_node_online`]).
+    pub online: bool,
+}
+
+impl Default for NodeLoad {
+    fn default() -> Self {
+        NodeLoad {
+            max_mem: 64 << 30,
+            used_mem: 4 << 30,
+            online: true,
         }
     }
 }
@@ -195,6 +233,23 @@ pub struct RecordedRequest {
     pub authorized: bool,
     /// The raw request body (form-urlencoded or JSON), empty for GET and DELETE.
     pub body: String,
+}
+
+impl RecordedRequest {
+    /// `GET /api2/json/nodes/pve1/qemu/2000001/status/current` → `GET nodes/qemu/status/current`.
+    pub fn endpoint(&self) -> String {
+        let path = self.path.trim_start_matches("/api2/json");
+        let mut words: Vec<&str> = path
+            .split('/')
+            .filter(|part| !part.is_empty())
+            .filter(|part| !part.chars().all(|c| c.is_ascii_digit()))
+            .filter(|part| !part.starts_with("UPID"))
+            .collect();
+        if words.first() == Some(&"nodes") && words.len() > 1 {
+            words.remove(1);
+        }
+        format!("{} {}", self.method, words.join("/"))
+    }
 }
 
 /// Misbehaviour to inject; counted faults apply to the next `count` matching operations.
@@ -348,6 +403,16 @@ impl FakeProxmox {
         self.lock().requests.clone()
     }
 
+    /// Requests so far grouped by endpoint, node names, VMIDs and UPIDs left out
+    /// (`GET nodes/qemu/agent/network-get-interfaces`).
+    pub fn requests_by_endpoint(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for request in self.lock().requests.iter() {
+            *counts.entry(request.endpoint()).or_insert(0) += 1;
+        }
+        counts
+    }
+
     pub fn request_count(&self) -> usize {
         self.lock().requests.len()
     }
@@ -441,6 +506,17 @@ impl FakeProxmox {
             .insert(path.to_string(), (stale.to_string(), reads));
     }
 
+    /// Sets a node's memory and status (see [`NodeLoad`]).
+    pub fn set_node(&self, node: &str, load: NodeLoad) {
+        let mut state = self.lock();
+        state.node_loads.insert(node.to_string(), load);
+        if load.online {
+            state.offline_nodes.remove(node);
+        } else {
+            state.offline_nodes.insert(node.to_string());
+        }
+    }
+
     /// Replaces the ACL entry of `subject` on `path` (an empty list still overrides what `path`
     /// would inherit, as a role without privileges does in PVE).
     pub fn set_acl(&self, subject: AclSubject, path: &str, privileges: &[&str]) {
@@ -481,6 +557,13 @@ impl FakeProxmox {
     /// The highest number of clone tasks that were running at the same time.
     pub fn max_concurrent_clones(&self) -> usize {
         self.lock().max_concurrent_clones
+    }
+
+    /// The most requests that were in service at the same time (with [`ApiCapacity`], at most
+    /// its `workers`) and the most that waited for a worker.
+    pub fn max_concurrent_requests(&self) -> (usize, usize) {
+        let state = self.lock();
+        (state.max_in_service, state.max_queued)
     }
 
     /// Sum of the simulated durations of every task and boot served so far.

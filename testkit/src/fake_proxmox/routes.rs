@@ -400,10 +400,20 @@ fn resources(state: &State, params: &BTreeMap<String, String>) -> Result<Value> 
     }
     if kind.is_none() || kind == Some("node") {
         for node in state.nodes() {
-            list.push(json!({
-                "id": format!("node/{node}"), "type": "node", "node": node, "status": "online",
-                "maxcpu": 16, "maxmem": 68719476736u64, "uptime": 864000, "level": "",
-            }));
+            let load = state.node_load(&node);
+            let mut entry = json!({
+                "id": format!("node/{node}"), "type": "node", "node": node,
+                "status": if load.online { "online" } else { "offline" },
+                "maxcpu": 16, "maxmem": load.max_mem, "uptime": 864000, "level": "",
+            });
+            // An offline node's entry has no live figures.
+            if load.online {
+                if let Some(object) = entry.as_object_mut() {
+                    object.insert("mem".into(), json!(load.used_mem));
+                    object.insert("cpu".into(), json!(0.05));
+                }
+            }
+            list.push(entry);
         }
     }
     Ok(Value::Array(list))

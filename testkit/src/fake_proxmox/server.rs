@@ -158,6 +158,10 @@ fn serve(
         Err(err) => panic!("building the fake Proxmox runtime: {err}"),
     };
     runtime.block_on(async move {
+        let workers = lock(&state)
+            .config
+            .capacity
+            .map(|capacity| Arc::new(tokio::sync::Semaphore::new(capacity.workers.max(1))));
         let listener = match tokio::net::TcpListener::from_std(listener) {
             Ok(listener) => listener,
             Err(err) => panic!("registering the fake Proxmox listener: {err}"),
@@ -173,14 +177,22 @@ fn serve(
             lock(&state).connections += 1;
             let acceptor = acceptor.clone();
             let state = state.clone();
+            let workers = workers.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(stream).await else {
                     return;
                 };
                 let service = hyper::service::service_fn(move |request| {
                     let state = state.clone();
+                    let workers = workers.clone();
                     // An error makes hyper drop the connection without an answer.
-                    async move { handle(state, request).await.ok_or(DroppedAnswer) }
+                    async move {
+                        let response = match workers {
+                            Some(workers) => served_by_a_worker(state, &workers, request).await,
+                            None => handle(state, request).await,
+                        };
+                        response.ok_or(DroppedAnswer)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tls), service)
@@ -189,6 +201,49 @@ fn serve(
         }
     });
     // Dropping the runtime cancels the connections still open.
+}
+
+/// [`handle`] inside one of the API daemon's few workers (see `ApiCapacity`): queued until one
+/// is free, held for the service time, and for an agent call on a guest whose agent is not up,
+/// for QEMU's agent timeout.
+async fn served_by_a_worker(
+    state: Arc<Mutex<State>>,
+    workers: &tokio::sync::Semaphore,
+    request: Request<Incoming>,
+) -> Option<Response<Full<Bytes>>> {
+    let Some(capacity) = lock(&state).config.capacity else {
+        return handle(state, request).await;
+    };
+    {
+        let mut state = lock(&state);
+        state.queued += 1;
+        state.max_queued = state.max_queued.max(state.queued);
+    }
+    let permit = workers.acquire().await;
+    {
+        let mut state = lock(&state);
+        state.queued -= 1;
+        state.in_service += 1;
+        state.max_in_service = state.max_in_service.max(state.in_service);
+    }
+    tokio::time::sleep(capacity.service_time).await;
+    let is_agent_call = request.uri().path().contains("/agent/");
+    let response = handle(state.clone(), request).await;
+    if is_agent_call && response.as_ref().is_some_and(response_says_agent_not_up) {
+        tokio::time::sleep(capacity.agent_timeout).await;
+    }
+    lock(&state).in_service -= 1;
+    drop(permit);
+    response
+}
+
+fn response_says_agent_not_up(response: &Response<Full<Bytes>>) -> bool {
+    response
+        .extensions()
+        .get::<hyper::ext::ReasonPhrase>()
+        .is_some_and(|reason| {
+            String::from_utf8_lossy(reason.as_bytes()).contains("guest agent is not running")
+        })
 }
 
 /// The answer is lost on purpose ([`Reply::Dropped`]).

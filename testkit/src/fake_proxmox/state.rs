@@ -18,6 +18,13 @@ pub(crate) struct State {
     pub connections: usize,
     pub faults: Vec<Fault>,
     pub max_concurrent_clones: usize,
+    /// Requests being served / waiting for a worker now, and the most seen.
+    /// Nodes whose memory or status a test set ([`super::FakeProxmox::set_node`]).
+    pub node_loads: BTreeMap<String, super::NodeLoad>,
+    pub in_service: usize,
+    pub queued: usize,
+    pub max_in_service: usize,
+    pub max_queued: usize,
     pub simulated_time: Duration,
     /// Guest files that read as an older content for their next N reads (host keys that
     /// cloud-init has not regenerated yet).
@@ -201,6 +208,11 @@ impl State {
             connections: 0,
             faults: Vec::new(),
             max_concurrent_clones: 0,
+            node_loads: BTreeMap::new(),
+            in_service: 0,
+            queued: 0,
+            max_in_service: 0,
+            max_queued: 0,
             simulated_time: Duration::ZERO,
             stale_guest_files: BTreeMap::new(),
             acls: super::access::Acls::default(),
@@ -322,6 +334,27 @@ impl State {
         let mut nodes = vec![self.config.node.clone()];
         nodes.extend(self.config.other_nodes.iter().cloned());
         nodes
+    }
+
+    /// A node's load as `/cluster/resources` reports it: its base memory use plus what its
+    /// running guests use (their configured memory).
+    pub fn node_load(&self, node: &str) -> super::NodeLoad {
+        let mut load = self.node_loads.get(node).copied().unwrap_or_default();
+        load.online = !self.offline_nodes.contains(node);
+        load.used_mem += self
+            .vms
+            .values()
+            .filter(|vm| vm.node == node && vm.running)
+            .map(|vm| {
+                vm.config
+                    .get("memory")
+                    .and_then(|memory| memory.parse::<u64>().ok())
+                    .unwrap_or(512)
+                    * 1024
+                    * 1024
+            })
+            .sum::<u64>();
+        load
     }
 
     pub fn token_user(&self) -> String {

@@ -1,0 +1,372 @@
+//! Which node of the cluster a job's VM goes to (`PROXMOX_NODES`), and which template VM on
+//! that node the job's template name means.
+//!
+//! Two requests per placement: `/cluster/resources?type=node` (status and memory of every node)
+//! and `?type=vm` (the templates on each node, and our own VMs). A node is a candidate when it
+//! is in `PROXMOX_NODES` (or any node for `*`), online, not skipped by the caller, holds a copy
+//! of the template, has fewer than `PROXMOX_NODE_MAX_VMS` of our VMs and keeps
+//! `PROXMOX_NODE_MEMORY_RESERVE_MB` free after the job's VM. Of the candidates, the one with
+//! the most free memory wins, counting our VMs that do not use their memory yet (clones in
+//! flight, booting or stopped VMs) as if they did; near-ties (within [`TIE_MARGIN`]) are broken
+//! at random, so that many runner hosts that read the same figures do not all pick one node.
+//!
+//! Templates per node: clusters with local storage keep a copy of each template on every node,
+//! with the same VM name. A job's template name resolves on each node to the template VM of
+//! that name there; a `PROXMOX_TEMPLATES` entry names one VMID, and its copies are the template
+//! VMs with the same name on the other nodes.
+//!
+//! With `PROXMOX_NODES` unset there is no placement: the template resolves on `PROXMOX_NODE`
+//! as before, with no extra request.
+
+use std::collections::{BTreeMap, HashSet};
+
+use super::template::{self, Template};
+use crate::config::{AllowedTemplates, NodeSet, Settings};
+use crate::error::{Error, Result};
+use crate::proxmox::types::{ClusterNode, ClusterVm};
+use crate::proxmox::Client;
+
+const MIB: u64 = 1024 * 1024;
+const GIB: u64 = 1024 * MIB;
+/// Nodes whose free memory differs by less than this count as equally good.
+pub const TIE_MARGIN: u64 = GIB;
+/// What a job VM is taken to need when neither `VM_MEMORY_MB` nor the template says.
+const DEFAULT_VM_MEMORY: u64 = 2 * GIB;
+
+/// Where the job's VM goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    pub template: Template,
+    /// Why this node, for the job log ("placed on pve2: 41 GiB free, 3 job VMs"); `None`
+    /// without placement.
+    pub reason: Option<String>,
+}
+
+/// One node as placement sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    pub name: String,
+    pub online: bool,
+    /// Free memory after counting our VMs that do not use theirs yet.
+    pub free: u64,
+    /// Our VMs on the node (in flight included).
+    pub job_vms: u32,
+    /// The template VM of the job's template name on this node.
+    pub template_vmid: Option<u32>,
+    pub template_memory: Option<u64>,
+}
+
+/// The limits a candidate must keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_job_vms: Option<u32>,
+    pub reserve: u64,
+    /// `VM_MEMORY_MB` in bytes, if set.
+    pub vm_memory: Option<u64>,
+}
+
+impl Limits {
+    pub fn from_settings(settings: &Settings) -> Limits {
+        Limits {
+            max_job_vms: settings.max_vms_per_node,
+            reserve: settings.node_memory_reserve_mb * MIB,
+            vm_memory: settings.vm_memory_mb.map(|mb| u64::from(mb) * MIB),
+        }
+    }
+}
+
+/// Picks a node of `nodes` (see the module text); `pick` chooses among near-ties (an index below
+/// its argument). `Err` says why no node qualified, node by node.
+pub fn choose(
+    nodes: &[NodeView],
+    limits: Limits,
+    pick: impl FnOnce(usize) -> usize,
+) -> std::result::Result<&NodeView, String> {
+    let mut refusals = Vec::new();
+    let mut candidates = Vec::new();
+    for node in nodes {
+        let need = limits
+            .vm_memory
+            .or(node.template_memory)
+            .unwrap_or(DEFAULT_VM_MEMORY);
+        let refusal = if !node.online {
+            Some("offline".to_string())
+        } else if node.template_vmid.is_none() {
+            Some("has no copy of the template".to_string())
+        } else if limits.max_job_vms.is_some_and(|max| node.job_vms >= max) {
+            Some(format!(
+                "{} job VMs already (PROXMOX_NODE_MAX_VMS)",
+                node.job_vms
+            ))
+        } else if node.free < need.saturating_add(limits.reserve) {
+            Some(format!(
+                "{} free, the VM needs {} and {} stay free (PROXMOX_NODE_MEMORY_RESERVE_MB)",
+                gib(node.free),
+                gib(need),
+                gib(limits.reserve)
+            ))
+        } else {
+            None
+        };
+        match refusal {
+            Some(why) => refusals.push(format!("{}: {why}", node.name)),
+            None => candidates.push(node),
+        }
+    }
+    let Some(best) = candidates.iter().map(|node| node.free).max() else {
+        return Err(if refusals.is_empty() {
+            "no node to choose from".to_string()
+        } else {
+            refusals.join("; ")
+        });
+    };
+    let ties: Vec<&NodeView> = candidates
+        .into_iter()
+        .filter(|node| node.free + TIE_MARGIN > best)
+        .collect();
+    let index = pick(ties.len()).min(ties.len() - 1);
+    Ok(ties[index])
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{} GiB", bytes / GIB)
+}
+
+/// The template for the job and the node for its VM, skipping the nodes in `avoid` (where an
+/// earlier attempt failed).
+pub async fn place(
+    client: &Client,
+    settings: &Settings,
+    wanted: &str,
+    avoid: &HashSet<String>,
+) -> Result<Placed> {
+    if settings.nodes == NodeSet::One {
+        let template = template::resolve(client, settings, &settings.node, wanted).await?;
+        return Ok(Placed {
+            template,
+            reason: None,
+        });
+    }
+    let wanted = wanted.trim();
+    let nodes = client
+        .cluster_nodes()
+        .await
+        .map_err(|err| Error::api("listing the cluster's nodes to place the VM", err))?;
+    let vms = client
+        .cluster_vms()
+        .await
+        .map_err(|err| Error::api("listing the cluster's VMs to place the VM", err))?;
+    let copies = template_copies(settings, wanted, &vms)?;
+    let views = node_views(settings, &nodes, &vms, &copies, avoid);
+    let limits = Limits::from_settings(settings);
+    let chosen =
+        choose(&views, limits, |ties| rand::random_range(0..ties.max(1))).map_err(|why| {
+            Error::Infrastructure(format!(
+                "no node can take the job's VM (template {wanted}): {why}. Check the nodes' \
+                 status, PROXMOX_NODES and the per-node limits"
+            ))
+        })?;
+    let vmid = chosen.template_vmid.unwrap_or_default();
+    let reason = format!(
+        "placed on {}: {} free, {} job VMs",
+        chosen.name,
+        gib(chosen.free),
+        chosen.job_vms
+    );
+    Ok(Placed {
+        template: Template {
+            node: chosen.name.clone(),
+            vmid,
+            label: format!("{wanted} ({vmid})"),
+            is_template: true,
+        },
+        reason: Some(reason),
+    })
+}
+
+/// The template VM the job's template name means on each node that has one.
+fn template_copies(
+    settings: &Settings,
+    wanted: &str,
+    vms: &[ClusterVm],
+) -> Result<BTreeMap<String, (u32, Option<u64>)>> {
+    let is_qemu_template =
+        |vm: &&ClusterVm| vm.template && vm.kind.as_deref().is_none_or(|kind| kind == "qemu");
+    let templates: Vec<&ClusterVm> = vms.iter().filter(is_qemu_template).collect();
+    let entry = |vm: &ClusterVm| {
+        u32::try_from(vm.vmid)
+            .ok()
+            .map(|vmid| (vm.node.clone(), (vmid, vm.maxmem)))
+    };
+    if let Some(&mapped) = settings.templates.get(wanted) {
+        let Some(original) = templates.iter().find(|vm| vm.vmid == u64::from(mapped)) else {
+            return Err(Error::Settings(format!(
+                "PROXMOX_TEMPLATES maps {wanted} to VMID {mapped}, which is not a template \
+                 anywhere in the cluster; fix the map or create the template"
+            )));
+        };
+        let mut copies: BTreeMap<String, (u32, Option<u64>)> = BTreeMap::new();
+        // The copies on the other nodes carry the mapped template's VM name.
+        if let Some(name) = original.name.as_deref() {
+            copies.extend(
+                templates
+                    .iter()
+                    .filter(|vm| vm.name.as_deref() == Some(name))
+                    .filter_map(|vm| entry(vm)),
+            );
+        }
+        copies.extend(entry(original));
+        return Ok(copies);
+    }
+    let permitted = match &settings.allowed_templates {
+        AllowedTemplates::MapOnly => false,
+        AllowedTemplates::AnyOnNode => true,
+        AllowedTemplates::Listed(list) => list.iter().any(|item| item == wanted),
+    };
+    if !permitted || wanted.is_empty() {
+        let names: Vec<&str> = settings.templates.keys().map(String::as_str).collect();
+        return Err(Error::JobRequest(format!(
+            "template {wanted:?} is not allowed; allowed templates: {}. Set PROXMOX_TEMPLATE to \
+             one of them",
+            names.join(", ")
+        )));
+    }
+    let by_vmid = wanted.parse::<u64>().ok();
+    let copies: BTreeMap<_, _> = templates
+        .iter()
+        .filter(|vm| match by_vmid {
+            Some(vmid) => vm.vmid == vmid,
+            None => vm.name.as_deref() == Some(wanted),
+        })
+        .filter_map(|vm| entry(vm))
+        .collect();
+    if copies.is_empty() {
+        return Err(Error::JobRequest(format!(
+            "there is no template VM {wanted:?} on any node of the cluster"
+        )));
+    }
+    Ok(copies)
+}
+
+fn node_views(
+    settings: &Settings,
+    nodes: &[ClusterNode],
+    vms: &[ClusterVm],
+    copies: &BTreeMap<String, (u32, Option<u64>)>,
+    avoid: &HashSet<String>,
+) -> Vec<NodeView> {
+    let (low, high) = settings.vmid_range;
+    let ours: Vec<&ClusterVm> = vms
+        .iter()
+        .filter(|vm| !vm.template && (u64::from(low)..=u64::from(high)).contains(&vm.vmid))
+        // A clone in flight does not carry our tag yet, only its lock.
+        .filter(|vm| {
+            let tags = vm.tags.as_deref().unwrap_or("");
+            tags.split([';', ',', ' '])
+                .any(|tag| tag.trim() == crate::VM_TAG)
+                || vm.lock.as_deref() == Some("clone")
+        })
+        .collect();
+    let vm_memory = settings.vm_memory_mb.map(|mb| u64::from(mb) * MIB);
+    nodes
+        .iter()
+        .filter(|node| match &settings.nodes {
+            NodeSet::Listed(listed) => listed.contains(&node.node),
+            NodeSet::Every | NodeSet::One => true,
+        })
+        .filter(|node| !avoid.contains(&node.node))
+        .map(|node| {
+            let here: Vec<&&ClusterVm> = ours.iter().filter(|vm| vm.node == node.node).collect();
+            // A running VM's use is in the node's `mem`; the others will use theirs soon.
+            let pending: u64 = here
+                .iter()
+                .filter(|vm| vm.status.as_deref() != Some("running"))
+                .map(|vm| vm.maxmem.or(vm_memory).unwrap_or(DEFAULT_VM_MEMORY))
+                .sum();
+            let max = node.maxmem.unwrap_or(0);
+            let used = node.mem.unwrap_or(max);
+            let copy = copies.get(&node.node);
+            NodeView {
+                name: node.node.clone(),
+                online: node.is_online() && node.mem.is_some(),
+                free: max.saturating_sub(used).saturating_sub(pending),
+                job_vms: here.len() as u32,
+                template_vmid: copy.map(|(vmid, _)| *vmid),
+                template_memory: copy.and_then(|(_, memory)| *memory),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(name: &str, free_gib: u64, job_vms: u32) -> NodeView {
+        NodeView {
+            name: name.into(),
+            online: true,
+            free: free_gib * GIB,
+            job_vms,
+            template_vmid: Some(9000),
+            template_memory: Some(2 * GIB),
+        }
+    }
+
+    const NO_LIMITS: Limits = Limits {
+        max_job_vms: None,
+        reserve: 0,
+        vm_memory: None,
+    };
+
+    #[test]
+    fn the_node_with_most_free_memory_wins() {
+        let nodes = [
+            view("pve1", 10, 0),
+            view("pve2", 41, 3),
+            view("pve3", 20, 1),
+        ];
+        assert_eq!(choose(&nodes, NO_LIMITS, |_| 0).unwrap().name, "pve2");
+    }
+
+    #[test]
+    fn near_ties_are_broken_by_the_pick() {
+        let nodes = [
+            view("pve1", 40, 0),
+            view("pve2", 40, 3),
+            view("pve3", 20, 1),
+        ];
+        assert_eq!(
+            choose(&nodes, NO_LIMITS, |ties| {
+                assert_eq!(ties, 2);
+                1
+            })
+            .unwrap()
+            .name,
+            "pve2"
+        );
+    }
+
+    #[test]
+    fn offline_nodes_nodes_without_the_template_and_full_nodes_are_never_chosen() {
+        let mut offline = view("pve1", 60, 0);
+        offline.online = false;
+        let mut no_template = view("pve2", 50, 0);
+        no_template.template_vmid = None;
+        let capped = view("pve3", 40, 4);
+        let tight = view("pve4", 3, 0);
+        let fine = view("pve5", 10, 0);
+        let nodes = [offline, no_template, capped, tight, fine];
+        let limits = Limits {
+            max_job_vms: Some(4),
+            reserve: 2 * GIB,
+            vm_memory: None,
+        };
+        assert_eq!(choose(&nodes, limits, |_| 0).unwrap().name, "pve5");
+        let why = choose(&nodes[..4], limits, |_| 0).unwrap_err();
+        assert!(why.contains("pve1: offline"), "{why}");
+        assert!(why.contains("pve2: has no copy of the template"), "{why}");
+        assert!(why.contains("pve3: 4 job VMs already"), "{why}");
+        assert!(why.contains("pve4: 3 GiB free"), "{why}");
+    }
+}

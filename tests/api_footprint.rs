@@ -1,0 +1,168 @@
+//! The API footprint of a typical job (prepare, six stages, cleanup), counted by endpoint against
+//! the fake: at most the older Python driver's 41 requests (issue 12). Counts, not times.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use gpr_testkit::hook::Hook;
+use gpr_testkit::{driver_binary, ApiCapacity, FakeConfig, Lab};
+
+/// What the older Python driver sent for the same job.
+const OLD_DRIVER_REQUESTS: usize = 41;
+
+fn job_hook(lab: &Lab, dir: &Path) -> Hook {
+    job_hook_for(lab, dir, 4711)
+}
+
+fn job_hook_for(lab: &Lab, dir: &Path, job_id: u64) -> Hook {
+    lab.hook(dir)
+        .job_var("CI_JOB_ID", job_id.to_string())
+        .job_var("CI_PROJECT_PATH", "group/project")
+        .job_var("CI_PROJECT_PATH_SLUG", "group-project")
+        .job_var("CI_RUNNER_SHORT_TOKEN", "xS6Vzpvo")
+}
+
+#[test]
+fn a_typical_job_stays_within_the_old_drivers_request_budget() {
+    // Durations as on a real node: a linked clone about a second, tasks half a second, the
+    // guest's agent up a few seconds after start.
+    let config = FakeConfig {
+        clone_time: Duration::from_millis(1000),
+        task_time: Duration::from_millis(500),
+        boot_time: Duration::from_millis(3000),
+        ..FakeConfig::default()
+    };
+    let Some(lab) = Lab::builder(driver_binary!())
+        .fake(config)
+        .with_sshd_or_skip("a_typical_job_stays_within_the_old_drivers_request_budget")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let hook = job_hook(&lab, dir.path());
+    hook.clone().arg("prepare").run().assert_exit(0);
+    let after_prepare = lab.fake.request_count();
+    for stage in [
+        "prepare_script",
+        "get_sources",
+        "restore_cache",
+        "build_script",
+        "after_script",
+        "archive_cache",
+    ] {
+        let script = dir.path().join(format!("{stage}.sh"));
+        std::fs::write(&script, "#!/bin/sh\necho stage\n").unwrap();
+        hook.clone()
+            .arg("run")
+            .arg(&script)
+            .arg(stage)
+            .run()
+            .assert_exit(0);
+    }
+    let after_stages = lab.fake.request_count();
+    hook.clone().arg("cleanup").run().assert_exit(0);
+    assert!(lab.fake.job_vms().is_empty());
+
+    let requests = lab.fake.requests();
+    let counts = lab.fake.requests_by_endpoint();
+    let table: Vec<String> = counts
+        .iter()
+        .map(|(endpoint, count)| format!("{count:4}  {endpoint}"))
+        .collect();
+    eprintln!(
+        "API requests of one job: {} (prepare {after_prepare}, stages {}, cleanup {})\n{}",
+        requests.len(),
+        after_stages - after_prepare,
+        requests.len() - after_stages,
+        table.join("\n")
+    );
+    assert_eq!(after_stages, after_prepare, "stages talk to SSH only");
+    assert!(
+        requests.len() <= OLD_DRIVER_REQUESTS,
+        "{} requests for one job, budget {OLD_DRIVER_REQUESTS}:\n{}",
+        requests.len(),
+        table.join("\n")
+    );
+}
+
+#[test]
+fn sixteen_jobs_against_an_api_with_three_workers_all_get_their_vm() {
+    let test = "sixteen_jobs_against_an_api_with_three_workers_all_get_their_vm";
+    const JOBS: u64 = 16;
+    // pveproxy's 3 workers, 10 ms a request, and an agent call before the agent runs holds its
+    // worker for 3 s (QEMU's agent timeout).
+    let config = FakeConfig {
+        clone_time: Duration::from_millis(1000),
+        task_time: Duration::from_millis(500),
+        boot_time: Duration::from_millis(3000),
+        capacity: Some(ApiCapacity {
+            workers: 3,
+            service_time: Duration::from_millis(10),
+            agent_timeout: Duration::from_secs(3),
+        }),
+        ..FakeConfig::default()
+    };
+    let Some(lab) = Lab::builder(driver_binary!())
+        .fake(config)
+        .with_sshd_or_skip(test)
+    else {
+        return;
+    };
+    let dirs: Vec<tempfile::TempDir> = (0..JOBS).map(|_| tempfile::tempdir().unwrap()).collect();
+    let hooks: Vec<Hook> = dirs
+        .iter()
+        .zip(1..)
+        .map(|(dir, job)| {
+            job_hook_for(&lab, dir.path(), 5000 + job)
+                // The runner host's clone cap stays out of the way: the API is what is measured.
+                .host_env("PROXMOX_MAX_CONCURRENT_CLONES", JOBS.to_string())
+        })
+        .collect();
+    let children: Vec<_> = hooks
+        .iter()
+        .map(|hook| {
+            hook.clone()
+                .arg("prepare")
+                .command()
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn prepare")
+        })
+        .collect();
+    let mut times = Vec::new();
+    for child in children {
+        let output = child.wait_with_output().expect("wait for prepare");
+        let log = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(output.status.code(), Some(0), "{log}");
+        times.push(prepare_time(&log));
+    }
+    let prepare_requests = lab.fake.request_count();
+    for hook in &hooks {
+        hook.clone().arg("cleanup").run().assert_exit(0);
+    }
+    assert!(lab.fake.job_vms().is_empty());
+    let (in_service, queued) = lab.fake.max_concurrent_requests();
+    assert!(in_service <= 3, "{in_service} requests served at once");
+    times.sort_by(f64::total_cmp);
+    eprintln!(
+        "16 prepares against 3 API workers: {:.1} .. {:.1} s (median {:.1} s); {} \
+         prepare requests ({} per job), at most {queued} queued",
+        times[0],
+        times[times.len() - 1],
+        times[times.len() / 2],
+        prepare_requests,
+        prepare_requests as u64 / JOBS,
+    );
+}
+
+/// The seconds of `VM N (name) ready at IP:PORT in 4.9 s: ...`.
+fn prepare_time(log: &str) -> f64 {
+    log.lines()
+        .find(|line| line.contains(" ready at "))
+        .and_then(|line| line.split(" in ").nth(1))
+        .and_then(|rest| rest.split(" s").next())
+        .and_then(|secs| secs.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no ready line in {log}"))
+}

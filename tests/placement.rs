@@ -1,0 +1,214 @@
+//! Multi-node placement (issue 12) against a fake cluster of four nodes: three hold a copy of
+//! the template (same name, local storage), one does not; their free memory differs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use gitlab_proxmox_runner::job::JobInfo;
+use gitlab_proxmox_runner::marker::Marker;
+use gitlab_proxmox_runner::state::JobState;
+use gpr_testkit::hook::Hook;
+use gpr_testkit::{driver_binary, FakeConfig, Lab, NewVm, NodeLoad};
+
+const GIB: u64 = 1 << 30;
+
+fn load(free_gib: u64) -> NodeLoad {
+    NodeLoad {
+        max_mem: 64 * GIB,
+        used_mem: (64 - free_gib) * GIB,
+        online: true,
+    }
+}
+
+fn cluster(test: &str) -> Option<Lab> {
+    let config = FakeConfig {
+        other_nodes: vec!["pve2".into(), "pve3".into(), "pve4".into()],
+        clone_time: Duration::from_millis(200),
+        task_time: Duration::from_millis(30),
+        boot_time: Duration::from_millis(100),
+        ..FakeConfig::default()
+    };
+    let lab = Lab::builder(driver_binary!())
+        .fake(config)
+        .with_sshd_or_skip(test)?;
+    // The copies of ubuntu-focal (60900 on pve1) on the nodes with local storage.
+    for (vmid, node) in [(60901, "pve2"), (60902, "pve3")] {
+        lab.fake.add_vm(NewVm {
+            vmid,
+            node: node.into(),
+            name: "ubuntu-focal".into(),
+            template: true,
+            ..Default::default()
+        });
+    }
+    lab.fake.set_node("pve1", load(20));
+    lab.fake.set_node("pve2", load(40));
+    lab.fake.set_node("pve3", load(60));
+    // The most free memory, but no copy of the template.
+    lab.fake.set_node("pve4", load(63));
+    Some(lab)
+}
+
+fn job_hook(lab: &Lab, dir: &Path, job_id: u64) -> Hook {
+    lab.hook(dir)
+        .host_env("PROXMOX_NODES", "pve1,pve2,pve3,pve4")
+        .host_env("VM_MEMORY_MB", "2048")
+        .job_var("CI_JOB_ID", job_id.to_string())
+        .job_var("CI_PROJECT_PATH", "group/project")
+        .job_var("CI_PROJECT_PATH_SLUG", "group-project")
+        .job_var("CI_RUNNER_SHORT_TOKEN", "xS6Vzpvo")
+}
+
+struct Job {
+    dir: tempfile::TempDir,
+    hook: Hook,
+}
+
+/// Runs prepare for `jobs` in batches of `parallel`; returns each job's node from its state.
+fn prepare_all(jobs: &[Job], parallel: usize) -> Vec<String> {
+    let mut nodes = Vec::new();
+    for batch in jobs.chunks(parallel) {
+        let children: Vec<_> = batch
+            .iter()
+            .map(|job| {
+                job.hook
+                    .clone()
+                    .arg("prepare")
+                    .command()
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("spawn prepare")
+            })
+            .collect();
+        for (child, job) in children.into_iter().zip(batch) {
+            let output = child.wait_with_output().expect("wait for prepare");
+            let log = String::from_utf8_lossy(&output.stderr).into_owned();
+            assert_eq!(output.status.code(), Some(0), "{log}");
+            let state = JobState::load(job.dir.path()).unwrap().expect("job state");
+            assert!(
+                log.contains(&format!("placed on {}: ", state.node)) && log.contains(" job VMs"),
+                "the log says where and why: {log}"
+            );
+            nodes.push(state.node);
+        }
+    }
+    nodes
+}
+
+fn tally(nodes: &[String]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for node in nodes {
+        *counts.entry(node.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[test]
+fn thirty_jobs_spread_by_free_memory_and_an_offline_node_gets_no_more() {
+    let test = "thirty_jobs_spread_by_free_memory_and_an_offline_node_gets_no_more";
+    let Some(lab) = cluster(test) else {
+        return;
+    };
+    let jobs: Vec<Job> = (0..30)
+        .map(|n| {
+            let dir = tempfile::tempdir().unwrap();
+            let hook = job_hook(&lab, dir.path(), 7000 + n);
+            Job { dir, hook }
+        })
+        .collect();
+
+    // 20 jobs of 2 GiB onto 20 + 40 + 60 GiB free: pve3 first, then pve2 and pve3 together.
+    let first = prepare_all(&jobs[..20], 4);
+    let counts = tally(&first);
+    eprintln!("first 20 jobs: {counts:?}");
+    let on = |node: &str| counts.get(node).copied().unwrap_or(0);
+    assert_eq!(on("pve4"), 0, "pve4 has no copy of the template");
+    assert!(on("pve3") > on("pve2"), "{counts:?}");
+    assert!(on("pve2") >= on("pve1"), "{counts:?}");
+    assert!(on("pve3") >= 10, "{counts:?}");
+    for vm in lab.fake.job_vms() {
+        let expected = match vm.node.as_str() {
+            "pve1" => 60900,
+            "pve2" => 60901,
+            "pve3" => 60902,
+            other => panic!("VM {} on {other}", vm.vmid),
+        };
+        assert_eq!(vm.cloned_from, Some(expected), "cloned from the local copy");
+    }
+
+    // pve3 goes offline: the next ten jobs go elsewhere and all succeed.
+    lab.fake.set_node(
+        "pve3",
+        NodeLoad {
+            online: false,
+            ..load(60)
+        },
+    );
+    let rest = prepare_all(&jobs[20..], 4);
+    let later = tally(&rest);
+    eprintln!("last 10 jobs with pve3 offline: {later:?}");
+    assert!(!later.contains_key("pve3"), "{later:?}");
+    assert!(!later.contains_key("pve4"), "{later:?}");
+
+    // Back online: cleanup removes every VM on every node, and gc sweeps an orphan on pve2.
+    lab.fake.set_node("pve3", load(60));
+    let orphan = 2_999_999;
+    lab.fake.add_vm(NewVm {
+        vmid: orphan,
+        node: "pve2".into(),
+        tags: "gitlab-proxmox-runner".into(),
+        description: old_marker().description(),
+        running: true,
+        ..Default::default()
+    });
+    for job in &jobs {
+        job.hook.clone().arg("cleanup").run().assert_exit(0);
+    }
+    let gc = lab.fleet_command().arg("gc").output().expect("run gc");
+    assert!(
+        gc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gc.stderr)
+    );
+    let left: Vec<_> = lab.fake.job_vms();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// The marker of a job whose runner died two days ago.
+fn old_marker() -> Marker {
+    let mut marker = Marker::new(&JobInfo {
+        job_id: Some(1),
+        runner_short_token: Some("xS6Vzpvo".into()),
+        ..Default::default()
+    });
+    let two_days_ago = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 2 * 86_400;
+    let age = marker.created - two_days_ago;
+    marker.created = two_days_ago;
+    marker.deadline = marker.deadline.map(|deadline| deadline - age);
+    marker
+}
+
+#[test]
+fn a_template_on_no_listed_node_fails_the_job_and_creates_nothing() {
+    let test = "a_template_on_no_listed_node_fails_the_job_and_creates_nothing";
+    let Some(lab) = cluster(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // Only pve4 is allowed, and it has no copy.
+    let out = job_hook(&lab, dir.path(), 7100)
+        .host_env("PROXMOX_NODES", "pve4")
+        .arg("prepare")
+        .run();
+    assert_ne!(out.code, 0);
+    let log = out.log();
+    assert!(log.contains("pve4: has no copy of the template"), "{log}");
+    assert!(lab.fake.job_vms().is_empty());
+}
