@@ -31,7 +31,9 @@ fn hook_without_key(fake: &FakeProxmox, dir: &Path, job_id: u64) -> Hook {
     api_hook(driver_binary!(), fake, dir)
         .host_env("VM_NETWORK_CIDRS", "127.0.0.0/8")
         .host_env("VM_SSH_PORT", closed_port().to_string())
-        .host_env("VM_BOOT_TIMEOUT", "20")
+        // The fake's guests have no host-key files and prepare waits for them (cloud-init writes
+        // them late) until the boot deadline: keep it short, the fake boots in milliseconds.
+        .host_env("VM_BOOT_TIMEOUT", "8")
         .host_env("PROXMOX_VMID_RANGE", "2000000-2999999")
         .job_var("CI_JOB_ID", job_id.to_string())
         .job_var("CI_PIPELINE_ID", "77")
