@@ -117,6 +117,28 @@ pub struct Lab {
 }
 
 impl Lab {
+    /// A job as gitlab-runner runs it on this runner host, every hook reading `settings_file`.
+    /// Its project directory is a fresh directory under `dir/builds` on this machine (the
+    /// "VM"), not /builds; per-attempt job directories live under `dir`.
+    pub fn runner_job(&self, settings_file: &Path, dir: &Path) -> crate::runner::RunnerJob {
+        let config = settings_file.to_str().expect("utf-8 path");
+        let builds = tempfile::tempdir_in(dir.join("builds"))
+            .expect("builds dir")
+            .keep();
+        crate::runner::RunnerJob::new(self.bin.clone())
+            .hook_args(
+                &["--config", config, "config"],
+                &["--config", config, "prepare"],
+                &["--config", config, "run"],
+                &["--config", config, "cleanup"],
+            )
+            .path_env(dir.join("empty-path"))
+            .builds_dir_override(builds.to_string_lossy().into_owned())
+            .temp_root(dir)
+            .retry_interval(std::time::Duration::ZERO)
+            .graceful_kill_timeout(std::time::Duration::from_secs(30))
+    }
+
     pub fn builder(bin: impl Into<PathBuf>) -> LabBuilder {
         LabBuilder {
             bin: bin.into(),

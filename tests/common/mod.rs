@@ -54,22 +54,8 @@ impl World {
     }
 
     pub fn job(&self) -> RunnerJob {
-        let config = self.settings_file.to_str().expect("utf-8 path");
-        let builds = tempfile::tempdir_in(self.dir.path().join("builds"))
-            .expect("builds dir")
-            .keep();
-        RunnerJob::new(self.lab.bin.clone())
-            .hook_args(
-                &["--config", config, "config"],
-                &["--config", config, "prepare"],
-                &["--config", config, "run"],
-                &["--config", config, "cleanup"],
-            )
-            .path_env(self.dir.path().join("empty-path"))
-            .builds_dir_override(builds.to_string_lossy().into_owned())
-            .temp_root(self.dir.path())
-            .retry_interval(Duration::ZERO)
+        self.lab
+            .runner_job(&self.settings_file, self.dir.path())
             .hook_timeout(Duration::from_secs(300))
-            .graceful_kill_timeout(Duration::from_secs(30))
     }
 }
