@@ -40,6 +40,10 @@ pub struct JobState {
     pub marker: String,
     #[serde(default)]
     pub template_vmid: Option<u32>,
+    /// The template's node when it is not the VM's (a clone with `target`): where the clone
+    /// task runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_node: Option<String>,
     #[serde(default)]
     pub ip: Option<String>,
     #[serde(default)]
@@ -65,6 +69,42 @@ pub struct JobState {
     /// VM that is gone. cleanup ignores it (it destroys the VM through the API, not SSH).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost: Option<Lost>,
+    /// VMs of earlier node attempts of this prepare whose node failed before they could be
+    /// removed: cleanup removes them too (once their node is back, or gc does).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_behind: Vec<LeftVm>,
+}
+
+/// A VM a failed node attempt left, with what is known about the clone that may create it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeftVm {
+    pub node: String,
+    pub vmid: u32,
+    /// Its ownership marker (an earlier prepare attempt's differs from the current one's).
+    pub marker: String,
+    #[serde(default)]
+    pub template_vmid: Option<u32>,
+    #[serde(default)]
+    pub template_node: Option<String>,
+    #[serde(default)]
+    pub clone_sent_at: Option<u64>,
+    #[serde(default)]
+    pub clone_upid: Option<String>,
+}
+
+impl LeftVm {
+    pub fn clone_trace(&self) -> crate::vm::clone_watch::CloneTrace {
+        crate::vm::clone_watch::CloneTrace {
+            vm: crate::vm::VmRef {
+                node: self.node.clone(),
+                vmid: self.vmid,
+            },
+            template: self.template_vmid,
+            template_node: self.template_node.clone(),
+            sent_at: self.clone_sent_at,
+            upid: self.clone_upid.clone(),
+        }
+    }
 }
 
 /// When and where a stage lost its VM.
@@ -93,14 +133,19 @@ impl Lost {
 impl JobState {
     /// What the engine needs to know about the clone that may create this state's VM.
     pub fn clone_trace(&self) -> crate::vm::clone_watch::CloneTrace {
-        crate::vm::clone_watch::CloneTrace {
-            vm: crate::vm::VmRef {
-                node: self.node.clone(),
-                vmid: self.vmid,
-            },
-            template: self.template_vmid,
-            sent_at: self.clone_sent_at,
-            upid: self.clone_upid.clone(),
+        self.as_left_vm().clone_trace()
+    }
+
+    /// This state's VM, as a VM a failed node attempt leaves behind.
+    pub fn as_left_vm(&self) -> LeftVm {
+        LeftVm {
+            node: self.node.clone(),
+            vmid: self.vmid,
+            marker: self.marker.clone(),
+            template_vmid: self.template_vmid,
+            template_node: self.template_node.clone(),
+            clone_sent_at: self.clone_sent_at,
+            clone_upid: self.clone_upid.clone(),
         }
     }
 }
@@ -197,6 +242,8 @@ mod tests {
             clone_sent_at: None,
             clone_upid: None,
             lost: None,
+            template_node: None,
+            left_behind: Vec::new(),
         }
     }
 

@@ -95,6 +95,8 @@ fn state_for(dir: &Path, vmid: u32, phase: Phase, marker: &Marker) -> JobState {
         clone_sent_at: None,
         clone_upid: None,
         lost: None,
+        template_node: None,
+        left_behind: Vec::new(),
     };
     state.save(dir).unwrap();
     state

@@ -236,6 +236,8 @@ fn with_a_pool_scoped_token_cleanup_of_a_gone_or_cloning_vm_succeeds() {
         clone_sent_at: None,
         clone_upid: None,
         lost: None,
+        template_node: None,
+        left_behind: Vec::new(),
     };
     state.save(dir.path()).unwrap();
     let again = hook.clone().arg("cleanup").run();
@@ -297,6 +299,8 @@ fn job_vm_with_state(fake: &FakeProxmox, dir: &Path, vmid: u32) {
         clone_sent_at: None,
         clone_upid: None,
         lost: None,
+        template_node: None,
+        left_behind: Vec::new(),
     }
     .save(dir)
     .unwrap();

@@ -40,6 +40,8 @@ fn cleanup_needing_the_api(hook: Hook, dir: &Path) -> HookOutput {
         clone_sent_at: None,
         clone_upid: None,
         lost: None,
+        template_node: None,
+        left_behind: Vec::new(),
     }
     .save(dir)
     .unwrap();

@@ -97,6 +97,7 @@ async fn the_engine_provisions_and_tears_down_without_any_job() {
     let mode = template::clone_mode(&settings, &template).unwrap();
     let order = Order {
         template: &template,
+        node: &template.node,
         mode,
         name: "warm-ubuntu-focal",
         marker: &marker,

@@ -75,6 +75,7 @@ impl Sink for SmokeSink {
                 self.trace = Some(CloneTrace {
                     vm: vm.clone(),
                     template: self.template,
+                    template_node: None,
                     // Counted as sent before it is: from here on, a VM may appear there.
                     sent_at: Some(crate::vm::clone_watch::now_epoch()),
                     upid: None,
@@ -183,6 +184,7 @@ async fn bring_up(
     sink.timing("template", total.elapsed());
     let order = Order {
         template: &template,
+        node: &template.node,
         mode,
         name: VM_NAME,
         marker,

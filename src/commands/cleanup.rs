@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::joblog;
 use crate::marker::Marker;
 use crate::proxmox::Client;
-use crate::state::JobState;
+use crate::state::{JobState, LeftVm};
 use crate::vm::teardown::{self, Teardown};
 use crate::vm::StderrLog;
 
@@ -44,6 +44,15 @@ pub async fn cleanup(context: &Context) -> Result<()> {
             budget.as_secs()
         ))
     })??;
+    let left = remove_left_behind(&client, &state.left_behind, deadline)
+        .await
+        .len();
+    if left > 0 {
+        joblog::warn(format!(
+            "{left} VM(s) of failed node attempts could not be removed yet; gitlab-proxmox-runner \
+             gc removes them once their node is back (they carry this job's deadline)"
+        ));
+    }
     match outcome {
         Teardown::Destroyed => {}
         Teardown::AlreadyGone => joblog::info(format!(
@@ -54,4 +63,40 @@ pub async fn cleanup(context: &Context) -> Result<()> {
         )),
     }
     JobState::remove(&context.job_dir)
+}
+
+/// Removes the VMs that failed node attempts of a prepare left, each after the ownership
+/// check against its own marker; returns those that could not be removed by `deadline`.
+pub(crate) async fn remove_left_behind(
+    client: &Client,
+    left: &[LeftVm],
+    deadline: Instant,
+) -> Vec<LeftVm> {
+    let mut remaining = Vec::new();
+    for vm in left {
+        let Some(marker) = Marker::parse_line(&vm.marker) else {
+            joblog::warn(format!(
+                "VM {} on {} (left by a failed node attempt) has a damaged marker in the job \
+                 state; left for gitlab-proxmox-runner gc",
+                vm.vmid, vm.node
+            ));
+            continue;
+        };
+        let trace = vm.clone_trace();
+        match teardown::destroy_traced_vm(client, &trace, &marker, deadline, &StderrLog).await {
+            Ok(Teardown::NotOurs(reason)) => joblog::warn(format!(
+                "VM {} on {} is not the VM a failed node attempt created ({reason}); left it alone",
+                vm.vmid, vm.node
+            )),
+            Ok(_) => {}
+            Err(err) => {
+                joblog::warn(format!(
+                    "could not remove VM {} on {}, left by a failed node attempt: {err}",
+                    vm.vmid, vm.node
+                ));
+                remaining.push(vm.clone());
+            }
+        }
+    }
+    remaining
 }

@@ -14,11 +14,12 @@ pub use name::vm_name;
 use record::JobRecord;
 
 use crate::commands::Context;
+use crate::config::NodeSet;
 use crate::error::{Error, Result};
 use crate::joblog;
 use crate::marker::Marker;
-use crate::proxmox::Client;
-use crate::state::JobState;
+use crate::proxmox::{ApiError, Client};
+use crate::state::{JobState, LeftVm};
 use crate::vm::provision::{self, Order};
 use crate::vm::teardown::{self, Teardown};
 use crate::vm::{placement, ready, template, Sink, StderrLog};
@@ -29,6 +30,11 @@ const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// README recommends 30 s). What rollback cannot finish in time stays in the job state for
 /// cleanup, which the runner runs next.
 const CANCELLED_ROLLBACK_TIMEOUT: Duration = Duration::from_secs(20);
+/// Nodes one prepare tries (with `PROXMOX_NODES`) when nodes fail under it.
+const MAX_NODE_ATTEMPTS: usize = 3;
+/// Removing the VM of a node that just failed: if the node does not answer within this, the
+/// VM stays in the job state for cleanup and prepare goes on elsewhere.
+const FAILED_NODE_ROLLBACK_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub async fn prepare(context: &Context) -> Result<()> {
     for warning in &context.settings.trust_warnings {
@@ -36,11 +42,12 @@ pub async fn prepare(context: &Context) -> Result<()> {
     }
     super::config::require_ssh_key(&context.settings)?;
     let client = Client::new(&context.settings)?;
-    remove_earlier_attempt(&client, context).await?;
+    let left_behind = remove_earlier_attempt(&client, context).await?;
 
     let settings = &context.settings;
     let marker = Marker::for_job(&context.job, &settings.runner_id, settings.max_job_timeout);
     let mut job = JobRecord::new(context, &marker);
+    job.left_behind = left_behind;
     let finished = tokio::select! {
         result = bring_up(&client, context, &marker, &mut job) => Some(result),
         _ = context.cancel.cancelled() => None,
@@ -72,16 +79,82 @@ async fn bring_up(
     job: &mut JobRecord<'_>,
 ) -> Result<()> {
     let settings = &context.settings;
+    let mut avoid = HashSet::new();
+    loop {
+        let err = match bring_up_on_a_node(client, context, marker, job, &avoid).await {
+            Ok(()) => return Ok(()),
+            Err(err) => err,
+        };
+        let failed_node = job.node.take();
+        let node_failed = err.api_error().is_some_and(ApiError::is_node_failure);
+        let (Some(node), true) = (failed_node, node_failed) else {
+            return Err(err);
+        };
+        if settings.nodes == NodeSet::One || avoid.len() + 1 >= MAX_NODE_ATTEMPTS {
+            return Err(err);
+        }
+        joblog::warn(format!(
+            "node {node} failed while {} ({err}); placing the VM on another node",
+            job.step
+        ));
+        avoid.insert(node);
+        give_up_vm(client, context, marker, job).await?;
+    }
+}
+
+/// Removes the VM of a failed node attempt in a short time, or keeps it in the job state for
+/// cleanup (its node may be back by then; if not, gc removes it past its deadline).
+async fn give_up_vm(
+    client: &Client,
+    context: &Context,
+    marker: &Marker,
+    job: &mut JobRecord<'_>,
+) -> Result<()> {
+    let Some(state) = job.state.take() else {
+        return Ok(());
+    };
+    let deadline = Instant::now() + FAILED_NODE_ROLLBACK_TIMEOUT;
+    let left = state.as_left_vm();
+    let removed = teardown::destroy_traced_vm(client, &left.clone_trace(), marker, deadline, &StderrLog)
+        .await;
+    match removed {
+        Ok(_) if job.left_behind.is_empty() => JobState::remove(&context.job_dir)?,
+        Ok(_) => {}
+        Err(err) => {
+            joblog::warn(format!(
+                "could not remove VM {} on {} yet ({err}); cleanup will try again",
+                left.vmid, left.node
+            ));
+            job.left_behind.push(left);
+            let mut kept = state;
+            kept.left_behind = job.left_behind.clone();
+            kept.save(&context.job_dir)?;
+        }
+    }
+    Ok(())
+}
+
+async fn bring_up_on_a_node(
+    client: &Client,
+    context: &Context,
+    marker: &Marker,
+    job: &mut JobRecord<'_>,
+    avoid: &HashSet<String>,
+) -> Result<()> {
+    let settings = &context.settings;
     let total = Instant::now();
+    job.timings.clear();
 
     job.step("resolving the template");
-    let placed = placement::place(client, settings, &settings.template, &HashSet::new()).await?;
+    let placed = placement::place(client, settings, &settings.template, avoid).await?;
     if let Some(reason) = &placed.reason {
         joblog::info(reason);
     }
     let template = placed.template;
     let mode = template::clone_mode(settings, &template)?;
     job.template_vmid = Some(template.vmid);
+    job.template_node = (template.node != placed.node).then(|| template.node.clone());
+    job.node = Some(placed.node.clone());
     job.timing("template", total.elapsed());
 
     let name = job.vm_name.clone();
@@ -103,6 +176,7 @@ async fn bring_up(
     }
     let order = Order {
         template: &template,
+        node: &placed.node,
         mode,
         name: &name,
         marker,
@@ -131,10 +205,13 @@ async fn bring_up(
 /// gitlab-runner retries a failed prepare in the same job directory, running cleanup in
 /// between; if that cleanup could not finish, the earlier attempt's VM is still named by the
 /// state. Remove it before the state is overwritten, or nothing would ever find it again.
-async fn remove_earlier_attempt(client: &Client, context: &Context) -> Result<()> {
+/// Returns the VMs of failed node attempts it could not remove yet: the new attempt's job
+/// state keeps them.
+async fn remove_earlier_attempt(client: &Client, context: &Context) -> Result<Vec<LeftVm>> {
     let Some(earlier) = JobState::load(&context.job_dir)? else {
-        return Ok(());
+        return Ok(Vec::new());
     };
+    let mut left_behind = Vec::new();
     let (vmid, node) = (earlier.vmid, earlier.node.as_str());
     joblog::info(format!(
         "an earlier prepare attempt of this job left VM {vmid} on {node}; removing it first"
@@ -151,13 +228,17 @@ async fn remove_earlier_attempt(client: &Client, context: &Context) -> Result<()
                      left it alone"
                 ));
             }
+            left_behind =
+                super::cleanup::remove_left_behind(client, &earlier.left_behind, deadline)
+                    .await;
         }
         None => joblog::warn(format!(
             "the earlier attempt's job state has a damaged ownership marker, so VM {vmid} on \
              {node} cannot be proven to be this job's; left for gitlab-proxmox-runner gc"
         )),
     }
-    JobState::remove(&context.job_dir)
+    JobState::remove(&context.job_dir)?;
+    Ok(left_behind)
 }
 
 /// Destroys what prepare created, with cleanup's logic. Never fails: if it cannot finish, the
@@ -178,8 +259,14 @@ async fn rollback(client: &Client, context: &Context, state: &JobState, marker: 
                     "VM {vmid} on {node} is not the VM this job created ({reason}); left it alone"
                 ));
             }
-            if let Err(err) = JobState::remove(&context.job_dir) {
-                joblog::warn(err.to_string());
+            let left =
+                super::cleanup::remove_left_behind(client, &state.left_behind, deadline)
+                    .await;
+            // What could not be removed stays in the state for cleanup.
+            if left.is_empty() {
+                if let Err(err) = JobState::remove(&context.job_dir) {
+                    joblog::warn(err.to_string());
+                }
             }
         }
         Err(err) => joblog::warn(format!(

@@ -65,6 +65,16 @@ pub enum NodeSet {
     Every,
 }
 
+impl NodeSet {
+    /// Whether a VM may go to `node` (with `One`, placement is not asked).
+    pub fn allows(&self, node: &str) -> bool {
+        match self {
+            NodeSet::Listed(listed) => listed.iter().any(|listed| listed == node),
+            NodeSet::Every | NodeSet::One => true,
+        }
+    }
+}
+
 /// `PROXMOX_NODES`: a comma- or space-separated list of node names, or `*`.
 pub fn parse_node_set(text: &str) -> Result<NodeSet> {
     let text = text.trim();

@@ -163,6 +163,7 @@ async fn bring_up(
 ) -> Result<VmRef> {
     let order = Order {
         template,
+        node: &template.node,
         mode,
         name,
         marker,

@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 
 use super::error::{from_http_answer, ApiError, ApiErrorKind};
 use super::types::{
-    value_as_u64, AgentFileRead, AgentInterfaces, ClusterNode, ClusterVm, TaskStatus, Upid,
+    value_as_u64, AgentFileRead, AgentInterfaces, ClusterNode, ClusterStorage, ClusterVm, TaskStatus, Upid,
     VmConfig, VmStatus,
 };
 use crate::error::{Error, Result};
@@ -58,6 +58,8 @@ pub struct CloneRequest {
     pub full: bool,
     pub storage: Option<String>,
     pub pool: Option<String>,
+    /// Another node for the new VM (the template's disks must all be on shared storage).
+    pub target: Option<String>,
 }
 
 impl CloneRequest {
@@ -76,6 +78,9 @@ impl CloneRequest {
         }
         if let Some(pool) = &self.pool {
             form.push(("pool", pool.clone()));
+        }
+        if let Some(target) = &self.target {
+            form.push(("target", target.clone()));
         }
         form
     }
@@ -444,6 +449,12 @@ impl Client {
         self.get("/cluster/resources", &[("type", "vm".to_string())])
             .await
     }
+
+    /// `GET /cluster/resources?type=storage`: every storage as each node sees it.
+    pub async fn cluster_storages(&self) -> Result<Vec<ClusterStorage>, ApiError> {
+        self.get("/cluster/resources", &[("type", "storage".to_string())])
+            .await
+    }
 }
 
 fn not_found_is_none<T>(result: Result<T, ApiError>) -> Result<Option<T>, ApiError> {
@@ -529,8 +540,10 @@ mod tests {
             full: false,
             storage: Some("fast".into()),
             pool: Some("ci".into()),
+            target: None,
         };
         let form = request.form();
+        assert!(!form.iter().any(|(key, _)| *key == "target"));
         assert!(form.contains(&("full", "0".into())));
         assert!(!form.iter().any(|(key, _)| *key == "storage"));
         assert!(form.contains(&("pool", "ci".into())));
@@ -538,6 +551,8 @@ mod tests {
         let form = request.form();
         assert!(form.contains(&("full", "1".into())));
         assert!(form.contains(&("storage", "fast".into())));
+        request.target = Some("pve2".into());
+        assert!(request.form().contains(&("target", "pve2".into())));
     }
 
     #[test]

@@ -229,6 +229,17 @@ impl ApiError {
         }
     }
 
+    /// The node the request was for is down or cut off: pveproxy could not reach it (595 `No
+    /// route to host`, 596 `Connection timed out`), or it lost quorum (`cluster not ready - no
+    /// quorum?`). Another node may well do.
+    pub fn is_node_failure(&self) -> bool {
+        if matches!(self.kind, ApiErrorKind::Http(595 | 596)) {
+            return true;
+        }
+        let text = self.haystack();
+        text.contains("no quorum") || text.contains("cluster not ready")
+    }
+
     /// A 500 whose text names a definite cause that repeating the request will not change.
     fn has_definite_500_cause(&self) -> bool {
         let text = self.haystack();
@@ -358,6 +369,18 @@ mod tests {
             "unable to create VM 101: config file already exists"
         );
         assert!(err.is_already_exists() && err.is_vmid_clash() && !err.is_transient());
+    }
+
+    #[test]
+    fn an_unreachable_or_quorumless_node_is_a_node_failure() {
+        let unreachable = from_http_answer(595, Some("No route to host"), b"");
+        let timed_out = from_http_answer(596, Some("Connection timed out"), b"");
+        let no_quorum = from_http_answer(500, Some("cluster not ready - no quorum?"), b"");
+        let locked = from_http_answer(500, Some("VM is locked (clone)"), b"");
+        let busy = from_http_answer(503, Some("Service Unavailable"), b"");
+        assert!(unreachable.is_node_failure() && timed_out.is_node_failure());
+        assert!(no_quorum.is_node_failure());
+        assert!(!locked.is_node_failure() && !busy.is_node_failure());
     }
 
     #[test]

@@ -148,6 +148,34 @@ impl VmStatus {
 pub struct VmConfig(pub BTreeMap<String, serde_json::Value>);
 
 impl VmConfig {
+    /// The storages of every drive that sits on one (CD-ROMs and the cloud-init drive
+    /// included, `none` and a physical `cdrom` not): what qemu-server checks before it
+    /// clones a VM to another node.
+    pub fn drive_storages(&self) -> Vec<String> {
+        let mut storages: Vec<String> = self
+            .0
+            .keys()
+            .filter(|key| {
+                let bus = key.trim_end_matches(|c: char| c.is_ascii_digit());
+                (matches!(bus, "scsi" | "virtio" | "sata" | "ide") && bus != key.as_str())
+                    || matches!(key.as_str(), "efidisk0" | "tpmstate0")
+            })
+            .filter_map(|key| self.get(key))
+            .filter_map(|value| {
+                let volume = value.split(',').next()?.trim();
+                // A passed-through device or file path is local to its node.
+                if volume.starts_with('/') {
+                    return Some(volume.to_string());
+                }
+                let (storage, _) = volume.split_once(':')?;
+                Some(storage.to_string())
+            })
+            .collect();
+        storages.sort();
+        storages.dedup();
+        storages
+    }
+
     pub fn get(&self, key: &str) -> Option<String> {
         match self.0.get(key)? {
             serde_json::Value::String(text) => Some(text.clone()),
@@ -295,6 +323,18 @@ pub struct ClusterNode {
     pub mem: Option<u64>,
     #[serde(default)]
     pub maxmem: Option<u64>,
+}
+
+/// A storage as `GET /cluster/resources?type=storage` lists it, once per node that has it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ClusterStorage {
+    #[serde(default)]
+    pub node: String,
+    #[serde(default)]
+    pub storage: String,
+    /// PVE's storage config marks it as reachable from every node (Ceph, NFS, iSCSI, ...).
+    #[serde(default, deserialize_with = "flexible_bool")]
+    pub shared: bool,
 }
 
 impl ClusterNode {

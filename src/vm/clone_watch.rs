@@ -33,6 +33,9 @@ pub struct CloneTrace {
     pub vm: VmRef,
     /// The template it is cloned from (the task list names the source).
     pub template: Option<u32>,
+    /// The template's node, where the clone task runs: another node than the VM's for a clone
+    /// with `target`. `None`: the VM's node (job states written before clones had a target).
+    pub template_node: Option<String>,
     /// When the clone request left (Unix seconds); `None`: never sent.
     pub sent_at: Option<u64>,
     /// The clone task, once the API answered.
@@ -88,9 +91,10 @@ pub async fn wait_clone_settled(
     };
     let started = Instant::now();
     let mut announced = false;
+    let task_node = trace.template_node.as_deref().unwrap_or(node);
     loop {
         let candidates = client
-            .running_clone_tasks(node, template)
+            .running_clone_tasks(task_node, template)
             .await
             .map_err(|err| Error::api(context(), err))?
             .into_iter()

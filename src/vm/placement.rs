@@ -13,7 +13,11 @@
 //! Templates per node: clusters with local storage keep a copy of each template on every node,
 //! with the same VM name. A job's template name resolves on each node to the template VM of
 //! that name there; a `PROXMOX_TEMPLATES` entry names one VMID, and its copies are the template
-//! VMs with the same name on the other nodes.
+//! VMs with the same name on the other nodes. A node without a copy can still take the job when
+//! one copy has every drive on shared storage: that copy is cloned there with `target` (PVE
+//! refuses it otherwise: "can't clone VM to node 'X' (VM uses local storage)"). Finding out
+//! costs two more requests (the copy's config and `?type=storage`), made only when an
+//! eligible node lacks a copy.
 //!
 //! With `PROXMOX_NODES` unset there is no placement: the template resolves on `PROXMOX_NODE`
 //! as before, with no extra request.
@@ -23,7 +27,7 @@ use std::collections::{BTreeMap, HashSet};
 use super::template::{self, Template};
 use crate::config::{AllowedTemplates, NodeSet, Settings};
 use crate::error::{Error, Result};
-use crate::proxmox::types::{ClusterNode, ClusterVm};
+use crate::proxmox::types::{ClusterNode, ClusterStorage, ClusterVm};
 use crate::proxmox::Client;
 
 const MIB: u64 = 1024 * 1024;
@@ -36,7 +40,11 @@ const DEFAULT_VM_MEMORY: u64 = 2 * GIB;
 /// Where the job's VM goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placed {
+    /// The template VM to clone (on its own node).
     pub template: Template,
+    /// The node the VM goes to: the template's, or another one for a shared-storage template
+    /// (the clone then carries `target`).
+    pub node: String,
     /// Why this node, for the job log ("placed on pve2: 41 GiB free, 3 job VMs"); `None`
     /// without placement.
     pub reason: Option<String>,
@@ -51,9 +59,18 @@ pub struct NodeView {
     pub free: u64,
     /// Our VMs on the node (in flight included).
     pub job_vms: u32,
-    /// The template VM of the job's template name on this node.
-    pub template_vmid: Option<u32>,
-    pub template_memory: Option<u64>,
+    /// The template VM this node's VM would be cloned from: its own copy, or a copy on shared
+    /// storage elsewhere; `None`: the node cannot take the job.
+    pub source: Option<Source>,
+}
+
+/// A template VM of the job's template name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub node: String,
+    pub vmid: u32,
+    /// Its configured memory (what its clones get).
+    pub memory: Option<u64>,
 }
 
 /// The limits a candidate must keep.
@@ -87,12 +104,12 @@ pub fn choose(
     for node in nodes {
         let need = limits
             .vm_memory
-            .or(node.template_memory)
+            .or(node.source.as_ref().and_then(|source| source.memory))
             .unwrap_or(DEFAULT_VM_MEMORY);
         let refusal = if !node.online {
             Some("offline".to_string())
-        } else if node.template_vmid.is_none() {
-            Some("has no copy of the template".to_string())
+        } else if node.source.is_none() {
+            Some("has no copy of the template (and no copy is on shared storage)".to_string())
         } else if limits.max_job_vms.is_some_and(|max| node.job_vms >= max) {
             Some(format!(
                 "{} job VMs already (PROXMOX_NODE_MAX_VMS)",
@@ -143,6 +160,7 @@ pub async fn place(
     if settings.nodes == NodeSet::One {
         let template = template::resolve(client, settings, &settings.node, wanted).await?;
         return Ok(Placed {
+            node: template.node.clone(),
             template,
             reason: None,
         });
@@ -157,7 +175,17 @@ pub async fn place(
         .await
         .map_err(|err| Error::api("listing the cluster's VMs to place the VM", err))?;
     let copies = template_copies(settings, wanted, &vms)?;
-    let views = node_views(settings, &nodes, &vms, &copies, avoid);
+    let eligible: Vec<&ClusterNode> = nodes
+        .iter()
+        .filter(|node| settings.nodes.allows(&node.node) && !avoid.contains(&node.node))
+        .filter(|node| node.is_online())
+        .collect();
+    let shared = if eligible.iter().any(|node| !copies.contains_key(&node.node)) {
+        shared_copy(client, &copies, &eligible).await?
+    } else {
+        None
+    };
+    let views = node_views(settings, &nodes, &vms, &copies, shared.as_ref(), avoid);
     let limits = Limits::from_settings(settings);
     let chosen =
         choose(&views, limits, |ties| rand::random_range(0..ties.max(1))).map_err(|why| {
@@ -166,22 +194,74 @@ pub async fn place(
                  status, PROXMOX_NODES and the per-node limits"
             ))
         })?;
-    let vmid = chosen.template_vmid.unwrap_or_default();
-    let reason = format!(
+    let source = chosen.source.clone().ok_or_else(|| {
+        Error::Infrastructure(format!("node {} has no template to clone", chosen.name))
+    })?;
+    let mut reason = format!(
         "placed on {}: {} free, {} job VMs",
         chosen.name,
         gib(chosen.free),
         chosen.job_vms
     );
+    if source.node != chosen.name {
+        reason.push_str(&format!(
+            " (template {} on {} is on shared storage: cloned there with target)",
+            source.vmid, source.node
+        ));
+    }
     Ok(Placed {
         template: Template {
-            node: chosen.name.clone(),
-            vmid,
-            label: format!("{wanted} ({vmid})"),
+            node: source.node.clone(),
+            vmid: source.vmid,
+            label: format!("{wanted} ({})", source.vmid),
             is_template: true,
         },
+        node: chosen.name.clone(),
         reason: Some(reason),
     })
+}
+
+/// A copy of the template, on an eligible node, whose every drive sits on storage PVE marks as
+/// shared, so that it can be cloned to any node.
+async fn shared_copy(
+    client: &Client,
+    copies: &BTreeMap<String, (u32, Option<u64>)>,
+    eligible: &[&ClusterNode],
+) -> Result<Option<Source>> {
+    let online = |node: &str| eligible.iter().any(|eligible| eligible.node == node);
+    let mut storages: Option<Vec<ClusterStorage>> = None;
+    for (node, &(vmid, memory)) in copies.iter().filter(|(node, _)| online(node)) {
+        let config = client
+            .vm_config(node, vmid)
+            .await
+            .map_err(|err| Error::api(format!("reading template {vmid} on node {node}"), err))?;
+        let Some(config) = config else {
+            continue;
+        };
+        let drives = config.drive_storages();
+        if drives.is_empty() {
+            continue;
+        }
+        if storages.is_none() {
+            storages = Some(client.cluster_storages().await.map_err(|err| {
+                Error::api("listing the cluster's storages to place the VM", err)
+            })?);
+        }
+        let known = storages.as_deref().unwrap_or_default();
+        let shared = drives.iter().all(|drive| {
+            known
+                .iter()
+                .any(|storage| storage.node == *node && storage.storage == *drive && storage.shared)
+        });
+        if shared {
+            return Ok(Some(Source {
+                node: node.clone(),
+                vmid,
+                memory,
+            }));
+        }
+    }
+    Ok(None)
 }
 
 /// The template VM the job's template name means on each node that has one.
@@ -253,6 +333,7 @@ fn node_views(
     nodes: &[ClusterNode],
     vms: &[ClusterVm],
     copies: &BTreeMap<String, (u32, Option<u64>)>,
+    shared: Option<&Source>,
     avoid: &HashSet<String>,
 ) -> Vec<NodeView> {
     let (low, high) = settings.vmid_range;
@@ -270,10 +351,7 @@ fn node_views(
     let vm_memory = settings.vm_memory_mb.map(|mb| u64::from(mb) * MIB);
     nodes
         .iter()
-        .filter(|node| match &settings.nodes {
-            NodeSet::Listed(listed) => listed.contains(&node.node),
-            NodeSet::Every | NodeSet::One => true,
-        })
+        .filter(|node| settings.nodes.allows(&node.node))
         .filter(|node| !avoid.contains(&node.node))
         .map(|node| {
             let here: Vec<&&ClusterVm> = ours.iter().filter(|vm| vm.node == node.node).collect();
@@ -285,14 +363,20 @@ fn node_views(
                 .sum();
             let max = node.maxmem.unwrap_or(0);
             let used = node.mem.unwrap_or(max);
-            let copy = copies.get(&node.node);
+            let source = match copies.get(&node.node) {
+                Some(&(vmid, memory)) => Some(Source {
+                    node: node.node.clone(),
+                    vmid,
+                    memory,
+                }),
+                None => shared.cloned(),
+            };
             NodeView {
                 name: node.node.clone(),
                 online: node.is_online() && node.mem.is_some(),
                 free: max.saturating_sub(used).saturating_sub(pending),
                 job_vms: here.len() as u32,
-                template_vmid: copy.map(|(vmid, _)| *vmid),
-                template_memory: copy.and_then(|(_, memory)| *memory),
+                source,
             }
         })
         .collect()
@@ -308,8 +392,11 @@ mod tests {
             online: true,
             free: free_gib * GIB,
             job_vms,
-            template_vmid: Some(9000),
-            template_memory: Some(2 * GIB),
+            source: Some(Source {
+                node: name.into(),
+                vmid: 9000,
+                memory: Some(2 * GIB),
+            }),
         }
     }
 
@@ -352,7 +439,7 @@ mod tests {
         let mut offline = view("pve1", 60, 0);
         offline.online = false;
         let mut no_template = view("pve2", 50, 0);
-        no_template.template_vmid = None;
+        no_template.source = None;
         let capped = view("pve3", 40, 4);
         let tight = view("pve4", 3, 0);
         let fine = view("pve5", 10, 0);

@@ -10,7 +10,7 @@ use backon::BackoffBuilder;
 
 use super::template::Template;
 use super::{clone_slots, task, teardown, Milestone, Sink, SinkLog, VmRef};
-use crate::config::{CloneMode, Settings};
+use crate::config::{CloneMode, NodeSet, Settings};
 use crate::error::{Error, Result};
 use crate::joblog;
 use crate::marker::Marker;
@@ -29,11 +29,12 @@ const TASK_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// Removing the half-made VM a failed clone task left.
 const LEFTOVER_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 
-/// What to create: a VM named `name`, carrying `marker`, cloned from `template` on the
-/// template's node.
+/// What to create: a VM named `name` on `node`, carrying `marker`, cloned from `template` (on
+/// the template's node; with `target` when `node` is another one).
 #[derive(Debug, Clone, Copy)]
 pub struct Order<'a> {
     pub template: &'a Template,
+    pub node: &'a str,
     pub mode: CloneMode,
     pub name: &'a str,
     pub marker: &'a Marker,
@@ -67,7 +68,7 @@ pub async fn provision(
         client,
         settings,
         order,
-        node: &order.template.node,
+        node: order.node,
         tried_vmids: HashSet::new(),
         sent_at: None,
     };
@@ -187,7 +188,10 @@ impl Provisioning<'_> {
             sink.reached(Milestone::Released)?;
         }
         Err(Error::Proxmox {
-            context: format!("cloning template {} on node {}", template.label, self.node),
+            context: format!(
+                "cloning template {} on node {} for node {}",
+                template.label, template.node, self.node
+            ),
             message: format!(
                 "gave up after {MAX_CLONE_ATTEMPTS} attempts; the last one failed with: \
                  {last_problem}"
@@ -211,12 +215,17 @@ impl Provisioning<'_> {
             full,
             storage: self.settings.storage.clone(),
             pool: self.settings.pool.clone(),
+            target: (node != template.node).then(|| node.to_string()),
         };
-        let upid = match self.client.clone_vm(node, template.vmid, &request).await {
+        let upid = match self.client.clone_vm(&template.node, template.vmid, &request).await {
             Ok(upid) => upid,
             Err(err) if err.is_clash_on(vmid) => return Ok(CloneAttempt::Clash(err.message)),
             // The template is locked for a moment (a backup, another job's clone start).
             Err(err) if err.is_vm_locked() => return Ok(CloneAttempt::Transient(err)),
+            // With other nodes to go to, waiting for this one is slower than moving on.
+            Err(err) if err.is_node_failure() && self.settings.nodes != NodeSet::One => {
+                return Err(Error::api(context(), err))
+            }
             Err(err) if err.kind == ApiErrorKind::Transport => {
                 // The request may have reached PVE, whose worker writes the VM a moment later:
                 // once no clone that could be ours runs, a VM with our marker is ours.
@@ -279,6 +288,7 @@ impl Provisioning<'_> {
                 vmid,
             },
             template: Some(self.order.template.vmid),
+            template_node: Some(self.order.template.node.clone()),
             sent_at: self.sent_at,
             upid: None,
         };

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::provision::Provisioned;
 use super::{HostKeySource, Milestone, ReadyVm, Sink, VmRef};
 use crate::cancel::Cancel;
-use crate::config::{HostKeyPolicy, Settings};
+use crate::config::{HostKeyPolicy, NodeSet, Settings};
 use crate::error::{Error, Result};
 use crate::joblog;
 use crate::poll::Poll;
@@ -136,6 +136,13 @@ async fn wait_for_address(
                     "VM {vmid} has no QEMU guest agent configured; enable it on the \
                      template (qm set <template> --agent enabled=1)"
                 )))
+            }
+            // With other nodes to go to, a node that stopped answering is not waited for.
+            Ok(Err(err)) if err.is_node_failure() && settings.nodes != NodeSet::One => {
+                return Err(Error::api(
+                    format!("asking the guest agent of VM {vmid} on {node} for its addresses"),
+                    err,
+                ))
             }
             Ok(Err(err)) if err.is_agent_not_ready() || err.is_transient() => last = err.message,
             Ok(Err(err)) => {

@@ -7,7 +7,7 @@ use crate::commands::Context;
 use crate::error::Result;
 use crate::joblog;
 use crate::marker::Marker;
-use crate::state::{JobState, Phase};
+use crate::state::{JobState, LeftVm, Phase};
 use crate::vm::{Log, Milestone, Sink};
 
 /// The engine's sink for a job: progress into the job log, every milestone into the job state
@@ -18,6 +18,13 @@ pub(super) struct JobRecord<'a> {
     marker: String,
     /// Recorded in the state; known once the template is resolved.
     pub template_vmid: Option<u32>,
+    /// The node placement chose for the current attempt.
+    pub node: Option<String>,
+    /// The template's node when the VM goes elsewhere (a clone with `target`).
+    pub template_node: Option<String>,
+    /// VMs of failed node attempts that could not be removed: kept in every state saved, so
+    /// that cleanup removes them too.
+    pub left_behind: Vec<LeftVm>,
     /// Set (and saved) before a clone request; `None` until then.
     pub state: Option<JobState>,
     /// What prepare is doing, for the message when it fails or is cancelled.
@@ -32,6 +39,9 @@ impl<'a> JobRecord<'a> {
             vm_name: super::name::vm_name(&context.job),
             marker: marker.render(),
             template_vmid: None,
+            template_node: None,
+            node: None,
+            left_behind: Vec::new(),
             state: None,
             step: "starting",
             timings: Vec::new(),
@@ -78,6 +88,8 @@ impl Sink for JobRecord<'_> {
                     vm_name: self.vm_name.clone(),
                     marker: self.marker.clone(),
                     template_vmid: self.template_vmid,
+                    template_node: self.template_node.clone(),
+                    left_behind: self.left_behind.clone(),
                     ip: None,
                     ssh_port: None,
                     ssh_user: None,
@@ -94,7 +106,13 @@ impl Sink for JobRecord<'_> {
             }
             Milestone::Released => {
                 self.state = None;
-                JobState::remove(&self.context.job_dir)
+                // The file stays while it names VMs of failed node attempts; the released
+                // VMID it still names is harmless (cleanup checks the ownership marker).
+                if self.left_behind.is_empty() {
+                    JobState::remove(&self.context.job_dir)
+                } else {
+                    Ok(())
+                }
             }
             Milestone::CloneStarted(upid) => {
                 self.save(|state| state.clone_upid = Some(upid.raw.clone()))

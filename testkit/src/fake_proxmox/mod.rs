@@ -22,7 +22,10 @@
 //! be form-urlencoded (`&` and `;` split fields) or JSON; booleans must be `1`/`0`.
 //! `access/permissions` answers from ACLs set with [`FakeProxmox::set_acl`] (user and token,
 //! privilege separation; only that endpoint reads them); `nodes/{node}/storage` lists `local`
-//! (dir) and `local-lvm` (lvmthin); a node marked offline shows so in `/nodes` and answers 595.
+//! (dir), `local-lvm` (lvmthin) and the shared `ceph-vm` (rbd), `cluster/resources` shows them
+//! per node with `shared`; a clone with `target` needs every disk on shared storage (`can't clone
+//! VM to node 'X' (VM uses local storage)`), builds the VM on the source node and moves its config
+//! to the target as the task ends; a node marked offline shows so in `/nodes` and answers 595.
 //! Not simulated: privileges finer than "pool member or not" for other endpoints (inject other
 //! 403s with [`Fault::HttpErrors`]), HA, snapshots, real guest-exec output.
 //!
@@ -219,6 +222,9 @@ pub struct NewVm {
     pub lock: Option<String>,
     /// The resource pool it belongs to.
     pub pool: Option<String>,
+    /// The storage of its disk (`scsi0`): `local-lvm` (thin LVM, local) when empty; `ceph-vm`
+    /// is the fake's shared storage (RBD), which lets a template be cloned to another node.
+    pub storage: String,
 }
 
 /// One API request as the fake received it.
@@ -301,6 +307,10 @@ pub enum Fault {
     CloneAnswerLost { count: u32 },
     /// Every clone request is carried out at once, but answered only after `delay`.
     SlowCloneAnswer { delay: Duration },
+    /// The next N clone requests on `node` are answered (UPID and all), and then the node goes
+    /// down: offline in the listings, 595 for every request proxied to it. Its tasks go on in
+    /// the fake's time, so the VM is there once the node is back.
+    NodeDownAfterCloneRequest { node: String, count: u32 },
 }
 
 /// A running fake Proxmox VE API. Dropping it shuts the server down.

@@ -416,6 +416,20 @@ fn resources(state: &State, params: &BTreeMap<String, String>) -> Result<Value> 
             list.push(entry);
         }
     }
+    if kind.is_none() || kind == Some("storage") {
+        for node in state.nodes() {
+            let online = !state.offline_nodes.contains(&node);
+            for (name, plugin, content, shared) in STORAGES {
+                list.push(json!({
+                    "id": format!("storage/{node}/{name}"), "type": "storage",
+                    "node": node, "storage": name, "plugintype": plugin, "content": content,
+                    "shared": u8::from(*shared),
+                    "status": if online { "available" } else { "unknown" },
+                    "maxdisk": 1_796_988_674_048u64, "disk": 214_748_364_800u64,
+                }));
+            }
+        }
+    }
     Ok(Value::Array(list))
 }
 
@@ -423,16 +437,59 @@ fn config_number(vm: &Vm, key: &str) -> Option<u64> {
     vm.config.get(key).and_then(|value| value.parse().ok())
 }
 
-/// The storages of a stock PVE install: `local` (a directory) and `local-lvm` (LVM-thin).
+/// The storages of a stock PVE install, `local` (a directory) and `local-lvm` (LVM-thin), plus a
+/// shared RBD pool `ceph-vm` that every node sees.
+const STORAGES: &[(&str, &str, &str, bool)] = &[
+    ("local", "dir", "iso,vztmpl,backup,images", false),
+    ("local-lvm", "lvmthin", "images,rootdir", false),
+    ("ceph-vm", "rbd", "images,rootdir", true),
+];
+
+/// Whether PVE's storage config marks `storage` as shared (unknown ones are local).
+pub(super) fn is_shared_storage(storage: &str) -> bool {
+    STORAGES
+        .iter()
+        .any(|(name, _, _, shared)| *name == storage && *shared)
+}
+
+/// Storages that can hold the base volume of a linked clone.
+fn is_thin_storage(storage: &str) -> bool {
+    STORAGES
+        .iter()
+        .any(|(name, kind, _, _)| *name == storage && matches!(*kind, "lvmthin" | "rbd"))
+}
+
 fn node_storage_list() -> Value {
-    json!([
-        {"storage": "local", "type": "dir", "content": "iso,vztmpl,backup,images",
-         "active": 1, "enabled": 1, "shared": 0,
-         "total": 100_861_726_720u64, "used": 12_884_901_888u64, "avail": 87_976_824_832u64},
-        {"storage": "local-lvm", "type": "lvmthin", "content": "images,rootdir",
-         "active": 1, "enabled": 1, "shared": 0,
-         "total": 1_796_988_674_048u64, "used": 214_748_364_800u64, "avail": 1_582_240_309_248u64},
-    ])
+    Value::Array(
+        STORAGES
+            .iter()
+            .map(|(name, kind, content, shared)| {
+                json!({"storage": name, "type": kind, "content": content,
+                       "active": 1, "enabled": 1, "shared": u8::from(*shared),
+                       "total": 1_796_988_674_048u64, "used": 214_748_364_800u64,
+                       "avail": 1_582_240_309_248u64})
+            })
+            .collect(),
+    )
+}
+
+/// The storage of a drive value (`local-lvm:base-9000-disk-0,size=20G` → `local-lvm`); `None`
+/// for `none`, a physical `cdrom` and paths.
+fn drive_storage(value: &str) -> Option<&str> {
+    let volume = value.split(',').next()?.trim();
+    let (storage, _) = volume.split_once(':')?;
+    Some(storage)
+}
+
+/// qemu-server's check before a clone to another node: every drive (CD-ROMs and the
+/// cloud-init drive included) must be on shared storage.
+fn uses_local_storage(config: &BTreeMap<String, String>) -> bool {
+    config.iter().any(|(key, value)| {
+        let bus = key.trim_end_matches(|c: char| c.is_ascii_digit());
+        let is_drive = (matches!(bus, "scsi" | "virtio" | "sata" | "ide") && bus != key)
+            || matches!(key.as_str(), "efidisk0" | "tpmstate0");
+        is_drive && drive_storage(value).is_some_and(|storage| !is_shared_storage(storage))
+    })
 }
 
 fn node_qemu_list(state: &State, node: &str) -> Value {
@@ -587,14 +644,20 @@ fn clone(
             ));
         }
     }
-    if let Some(target) = params.get("target").filter(|target| *target != node) {
+    let target = params
+        .get("target")
+        .filter(|target| *target != node)
+        .cloned();
+    if let Some(target) = &target {
         if !state.is_known_node(target) {
             return Err(fail(500, format!("no such cluster node '{target}'")));
         }
-        return Err(fail(
-            500,
-            format!("can't clone VM to node '{target}' (VM uses local storage)"),
-        ));
+        if uses_local_storage(&source_vm.config) {
+            return Err(fail(
+                500,
+                format!("can't clone VM to node '{target}' (VM uses local storage)"),
+            ));
+        }
     }
     if let Some(Fault::CloneRequestFails {
         status, message, ..
@@ -610,8 +673,13 @@ fn clone(
     }
     let source_vm = vm_on_node(state, node, source)?;
     let source_disk = source_vm.config.get("scsi0").cloned().unwrap_or_default();
-    // Only a template's base volume can back a linked clone.
-    let linked_clone_ok = is_template && source_disk.starts_with("local-lvm:base-");
+    let source_storage = drive_storage(&source_disk)
+        .unwrap_or("local-lvm")
+        .to_string();
+    // Only a template's base volume on thin storage can back a linked clone.
+    let linked_clone_ok = is_template
+        && is_thin_storage(&source_storage)
+        && source_disk.contains(&format!(":base-{source}-"));
     if !full && !linked_clone_ok {
         let volume = source_disk.split(',').next().unwrap_or_default();
         return Err(fail(
@@ -644,14 +712,15 @@ fn clone(
         .find_map(|part| part.strip_prefix("size="))
         .unwrap_or("20G")
         .to_string();
+    // A full clone goes to the source's storage unless `storage` says otherwise.
     let storage = params
         .get("storage")
         .cloned()
-        .unwrap_or_else(|| "local-lvm".into());
+        .unwrap_or_else(|| source_storage.clone());
     let disk = if full {
         format!("{storage}:vm-{newid}-disk-0,size={size}")
     } else {
-        format!("local-lvm:base-{source}-disk-0/vm-{newid}-disk-0,size={size}")
+        format!("{source_storage}:base-{source}-disk-0/vm-{newid}-disk-0,size={size}")
     };
     config.insert("scsi0".into(), disk);
     if config.contains_key("ide2") {
@@ -750,6 +819,7 @@ fn clone(
             unlocked: false,
             pool,
             upid: String::new(),
+            target,
         }),
     };
     let log = vec![
@@ -791,6 +861,12 @@ fn clone(
     }
     let running = state.running_clones();
     state.max_concurrent_clones = state.max_concurrent_clones.max(running);
+    let node_fails = |fault: &Fault| {
+        matches!(fault, Fault::NodeDownAfterCloneRequest { node: down, .. } if down == node)
+    };
+    if state.take_counted(node_fails).is_some() {
+        state.offline_nodes.insert(node.to_string());
+    }
     Ok(Value::String(upid))
 }
 

@@ -77,6 +77,8 @@ pub(crate) struct CloneProgress {
     pub pool: Option<String>,
     /// The clone task building it: only that task's failure removes it.
     pub upid: String,
+    /// A clone with `target`: the worker moves the config to this node as its last step.
+    pub target: Option<String>,
 }
 
 /// A clone whose worker has been forked but has not written the temporary config yet.
@@ -291,9 +293,14 @@ impl State {
         let mut config = base_config(&name);
         // Converting a VM to a template renames its disks to base volumes (linked-clonable).
         let volume = if new.template { "base" } else { "vm" };
+        let storage = if new.storage.is_empty() {
+            "local-lvm"
+        } else {
+            new.storage.as_str()
+        };
         config.insert(
             "scsi0".into(),
-            format!("local-lvm:{volume}-{}-disk-0,size=20G", new.vmid),
+            format!("{storage}:{volume}-{}-disk-0,size=20G", new.vmid),
         );
         if !new.tags.is_empty() {
             config.insert("tags".into(), new.tags);
@@ -463,6 +470,9 @@ impl State {
                         if let Some(config) = progress.full_config {
                             vm.config = config;
                         }
+                        if let Some(target) = progress.target {
+                            vm.node = target;
+                        }
                         // Joining the pool is the worker's last step.
                         vm.pool = progress.pool;
                         if !progress.unlocked {
@@ -630,7 +640,8 @@ fn counted_remaining(fault: &Fault) -> u32 {
         | Fault::StartTaskFails { count, .. }
         | Fault::TaskWarnings { count }
         | Fault::TaskFails { count, .. }
-        | Fault::CloneAnswerLost { count } => *count,
+        | Fault::CloneAnswerLost { count }
+        | Fault::NodeDownAfterCloneRequest { count, .. } => *count,
         _ => 0,
     }
 }
@@ -643,7 +654,8 @@ fn counted_mut(fault: &mut Fault) -> Option<&mut u32> {
         | Fault::StartTaskFails { count, .. }
         | Fault::TaskWarnings { count }
         | Fault::TaskFails { count, .. }
-        | Fault::CloneAnswerLost { count } => Some(count),
+        | Fault::CloneAnswerLost { count }
+        | Fault::NodeDownAfterCloneRequest { count, .. } => Some(count),
         _ => None,
     }
 }
