@@ -10,7 +10,7 @@ use gitlab_proxmox_runner::job::JobInfo;
 use gitlab_proxmox_runner::marker::Marker;
 use gitlab_proxmox_runner::state::JobState;
 use gpr_testkit::hook::Hook;
-use gpr_testkit::{driver_binary, FakeConfig, Lab, NewVm, NodeLoad};
+use gpr_testkit::{driver_binary, FakeConfig, Fault, Lab, NewVm, NodeLoad};
 
 const GIB: u64 = 1 << 30;
 
@@ -211,4 +211,118 @@ fn a_template_on_no_listed_node_fails_the_job_and_creates_nothing() {
     let log = out.log();
     assert!(log.contains("pve4: has no copy of the template"), "{log}");
     assert!(lab.fake.job_vms().is_empty());
+}
+
+#[test]
+fn a_shared_storage_template_is_cloned_with_target_to_a_node_without_a_copy() {
+    let test = "a_shared_storage_template_is_cloned_with_target_to_a_node_without_a_copy";
+    let Some(lab) = cluster(test) else {
+        return;
+    };
+    // On pve2, on the shared RBD pool; pve4 (the most free memory) has no copy.
+    lab.fake.add_vm(NewVm {
+        vmid: 61000,
+        node: "pve2".into(),
+        name: "ubuntu-shared".into(),
+        template: true,
+        storage: "ceph-vm".into(),
+        ..Default::default()
+    });
+    let jobs: Vec<(tempfile::TempDir, Hook)> = (0..3)
+        .map(|n| {
+            let dir = tempfile::tempdir().unwrap();
+            let hook = job_hook(&lab, dir.path(), 7200 + n)
+                .host_env("PROXMOX_NODES", "pve2,pve4")
+                .host_env("PROXMOX_ALLOWED_TEMPLATES", "ubuntu-shared")
+                .job_var("PROXMOX_TEMPLATE", "ubuntu-shared");
+            (dir, hook)
+        })
+        .collect();
+    for (dir, hook) in &jobs {
+        let out = hook.clone().arg("prepare").run();
+        let log = out.log();
+        assert_eq!(out.code, 0, "{log}");
+        assert!(
+            log.contains("placed on pve4: ") && log.contains("cloned there with target"),
+            "{log}"
+        );
+        let state = JobState::load(dir.path()).unwrap().expect("job state");
+        assert_eq!(state.node, "pve4");
+        assert_eq!(state.template_node.as_deref(), Some("pve2"));
+        let vm = lab.fake.vm(state.vmid).expect("the job's VM");
+        assert_eq!(vm.node, "pve4", "the clone moved to its target");
+        assert_eq!(vm.cloned_from, Some(61000));
+        assert_eq!(vm.status, "running");
+        assert!(
+            vm.config["scsi0"].starts_with("ceph-vm:"),
+            "{:?}",
+            vm.config
+        );
+    }
+    for (_, hook) in &jobs {
+        hook.clone().arg("cleanup").run().assert_exit(0);
+    }
+    assert!(lab.fake.job_vms().is_empty(), "{:?}", lab.fake.job_vms());
+}
+
+#[test]
+fn a_local_storage_template_is_never_cloned_to_another_node() {
+    let test = "a_local_storage_template_is_never_cloned_to_another_node";
+    let Some(lab) = cluster(test) else {
+        return;
+    };
+    // ubuntu-focal's copies are all on local-lvm: pve4, with the most free memory, has none.
+    let dir = tempfile::tempdir().unwrap();
+    let out = job_hook(&lab, dir.path(), 7300)
+        .host_env("PROXMOX_NODES", "pve1,pve4")
+        .arg("prepare")
+        .run();
+    let log = out.log();
+    assert_eq!(out.code, 0, "{log}");
+    let state = JobState::load(dir.path()).unwrap().expect("job state");
+    assert_eq!(state.node, "pve1", "{log}");
+    assert_eq!(state.template_node, None);
+    let targeted = lab
+        .fake
+        .requests()
+        .iter()
+        .filter(|request| request.method == "POST" && request.path.ends_with("/clone"))
+        .filter(|request| request.body.contains("target="))
+        .count();
+    assert_eq!(targeted, 0, "no clone asked for a target");
+    job_hook(&lab, dir.path(), 7300)
+        .arg("cleanup")
+        .run()
+        .assert_exit(0);
+}
+
+#[test]
+fn a_node_that_fails_mid_clone_sends_the_job_to_another_node_and_cleanup_gets_both() {
+    let test = "a_node_that_fails_mid_clone_sends_the_job_to_another_node_and_cleanup_gets_both";
+    let Some(lab) = cluster(test) else {
+        return;
+    };
+    // pve3 has the most free memory; it goes down right after it accepted the clone.
+    lab.fake.inject(Fault::NodeDownAfterCloneRequest {
+        node: "pve3".into(),
+        count: 1,
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let hook = job_hook(&lab, dir.path(), 7400);
+    let out = hook.clone().arg("prepare").run();
+    let log = out.log();
+    assert_eq!(out.code, 0, "{log}");
+    assert!(log.contains("node pve3 failed while"), "{log}");
+    let state = JobState::load(dir.path()).unwrap().expect("job state");
+    assert_ne!(state.node, "pve3", "{log}");
+    assert_eq!(state.left_behind.len(), 1, "{state:?}");
+    assert_eq!(state.left_behind[0].node, "pve3");
+    let stranded = state.left_behind[0].vmid;
+
+    // pve3 is back: its clone finished meanwhile, and cleanup removes both VMs.
+    lab.fake.set_node("pve3", load(60));
+    assert!(lab.fake.vm(stranded).is_some(), "the clone on pve3 went on");
+    let cleanup = hook.clone().arg("cleanup").run();
+    assert_eq!(cleanup.code, 0, "{}", cleanup.log());
+    assert!(lab.fake.job_vms().is_empty(), "{:?}", lab.fake.job_vms());
 }

@@ -115,8 +115,9 @@ async fn give_up_vm(
     };
     let deadline = Instant::now() + FAILED_NODE_ROLLBACK_TIMEOUT;
     let left = state.as_left_vm();
-    let removed = teardown::destroy_traced_vm(client, &left.clone_trace(), marker, deadline, &StderrLog)
-        .await;
+    let removed =
+        teardown::destroy_traced_vm(client, &left.clone_trace(), marker, deadline, &StderrLog)
+            .await;
     match removed {
         Ok(_) if job.left_behind.is_empty() => JobState::remove(&context.job_dir)?,
         Ok(_) => {}
@@ -229,8 +230,7 @@ async fn remove_earlier_attempt(client: &Client, context: &Context) -> Result<Ve
                 ));
             }
             left_behind =
-                super::cleanup::remove_left_behind(client, &earlier.left_behind, deadline)
-                    .await;
+                super::cleanup::remove_left_behind(client, &earlier.left_behind, deadline).await;
         }
         None => joblog::warn(format!(
             "the earlier attempt's job state has a damaged ownership marker, so VM {vmid} on \
@@ -260,8 +260,7 @@ async fn rollback(client: &Client, context: &Context, state: &JobState, marker: 
                 ));
             }
             let left =
-                super::cleanup::remove_left_behind(client, &state.left_behind, deadline)
-                    .await;
+                super::cleanup::remove_left_behind(client, &state.left_behind, deadline).await;
             // What could not be removed stays in the state for cleanup.
             if left.is_empty() {
                 if let Err(err) = JobState::remove(&context.job_dir) {

@@ -12,8 +12,8 @@ use serde::de::DeserializeOwned;
 
 use super::error::{from_http_answer, ApiError, ApiErrorKind};
 use super::types::{
-    value_as_u64, AgentFileRead, AgentInterfaces, ClusterNode, ClusterStorage, ClusterVm, TaskStatus, Upid,
-    VmConfig, VmStatus,
+    value_as_u64, AgentFileRead, AgentInterfaces, ClusterNode, ClusterStorage, ClusterVm,
+    TaskStatus, Upid, VmConfig, VmStatus,
 };
 use crate::error::{Error, Result};
 use crate::joblog;

@@ -217,7 +217,11 @@ impl Provisioning<'_> {
             pool: self.settings.pool.clone(),
             target: (node != template.node).then(|| node.to_string()),
         };
-        let upid = match self.client.clone_vm(&template.node, template.vmid, &request).await {
+        let upid = match self
+            .client
+            .clone_vm(&template.node, template.vmid, &request)
+            .await
+        {
             Ok(upid) => upid,
             Err(err) if err.is_clash_on(vmid) => return Ok(CloneAttempt::Clash(err.message)),
             // The template is locked for a moment (a backup, another job's clone start).

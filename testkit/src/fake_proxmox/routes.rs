@@ -861,9 +861,7 @@ fn clone(
     }
     let running = state.running_clones();
     state.max_concurrent_clones = state.max_concurrent_clones.max(running);
-    let node_fails = |fault: &Fault| {
-        matches!(fault, Fault::NodeDownAfterCloneRequest { node: down, .. } if down == node)
-    };
+    let node_fails = |fault: &Fault| matches!(fault, Fault::NodeDownAfterCloneRequest { node: down, .. } if down == node);
     if state.take_counted(node_fails).is_some() {
         state.offline_nodes.insert(node.to_string());
     }
