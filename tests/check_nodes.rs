@@ -159,7 +159,9 @@ fn a_listed_node_without_a_copy_is_a_warning_and_the_copies_are_checked() {
         .has("✔ template ubuntu-focal (60901) on pve2: a template, guest agent on, net0 on vmbr0")
         .has("✔ privileges of ci@pve!runner on /vms/60901 (cloning template ubuntu-focal on pve2)")
         .has("16 passed, 0 failed, 1 advisory, 0 skipped: ready for jobs")
-        .failures_are(&["✘ pve3: no copy of ubuntu-focal; jobs for it go to pve1, pve2 (advisory)"]);
+        .failures_are(&[
+            "✘ pve3: no copy of ubuntu-focal; jobs for it go to pve1, pve2 (advisory)",
+        ]);
 
     // One read of each listing for the whole check, then the copies' configs.
     let resources = |kind: &'static str| {
@@ -167,7 +169,12 @@ fn a_listed_node_without_a_copy_is_a_warning_and_the_copies_are_checked() {
             r.path.ends_with("/cluster/resources") && r.query == format!("type={kind}")
         })
     };
-    assert_eq!(resources("node"), 1, "{:?}", lab.fake.requests_by_endpoint());
+    assert_eq!(
+        resources("node"),
+        1,
+        "{:?}",
+        lab.fake.requests_by_endpoint()
+    );
     assert_eq!(resources("vm"), 1, "{:?}", lab.fake.requests_by_endpoint());
     for (node, vmid) in [("pve1", 60900), ("pve2", 60901)] {
         let path = format!("/api2/json/nodes/{node}/qemu/{vmid}/config");

@@ -30,7 +30,8 @@ impl Survey {
     }
 }
 
-/// `pve1, pve2, pve3`, or `every online node` for `*`: how the settings line names the set.
+/// `node pve1`, `nodes pve1, pve2, pve3`, or `every online node` for `*`: how the settings line
+/// names where jobs go.
 pub fn describe(set: &NodeSet, node: &str) -> String {
     match set {
         NodeSet::One => format!("node {node}"),

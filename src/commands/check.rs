@@ -2,7 +2,9 @@
 //! the same trust rule as the hooks (a fleet command: the host's settings file and
 //! environment, no job), and prints one line per check, ✔ or ✘ with the fix, then a summary
 //! (or all of it as JSON with `--format json`). The checks and their wording live in
-//! [`crate::check`]; every ✘ has its row in the README's troubleshooting table.
+//! [`crate::check`]; every ✘ has its row in the README's troubleshooting table. With
+//! `PROXMOX_NODES`, the node and template checks cover every node placement may use
+//! ([`crate::check::nodes`]), each template on each node's copy of it.
 //!
 //! Exit status: [`EXIT_READY`] when every required check passed, [`EXIT_NOT_READY`] when one
 //! failed, [`EXIT_NOT_RUN`] when the check itself could not finish: interrupted, or its smoke
