@@ -5,6 +5,7 @@
 //! process killed outright, its marker carries a deadline one hour out, after which `gc`
 //! sweeps it.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +20,9 @@ use crate::ssh::{self, Connection, HostKeyCheck, Target};
 use crate::vm::clone_watch::CloneTrace;
 use crate::vm::provision::{self, Order};
 use crate::vm::teardown::{self, Teardown};
-use crate::vm::{ready, template, HostKeySource, Log, Milestone, ReadyVm, Sink, StderrLog, VmRef};
+use crate::vm::{
+    placement, ready, template, HostKeySource, Log, Milestone, ReadyVm, Sink, StderrLog, VmRef,
+};
 
 /// The longest a smoke VM may live by its marker: `gc` removes it after this (plus gc's margin)
 /// if the check never could.
@@ -48,6 +51,8 @@ struct SmokeSink {
     trace: Option<CloneTrace>,
     step: &'static str,
     phases: Vec<(&'static str, Duration)>,
+    /// Why placement chose the VM's node (`PROXMOX_NODES`); `None` on `PROXMOX_NODE`.
+    placed: Option<String>,
 }
 
 impl Log for SmokeSink {
@@ -139,9 +144,14 @@ pub async fn run(client: &Client, settings: &Settings, cancel: &Cancel) -> Smoke
         .as_ref()
         .ok()
         .map(|(ready, _)| ready.host_key_source);
+    // "placed on pve2: 41 GiB free, 0 job VMs" → " (placed there by PROXMOX_NODES: 41 GiB ...)"
+    let placed = sink.placed.as_deref().map_or_else(String::new, |reason| {
+        let why = reason.split_once(": ").map_or(reason, |(_, why)| why);
+        format!(" (placed there by PROXMOX_NODES: {why})")
+    });
     let result = outcome.map(|(ready, took)| {
         format!(
-            "smoke test: VM {} on {} cloned, started, reachable at {}:{}, host key {}, \
+            "smoke test: VM {} on {}{placed} cloned, started, reachable at {}:{}, host key {}, \
              `sudo -n true` as {} works, {} ({} in all)",
             ready.vm.vmid,
             ready.vm.node,
@@ -178,7 +188,11 @@ async fn bring_up(
     sink: &mut SmokeSink,
 ) -> Result<(ReadyVm, Duration)> {
     let total = Instant::now();
-    let template = template::resolve(client, settings, &settings.node, &settings.template).await?;
+    // The node the way prepare chooses it, so that with PROXMOX_NODES the test shows where a
+    // job would go now.
+    let placed = placement::place(client, settings, &settings.template, &HashSet::new()).await?;
+    sink.placed = placed.reason;
+    let template = placed.template;
     let mode = template::clone_mode(settings, &template)?;
     sink.template = Some(template.vmid);
     sink.timing("template", total.elapsed());

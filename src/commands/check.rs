@@ -2,7 +2,9 @@
 //! the same trust rule as the hooks (a fleet command: the host's settings file and
 //! environment, no job), and prints one line per check, ✔ or ✘ with the fix, then a summary
 //! (or all of it as JSON with `--format json`). The checks and their wording live in
-//! [`crate::check`]; every ✘ has its row in the README's troubleshooting table.
+//! [`crate::check`]; every ✘ has its row in the README's troubleshooting table. With
+//! `PROXMOX_NODES`, the node and template checks cover every node placement may use
+//! ([`crate::check::nodes`]), each template on each node's copy of it.
 //!
 //! Exit status: [`EXIT_READY`] when every required check passed, [`EXIT_NOT_READY`] when one
 //! failed, [`EXIT_NOT_RUN`] when the check itself could not finish: interrupted, or its smoke
@@ -17,13 +19,15 @@ use crate::cancel::Cancel;
 use crate::check::privileges::{self, Need, Privilege};
 use crate::check::templates::{self, can_link};
 use crate::check::tls::{CertificateFacts, Recording};
-use crate::check::{smoke, Finding, Report};
+use crate::check::{nodes, smoke, Finding, Report};
 use crate::cli::CheckFormat;
-use crate::config::{AllowedTemplates, CloneMode, Settings, TlsTrust, CONFIG_FILE_ENV};
-use crate::error::Result;
+use crate::config::{AllowedTemplates, CloneMode, NodeSet, Settings, TlsTrust, CONFIG_FILE_ENV};
+use crate::error::{Error, Result};
 use crate::joblog;
 use crate::marker::Marker;
-use crate::proxmox::{tls, ApiErrorKind, Client, Retry};
+use crate::proxmox::types::ClusterVm;
+use crate::proxmox::{tls, ApiError, ApiErrorKind, Client, Retry, VmConfig};
+use crate::vm::placement;
 
 pub const EXIT_READY: i32 = 0;
 pub const EXIT_NOT_READY: i32 = 1;
@@ -126,11 +130,55 @@ pub async fn run(loaded: Result<Settings>, options: &Options, cancel: &Cancel) -
 async fn checks(settings: &Settings, out: &mut Output<'_>) {
     settings_findings(settings, out);
     match api_findings(settings, out).await {
-        Some(api) => {
+        Some(api) if settings.nodes == NodeSet::One => {
             node_finding(&api, settings, out).await;
             let needs = template_findings(&api, settings, out).await;
             privilege_findings(&api, settings, needs, out).await;
-            vmid_range_finding(&api, settings, out).await;
+            let vms = api.client.cluster_vms().await;
+            vmid_range_finding(&api, settings, vms, out).await;
+        }
+        Some(api) => {
+            // One read of each listing serves the node, template and VMID-range checks.
+            let cluster = api.client.cluster_nodes().await;
+            let vms = api.client.cluster_vms().await;
+            let needs = match (cluster, &vms) {
+                (Err(err), _) => {
+                    out.add(Finding::fail(
+                        "nodes",
+                        format!("nodes: cannot list the cluster's nodes: {err}"),
+                        "the message names it",
+                    ));
+                    out.add(Finding::skip(
+                        "templates",
+                        "templates: skipped (needs the node list)",
+                    ));
+                    TemplateNeeds::for_settings(settings)
+                }
+                (Ok(cluster), vms) => {
+                    let survey = nodes::survey(&settings.nodes, &cluster);
+                    for finding in survey.findings.iter().cloned() {
+                        out.add(finding);
+                    }
+                    match vms {
+                        Ok(vms) => {
+                            node_template_findings(&api, settings, &survey.members, vms, out).await
+                        }
+                        Err(err) => {
+                            out.add(Finding::fail(
+                                "templates",
+                                format!(
+                                    "templates: cannot list the cluster's VMs to find each \
+                                     node's copy: {err}"
+                                ),
+                                "the token's VM.Audit (see the privilege lines)",
+                            ));
+                            TemplateNeeds::for_settings(settings)
+                        }
+                    }
+                }
+            };
+            privilege_findings(&api, settings, needs, out).await;
+            vmid_range_finding(&api, settings, vms, out).await;
         }
         None => {
             for what in ["node", "templates", "privileges", "vmid_range"] {
@@ -154,9 +202,9 @@ fn settings_findings(settings: &Settings, out: &mut Output<'_>) {
     out.add(Finding::pass(
         "settings",
         format!(
-            "settings: read from {} (node {}, {} templates, VMIDs {}-{}, {clones})",
+            "settings: read from {} ({}, {} templates, VMIDs {}-{}, {clones})",
             out.options.source,
-            settings.node,
+            nodes::describe(&settings.nodes, &settings.node),
             settings.templates.len(),
             settings.vmid_range.0,
             settings.vmid_range.1
@@ -410,24 +458,36 @@ async fn node_finding(api: &Api, settings: &Settings, out: &mut Output<'_>) {
     out.add(finding);
 }
 
-/// What the templates need, for the privilege check: storages and bridges.
+/// What the templates need, for the privilege check: storages, bridges, and (with
+/// `PROXMOX_NODES`) the other nodes' copies of the templates.
 #[derive(Default)]
 struct TemplateNeeds {
     storages: Vec<String>,
     bridges: Vec<String>,
+    /// `(VMID, what for)` of copies that are not themselves `PROXMOX_TEMPLATES` entries.
+    copies: Vec<(u32, String)>,
 }
 
-async fn template_findings(api: &Api, settings: &Settings, out: &mut Output<'_>) -> TemplateNeeds {
+impl TemplateNeeds {
+    fn for_settings(settings: &Settings) -> TemplateNeeds {
+        let mut needs = TemplateNeeds::default();
+        if let (Some(storage), Some(CloneMode::Full)) = (&settings.storage, settings.clone_mode) {
+            needs.storages.push(storage.clone());
+        }
+        needs
+    }
+}
+
+/// Storage id → storage type on `node`; empty when the token may not list them (the disks'
+/// lines then say so).
+async fn node_storages(api: &Api, node: &str) -> BTreeMap<String, String> {
     #[derive(serde::Deserialize)]
     struct Storage {
         storage: String,
         #[serde(rename = "type")]
         kind: String,
     }
-    let node = &settings.node;
-    let mut needs = TemplateNeeds::default();
-    let storages: BTreeMap<String, String> = api
-        .client
+    api.client
         .call::<Vec<Storage>>(
             Method::GET,
             &format!("/nodes/{}/storage", crate::proxmox::client::segment(node)),
@@ -437,10 +497,135 @@ async fn template_findings(api: &Api, settings: &Settings, out: &mut Output<'_>)
         )
         .await
         .map(|list| list.into_iter().map(|s| (s.storage, s.kind)).collect())
-        .unwrap_or_default();
-    if let (Some(storage), Some(CloneMode::Full)) = (&settings.storage, settings.clone_mode) {
-        needs.storages.push(storage.clone());
+        .unwrap_or_default()
+}
+
+/// One template VM as the driver would clone it.
+struct TemplateVm<'a> {
+    id: String,
+    label: String,
+    vmid: u32,
+    node: &'a str,
+    is_template: bool,
+}
+
+/// The per-template checks on one template VM: the template flag, the guest agent, net0, and
+/// storage able to make the clones the settings ask for.
+fn template_vm_finding(
+    settings: &Settings,
+    vm: TemplateVm<'_>,
+    config: &VmConfig,
+    storages: &BTreeMap<String, String>,
+    needs: &mut TemplateNeeds,
+) -> Finding {
+    let TemplateVm {
+        id,
+        label,
+        vmid,
+        node,
+        is_template,
+    } = vm;
+    let mut problems: Vec<String> = Vec::new();
+    let mut fixes: Vec<String> = Vec::new();
+    if !is_template {
+        problems.push("it is not a template".into());
+        fixes.push(format!("convert it (qm template {vmid}) or fix the map"));
     }
+    if config.agent_enabled() != Some(true) {
+        problems.push("its QEMU guest agent option is off".into());
+        fixes.push(format!(
+            "qm set {vmid} --agent enabled=1 (Options → QEMU Guest Agent), with \
+             qemu-guest-agent installed in the guest"
+        ));
+    }
+    let bridge = templates::net0_bridge(config);
+    if config.get("net0").is_none() {
+        problems.push("it has no net0".into());
+        fixes.push(format!("qm set {vmid} --net0 virtio,bridge=vmbr0"));
+    }
+    if let Some(bridge) = &bridge {
+        if !needs.bridges.contains(bridge) {
+            needs.bridges.push(bridge.clone());
+        }
+    }
+    let linked = match settings.clone_mode {
+        Some(CloneMode::Full) => false,
+        Some(CloneMode::Linked) => true,
+        None => is_template,
+    };
+    let mut placed = Vec::new();
+    for volume in templates::volumes(config) {
+        if linked && !needs.storages.contains(&volume.storage) {
+            needs.storages.push(volume.storage.clone());
+        }
+        let kind = storages.get(&volume.storage);
+        let format = volume.format.as_deref();
+        let described = format!(
+            "{} ({}{})",
+            volume.storage,
+            kind.map_or("type unknown", String::as_str),
+            format.map_or_else(String::new, |f| format!(", {f}"))
+        );
+        if !placed.contains(&described) {
+            placed.push(described.clone());
+        }
+        if !linked {
+            continue;
+        }
+        match kind.map(|kind| can_link(kind, format)) {
+            Some(Some(true)) => {}
+            Some(Some(false)) => {
+                problems.push(format!(
+                    "disk {} is on storage {described}, which cannot make linked clones",
+                    volume.key
+                ));
+                fixes.push(
+                    "move the template's disks to LVM-thin, ZFS, Ceph RBD or qcow2 on \
+                     directory/NFS storage, or set PROXMOX_CLONE=full (and PROXMOX_STORAGE)"
+                        .into(),
+                );
+            }
+            Some(None) | None => {
+                problems.push(format!(
+                    "cannot tell whether storage {described} of disk {} makes linked clones \
+                     (not listed for the token on {node})",
+                    volume.key
+                ));
+                fixes.push(format!(
+                    "give the token Datastore.Audit on /storage/{}, or set PROXMOX_CLONE=full",
+                    volume.storage
+                ));
+            }
+        }
+    }
+    fixes.dedup();
+    if problems.is_empty() {
+        Finding::pass(
+            id,
+            format!(
+                "{label}: a template, guest agent on, net0 on {}, disks on {} for {} clones",
+                bridge.as_deref().unwrap_or("(no bridge)"),
+                if placed.is_empty() {
+                    "no storage".to_string()
+                } else {
+                    placed.join(", ")
+                },
+                if linked { "linked" } else { "full" }
+            ),
+        )
+    } else {
+        Finding::fail(
+            id,
+            format!("{label}: {}", problems.join("; ")),
+            fixes.join("; "),
+        )
+    }
+}
+
+async fn template_findings(api: &Api, settings: &Settings, out: &mut Output<'_>) -> TemplateNeeds {
+    let node = &settings.node;
+    let mut needs = TemplateNeeds::for_settings(settings);
+    let storages = node_storages(api, node).await;
     for (name, &vmid) in &settings.templates {
         let id = format!("template.{name}");
         let label = format!("template {name} ({vmid}) on {node}");
@@ -482,99 +667,150 @@ async fn template_findings(api: &Api, settings: &Settings, out: &mut Output<'_>)
                 continue;
             }
         };
-        let mut problems: Vec<String> = Vec::new();
-        let mut fixes: Vec<String> = Vec::new();
-        if !status.template {
-            problems.push("it is not a template".into());
-            fixes.push(format!("convert it (qm template {vmid}) or fix the map"));
-        }
-        if config.agent_enabled() != Some(true) {
-            problems.push("its QEMU guest agent option is off".into());
-            fixes.push(format!(
-                "qm set {vmid} --agent enabled=1 (Options → QEMU Guest Agent), with \
-                 qemu-guest-agent installed in the guest"
-            ));
-        }
-        let bridge = templates::net0_bridge(&config);
-        if config.get("net0").is_none() {
-            problems.push("it has no net0".into());
-            fixes.push(format!("qm set {vmid} --net0 virtio,bridge=vmbr0"));
-        }
-        if let Some(bridge) = &bridge {
-            if !needs.bridges.contains(bridge) {
-                needs.bridges.push(bridge.clone());
-            }
-        }
-        let linked = match settings.clone_mode {
-            Some(CloneMode::Full) => false,
-            Some(CloneMode::Linked) => true,
-            None => status.template,
+        let vm = TemplateVm {
+            id,
+            label,
+            vmid,
+            node,
+            is_template: status.template,
         };
-        let mut placed = Vec::new();
-        for volume in templates::volumes(&config) {
-            if linked && !needs.storages.contains(&volume.storage) {
-                needs.storages.push(volume.storage.clone());
-            }
-            let kind = storages.get(&volume.storage);
-            let format = volume.format.as_deref();
-            let described = format!(
-                "{} ({}{})",
-                volume.storage,
-                kind.map_or("type unknown", String::as_str),
-                format.map_or_else(String::new, |f| format!(", {f}"))
-            );
-            if !placed.contains(&described) {
-                placed.push(described.clone());
-            }
-            if !linked {
+        out.add(template_vm_finding(
+            settings, vm, &config, &storages, &mut needs,
+        ));
+    }
+    needs
+}
+
+/// The template names a job may get without asking: the map's, and the default when it is not
+/// in the map (only possible with `PROXMOX_ALLOWED_TEMPLATES`; without it, the settings line
+/// already failed).
+fn template_names(settings: &Settings) -> Vec<String> {
+    let mut names: Vec<String> = settings.templates.keys().cloned().collect();
+    let default = settings.template.trim();
+    if !default.is_empty()
+        && !settings.templates.contains_key(default)
+        && settings.allowed_templates != AllowedTemplates::MapOnly
+    {
+        names.push(default.to_string());
+    }
+    names
+}
+
+/// With `PROXMOX_NODES`: every template resolved on every online member the way placement
+/// resolves it (its same-name copy there), and the per-template checks run on each copy.
+async fn node_template_findings(
+    api: &Api,
+    settings: &Settings,
+    members: &[nodes::Member],
+    vms: &[ClusterVm],
+    out: &mut Output<'_>,
+) -> TemplateNeeds {
+    let mut needs = TemplateNeeds::for_settings(settings);
+    let mut storages: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    let mapped: Vec<u32> = settings.templates.values().copied().collect();
+    for name in template_names(settings) {
+        let copies = match placement::template_copies(settings, &name, vms) {
+            Ok(copies) => copies,
+            Err(err) => {
+                let why = match err {
+                    Error::Settings(why) | Error::JobRequest(why) => why,
+                    other => other.to_string(),
+                };
+                out.add(Finding::fail(
+                    format!("template.{name}"),
+                    format!("template {name}: {why}"),
+                    "fix PROXMOX_TEMPLATES or PROXMOX_TEMPLATE, or create the template (with the \
+                     same VM name on every node of PROXMOX_NODES)",
+                ));
                 continue;
             }
-            match kind.map(|kind| can_link(kind, format)) {
-                Some(Some(true)) => {}
-                Some(Some(false)) => {
-                    problems.push(format!(
-                        "disk {} is on storage {described}, which cannot make linked clones",
-                        volume.key
-                    ));
-                    fixes.push(
-                        "move the template's disks to LVM-thin, ZFS, Ceph RBD or qcow2 on \
-                         directory/NFS storage, or set PROXMOX_CLONE=full (and PROXMOX_STORAGE)"
-                            .into(),
-                    );
-                }
-                Some(None) | None => {
-                    problems.push(format!(
-                        "cannot tell whether storage {described} of disk {} makes linked clones \
-                         (not listed for the token on {node})",
-                        volume.key
-                    ));
-                    fixes.push(format!(
-                        "give the token Datastore.Audit on /storage/{}, or set PROXMOX_CLONE=full",
-                        volume.storage
-                    ));
-                }
-            }
-        }
-        fixes.dedup();
-        if problems.is_empty() {
-            out.add(Finding::pass(
-                id,
-                format!(
-                    "{label}: a template, guest agent on, net0 on {}, disks on {} for {} clones",
-                    bridge.as_deref().unwrap_or("(no bridge)"),
-                    if placed.is_empty() {
-                        "no storage".to_string()
-                    } else {
-                        placed.join(", ")
-                    },
-                    if linked { "linked" } else { "full" }
-                ),
-            ));
-        } else {
+        };
+        let served: Vec<&str> = members
+            .iter()
+            .filter(|member| member.online && copies.contains_key(&member.name))
+            .map(|member| member.name.as_str())
+            .collect();
+        if served.is_empty() {
+            let elsewhere = copies
+                .iter()
+                .map(|(node, (vmid, _))| format!("{vmid} on {node}"))
+                .collect::<Vec<_>>()
+                .join(", ");
             out.add(Finding::fail(
+                format!("template.{name}"),
+                format!(
+                    "template {name}: no online node of PROXMOX_NODES holds a copy of it, so its \
+                     jobs cannot run (copies: {})",
+                    if elsewhere.is_empty() {
+                        "none"
+                    } else {
+                        &elsewhere
+                    }
+                ),
+                "give an online node of PROXMOX_NODES a template VM of the same name, or add a \
+                 node that holds one to PROXMOX_NODES",
+            ));
+            continue;
+        }
+        let vm_name = copies
+            .values()
+            .find_map(|(vmid, _)| {
+                vms.iter()
+                    .find(|vm| vm.vmid == u64::from(*vmid))
+                    .and_then(|vm| vm.name.clone())
+            })
+            .unwrap_or_else(|| name.clone());
+        // Offline members are skipped: their line already warns, and PVE cannot read a VM
+        // config on a node that is down.
+        for member in members.iter().filter(|member| member.online) {
+            let node = member.name.as_str();
+            let Some(&(vmid, _)) = copies.get(node) else {
+                out.add(nodes::missing_copy(&name, &vm_name, node, &served));
+                continue;
+            };
+            if !mapped.contains(&vmid) && !needs.copies.iter().any(|(id, _)| *id == vmid) {
+                needs
+                    .copies
+                    .push((vmid, format!("cloning template {name} on {node}")));
+            }
+            let id = format!("template.{name}.{node}");
+            let label = format!("template {name} ({vmid}) on {node}");
+            let config = match api.client.vm_config(node, vmid).await {
+                Ok(Some(config)) => config,
+                Ok(None) => {
+                    out.add(Finding::fail(
+                        id,
+                        format!("{label}: it vanished while being checked"),
+                        "run check again",
+                    ));
+                    continue;
+                }
+                Err(err) => {
+                    out.add(Finding::fail(
+                        id,
+                        format!("{label}: cannot read its config: {err}"),
+                        "the token's privileges on /vms/<vmid> (VM.Audit); see the privilege lines",
+                    ));
+                    continue;
+                }
+            };
+            if !storages.contains_key(node) {
+                storages.insert(node.to_string(), node_storages(api, node).await);
+            }
+            let vm = TemplateVm {
                 id,
-                format!("{label}: {}", problems.join("; ")),
-                fixes.join("; "),
+                label,
+                vmid,
+                node,
+                // Copies are found among the cluster's templates only.
+                is_template: true,
+            };
+            out.add(template_vm_finding(
+                settings,
+                vm,
+                &config,
+                storages.get(node).unwrap_or(&BTreeMap::new()),
+                &mut needs,
             ));
         }
     }
@@ -595,6 +831,14 @@ async fn privilege_findings(
             alternative_path: None,
             privileges: vec![VM_CLONE, VM_AUDIT],
             what_for: format!("cloning template {name}"),
+        });
+    }
+    for (vmid, what_for) in &templates.copies {
+        needs.push(Need {
+            path: format!("/vms/{vmid}"),
+            alternative_path: None,
+            privileges: vec![VM_CLONE, VM_AUDIT],
+            what_for: what_for.clone(),
         });
     }
     let new_vm = format!("/vms/{}", settings.vmid_range.0);
@@ -758,10 +1002,15 @@ fn acl_path(path: &str) -> &str {
     }
 }
 
-async fn vmid_range_finding(api: &Api, settings: &Settings, out: &mut Output<'_>) {
+async fn vmid_range_finding(
+    api: &Api,
+    settings: &Settings,
+    vms: std::result::Result<Vec<ClusterVm>, ApiError>,
+    out: &mut Output<'_>,
+) {
     let (low, high) = settings.vmid_range;
     let id = "vmid_range";
-    let vms = match api.client.cluster_vms().await {
+    let vms = match vms {
         Ok(vms) => vms,
         Err(err) => {
             out.add(Finding::fail(

@@ -264,8 +264,9 @@ async fn shared_copy(
     Ok(None)
 }
 
-/// The template VM the job's template name means on each node that has one.
-fn template_copies(
+/// The template VM the job's template name means on each node that has one: node → (VMID,
+/// configured memory).
+pub(crate) fn template_copies(
     settings: &Settings,
     wanted: &str,
     vms: &[ClusterVm],

@@ -581,6 +581,20 @@ impl FakeProxmox {
         self.lock().simulated_time
     }
 
+    /// Sets (`Some`) or deletes (`None`) one key of a VM's config by hand, as `qm set` would
+    /// (`agent`, `net0`, ...); false if there is no such VM.
+    pub fn set_vm_config(&self, vmid: u32, key: &str, value: Option<&str>) -> bool {
+        let mut state = self.lock();
+        let Some(vm) = state.vms.get_mut(&vmid) else {
+            return false;
+        };
+        match value {
+            Some(value) => vm.config.insert(key.to_string(), value.to_string()),
+            None => vm.config.remove(key),
+        };
+        true
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panicking test thread must not hide the fake's state from the next assertion.
         self.state

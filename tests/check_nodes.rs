@@ -1,0 +1,333 @@
+//! `gitlab-proxmox-runner check` with `PROXMOX_NODES` (issue 12): every node prepare may place a
+//! job on is reported with its status, and every template is checked on each node's copy, against
+//! a fake cluster of three nodes (pve1 holds the templates; copies are added per test).
+
+use std::process::{Command, Stdio};
+
+use gpr_testkit::lab::ED25519_HOST_KEY_FILE;
+use gpr_testkit::ssh_server::TestSshServer;
+use gpr_testkit::{driver_binary, FakeConfig, Lab, NewVm, NodeLoad, RecordedRequest};
+
+const READY: i32 = 0;
+const NOT_READY: i32 = 1;
+const GIB: u64 = 1 << 30;
+
+fn cluster() -> Lab {
+    let config = FakeConfig {
+        other_nodes: vec!["pve2".into(), "pve3".into()],
+        ..FakeConfig::default()
+    };
+    let lab = Lab::builder(driver_binary!()).fake(config).start();
+    for (node, free_gib) in [("pve1", 20), ("pve2", 40), ("pve3", 60)] {
+        lab.fake.set_node(
+            node,
+            NodeLoad {
+                max_mem: 64 * GIB,
+                used_mem: (64 - free_gib) * GIB,
+                online: true,
+            },
+        );
+    }
+    lab
+}
+
+/// A same-name copy of ubuntu-focal (60900 on pve1) on `node`.
+fn copy(lab: &Lab, vmid: u32, node: &str) {
+    lab.fake.add_vm(NewVm {
+        vmid,
+        node: node.into(),
+        name: "ubuntu-focal".into(),
+        template: true,
+        ..Default::default()
+    });
+}
+
+/// `check` with the lab's settings, one template, the client key and a helper, overridden by
+/// `extra` (an empty value removes the setting).
+fn check_command(lab: &Lab, extra: &[(&str, &str)]) -> Command {
+    let mut settings = lab.settings();
+    settings.push(("VM_SSH_PRIVATE_KEY".into(), lab.key.private_text.clone()));
+    settings.push(("RUNNER_HELPER_PATH".into(), "/bin/true".into()));
+    settings.push(("PROXMOX_TEMPLATES".into(), "ubuntu-focal=60900".into()));
+    for (name, value) in extra {
+        settings.retain(|(key, _)| key != name);
+        if !value.is_empty() {
+            settings.push((name.to_string(), value.to_string()));
+        }
+    }
+    let mut command = Command::new(&lab.bin);
+    command
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .envs(settings)
+        .arg("check")
+        .stdin(Stdio::null());
+    command
+}
+
+struct Checked {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Checked {
+    #[track_caller]
+    fn run(command: &mut Command, code: i32) -> Checked {
+        let output = command.output().expect("run check");
+        let checked = Checked {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        };
+        assert_eq!(
+            checked.code, code,
+            "exit status\n--- stdout\n{}\n--- stderr\n{}",
+            checked.stdout, checked.stderr
+        );
+        checked
+    }
+
+    #[track_caller]
+    fn has(&self, line_start: &str) -> &Checked {
+        assert!(
+            self.stdout.lines().any(|line| line.starts_with(line_start)),
+            "no line starting {line_start:?}:\n{}",
+            self.stdout
+        );
+        self
+    }
+
+    #[track_caller]
+    fn lacks(&self, fragment: &str) -> &Checked {
+        assert!(
+            !self.stdout.contains(fragment),
+            "{fragment:?} unexpected:\n{}",
+            self.stdout
+        );
+        self
+    }
+
+    fn fail_lines(&self) -> Vec<&str> {
+        self.stdout
+            .lines()
+            .filter(|line| line.starts_with("✘"))
+            .collect()
+    }
+
+    /// The ✘ lines are exactly these (by their start), each followed by its fix.
+    #[track_caller]
+    fn failures_are(&self, starts: &[&str]) -> &Checked {
+        let failures = self.fail_lines();
+        assert_eq!(failures.len(), starts.len(), "✘ lines:\n{}", self.stdout);
+        for start in starts {
+            assert!(
+                failures.iter().any(|line| line.starts_with(start)),
+                "no ✘ line starting {start:?}:\n{}",
+                self.stdout
+            );
+        }
+        let lines: Vec<&str> = self.stdout.lines().collect();
+        for (index, line) in lines.iter().enumerate() {
+            if line.starts_with("✘") {
+                let next = lines.get(index + 1).copied().unwrap_or("");
+                assert!(next.trim_start().starts_with("fix: "), "{}", self.stdout);
+            }
+        }
+        self
+    }
+}
+
+fn count(lab: &Lab, what: impl Fn(&RecordedRequest) -> bool) -> usize {
+    lab.fake.requests().iter().filter(|r| what(r)).count()
+}
+
+#[test]
+fn a_listed_node_without_a_copy_is_a_warning_and_the_copies_are_checked() {
+    let lab = cluster();
+    copy(&lab, 60901, "pve2");
+    let checked = Checked::run(
+        &mut check_command(&lab, &[("PROXMOX_NODES", "pve1,pve2,pve3")]),
+        READY,
+    );
+    checked
+        .has("✔ settings: read from the process environment (nodes pve1, pve2, pve3, 1 templates")
+        .has("✔ node pve1 is online, 20 GiB of 64 GiB memory free")
+        .has("✔ node pve2 is online, 40 GiB of 64 GiB memory free")
+        .has("✔ node pve3 is online, 60 GiB of 64 GiB memory free")
+        .has("✔ template ubuntu-focal (60900) on pve1: a template, guest agent on, net0 on vmbr0")
+        .has("✔ template ubuntu-focal (60901) on pve2: a template, guest agent on, net0 on vmbr0")
+        .has("✔ privileges of ci@pve!runner on /vms/60901 (cloning template ubuntu-focal on pve2)")
+        .has("16 passed, 0 failed, 1 advisory, 0 skipped: ready for jobs")
+        .failures_are(&[
+            "✘ pve3: no copy of ubuntu-focal; jobs for it go to pve1, pve2 (advisory)",
+        ]);
+
+    // One read of each listing for the whole check, then the copies' configs.
+    let resources = |kind: &'static str| {
+        count(&lab, move |r| {
+            r.path.ends_with("/cluster/resources") && r.query == format!("type={kind}")
+        })
+    };
+    assert_eq!(
+        resources("node"),
+        1,
+        "{:?}",
+        lab.fake.requests_by_endpoint()
+    );
+    assert_eq!(resources("vm"), 1, "{:?}", lab.fake.requests_by_endpoint());
+    for (node, vmid) in [("pve1", 60900), ("pve2", 60901)] {
+        let path = format!("/api2/json/nodes/{node}/qemu/{vmid}/config");
+        assert_eq!(count(&lab, |r| r.path == path), 1, "{path}");
+    }
+    assert_eq!(count(&lab, |r| r.path.contains("/nodes/pve3/")), 0);
+    assert!(lab.fake.requests().iter().all(|r| r.method == "GET"));
+}
+
+#[test]
+fn an_offline_listed_node_is_a_warning_and_not_asked() {
+    let lab = cluster();
+    copy(&lab, 60901, "pve2");
+    copy(&lab, 60902, "pve3");
+    lab.fake.set_node_online("pve3", false);
+    let checked = Checked::run(
+        &mut check_command(&lab, &[("PROXMOX_NODES", "pve1 pve2 pve3")]),
+        READY,
+    );
+    checked
+        .has("✔ template ubuntu-focal (60900) on pve1: ")
+        .has("✔ template ubuntu-focal (60901) on pve2: ")
+        .lacks("on pve3:")
+        .failures_are(&[
+            "✘ node pve3 is offline (status offline): jobs avoid it until it is back (advisory)",
+        ]);
+    // A config read on a node that is down would only fail (595).
+    assert_eq!(count(&lab, |r| r.path.contains("/nodes/pve3/")), 0);
+}
+
+#[test]
+fn a_listed_node_that_is_not_in_the_cluster_is_an_error() {
+    let lab = cluster();
+    copy(&lab, 60901, "pve2");
+    Checked::run(
+        &mut check_command(&lab, &[("PROXMOX_NODES", "pve1,pve2,pve22")]),
+        NOT_READY,
+    )
+    .has("✔ node pve1 is online")
+    .has("✔ node pve2 is online")
+    .has("    fix: PROXMOX_NODES must name nodes as `pvecm nodes` lists them")
+    .failures_are(&[
+        "✘ node pve22 (PROXMOX_NODES) is not a member of this cluster (members: pve1, pve2, pve3)",
+    ]);
+}
+
+#[test]
+fn a_copy_with_the_agent_off_is_an_error_naming_its_node_and_vmid() {
+    let lab = cluster();
+    copy(&lab, 60901, "pve2");
+    copy(&lab, 60902, "pve3");
+    assert!(lab.fake.set_vm_config(60902, "agent", Some("0")));
+    let checked = Checked::run(
+        &mut check_command(&lab, &[("PROXMOX_NODES", "*")]),
+        NOT_READY,
+    );
+    checked
+        .has("✔ settings: read from the process environment (every online node, ")
+        .has("✔ template ubuntu-focal (60900) on pve1: ")
+        .has("✔ template ubuntu-focal (60901) on pve2: ")
+        .has("    fix: qm set 60902 --agent enabled=1")
+        .failures_are(&[
+            "✘ template ubuntu-focal (60902) on pve3: its QEMU guest agent option is off",
+        ]);
+}
+
+#[test]
+fn no_online_node_with_a_copy_is_an_error() {
+    let lab = cluster();
+    // pve1 holds the only copy, and is not listed.
+    Checked::run(
+        &mut check_command(&lab, &[("PROXMOX_NODES", "pve2,pve3")]),
+        NOT_READY,
+    )
+    .lacks("no copy of ubuntu-focal")
+    .failures_are(&[
+        "✘ template ubuntu-focal: no online node of PROXMOX_NODES holds a copy of it, so its jobs \
+         cannot run (copies: 60900 on pve1)",
+    ]);
+
+    // Every node down: the nodes line says so, and the template has nowhere to go.
+    for node in ["pve1", "pve2", "pve3"] {
+        lab.fake.set_node_online(node, false);
+    }
+    Checked::run(
+        &mut check_command(&lab, &[("PROXMOX_NODES", "*")]),
+        NOT_READY,
+    )
+    .failures_are(&[
+        "✘ node pve1 is offline",
+        "✘ node pve2 is offline",
+        "✘ node pve3 is offline",
+        "✘ nodes: no node of the cluster is online, so no job can get a VM",
+        "✘ template ubuntu-focal: no online node of PROXMOX_NODES holds a copy of it",
+    ]);
+}
+
+#[test]
+fn smoke_places_its_vm_like_prepare_and_names_the_node() {
+    let lab = cluster();
+    copy(&lab, 60901, "pve2");
+    // pve3 has the most free memory (see `cluster`) but no copy: placement passes it over.
+    let load = |free_gib: u64| NodeLoad {
+        max_mem: 64 * GIB,
+        used_mem: (64 - free_gib) * GIB,
+        online: true,
+    };
+    lab.fake.set_node("pve2", load(50));
+    // The "VM" is an in-process SSH server on loopback, its host key served by the guest agent.
+    let vm = TestSshServer::start();
+    vm.authorize(&lab.key);
+    lab.fake.set_guest_file(
+        ED25519_HOST_KEY_FILE,
+        &format!("{}\n", vm.host_key_lines()[0]),
+    );
+    let port = vm.port().to_string();
+    let checked = Checked::run(
+        check_command(
+            &lab,
+            &[
+                ("PROXMOX_NODES", "pve1,pve2,pve3"),
+                ("VM_NETWORK_CIDRS", "127.0.0.0/8"),
+                ("VM_SSH_USER", "tester"),
+                ("VM_SSH_PORT", &port),
+                ("VM_BOOT_TIMEOUT", "60"),
+                // No helper to install into the test server.
+                ("RUNNER_HELPER_PATH", ""),
+            ],
+        )
+        .arg("--smoke"),
+        READY,
+    );
+    let smoke = checked
+        .stdout
+        .lines()
+        .find(|line| line.starts_with("✔ smoke test: VM "))
+        .unwrap_or_else(|| panic!("{}\n{}", checked.stdout, checked.stderr));
+    assert!(
+        smoke.contains(" on pve2 (placed there by PROXMOX_NODES: 50 GiB free, 0 job VMs) cloned"),
+        "{smoke}"
+    );
+    assert!(smoke.contains("destroyed"), "{smoke}");
+    let clones: Vec<String> = lab
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/clone"))
+        .map(|r| r.path)
+        .collect();
+    assert_eq!(
+        clones,
+        ["/api2/json/nodes/pve2/qemu/60901/clone"],
+        "cloned from pve2's copy"
+    );
+    assert!(lab.fake.job_vms().is_empty(), "{:?}", lab.fake.job_vms());
+}
