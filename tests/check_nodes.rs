@@ -185,6 +185,40 @@ fn a_listed_node_without_a_copy_is_a_warning_and_the_copies_are_checked() {
 }
 
 #[test]
+fn a_node_without_a_copy_is_served_by_a_copy_on_shared_storage() {
+    let lab = cluster();
+    // On the shared RBD pool: placement clones it to pve1 and pve3 with `target`.
+    lab.fake.add_vm(NewVm {
+        vmid: 61000,
+        node: "pve2".into(),
+        name: "ubuntu-shared".into(),
+        template: true,
+        storage: "ceph-vm".into(),
+        ..Default::default()
+    });
+    let checked = Checked::run(
+        &mut check_command(
+            &lab,
+            &[
+                ("PROXMOX_NODES", "pve1,pve2,pve3"),
+                ("PROXMOX_TEMPLATES", "ubuntu-shared=61000"),
+                ("PROXMOX_TEMPLATE", "ubuntu-shared"),
+            ],
+        ),
+        READY,
+    );
+    checked
+        .has("✔ template ubuntu-shared (61000) on pve2: a template, guest agent on")
+        .has(
+            "✔ pve1: no copy of ubuntu-shared; its jobs get clones of 61000 on pve2 (every drive \
+             on shared storage), made with target",
+        )
+        .has("✔ pve3: no copy of ubuntu-shared; its jobs get clones of 61000 on pve2")
+        .lacks("✘ pve3: no copy")
+        .failures_are(&[]);
+}
+
+#[test]
 fn an_offline_listed_node_is_a_warning_and_not_asked() {
     let lab = cluster();
     copy(&lab, 60901, "pve2");

@@ -481,14 +481,25 @@ impl TemplateNeeds {
 /// Storage id → storage type on `node`; empty when the token may not list them (the disks'
 /// lines then say so).
 async fn node_storages(api: &Api, node: &str) -> BTreeMap<String, String> {
-    #[derive(serde::Deserialize)]
-    struct Storage {
-        storage: String,
-        #[serde(rename = "type")]
-        kind: String,
-    }
+    node_storage_list(api, node)
+        .await
+        .into_iter()
+        .map(|storage| (storage.storage, storage.kind))
+        .collect()
+}
+
+#[derive(serde::Deserialize)]
+struct NodeStorage {
+    storage: String,
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default, deserialize_with = "crate::proxmox::types::flexible_bool")]
+    shared: bool,
+}
+
+async fn node_storage_list(api: &Api, node: &str) -> Vec<NodeStorage> {
     api.client
-        .call::<Vec<Storage>>(
+        .call::<Vec<NodeStorage>>(
             Method::GET,
             &format!("/nodes/{}/storage", crate::proxmox::client::segment(node)),
             &[],
@@ -496,7 +507,6 @@ async fn node_storages(api: &Api, node: &str) -> BTreeMap<String, String> {
             Retry::Idempotent,
         )
         .await
-        .map(|list| list.into_iter().map(|s| (s.storage, s.kind)).collect())
         .unwrap_or_default()
 }
 
@@ -707,6 +717,7 @@ async fn node_template_findings(
 ) -> TemplateNeeds {
     let mut needs = TemplateNeeds::for_settings(settings);
     let mut storages: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    let mut shared_storages: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mapped: Vec<u32> = settings.templates.values().copied().collect();
     for name in template_names(settings) {
         let copies = match placement::template_copies(settings, &name, vms) {
@@ -762,10 +773,14 @@ async fn node_template_findings(
             .unwrap_or_else(|| name.clone());
         // Offline members are skipped: their line already warns, and PVE cannot read a VM
         // config on a node that is down.
+        let mut without_copy = Vec::new();
+        // A copy with every drive on shared storage, which placement clones to the nodes
+        // without one (with `target`).
+        let mut shared_copy: Option<(u32, &str)> = None;
         for member in members.iter().filter(|member| member.online) {
             let node = member.name.as_str();
             let Some(&(vmid, _)) = copies.get(node) else {
-                out.add(nodes::missing_copy(&name, &vm_name, node, &served));
+                without_copy.push(node);
                 continue;
             };
             if !mapped.contains(&vmid) && !needs.copies.iter().any(|(id, _)| *id == vmid) {
@@ -795,7 +810,30 @@ async fn node_template_findings(
                 }
             };
             if !storages.contains_key(node) {
-                storages.insert(node.to_string(), node_storages(api, node).await);
+                let list = node_storage_list(api, node).await;
+                shared_storages.insert(
+                    node.to_string(),
+                    list.iter()
+                        .filter(|storage| storage.shared)
+                        .map(|storage| storage.storage.clone())
+                        .collect(),
+                );
+                storages.insert(
+                    node.to_string(),
+                    list.into_iter()
+                        .map(|storage| (storage.storage, storage.kind))
+                        .collect(),
+                );
+            }
+            let drives = config.drive_storages();
+            let shared_here = shared_storages.get(node);
+            if shared_copy.is_none()
+                && !drives.is_empty()
+                && drives
+                    .iter()
+                    .all(|drive| shared_here.is_some_and(|shared| shared.contains(drive)))
+            {
+                shared_copy = Some((vmid, node));
             }
             let vm = TemplateVm {
                 id,
@@ -812,6 +850,18 @@ async fn node_template_findings(
                 storages.get(node).unwrap_or(&BTreeMap::new()),
                 &mut needs,
             ));
+        }
+        for node in without_copy {
+            match shared_copy {
+                Some((vmid, source)) => out.add(Finding::pass(
+                    format!("template.{name}.{node}"),
+                    format!(
+                        "{node}: no copy of {name}; its jobs get clones of {vmid} on {source} \
+                         (every drive on shared storage), made with target"
+                    ),
+                )),
+                None => out.add(nodes::missing_copy(&name, &vm_name, node, &served)),
+            }
         }
     }
     needs
