@@ -61,6 +61,9 @@ pub async fn destroy_owned_vm(
     log: &dyn Log,
 ) -> Result<Teardown> {
     let started = Instant::now();
+    // Where the VM is: the caller's node, until the VM turns out to have moved.
+    let mut here = node.to_string();
+    let mut looked_elsewhere = false;
     let context = || format!("destroying VM {vmid} on node {node}");
     let fail = |err: ApiError| Error::api(context(), err);
     let mut owner_checked = false;
@@ -77,8 +80,23 @@ pub async fn destroy_owned_vm(
     let mut waited_for_clone = false;
     let mut pause = FIRST_RETRY_PAUSE;
     for _ in 0..MAX_ROUNDS {
+        let node = here.as_str();
         let status = match client.vm_presence(node, vmid).await.map_err(fail)? {
             Presence::Exists(status) => status,
+            Presence::Gone if !acted && !looked_elsewhere => {
+                looked_elsewhere = true;
+                match moved_to(client, node, vmid).await.map_err(fail)? {
+                    Some(elsewhere) => {
+                        log.info(&format!(
+                            "VM {vmid} is not on {node} but on {elsewhere} (migrated); removing \
+                             it there"
+                        ));
+                        here = elsewhere;
+                        continue;
+                    }
+                    None => return Ok(Teardown::AlreadyGone),
+                }
+            }
             Presence::Gone => return Ok(gone(acted)),
             // Ours is gone (or never joined the token's pool); another VM holds the id now.
             Presence::Hidden(_) if acted => return Ok(Teardown::Destroyed),
@@ -168,6 +186,20 @@ pub async fn destroy_owned_vm(
              `gitlab-proxmox-runner gc` will retry"
         ),
     })
+}
+
+/// The node a VM that reads as missing on `node` is on now, if it exists at all: HA or an
+/// admin may have migrated it. `nextid?vmid=` (open to every token) says whether the VMID is
+/// taken anywhere; only then is the cluster's VM list read.
+async fn moved_to(client: &Client, node: &str, vmid: u32) -> Result<Option<String>, ApiError> {
+    if client.vmid_is_free(vmid).await? {
+        return Ok(None);
+    }
+    let vms = client.cluster_vms().await?;
+    Ok(vms
+        .iter()
+        .find(|vm| vm.vmid == u64::from(vmid) && vm.node != node)
+        .map(|vm| vm.node.clone()))
 }
 
 async fn wait_for_lock(
