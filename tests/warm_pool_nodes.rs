@@ -363,7 +363,10 @@ fn an_offline_node_gets_no_warm_vms_and_its_warm_vms_are_never_claimed() {
     let (code, log) = pool.stop();
     assert_eq!(code, 0, "{log}");
     assert!(
-        log.contains(&format!("warming VM {} on pve2 (placed on pve2: ", refill.vmid)),
+        log.contains(&format!(
+            "warming VM {} on pve2 (placed on pve2: ",
+            refill.vmid
+        )),
         "{log}"
     );
 
@@ -415,7 +418,13 @@ fn a_template_change_on_one_node_recycles_only_that_nodes_warm_vms() {
     let old_digest = warm_of(&old).unwrap().template_digest;
 
     // The admin updates the copy on pve2 only.
-    set_config(&lab, "pve2", 60901, "description", "ubuntu-focal, patched on pve2");
+    set_config(
+        &lab,
+        "pve2",
+        60901,
+        "description",
+        "ubuntu-focal, patched on pve2",
+    );
     let new = wait_for(
         "a warm VM of pve2's new copy",
         Duration::from_secs(60),
@@ -438,7 +447,10 @@ fn a_template_change_on_one_node_recycles_only_that_nodes_warm_vms() {
             "the warm VM on {node} ({}) is still current and stays: {log}",
             kept.vmid
         );
-        assert!(!log.contains(&format!("recycled warm VM {}", kept.vmid)), "{log}");
+        assert!(
+            !log.contains(&format!("recycled warm VM {}", kept.vmid)),
+            "{log}"
+        );
     }
     assert!(
         log.contains(&format!(
