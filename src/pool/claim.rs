@@ -1,7 +1,10 @@
 //! prepare's side of the pool: before cloning, take a warm VM of the job's template.
 //!
 //! 1. list our warm VMs of that template whose template digest is the template's today, past
-//!    their warm-up (address and host keys recorded) and inside their idle deadline;
+//!    their warm-up (address and host keys recorded) and inside their idle deadline. With
+//!    placement (`PROXMOX_NODES`) that is every copy of the template name on the online nodes
+//!    the job may use, each warm VM judged against the copy it was cloned from, and those on
+//!    the node placement chose come first;
 //! 2. in random order (racing prepares spread out), compare-and-swap the description to the
 //!    job's marker and the name to the job's, with the digest the VM was read with: PVE lets
 //!    exactly one writer through, the others try the next one;
@@ -15,15 +18,16 @@ use std::time::{Duration, Instant};
 
 use rand::seq::SliceRandom;
 
-use super::{list_warm, swap_description, Swap, WarmVm};
+use super::{digests_of, list_warm, swap_description, Scope, Swap, WarmVm};
 use crate::cancel::Cancel;
-use crate::config::Settings;
+use crate::config::{NodeSet, Settings};
 use crate::error::{Error, Result};
 use crate::joblog;
 use crate::marker::Marker;
 use crate::proxmox::address::choose_address;
 use crate::proxmox::Client;
 use crate::ssh::{self, HostKeyCheck, Target};
+use crate::vm::placement;
 use crate::vm::teardown;
 use crate::vm::template::Template;
 use crate::vm::{HostKeySource, Milestone, ReadyVm, Sink, SinkLog};
@@ -33,7 +37,8 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 /// Removing a claimed VM that failed its checks.
 const DISCARD_TIMEOUT: Duration = Duration::from_secs(3 * 60);
 
-/// Claims a warm VM of `template` for the job whose marker is `marker`, reporting every
+/// Claims a warm VM of `template` (the one placement chose: with `PROXMOX_NODES`, a warm VM of
+/// any copy of the job's template name qualifies) for the job whose marker is `marker`, reporting every
 /// milestone to `sink` as the engine would. `Ok(None)` when there was none to claim.
 pub async fn claim(
     client: &Client,
@@ -45,27 +50,14 @@ pub async fn claim(
     sink: &mut dyn Sink,
 ) -> Result<Option<ReadyVm>> {
     let started = Instant::now();
-    let digest = super::warm::template_digest(client, template).await?;
-    let mut candidates: Vec<WarmVm> = list_warm(client, settings.vmid_range, Some(template.vmid))
-        .await?
-        .into_iter()
-        .filter(|warm| {
-            warm.is_complete()
-                && warm.running
-                && !warm.locked
-                && !warm.marker.is_past_deadline()
-                && warm
-                    .marker
-                    .warm
-                    .as_ref()
-                    .map(|w| w.template_digest.as_str())
-                    == Some(digest.as_str())
-        })
-        .collect();
+    let candidates = if settings.nodes == NodeSet::One {
+        on_the_node(client, settings, template).await?
+    } else {
+        anywhere(client, settings, template, sink).await?
+    };
     if candidates.is_empty() {
         return Ok(None);
     }
-    candidates.shuffle(&mut rand::rng());
     for warm in candidates {
         let vmid = warm.vm.vmid;
         match swap_description(client, &warm, marker.description(), Some(vm_name), marker).await {
@@ -89,8 +81,15 @@ pub async fn claim(
             Ok(ready) => {
                 sink.reached(Milestone::Ready(&ready))?;
                 sink.timing("claim", started.elapsed());
+                let place = if settings.nodes == NodeSet::One {
+                    String::new()
+                } else if warm.vm.node == template.node {
+                    format!(" on {}", warm.vm.node)
+                } else {
+                    format!(" on {} ({} had none to claim)", warm.vm.node, template.node)
+                };
                 sink.info(&format!(
-                    "claimed warm VM {vmid} (warm for {}) in {}",
+                    "claimed warm VM {vmid}{place} (warm for {}) in {}",
                     warm_for(warm.marker.age_secs()),
                     joblog::secs(started.elapsed())
                 ));
@@ -110,6 +109,80 @@ pub async fn claim(
         }
     }
     Ok(None)
+}
+
+/// Claimable: warmed, running, not locked, inside its idle deadline.
+fn claimable(warm: &WarmVm) -> bool {
+    warm.is_complete() && warm.running && !warm.locked && !warm.marker.is_past_deadline()
+}
+
+fn recorded_digest(warm: &WarmVm) -> Option<&str> {
+    warm.marker
+        .warm
+        .as_ref()
+        .map(|w| w.template_digest.as_str())
+}
+
+/// Without placement: the warm VMs of `template` whose template digest is its digest today,
+/// in random order (racing prepares spread out).
+async fn on_the_node(
+    client: &Client,
+    settings: &Settings,
+    template: &Template,
+) -> Result<Vec<WarmVm>> {
+    let digest = super::warm::template_digest(client, template).await?;
+    let scope = Scope {
+        templates: [template.vmid].into(),
+        nodes: None,
+    };
+    let mut candidates: Vec<WarmVm> = list_warm(client, settings.vmid_range, &scope)
+        .await?
+        .into_iter()
+        .filter(|warm| claimable(warm) && recorded_digest(warm) == Some(digest.as_str()))
+        .collect();
+    candidates.shuffle(&mut rand::rng());
+    Ok(candidates)
+}
+
+/// With placement: the warm VMs of every copy of the job's template name on the online nodes
+/// the job may use, each current with the copy it was cloned from; those on the node placement
+/// chose for a clone (`placed.node`) first, then the others (a warm VM elsewhere is still far
+/// faster than a clone), each group in random order.
+async fn anywhere(
+    client: &Client,
+    settings: &Settings,
+    placed: &Template,
+    sink: &mut dyn Sink,
+) -> Result<Vec<WarmVm>> {
+    let copies = placement::copies(client, settings, &settings.template).await?;
+    let listed: Vec<WarmVm> = list_warm(client, settings.vmid_range, &Scope::of(settings, &copies))
+        .await?
+        .into_iter()
+        .filter(claimable)
+        .collect();
+    let digests = digests_of(client, &copies, &listed).await;
+    for (vmid, digest) in &digests {
+        if let Err(err) = digest {
+            sink.warn(&format!(
+                "not claiming warm VMs of template VM {vmid}: cannot tell whether it changed \
+                 ({err})"
+            ));
+        }
+    }
+    let mut candidates: Vec<WarmVm> = listed
+        .into_iter()
+        .filter(|warm| {
+            let current = warm
+                .template()
+                .and_then(|vmid| digests.get(&vmid))
+                .and_then(|digest| digest.as_ref().ok());
+            current.is_some_and(|digest| recorded_digest(warm) == Some(digest.as_str()))
+        })
+        .collect();
+    candidates.shuffle(&mut rand::rng());
+    // Stable: the shuffle stays within each group.
+    candidates.sort_by_key(|warm| warm.vm.node != placed.node);
+    Ok(candidates)
 }
 
 /// `7 min`, `45 s`.

@@ -17,11 +17,14 @@ pub mod claim;
 pub mod service;
 pub mod warm;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
+use crate::config::{NodeSet, Settings};
 use crate::error::{Error, Result};
 use crate::marker::{self, Marker};
 use crate::proxmox::Client;
+use crate::vm::placement::NodeCopy;
 use crate::vm::teardown::{self, Teardown};
 use crate::vm::{Log, VmRef};
 
@@ -54,13 +57,31 @@ impl WarmVm {
     }
 }
 
+/// Which warm VMs a listing keeps: those of the template VMs of one template name, and with
+/// placement (`PROXMOX_NODES`) only those on the nodes given, so that a node that is offline
+/// (or not ours to use) costs no request that would only time out.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    pub templates: BTreeSet<u32>,
+    pub nodes: Option<BTreeSet<String>>,
+}
+
+impl Scope {
+    /// The online copies of a template name (all of them without placement, where the one
+    /// copy on `PROXMOX_NODE` is the whole scope, as before there was placement).
+    pub fn of(settings: &Settings, copies: &[NodeCopy]) -> Scope {
+        let online = copies.iter().filter(|copy| copy.online);
+        Scope {
+            templates: online.clone().map(|copy| copy.template.vmid).collect(),
+            nodes: (settings.nodes != NodeSet::One)
+                .then(|| online.map(|copy| copy.template.node.clone()).collect()),
+        }
+    }
+}
+
 /// Every warm VM of ours on the cluster (tagged, in `PROXMOX_VMID_RANGE`, a warm marker on the
-/// first line of its description), optionally only those of one template.
-pub async fn list_warm(
-    client: &Client,
-    range: (u32, u32),
-    template: Option<u32>,
-) -> Result<Vec<WarmVm>> {
+/// first line of its description) in `scope`.
+pub async fn list_warm(client: &Client, range: (u32, u32), scope: &Scope) -> Result<Vec<WarmVm>> {
     let vms = client
         .cluster_vms()
         .await
@@ -76,6 +97,10 @@ pub async fn list_warm(
             || listed.node.is_empty()
             || !(range.0..=range.1).contains(&vmid)
             || !crate::commands::gc::has_driver_tag(listed.tags.as_deref())
+            || scope
+                .nodes
+                .as_ref()
+                .is_some_and(|nodes| !nodes.contains(&listed.node))
         {
             continue;
         }
@@ -89,7 +114,11 @@ pub async fn list_warm(
         let Some(marker) = Marker::find_in(&description).filter(|m| m.warm.is_some()) else {
             continue;
         };
-        if template.is_some_and(|wanted| marker.warm.as_ref().map(|w| w.template) != Some(wanted)) {
+        if !marker
+            .warm
+            .as_ref()
+            .is_some_and(|w| scope.templates.contains(&w.template))
+        {
             continue;
         }
         let Some(digest) = config.get("digest") else {
@@ -110,6 +139,26 @@ pub async fn list_warm(
         });
     }
     Ok(found)
+}
+
+/// The config digest now of each template VM that one of `warm` was cloned from, read from
+/// that copy's own node: the copies of a template name on different nodes are different VMs,
+/// and each warm VM is judged against the one it came from. A copy whose digest could not be
+/// read maps to the error.
+pub async fn digests_of(
+    client: &Client,
+    copies: &[NodeCopy],
+    warm: &[WarmVm],
+) -> BTreeMap<u32, Result<String>> {
+    let wanted: BTreeSet<u32> = warm.iter().filter_map(WarmVm::template).collect();
+    let mut digests = BTreeMap::new();
+    for vmid in wanted {
+        let Some(copy) = copies.iter().find(|copy| copy.template.vmid == vmid) else {
+            continue;
+        };
+        digests.insert(vmid, warm::template_digest(client, &copy.template).await);
+    }
+    digests
 }
 
 /// What a compare-and-swap of a VM's description came to.

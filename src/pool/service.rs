@@ -1,5 +1,9 @@
 //! `gitlab-proxmox-runner pool`: keeps `WARM_POOL = { name = N }` warm VMs per template.
 //!
+//! With `PROXMOX_NODES`, N is for the whole cluster: the warm VMs of every copy of the template
+//! name (on the online nodes the pool may use) count, each new one is placed like a job's VM
+//! (one placement at a time), and each is judged stale against the copy it was cloned from.
+//!
 //! Every round (and whenever a warm-up finishes) it looks at the cluster, not at its memory:
 //!
 //! - **recycles** warm VMs whose template changed (digest), that are past their idle deadline
@@ -29,13 +33,15 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 use super::warm::{self, Warmed};
-use super::{list_warm, recycle, WarmVm};
+use super::{digests_of, list_warm, recycle, Scope, WarmVm};
 use crate::commands::FleetContext;
-use crate::config::Settings;
+use crate::config::{NodeSet, Settings};
 use crate::error::{Error, Result};
 use crate::joblog;
 use crate::proxmox::Client;
-use crate::vm::{template, StderrLog};
+use crate::vm::placement::{self, NodeCopy};
+use crate::vm::template::{self, Template};
+use crate::vm::StderrLog;
 
 /// A recycle includes stopping the VM.
 const RECYCLE_TIMEOUT: Duration = Duration::from_secs(3 * 60);
@@ -103,6 +109,8 @@ async fn serve(
     let mut warming: JoinSet<(String, Result<Warmed>)> = JoinSet::new();
     let mut in_flight: BTreeMap<String, usize> = BTreeMap::new();
     let mut last_sweep: Option<Instant> = None;
+    // With placement, warm-ups take turns at placing their VM (see `warm::place_and_warm`).
+    let turns = Arc::new(tokio::sync::Mutex::new(()));
     while !cancel.is_cancelled() {
         if let Some(every) = gc_every {
             if last_sweep.is_none_or(|at| at.elapsed() >= every) {
@@ -123,23 +131,33 @@ async fn serve(
                 .tend(name, *target, in_flight.get(name).copied().unwrap_or(0))
                 .await
             {
-                Ok((deficit, template, digest)) => {
+                Ok((deficit, fixed)) => {
                     for _ in 0..deficit {
-                        let (client, settings, cancel) =
-                            (Arc::clone(&client), Arc::clone(&settings), cancel.clone());
-                        let (name, template, digest, pool_id) = (
-                            name.clone(),
-                            template.clone(),
-                            digest.clone(),
-                            pool_id.clone(),
+                        let (client, settings, cancel, turns) = (
+                            Arc::clone(&client),
+                            Arc::clone(&settings),
+                            cancel.clone(),
+                            Arc::clone(&turns),
                         );
+                        let (name, fixed, pool_id) = (name.clone(), fixed.clone(), pool_id.clone());
                         *in_flight.entry(name.clone()).or_default() += 1;
                         warming.spawn_local(async move {
-                            let result = warm::make_warm(
-                                &client, &settings, &template, &digest, &pool_id, &cancel,
-                                &StderrLog,
-                            )
-                            .await;
+                            let result = match fixed {
+                                Some((template, digest)) => {
+                                    warm::make_warm(
+                                        &client, &settings, &template, &digest, &pool_id, &cancel,
+                                        &StderrLog,
+                                    )
+                                    .await
+                                }
+                                None => {
+                                    warm::place_and_warm(
+                                        &client, &settings, &name, turns, &pool_id, &cancel,
+                                        &StderrLog,
+                                    )
+                                    .await
+                                }
+                            };
                             (name, result)
                         });
                     }
@@ -182,8 +200,9 @@ fn finished(
     }
     match result {
         Ok(warmed) => joblog::info(format!(
-            "pool {pool_id}: warmed VM {} from {name} in {} ({})",
+            "pool {pool_id}: warmed VM {} on {} from {name} in {} ({})",
             warmed.vm.vmid,
+            warmed.vm.node,
             joblog::secs(warmed.total),
             warmed.phases
         )),
@@ -200,17 +219,47 @@ struct Round<'a> {
 }
 
 impl Round<'_> {
-    /// Recycles what must go, trims our share of lasting overfill, returns how many to warm.
+    /// Recycles what must go, trims our share of lasting overfill, returns how many to warm,
+    /// and (without placement) the template on `PROXMOX_NODE` and its digest to warm them from.
     async fn tend(
         &self,
         name: &str,
         target: u32,
         in_flight: usize,
-    ) -> Result<(usize, template::Template, String)> {
+    ) -> Result<(usize, Option<(Template, String)>)> {
         let settings = self.settings;
-        let template = template::resolve(self.client, settings, &settings.node, name).await?;
-        let digest = warm::template_digest(self.client, &template).await?;
-        let listed = list_warm(self.client, settings.vmid_range, Some(template.vmid)).await?;
+        // The target is per template name, for the whole cluster: with placement, the warm VMs
+        // of every copy of the template (on every usable node) count.
+        let (copies, fixed) = if settings.nodes == NodeSet::One {
+            let template = template::resolve(self.client, settings, &settings.node, name).await?;
+            let digest = warm::template_digest(self.client, &template).await?;
+            let copy = NodeCopy {
+                template: template.clone(),
+                online: true,
+            };
+            (vec![copy], Some((template, digest)))
+        } else {
+            (placement::copies(self.client, settings, name).await?, None)
+        };
+        let listed = list_warm(
+            self.client,
+            settings.vmid_range,
+            &Scope::of(settings, &copies),
+        )
+        .await?;
+        let digests: BTreeMap<u32, Result<String>> = match &fixed {
+            Some((template, digest)) => BTreeMap::from([(template.vmid, Ok(digest.clone()))]),
+            None => digests_of(self.client, &copies, &listed).await,
+        };
+        for (vmid, digest) in &digests {
+            if let Err(err) = digest {
+                joblog::warn(format!(
+                    "pool {}: {name}: cannot tell whether template VM {vmid} changed ({err}); \
+                     its warm VMs stay until it can be read",
+                    self.pool_id
+                ));
+            }
+        }
         let stale_warmup = settings.boot_timeout + Duration::from_secs(600);
         let mut complete = Vec::new();
         let mut others_warming = 0;
@@ -220,15 +269,16 @@ impl Round<'_> {
                 .warm
                 .as_ref()
                 .is_some_and(|w| w.pool == self.pool_id);
+            // Against the template VM this one was cloned from (the copy on its node).
+            let current = warm
+                .template()
+                .and_then(|vmid| digests.get(&vmid))
+                .and_then(|digest| digest.as_ref().ok());
             let why = if warm.locked {
                 None
-            } else if warm
-                .marker
-                .warm
-                .as_ref()
-                .map(|w| w.template_digest.as_str())
-                != Some(digest.as_str())
-            {
+            } else if current.is_some_and(|digest| {
+                warm.marker.warm.as_ref().map(|w| &w.template_digest) != Some(digest)
+            }) {
                 Some("its template changed")
             } else if warm.marker.is_past_deadline() {
                 Some("idle too long")
@@ -278,7 +328,7 @@ impl Round<'_> {
                 others_warming + in_flight
             ));
         }
-        Ok((deficit, template, digest))
+        Ok((deficit, fixed))
     }
 
     async fn recycle(&self, warm: &WarmVm, why: &str) {

@@ -4,7 +4,11 @@
 //! pinned host keys are written into its description (compare-and-swap, like every change of
 //! hands), and only then may a job claim it.
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::{swap_description, Swap, WarmVm};
 use crate::cancel::Cancel;
@@ -16,7 +20,7 @@ use crate::proxmox::Client;
 use crate::vm::provision::{self, Order};
 use crate::vm::teardown;
 use crate::vm::template::Template;
-use crate::vm::{ready, Log, Milestone, Sink, VmRef};
+use crate::vm::{placement, ready, Log, Milestone, Sink, VmRef};
 
 /// Removing a warm VM that failed to come up.
 const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5 * 60);
@@ -26,6 +30,19 @@ struct WarmSink<'a> {
     log: &'a dyn Log,
     allocated: Option<VmRef>,
     timings: Vec<(&'static str, Duration)>,
+    placed: Option<Placing>,
+}
+
+/// A warm VM placed on a node (`PROXMOX_NODES`): why there, and the pool's placement turn.
+struct Placing {
+    pool_id: String,
+    reason: Option<String>,
+    /// Placement sees a new VM by its clone lock, then (after configure) by its tag and, once
+    /// it runs, in its node's memory; not before the clone worker wrote its first config, nor
+    /// between the clone and the tags. The next warm VM is placed only once this one is
+    /// started, or the pool would stack every VM of a refill onto the node that looked
+    /// emptiest, past its PROXMOX_NODE_MAX_VMS.
+    turn: Option<OwnedMutexGuard<()>>,
 }
 
 impl Log for WarmSink<'_> {
@@ -47,8 +64,26 @@ impl Sink for WarmSink<'_> {
 
     fn reached(&mut self, milestone: Milestone<'_>) -> Result<()> {
         match milestone {
-            Milestone::Allocated(vm) => self.allocated = Some(vm.clone()),
+            Milestone::Allocated(vm) => {
+                if let Some(placed) = &self.placed {
+                    let why = placed
+                        .reason
+                        .as_deref()
+                        .map(|reason| format!(" ({reason})"))
+                        .unwrap_or_default();
+                    self.log.info(&format!(
+                        "pool {}: warming VM {} on {}{why}",
+                        placed.pool_id, vm.vmid, vm.node
+                    ));
+                }
+                self.allocated = Some(vm.clone());
+            }
             Milestone::Released => self.allocated = None,
+            Milestone::Started => {
+                if let Some(placed) = self.placed.as_mut() {
+                    placed.turn = None;
+                }
+            }
             _ => {}
         }
         Ok(())
@@ -96,6 +131,67 @@ pub async fn make_warm(
     cancel: &Cancel,
     log: &dyn Log,
 ) -> Result<Warmed> {
+    warm_up(
+        client, settings, template, digest, pool_id, None, cancel, log,
+    )
+    .await
+}
+
+/// With placement (`PROXMOX_NODES`): places one new warm VM of template name `name` as a
+/// job's VM is placed (most free memory, the per-node limits, online nodes with a copy), on
+/// `turns`, one placement at a time, then brings it up from the copy on the chosen node.
+pub async fn place_and_warm(
+    client: &Client,
+    settings: &Settings,
+    name: &str,
+    turns: Arc<Mutex<()>>,
+    pool_id: &str,
+    cancel: &Cancel,
+    log: &dyn Log,
+) -> Result<Warmed> {
+    let placing = async {
+        let turn = turns.lock_owned().await;
+        let placed = placement::place(client, settings, name, &HashSet::new()).await?;
+        // The copy on the chosen node: its digest, not another node's copy's, is the one this
+        // VM is judged against later.
+        let digest = template_digest(client, &placed.template).await?;
+        Ok::<_, Error>((turn, placed, digest))
+    };
+    let (turn, placed, digest) = tokio::select! {
+        result = placing => result?,
+        reason = cancel.cancelled() => {
+            return Err(Error::Cancelled(format!("the pool service stopped ({reason})")))
+        }
+    };
+    let placing = Placing {
+        pool_id: pool_id.to_string(),
+        reason: placed.reason,
+        turn: Some(turn),
+    };
+    warm_up(
+        client,
+        settings,
+        &placed.template,
+        &digest,
+        pool_id,
+        Some(placing),
+        cancel,
+        log,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn warm_up(
+    client: &Client,
+    settings: &Settings,
+    template: &Template,
+    digest: &str,
+    pool_id: &str,
+    placed: Option<Placing>,
+    cancel: &Cancel,
+    log: &dyn Log,
+) -> Result<Warmed> {
     let mode = crate::vm::template::clone_mode(settings, template)?;
     let mut marker = Marker::for_warm(
         &settings.runner_id,
@@ -113,6 +209,7 @@ pub async fn make_warm(
         log,
         allocated: None,
         timings: Vec::new(),
+        placed,
     };
     let started = Instant::now();
     let brought_up = tokio::select! {

@@ -383,6 +383,54 @@ fn node_views(
         .collect()
 }
 
+/// A copy of a template name's template, on one of the nodes placement may use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCopy {
+    pub template: Template,
+    pub online: bool,
+}
+
+/// Every copy of the template `wanted` names on the nodes placement may use (`PROXMOX_NODES`),
+/// online or not: the warm pool counts and claims the warm VMs of one template name on all of
+/// them. With `PROXMOX_NODES` unset, the template on `PROXMOX_NODE`.
+pub async fn copies(client: &Client, settings: &Settings, wanted: &str) -> Result<Vec<NodeCopy>> {
+    if settings.nodes == NodeSet::One {
+        let template = template::resolve(client, settings, &settings.node, wanted).await?;
+        return Ok(vec![NodeCopy {
+            template,
+            online: true,
+        }]);
+    }
+    let wanted = wanted.trim();
+    let nodes = client
+        .cluster_nodes()
+        .await
+        .map_err(|err| Error::api("listing the cluster's nodes", err))?;
+    let vms = client.cluster_vms().await.map_err(|err| {
+        Error::api(
+            "listing the cluster's VMs to find the template's copies",
+            err,
+        )
+    })?;
+    let copies = template_copies(settings, wanted, &vms)?;
+    let views = node_views(settings, &nodes, &vms, &copies, &HashSet::new());
+    Ok(views
+        .into_iter()
+        .filter_map(|view| {
+            let vmid = view.template_vmid?;
+            Some(NodeCopy {
+                template: Template {
+                    node: view.name,
+                    vmid,
+                    label: format!("{wanted} ({vmid})"),
+                    is_template: true,
+                },
+                online: view.online,
+            })
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

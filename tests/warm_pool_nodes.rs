@@ -1,0 +1,463 @@
+//! The warm pool with placement (`PROXMOX_NODES`, issue 12) against a fake cluster of four
+//! nodes: pve1, pve2 and pve3 hold a copy of ubuntu-focal (same name, local storage: 60900,
+//! 60901, 60902), pve4 has the most free memory but no copy. A real sshd on loopback answers
+//! for every VM.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gitlab_proxmox_runner::marker::Marker;
+use gitlab_proxmox_runner::proxmox::Client;
+use gitlab_proxmox_runner::settings::{Settings, Sources};
+use gitlab_proxmox_runner::state::JobState;
+use gpr_testkit::hook::Hook;
+use gpr_testkit::{driver_binary, FakeConfig, Lab, NewVm, NodeLoad, VmSnapshot};
+
+const TEMPLATE: &str = "ubuntu-focal";
+const NODES: &str = "pve1,pve2,pve3,pve4";
+const GIB: u64 = 1 << 30;
+
+/// The copy of the template on each node that has one.
+fn copy_on(node: &str) -> Option<u32> {
+    match node {
+        "pve1" => Some(60900),
+        "pve2" => Some(60901),
+        "pve3" => Some(60902),
+        _ => None,
+    }
+}
+
+fn load(free_gib: u64) -> NodeLoad {
+    NodeLoad {
+        max_mem: 64 * GIB,
+        used_mem: (64 - free_gib) * GIB,
+        online: true,
+    }
+}
+
+/// The cluster, with `free` GiB free on pve1, pve2 and pve3.
+#[track_caller]
+fn cluster(test: &str, free: [u64; 3]) -> Option<Lab> {
+    let config = FakeConfig {
+        other_nodes: vec!["pve2".into(), "pve3".into(), "pve4".into()],
+        ..FakeConfig::default()
+    };
+    let lab = Lab::builder(driver_binary!())
+        .fake(config)
+        .with_sshd_or_skip(test)?;
+    for node in ["pve2", "pve3"] {
+        lab.fake.add_vm(NewVm {
+            vmid: copy_on(node).unwrap(),
+            node: node.into(),
+            name: TEMPLATE.into(),
+            template: true,
+            ..Default::default()
+        });
+    }
+    for (node, free) in ["pve1", "pve2", "pve3"].into_iter().zip(free) {
+        lab.fake.set_node(node, load(free));
+    }
+    lab.fake.set_node("pve4", load(63));
+    Some(lab)
+}
+
+/// A pool service as its systemd unit runs it, placing on every node.
+struct PoolService {
+    child: Child,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl PoolService {
+    fn start(lab: &Lab, size: u32, extra: &[(&str, &str)]) -> PoolService {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("pool.err");
+        let child = Command::new(&lab.bin)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .envs(lab.settings())
+            .env("WARM_POOL", format!("{TEMPLATE}={size}"))
+            .env("PROXMOX_NODES", NODES)
+            .env("VM_MEMORY_MB", "2048")
+            .env("PROXMOX_RUNNER_ID", "host-pool")
+            .envs(extra.iter().copied())
+            .args(["pool", "--id", "pool-a", "--interval", "0.2"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start the pool service");
+        PoolService {
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, and its exit code and log.
+    fn stop(mut self) -> (i32, String) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        (status.code().unwrap_or(-1), self.log())
+    }
+}
+
+impl Drop for PoolService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `condition` every 50 ms until it holds; panics with `what` after `limit`.
+#[track_caller]
+fn wait_for<T>(what: &str, limit: Duration, mut condition: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = condition() {
+            return value;
+        }
+        assert!(started.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn warm_of(vm: &VmSnapshot) -> Option<gitlab_proxmox_runner::marker::Warm> {
+    Marker::find_in(&vm.description).and_then(|marker| marker.warm)
+}
+
+/// Warm VMs with their address and host keys recorded: claimable.
+fn complete_warm(lab: &Lab) -> Vec<VmSnapshot> {
+    lab.fake
+        .job_vms()
+        .into_iter()
+        .filter(|vm| {
+            warm_of(vm).is_some_and(|warm| !warm.address.is_empty())
+                && vm.description.contains("\nssh-host-key: ")
+                && vm.status == "running"
+        })
+        .collect()
+}
+
+/// Exactly `count` warm VMs, all complete, none warming.
+#[track_caller]
+fn settled(lab: &Lab, count: usize) -> Vec<VmSnapshot> {
+    wait_for(
+        &format!("exactly {count} complete warm VMs"),
+        Duration::from_secs(90),
+        || {
+            let warm = complete_warm(lab);
+            (warm.len() == count && lab.fake.job_vms().len() == count).then_some(warm)
+        },
+    )
+}
+
+fn tally(vms: &[VmSnapshot]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for vm in vms {
+        *counts.entry(vm.node.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Each warm VM is a clone of the copy on its own node and records that copy.
+#[track_caller]
+fn assert_cloned_from_local_copies(vms: &[VmSnapshot]) {
+    for vm in vms {
+        let copy = copy_on(&vm.node).unwrap_or_else(|| panic!("warm VM {vm:?} on {}", vm.node));
+        assert_eq!(vm.cloned_from, Some(copy), "VM {} on {}", vm.vmid, vm.node);
+        assert_eq!(warm_of(vm).unwrap().template, copy, "VM {}", vm.vmid);
+    }
+}
+
+fn job_hook(lab: &Lab, dir: &Path, job_id: u64) -> Hook {
+    lab.hook(dir)
+        .host_env("WARM_POOL", format!("{TEMPLATE}=1"))
+        .host_env("PROXMOX_NODES", NODES)
+        .host_env("VM_MEMORY_MB", "2048")
+        .host_env("PROXMOX_RUNNER_ID", "runner-a")
+        .job_var("CI_JOB_ID", job_id.to_string())
+        .job_var("CI_PROJECT_PATH", "group/project")
+        .job_var("CI_PROJECT_PATH_SLUG", "group-project")
+}
+
+/// A config write through the driver's own client (what an admin's `qm set` does).
+fn set_config(lab: &Lab, node: &str, vmid: u32, key: &str, value: &str) {
+    let env = lab.settings();
+    let lookup = |name: &str| {
+        env.iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.clone())
+    };
+    let settings = Settings::from_sources(Sources {
+        file: None,
+        env: &lookup,
+        job_response: None,
+    })
+    .expect("the lab's settings parse");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        Client::new(&settings)
+            .unwrap()
+            .set_config(node, vmid, &[(key, value.to_string())])
+            .await
+            .unwrap();
+    });
+}
+
+fn gc_everything(lab: &Lab) {
+    wait_for("gc to leave no VM behind", Duration::from_secs(60), || {
+        let out = lab
+            .fleet_command()
+            .env("PROXMOX_NODES", NODES)
+            .args(["gc", "--max-age", "0s"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() || lab.fake.job_vms().is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lab.fake.job_vms().is_empty().then_some(())
+    });
+}
+
+/// Requests the fake received for anything on `node` (`/nodes/<node>/...`).
+fn requests_to(lab: &Lab, node: &str) -> usize {
+    let prefix = format!("/api2/json/nodes/{node}/");
+    lab.fake
+        .requests()
+        .iter()
+        .filter(|request| request.path.starts_with(&prefix))
+        .count()
+}
+
+#[test]
+fn a_pool_fills_across_nodes_by_free_memory_from_each_nodes_copy() {
+    let test = "a_pool_fills_across_nodes_by_free_memory_from_each_nodes_copy";
+    // 10, 12 and 14 GiB free; six VMs of 2 GiB. Placed one after another on the node with the
+    // most free memory, they level the three at 8 GiB: one, two and three VMs.
+    let Some(lab) = cluster(test, [10, 12, 14]) else {
+        return;
+    };
+    let pool = PoolService::start(&lab, 6, &[]);
+    let warm = settled(&lab, 6);
+    let (code, log) = pool.stop();
+    assert_eq!(code, 0, "{log}");
+    let counts = tally(&warm);
+    assert_eq!(
+        counts,
+        BTreeMap::from([("pve1".into(), 1), ("pve2".into(), 2), ("pve3".into(), 3)]),
+        "six warm VMs for the whole cluster, placed by free memory (none on pve4, which has no \
+         copy): {log}"
+    );
+    assert_cloned_from_local_copies(&warm);
+    for vm in &warm {
+        let placed = format!(
+            "warming VM {} on {} (placed on {}: ",
+            vm.vmid, vm.node, vm.node
+        );
+        assert!(log.contains(&placed), "{placed:?} in {log}");
+    }
+    gc_everything(&lab);
+}
+
+#[test]
+fn a_job_claims_a_warm_vm_on_its_placed_node_first_then_on_another() {
+    let test = "a_job_claims_a_warm_vm_on_its_placed_node_first_then_on_another";
+    // One warm VM per node at most: pve3 (30 GiB free) first, then pve1 (20) over pve2 (10).
+    let Some(lab) = cluster(test, [20, 10, 30]) else {
+        return;
+    };
+    let pool = PoolService::start(&lab, 2, &[("PROXMOX_NODE_MAX_VMS", "1")]);
+    let warm = settled(&lab, 2);
+    let (code, log) = pool.stop();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(
+        tally(&warm),
+        BTreeMap::from([("pve1".into(), 1), ("pve3".into(), 1)]),
+        "{log}"
+    );
+    assert_cloned_from_local_copies(&warm);
+    let on = |node: &str| warm.iter().find(|vm| vm.node == node).unwrap().vmid;
+    let (on_pve1, on_pve3) = (on("pve1"), on("pve3"));
+
+    // Jobs are placed on pve1 now (the most free memory of the nodes with a copy).
+    lab.fake.set_node("pve1", load(60));
+    let first = tempfile::tempdir().unwrap();
+    let first_hook = job_hook(&lab, first.path(), 8100);
+    let out = first_hook.clone().arg("prepare").run();
+    out.assert_exit(0);
+    let log = out.log();
+    assert!(log.contains("placed on pve1: "), "{log}");
+    assert!(
+        log.contains(&format!("claimed warm VM {on_pve1} on pve1 (warm for")),
+        "the warm VM on the placed node comes first: {log}"
+    );
+    let state = JobState::load(first.path()).unwrap().expect("a job state");
+    assert_eq!((state.node.as_str(), state.vmid), ("pve1", on_pve1));
+
+    // pve1 has none left: the next job, placed on pve1 again, takes the one on pve3.
+    let second = tempfile::tempdir().unwrap();
+    let second_hook = job_hook(&lab, second.path(), 8101);
+    let out = second_hook.clone().arg("prepare").run();
+    out.assert_exit(0);
+    let log = out.log();
+    assert!(log.contains("placed on pve1: "), "{log}");
+    assert!(
+        log.contains(&format!(
+            "claimed warm VM {on_pve3} on pve3 (pve1 had none to claim)"
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("cloned template"), "no clone: {log}");
+    let state = JobState::load(second.path()).unwrap().expect("a job state");
+    assert_eq!((state.node.as_str(), state.vmid), ("pve3", on_pve3));
+    assert_eq!(state.ip.as_deref(), Some("127.0.0.1"));
+    let claimed = lab.fake.vm(on_pve3).unwrap();
+    assert_eq!(warm_of(&claimed), None, "the job's now");
+    assert_eq!(claimed.name, "ci-8101-group-project");
+
+    // Cleanup finds each VM on its node.
+    first_hook.arg("cleanup").run().assert_exit(0);
+    second_hook.arg("cleanup").run().assert_exit(0);
+    assert!(lab.fake.job_vms().is_empty(), "{:?}", lab.fake.job_vms());
+}
+
+#[test]
+fn an_offline_node_gets_no_warm_vms_and_its_warm_vms_are_never_claimed() {
+    let test = "an_offline_node_gets_no_warm_vms_and_its_warm_vms_are_never_claimed";
+    let Some(lab) = cluster(test, [10, 12, 14]) else {
+        return;
+    };
+    let pool = PoolService::start(&lab, 1, &[]);
+    let stranded = settled(&lab, 1).remove(0);
+    assert_eq!(stranded.node, "pve3");
+
+    // pve3 goes offline with its warm VM: the pool cannot count on that one and warms another,
+    // on pve2 (the most free memory left of the online nodes with a copy).
+    lab.fake.set_node(
+        "pve3",
+        NodeLoad {
+            online: false,
+            ..load(14)
+        },
+    );
+    let asked_pve3 = requests_to(&lab, "pve3");
+    let refill = wait_for("a warm VM on another node", Duration::from_secs(60), || {
+        complete_warm(&lab)
+            .into_iter()
+            .find(|vm| vm.vmid != stranded.vmid)
+    });
+    assert_eq!(refill.node, "pve2");
+    assert_eq!(refill.cloned_from, Some(60901));
+    let (code, log) = pool.stop();
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains(&format!(
+            "warming VM {} on pve2 (placed on pve2: ",
+            refill.vmid
+        )),
+        "{log}"
+    );
+
+    // A job that may use pve1 and pve3 only: the one warm VM it could take is on offline pve3,
+    // so it clones on pve1, and never asks pve3 (whose requests could only time out).
+    let dir = tempfile::tempdir().unwrap();
+    let hook = job_hook(&lab, dir.path(), 8200).host_env("PROXMOX_NODES", "pve1,pve3");
+    let out = hook.clone().arg("prepare").run();
+    out.assert_exit(0);
+    let job_log = out.log();
+    assert!(
+        job_log.contains("no warm VM to claim; cloning one"),
+        "{job_log}"
+    );
+    let state = JobState::load(dir.path()).unwrap().expect("a job state");
+    assert_eq!(state.node, "pve1");
+    assert_eq!(lab.fake.vm(state.vmid).unwrap().cloned_from, Some(60900));
+    assert!(
+        warm_of(&lab.fake.vm(stranded.vmid).unwrap()).is_some(),
+        "the warm VM on pve3 was left alone"
+    );
+    assert_eq!(
+        requests_to(&lab, "pve3"),
+        asked_pve3,
+        "nothing asked offline pve3: pool log {log}\njob log {job_log}"
+    );
+    hook.arg("cleanup").run().assert_exit(0);
+
+    lab.fake.set_node("pve3", load(14));
+    gc_everything(&lab);
+}
+
+#[test]
+fn a_template_change_on_one_node_recycles_only_that_nodes_warm_vms() {
+    let test = "a_template_change_on_one_node_recycles_only_that_nodes_warm_vms";
+    let Some(lab) = cluster(test, [10, 12, 14]) else {
+        return;
+    };
+    // One per node.
+    let pool = PoolService::start(&lab, 3, &[("PROXMOX_NODE_MAX_VMS", "1")]);
+    let before = settled(&lab, 3);
+    assert_eq!(
+        tally(&before),
+        BTreeMap::from([("pve1".into(), 1), ("pve2".into(), 1), ("pve3".into(), 1)])
+    );
+    assert_cloned_from_local_copies(&before);
+    let on = |node: &str| before.iter().find(|vm| vm.node == node).unwrap().clone();
+    let old = on("pve2");
+    let old_digest = warm_of(&old).unwrap().template_digest;
+
+    // The admin updates the copy on pve2 only.
+    set_config(
+        &lab,
+        "pve2",
+        60901,
+        "description",
+        "ubuntu-focal, patched on pve2",
+    );
+    let new = wait_for(
+        "a warm VM of pve2's new copy",
+        Duration::from_secs(60),
+        || {
+            let gone = lab.fake.vm(old.vmid).is_none();
+            complete_warm(&lab)
+                .into_iter()
+                .find(|vm| vm.node == "pve2" && warm_of(vm).unwrap().template_digest != old_digest)
+                .filter(|_| gone)
+        },
+    );
+    assert_eq!(new.cloned_from, Some(60901));
+    let after = settled(&lab, 3);
+    let (code, log) = pool.stop();
+    assert_eq!(code, 0, "{log}");
+    for node in ["pve1", "pve3"] {
+        let kept = on(node);
+        assert!(
+            after.iter().any(|vm| vm.vmid == kept.vmid),
+            "the warm VM on {node} ({}) is still current and stays: {log}",
+            kept.vmid
+        );
+        assert!(
+            !log.contains(&format!("recycled warm VM {}", kept.vmid)),
+            "{log}"
+        );
+    }
+    assert!(
+        log.contains(&format!(
+            "recycled warm VM {} (its template changed)",
+            old.vmid
+        )),
+        "{log}"
+    );
+    gc_everything(&lab);
+}
