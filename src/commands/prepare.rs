@@ -164,6 +164,7 @@ async fn bring_up_on_a_node(
             client,
             settings,
             &template,
+            &placed.node,
             marker,
             &name,
             &context.cancel,

@@ -37,13 +37,15 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 /// Removing a claimed VM that failed its checks.
 const DISCARD_TIMEOUT: Duration = Duration::from_secs(3 * 60);
 
-/// Claims a warm VM of `template` (the one placement chose: with `PROXMOX_NODES`, a warm VM of
-/// any copy of the job's template name qualifies) for the job whose marker is `marker`, reporting every
-/// milestone to `sink` as the engine would. `Ok(None)` when there was none to claim.
+/// Claims a warm VM of `template` (the one placement chose for `node`: with `PROXMOX_NODES`, a
+/// warm VM of any copy of the job's template name qualifies, those on `node` first) for the job
+/// whose marker is `marker`, reporting every milestone to `sink` as the engine would. `Ok(None)`
+/// when there was none to claim.
 pub async fn claim(
     client: &Client,
     settings: &Settings,
     template: &Template,
+    node: &str,
     marker: &Marker,
     vm_name: &str,
     cancel: &Cancel,
@@ -53,7 +55,7 @@ pub async fn claim(
     let candidates = if settings.nodes == NodeSet::One {
         on_the_node(client, settings, template).await?
     } else {
-        anywhere(client, settings, template, sink).await?
+        anywhere(client, settings, node, sink).await?
     };
     if candidates.is_empty() {
         return Ok(None);
@@ -83,10 +85,10 @@ pub async fn claim(
                 sink.timing("claim", started.elapsed());
                 let place = if settings.nodes == NodeSet::One {
                     String::new()
-                } else if warm.vm.node == template.node {
+                } else if warm.vm.node == node {
                     format!(" on {}", warm.vm.node)
                 } else {
-                    format!(" on {} ({} had none to claim)", warm.vm.node, template.node)
+                    format!(" on {} ({node} had none to claim)", warm.vm.node)
                 };
                 sink.info(&format!(
                     "claimed warm VM {vmid}{place} (warm for {}) in {}",
@@ -151,16 +153,16 @@ async fn on_the_node(
 async fn anywhere(
     client: &Client,
     settings: &Settings,
-    placed: &Template,
+    placed_node: &str,
     sink: &mut dyn Sink,
 ) -> Result<Vec<WarmVm>> {
     let copies = placement::copies(client, settings, &settings.template).await?;
-    let listed: Vec<WarmVm> = list_warm(client, settings.vmid_range, &Scope::of(settings, &copies))
+    let listed: Vec<WarmVm> = list_warm(client, settings.vmid_range, &Scope::of(&copies))
         .await?
         .into_iter()
         .filter(claimable)
         .collect();
-    let digests = digests_of(client, &copies, &listed).await;
+    let digests = digests_of(client, &copies.list, &listed).await;
     for (vmid, digest) in &digests {
         if let Err(err) = digest {
             sink.warn(&format!(
@@ -181,7 +183,7 @@ async fn anywhere(
         .collect();
     candidates.shuffle(&mut rand::rng());
     // Stable: the shuffle stays within each group.
-    candidates.sort_by_key(|warm| warm.vm.node != placed.node);
+    candidates.sort_by_key(|warm| warm.vm.node != placed_node);
     Ok(candidates)
 }
 

@@ -20,11 +20,10 @@ pub mod warm;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use crate::config::{NodeSet, Settings};
 use crate::error::{Error, Result};
 use crate::marker::{self, Marker};
 use crate::proxmox::Client;
-use crate::vm::placement::NodeCopy;
+use crate::vm::placement::{Copies, NodeCopy};
 use crate::vm::teardown::{self, Teardown};
 use crate::vm::{Log, VmRef};
 
@@ -69,12 +68,15 @@ pub struct Scope {
 impl Scope {
     /// The online copies of a template name (all of them without placement, where the one
     /// copy on `PROXMOX_NODE` is the whole scope, as before there was placement).
-    pub fn of(settings: &Settings, copies: &[NodeCopy]) -> Scope {
-        let online = copies.iter().filter(|copy| copy.online);
+    pub fn of(copies: &Copies) -> Scope {
         Scope {
-            templates: online.clone().map(|copy| copy.template.vmid).collect(),
-            nodes: (settings.nodes != NodeSet::One)
-                .then(|| online.map(|copy| copy.template.node.clone()).collect()),
+            templates: copies
+                .list
+                .iter()
+                .filter(|copy| copy.online)
+                .map(|copy| copy.template.vmid)
+                .collect(),
+            nodes: copies.online_nodes.clone(),
         }
     }
 }

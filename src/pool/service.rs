@@ -237,19 +237,18 @@ impl Round<'_> {
                 template: template.clone(),
                 online: true,
             };
-            (vec![copy], Some((template, digest)))
+            let copies = placement::Copies {
+                list: vec![copy],
+                online_nodes: None,
+            };
+            (copies, Some((template, digest)))
         } else {
             (placement::copies(self.client, settings, name).await?, None)
         };
-        let listed = list_warm(
-            self.client,
-            settings.vmid_range,
-            &Scope::of(settings, &copies),
-        )
-        .await?;
+        let listed = list_warm(self.client, settings.vmid_range, &Scope::of(&copies)).await?;
         let digests: BTreeMap<u32, Result<String>> = match &fixed {
             Some((template, digest)) => BTreeMap::from([(template.vmid, Ok(digest.clone()))]),
-            None => digests_of(self.client, &copies, &listed).await,
+            None => digests_of(self.client, &copies.list, &listed).await,
         };
         for (vmid, digest) in &digests {
             if let Err(err) = digest {

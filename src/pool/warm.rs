@@ -132,7 +132,15 @@ pub async fn make_warm(
     log: &dyn Log,
 ) -> Result<Warmed> {
     warm_up(
-        client, settings, template, digest, pool_id, None, cancel, log,
+        client,
+        settings,
+        template,
+        &template.node,
+        digest,
+        pool_id,
+        None,
+        cancel,
+        log,
     )
     .await
 }
@@ -172,6 +180,7 @@ pub async fn place_and_warm(
         client,
         settings,
         &placed.template,
+        &placed.node,
         &digest,
         pool_id,
         Some(placing),
@@ -186,6 +195,7 @@ async fn warm_up(
     client: &Client,
     settings: &Settings,
     template: &Template,
+    node: &str,
     digest: &str,
     pool_id: &str,
     placed: Option<Placing>,
@@ -213,7 +223,7 @@ async fn warm_up(
     };
     let started = Instant::now();
     let brought_up = tokio::select! {
-        result = bring_up(client, settings, template, mode, &name, &mut marker, cancel, &mut sink) => result,
+        result = bring_up(client, settings, template, node, mode, &name, &mut marker, cancel, &mut sink) => result,
         reason = cancel.cancelled() => Err(Error::Cancelled(format!("the pool service stopped ({reason})"))),
     };
     match brought_up {
@@ -252,6 +262,7 @@ async fn bring_up(
     client: &Client,
     settings: &Settings,
     template: &Template,
+    node: &str,
     mode: crate::config::CloneMode,
     name: &str,
     marker: &mut Marker,
@@ -260,7 +271,7 @@ async fn bring_up(
 ) -> Result<VmRef> {
     let order = Order {
         template,
-        node: &template.node,
+        node,
         mode,
         name,
         marker,

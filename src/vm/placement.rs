@@ -390,16 +390,28 @@ pub struct NodeCopy {
     pub online: bool,
 }
 
+/// The copies of a template name, and the nodes their clones may be on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Copies {
+    pub list: Vec<NodeCopy>,
+    /// The online nodes placement may use (`None` without `PROXMOX_NODES`): where VMs cloned
+    /// from these copies can be, clones of a shared-storage copy on nodes without one included.
+    pub online_nodes: Option<std::collections::BTreeSet<String>>,
+}
+
 /// Every copy of the template `wanted` names on the nodes placement may use (`PROXMOX_NODES`),
 /// online or not: the warm pool counts and claims the warm VMs of one template name on all of
 /// them. With `PROXMOX_NODES` unset, the template on `PROXMOX_NODE`.
-pub async fn copies(client: &Client, settings: &Settings, wanted: &str) -> Result<Vec<NodeCopy>> {
+pub async fn copies(client: &Client, settings: &Settings, wanted: &str) -> Result<Copies> {
     if settings.nodes == NodeSet::One {
         let template = template::resolve(client, settings, &settings.node, wanted).await?;
-        return Ok(vec![NodeCopy {
-            template,
-            online: true,
-        }]);
+        return Ok(Copies {
+            list: vec![NodeCopy {
+                template,
+                online: true,
+            }],
+            online_nodes: None,
+        });
     }
     let wanted = wanted.trim();
     let nodes = client
@@ -413,11 +425,18 @@ pub async fn copies(client: &Client, settings: &Settings, wanted: &str) -> Resul
         )
     })?;
     let copies = template_copies(settings, wanted, &vms)?;
-    let views = node_views(settings, &nodes, &vms, &copies, &HashSet::new());
-    Ok(views
+    // Only the copies themselves: a shared-storage copy's clones on other nodes are counted
+    // by the template VMID their warm marker names.
+    let views = node_views(settings, &nodes, &vms, &copies, None, &HashSet::new());
+    let online_nodes = views
+        .iter()
+        .filter(|view| view.online)
+        .map(|view| view.name.clone())
+        .collect();
+    let list = views
         .into_iter()
         .filter_map(|view| {
-            let vmid = view.template_vmid?;
+            let vmid = view.source?.vmid;
             Some(NodeCopy {
                 template: Template {
                     node: view.name,
@@ -428,7 +447,11 @@ pub async fn copies(client: &Client, settings: &Settings, wanted: &str) -> Resul
                 online: view.online,
             })
         })
-        .collect())
+        .collect();
+    Ok(Copies {
+        list,
+        online_nodes: Some(online_nodes),
+    })
 }
 
 #[cfg(test)]
