@@ -151,8 +151,8 @@ async fn bring_up_on_a_node(
     if let Some(reason) = &placed.reason {
         joblog::info(reason);
     }
-    let template = placed.template;
-    let mode = template::clone_mode(settings, &template)?;
+    let template = &placed.template;
+    let mode = template::clone_mode(settings, template)?;
     job.template_vmid = Some(template.vmid);
     job.template_node = (template.node != placed.node).then(|| template.node.clone());
     job.node = Some(placed.node.clone());
@@ -163,8 +163,7 @@ async fn bring_up_on_a_node(
         let claimed = crate::pool::claim::claim(
             client,
             settings,
-            &template,
-            &placed.node,
+            &placed,
             marker,
             &name,
             &context.cancel,
@@ -177,7 +176,7 @@ async fn bring_up_on_a_node(
         joblog::info("no warm VM to claim; cloning one");
     }
     let order = Order {
-        template: &template,
+        template,
         node: &placed.node,
         mode,
         name: &name,

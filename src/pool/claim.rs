@@ -27,7 +27,7 @@ use crate::marker::Marker;
 use crate::proxmox::address::choose_address;
 use crate::proxmox::Client;
 use crate::ssh::{self, HostKeyCheck, Target};
-use crate::vm::placement;
+use crate::vm::placement::{self, Placed};
 use crate::vm::teardown;
 use crate::vm::template::Template;
 use crate::vm::{HostKeySource, Milestone, ReadyVm, Sink, SinkLog};
@@ -37,21 +37,21 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 /// Removing a claimed VM that failed its checks.
 const DISCARD_TIMEOUT: Duration = Duration::from_secs(3 * 60);
 
-/// Claims a warm VM of `template` (the one placement chose for `node`: with `PROXMOX_NODES`, a
-/// warm VM of any copy of the job's template name qualifies, those on `node` first) for the job
+/// Claims a warm VM of the template placement chose (with `PROXMOX_NODES`, a warm VM of any
+/// copy of the job's template name qualifies, those on the placed node first) for the job
 /// whose marker is `marker`, reporting every milestone to `sink` as the engine would. `Ok(None)`
 /// when there was none to claim.
 pub async fn claim(
     client: &Client,
     settings: &Settings,
-    template: &Template,
-    node: &str,
+    placed: &Placed,
     marker: &Marker,
     vm_name: &str,
     cancel: &Cancel,
     sink: &mut dyn Sink,
 ) -> Result<Option<ReadyVm>> {
     let started = Instant::now();
+    let (template, node) = (&placed.template, placed.node.as_str());
     let candidates = if settings.nodes == NodeSet::One {
         on_the_node(client, settings, template).await?
     } else {
