@@ -556,6 +556,69 @@ fn a_retried_prepare_first_removes_the_vm_of_the_earlier_attempt() {
 }
 
 #[test]
+fn cleanup_finds_a_vm_that_was_migrated_to_another_node() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    vm_of_this_job(&fake, dir.path(), 2_000_960, Phase::Ready);
+    // HA (or an admin) moved it: it reads as missing on pve1, the node the state names.
+    assert!(fake.migrate_vm(2_000_960, "pve2"));
+    let out = cleanup(&hook(&fake, dir.path(), 99));
+    assert_eq!(out.code, 0, "{}", out.log());
+    assert_log_has(&out, "VM 2000960 is not on pve1 but on pve2 (migrated)");
+    assert!(fake.vm(2_000_960).is_none(), "{NO_VM_LEFT}");
+    assert!(state_of(dir.path()).is_none());
+}
+
+#[test]
+fn cleanup_removes_the_vms_that_failed_node_attempts_left_behind() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let mut state = vm_of_this_job(&fake, dir.path(), 2_000_970, Phase::Ready);
+    // A VM of an earlier attempt on pve2 (the node failed then), with its own marker.
+    let earlier = Marker::new(&JobInfo {
+        job_id: Some(99),
+        ..Default::default()
+    });
+    fake.add_vm(NewVm {
+        vmid: 2_000_971,
+        node: "pve2".into(),
+        tags: "gitlab-proxmox-runner".into(),
+        description: earlier.description(),
+        running: true,
+        ..Default::default()
+    });
+    // And one that is not ours any more (its VMID reused by somebody else's VM).
+    fake.add_vm(NewVm {
+        vmid: 2_000_972,
+        node: "pve2".into(),
+        description: "someone else's".into(),
+        ..Default::default()
+    });
+    for vmid in [2_000_971, 2_000_972] {
+        state
+            .left_behind
+            .push(gitlab_proxmox_runner::state::LeftVm {
+                node: "pve2".into(),
+                vmid,
+                marker: earlier.render(),
+                template_vmid: Some(60900),
+                template_node: None,
+                clone_sent_at: None,
+                clone_upid: None,
+            });
+    }
+    state.save(dir.path()).unwrap();
+    let out = cleanup(&hook(&fake, dir.path(), 99));
+    assert_eq!(out.code, 0, "{}", out.log());
+    assert!(fake.vm(2_000_970).is_none() && fake.vm(2_000_971).is_none());
+    assert!(fake.vm(2_000_972).is_some(), "a foreign VM is left alone");
+    assert_log_has(
+        &out,
+        "VM 2000972 on pve2 is not the VM a failed node attempt created",
+    );
+}
+
+#[test]
 fn transient_api_errors_are_retried() {
     let fake = FakeProxmox::start(FakeConfig::default());
     fake.inject(Fault::HttpErrors {

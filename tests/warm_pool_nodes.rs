@@ -461,3 +461,71 @@ fn a_template_change_on_one_node_recycles_only_that_nodes_warm_vms() {
     );
     gc_everything(&lab);
 }
+
+#[test]
+fn a_shared_storage_template_fills_nodes_without_a_copy_and_the_count_holds() {
+    let test = "a_shared_storage_template_fills_nodes_without_a_copy_and_the_count_holds";
+    let Some(lab) = cluster(test, [10, 12, 14]) else {
+        return;
+    };
+    // One template on the shared RBD pool, on pve2: pve4 (63 GiB free) has no copy, but clones
+    // of it go there with `target`.
+    lab.fake.add_vm(NewVm {
+        vmid: 61000,
+        node: "pve2".into(),
+        name: "ubuntu-shared".into(),
+        template: true,
+        storage: "ceph-vm".into(),
+        ..Default::default()
+    });
+    let shared = [
+        ("WARM_POOL", "ubuntu-shared=3"),
+        ("PROXMOX_ALLOWED_TEMPLATES", "ubuntu-shared"),
+    ];
+    let pool = PoolService::start(&lab, 3, &shared);
+    let warm = settled(&lab, 3);
+    for vm in &warm {
+        assert_eq!(vm.node, "pve4", "VM {} placed by free memory", vm.vmid);
+        assert_eq!(vm.cloned_from, Some(61000));
+        assert_eq!(warm_of(vm).unwrap().template, 61000);
+    }
+    // The VMs on pve4 count for the pool although pve4 has no copy: a few more rounds add none.
+    let listings = || {
+        lab.fake
+            .requests()
+            .iter()
+            .filter(|r| r.path.ends_with("/cluster/resources") && r.query == "type=vm")
+            .count()
+    };
+    let seen = listings();
+    wait_for("three more pool rounds", Duration::from_secs(30), || {
+        (listings() >= seen + 3 * 2).then_some(())
+    });
+    assert_eq!(
+        lab.fake.job_vms().len(),
+        3,
+        "{:?}",
+        tally(&lab.fake.job_vms())
+    );
+
+    // A job placed on pve4 claims one there.
+    let dir = tempfile::tempdir().unwrap();
+    let out = job_hook(&lab, dir.path(), 9300)
+        .host_env("WARM_POOL", "ubuntu-shared=3")
+        .host_env("PROXMOX_ALLOWED_TEMPLATES", "ubuntu-shared")
+        .job_var("PROXMOX_TEMPLATE", "ubuntu-shared")
+        .arg("prepare")
+        .run();
+    let log = out.log();
+    assert_eq!(out.code, 0, "{log}");
+    assert!(log.contains("claimed warm VM"), "{log}");
+    let state = JobState::load(dir.path()).unwrap().expect("job state");
+    assert_eq!(state.node, "pve4");
+    let (code, log) = pool.stop();
+    assert_eq!(code, 0, "{log}");
+    job_hook(&lab, dir.path(), 9300)
+        .arg("cleanup")
+        .run()
+        .assert_exit(0);
+    gc_everything(&lab);
+}

@@ -126,10 +126,9 @@ async fn give_up_vm(
                 "could not remove VM {} on {} yet ({err}); cleanup will try again",
                 left.vmid, left.node
             ));
+            // The state file names it already (as its VM); the next attempt's state lists it
+            // with the others.
             job.left_behind.push(left);
-            let mut kept = state;
-            kept.left_behind = job.left_behind.clone();
-            kept.save(&context.job_dir)?;
         }
     }
     Ok(())

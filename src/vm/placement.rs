@@ -180,8 +180,14 @@ pub async fn place(
         .filter(|node| settings.nodes.allows(&node.node) && !avoid.contains(&node.node))
         .filter(|node| node.is_online())
         .collect();
+    // A shared-storage copy may sit on any node that answers, listed or not: the clone runs
+    // there and the VM goes to the chosen node.
+    let answering: Vec<&ClusterNode> = nodes
+        .iter()
+        .filter(|node| node.is_online() && !avoid.contains(&node.node))
+        .collect();
     let shared = if eligible.iter().any(|node| !copies.contains_key(&node.node)) {
-        shared_copy(client, &copies, &eligible).await?
+        shared_copy(client, &copies, &answering).await?
     } else {
         None
     };
@@ -221,14 +227,14 @@ pub async fn place(
     })
 }
 
-/// A copy of the template, on an eligible node, whose every drive sits on storage PVE marks as
-/// shared, so that it can be cloned to any node.
+/// A copy of the template, on one of the `answering` nodes, whose every drive sits on storage
+/// PVE marks as shared, so that it can be cloned to any node.
 async fn shared_copy(
     client: &Client,
     copies: &BTreeMap<String, (u32, Option<u64>)>,
-    eligible: &[&ClusterNode],
+    answering: &[&ClusterNode],
 ) -> Result<Option<Source>> {
-    let online = |node: &str| eligible.iter().any(|eligible| eligible.node == node);
+    let online = |node: &str| answering.iter().any(|answering| answering.node == node);
     let mut storages: Option<Vec<ClusterStorage>> = None;
     for (node, &(vmid, memory)) in copies.iter().filter(|(node, _)| online(node)) {
         let config = client

@@ -501,6 +501,23 @@ impl FakeProxmox {
         }
     }
 
+    /// Moves a VM to another node at once, as a finished (live) migration leaves it: same VMID,
+    /// config and state, now under the other node's directory.
+    pub fn migrate_vm(&self, vmid: u32, node: &str) -> bool {
+        let mut state = self.lock();
+        state.advance();
+        if !state.is_known_node(node) {
+            return false;
+        }
+        match state.vms.get_mut(&vmid) {
+            Some(vm) => {
+                vm.node = node.to_string();
+                true
+            }
+            None => false,
+        }
+    }
+
     pub fn set_guest_file(&self, path: &str, content: &str) {
         self.lock()
             .config
