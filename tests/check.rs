@@ -12,10 +12,6 @@ use gpr_testkit::{driver_binary, FakeConfig, FakeProxmox, Lab, NewVm};
 const READY: i32 = 0;
 const NOT_READY: i32 = 1;
 const NOT_RUN: i32 = 2;
-
-/// An executable the runner-helper check accepts.
-const HELPER: &str = "/bin/true";
-
 fn lab() -> Lab {
     Lab::builder(driver_binary!()).start()
 }
@@ -24,26 +20,8 @@ fn lab_with(config: FakeConfig) -> Lab {
     Lab::builder(driver_binary!()).fake(config).start()
 }
 
-/// `check` with the lab's settings plus the client key and a helper, overridden by `extra`
-/// (an empty value removes the setting).
 fn check_command(lab: &Lab, extra: &[(&str, &str)]) -> Command {
-    let mut settings = lab.settings();
-    settings.push(("VM_SSH_PRIVATE_KEY".into(), lab.key.private_text.clone()));
-    settings.push(("RUNNER_HELPER_PATH".into(), HELPER.into()));
-    for (name, value) in extra {
-        settings.retain(|(key, _)| key != name);
-        if !value.is_empty() {
-            settings.push((name.to_string(), value.to_string()));
-        }
-    }
-    let mut command = Command::new(&lab.bin);
-    command
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .envs(settings)
-        .arg("check")
-        .stdin(Stdio::null());
-    command
+    lab.check_command(extra)
 }
 
 struct Checked {

@@ -2,7 +2,7 @@
 //! job on is reported with its status, and every template is checked on each node's copy, against
 //! a fake cluster of three nodes (pve1 holds the templates; copies are added per test).
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use gpr_testkit::lab::ED25519_HOST_KEY_FILE;
 use gpr_testkit::ssh_server::TestSshServer;
@@ -33,36 +33,14 @@ fn cluster() -> Lab {
 
 /// A same-name copy of ubuntu-focal (60900 on pve1) on `node`.
 fn copy(lab: &Lab, vmid: u32, node: &str) {
-    lab.fake.add_vm(NewVm {
-        vmid,
-        node: node.into(),
-        name: "ubuntu-focal".into(),
-        template: true,
-        ..Default::default()
-    });
+    lab.fake.add_vm(NewVm::template(vmid, node, "ubuntu-focal"));
 }
 
-/// `check` with the lab's settings, one template, the client key and a helper, overridden by
-/// `extra` (an empty value removes the setting).
+/// `check` with the lab's settings and one template, overridden by `extra`.
 fn check_command(lab: &Lab, extra: &[(&str, &str)]) -> Command {
-    let mut settings = lab.settings();
-    settings.push(("VM_SSH_PRIVATE_KEY".into(), lab.key.private_text.clone()));
-    settings.push(("RUNNER_HELPER_PATH".into(), "/bin/true".into()));
-    settings.push(("PROXMOX_TEMPLATES".into(), "ubuntu-focal=60900".into()));
-    for (name, value) in extra {
-        settings.retain(|(key, _)| key != name);
-        if !value.is_empty() {
-            settings.push((name.to_string(), value.to_string()));
-        }
-    }
-    let mut command = Command::new(&lab.bin);
-    command
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .envs(settings)
-        .arg("check")
-        .stdin(Stdio::null());
-    command
+    let mut settings = vec![("PROXMOX_TEMPLATES", "ubuntu-focal=60900")];
+    settings.extend_from_slice(extra);
+    lab.check_command(&settings)
 }
 
 struct Checked {
@@ -188,14 +166,8 @@ fn a_listed_node_without_a_copy_is_a_warning_and_the_copies_are_checked() {
 fn a_node_without_a_copy_is_served_by_a_copy_on_shared_storage() {
     let lab = cluster();
     // On the shared RBD pool: placement clones it to pve1 and pve3 with `target`.
-    lab.fake.add_vm(NewVm {
-        vmid: 61000,
-        node: "pve2".into(),
-        name: "ubuntu-shared".into(),
-        template: true,
-        storage: "ceph-vm".into(),
-        ..Default::default()
-    });
+    lab.fake
+        .add_vm(NewVm::shared_template(61000, "pve2", "ubuntu-shared"));
     let checked = Checked::run(
         &mut check_command(
             &lab,

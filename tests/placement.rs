@@ -35,13 +35,7 @@ fn cluster(test: &str) -> Option<Lab> {
         .with_sshd_or_skip(test)?;
     // The copies of ubuntu-focal (60900 on pve1) on the nodes with local storage.
     for (vmid, node) in [(60901, "pve2"), (60902, "pve3")] {
-        lab.fake.add_vm(NewVm {
-            vmid,
-            node: node.into(),
-            name: "ubuntu-focal".into(),
-            template: true,
-            ..Default::default()
-        });
+        lab.fake.add_vm(NewVm::template(vmid, node, "ubuntu-focal"));
     }
     lab.fake.set_node("pve1", load(20));
     lab.fake.set_node("pve2", load(40));
@@ -220,14 +214,8 @@ fn a_shared_storage_template_is_cloned_with_target_to_a_node_without_a_copy() {
         return;
     };
     // On pve2, on the shared RBD pool; pve4 (the most free memory) has no copy.
-    lab.fake.add_vm(NewVm {
-        vmid: 61000,
-        node: "pve2".into(),
-        name: "ubuntu-shared".into(),
-        template: true,
-        storage: "ceph-vm".into(),
-        ..Default::default()
-    });
+    lab.fake
+        .add_vm(NewVm::shared_template(61000, "pve2", "ubuntu-shared"));
     let jobs: Vec<(tempfile::TempDir, Hook)> = (0..3)
         .map(|n| {
             let dir = tempfile::tempdir().unwrap();

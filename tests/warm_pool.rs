@@ -4,17 +4,16 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use gitlab_proxmox_runner::marker::Marker;
-use gitlab_proxmox_runner::proxmox::Client;
-use gitlab_proxmox_runner::settings::{Settings, Sources};
 use gitlab_proxmox_runner::state::JobState;
 use gpr_testkit::hook::Hook;
+use gpr_testkit::pool_service::PoolService;
 use gpr_testkit::ssh_job::write_stage_script;
 use gpr_testkit::sshkeys::ClientKey;
-use gpr_testkit::{driver_binary, Lab, VmSnapshot};
+use gpr_testkit::{driver_binary, wait_for, Lab, VmSnapshot};
 
 const TEMPLATE: &str = "ubuntu-focal";
 const TEMPLATE_VMID: u32 = 60900;
@@ -24,67 +23,12 @@ fn start(test: &str) -> Option<Lab> {
     Lab::builder(driver_binary!()).with_sshd_or_skip(test)
 }
 
-/// A pool service the way its systemd unit runs it: the host's settings, no job.
-struct PoolService {
-    child: Child,
-    log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl PoolService {
-    fn start(lab: &Lab, id: &str, size: u32, extra: &[(&str, &str)]) -> PoolService {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("pool.log");
-        let mut command = Command::new(&lab.bin);
-        command
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .envs(lab.settings())
-            .env("WARM_POOL", format!("{TEMPLATE}={size}"))
-            .env("PROXMOX_RUNNER_ID", format!("host-{id}"))
-            .envs(extra.iter().copied())
-            .args(["pool", "--id", id, "--interval", "0.2"])
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::create(dir.path().join("pool.err")).unwrap());
-        let child = command.spawn().expect("start the pool service");
-        PoolService {
-            child,
-            log: dir.path().join("pool.err"),
-            _dir: dir,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, and its exit code.
-    fn stop(mut self) -> (i32, String) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().unwrap();
-        (status.code().unwrap_or(-1), self.log())
-    }
-}
-
-impl Drop for PoolService {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Polls `condition` every 50 ms until it holds; panics with `what` after `limit`.
-#[track_caller]
-fn wait_for<T>(what: &str, limit: Duration, mut condition: impl FnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(value) = condition() {
-            return value;
-        }
-        assert!(started.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// A pool service of `size` warm VMs of the template, with `extra` settings.
+fn pool_service(lab: &Lab, id: &str, size: u32, extra: &[(&str, &str)]) -> PoolService {
+    let pool = format!("{TEMPLATE}={size}");
+    let mut env = vec![("WARM_POOL", pool.as_str())];
+    env.extend_from_slice(extra);
+    PoolService::start(lab, id, &env)
 }
 
 fn marker_of(vm: &VmSnapshot) -> Option<Marker> {
@@ -115,35 +59,9 @@ fn job_hook(lab: &Lab, dir: &Path, job_id: u64, runner: &str) -> Hook {
         .job_var("CI_PROJECT_PATH_SLUG", "group-project")
 }
 
-fn settings_for(lab: &Lab) -> Settings {
-    let env = lab.settings();
-    let lookup = |name: &str| {
-        env.iter()
-            .find(|(key, _)| key == name)
-            .map(|(_, value)| value.clone())
-    };
-    Settings::from_sources(Sources {
-        file: None,
-        env: &lookup,
-        job_response: None,
-    })
-    .expect("the lab's settings parse")
-}
-
-/// A config write through the driver's own client (what an admin's `qm set` does).
+/// An admin's `qm set` on a VM: its config digest changes.
 fn set_config(lab: &Lab, vmid: u32, key: &str, value: &str) {
-    let settings = settings_for(lab);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let client = Client::new(&settings).unwrap();
-        client
-            .set_config("pve1", vmid, &[(key, value.to_string())])
-            .await
-            .unwrap();
-    });
+    assert!(lab.fake.set_vm_config(vmid, key, Some(value)), "VM {vmid}");
 }
 
 fn gc_everything(lab: &Lab) {
@@ -167,7 +85,7 @@ fn a_warm_vm_is_claimed_the_job_runs_and_the_pool_refills() {
     let Some(lab) = start("a_warm_vm_is_claimed_the_job_runs_and_the_pool_refills") else {
         return;
     };
-    let pool = PoolService::start(&lab, "pool-a", 1, &[]);
+    let pool = pool_service(&lab, "pool-a", 1, &[]);
     let warm = wait_for("a warm VM", Duration::from_secs(60), || {
         complete_warm(&lab).into_iter().next()
     });
@@ -239,8 +157,8 @@ fn racing_prepares_from_two_runners_never_share_a_warm_vm() {
         return;
     };
     // Two services, one cluster-wide target: together they settle at 4.
-    let a = PoolService::start(&lab, "pool-a", 4, &[]);
-    let b = PoolService::start(&lab, "pool-b", 4, &[]);
+    let a = pool_service(&lab, "pool-a", 4, &[]);
+    let b = pool_service(&lab, "pool-b", 4, &[]);
     wait_for("exactly 4 warm VMs", Duration::from_secs(90), || {
         let warm = complete_warm(&lab).len();
         let warming = lab.fake.job_vms().len() - warm;
@@ -302,7 +220,7 @@ fn a_template_change_recycles_warm_vms() {
     let Some(lab) = start("a_template_change_recycles_warm_vms") else {
         return;
     };
-    let pool = PoolService::start(&lab, "pool-a", 1, &[]);
+    let pool = pool_service(&lab, "pool-a", 1, &[]);
     let old = wait_for("a warm VM", Duration::from_secs(60), || {
         complete_warm(&lab).into_iter().next()
     });
@@ -337,7 +255,7 @@ fn a_broken_warm_vm_is_never_handed_to_a_job() {
     let Some(lab) = start("a_broken_warm_vm_is_never_handed_to_a_job") else {
         return;
     };
-    let pool = PoolService::start(&lab, "pool-a", 1, &[]);
+    let pool = pool_service(&lab, "pool-a", 1, &[]);
     let warm = wait_for("a warm VM", Duration::from_secs(60), || {
         complete_warm(&lab).into_iter().next()
     });
@@ -392,7 +310,7 @@ fn a_killed_pool_service_leaves_nothing_gc_does_not_remove() {
     };
     // Slow boots: the kill lands while warm-ups are in flight.
     lab.fake.set_boot_time(Duration::from_secs(5));
-    let mut pool = PoolService::start(&lab, "pool-a", 3, &[("WARM_MAX_IDLE", "2")]);
+    let mut pool = pool_service(&lab, "pool-a", 3, &[("WARM_MAX_IDLE", "2")]);
     wait_for("warm-ups in flight", Duration::from_secs(60), || {
         (lab.fake.job_vms().len() >= 2).then_some(())
     });
@@ -421,8 +339,8 @@ fn claims_race_with_two_pool_services_that_keep_refilling_and_trimming() {
     else {
         return;
     };
-    let a = PoolService::start(&lab, "pool-a", 4, &[]);
-    let b = PoolService::start(&lab, "pool-b", 4, &[]);
+    let a = pool_service(&lab, "pool-a", 4, &[]);
+    let b = pool_service(&lab, "pool-b", 4, &[]);
     let initial: HashSet<u32> = wait_for("4 warm VMs", Duration::from_secs(90), || {
         let warm = complete_warm(&lab);
         (warm.len() >= 4).then(|| warm.iter().map(|vm| vm.vmid).collect())

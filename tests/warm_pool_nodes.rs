@@ -5,15 +5,13 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gitlab_proxmox_runner::marker::Marker;
-use gitlab_proxmox_runner::proxmox::Client;
-use gitlab_proxmox_runner::settings::{Settings, Sources};
 use gitlab_proxmox_runner::state::JobState;
 use gpr_testkit::hook::Hook;
-use gpr_testkit::{driver_binary, FakeConfig, Lab, NewVm, NodeLoad, VmSnapshot};
+use gpr_testkit::pool_service::PoolService;
+use gpr_testkit::{driver_binary, wait_for, FakeConfig, Lab, NewVm, NodeLoad, VmSnapshot};
 
 const TEMPLATE: &str = "ubuntu-focal";
 const NODES: &str = "pve1,pve2,pve3,pve4";
@@ -48,13 +46,8 @@ fn cluster(test: &str, free: [u64; 3]) -> Option<Lab> {
         .fake(config)
         .with_sshd_or_skip(test)?;
     for node in ["pve2", "pve3"] {
-        lab.fake.add_vm(NewVm {
-            vmid: copy_on(node).unwrap(),
-            node: node.into(),
-            name: TEMPLATE.into(),
-            template: true,
-            ..Default::default()
-        });
+        lab.fake
+            .add_vm(NewVm::template(copy_on(node).unwrap(), node, TEMPLATE));
     }
     for (node, free) in ["pve1", "pve2", "pve3"].into_iter().zip(free) {
         lab.fake.set_node(node, load(free));
@@ -63,69 +56,17 @@ fn cluster(test: &str, free: [u64; 3]) -> Option<Lab> {
     Some(lab)
 }
 
-/// A pool service as its systemd unit runs it, placing on every node.
-struct PoolService {
-    child: Child,
-    log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl PoolService {
-    fn start(lab: &Lab, size: u32, extra: &[(&str, &str)]) -> PoolService {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("pool.err");
-        let child = Command::new(&lab.bin)
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .envs(lab.settings())
-            .env("WARM_POOL", format!("{TEMPLATE}={size}"))
-            .env("PROXMOX_NODES", NODES)
-            .env("VM_MEMORY_MB", "2048")
-            .env("PROXMOX_RUNNER_ID", "host-pool")
-            .envs(extra.iter().copied())
-            .args(["pool", "--id", "pool-a", "--interval", "0.2"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start the pool service");
-        PoolService {
-            child,
-            log,
-            _dir: dir,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, and its exit code and log.
-    fn stop(mut self) -> (i32, String) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().unwrap();
-        (status.code().unwrap_or(-1), self.log())
-    }
-}
-
-impl Drop for PoolService {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Polls `condition` every 50 ms until it holds; panics with `what` after `limit`.
-#[track_caller]
-fn wait_for<T>(what: &str, limit: Duration, mut condition: impl FnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(value) = condition() {
-            return value;
-        }
-        assert!(started.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// A pool service of `size` warm VMs of the template, placing on every node, with `extra`
+/// settings.
+fn pool_service(lab: &Lab, size: u32, extra: &[(&str, &str)]) -> PoolService {
+    let pool = format!("{TEMPLATE}={size}");
+    let mut env = vec![
+        ("WARM_POOL", pool.as_str()),
+        ("PROXMOX_NODES", NODES),
+        ("VM_MEMORY_MB", "2048"),
+    ];
+    env.extend_from_slice(extra);
+    PoolService::start(lab, "pool-a", &env)
 }
 
 fn warm_of(vm: &VmSnapshot) -> Option<gitlab_proxmox_runner::marker::Warm> {
@@ -187,31 +128,9 @@ fn job_hook(lab: &Lab, dir: &Path, job_id: u64) -> Hook {
         .job_var("CI_PROJECT_PATH_SLUG", "group-project")
 }
 
-/// A config write through the driver's own client (what an admin's `qm set` does).
-fn set_config(lab: &Lab, node: &str, vmid: u32, key: &str, value: &str) {
-    let env = lab.settings();
-    let lookup = |name: &str| {
-        env.iter()
-            .find(|(key, _)| key == name)
-            .map(|(_, value)| value.clone())
-    };
-    let settings = Settings::from_sources(Sources {
-        file: None,
-        env: &lookup,
-        job_response: None,
-    })
-    .expect("the lab's settings parse");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        Client::new(&settings)
-            .unwrap()
-            .set_config(node, vmid, &[(key, value.to_string())])
-            .await
-            .unwrap();
-    });
+/// An admin's `qm set` on a VM: its config digest changes.
+fn set_config(lab: &Lab, vmid: u32, key: &str, value: &str) {
+    assert!(lab.fake.set_vm_config(vmid, key, Some(value)), "VM {vmid}");
 }
 
 fn gc_everything(lab: &Lab) {
@@ -249,7 +168,7 @@ fn a_pool_fills_across_nodes_by_free_memory_from_each_nodes_copy() {
     let Some(lab) = cluster(test, [10, 12, 14]) else {
         return;
     };
-    let pool = PoolService::start(&lab, 6, &[]);
+    let pool = pool_service(&lab, 6, &[]);
     let warm = settled(&lab, 6);
     let (code, log) = pool.stop();
     assert_eq!(code, 0, "{log}");
@@ -278,7 +197,7 @@ fn a_job_claims_a_warm_vm_on_its_placed_node_first_then_on_another() {
     let Some(lab) = cluster(test, [20, 10, 30]) else {
         return;
     };
-    let pool = PoolService::start(&lab, 2, &[("PROXMOX_NODE_MAX_VMS", "1")]);
+    let pool = pool_service(&lab, 2, &[("PROXMOX_NODE_MAX_VMS", "1")]);
     let warm = settled(&lab, 2);
     let (code, log) = pool.stop();
     assert_eq!(code, 0, "{log}");
@@ -339,7 +258,7 @@ fn an_offline_node_gets_no_warm_vms_and_its_warm_vms_are_never_claimed() {
     let Some(lab) = cluster(test, [10, 12, 14]) else {
         return;
     };
-    let pool = PoolService::start(&lab, 1, &[]);
+    let pool = pool_service(&lab, 1, &[]);
     let stranded = settled(&lab, 1).remove(0);
     assert_eq!(stranded.node, "pve3");
 
@@ -408,7 +327,7 @@ fn a_template_change_on_one_node_recycles_only_that_nodes_warm_vms() {
         return;
     };
     // One per node.
-    let pool = PoolService::start(&lab, 3, &[("PROXMOX_NODE_MAX_VMS", "1")]);
+    let pool = pool_service(&lab, 3, &[("PROXMOX_NODE_MAX_VMS", "1")]);
     let before = settled(&lab, 3);
     assert_eq!(
         tally(&before),
@@ -420,13 +339,7 @@ fn a_template_change_on_one_node_recycles_only_that_nodes_warm_vms() {
     let old_digest = warm_of(&old).unwrap().template_digest;
 
     // The admin updates the copy on pve2 only.
-    set_config(
-        &lab,
-        "pve2",
-        60901,
-        "description",
-        "ubuntu-focal, patched on pve2",
-    );
+    set_config(&lab, 60901, "description", "ubuntu-focal, patched on pve2");
     let new = wait_for(
         "a warm VM of pve2's new copy",
         Duration::from_secs(60),
@@ -472,19 +385,13 @@ fn a_shared_storage_template_fills_nodes_without_a_copy_and_the_count_holds() {
     };
     // One template on the shared RBD pool, on pve2: pve4 (63 GiB free) has no copy, but clones
     // of it go there with `target`.
-    lab.fake.add_vm(NewVm {
-        vmid: 61000,
-        node: "pve2".into(),
-        name: "ubuntu-shared".into(),
-        template: true,
-        storage: "ceph-vm".into(),
-        ..Default::default()
-    });
+    lab.fake
+        .add_vm(NewVm::shared_template(61000, "pve2", "ubuntu-shared"));
     let shared = [
         ("WARM_POOL", "ubuntu-shared=3"),
         ("PROXMOX_ALLOWED_TEMPLATES", "ubuntu-shared"),
     ];
-    let pool = PoolService::start(&lab, 3, &shared);
+    let pool = pool_service(&lab, 3, &shared);
     let warm = settled(&lab, 3);
     for vm in &warm {
         assert_eq!(vm.node, "pve4", "VM {} placed by free memory", vm.vmid);

@@ -658,24 +658,8 @@ async fn template_findings(api: &Api, settings: &Settings, out: &mut Output<'_>)
                 continue;
             }
         };
-        let config = match api.client.vm_config(node, vmid).await {
-            Ok(Some(config)) => config,
-            Ok(None) => {
-                out.add(Finding::fail(
-                    id,
-                    format!("{label}: it vanished while being checked"),
-                    "run check again",
-                ));
-                continue;
-            }
-            Err(err) => {
-                out.add(Finding::fail(
-                    id,
-                    format!("{label}: cannot read its config: {err}"),
-                    "the token's privileges on /vms/<vmid> (VM.Audit); see the privilege lines",
-                ));
-                continue;
-            }
+        let Some(config) = template_config(api, node, vmid, &id, &label, out).await else {
+            continue;
         };
         let vm = TemplateVm {
             id,
@@ -689,6 +673,36 @@ async fn template_findings(api: &Api, settings: &Settings, out: &mut Output<'_>)
         ));
     }
     needs
+}
+
+/// A template VM's config, or `None` with a failed line saying why it could not be read.
+async fn template_config(
+    api: &Api,
+    node: &str,
+    vmid: u32,
+    id: &str,
+    label: &str,
+    out: &mut Output<'_>,
+) -> Option<crate::proxmox::VmConfig> {
+    match api.client.vm_config(node, vmid).await {
+        Ok(Some(config)) => Some(config),
+        Ok(None) => {
+            out.add(Finding::fail(
+                id,
+                format!("{label}: it vanished while being checked"),
+                "run check again",
+            ));
+            None
+        }
+        Err(err) => {
+            out.add(Finding::fail(
+                id,
+                format!("{label}: cannot read its config: {err}"),
+                "the token's privileges on /vms/<vmid> (VM.Audit); see the privilege lines",
+            ));
+            None
+        }
+    }
 }
 
 /// The template names a job may get without asking: the map's, and the default when it is not
@@ -790,24 +804,8 @@ async fn node_template_findings(
             }
             let id = format!("template.{name}.{node}");
             let label = format!("template {name} ({vmid}) on {node}");
-            let config = match api.client.vm_config(node, vmid).await {
-                Ok(Some(config)) => config,
-                Ok(None) => {
-                    out.add(Finding::fail(
-                        id,
-                        format!("{label}: it vanished while being checked"),
-                        "run check again",
-                    ));
-                    continue;
-                }
-                Err(err) => {
-                    out.add(Finding::fail(
-                        id,
-                        format!("{label}: cannot read its config: {err}"),
-                        "the token's privileges on /vms/<vmid> (VM.Audit); see the privilege lines",
-                    ));
-                    continue;
-                }
+            let Some(config) = template_config(api, node, vmid, &id, &label, out).await else {
+                continue;
             };
             if !storages.contains_key(node) {
                 let list = node_storage_list(api, node).await;

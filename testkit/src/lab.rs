@@ -176,4 +176,26 @@ impl Lab {
     pub fn fleet_command(&self) -> Command {
         fleet_command(&self.bin, &self.fake)
     }
+
+    /// `check` as an admin runs it: the lab's settings, the client key and `/bin/true` as the
+    /// runner helper, then `extra` (which wins; an empty value removes the setting).
+    pub fn check_command(&self, extra: &[(&str, &str)]) -> Command {
+        let mut settings = self.settings();
+        settings.push(("VM_SSH_PRIVATE_KEY".into(), self.key.private_text.clone()));
+        settings.push(("RUNNER_HELPER_PATH".into(), "/bin/true".into()));
+        for (name, value) in extra {
+            settings.retain(|(key, _)| key != name);
+            if !value.is_empty() {
+                settings.push((name.to_string(), value.to_string()));
+            }
+        }
+        let mut command = Command::new(&self.bin);
+        command
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .envs(settings)
+            .arg("check")
+            .stdin(Stdio::null());
+        command
+    }
 }

@@ -6,6 +6,7 @@
 pub mod fake_proxmox;
 pub mod hook;
 pub mod lab;
+pub mod pool_service;
 pub mod runner;
 pub mod ssh_job;
 pub mod ssh_server;
@@ -19,3 +20,20 @@ pub use fake_proxmox::{
     ApiCapacity, FakeConfig, FakeProxmox, Fault, NewVm, NodeLoad, RecordedRequest, Template,
     VmSnapshot,
 };
+
+/// Polls `condition` every 50 ms until it gives a value; panics naming `what` after `limit`.
+#[track_caller]
+pub fn wait_for<T>(
+    what: &str,
+    limit: std::time::Duration,
+    mut condition: impl FnMut() -> Option<T>,
+) -> T {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(value) = condition() {
+            return value;
+        }
+        assert!(started.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

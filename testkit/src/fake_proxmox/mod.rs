@@ -227,6 +227,28 @@ pub struct NewVm {
     pub storage: String,
 }
 
+impl NewVm {
+    /// A template VM named `name` on `node`, its disk on `local-lvm`: a copy of a template on a
+    /// node with local storage.
+    pub fn template(vmid: u32, node: &str, name: &str) -> NewVm {
+        NewVm {
+            vmid,
+            node: node.to_string(),
+            name: name.to_string(),
+            template: true,
+            ..Default::default()
+        }
+    }
+
+    /// The same on the shared `ceph-vm`: it can be cloned to every node with `target`.
+    pub fn shared_template(vmid: u32, node: &str, name: &str) -> NewVm {
+        NewVm {
+            storage: "ceph-vm".to_string(),
+            ..NewVm::template(vmid, node, name)
+        }
+    }
+}
+
 /// One API request as the fake received it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordedRequest {
