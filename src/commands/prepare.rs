@@ -98,6 +98,9 @@ async fn bring_up(
             job.step
         ));
         avoid.insert(node);
+        // A clone with `target` talks to the template's node too, and the error does not say
+        // which of the two failed: avoid both.
+        avoid.extend(job.template_node.take());
         give_up_vm(client, context, marker, job).await?;
     }
 }
