@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use gitlab_proxmox_runner::marker::Marker;
 use gitlab_proxmox_runner::state::JobState;
 use gpr_testkit::hook::Hook;
-use gpr_testkit::pool_service::PoolService;
+use gpr_testkit::pool_service::{gc_until_empty, PoolService};
 use gpr_testkit::ssh_job::write_stage_script;
 use gpr_testkit::sshkeys::ClientKey;
 use gpr_testkit::{driver_binary, wait_for, Lab, VmSnapshot};
@@ -57,27 +57,6 @@ fn job_hook(lab: &Lab, dir: &Path, job_id: u64, runner: &str) -> Hook {
         .job_var("CI_JOB_ID", job_id.to_string())
         .job_var("CI_PROJECT_PATH", "group/project")
         .job_var("CI_PROJECT_PATH_SLUG", "group-project")
-}
-
-/// An admin's `qm set` on a VM: its config digest changes.
-fn set_config(lab: &Lab, vmid: u32, key: &str, value: &str) {
-    assert!(lab.fake.set_vm_config(vmid, key, Some(value)), "VM {vmid}");
-}
-
-fn gc_everything(lab: &Lab) {
-    wait_for("gc to leave no VM behind", Duration::from_secs(60), || {
-        let out = lab
-            .fleet_command()
-            .args(["gc", "--max-age", "0s"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success() || lab.fake.job_vms().is_empty(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        lab.fake.job_vms().is_empty().then_some(())
-    });
 }
 
 #[test]
@@ -148,7 +127,7 @@ fn a_warm_vm_is_claimed_the_job_runs_and_the_pool_refills() {
     assert!(pool_log.contains("stopped (SIGTERM)"), "{pool_log}");
     // Documented: complete warm VMs outlive the service, until their idle deadline.
     assert!(lab.fake.vm(refill.vmid).is_some());
-    gc_everything(&lab);
+    gc_until_empty(&lab, &[]);
 }
 
 #[test]
@@ -225,7 +204,9 @@ fn a_template_change_recycles_warm_vms() {
         complete_warm(&lab).into_iter().next()
     });
     let old_digest = marker_of(&old).unwrap().warm.unwrap().template_digest;
-    set_config(&lab, TEMPLATE_VMID, "description", "ubuntu-focal, patched");
+    assert!(lab
+        .fake
+        .set_vm_config(TEMPLATE_VMID, "description", Some("ubuntu-focal, patched")));
     let new = wait_for(
         "a warm VM of the new template",
         Duration::from_secs(60),
@@ -247,7 +228,7 @@ fn a_template_change_recycles_warm_vms() {
         )),
         "{log}"
     );
-    gc_everything(&lab);
+    gc_until_empty(&lab, &[]);
 }
 
 #[test]
@@ -281,7 +262,9 @@ fn a_broken_warm_vm_is_never_handed_to_a_job() {
         })
         .collect::<Vec<_>>()
         .join("\n");
-    set_config(&lab, warm.vmid, "description", &description);
+    assert!(lab
+        .fake
+        .set_vm_config(warm.vmid, "description", Some(&description)));
 
     let dir = tempfile::tempdir().unwrap();
     let hook = job_hook(&lab, dir.path(), 4712, "runner-a");
@@ -408,7 +391,7 @@ fn claims_race_with_two_pool_services_that_keep_refilling_and_trimming() {
         .job_vms()
         .iter()
         .all(|vm| marker_of(vm).is_some_and(|m| m.warm.is_some() || m.job_id.is_none())));
-    gc_everything(&lab);
+    gc_until_empty(&lab, &[]);
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use gitlab_proxmox_runner::marker::Marker;
 use gitlab_proxmox_runner::state::JobState;
 use gpr_testkit::hook::Hook;
-use gpr_testkit::pool_service::PoolService;
+use gpr_testkit::pool_service::{gc_until_empty, PoolService};
 use gpr_testkit::{driver_binary, wait_for, FakeConfig, Lab, NewVm, NodeLoad, VmSnapshot};
 
 const TEMPLATE: &str = "ubuntu-focal";
@@ -128,28 +128,6 @@ fn job_hook(lab: &Lab, dir: &Path, job_id: u64) -> Hook {
         .job_var("CI_PROJECT_PATH_SLUG", "group-project")
 }
 
-/// An admin's `qm set` on a VM: its config digest changes.
-fn set_config(lab: &Lab, vmid: u32, key: &str, value: &str) {
-    assert!(lab.fake.set_vm_config(vmid, key, Some(value)), "VM {vmid}");
-}
-
-fn gc_everything(lab: &Lab) {
-    wait_for("gc to leave no VM behind", Duration::from_secs(60), || {
-        let out = lab
-            .fleet_command()
-            .env("PROXMOX_NODES", NODES)
-            .args(["gc", "--max-age", "0s"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success() || lab.fake.job_vms().is_empty(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        lab.fake.job_vms().is_empty().then_some(())
-    });
-}
-
 /// Requests the fake received for anything on `node` (`/nodes/<node>/...`).
 fn requests_to(lab: &Lab, node: &str) -> usize {
     let prefix = format!("/api2/json/nodes/{node}/");
@@ -187,7 +165,7 @@ fn a_pool_fills_across_nodes_by_free_memory_from_each_nodes_copy() {
         );
         assert!(log.contains(&placed), "{placed:?} in {log}");
     }
-    gc_everything(&lab);
+    gc_until_empty(&lab, &[("PROXMOX_NODES", NODES)]);
 }
 
 #[test]
@@ -317,7 +295,7 @@ fn an_offline_node_gets_no_warm_vms_and_its_warm_vms_are_never_claimed() {
     hook.arg("cleanup").run().assert_exit(0);
 
     lab.fake.set_node("pve3", load(14));
-    gc_everything(&lab);
+    gc_until_empty(&lab, &[("PROXMOX_NODES", NODES)]);
 }
 
 #[test]
@@ -339,7 +317,9 @@ fn a_template_change_on_one_node_recycles_only_that_nodes_warm_vms() {
     let old_digest = warm_of(&old).unwrap().template_digest;
 
     // The admin updates the copy on pve2 only.
-    set_config(&lab, 60901, "description", "ubuntu-focal, patched on pve2");
+    assert!(lab
+        .fake
+        .set_vm_config(60901, "description", Some("ubuntu-focal, patched on pve2")));
     let new = wait_for(
         "a warm VM of pve2's new copy",
         Duration::from_secs(60),
@@ -374,7 +354,7 @@ fn a_template_change_on_one_node_recycles_only_that_nodes_warm_vms() {
         )),
         "{log}"
     );
-    gc_everything(&lab);
+    gc_until_empty(&lab, &[("PROXMOX_NODES", NODES)]);
 }
 
 #[test]
@@ -436,5 +416,5 @@ fn a_shared_storage_template_fills_nodes_without_a_copy_and_the_count_holds() {
         .arg("cleanup")
         .run()
         .assert_exit(0);
-    gc_everything(&lab);
+    gc_until_empty(&lab, &[("PROXMOX_NODES", NODES)]);
 }

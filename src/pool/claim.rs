@@ -27,7 +27,7 @@ use crate::marker::Marker;
 use crate::proxmox::address::choose_address;
 use crate::proxmox::Client;
 use crate::ssh::{self, HostKeyCheck, Target};
-use crate::vm::placement::{self, Placed};
+use crate::vm::placement::Placed;
 use crate::vm::teardown;
 use crate::vm::template::Template;
 use crate::vm::{HostKeySource, Milestone, ReadyVm, Sink, SinkLog};
@@ -55,7 +55,7 @@ pub async fn claim(
     let candidates = if settings.nodes == NodeSet::One {
         on_the_node(client, settings, template).await?
     } else {
-        anywhere(client, settings, node, sink).await?
+        anywhere(client, settings, placed, sink).await?
     };
     if candidates.is_empty() {
         return Ok(None);
@@ -153,11 +153,12 @@ async fn on_the_node(
 async fn anywhere(
     client: &Client,
     settings: &Settings,
-    placed_node: &str,
+    placed: &Placed,
     sink: &mut dyn Sink,
 ) -> Result<Vec<WarmVm>> {
-    let copies = placement::copies(client, settings, &settings.template).await?;
-    let listed: Vec<WarmVm> = list_warm(client, settings.vmid_range, &Scope::of(&copies))
+    // The copies placement found with its own reads of the cluster, moments ago.
+    let copies = &placed.copies;
+    let listed: Vec<WarmVm> = list_warm(client, settings.vmid_range, &Scope::of(copies))
         .await?
         .into_iter()
         .filter(claimable)
@@ -183,7 +184,7 @@ async fn anywhere(
         .collect();
     candidates.shuffle(&mut rand::rng());
     // Stable: the shuffle stays within each group.
-    candidates.sort_by_key(|warm| warm.vm.node != placed_node);
+    candidates.sort_by_key(|warm| warm.vm.node != placed.node);
     Ok(candidates)
 }
 

@@ -48,6 +48,8 @@ pub struct Placed {
     /// Why this node, for the job log ("placed on pve2: 41 GiB free, 3 job VMs"); `None`
     /// without placement.
     pub reason: Option<String>,
+    /// Every copy of the template name, from the same reads: where a warm VM to claim can be.
+    pub copies: Copies,
 }
 
 /// One node as placement sees it.
@@ -161,6 +163,7 @@ pub async fn place(
         let template = template::resolve(client, settings, &settings.node, wanted).await?;
         return Ok(Placed {
             node: template.node.clone(),
+            copies: Copies::only(&template),
             template,
             reason: None,
         });
@@ -224,6 +227,7 @@ pub async fn place(
         },
         node: chosen.name.clone(),
         reason: Some(reason),
+        copies: copies_on_nodes(settings, wanted, &nodes, &vms, &copies),
     })
 }
 
@@ -411,13 +415,7 @@ pub struct Copies {
 pub async fn copies(client: &Client, settings: &Settings, wanted: &str) -> Result<Copies> {
     if settings.nodes == NodeSet::One {
         let template = template::resolve(client, settings, &settings.node, wanted).await?;
-        return Ok(Copies {
-            list: vec![NodeCopy {
-                template,
-                online: true,
-            }],
-            online_nodes: None,
-        });
+        return Ok(Copies::only(&template));
     }
     let wanted = wanted.trim();
     let nodes = client
@@ -431,9 +429,33 @@ pub async fn copies(client: &Client, settings: &Settings, wanted: &str) -> Resul
         )
     })?;
     let copies = template_copies(settings, wanted, &vms)?;
+    Ok(copies_on_nodes(settings, wanted, &nodes, &vms, &copies))
+}
+
+impl Copies {
+    /// The one template without placement (`PROXMOX_NODE` alone).
+    fn only(template: &Template) -> Copies {
+        Copies {
+            list: vec![NodeCopy {
+                template: template.clone(),
+                online: true,
+            }],
+            online_nodes: None,
+        }
+    }
+}
+
+/// The copies on the nodes placement may use, and which of those nodes are online.
+fn copies_on_nodes(
+    settings: &Settings,
+    wanted: &str,
+    nodes: &[ClusterNode],
+    vms: &[ClusterVm],
+    copies: &BTreeMap<String, (u32, Option<u64>)>,
+) -> Copies {
     // Only the copies themselves: a shared-storage copy's clones on other nodes are counted
     // by the template VMID their warm marker names.
-    let views = node_views(settings, &nodes, &vms, &copies, None, &HashSet::new());
+    let views = node_views(settings, nodes, vms, copies, None, &HashSet::new());
     let online_nodes = views
         .iter()
         .filter(|view| view.online)
@@ -454,10 +476,10 @@ pub async fn copies(client: &Client, settings: &Settings, wanted: &str) -> Resul
             })
         })
         .collect();
-    Ok(Copies {
+    Copies {
         list,
         online_nodes: Some(online_nodes),
-    })
+    }
 }
 
 #[cfg(test)]

@@ -58,3 +58,27 @@ impl Drop for PoolService {
         let _ = self.child.wait();
     }
 }
+
+/// Runs `gc --max-age 0s` (with `env`) until the fake holds no job VM: what a test does last, so
+/// that nothing a pool or a job made outlives it.
+#[track_caller]
+pub fn gc_until_empty(lab: &Lab, env: &[(&str, &str)]) {
+    crate::wait_for(
+        "gc to leave no VM behind",
+        std::time::Duration::from_secs(60),
+        || {
+            let out = lab
+                .fleet_command()
+                .envs(env.iter().copied())
+                .args(["gc", "--max-age", "0s"])
+                .output()
+                .expect("run gc");
+            assert!(
+                out.status.success() || lab.fake.job_vms().is_empty(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            lab.fake.job_vms().is_empty().then_some(())
+        },
+    );
+}
