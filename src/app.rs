@@ -57,6 +57,16 @@ pub fn execute(cli: Cli) -> i32 {
             let gc_every = gc_every.map(std::time::Duration::from_secs);
             crate::pool::service::pool(&context, id.as_deref(), interval, gc_every).await
         }),
+        Command::FleetKey => match crate::fleet_key::FleetKey::generate() {
+            Ok(key) => {
+                println!("PROXMOX_FLEET_KEY = \"{}\"", key.as_str());
+                0
+            }
+            Err(err) => {
+                eprintln!("gitlab-proxmox-runner: {err}");
+                1
+            }
+        },
         Command::Config => job_hook(file.as_deref(), false, |context| async move {
             config::config(&context).await
         }),

@@ -72,6 +72,9 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS")]
         gc_every: Option<u64>,
     },
+    /// Print a fresh PROXMOX_FLEET_KEY (32 random bytes, base64) for the settings file of every
+    /// runner host and pool service of one fleet.
+    FleetKey,
 }
 
 /// How `check` prints its results.

@@ -47,6 +47,11 @@ pub enum Error {
     #[error("{context}: {message}")]
     Ssh { context: String, message: String },
 
+    /// The VM's sshd (with the host key we expected) refused our key: the key, or the
+    /// template's authorized keys, is what is wrong, not the VM's readiness.
+    #[error("{context}: {message}")]
+    AuthRefused { context: String, message: String },
+
     /// The VM presented an SSH host key other than the pinned ones.
     #[error("{context}: {message}")]
     HostKeyMismatch { context: String, message: String },
@@ -80,6 +85,7 @@ impl Error {
             | Error::Api { .. }
             | Error::Proxmox { .. }
             | Error::Ssh { .. }
+            | Error::AuthRefused { .. }
             | Error::HostKeyMismatch { .. }
             | Error::Io { .. }
             | Error::Cancelled(_)
@@ -99,6 +105,22 @@ impl Error {
             context: context.into(),
             message: message.to_string(),
         }
+    }
+
+    /// `inner` in a wider `context`, keeping what kind of SSH failure it was.
+    pub fn ssh_within(context: impl Into<String>, inner: Error) -> Self {
+        match inner {
+            Error::AuthRefused { .. } => Error::AuthRefused {
+                context: context.into(),
+                message: inner.to_string(),
+            },
+            other => Error::ssh(context, other),
+        }
+    }
+
+    /// Our SSH key was refused by the VM (see [`Error::AuthRefused`]).
+    pub fn is_authentication_refused(&self) -> bool {
+        matches!(self, Error::AuthRefused { .. })
     }
 
     /// A failed API request, kept whole so that callers can ask what it means.

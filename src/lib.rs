@@ -14,6 +14,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod error;
+pub mod fleet_key;
 pub mod hardening;
 pub mod job;
 pub mod joblog;

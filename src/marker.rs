@@ -35,7 +35,9 @@ use percent_encoding::{
     percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS, NON_ALPHANUMERIC,
 };
 
+use crate::fleet_key::FleetKey;
 use crate::job::JobInfo;
+use crate::vm::VmRef;
 
 pub const MARKER_PREFIX: &str = "gitlab-proxmox-runner:";
 pub const CURRENT_VERSION: u8 = 2;
@@ -75,6 +77,9 @@ pub struct Marker {
     pub nonce: String,
     /// Set on a warm VM that no job has claimed yet.
     pub warm: Option<Warm>,
+    /// A warm marker's HMAC (hex) with the fleet key over everything a claim acts on (see
+    /// [`Marker::seal`]); the last field of the line.
+    pub mac: Option<String>,
 }
 
 /// What a warm VM's marker says about it, all host-set.
@@ -126,6 +131,7 @@ impl Marker {
             driver_version: crate::DRIVER_VERSION.to_string(),
             nonce: format!("{:032x}", rand::random::<u128>()),
             warm: None,
+            mac: None,
         }
     }
 
@@ -144,7 +150,41 @@ impl Marker {
             driver_version: crate::DRIVER_VERSION.to_string(),
             nonce: format!("{:032x}", rand::random::<u128>()),
             warm: Some(warm),
+            mac: None,
         }
+    }
+
+    /// What a warm marker's MAC covers: the VM it sits on (VMID and node, so that a copy on
+    /// another VM proves nothing), every field of its line (nonce, runner, pool, created,
+    /// deadline, template and digest, address) and the pinned host keys, in order.
+    fn sealed_message(&self, vm: &VmRef, host_keys: &[String]) -> Vec<u8> {
+        let unsealed = Marker {
+            mac: None,
+            ..self.clone()
+        };
+        let mut message = format!(
+            "gitlab-proxmox-runner warm VM v1\nvmid={}\nnode={}\n{}\n",
+            vm.vmid,
+            vm.node,
+            unsealed.render()
+        );
+        for key in host_keys {
+            let _ = writeln!(message, "{HOST_KEY_LINE}{key}");
+        }
+        message.into_bytes()
+    }
+
+    /// Sets the MAC for this marker on `vm` with `host_keys` pinned.
+    pub fn seal(&mut self, key: &FleetKey, vm: &VmRef, host_keys: &[String]) {
+        self.mac = Some(key.sign(&self.sealed_message(vm, host_keys)));
+    }
+
+    /// Whether the marker carries a valid MAC for `vm` and `host_keys`: made by a host that
+    /// holds the fleet key, for this very VM, unchanged since.
+    pub fn is_sealed_for(&self, key: &FleetKey, vm: &VmRef, host_keys: &[String]) -> bool {
+        self.mac
+            .as_deref()
+            .is_some_and(|mac| key.verify(&self.sealed_message(vm, host_keys), mac))
     }
 
     /// The description of a warm VM: its marker, the pinned host keys, a sentence.
@@ -228,6 +268,9 @@ impl Marker {
                 text(Some(&warm.pool)),
                 text(Some(&warm.address)),
             );
+            if let Some(mac) = &self.mac {
+                let _ = write!(line, " mac={}", text(Some(mac)));
+            }
         }
         line
     }
@@ -310,6 +353,7 @@ impl Marker {
             deadline: if version == 1 { None } else { deadline },
             driver_version: field("driver")?,
             nonce,
+            mac: warm.as_ref().and(field("mac")),
             warm,
         })
     }
@@ -507,6 +551,59 @@ mod tests {
         // A warm line missing one of its fields is not a warm marker of ours.
         let broken = line.replace(" pool=pool-a", "");
         assert_eq!(Marker::parse_line(&broken), None);
+    }
+
+    #[test]
+    fn a_sealed_warm_marker_verifies_only_for_its_vm_its_keys_and_its_fields() {
+        let key = FleetKey::parse("dGVzdCBmbGVldCBrZXkgb2YgdGhlIHRlc3Qga2l0ISE=").unwrap();
+        let warm = Warm {
+            template: 60930,
+            template_digest: "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567".into(),
+            pool: "pool-a".into(),
+            address: "192.0.2.10".into(),
+        };
+        let vm = VmRef {
+            node: "pve1".into(),
+            vmid: 2000042,
+        };
+        let keys = vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHnN0E7mBOmkZ2dJ7iU1eC3c".to_string()];
+        let mut marker = Marker::for_warm("ci-host-1", warm, Duration::from_secs(600));
+        assert!(!marker.is_sealed_for(&key, &vm, &keys), "unsealed");
+        marker.seal(&key, &vm, &keys);
+        let description = marker.warm_description(&keys);
+        let parsed = Marker::find_in(&description).unwrap();
+        assert!(description.lines().next().unwrap().contains(" mac="));
+        assert!(parsed.is_sealed_for(&key, &vm, &warm_host_keys(&description)));
+        // The same line on another VM, another node, with other keys, or under another key.
+        let elsewhere = VmRef {
+            vmid: 2000043,
+            ..vm.clone()
+        };
+        assert!(!parsed.is_sealed_for(&key, &elsewhere, &keys));
+        let other_node = VmRef {
+            node: "pve2".into(),
+            ..vm.clone()
+        };
+        assert!(!parsed.is_sealed_for(&key, &other_node, &keys));
+        assert!(!parsed.is_sealed_for(&key, &vm, &[]));
+        let forger = FleetKey::parse(&crate::fleet_key::FleetKey::generate().unwrap()).unwrap();
+        assert!(!parsed.is_sealed_for(&forger, &vm, &keys));
+        // Any field changed on the line: the address, the deadline, the digest.
+        for (from, to) in [
+            ("addr=192.0.2.10", "addr=192.0.2.66"),
+            ("tdigest=0a1b", "tdigest=ffff"),
+            (" pool=pool-a", " pool=pool-b"),
+        ] {
+            let forged = description.replacen(from, to, 1);
+            let forged = Marker::find_in(&forged).unwrap();
+            assert!(!forged.is_sealed_for(&key, &vm, &keys), "{from} → {to}");
+        }
+        let mut later = parsed.clone();
+        later.deadline = later.deadline.map(|d| d + 86_400);
+        assert!(!later.is_sealed_for(&key, &vm, &keys));
+        // A job marker never carries one, even if the line says so.
+        let job_line = format!("{} mac={}", self::marker().render(), "0".repeat(64));
+        assert_eq!(Marker::parse_line(&job_line).unwrap().mac, None);
     }
 
     #[test]

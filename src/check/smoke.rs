@@ -92,7 +92,7 @@ impl Sink for SmokeSink {
                 }
             }
             Milestone::Released => self.trace = None,
-            Milestone::Cloned | Milestone::Started | Milestone::Ready(_) => {}
+            Milestone::Claiming(_) | Milestone::Cloned | Milestone::Started | Milestone::Ready(_) => {}
         }
         Ok(())
     }

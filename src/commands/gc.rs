@@ -162,6 +162,8 @@ struct Tally {
     live: usize,
     other_runners: usize,
     foreign: usize,
+    /// Warm markers whose MAC does not verify (or no fleet key to verify them with).
+    look_alikes: usize,
     failed: Vec<String>,
 }
 
@@ -188,6 +190,12 @@ impl Tally {
             parts.push(format!("{} of other runners kept", self.other_runners));
         }
         parts.push(format!("{} foreign ignored", self.foreign));
+        if self.look_alikes > 0 {
+            parts.push(format!(
+                "{} look-alike warm VMs ignored (bad MAC)",
+                self.look_alikes
+            ));
+        }
         format!(
             "gc{}: {} in {}",
             if dry_run { " (dry run)" } else { "" },
@@ -290,7 +298,8 @@ async fn sweep(
                 continue;
             }
         };
-        let Some(marker) = config.description().as_deref().and_then(Marker::find_in) else {
+        let description = config.description();
+        let Some(marker) = description.as_deref().and_then(Marker::find_in) else {
             if tagged {
                 joblog::warn(format!(
                     "gc: VM {vmid} on {node} carries the {} tag but no valid ownership marker \
@@ -302,6 +311,24 @@ async fn sweep(
             tally.foreign += 1;
             continue;
         };
+        if marker.warm.is_some() {
+            // A warm marker is only a claim until its MAC verifies: anyone may write one on a
+            // VM of their own. Never destroy what we cannot prove ours.
+            let vm = crate::vm::VmRef {
+                node: node.clone(),
+                vmid,
+            };
+            let host_keys = crate::marker::warm_host_keys(description.as_deref().unwrap_or(""));
+            let sealed = context
+                .settings
+                .fleet_key
+                .as_ref()
+                .is_some_and(|key| marker.is_sealed_for(key, &vm, &host_keys));
+            if !sealed {
+                tally.look_alikes += 1;
+                continue;
+            }
+        }
         if runner.is_some_and(|runner| !marker.made_by_runner(runner)) {
             tally.other_runners += 1;
             continue;
@@ -341,6 +368,14 @@ async fn sweep(
         orphans.push(orphan);
     }
 
+    if tally.look_alikes > 0 && context.settings.fleet_key.is_none() {
+        joblog::warn(format!(
+            "gc: {} VMs carry a warm marker that cannot be verified without PROXMOX_FLEET_KEY; \
+             left alone (set the fleet's key in this host's settings file so gc can sweep the \
+             pool's warm VMs)",
+            tally.look_alikes
+        ));
+    }
     if dry_run {
         for orphan in &orphans {
             joblog::info(format!("gc: would destroy {}", orphan.describe()));

@@ -41,6 +41,10 @@ pub async fn prepare(context: &Context) -> Result<()> {
         joblog::warn(warning);
     }
     super::config::require_ssh_key(&context.settings)?;
+    // Parsed and decrypted before anything is claimed or cloned: a key (or passphrase) the job
+    // supplied that does not parse fails the job here (a build failure), with nothing to undo
+    // and no warm VM spent on it.
+    drop(crate::ssh::load_private_key(&context.settings)?);
     let client = Client::new(&context.settings)?;
     let left_behind = remove_earlier_attempt(&client, context).await?;
 
@@ -161,7 +165,18 @@ async fn bring_up_on_a_node(
     job.timing("template", total.elapsed());
 
     let name = job.vm_name.clone();
-    if crate::pool::service::has_pool(settings, &settings.template) {
+    let own_key = settings
+        .ssh_private_key
+        .as_ref()
+        .is_some_and(|key| key.from_job);
+    let has_pool = crate::pool::service::has_pool(settings, &settings.template);
+    if has_pool && own_key {
+        joblog::info(
+            "the job supplies its own VM_SSH_PRIVATE_KEY, which warm VMs do not accept; cloning \
+             a VM for it",
+        );
+    }
+    if has_pool && !own_key {
         let claimed = crate::pool::claim::claim(
             client,
             settings,

@@ -12,6 +12,7 @@ use super::parse::{
 };
 use super::sources::Origin;
 use super::trust::{self, Decision};
+use crate::fleet_key::FleetKey;
 use crate::error::{Error, Result};
 use crate::secret::Secret;
 
@@ -120,6 +121,10 @@ pub struct SshKeySetting {
     /// It came in through `CUSTOM_ENV_`, so gitlab-runner also exports it into every stage
     /// script it writes into the VM.
     pub via_custom_env: bool,
+    /// The job chose the key or its passphrase (a CI/CD variable, a secret, an override): a
+    /// key that does not parse is then the job's fault, and the job never claims a warm VM
+    /// (warm VMs were made for the host's key).
+    pub from_job: bool,
 }
 
 /// All settings, parsed and checked. Secrets stay in [`Secret`].
@@ -171,6 +176,8 @@ pub struct Settings {
     pub ssh_port: u16,
     pub ssh_private_key: Option<SshKeySetting>,
     pub ssh_key_passphrase: Option<Secret>,
+    /// The job chose `VM_SSH_KEY_PASSPHRASE`: a key it does not decrypt is the job's fault.
+    pub ssh_key_passphrase_from_job: bool,
     pub host_key_policy: HostKeyPolicy,
     /// `None`: `gitlab-runner` on the host's PATH.
     pub runner_helper_path: Option<PathBuf>,
@@ -178,6 +185,8 @@ pub struct Settings {
     pub warm_pool: BTreeMap<String, u32>,
     /// `WARM_MAX_IDLE` (seconds): a warm VM nobody claimed is recycled after this long.
     pub warm_max_idle: Duration,
+    /// `PROXMOX_FLEET_KEY` (settings file only): proves warm VMs ours (`crate::fleet_key`).
+    pub fleet_key: Option<FleetKey>,
     /// Lines for the job log about what the trust rule did (names only, never values).
     pub trust_warnings: Vec<String>,
 }
@@ -450,6 +459,7 @@ impl Settings {
                     Ok(SshKeySetting {
                         key,
                         via_custom_env: origin == Origin::CustomEnv,
+                        from_job: key_from_job,
                     })
                 })
                 .transpose()?;
@@ -466,6 +476,8 @@ impl Settings {
             );
         }
         let ssh_key_passphrase = raw.take_secret("VM_SSH_KEY_PASSPHRASE").map(|(s, _)| s);
+        let ssh_key_passphrase_from_job = ssh_key_passphrase.is_some()
+            && raw.decision.job_chosen.contains("VM_SSH_KEY_PASSPHRASE");
         let warm_pool = match raw.get("WARM_POOL") {
             Some(text) => parse_warm_pool(text)?,
             None => BTreeMap::new(),
@@ -479,6 +491,21 @@ impl Settings {
             Some(secs) => Duration::from_secs(secs),
             None => DEFAULT_WARM_MAX_IDLE,
         };
+        let fleet_key = raw
+            .take_secret("PROXMOX_FLEET_KEY")
+            .map(|(text, _)| FleetKey::parse(text.expose()))
+            .transpose()?;
+        if fleet_key.is_none() && warm_pool.values().any(|count| *count > 0) {
+            return Err(Error::Settings(
+                "WARM_POOL needs PROXMOX_FLEET_KEY in the settings file: any user of the \
+                 cluster who may create VMs can make one that looks like a warm VM of ours \
+                 (VMID in our range, our tag, a copied marker), and only a MAC made with a \
+                 secret of the runner hosts tells ours apart. Make one with \
+                 `gitlab-proxmox-runner fleet-key` and put the same value in the settings file \
+                 of every runner host and pool service of the fleet"
+                    .into(),
+            ));
+        }
 
         Ok(Settings {
             api,
@@ -512,10 +539,12 @@ impl Settings {
             ssh_port,
             ssh_private_key,
             ssh_key_passphrase,
+            ssh_key_passphrase_from_job,
             host_key_policy,
             runner_helper_path: raw.get("RUNNER_HELPER_PATH").map(PathBuf::from),
             warm_pool,
             warm_max_idle,
+            fleet_key,
             trust_warnings,
         })
     }

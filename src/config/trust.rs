@@ -43,6 +43,10 @@ pub enum Trust {
     HostOnly,
     /// Names a file the driver copies or serves: file or process environment, in every setup.
     HostFileOnly,
+    /// A fleet secret (`PROXMOX_FLEET_KEY`): the settings file only, which the admin keeps
+    /// private; never a process environment (readable in /proc by the same user, inherited by
+    /// every child) nor `CUSTOM_ENV_`.
+    SettingsFileOnly,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -121,6 +125,11 @@ pub const SPECS: &[Spec] = &[
         name: "RUNNER_HELPER_PATH",
         trust: Trust::HostFileOnly,
         secret: false,
+    },
+    Spec {
+        name: "PROXMOX_FLEET_KEY",
+        trust: Trust::SettingsFileOnly,
+        secret: true,
     },
 ];
 
@@ -257,7 +266,8 @@ pub fn decide(
                     tainted.push(name);
                 }
             }
-            (Trust::HostOnly, Setup::HostConfigured) | (Trust::HostFileOnly, _) => {
+            (Trust::HostOnly, Setup::HostConfigured)
+            | (Trust::HostFileOnly | Trust::SettingsFileOnly, _) => {
                 if is_set(&value) {
                     ignored.push(name);
                 }
@@ -280,6 +290,17 @@ pub fn decide(
         )));
     }
     for (name, value) in layers.process_env {
+        if spec_for(name).is_some_and(|spec| spec.trust == Trust::SettingsFileOnly) {
+            if is_set(&value) {
+                return Err(Error::Settings(format!(
+                    "{name} is set in the driver's environment; it is read from the settings \
+                     file only (--config, mode 0600, owned by the runner's user): a process \
+                     environment is readable by every process of that user and inherited by \
+                     every child"
+                )));
+            }
+            continue;
+        }
         job_chosen.remove(name);
         values.insert(name, (value, Origin::ProcessEnv));
     }

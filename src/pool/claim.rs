@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 
 use rand::seq::SliceRandom;
 
-use super::{digests_of, list_warm, swap_description, Scope, Swap, WarmVm};
+use super::{digests_of, list_warm, swap_description, Listing, Scope, Swap, WarmVm};
 use crate::cancel::Cancel;
 use crate::config::{NodeSet, Settings};
 use crate::error::{Error, Result};
+use crate::fleet_key::FleetKey;
 use crate::joblog;
 use crate::marker::Marker;
 use crate::proxmox::address::choose_address;
@@ -36,11 +37,19 @@ use crate::vm::{HostKeySource, Milestone, ReadyVm, Sink, SinkLog};
 const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 /// Removing a claimed VM that failed its checks.
 const DISCARD_TIMEOUT: Duration = Duration::from_secs(3 * 60);
+/// Claimed warm VMs one prepare may destroy for failing their checks before it clones
+/// instead: whatever is wrong (with the pool, the network or this job), one job must not
+/// drain the pool.
+pub const MAX_DISCARDS: usize = 2;
 
 /// Claims a warm VM of the template placement chose (with `PROXMOX_NODES`, a warm VM of any
 /// copy of the job's template name qualifies, those on the placed node first) for the job
 /// whose marker is `marker`, reporting every milestone to `sink` as the engine would. `Ok(None)`
-/// when there was none to claim.
+/// when there was none to claim (or none passed its check).
+///
+/// Only warm VMs whose marker's MAC verifies with the fleet key are candidates. A job that
+/// supplied its own SSH key never gets here (prepare clones for it): warm VMs were made, and
+/// checked, for the host's key.
 pub async fn claim(
     client: &Client,
     settings: &Settings,
@@ -51,32 +60,48 @@ pub async fn claim(
     sink: &mut dyn Sink,
 ) -> Result<Option<ReadyVm>> {
     let started = Instant::now();
-    let (template, node) = (&placed.template, placed.node.as_str());
-    let candidates = if settings.nodes == NodeSet::One {
-        on_the_node(client, settings, template).await?
+    let node = placed.node.as_str();
+    let key = super::warm::fleet_key(settings)?;
+    let found = if settings.nodes == NodeSet::One {
+        on_the_node(client, settings, &placed.template, key).await?
     } else {
-        anywhere(client, settings, placed, sink).await?
+        anywhere(client, settings, placed, key, sink).await?
     };
-    if candidates.is_empty() {
-        return Ok(None);
+    if found.look_alikes > 0 {
+        // No detail (which VM, why): a forger would tune to it.
+        sink.warn(&format!(
+            "ignored {} look-alike warm VMs (bad MAC)",
+            found.look_alikes
+        ));
     }
-    for warm in candidates {
+    let mut discarded = 0;
+    for warm in found.warm {
+        if discarded >= MAX_DISCARDS {
+            sink.warn(&format!(
+                "{discarded} claimed warm VMs failed their check; cloning instead of trying more"
+            ));
+            break;
+        }
         let vmid = warm.vm.vmid;
+        // Recorded before the swap: if it lands and we are killed before we hear of it, the job
+        // state names the VM (cleanup checks the marker: it destroys the VM if the swap landed
+        // and leaves it alone if it did not).
+        sink.reached(Milestone::Claiming(&warm.vm))?;
         match swap_description(client, &warm, marker.description(), Some(vm_name), marker).await {
             Ok(Swap::Won) => {}
             Ok(Swap::Lost(why)) => {
+                sink.reached(Milestone::Released)?;
                 sink.info(&format!(
                     "warm VM {vmid} was taken first ({why}); trying the next"
                 ));
                 continue;
             }
             Err(err) => {
+                sink.reached(Milestone::Released)?;
                 sink.warn(&format!("could not claim warm VM {vmid}: {err}"));
                 continue;
             }
         }
-        // Ours from here: recorded before anything else, so cleanup finds it whatever happens.
-        sink.reached(Milestone::Allocated(&warm.vm))?;
         sink.reached(Milestone::Cloned)?;
         sink.reached(Milestone::Started)?;
         match check(client, settings, &warm, cancel).await {
@@ -98,15 +123,25 @@ pub async fn claim(
                 return Ok(Some(ready));
             }
             Err(err) => {
+                let refused = err.is_authentication_refused();
                 sink.warn(&format!(
-                    "claimed warm VM {vmid} failed its check ({err}); destroying it and trying \
-                     the next"
+                    "claimed warm VM {vmid} failed its check ({err}); destroying it"
                 ));
                 let deadline = Instant::now() + DISCARD_TIMEOUT;
                 let node = warm.vm.node.as_str();
                 teardown::destroy_owned_vm(client, node, vmid, marker, deadline, &SinkLog(sink))
                     .await?;
                 sink.reached(Milestone::Released)?;
+                discarded += 1;
+                if refused {
+                    // The VM answered with its pinned host key and refused our key: the key is
+                    // what is wrong, and every other warm VM would refuse it too.
+                    sink.warn(
+                        "the VM refused the SSH key: not claiming more warm VMs (a wrong key \
+                         must not drain the pool); cloning instead",
+                    );
+                    break;
+                }
             }
         }
     }
@@ -131,19 +166,19 @@ async fn on_the_node(
     client: &Client,
     settings: &Settings,
     template: &Template,
-) -> Result<Vec<WarmVm>> {
+    key: &FleetKey,
+) -> Result<Listing> {
     let digest = super::warm::template_digest(client, template).await?;
     let scope = Scope {
         templates: [template.vmid].into(),
         nodes: None,
     };
-    let mut candidates: Vec<WarmVm> = list_warm(client, settings.vmid_range, &scope)
-        .await?
-        .into_iter()
-        .filter(|warm| claimable(warm) && recorded_digest(warm) == Some(digest.as_str()))
-        .collect();
-    candidates.shuffle(&mut rand::rng());
-    Ok(candidates)
+    let mut listing = list_warm(client, settings.vmid_range, &scope, key).await?;
+    listing
+        .warm
+        .retain(|warm| claimable(warm) && recorded_digest(warm) == Some(digest.as_str()));
+    listing.warm.shuffle(&mut rand::rng());
+    Ok(listing)
 }
 
 /// With placement: the warm VMs of every copy of the job's template name on the online nodes
@@ -154,16 +189,14 @@ async fn anywhere(
     client: &Client,
     settings: &Settings,
     placed: &Placed,
+    key: &FleetKey,
     sink: &mut dyn Sink,
-) -> Result<Vec<WarmVm>> {
+) -> Result<Listing> {
     // The copies placement found with its own reads of the cluster, moments ago.
     let copies = &placed.copies;
-    let listed: Vec<WarmVm> = list_warm(client, settings.vmid_range, &Scope::of(copies))
-        .await?
-        .into_iter()
-        .filter(claimable)
-        .collect();
-    let digests = digests_of(client, &copies.list, &listed).await;
+    let mut listing = list_warm(client, settings.vmid_range, &Scope::of(copies), key).await?;
+    listing.warm.retain(claimable);
+    let digests = digests_of(client, &copies.list, &listing.warm).await;
     for (vmid, digest) in &digests {
         if let Err(err) = digest {
             sink.warn(&format!(
@@ -172,20 +205,17 @@ async fn anywhere(
             ));
         }
     }
-    let mut candidates: Vec<WarmVm> = listed
-        .into_iter()
-        .filter(|warm| {
-            let current = warm
-                .template()
-                .and_then(|vmid| digests.get(&vmid))
-                .and_then(|digest| digest.as_ref().ok());
-            current.is_some_and(|digest| recorded_digest(warm) == Some(digest.as_str()))
-        })
-        .collect();
-    candidates.shuffle(&mut rand::rng());
+    listing.warm.retain(|warm| {
+        let current = warm
+            .template()
+            .and_then(|vmid| digests.get(&vmid))
+            .and_then(|digest| digest.as_ref().ok());
+        current.is_some_and(|digest| recorded_digest(warm) == Some(digest.as_str()))
+    });
+    listing.warm.shuffle(&mut rand::rng());
     // Stable: the shuffle stays within each group.
-    candidates.sort_by_key(|warm| warm.vm.node != placed.node);
-    Ok(candidates)
+    listing.warm.sort_by_key(|warm| warm.vm.node != placed.node);
+    Ok(listing)
 }
 
 /// `7 min`, `45 s`.

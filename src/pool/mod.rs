@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use crate::error::{Error, Result};
+use crate::fleet_key::FleetKey;
 use crate::marker::{self, Marker};
 use crate::proxmox::Client;
 use crate::vm::placement::{Copies, NodeCopy};
@@ -81,14 +82,30 @@ impl Scope {
     }
 }
 
+/// What a listing of warm VMs found.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// Warm VMs whose marker's MAC verifies: made by a host of this fleet, for that very VM.
+    pub warm: Vec<WarmVm>,
+    /// VMs that look like warm VMs of ours (in our range, our tag, a warm marker) but whose
+    /// MAC does not verify: another user's, or ours altered since. Never claimed, counted,
+    /// recycled or destroyed.
+    pub look_alikes: usize,
+}
+
 /// Every warm VM of ours on the cluster (tagged, in `PROXMOX_VMID_RANGE`, a warm marker on the
-/// first line of its description) in `scope`.
-pub async fn list_warm(client: &Client, range: (u32, u32), scope: &Scope) -> Result<Vec<WarmVm>> {
+/// first line of its description whose MAC verifies with `key`) in `scope`.
+pub async fn list_warm(
+    client: &Client,
+    range: (u32, u32),
+    scope: &Scope,
+    key: &FleetKey,
+) -> Result<Listing> {
     let vms = client
         .cluster_vms()
         .await
         .map_err(|err| Error::api("listing the cluster's VMs (/cluster/resources)", err))?;
-    let mut found = Vec::new();
+    let mut listing = Listing::default();
     for listed in vms {
         let Ok(vmid) = u32::try_from(listed.vmid) else {
             continue;
@@ -126,12 +143,18 @@ pub async fn list_warm(client: &Client, range: (u32, u32), scope: &Scope) -> Res
         let Some(digest) = config.get("digest") else {
             continue;
         };
-        found.push(WarmVm {
-            vm: VmRef {
-                node: listed.node.clone(),
-                vmid,
-            },
-            host_keys: marker::warm_host_keys(&description),
+        let vm = VmRef {
+            node: listed.node.clone(),
+            vmid,
+        };
+        let host_keys = marker::warm_host_keys(&description);
+        if !marker.is_sealed_for(key, &vm, &host_keys) {
+            listing.look_alikes += 1;
+            continue;
+        }
+        listing.warm.push(WarmVm {
+            vm,
+            host_keys,
             marker,
             digest,
             net0_mac: config.net0_mac(),
@@ -140,7 +163,7 @@ pub async fn list_warm(client: &Client, range: (u32, u32), scope: &Scope) -> Res
                 || config.lock().is_some(),
         });
     }
-    Ok(found)
+    Ok(listing)
 }
 
 /// The config digest now of each template VM that one of `warm` was cloned from, read from

@@ -245,7 +245,10 @@ impl Round<'_> {
         } else {
             (placement::copies(self.client, settings, name).await?, None)
         };
-        let listed = list_warm(self.client, settings.vmid_range, &Scope::of(&copies)).await?;
+        let key = warm::fleet_key(settings)?;
+        let listed = list_warm(self.client, settings.vmid_range, &Scope::of(&copies), key)
+            .await?
+            .warm;
         let digests: BTreeMap<u32, Result<String>> = match &fixed {
             Some((template, digest)) => BTreeMap::from([(template.vmid, Ok(digest.clone()))]),
             None => digests_of(self.client, &copies.list, &listed).await,

@@ -90,6 +90,13 @@ impl Sink for WarmSink<'_> {
     }
 }
 
+/// The key every warm marker is sealed with (settings refuse `WARM_POOL` without it).
+pub(super) fn fleet_key(settings: &Settings) -> Result<&crate::fleet_key::FleetKey> {
+    settings.fleet_key.as_ref().ok_or_else(|| {
+        Error::Settings("the warm pool needs PROXMOX_FLEET_KEY in the settings file".into())
+    })
+}
+
 /// What a finished warm-up took.
 #[derive(Debug, Clone)]
 pub struct Warmed {
@@ -279,10 +286,12 @@ async fn bring_up(
     let started = provision::provision(client, settings, &order, sink).await?;
     let deadline = Instant::now() + settings.boot_timeout;
     let ready = ready::ready(client, settings, &started, deadline, cancel, sink).await?;
-    // Same nonce, now with the address and the keys SSH proved: claimable from here on.
+    // Same nonce, now with the address and the keys SSH proved, sealed with the fleet key:
+    // claimable from here on.
     if let Some(warm) = marker.warm.as_mut() {
         warm.address = ready.ip.to_string();
     }
+    marker.seal(fleet_key(settings)?, &ready.vm, &ready.host_keys);
     let config = client
         .vm_config(&ready.vm.node, ready.vm.vmid)
         .await

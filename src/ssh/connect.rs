@@ -346,9 +346,9 @@ async fn attempt(
             remaining_methods, ..
         } => {
             return Err(ConnectFailure {
-                error: Error::ssh(
-                    format!("authenticating as {:?} to {where_}", target.user),
-                    format!(
+                error: Error::AuthRefused {
+                    context: format!("authenticating as {:?} to {where_}", target.user),
+                    message: format!(
                         "the VM refused the {} key {}; check that its public half is in \
                          ~{}/.ssh/authorized_keys in the template (or cloud-init's ssh keys) \
                          and that VM_SSH_USER is right (server offers: {})",
@@ -361,7 +361,7 @@ async fn attempt(
                             .collect::<Vec<_>>()
                             .join(", ")
                     ),
-                ),
+                },
                 // cloud-init may still be writing authorized_keys.
                 transient: true,
             });
@@ -550,7 +550,7 @@ pub(super) async fn wait_until_ready(
         };
         if let Err(expired) = paused {
             return Err(WaitFailure {
-                error: Error::ssh(
+                error: Error::ssh_within(
                     format!(
                         "waiting for SSH on {where_} (gave up after {}, {limit})",
                         joblog::secs(expired.waited)

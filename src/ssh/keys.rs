@@ -38,12 +38,23 @@ pub(super) fn load_private_key(settings: &Settings) -> Result<PrivateKey> {
         .filter(|pass| !pass.is_empty());
     // Whether a path may be opened was decided with the trust rule (config::trust): a job's
     // value is never a `File`.
-    match &setting.key {
+    let parsed = match &setting.key {
         SshKey::Text(text) => parse_private_key(text.expose().trim(), passphrase),
         SshKey::File(path) => {
-            let text = read_key_file(path)?;
-            parse_private_key(&text, passphrase)
+            read_key_file(path).and_then(|text| parse_private_key(&text, passphrase))
         }
+    };
+    // A key or passphrase the job supplied that does not parse is the job's own mistake: a
+    // build failure, not a system failure the runner would retry.
+    match parsed {
+        Err(Error::Settings(message))
+            if setting.from_job || settings.ssh_key_passphrase_from_job =>
+        {
+            Err(Error::JobRequest(format!(
+                "{message} (the key or its passphrase came from the job's CI/CD variables)"
+            )))
+        }
+        other => other,
     }
 }
 

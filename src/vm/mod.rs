@@ -74,6 +74,10 @@ pub enum Milestone<'a> {
     /// The clone request for the VMID of the last `Allocated` was answered with this task:
     /// until it ends, a missing VM there is not a gone one.
     CloneStarted(&'a crate::proxmox::Upid),
+    /// A warm VM is about to be claimed (compare-and-swap of its description to the job's
+    /// marker): record it now, before the swap, so that a kill at any instant of the claim
+    /// leaves a VM that cleanup finds. No clone is involved: nothing to wait for.
+    Claiming(&'a VmRef),
     /// The VMID chosen last was given up: nothing of ours is left there.
     Released,
     /// The clone task finished: the VM exists.

@@ -211,7 +211,7 @@ impl Provisioning<'_> {
         let request = CloneRequest {
             newid: vmid,
             name: self.order.name.to_string(),
-            description: self.order.marker.description(),
+            description: self.clone_description(vmid),
             full,
             storage: self.settings.storage.clone(),
             pool: self.settings.pool.clone(),
@@ -322,7 +322,27 @@ impl Provisioning<'_> {
         let marker = config
             .and_then(|config| config.description())
             .and_then(|description| Marker::find_in(&description));
-        Ok(marker.as_ref() == Some(self.order.marker))
+        let ours = self.order.marker;
+        Ok(marker.is_some_and(|found| found.version == ours.version && found.nonce == ours.nonce))
+    }
+
+    /// The description the clone carries: the order's marker, sealed for this VM when it is a
+    /// warm VM's (the pool counts and recycles only warm VMs whose MAC verifies, its own
+    /// warm-ups in flight included).
+    fn clone_description(&self, vmid: u32) -> String {
+        let marker = self.order.marker;
+        match (&marker.warm, &self.settings.fleet_key) {
+            (Some(_), Some(key)) => {
+                let mut sealed = marker.clone();
+                let vm = VmRef {
+                    node: self.node.to_string(),
+                    vmid,
+                };
+                sealed.seal(key, &vm, &[]);
+                sealed.description()
+            }
+            _ => marker.description(),
+        }
     }
 
     async fn remove_leftover(&self, vmid: u32, sink: &mut dyn Sink) -> Result<()> {

@@ -43,7 +43,8 @@ pub fn api_hook(bin: impl AsRef<Path>, fake: &FakeProxmox, dir: impl AsRef<Path>
     for (name, value) in fake.settings_env() {
         hook = hook.host_env(name, value);
     }
-    hook
+    let (name, value) = crate::fleet::settings_env();
+    hook.host_env(name, value)
 }
 
 /// A fleet command of `bin` (`gc ...`) the way cron or a systemd timer runs it: no job
@@ -55,6 +56,7 @@ pub fn fleet_command(bin: impl AsRef<Path>, fake: &FakeProxmox) -> Command {
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
         .envs(fake.settings_env())
+        .envs([crate::fleet::settings_env()])
         .stdin(Stdio::null());
     command
 }

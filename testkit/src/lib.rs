@@ -4,6 +4,7 @@
 //! of it (fake, sshd, key → hooks) in one step ([`lab`], with [`driver_binary!`]).
 
 pub mod fake_proxmox;
+pub mod fleet;
 pub mod hook;
 pub mod lab;
 pub mod pool_service;

@@ -57,6 +57,34 @@ impl<'a> JobRecord<'a> {
             None => Ok(()),
         }
     }
+
+    /// The job's VM from here on: `vm`, cloned (`cloned`: the clone request comes next, so a
+    /// VM may appear there while the clone task runs) or a warm VM being claimed (there
+    /// already; nothing to wait for).
+    fn record(&mut self, vm: &crate::vm::VmRef, cloned: bool) -> Result<()> {
+        let state = JobState {
+            node: vm.node.clone(),
+            vmid: vm.vmid,
+            phase: Phase::Allocated,
+            vm_name: self.vm_name.clone(),
+            marker: self.marker.clone(),
+            template_vmid: self.template_vmid,
+            template_node: self.template_node.clone(),
+            left_behind: self.left_behind.clone(),
+            ip: None,
+            ssh_port: None,
+            ssh_user: None,
+            host_keys: Vec::new(),
+            host_key_source: None,
+            lost: None,
+            // Saved as sent before it is: from here on, a VM may appear at this VMID.
+            clone_sent_at: cloned.then(crate::vm::clone_watch::now_epoch),
+            clone_upid: None,
+        };
+        state.save(&self.context.job_dir)?;
+        self.state = Some(state);
+        Ok(())
+    }
 }
 
 impl Log for JobRecord<'_> {
@@ -80,30 +108,8 @@ impl Sink for JobRecord<'_> {
 
     fn reached(&mut self, milestone: Milestone<'_>) -> Result<()> {
         match milestone {
-            Milestone::Allocated(vm) => {
-                let state = JobState {
-                    node: vm.node.clone(),
-                    vmid: vm.vmid,
-                    phase: Phase::Allocated,
-                    vm_name: self.vm_name.clone(),
-                    marker: self.marker.clone(),
-                    template_vmid: self.template_vmid,
-                    template_node: self.template_node.clone(),
-                    left_behind: self.left_behind.clone(),
-                    ip: None,
-                    ssh_port: None,
-                    ssh_user: None,
-                    host_keys: Vec::new(),
-                    host_key_source: None,
-                    lost: None,
-                    // Saved as sent before it is: from here on, a VM may appear at this VMID.
-                    clone_sent_at: Some(crate::vm::clone_watch::now_epoch()),
-                    clone_upid: None,
-                };
-                state.save(&self.context.job_dir)?;
-                self.state = Some(state);
-                Ok(())
-            }
+            Milestone::Allocated(vm) => self.record(vm, true),
+            Milestone::Claiming(vm) => self.record(vm, false),
             Milestone::Released => {
                 self.state = None;
                 // The file stays while it names VMs of failed node attempts; the released
