@@ -7,7 +7,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use gitlab_proxmox_runner::fleet_key::FleetKey;
 use gitlab_proxmox_runner::marker::Marker;
+use gitlab_proxmox_runner::vm::VmRef;
 use gitlab_proxmox_runner::state::JobState;
 use gpr_testkit::hook::Hook;
 use gpr_testkit::pool_service::{gc_until_empty, PoolService};
@@ -250,18 +252,17 @@ fn a_broken_warm_vm_is_never_handed_to_a_job() {
         .take(2)
         .collect::<Vec<_>>()
         .join(" ");
-    let description: String = warm
-        .description
-        .lines()
-        .map(|line| {
-            if line.starts_with("ssh-host-key: ") {
-                format!("ssh-host-key: {pinned}")
-            } else {
-                line.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
+    // Sealed with the fleet's key, as the pool would have sealed a key it read wrongly: a
+    // warm VM of ours whose pinned key the VM does not have (unsealed, it would be a mere
+    // look-alike, ignored: see `a_look_alike_warm_vm_of_another_cluster_user_is_never_claimed`).
+    let mut marker = marker_of(&warm).unwrap();
+    let vm = VmRef {
+        node: warm.node.clone(),
+        vmid: warm.vmid,
+    };
+    let key = FleetKey::parse(gpr_testkit::fleet::FLEET_KEY).unwrap();
+    marker.seal(&key, &vm, std::slice::from_ref(&pinned));
+    let description = marker.warm_description(&[pinned]);
     assert!(lab
         .fake
         .set_vm_config(warm.vmid, "description", Some(&description)));
