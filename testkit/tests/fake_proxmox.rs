@@ -970,3 +970,158 @@ async fn the_agent_reports_ipv6_first_and_host_keys_late() {
     )
     .await;
 }
+
+/// The co-tenant `mallory@pve!t` acts over HTTP with its own token: it clones our template
+/// into a VMID of its choice, names, tags and starts the clone, converts VMs of its own to
+/// templates and creates VMs, all with PVE's answers; its ACL (its pool, `VM.Clone` on the
+/// shared templates) is enforced, and the driver's faults and request records leave it out.
+#[tokio::test]
+async fn a_co_tenant_makes_look_alikes_over_http_within_its_own_acl() {
+    let fake = FakeProxmox::start(FakeConfig {
+        other_nodes: vec!["pve2".into(), "pve3".into()],
+        ..FakeConfig::default()
+    });
+    let mallory = fake.co_tenant();
+    assert_eq!(mallory.token_id(), "mallory@pve!t");
+    // A fault meant for the driver: the co-tenant's clone neither triggers nor consumes it.
+    fake.inject(Fault::CloneTaskFails {
+        count: 1,
+        message: "driver-only fault".into(),
+    });
+
+    // A VM inside the driver's VMID range, named, tagged and described like one of its jobs.
+    mallory
+        .clone_vm("pve1", 60900, 2_000_123, "ci-job-42")
+        .expect("clone of the shared template");
+    mallory
+        .set_config(
+            "pve1",
+            2_000_123,
+            &[("tags", "gitlab-ci;ci-runner"), ("description", "job 42")],
+        )
+        .expect("config of its own VM");
+    mallory.start("pve1", 2_000_123).expect("start");
+    let vm = fake.vm(2_000_123).expect("the co-tenant's VM");
+    assert_eq!(
+        (vm.name.as_str(), vm.tags.as_str(), vm.description.as_str()),
+        ("ci-job-42", "gitlab-ci;ci-runner", "job 42")
+    );
+    assert_eq!(
+        (vm.status.as_str(), vm.pool.as_deref()),
+        ("running", Some("tenant"))
+    );
+
+    // Converting to a template: refused while running, then a task, then refused again.
+    let running = mallory
+        .make_template("pve1", 2_000_123)
+        .expect_err("running");
+    assert_eq!(
+        (running.status, running.message.as_str()),
+        (500, "you can't convert a VM to template if VM is running")
+    );
+    mallory.stop("pve1", 2_000_123).expect("stop");
+    let upid = mallory
+        .call("POST", "/nodes/pve1/qemu/2000123/template", &[])
+        .expect("template request");
+    let upid = upid.as_str().expect("the template endpoint answers a UPID");
+    let fields: Vec<&str> = upid.split(':').collect();
+    assert_eq!(
+        (fields[1], fields[5], fields[6], fields[7]),
+        ("pve1", "qmtemplate", "2000123", "mallory@pve!t")
+    );
+    mallory.wait_task(upid).expect("qmtemplate task");
+    let template = fake.vm(2_000_123).expect("now a template");
+    assert!(template.template);
+    assert!(
+        template.config["scsi0"].contains("base-2000123-disk-0"),
+        "{}",
+        template.config["scsi0"]
+    );
+    let again = mallory.make_template("pve1", 2_000_123).expect_err("twice");
+    assert_eq!(again.message, "you can't convert a template to a template");
+    // Its own template is linked-clonable like ours.
+    mallory
+        .clone_vm("pve1", 2_000_123, 2_000_124, "from-mallorys-template")
+        .expect("linked clone of its own template");
+    assert_eq!(fake.vm(2_000_124).expect("clone").full_clone, Some(false));
+
+    // A template from scratch on a node where the driver has nothing, named like ours.
+    mallory
+        .create_template("pve3", 61950, "ubuntu-focal")
+        .expect("a look-alike template on pve3");
+    let look_alike = fake.vm(61950).expect("look-alike");
+    assert_eq!(
+        (
+            look_alike.node.as_str(),
+            look_alike.name.as_str(),
+            look_alike.template
+        ),
+        ("pve3", "ubuntu-focal", true)
+    );
+    let taken = mallory
+        .create_vm("pve2", 61950, &[("name", "dup")])
+        .expect_err("taken VMID");
+    assert_eq!(
+        (taken.status, taken.message.as_str()),
+        (
+            500,
+            "unable to create VM 61950 - VM 61950 already exists on node 'pve3'"
+        )
+    );
+
+    // Its ACL: the shared templates are clone-only, our VMs are not its own.
+    let ours = mallory
+        .set_config("pve1", 60900, &[("name", "hijacked")])
+        .expect_err("not its template");
+    assert_eq!(
+        (ours.status, ours.message.as_str()),
+        (
+            403,
+            "Permission check failed (/vms/60900, VM.Config.Options)"
+        )
+    );
+    let no_pool = mallory
+        .call(
+            "POST",
+            "/nodes/pve1/qemu/60900/clone",
+            &[("newid", "2000125")],
+        )
+        .expect_err("no pool named");
+    assert_eq!(
+        no_pool.message,
+        "Permission check failed (/vms/2000125, VM.Allocate)"
+    );
+
+    // The driver's fault is still pending and hits the driver's next clone; the driver's
+    // request log holds none of the co-tenant's requests.
+    let api = Api::new(&fake);
+    let answer = api
+        .post("/nodes/pve1/qemu/60900/clone", &[("newid", "2000126")])
+        .await;
+    let status = api
+        .wait_task_data(answer.body["data"].as_str().expect("UPID"))
+        .await;
+    assert_eq!(status["exitstatus"], "driver-only fault");
+    assert_eq!(
+        fake.requests().len(),
+        fake.requests().iter().filter(|r| r.authorized).count()
+    );
+    assert!(fake
+        .requests()
+        .iter()
+        .all(|request| !request.path.contains("2000123")));
+    assert!(fake.co_tenant_requests().len() >= 10);
+    // The driver (ACL on /) sees the co-tenant's VMs; the co-tenant sees its own and the
+    // templates it may clone, not the driver's VM.
+    let listed = mallory
+        .call("GET", "/cluster/resources", &[("type", "vm")])
+        .expect("listing");
+    let ids: Vec<u64> = listed
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|vm| vm["vmid"].as_u64())
+        .collect();
+    assert!(ids.contains(&61950) && ids.contains(&60900), "{ids:?}");
+    assert!(!ids.contains(&2_000_126), "{ids:?}");
+}

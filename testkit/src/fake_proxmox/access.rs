@@ -71,7 +71,10 @@ fn ancestors(path: &str) -> Vec<String> {
     paths
 }
 
-fn most_specific(acl: &BTreeMap<String, BTreeSet<String>>, path: &str) -> BTreeSet<String> {
+pub(crate) fn most_specific(
+    acl: &BTreeMap<String, BTreeSet<String>>,
+    path: &str,
+) -> BTreeSet<String> {
     ancestors(path)
         .iter()
         .find_map(|candidate| acl.get(candidate))

@@ -9,6 +9,8 @@ use serde_json::{Map, Value};
 use super::state::{State, Vm};
 
 pub(crate) struct ApiRequest {
+    /// Whose token the request carried.
+    pub caller: super::co_tenant::Caller,
     pub method: String,
     /// Decoded path below `/api2/json`, e.g. `/nodes/pve1/qemu`.
     pub path: String,

@@ -26,6 +26,10 @@
 //! per node with `shared`; a clone with `target` needs every disk on shared storage (`can't clone
 //! VM to node 'X' (VM uses local storage)`), builds the VM on the source node and moves its config
 //! to the target as the task ends; a node marked offline shows so in `/nodes` and answers 595.
+//! A second user, the co-tenant `mallory@pve!t` with `VM.Allocate` on its own pool, acts over
+//! HTTP through [`FakeProxmox::co_tenant`] (clone into any free VMID, set name/tags/description,
+//! start, `POST .../template`, `POST /nodes/N/qemu`); its privileges are checked like PVE's,
+//! and the driver's faults and request records leave it out (see `co_tenant`).
 //! Not simulated: privileges finer than "pool member or not" for other endpoints (inject other
 //! 403s with [`Fault::HttpErrors`]), HA, snapshots, real guest-exec output.
 //!
@@ -42,6 +46,7 @@
 mod access;
 mod agent;
 mod api;
+mod co_tenant;
 mod routes;
 mod server;
 mod state;
@@ -53,6 +58,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 pub use access::{AclSubject, RUNNER_ROLE};
+pub use co_tenant::{
+    ApiError, CoTenant, CO_TENANT_POOL, CO_TENANT_ROLE, CO_TENANT_TOKEN_NAME, CO_TENANT_USER,
+    TEMPLATE_USER_ROLE,
+};
 use state::State;
 
 /// How the fake cluster looks and how long its simulated operations take.

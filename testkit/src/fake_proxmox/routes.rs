@@ -10,10 +10,18 @@ use super::api::{
     fail, missing_config_text, not_implemented, param_error, param_errors, param_map, vm_on_node,
     vm_on_node_mut, ApiRequest, Reply, Result,
 };
+use super::co_tenant::{privilege_for, Caller};
 use super::state::{random_mac, Effect, State, TaskSpec, Vm, MAX_DESCRIPTION};
 use super::Fault;
 
 pub(crate) fn dispatch(state: &mut State, request: &ApiRequest) -> Reply {
+    state.caller = request.caller;
+    let reply = dispatch_for_caller(state, request);
+    state.caller = Caller::Runner;
+    reply
+}
+
+fn dispatch_for_caller(state: &mut State, request: &ApiRequest) -> Reply {
     state.advance();
     if let Some(Fault::HttpErrors {
         status, message, ..
@@ -38,10 +46,13 @@ pub(crate) fn dispatch(state: &mut State, request: &ApiRequest) -> Reply {
         {
             return Reply::Dropped;
         }
-        let slow = state.faults.iter().find_map(|fault| match fault {
-            Fault::SlowCloneAnswer { delay } => Some(*delay),
-            _ => None,
-        });
+        let slow = state
+            .faults_for_caller()
+            .iter()
+            .find_map(|fault| match fault {
+                Fault::SlowCloneAnswer { delay } => Some(*delay),
+                _ => None,
+            });
         if let Some(delay) = slow {
             return Reply::Delayed(delay, Box::new(reply));
         }
@@ -72,6 +83,9 @@ fn route(state: &mut State, request: &ApiRequest) -> Result<Reply> {
                 })
                 .collect(),
         ),
+        ("GET", ["access", "permissions"]) if request.caller == Caller::CoTenant => {
+            co_tenant_permissions(state, &params)
+        }
         ("GET", ["access", "permissions"]) => super::access::permissions(state, &params)?,
         ("GET", ["cluster", "nextid"]) => nextid(state, &params)?,
         ("GET", ["cluster", "resources"]) => resources(state, &params)?,
@@ -98,6 +112,7 @@ fn node_route(
     let method = request.method.as_str();
     let data = match (method, rest) {
         ("GET", ["qemu"]) => node_qemu_list(state, node),
+        ("POST", ["qemu"]) => create_vm(state, node, params)?,
         ("GET", ["storage"]) => node_storage_list(),
         ("GET", ["tasks"]) => task_list(state, node, params)?,
         ("GET", ["tasks", upid, "status"]) => task_status(state, node, upid)?,
@@ -120,7 +135,7 @@ fn vm_route(
     params: &BTreeMap<String, String>,
 ) -> Result<Reply> {
     let method = request.method.as_str();
-    check_vm_permission(state, vmid, method, rest)?;
+    check_vm_permission(state, vmid, method, rest, params)?;
     let data = match (method, rest) {
         ("GET", []) => {
             vm_on_node(state, node, vmid)?;
@@ -133,6 +148,7 @@ fn vm_route(
         }
         ("DELETE", []) => destroy(state, node, vmid, params)?,
         ("POST", ["clone"]) => clone(state, node, vmid, params)?,
+        ("POST", ["template"]) => make_template(state, node, vmid, params)?,
         ("GET", ["config"]) => get_config(state, node, vmid)?,
         ("PUT", ["config"]) => {
             set_config(state, node, vmid, params)?;
@@ -302,13 +318,30 @@ fn root_only(params: &BTreeMap<String, String>, options: &[&str]) -> Result<()> 
 /// PVE checks the privileges on `/vms/<vmid>` before the handler runs, so with pool-scoped
 /// ACLs a VMID that is not a member of the pool (missing, not yet created, gone, or foreign)
 /// answers 403 whatever its state.
-fn check_vm_permission(state: &State, vmid: u32, method: &str, rest: &[&str]) -> Result<()> {
+fn check_vm_permission(
+    state: &State,
+    vmid: u32,
+    method: &str,
+    rest: &[&str],
+    params: &BTreeMap<String, String>,
+) -> Result<()> {
+    if state.caller == Caller::CoTenant {
+        // The co-tenant's ACL is enforced like PVE's: its privileges on /vms/<vmid>, with the
+        // VM's pool's ACL inherited by its members.
+        let privilege = privilege_for(method, rest, params);
+        let pool = state.vms.get(&vmid).and_then(|vm| vm.pool.as_deref());
+        if state.co_tenant.on_vm(vmid, pool).contains(privilege) {
+            return Ok(());
+        }
+        return Err(permission_denied(&format!("/vms/{vmid}"), privilege));
+    }
     if state.config.token_pool.is_none() {
         return Ok(());
     }
     let privilege = match (method, rest) {
         ("DELETE", []) => "VM.Allocate",
         ("POST", ["clone"]) => "VM.Clone",
+        ("POST", ["template"]) => "VM.Allocate",
         ("PUT" | "POST", ["config"]) => "VM.Config.Options",
         ("PUT" | "POST", ["resize"]) => "VM.Config.Disk",
         ("POST", ["status", _]) => "VM.PowerMgmt",
@@ -363,7 +396,7 @@ fn resources(state: &State, params: &BTreeMap<String, String>) -> Result<Value> 
     let now = Instant::now();
     let mut list = Vec::new();
     if kind.is_none() || kind == Some("vm") {
-        for vm in state.vms.values().filter(|vm| state.token_sees(vm)) {
+        for vm in state.vms.values().filter(|vm| state.caller_sees(vm)) {
             let mut entry = json!({
                 "id": format!("qemu/{}", vm.vmid),
                 "type": "qemu",
@@ -498,7 +531,7 @@ fn node_qemu_list(state: &State, node: &str) -> Value {
         state
             .vms
             .values()
-            .filter(|vm| vm.node == node && state.token_sees(vm))
+            .filter(|vm| vm.node == node && state.caller_sees(vm))
             .map(|vm| {
                 let mut entry = json!({
                     "vmid": vm.vmid,
@@ -616,11 +649,15 @@ fn clone(
     // The API's permission check: VM.Clone on the source (checked by `vm_route`), and
     // VM.Allocate on /vms/<newid> or, with `pool`, on /pool/<pool>.
     if let Some(pool) = params.get("pool") {
-        if !state.config.pools.iter().any(|known| known == pool) {
+        if !state.pool_exists(pool) {
             return Err(param_error("pool", format!("pool '{pool}' does not exist")));
         }
     }
-    if let Some(scope) = &state.config.token_pool {
+    if state.caller == Caller::CoTenant {
+        state
+            .co_tenant
+            .check_allocate(newid, params.get("pool").map(String::as_str))?;
+    } else if let Some(scope) = &state.config.token_pool {
         match params.get("pool") {
             Some(pool) if pool == scope => {}
             Some(pool) => return Err(permission_denied(&format!("/pool/{pool}"), "VM.Allocate")),
@@ -679,7 +716,7 @@ fn clone(
     // Only a template's base volume on thin storage can back a linked clone.
     let linked_clone_ok = is_template
         && is_thin_storage(&source_storage)
-        && source_disk.contains(&format!(":base-{source}-"));
+        && source_disk.contains(&format!("base-{source}-disk"));
     if !full && !linked_clone_ok {
         let volume = source_disk.split(',').next().unwrap_or_default();
         return Err(fail(
@@ -739,10 +776,13 @@ fn clone(
     );
 
     // Decide the task's fate now: faults are counted per request.
-    let concurrent_limit = state.faults.iter().find_map(|fault| match fault {
-        Fault::ConcurrentCloneLimit { max, message } => Some((*max, message.clone())),
-        _ => None,
-    });
+    let concurrent_limit = state
+        .faults_for_caller()
+        .iter()
+        .find_map(|fault| match fault {
+            Fault::ConcurrentCloneLimit { max, message } => Some((*max, message.clone())),
+            _ => None,
+        });
     let mut error = state
         .take_counted(|fault| matches!(fault, Fault::CloneTaskFails { .. }))
         .and_then(|fault| match fault {
@@ -779,10 +819,13 @@ fn clone(
     // Joining the pool comes last, a moment after the lock is gone.
     let pool_step = (duration / 10).min(Duration::from_millis(20));
     let config_at = (now + state.config.clone_config_delay).min(ends - pool_step);
-    let extra_lock = state.faults.iter().find_map(|fault| match fault {
-        Fault::LockAfterClone { duration } => Some(*duration),
-        _ => None,
-    });
+    let extra_lock = state
+        .faults_for_caller()
+        .iter()
+        .find_map(|fault| match fault {
+            Fault::LockAfterClone { duration } => Some(*duration),
+            _ => None,
+        });
     let unlock_at = match extra_lock {
         Some(extra) => ends + extra,
         None => ends - pool_step,
@@ -866,6 +909,281 @@ fn clone(
         state.offline_nodes.insert(node.to_string());
     }
     Ok(Value::String(upid))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Create and convert to template.
+
+/// `POST /nodes/{node}/qemu`: a new VM from parameters (new disks as `storage:SIZE_GIB`,
+/// `storage:cloudinit` for the cloud-init drive, NICs without a MAC get a random one). As
+/// qemu-server's `create_vm`: `VM.Allocate` on `/vms/<vmid>` or on `/pool/<pool>`; the config is
+/// created locked (`lock: create`) before the worker is forked, and a taken VMID fails at once
+/// with `unable to create VM N - VM N already exists on node 'X'`. Simplified: the full config
+/// and the pool membership are there at once; the lock goes when the `qmcreate` task ends.
+fn create_vm(state: &mut State, node: &str, params: &BTreeMap<String, String>) -> Result<Value> {
+    let mut errors = BTreeMap::new();
+    let mut allowed: Vec<&str> = SETTABLE_KEYS.to_vec();
+    allowed.extend(["vmid", "pool", "scsihw", "start", "unique"]);
+    check_allowed(params, &allowed, &mut errors);
+    let vmid = match params.get("vmid") {
+        None => {
+            errors.insert(
+                "vmid".into(),
+                "property is missing and it is not optional".into(),
+            );
+            None
+        }
+        Some(raw) => match parse_vmid("vmid", raw) {
+            Ok(id) => Some(id),
+            Err(Reply::Fail {
+                errors: Some(field_errors),
+                ..
+            }) => {
+                errors.extend(field_errors);
+                None
+            }
+            Err(_) => None,
+        },
+    };
+    parse_bool(params, "start", &mut errors);
+    if params.get("name").is_some_and(|name| !is_dns_name(name)) {
+        errors.insert(
+            "name".into(),
+            "invalid format - value does not look like a valid DNS name".into(),
+        );
+    }
+    let tags = match params.get("tags").map(|raw| normalize_tags(raw)) {
+        Some(Err(message)) => {
+            errors.insert("tags".into(), message);
+            None
+        }
+        Some(Ok(tags)) => Some(tags),
+        None => None,
+    };
+    if params
+        .get("description")
+        .is_some_and(|d| d.len() > MAX_DESCRIPTION)
+    {
+        errors.insert(
+            "description".into(),
+            format!("value may only be {MAX_DESCRIPTION} characters long"),
+        );
+    }
+    if !errors.is_empty() {
+        return Err(param_errors(errors));
+    }
+    let Some(vmid) = vmid else {
+        return Err(param_error(
+            "vmid",
+            "property is missing and it is not optional",
+        ));
+    };
+    let pool = params.get("pool").cloned();
+    if let Some(pool) = &pool {
+        if !state.pool_exists(pool) {
+            return Err(param_error("pool", format!("pool '{pool}' does not exist")));
+        }
+    }
+    if state.caller == Caller::CoTenant {
+        state.co_tenant.check_allocate(vmid, pool.as_deref())?;
+    } else if let Some(scope) = &state.config.token_pool {
+        match &pool {
+            Some(pool) if pool == scope => {}
+            Some(pool) => return Err(permission_denied(&format!("/pool/{pool}"), "VM.Allocate")),
+            None => return Err(permission_denied(&format!("/vms/{vmid}"), "VM.Allocate")),
+        }
+    }
+    if let Some(existing) = state.vms.get(&vmid) {
+        return Err(fail(
+            500,
+            format!(
+                "unable to create VM {vmid} - VM {vmid} already exists on node '{}'",
+                existing.node
+            ),
+        ));
+    }
+    if state.pending_clones.iter().any(|p| p.vmid == vmid) {
+        return Err(fail(
+            500,
+            format!("unable to create VM {vmid} - {}", lock_timeout(vmid)),
+        ));
+    }
+
+    let mut config = BTreeMap::new();
+    let mut error = None;
+    let mut log = Vec::new();
+    for (key, value) in params {
+        if matches!(key.as_str(), "vmid" | "pool" | "start" | "unique") {
+            continue;
+        }
+        let value = match key.as_str() {
+            "tags" => tags.clone().unwrap_or_default(),
+            _ if is_drive_key(key) => {
+                let (volume, options) = value.split_once(',').unwrap_or((value.as_str(), ""));
+                let options = if options.is_empty() {
+                    String::new()
+                } else {
+                    format!(",{options}")
+                };
+                match volume.split_once(':') {
+                    Some((storage, _)) if !STORAGES.iter().any(|(name, ..)| *name == storage) => {
+                        error = Some(format!(
+                            "unable to create VM {vmid} - storage '{storage}' does not exist"
+                        ));
+                        value.clone()
+                    }
+                    Some((storage, "cloudinit")) => {
+                        format!("{storage}:vm-{vmid}-cloudinit{options}")
+                    }
+                    Some((storage, size)) if size.chars().all(|c| c.is_ascii_digit()) => {
+                        let index = config
+                            .keys()
+                            .filter(|key: &&String| is_drive_key(key))
+                            .count();
+                        log.push(format!(
+                            "  Logical volume \"vm-{vmid}-disk-{index}\" created."
+                        ));
+                        format!("{storage}:vm-{vmid}-disk-{index},size={size}G{options}")
+                    }
+                    _ => value.clone(),
+                }
+            }
+            // `virtio,bridge=vmbr0`: no MAC given, PVE adds a random one.
+            _ if key.starts_with("net") && !value.split(',').next().unwrap_or("").contains('=') => {
+                let (model, rest) = value.split_once(',').unwrap_or((value.as_str(), ""));
+                format!("{model}={},{rest}", random_mac())
+                    .trim_end_matches(',')
+                    .to_string()
+            }
+            _ => value.clone(),
+        };
+        config.insert(key.clone(), value);
+    }
+    config.insert(
+        "smbios1".into(),
+        format!("uuid={}", super::state::pseudo_uuid(rand::random::<u128>())),
+    );
+    config.insert(
+        "vmgenid".into(),
+        super::state::pseudo_uuid(rand::random::<u128>()),
+    );
+    state.vms.insert(
+        vmid,
+        Vm {
+            vmid,
+            node: node.to_string(),
+            running: false,
+            lock: Some("create".into()),
+            lock_until: None,
+            config,
+            cloned_from: None,
+            full_clone: None,
+            pool,
+            started_at: None,
+            agent_ready_at: None,
+            agent_never: false,
+            destroying: false,
+            clone: None,
+        },
+    );
+    let duration = state.config.task_time;
+    Ok(Value::String(state.spawn_task(TaskSpec {
+        node: node.to_string(),
+        kind: "qmcreate",
+        id: vmid.to_string(),
+        duration,
+        error,
+        effect: Effect::Created { vmid },
+        log,
+    })))
+}
+
+/// `scsi0`, `virtio1`, `sata2`, `ide2`, `efidisk0`, `tpmstate0`.
+fn is_drive_key(key: &str) -> bool {
+    let bus = key.trim_end_matches(|c: char| c.is_ascii_digit());
+    (matches!(bus, "scsi" | "virtio" | "sata" | "ide") && bus != key)
+        || matches!(key, "efidisk0" | "tpmstate0")
+}
+
+/// `POST /nodes/{node}/qemu/{vmid}/template`, as qemu-server's `template` endpoint: it loads
+/// the config and checks, in this order, the lock (`VM is locked (clone)`), that it is not a
+/// template already (`you can't convert a template to a template`, unless `disk` is given) and
+/// not running (`you can't convert a VM to template if VM is running`), each a 500 before any
+/// task; then a `qmtemplate` worker sets `template: 1` and renames the disks to base volumes.
+/// Needs `VM.Allocate` on `/vms/<vmid>`.
+fn make_template(
+    state: &mut State,
+    node: &str,
+    vmid: u32,
+    params: &BTreeMap<String, String>,
+) -> Result<Value> {
+    let mut errors = BTreeMap::new();
+    check_allowed(params, &["disk"], &mut errors);
+    if !errors.is_empty() {
+        return Err(param_errors(errors));
+    }
+    let vm = vm_on_node(state, node, vmid)?;
+    if let Some(lock) = &vm.lock {
+        return Err(locked(lock));
+    }
+    if vm.is_template() && !params.contains_key("disk") {
+        return Err(fail(500, "you can't convert a template to a template"));
+    }
+    if vm.running {
+        return Err(fail(
+            500,
+            "you can't convert a VM to template if VM is running",
+        ));
+    }
+    let log = vm
+        .config
+        .iter()
+        .filter(|(key, value)| is_drive_key(key) && value.contains(&format!("vm-{vmid}-disk")))
+        .map(|(_, value)| {
+            let volume = value.split(',').next().unwrap_or_default();
+            let name = volume.rsplit(['/', ':']).next().unwrap_or_default();
+            format!(
+                "  Renamed \"{name}\" to \"{}\" in volume group \"pve\"",
+                name.replacen("vm-", "base-", 1)
+            )
+        })
+        .collect();
+    let duration = state.config.task_time;
+    Ok(Value::String(state.spawn_task(TaskSpec {
+        node: node.to_string(),
+        kind: "qmtemplate",
+        id: vmid.to_string(),
+        duration,
+        error: None,
+        effect: Effect::Templated { vmid },
+        log,
+    })))
+}
+
+/// `GET /access/permissions` asked by the co-tenant: its own privileges (PVE answers only
+/// about oneself without Sys.Audit).
+fn co_tenant_permissions(state: &State, params: &BTreeMap<String, String>) -> Value {
+    let paths: Vec<String> = match params.get("path") {
+        Some(path) => vec![path.clone()],
+        None => state.co_tenant.acl.keys().cloned().collect(),
+    };
+    let mut answer = Map::new();
+    for path in paths {
+        let held = match path
+            .strip_prefix("/vms/")
+            .and_then(|id| id.parse::<u32>().ok())
+        {
+            Some(vmid) => {
+                let pool = state.vms.get(&vmid).and_then(|vm| vm.pool.as_deref());
+                state.co_tenant.on_vm(vmid, pool)
+            }
+            None => state.co_tenant.on_path(&path),
+        };
+        let privileges: Map<String, Value> =
+            held.into_iter().map(|name| (name, json!(1))).collect();
+        answer.insert(path, Value::Object(privileges));
+    }
+    Value::Object(answer)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1416,7 +1734,7 @@ fn task_list(state: &State, node: &str, params: &BTreeMap<String, String>) -> Re
         .get("limit")
         .and_then(|l| l.parse().ok())
         .unwrap_or(50);
-    let own = state.token_user();
+    let own = state.caller_user();
     let mut tasks: Vec<&super::state::Task> = state
         .tasks
         .iter()
@@ -1469,6 +1787,10 @@ fn find_task<'a>(state: &'a State, node: &str, upid: &str) -> Result<&'a super::
     }
     // Each node only knows its own tasks; pvedaemon on another node has no such file.
     match state.find_task(upid) {
+        // Another user's task needs Sys.Audit on the node (the co-tenant has none).
+        Some(task) if state.caller == Caller::CoTenant && task.user != state.caller_user() => {
+            Err(permission_denied(&format!("/nodes/{node}"), "Sys.Audit"))
+        }
         Some(task) if task.node == node => Ok(task),
         _ => Err(param_error("upid", "no such task")),
     }

@@ -20,12 +20,15 @@ use tokio::sync::oneshot;
 use tokio_rustls::TlsAcceptor;
 
 use super::api::{ApiRequest, Reply};
+use super::co_tenant::{Caller, CoTenantAccount};
 use super::routes;
 use super::state::State;
 use super::RecordedRequest;
 
 pub(crate) struct TlsMaterial {
     pub ca_pem: String,
+    /// The same CA as DER, for the co-tenant's client to trust.
+    pub ca_der: Vec<u8>,
     pub leaf_der: Vec<u8>,
     leaf_key_der: Vec<u8>,
 }
@@ -65,6 +68,7 @@ impl TlsMaterial {
             let leaf_cert = leaf_params.signed_by(&leaf_key, &issuer)?;
             Ok(TlsMaterial {
                 ca_pem: ca_cert.pem(),
+                ca_der: ca_cert.der().to_vec(),
                 leaf_der: leaf_cert.der().to_vec(),
                 leaf_key_der: leaf_key.serialize_der(),
             })
@@ -268,7 +272,7 @@ async fn handle(
     let raw_path = parts.uri.path().to_string();
     let raw_query = parts.uri.query().unwrap_or("").to_string();
 
-    let (refusal, bad_token_delay, message_in_body) = {
+    let refusal = {
         let state = lock(&state);
         let config = &state.config;
         let header = parts
@@ -276,30 +280,45 @@ async fn handle(
             .get(AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
             .map(str::trim);
+        let mut caller = Caller::Runner;
         let refusal = match header.and_then(|value| value.strip_prefix("PVEAPIToken=")) {
             None => Some("No ticket"),
             Some(token) => {
                 let expected_id = format!("{}!{}", config.token_user, config.token_name);
                 match token.split_once('=') {
                     Some((id, value)) if id == expected_id && value == config.token_value => None,
+                    Some((id, value)) if CoTenantAccount::accepts(id, value) => {
+                        caller = Caller::CoTenant;
+                        None
+                    }
                     _ => Some("invalid token value!"),
                 }
             }
         };
-        (refusal, config.bad_token_delay, config.message_in_body)
+        (
+            refusal,
+            caller,
+            config.bad_token_delay,
+            config.message_in_body,
+        )
     };
+    let (refusal, caller, bad_token_delay, message_in_body) = refusal;
     let authorized = refusal.is_none();
     let body = match body.collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(_) => Bytes::new(),
     };
-    lock(&state).requests.push(RecordedRequest {
+    let record = RecordedRequest {
         method: method.clone(),
         path: raw_path.clone(),
         query: raw_query.clone(),
         authorized,
         body: String::from_utf8_lossy(&body).into_owned(),
-    });
+    };
+    match caller {
+        Caller::Runner => lock(&state).requests.push(record),
+        Caller::CoTenant => lock(&state).co_tenant_requests.push(record),
+    }
 
     if let Some(refusal) = refusal {
         // pve-http-server delays every 401 (by 3 s) against password guessing.
@@ -320,7 +339,7 @@ async fn handle(
         .and_then(|value| value.to_str().ok())
         .is_some_and(|value| value.starts_with("application/json"));
 
-    let mut reply = match parse_request(&method, &raw_path, &raw_query, &body, is_json) {
+    let mut reply = match parse_request(caller, &method, &raw_path, &raw_query, &body, is_json) {
         Ok(Some(api)) => routes::dispatch(&mut lock(&state), &api),
         Ok(None) => Reply::Fail {
             status: 404,
@@ -349,6 +368,7 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 
 /// `Ok(None)`: not under `/api2/json`.
 fn parse_request(
+    caller: Caller,
     method: &str,
     raw_path: &str,
     raw_query: &str,
@@ -376,6 +396,7 @@ fn parse_request(
         }
     }
     Ok(Some(ApiRequest {
+        caller,
         method: method.to_string(),
         path: format!("/{}", segments.join("/")),
         segments,

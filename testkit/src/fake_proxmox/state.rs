@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use super::co_tenant::{Caller, CoTenantAccount, CO_TENANT_POOL};
 use super::{FakeConfig, Fault, NewVm, RecordedRequest, VmSnapshot};
 
 pub(crate) const MAX_DESCRIPTION: usize = 8192;
@@ -39,6 +40,13 @@ pub(crate) struct State {
     /// Clones whose worker has not written the new VM's config yet: the VMID is free as far
     /// as `nextid` and every read can tell.
     pub pending_clones: Vec<PendingClone>,
+    /// Who sent the request being served (set by `routes::dispatch` for its duration): tasks
+    /// carry that user in their UPID, listings and faults depend on it.
+    pub caller: Caller,
+    /// The second user of the cluster, `mallory@pve!t` (see `co_tenant`).
+    pub co_tenant: CoTenantAccount,
+    /// The co-tenant's requests, kept out of `requests` (the driver's footprint).
+    pub co_tenant_requests: Vec<RecordedRequest>,
     next_pid: u32,
     next_exec_pid: u32,
 }
@@ -160,10 +168,28 @@ enum Event {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Effect {
     None,
-    CloneDone { vmid: u32, ok: bool },
-    Started { vmid: u32, boot_time: Duration },
-    Stopped { vmid: u32 },
-    Destroyed { vmid: u32 },
+    CloneDone {
+        vmid: u32,
+        ok: bool,
+    },
+    Started {
+        vmid: u32,
+        boot_time: Duration,
+    },
+    Stopped {
+        vmid: u32,
+    },
+    Destroyed {
+        vmid: u32,
+    },
+    /// `qmcreate`: the worker has written the config; `lock: create` goes.
+    Created {
+        vmid: u32,
+    },
+    /// `qmtemplate`: `template: 1`, the disks renamed to base volumes.
+    Templated {
+        vmid: u32,
+    },
 }
 
 pub(crate) struct Task {
@@ -221,6 +247,9 @@ impl State {
             offline_nodes: std::collections::BTreeSet::new(),
             late_guest_files: BTreeMap::new(),
             pending_clones: Vec::new(),
+            caller: Caller::Runner,
+            co_tenant: CoTenantAccount::new(config.templates.iter().map(|t| t.vmid)),
+            co_tenant_requests: Vec::new(),
             next_pid: 0x0002_1a40 + rand::random::<u16>() as u32,
             next_exec_pid: 1000,
             config,
@@ -368,6 +397,40 @@ impl State {
         format!("{}!{}", self.config.token_user, self.config.token_name)
     }
 
+    /// The token id of the request being served, as its tasks' UPIDs name it.
+    pub fn caller_user(&self) -> String {
+        match self.caller {
+            Caller::Runner => self.token_user(),
+            Caller::CoTenant => CoTenantAccount::token_id(),
+        }
+    }
+
+    /// Whether the caller may see this VM in listings: the driver's token as
+    /// [`State::token_sees`] says, the co-tenant where it has `VM.Audit`.
+    pub fn caller_sees(&self, vm: &Vm) -> bool {
+        match self.caller {
+            Caller::Runner => self.token_sees(vm),
+            Caller::CoTenant => self
+                .co_tenant
+                .on_vm(vm.vmid, vm.pool.as_deref())
+                .contains("VM.Audit"),
+        }
+    }
+
+    /// The injected faults that apply to the request being served: all of them for the
+    /// driver, none for the co-tenant (faults are aimed at the driver).
+    pub fn faults_for_caller(&self) -> &[Fault] {
+        match self.caller {
+            Caller::Runner => &self.faults,
+            Caller::CoTenant => &[],
+        }
+    }
+
+    /// Whether a resource pool of that name exists (the configured ones and the co-tenant's).
+    pub fn pool_exists(&self, pool: &str) -> bool {
+        pool == CO_TENANT_POOL || self.config.pools.iter().any(|known| known == pool)
+    }
+
     /// Applies everything that has happened since the last call, event by event in the order
     /// the events happened.
     pub fn advance(&mut self) {
@@ -504,7 +567,33 @@ impl State {
                     vm.destroying = false;
                 }
             }
-            Effect::Started { .. } | Effect::Stopped { .. } => {}
+            Effect::Created { vmid } => {
+                if ok {
+                    if let Some(vm) = self.vms.get_mut(&vmid) {
+                        if vm.lock.as_deref() == Some("create") {
+                            vm.lock = None;
+                        }
+                    }
+                } else {
+                    // qemu-server unlinks the config of a VM whose creation failed.
+                    self.vms.remove(&vmid);
+                }
+            }
+            Effect::Templated { vmid } if ok => {
+                if let Some(vm) = self.vms.get_mut(&vmid) {
+                    vm.config.insert("template".into(), "1".into());
+                    // template_create renames every disk to a base volume, which linked clones
+                    // then build on (`vm-N-disk-0` -> `base-N-disk-0`).
+                    let own = format!("vm-{vmid}-disk");
+                    let base = format!("base-{vmid}-disk");
+                    for value in vm.config.values_mut() {
+                        if value.contains(&own) && !value.contains("media=cdrom") {
+                            *value = value.replace(&own, &base);
+                        }
+                    }
+                }
+            }
+            Effect::Started { .. } | Effect::Stopped { .. } | Effect::Templated { .. } => {}
         }
     }
 
@@ -528,7 +617,7 @@ impl State {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let user = self.token_user();
+        let user = self.caller_user();
         let upid = format!(
             "UPID:{node}:{pid:08X}:{pstart:08X}:{starttime:08X}:{}:{}:{user}:",
             spec.kind, spec.id
@@ -541,14 +630,16 @@ impl State {
                 _ => None,
             })
             .or_else(|| {
-                self.faults.iter().find_map(|fault| match fault {
-                    Fault::TaskFailsUntil {
-                        kind: k,
-                        until,
-                        message,
-                    } if k == kind && *until > now => Some(message.clone()),
-                    _ => None,
-                })
+                self.faults_for_caller()
+                    .iter()
+                    .find_map(|fault| match fault {
+                        Fault::TaskFailsUntil {
+                            kind: k,
+                            until,
+                            message,
+                        } if k == kind && *until > now => Some(message.clone()),
+                        _ => None,
+                    })
             });
         let exitstatus = match spec.error.or(injected) {
             Some(error) => error,
@@ -603,7 +694,11 @@ impl State {
     }
 
     /// Consumes one use of the first counted fault matching `select`; returns a copy of it.
+    /// None for the co-tenant's requests: faults are aimed at the driver.
     pub fn take_counted(&mut self, select: impl Fn(&Fault) -> bool) -> Option<Fault> {
+        if self.caller == Caller::CoTenant {
+            return None;
+        }
         let index = self
             .faults
             .iter()
@@ -619,7 +714,7 @@ impl State {
     }
 
     pub fn has_fault(&self, select: impl Fn(&Fault) -> bool) -> bool {
-        self.faults.iter().any(select)
+        self.faults_for_caller().iter().any(select)
     }
 
     pub fn next_exec_pid(&mut self) -> u32 {
