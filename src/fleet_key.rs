@@ -121,7 +121,9 @@ mod tests {
         let err = FleetKey::parse(&short).unwrap_err().to_string();
         assert!(err.contains("16 bytes"), "{err}");
         assert!(!err.contains(&short), "{err}");
-        let err = FleetKey::parse("not base64 at all!").unwrap_err().to_string();
+        let err = FleetKey::parse("not base64 at all!")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not base64"), "{err}");
         assert!(!err.contains("at all"), "{err}");
         assert!(FleetKey::parse(&format!(" {}\n", Base64::encode_string(&[1u8; 48]))).is_ok());

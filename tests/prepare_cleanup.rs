@@ -24,7 +24,7 @@ fn closed_port() -> u16 {
 
 /// A hook wired to `fake` the way an admin would configure the driver, for job `job_id`.
 fn hook(fake: &FakeProxmox, dir: &Path, job_id: u64) -> Hook {
-    hook_without_key(fake, dir, job_id).host_env("VM_SSH_PRIVATE_KEY", "not-a-usable-key")
+    hook_without_key(fake, dir, job_id).host_env("VM_SSH_PRIVATE_KEY", unauthorized_key())
 }
 
 fn hook_without_key(fake: &FakeProxmox, dir: &Path, job_id: u64) -> Hook {
@@ -790,7 +790,7 @@ fn a_job_that_redirects_the_api_is_refused_before_any_request() {
         hook = hook.runner_env(name, value);
     }
     let hook = hook
-        .runner_env("VM_SSH_PRIVATE_KEY", "not-a-usable-key")
+        .runner_env("VM_SSH_PRIVATE_KEY", unauthorized_key())
         .job_var("PROXMOX_HOST", attacker.host())
         .job_var("PROXMOX_TLS_FINGERPRINT", attacker.fingerprint());
     for hook_name in ["prepare", "cleanup", "config"] {
@@ -1003,4 +1003,10 @@ fn cleanup_failing_keeps_the_state_for_the_next_try() {
     assert!(state_of(dir.path()).is_some());
     cleanup(&hook).assert_exit(0);
     assert!(fake.vm(2_000_900).is_none());
+}
+
+/// A key that parses but that no VM of the fake accepts: prepare gets past its key check and
+/// fails at the SSH step (a closed port).
+fn unauthorized_key() -> String {
+    gpr_testkit::sshkeys::ClientKey::ed25519().private_text
 }

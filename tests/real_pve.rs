@@ -31,7 +31,7 @@ fn hook(fake: &FakeProxmox, dir: &Path, job_id: u64) -> Hook {
     for (name, value) in fake.settings_env() {
         hook = hook.host_env(name, value);
     }
-    hook.host_env("VM_SSH_PRIVATE_KEY", "not-a-usable-key")
+    hook.host_env("VM_SSH_PRIVATE_KEY", unauthorized_key())
         .host_env("VM_NETWORK_CIDRS", "127.0.0.0/8")
         .host_env("VM_SSH_PORT", closed_port().to_string())
         .host_env("VM_BOOT_TIMEOUT", "20")
@@ -427,4 +427,10 @@ fn gc_hook(fake: &FakeProxmox, dir: &Path) -> Hook {
         hook = hook.host_env(name, value);
     }
     hook
+}
+
+/// A key that parses but that no VM of the fake accepts: prepare gets past its key check and
+/// fails at the SSH step (a closed port).
+fn unauthorized_key() -> String {
+    gpr_testkit::sshkeys::ClientKey::ed25519().private_text
 }

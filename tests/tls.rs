@@ -19,7 +19,7 @@ fn hook_without_trust(fake: &FakeProxmox, dir: &Path) -> Hook {
             hook = hook.host_env(name, value);
         }
     }
-    hook.host_env("VM_SSH_PRIVATE_KEY", "not-a-usable-key")
+    hook.host_env("VM_SSH_PRIVATE_KEY", unauthorized_key())
 }
 
 /// Runs cleanup for a job whose state names a VM that does not exist: with working TLS that
@@ -173,4 +173,10 @@ fn config_checks_trust_material_offline_and_prints_the_driver_json() {
     assert!(out.log().contains("PROXMOX_TLS_CA_FILE"), "{}", out.log());
     assert!(out.stdout.is_empty());
     assert_eq!(fake.request_count(), 0, "config never calls the API");
+}
+
+/// A key that parses but that no VM of the fake accepts: prepare gets past its key check and
+/// fails at the SSH step (a closed port).
+fn unauthorized_key() -> String {
+    gpr_testkit::sshkeys::ClientKey::ed25519().private_text
 }

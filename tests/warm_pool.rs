@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use gitlab_proxmox_runner::fleet_key::FleetKey;
 use gitlab_proxmox_runner::marker::Marker;
-use gitlab_proxmox_runner::vm::VmRef;
 use gitlab_proxmox_runner::state::JobState;
+use gitlab_proxmox_runner::vm::VmRef;
 use gpr_testkit::hook::Hook;
 use gpr_testkit::pool_service::{gc_until_empty, PoolService};
 use gpr_testkit::ssh_job::write_stage_script;
@@ -438,4 +438,252 @@ fn the_pool_service_can_run_the_orphan_sweep_on_a_schedule() {
     }
     unsafe { libc::kill(sweeping.id() as i32, libc::SIGTERM) };
     assert!(sweeping.wait().unwrap().success());
+}
+
+/// Issue 19's first attack: another user of the cluster clones a template into a VMID of our
+/// range, starts it, tags it like ours and copies a real warm VM's description (its marker
+/// line, its address, its host key: all readable with VM.Audit). Its sshd would take any key.
+/// Without a MAC only our hosts can make, the next job claims it and runs there.
+#[test]
+fn a_look_alike_warm_vm_of_another_cluster_user_is_never_claimed_counted_or_destroyed() {
+    let Some(lab) =
+        start("a_look_alike_warm_vm_of_another_cluster_user_is_never_claimed_counted_or_destroyed")
+    else {
+        return;
+    };
+    let pool = pool_service(&lab, "pool-a", 1, &[]);
+    let real = wait_for("a warm VM", Duration::from_secs(60), || {
+        complete_warm(&lab).into_iter().next()
+    });
+    pool.stop();
+
+    // The forger's VM, in our range, running, its description a copy of the real one's.
+    let mallory = lab.fake.co_tenant();
+    let forged = real.vmid + 500;
+    mallory
+        .clone_vm(&real.node, TEMPLATE_VMID, forged, &real.name)
+        .unwrap();
+    mallory
+        .set_config(
+            &real.node,
+            forged,
+            &[
+                ("tags", "gitlab-proxmox-runner"),
+                ("description", &real.description),
+            ],
+        )
+        .unwrap();
+    mallory.start(&real.node, forged).unwrap();
+    // Booted, its agent answering: a working machine, as a forger would have it.
+    let ping = format!("/nodes/{}/qemu/{forged}/agent/ping", real.node);
+    wait_for(
+        "the look-alike's guest agent",
+        Duration::from_secs(60),
+        || mallory.call("POST", &ping, &[]).ok(),
+    );
+    // The real one is busy (a backup holds it), so the look-alike is the only candidate.
+    assert!(lab.fake.set_vm_lock(real.vmid, Some("backup")));
+
+    let dir = tempfile::tempdir().unwrap();
+    let hook = job_hook(&lab, dir.path(), 4719, "runner-a");
+    let out = hook.clone().arg("prepare").run();
+    out.assert_exit(0);
+    let log = out.log();
+    assert!(
+        log.contains("ignored 1 look-alike warm VMs (bad MAC)"),
+        "{log}"
+    );
+    assert!(!log.contains("claimed warm VM"), "{log}");
+    assert!(log.contains("cloned template"), "{log}");
+    let state = JobState::load(dir.path()).unwrap().expect("a job state");
+    assert_ne!(state.vmid, forged, "the job runs on the forger's VM");
+    let untouched = lab
+        .fake
+        .vm(forged)
+        .expect("the look-alike is not ours to destroy");
+    assert_eq!(untouched.description, real.description);
+    hook.arg("cleanup").run().assert_exit(0);
+
+    // The pool neither counts it nor recycles it: with the real one gone, it warms a new one.
+    assert!(lab.fake.set_vm_lock(real.vmid, None));
+    let out = lab
+        .fleet_command()
+        .args(["gc", "--max-age", "0s"])
+        .output()
+        .unwrap();
+    let swept = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        swept.contains("1 look-alike warm VMs ignored (bad MAC)"),
+        "{swept}"
+    );
+    assert!(lab.fake.vm(real.vmid).is_none(), "gc sweeps our own");
+    let pool = pool_service(&lab, "pool-a", 1, &[]);
+    wait_for("a new warm VM of ours", Duration::from_secs(60), || {
+        complete_warm(&lab)
+            .into_iter()
+            .find(|vm| vm.vmid != forged && vm.vmid != real.vmid)
+    });
+    let (code, log) = pool.stop();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(
+        lab.fake.vm(forged).map(|vm| vm.description),
+        Some(real.description.clone()),
+        "neither gc nor the pool touches the look-alike"
+    );
+    mallory.stop(&real.node, forged).unwrap();
+    mallory
+        .call(
+            "DELETE",
+            &format!("/nodes/{}/qemu/{forged}", real.node),
+            &[],
+        )
+        .unwrap();
+    gc_until_empty(&lab, &[]);
+}
+
+/// A job's own key decides nothing about warm VMs: one that does not parse fails the job
+/// (build failure) before any claim or clone; one that parses gets a cold clone of its own,
+/// since warm VMs were made (and checked) for the host's key.
+#[test]
+fn a_job_that_brings_its_own_key_never_claims_and_a_broken_one_fails_before_any_claim() {
+    let Some(lab) =
+        start("a_job_that_brings_its_own_key_never_claims_and_a_broken_one_fails_before_any_claim")
+    else {
+        return;
+    };
+    let pool = pool_service(&lab, "pool-a", 1, &[]);
+    let warm = wait_for("a warm VM", Duration::from_secs(60), || {
+        complete_warm(&lab).into_iter().next()
+    });
+    pool.stop();
+    let clones_before = lab
+        .fake
+        .requests_by_endpoint()
+        .get("POST nodes/qemu/clone")
+        .copied();
+
+    let dir = tempfile::tempdir().unwrap();
+    // The host sets no key of its own: the job's is the one used.
+    let broken = job_hook(&lab, dir.path(), 4730, "runner-a")
+        .without_host_env("VM_SSH_PRIVATE_KEY")
+        .job_var(
+            "VM_SSH_PRIVATE_KEY",
+            "-----BEGIN OPENSSH PRIVATE KEY-----\nbm90IGEga2V5\n-----END OPENSSH PRIVATE KEY-----",
+        );
+    let out = broken.arg("prepare").run();
+    out.assert_exit(gpr_testkit::hook::BUILD_FAILURE);
+    assert!(out.log().contains("VM_SSH_PRIVATE_KEY"), "{}", out.log());
+    assert_eq!(
+        lab.fake.vm(warm.vmid).map(|vm| vm.description),
+        Some(warm.description.clone()),
+        "the warm VM is untouched"
+    );
+    assert_eq!(
+        lab.fake
+            .requests_by_endpoint()
+            .get("POST nodes/qemu/clone")
+            .copied(),
+        clones_before,
+        "nothing was cloned"
+    );
+
+    // The job's own (working) key: a clone for it, the warm VM left for the host's jobs.
+    let dir = tempfile::tempdir().unwrap();
+    let own = job_hook(&lab, dir.path(), 4731, "runner-a")
+        .without_host_env("VM_SSH_PRIVATE_KEY")
+        .job_var("VM_SSH_PRIVATE_KEY", lab.key.private_text.clone());
+    let out = own.clone().arg("prepare").run();
+    out.assert_exit(0);
+    let log = out.log();
+    assert!(
+        log.contains("the job supplies its own VM_SSH_PRIVATE_KEY"),
+        "{log}"
+    );
+    assert!(!log.contains("claimed warm VM"), "{log}");
+    let state = JobState::load(dir.path()).unwrap().expect("a job state");
+    assert_ne!(state.vmid, warm.vmid);
+    assert_eq!(
+        lab.fake.vm(warm.vmid).map(|vm| vm.description),
+        Some(warm.description.clone())
+    );
+    own.arg("cleanup").run().assert_exit(0);
+    gc_until_empty(&lab, &[]);
+}
+
+/// A runner host whose key the warm VMs refuse (rotated on the host, not yet in the
+/// template) costs the pool one VM per job, not all of them: the first refusal stops the
+/// claims and the job clones (and fails there, as it would without a pool).
+#[test]
+fn a_refused_key_discards_one_warm_vm_and_stops_claiming() {
+    let Some(lab) = start("a_refused_key_discards_one_warm_vm_and_stops_claiming") else {
+        return;
+    };
+    let pool = pool_service(&lab, "pool-a", 3, &[]);
+    wait_for("three warm VMs", Duration::from_secs(90), || {
+        (complete_warm(&lab).len() == 3).then_some(())
+    });
+    pool.stop();
+
+    let dir = tempfile::tempdir().unwrap();
+    let hook = job_hook(&lab, dir.path(), 4740, "runner-a")
+        .host_env("VM_SSH_PRIVATE_KEY", ClientKey::ed25519().private_text)
+        .host_env("VM_BOOT_TIMEOUT", "3");
+    let out = hook.clone().arg("prepare").run();
+    assert_ne!(out.code, 0);
+    let log = out.log();
+    assert_eq!(
+        log.matches("failed its check").count(),
+        1,
+        "exactly one warm VM spent: {log}"
+    );
+    assert!(log.contains("not claiming more warm VMs"), "{log}");
+    assert_eq!(complete_warm(&lab).len(), 2, "{log}");
+    hook.arg("cleanup").run().assert_exit(0);
+    gc_until_empty(&lab, &[]);
+}
+
+/// The claim is recorded before its compare-and-swap: a prepare killed (SIGKILL, no chance to
+/// roll back) after the swap landed but before it heard so leaves a job state that names the
+/// VM, with no clone to wait for, and cleanup destroys it.
+#[test]
+fn a_prepare_killed_in_the_middle_of_a_claim_leaves_the_vm_to_its_cleanup() {
+    let Some(lab) = start("a_prepare_killed_in_the_middle_of_a_claim_leaves_the_vm_to_its_cleanup")
+    else {
+        return;
+    };
+    let pool = pool_service(&lab, "pool-a", 1, &[]);
+    let warm = wait_for("a warm VM", Duration::from_secs(60), || {
+        complete_warm(&lab).into_iter().next()
+    });
+    pool.stop();
+    // The swap's answer is held back: the write lands, the prepare never hears of it.
+    lab.fake.inject(gpr_testkit::Fault::SlowAnswer {
+        method: "PUT".into(),
+        path_contains: format!("/qemu/{}/config", warm.vmid),
+        delay: Duration::from_secs(60),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let hook = job_hook(&lab, dir.path(), 4750, "runner-a");
+    let mut prepare = hook.clone().arg("prepare").spawn();
+    wait_for("the claim's swap to land", Duration::from_secs(30), || {
+        lab.fake
+            .vm(warm.vmid)
+            .filter(|vm| vm.description.contains(" job=4750 "))
+    });
+    prepare.kill().unwrap();
+    prepare.wait().unwrap();
+    lab.fake.clear_faults();
+
+    let state = JobState::load(dir.path())
+        .unwrap()
+        .expect("the claim is in the job state");
+    assert_eq!(state.vmid, warm.vmid);
+    assert_eq!(
+        state.clone_sent_at, None,
+        "a claim has no clone to wait for"
+    );
+    let out = hook.arg("cleanup").run();
+    out.assert_exit(0);
+    assert!(lab.fake.vm(warm.vmid).is_none(), "{}", out.log());
+    gc_until_empty(&lab, &[]);
 }

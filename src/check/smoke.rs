@@ -92,7 +92,10 @@ impl Sink for SmokeSink {
                 }
             }
             Milestone::Released => self.trace = None,
-            Milestone::Claiming(_) | Milestone::Cloned | Milestone::Started | Milestone::Ready(_) => {}
+            Milestone::Claiming(_)
+            | Milestone::Cloned
+            | Milestone::Started
+            | Milestone::Ready(_) => {}
         }
         Ok(())
     }

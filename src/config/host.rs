@@ -12,8 +12,8 @@ use super::parse::{
 };
 use super::sources::Origin;
 use super::trust::{self, Decision};
-use crate::fleet_key::FleetKey;
 use crate::error::{Error, Result};
+use crate::fleet_key::FleetKey;
 use crate::secret::Secret;
 
 pub const DEFAULT_TEMPLATES: &str =

@@ -274,7 +274,7 @@ async fn check(
         vm_label: format!("VM {vmid} on {node}"),
     };
     let check = HostKeyCheck::Pinned(warm.host_keys.clone());
-    let connection = ssh::wait_until_ready(&target, key, &check, deadline, cancel).await?;
+    let connection = ssh::connect_to_running(&target, key, &check, deadline, cancel).await?;
     ssh::provision_runner_helper(&connection, settings.runner_helper_path.as_deref()).await?;
     Ok(ReadyVm {
         vm: warm.vm.clone(),

@@ -469,6 +469,9 @@ pub(super) struct Patience<'a> {
     /// The setting or rule that set the deadline, for the give-up message.
     pub limit: &'a str,
     pub announce: bool,
+    /// A refused key ends the wait at once: the VM is known to be up with its keys in place
+    /// (a warm VM), so waiting cannot make it accept the key.
+    pub refusal_is_final: bool,
 }
 
 /// Why waiting for SSH ended without a connection.
@@ -491,6 +494,7 @@ pub(super) async fn wait_until_ready(
         deadline,
         limit,
         announce,
+        refusal_is_final,
     } = patience;
     // Short pauses: a VM whose sshd starts moments after the guest agent should not wait
     // seconds.
@@ -530,7 +534,10 @@ pub(super) async fn wait_until_ready(
                 }
                 return Ok(connection);
             }
-            Err(failure) if !failure.transient => {
+            Err(failure)
+                if !failure.transient
+                    || (refusal_is_final && failure.error.is_authentication_refused()) =>
+            {
                 return Err(WaitFailure {
                     error: failure.error,
                     gave_up: false,

@@ -198,6 +198,27 @@ pub async fn wait_until_ready(
         deadline,
         limit: "VM_BOOT_TIMEOUT",
         announce: true,
+        refusal_is_final: false,
+    };
+    connect::wait_until_ready(target, key, check, patience, cancel)
+        .await
+        .map_err(|failure| failure.error)
+}
+
+/// [`wait_until_ready`] for a VM known to be up with its keys in place (a warm VM being
+/// claimed): resets and refusals are retried until `deadline`, but a refused key is final.
+pub async fn connect_to_running(
+    target: &Target,
+    key: Arc<PrivateKey>,
+    check: &HostKeyCheck,
+    deadline: Instant,
+    cancel: &Cancel,
+) -> Result<Connection> {
+    let patience = connect::Patience {
+        deadline,
+        limit: "a claimed warm VM gets 15 s",
+        announce: true,
+        refusal_is_final: true,
     };
     connect::wait_until_ready(target, key, check, patience, cancel)
         .await
@@ -254,6 +275,7 @@ pub async fn connect_for_stage(
         deadline: Instant::now() + deadlines.stage_connect,
         limit: "a stage retries connecting for 20 s at most, or VM_BOOT_TIMEOUT if shorter",
         announce: false,
+        refusal_is_final: false,
     };
     connect::wait_until_ready(target, key, check, patience, cancel)
         .await

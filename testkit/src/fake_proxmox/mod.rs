@@ -338,6 +338,14 @@ pub enum Fault {
     CloneAnswerLost { count: u32 },
     /// Every clone request is carried out at once, but answered only after `delay`.
     SlowCloneAnswer { delay: Duration },
+    /// Every successful `method` request whose path contains `path_contains` is carried out at
+    /// once and answered only after `delay` (a slow proxy): a client killed meanwhile never
+    /// learns that its write landed.
+    SlowAnswer {
+        method: String,
+        path_contains: String,
+        delay: Duration,
+    },
     /// The next N clone requests on `node` are answered (UPID and all), and then the node goes
     /// down: offline in the listings, 595 for every request proxied to it. Its tasks go on in
     /// the fake's time, so the VM is there once the node is back.

@@ -57,6 +57,24 @@ fn dispatch_for_caller(state: &mut State, request: &ApiRequest) -> Reply {
             return Reply::Delayed(delay, Box::new(reply));
         }
     }
+    if matches!(reply, Reply::Data(_)) {
+        let slow = state
+            .faults_for_caller()
+            .iter()
+            .find_map(|fault| match fault {
+                Fault::SlowAnswer {
+                    method,
+                    path_contains,
+                    delay,
+                } if *method == request.method && request.path.contains(path_contains.as_str()) => {
+                    Some(*delay)
+                }
+                _ => None,
+            });
+        if let Some(delay) = slow {
+            return Reply::Delayed(delay, Box::new(reply));
+        }
+    }
     reply
 }
 
