@@ -205,6 +205,8 @@ fn attack_values(host: &Host, attacker: &FakeProxmox) -> Vec<(String, String)> {
             "RUNNER_HELPER_PATH" => host.secret_file().display().to_string(),
             "WARM_POOL" => "ubuntu-focal=50,debian-12=50".into(),
             "WARM_MAX_IDLE" => "1".into(),
+            // A key of the job's: if it counted, the job's own look-alike warm VMs would too.
+            "PROXMOX_FLEET_KEY" => "YXR0YWNrZXItY2hvc2VuIGZsZWV0IGtleSwgMzIgYnl0ZXM=".into(),
             other => panic!("no attack value for the new host-only setting {other}"),
         }
     };
@@ -330,17 +332,17 @@ fn secrets_for_host_only_settings_are_refused_in_the_runners_environment_setup()
             .secret(JobSecret::new(&name, value))
             .script("build_script", "echo never")
             .run();
+        // Never read from CUSTOM_ENV_ in any setup: ignored, the job runs.
+        let never_read = ["RUNNER_HELPER_PATH", "PROXMOX_FLEET_KEY"].contains(&name.as_str());
         assert!(
-            matches!(report.outcome, JobOutcome::ScriptFailure { .. })
-                || name == "RUNNER_HELPER_PATH",
+            matches!(report.outcome, JobOutcome::ScriptFailure { .. }) || never_read,
             "{name}: {:?}\n{}",
             report.outcome,
             report.log
         );
-        if name == "RUNNER_HELPER_PATH" {
-            // Never read from CUSTOM_ENV_ in any setup: ignored, the job runs.
+        if never_read {
             report.assert_success();
-            assert!(report.log.contains("ignored CUSTOM_ENV_RUNNER_HELPER_PATH"));
+            assert!(report.log.contains(&format!("ignored CUSTOM_ENV_{name}")));
         } else {
             assert!(report.log.contains(&name), "{name}\n{}", report.log);
             assert_eq!(report.attempts, 1, "a refused job is not retried");
@@ -350,8 +352,8 @@ fn secrets_for_host_only_settings_are_refused_in_the_runners_environment_setup()
         host.assert_no_vms(&report);
     }
     assert!(
-        host.clone_requests().len() == 1,
-        "only the RUNNER_HELPER_PATH job ran"
+        host.clone_requests().len() == 2,
+        "only the RUNNER_HELPER_PATH and PROXMOX_FLEET_KEY jobs ran"
     );
 }
 
