@@ -8,8 +8,10 @@
 //!   ones (`GET /access/permissions`);
 //! - [`templates`]: whether a template can be cloned the way the settings ask (agent, net0,
 //!   storage able to make linked clones);
-//! - [`smoke`]: one throwaway VM end to end through the engine.
+//! - [`smoke`]: one throwaway VM end to end through the engine;
+//! - [`fleet`]: whether the fleet key that proves warm VMs ours is set where it is needed.
 
+pub mod fleet;
 pub mod nodes;
 pub mod privileges;
 pub mod report;

@@ -191,6 +191,7 @@ async fn checks(settings: &Settings, out: &mut Output<'_>) {
     }
     key_finding(settings, out);
     helper_finding(settings, out);
+    out.add(crate::check::fleet::fleet_key_finding(settings));
 }
 
 fn settings_findings(settings: &Settings, out: &mut Output<'_>) {

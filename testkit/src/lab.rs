@@ -183,6 +183,9 @@ impl Lab {
     /// runner helper, then `extra` (which wins; an empty value removes the setting).
     pub fn check_command(&self, extra: &[(&str, &str)]) -> Command {
         let mut settings = self.settings();
+        // The process environment alone, as the check tests expect to read it (a test that
+        // wants the fleet's settings file passes GITLAB_PROXMOX_RUNNER_CONFIG in `extra`).
+        settings.retain(|(name, _)| name != crate::fleet::CONFIG_ENV);
         settings.push(("VM_SSH_PRIVATE_KEY".into(), self.key.private_text.clone()));
         settings.push(("RUNNER_HELPER_PATH".into(), "/bin/true".into()));
         for (name, value) in extra {
