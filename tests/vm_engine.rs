@@ -58,6 +58,7 @@ impl Sink for Recorder<'_> {
                 format!("allocated {vm}")
             }
             Milestone::CloneStarted(_) => "clone started".to_string(),
+            Milestone::Claiming(vm) => format!("claiming {vm}"),
             Milestone::Released => "released".to_string(),
             Milestone::Cloned => "cloned".to_string(),
             Milestone::Started => "started".to_string(),
