@@ -19,6 +19,7 @@ pub mod hardening;
 pub mod job;
 pub mod joblog;
 pub mod marker;
+pub mod metrics;
 pub mod poll;
 pub mod pool;
 pub mod proxmox;
