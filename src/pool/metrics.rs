@@ -495,6 +495,43 @@ mod tests {
     }
 
     #[test]
+    fn a_warm_vm_that_left_with_a_jobs_marker_is_a_claim_and_a_recycled_one_is_not() {
+        let name = "claims-test";
+        let key = FleetKey::parse("dGVzdCBmbGVldCBrZXkgb2YgdGhlIHRlc3Qga2l0ISE=").unwrap();
+        let claims = || {
+            POOL.claims
+                .get(&NodeLabels {
+                    template: name.into(),
+                    node: "pve1".into(),
+                })
+                .map_or(0, |counter| counter.get())
+        };
+        let job = |vmid, marker: Marker| JobVm {
+            vm: crate::vm::VmRef {
+                node: "pve1".into(),
+                vmid,
+            },
+            marker,
+            report: None,
+        };
+        let mut condemned = Marker::new(&Default::default());
+        condemned.deadline = Some(condemned.created);
+        let claimed = Marker::for_job(&Default::default(), "h", Duration::from_secs(60));
+        let mut watch = Watch::new();
+        watch.warm_before.insert(
+            name.into(),
+            [("pve1".to_string(), 1), ("pve1".to_string(), 2)].into(),
+        );
+        let jobs = [job(1, condemned), job(2, claimed.clone()), job(3, claimed)];
+        watch.listed(name, &BTreeSet::new(), &[], &jobs, &key);
+        // VM 2 was warm and is a job's now; VM 1 is being recycled; VM 3 was never warm.
+        assert_eq!(claims(), 1);
+        // The next round: nothing was warm before it any more.
+        watch.listed(name, &BTreeSet::new(), &[], &jobs, &key);
+        assert_eq!(claims(), 1);
+    }
+
+    #[test]
     fn each_prepare_counts_once_whatever_the_rounds_saw() {
         let name = "count-test";
         let fresh = || Reported {
