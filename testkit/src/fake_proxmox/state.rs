@@ -39,8 +39,26 @@ pub(crate) struct State {
     /// Clones whose worker has not written the new VM's config yet: the VMID is free as far
     /// as `nextid` and every read can tell.
     pub pending_clones: Vec<PendingClone>,
+    /// Per-VM identities, when a test asked for them.
+    pub identities: Option<Identities>,
     next_pid: u32,
     next_exec_pid: u32,
+}
+
+/// Spare and assigned guest identities (see `FakeProxmox::own_guest_identities`).
+pub(crate) struct Identities {
+    pub spares: Vec<super::GuestIdentity>,
+    pub assigned: BTreeMap<u32, super::GuestIdentity>,
+    pub events: std::sync::mpsc::Sender<super::GuestEvent>,
+}
+
+/// A VM's identity as its agent shows it.
+pub(crate) enum Identity {
+    /// No per-VM identities: the fake's `guest_ip` and `guest_files`.
+    Shared,
+    Own(super::GuestIdentity),
+    /// Per-VM identities, but no spare yet.
+    Waiting,
 }
 
 pub(crate) struct Vm {
@@ -221,6 +239,7 @@ impl State {
             offline_nodes: std::collections::BTreeSet::new(),
             late_guest_files: BTreeMap::new(),
             pending_clones: Vec::new(),
+            identities: None,
             next_pid: 0x0002_1a40 + rand::random::<u16>() as u32,
             next_exec_pid: 1000,
             config,
@@ -500,11 +519,40 @@ impl State {
             Effect::Destroyed { vmid } => {
                 if ok {
                     self.vms.remove(&vmid);
+                    self.release_identity(vmid);
                 } else if let Some(vm) = self.vms.get_mut(&vmid) {
                     vm.destroying = false;
                 }
             }
             Effect::Started { .. } | Effect::Stopped { .. } => {}
+        }
+    }
+
+    /// The identity VM `vmid`'s agent shows, taking a spare the first time.
+    pub fn identity_of(&mut self, vmid: u32) -> Identity {
+        let Some(identities) = self.identities.as_mut() else {
+            return Identity::Shared;
+        };
+        if let Some(identity) = identities.assigned.get(&vmid) {
+            return Identity::Own(identity.clone());
+        }
+        if identities.spares.is_empty() {
+            let _ = identities.events.send(super::GuestEvent::Wanted);
+            return Identity::Waiting;
+        }
+        let identity = identities.spares.remove(0);
+        identities.assigned.insert(vmid, identity.clone());
+        let _ = identities.events.send(super::GuestEvent::Taken);
+        Identity::Own(identity)
+    }
+
+    fn release_identity(&mut self, vmid: u32) {
+        if let Some(identities) = self.identities.as_mut() {
+            if let Some(identity) = identities.assigned.remove(&vmid) {
+                let _ = identities
+                    .events
+                    .send(super::GuestEvent::Released(identity));
+            }
         }
     }
 
