@@ -1,5 +1,5 @@
 //! The warm pool end to end: `gitlab-proxmox-runner pool` processes keep warm VMs on the fake
-//! cluster (a real sshd on loopback answering for every VM), prepare hooks claim them through
+//! cluster (a real sshd on loopback for each VM, with host keys of its own), prepare hooks claim them through
 //! PVE's config digest, and what nobody claims is recycled or swept.
 
 use std::collections::HashSet;
@@ -20,9 +20,11 @@ use gpr_testkit::{driver_binary, wait_for, Lab, VmSnapshot};
 const TEMPLATE: &str = "ubuntu-focal";
 const TEMPLATE_VMID: u32 = 60900;
 
+/// A lab whose VMs each answer SSH with host keys of their own (an sshd per VM), as clones of a
+/// properly cleaned template do: the pool refuses clones that share a host key.
 #[track_caller]
 fn start(test: &str) -> Option<Lab> {
-    Lab::builder(driver_binary!()).with_sshd_or_skip(test)
+    Lab::builder(driver_binary!()).with_sshd_per_vm_or_skip(test)
 }
 
 /// A pool service of `size` warm VMs of the template, with `extra` settings.
@@ -87,7 +89,8 @@ fn a_warm_vm_is_claimed_the_job_runs_and_the_pool_refills() {
     );
     let state = JobState::load(dir.path()).unwrap().expect("a job state");
     assert_eq!(state.vmid, warm.vmid);
-    assert_eq!(state.ip.as_deref(), Some("127.0.0.1"));
+    let ip = lab.fake.guest_ip(warm.vmid).to_string();
+    assert_eq!(state.ip.as_deref(), Some(ip.as_str()));
     assert!(!state.host_keys.is_empty());
     // The VM is the job's now: its marker, its name, no warm fields left.
     let claimed = lab.fake.vm(warm.vmid).unwrap();

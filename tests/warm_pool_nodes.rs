@@ -42,9 +42,10 @@ fn cluster(test: &str, free: [u64; 3]) -> Option<Lab> {
         other_nodes: vec!["pve2".into(), "pve3".into(), "pve4".into()],
         ..FakeConfig::default()
     };
+    // Each VM its own sshd and host keys: the pool refuses clones that share one.
     let lab = Lab::builder(driver_binary!())
         .fake(config)
-        .with_sshd_or_skip(test)?;
+        .with_sshd_per_vm_or_skip(test)?;
     for node in ["pve2", "pve3"] {
         lab.fake
             .add_vm(NewVm::template(copy_on(node).unwrap(), node, TEMPLATE));
@@ -219,7 +220,8 @@ fn a_job_claims_a_warm_vm_on_its_placed_node_first_then_on_another() {
     assert!(!log.contains("cloned template"), "no clone: {log}");
     let state = JobState::load(second.path()).unwrap().expect("a job state");
     assert_eq!((state.node.as_str(), state.vmid), ("pve3", on_pve3));
-    assert_eq!(state.ip.as_deref(), Some("127.0.0.1"));
+    let ip = lab.fake.guest_ip(on_pve3).to_string();
+    assert_eq!(state.ip.as_deref(), Some(ip.as_str()));
     let claimed = lab.fake.vm(on_pve3).unwrap();
     assert_eq!(warm_of(&claimed), None, "the job's now");
     assert_eq!(claimed.name, "ci-8101-group-project");

@@ -40,6 +40,8 @@ pub struct Options {
     pub format: CheckFormat,
     /// Where the settings came from, for the first line.
     pub source: String,
+    /// The settings file (`--config` or `GITLAB_PROXMOX_RUNNER_CONFIG`), whose mode is checked.
+    pub config_file: Option<std::path::PathBuf>,
 }
 
 /// `settings file /etc/...` or `the process environment`.
@@ -129,6 +131,7 @@ pub async fn run(loaded: Result<Settings>, options: &Options, cancel: &Cancel) -
 
 async fn checks(settings: &Settings, out: &mut Output<'_>) {
     settings_findings(settings, out);
+    file_mode_findings(settings, out);
     match api_findings(settings, out).await {
         Some(api) if settings.nodes == NodeSet::One => {
             node_finding(&api, settings, out).await;
@@ -250,6 +253,41 @@ fn settings_findings(settings: &Settings, out: &mut Output<'_>) {
             )
             .advisory(),
         );
+    }
+}
+
+/// The settings file and the SSH key file: readable by their owner only. Advisory: a file
+/// others can read hands them the token or the key, but the hooks still work.
+fn file_mode_findings(settings: &Settings, out: &mut Output<'_>) {
+    let files =
+        crate::config::file_modes::secret_files(out.options.config_file.as_deref(), settings);
+    for file in files {
+        let id = if file.what.contains("SSH key") {
+            "ssh_key.file_mode"
+        } else {
+            "settings.file_mode"
+        };
+        let finding = match file.exposed() {
+            None => Finding::pass(
+                id,
+                format!(
+                    "{}: {} is readable by its owner only (mode {:04o})",
+                    file.what,
+                    file.path.display(),
+                    file.mode
+                ),
+            ),
+            Some(exposed) => Finding::fail(
+                id,
+                format!(
+                    "{}: another local user can take the secrets it holds",
+                    exposed.message()
+                ),
+                exposed.fix(),
+            )
+            .advisory(),
+        };
+        out.add(finding);
     }
 }
 

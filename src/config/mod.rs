@@ -9,6 +9,7 @@
 //!    subject to [`trust`]: shared with the job, whose variables, secrets and overrides of
 //!    predefined variables reach the driver under the same names and win.
 
+pub mod file_modes;
 pub mod host;
 pub mod parse;
 pub mod sources;
@@ -27,6 +28,13 @@ pub use trust::{secret_names, JobNames, Setup};
 use crate::error::{Error, Result};
 
 pub const CONFIG_FILE_ENV: &str = "GITLAB_PROXMOX_RUNNER_CONFIG";
+
+/// The settings file the hooks read: `--config FILE`, else `$GITLAB_PROXMOX_RUNNER_CONFIG`.
+pub fn config_file_path(config_file: Option<&Path>) -> Option<PathBuf> {
+    config_file
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from))
+}
 
 impl Settings {
     /// Loads the settings the way every job hook does: the file named by `--config` or
@@ -61,9 +69,7 @@ impl Settings {
         config_file: Option<&Path>,
         job_response: Option<std::result::Result<&[u8], String>>,
     ) -> Result<Settings> {
-        let path = config_file
-            .map(Path::to_path_buf)
-            .or_else(|| std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from));
+        let path = config_file_path(config_file);
         let text = match &path {
             Some(path) => Some(zeroize::Zeroizing::new(
                 std::fs::read_to_string(path).map_err(|err| {
