@@ -31,10 +31,19 @@ fn cluster() -> Lab {
     lab
 }
 
-/// A same-name copy of ubuntu-focal (60900 on pve1) on `node`.
+/// A copy of ubuntu-focal (60900 on pve1) on `node`, with the same VM name; it counts as a copy
+/// only where `PROXMOX_TEMPLATES` lists it (see [`LISTED`]).
 fn copy(lab: &Lab, vmid: u32, node: &str) {
     lab.fake.add_vm(NewVm::template(vmid, node, "ubuntu-focal"));
 }
+
+/// ubuntu-focal with the copies the tests make on pve2 and pve3.
+const LISTED: (&str, &str) = (
+    "PROXMOX_TEMPLATES",
+    "ubuntu-focal=60900|60901@pve2|60902@pve3",
+);
+/// The same with the copy on pve2 only.
+const LISTED_PVE2: (&str, &str) = ("PROXMOX_TEMPLATES", "ubuntu-focal=60900|60901@pve2");
 
 /// `check` with the lab's settings and one template, overridden by `extra`.
 fn check_command(lab: &Lab, extra: &[(&str, &str)]) -> Command {
@@ -125,18 +134,22 @@ fn a_listed_node_without_a_copy_is_a_warning_and_the_copies_are_checked() {
     let lab = cluster();
     copy(&lab, 60901, "pve2");
     let checked = Checked::run(
-        &mut check_command(&lab, &[("PROXMOX_NODES", "pve1,pve2,pve3")]),
+        &mut check_command(&lab, &[("PROXMOX_NODES", "pve1,pve2,pve3"), LISTED_PVE2]),
         READY,
     );
     checked
         .has("✔ settings: read from the process environment (nodes pve1, pve2, pve3, 1 templates")
+        .has(
+            "✔ template ubuntu-focal: clones are made from 60900 on pve1 (listed), 60901 on pve2 \
+             (listed)",
+        )
         .has("✔ node pve1 is online, 20 GiB of 64 GiB memory free")
         .has("✔ node pve2 is online, 40 GiB of 64 GiB memory free")
         .has("✔ node pve3 is online, 60 GiB of 64 GiB memory free")
         .has("✔ template ubuntu-focal (60900) on pve1: a template, guest agent on, net0 on vmbr0")
         .has("✔ template ubuntu-focal (60901) on pve2: a template, guest agent on, net0 on vmbr0")
         .has("✔ privileges of ci@pve!runner on /vms/60901 (cloning template ubuntu-focal on pve2)")
-        .has("16 passed, 0 failed, 1 advisory, 0 skipped: ready for jobs")
+        .has("17 passed, 0 failed, 1 advisory, 0 skipped: ready for jobs")
         .failures_are(&[
             "✘ pve3: no copy of ubuntu-focal; jobs for it go to pve1, pve2 (advisory)",
         ]);
@@ -197,7 +210,7 @@ fn an_offline_listed_node_is_a_warning_and_not_asked() {
     copy(&lab, 60902, "pve3");
     lab.fake.set_node_online("pve3", false);
     let checked = Checked::run(
-        &mut check_command(&lab, &[("PROXMOX_NODES", "pve1 pve2 pve3")]),
+        &mut check_command(&lab, &[("PROXMOX_NODES", "pve1 pve2 pve3"), LISTED]),
         READY,
     );
     checked
@@ -216,7 +229,7 @@ fn a_listed_node_that_is_not_in_the_cluster_is_an_error() {
     let lab = cluster();
     copy(&lab, 60901, "pve2");
     Checked::run(
-        &mut check_command(&lab, &[("PROXMOX_NODES", "pve1,pve2,pve22")]),
+        &mut check_command(&lab, &[("PROXMOX_NODES", "pve1,pve2,pve22"), LISTED_PVE2]),
         NOT_READY,
     )
     .has("✔ node pve1 is online")
@@ -234,7 +247,7 @@ fn a_copy_with_the_agent_off_is_an_error_naming_its_node_and_vmid() {
     copy(&lab, 60902, "pve3");
     assert!(lab.fake.set_vm_config(60902, "agent", Some("0")));
     let checked = Checked::run(
-        &mut check_command(&lab, &[("PROXMOX_NODES", "*")]),
+        &mut check_command(&lab, &[("PROXMOX_NODES", "*"), LISTED]),
         NOT_READY,
     );
     checked
@@ -302,6 +315,7 @@ fn smoke_places_its_vm_like_prepare_and_names_the_node() {
             &lab,
             &[
                 ("PROXMOX_NODES", "pve1,pve2,pve3"),
+                LISTED_PVE2,
                 ("VM_NETWORK_CIDRS", "127.0.0.0/8"),
                 ("VM_SSH_USER", "tester"),
                 ("VM_SSH_PORT", &port),

@@ -1,5 +1,6 @@
 //! Multi-node placement (issue 12) against a fake cluster of four nodes: three hold a copy of
-//! the template (same name, local storage), one does not; their free memory differs.
+//! the template (same name, local storage, each listed in `PROXMOX_TEMPLATES`), one does not;
+//! their free memory differs.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,6 +14,8 @@ use gpr_testkit::hook::Hook;
 use gpr_testkit::{driver_binary, FakeConfig, Fault, Lab, NewVm, NodeLoad};
 
 const GIB: u64 = 1 << 30;
+/// ubuntu-focal and its copies on pve2 and pve3 (see `cluster`).
+const LISTED: &str = "ubuntu-focal=60900|60901@pve2|60902@pve3";
 
 fn load(free_gib: u64) -> NodeLoad {
     NodeLoad {
@@ -48,6 +51,8 @@ fn cluster(test: &str) -> Option<Lab> {
 fn job_hook(lab: &Lab, dir: &Path, job_id: u64) -> Hook {
     lab.hook(dir)
         .host_env("PROXMOX_NODES", "pve1,pve2,pve3,pve4")
+        // The template's copies on each node, by VMID: a VM name proves nothing.
+        .host_env("PROXMOX_TEMPLATES", LISTED)
         .host_env("VM_MEMORY_MB", "2048")
         .job_var("CI_JOB_ID", job_id.to_string())
         .job_var("CI_PROJECT_PATH", "group/project")
