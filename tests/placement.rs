@@ -319,3 +319,55 @@ fn a_node_that_fails_mid_clone_sends_the_job_to_another_node_and_cleanup_gets_bo
     assert_eq!(cleanup.code, 0, "{}", cleanup.log());
     assert!(lab.fake.job_vms().is_empty(), "{:?}", lab.fake.job_vms());
 }
+
+/// Issue 19: another user of the cluster (the co-tenant `mallory@pve!t`, over HTTP with its own
+/// token) makes a template named ubuntu-focal on pve4, the node with the most free memory and
+/// no copy of ours. It never gets a job: a `PROXMOX_TEMPLATES` entry means only the VMIDs it
+/// lists (one VMID: only that one), never a template of the same name.
+#[test]
+fn a_co_tenants_look_alike_template_never_gets_jobs_only_listed_copies_do() {
+    let test = "a_co_tenants_look_alike_template_never_gets_jobs_only_listed_copies_do";
+    let Some(lab) = cluster(test) else {
+        return;
+    };
+    let mallory = lab.fake.co_tenant();
+    mallory
+        .create_template("pve4", 61950, "ubuntu-focal")
+        .expect("the co-tenant's look-alike template on pve4");
+    let forged = lab.fake.vm(61950).expect("look-alike");
+    assert!(forged.template && forged.node == "pve4" && forged.name == "ubuntu-focal");
+
+    let run = |map: &str, first_id: u64| -> Vec<String> {
+        let jobs: Vec<Job> = (0..6)
+            .map(|n| {
+                let dir = tempfile::tempdir().unwrap();
+                let hook =
+                    job_hook(&lab, dir.path(), first_id + n).host_env("PROXMOX_TEMPLATES", map);
+                Job { dir, hook }
+            })
+            .collect();
+        let nodes = prepare_all(&jobs, 3);
+        for vm in lab.fake.job_vms() {
+            assert_ne!(
+                vm.cloned_from,
+                Some(61950),
+                "cloned from the look-alike: {vm:?}"
+            );
+        }
+        for job in &jobs {
+            job.hook.clone().arg("cleanup").run().assert_exit(0);
+        }
+        assert!(lab.fake.job_vms().is_empty(), "{:?}", lab.fake.job_vms());
+        nodes
+    };
+
+    // The simple form names one template VM: every job is cloned from it, on its node.
+    let single = run("ubuntu-focal=60900", 7500);
+    assert!(single.iter().all(|node| node == "pve1"), "{single:?}");
+
+    // The listed copies get the jobs, by free memory: pve3 (60 GiB) first, never pve4.
+    let listed = run(LISTED, 7600);
+    let counts = tally(&listed);
+    assert!(!counts.contains_key("pve4"), "{counts:?}");
+    assert!(counts.get("pve3").copied().unwrap_or(0) >= 3, "{counts:?}");
+}
