@@ -15,6 +15,8 @@ use gpr_testkit::{driver_binary, wait_for, FakeConfig, Lab, NewVm, NodeLoad, VmS
 
 const TEMPLATE: &str = "ubuntu-focal";
 const NODES: &str = "pve1,pve2,pve3,pve4";
+/// The template and its copies, by VMID (a VM name proves nothing on a shared cluster).
+const LISTED: &str = "ubuntu-focal=60900|60901@pve2|60902@pve3";
 const GIB: u64 = 1 << 30;
 
 /// The copy of the template on each node that has one.
@@ -64,6 +66,7 @@ fn pool_service(lab: &Lab, size: u32, extra: &[(&str, &str)]) -> PoolService {
     let mut env = vec![
         ("WARM_POOL", pool.as_str()),
         ("PROXMOX_NODES", NODES),
+        ("PROXMOX_TEMPLATES", LISTED),
         ("VM_MEMORY_MB", "2048"),
     ];
     env.extend_from_slice(extra);
@@ -122,6 +125,7 @@ fn job_hook(lab: &Lab, dir: &Path, job_id: u64) -> Hook {
     lab.hook(dir)
         .host_env("WARM_POOL", format!("{TEMPLATE}=1"))
         .host_env("PROXMOX_NODES", NODES)
+        .host_env("PROXMOX_TEMPLATES", LISTED)
         .host_env("VM_MEMORY_MB", "2048")
         .host_env("PROXMOX_RUNNER_ID", "runner-a")
         .job_var("CI_JOB_ID", job_id.to_string())

@@ -47,6 +47,9 @@ pub struct Smoke {
 struct SmokeSink {
     /// The template being cloned, for the clone trace.
     template: Option<u32>,
+    /// The template's node when the VM goes to another one (a clone with `target`): where the
+    /// clone task runs, which the teardown must ask about a clone whose answer was lost.
+    template_node: Option<String>,
     /// What was created, for the teardown: the VM and its clone request.
     trace: Option<CloneTrace>,
     step: &'static str,
@@ -80,7 +83,7 @@ impl Sink for SmokeSink {
                 self.trace = Some(CloneTrace {
                     vm: vm.clone(),
                     template: self.template,
-                    template_node: None,
+                    template_node: self.template_node.clone(),
                     // Counted as sent before it is: from here on, a VM may appear there.
                     sent_at: Some(crate::vm::clone_watch::now_epoch()),
                     upid: None,
@@ -198,10 +201,13 @@ async fn bring_up(
     let template = placed.template;
     let mode = template::clone_mode(settings, &template)?;
     sink.template = Some(template.vmid);
+    sink.template_node = (template.node != placed.node).then(|| template.node.clone());
     sink.timing("template", total.elapsed());
+    // On the node placement chose, as prepare does: for a template on shared storage elsewhere
+    // that is a clone with `target`, not a VM on the template's node.
     let order = Order {
         template: &template,
-        node: &template.node,
+        node: &placed.node,
         mode,
         name: VM_NAME,
         marker,
