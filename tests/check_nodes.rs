@@ -149,7 +149,7 @@ fn a_listed_node_without_a_copy_is_a_warning_and_the_copies_are_checked() {
         .has("✔ template ubuntu-focal (60900) on pve1: a template, guest agent on, net0 on vmbr0")
         .has("✔ template ubuntu-focal (60901) on pve2: a template, guest agent on, net0 on vmbr0")
         .has("✔ privileges of ci@pve!runner on /vms/60901 (cloning template ubuntu-focal on pve2)")
-        .has("17 passed, 0 failed, 1 advisory, 0 skipped: ready for jobs")
+        .has("18 passed, 0 failed, 1 advisory, 0 skipped: ready for jobs")
         .failures_are(&[
             "✘ pve3: no copy of ubuntu-focal; jobs for it go to pve1, pve2 (advisory)",
         ]);
