@@ -58,6 +58,7 @@ fn main() {
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
         .envs(lab.settings())
+        .envs([gpr_testkit::fleet::settings_env()])
         .env("WARM_POOL", format!("{TEMPLATE}={rounds}"))
         .args(["pool", "--id", "bench", "--interval", "0.5"])
         .stdin(Stdio::null())

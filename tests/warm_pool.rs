@@ -421,6 +421,7 @@ fn the_pool_service_can_run_the_orphan_sweep_on_a_schedule() {
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
         .envs(lab.settings())
+        .envs([gpr_testkit::fleet::settings_env()])
         .env("WARM_POOL", format!("{TEMPLATE}=0"))
         .args(["pool", "--interval", "0.2", "--gc-every", "1"])
         .stdin(Stdio::null())

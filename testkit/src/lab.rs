@@ -175,8 +175,12 @@ impl Lab {
 
     /// The driver's settings as a runner host would set them: the fake's API, and with sshd
     /// the VMs' SSH (see [`vm_on_local_sshd`]).
+    /// The fleet's settings file ([`crate::fleet`]) is not among them: it is a file, not a
+    /// setting; commands that need the fleet key add [`crate::fleet::settings_env`].
     pub fn settings(&self) -> Vec<(String, String)> {
-        self.hook(".").host_env_pairs()
+        let mut settings = self.hook(".").host_env_pairs();
+        settings.retain(|(name, _)| name != crate::fleet::CONFIG_ENV);
+        settings
     }
 
     fn with_sshd_settings(&self, hook: Hook) -> Hook {
