@@ -366,7 +366,9 @@ impl Round<'_> {
     }
 
     /// When a published warm VM's host key is another VM's too (seen on the cluster now or
-    /// before): the message for the log. Holds off warming `name`.
+    /// before): the message for the log. Holds off warming `name`. The pinned keys are public
+    /// (VM.Audit shows them), so this trusts `list_warm` to return only warm VMs of ours: a
+    /// forged warm marker carrying a copy of a real warm VM's key would get that VM recycled.
     fn cloned_host_keys(&self, name: &str, warm: &WarmVm) -> Option<String> {
         let holder = Holder::vm(&warm.vm, &warm.marker.nonce, "warm VM");
         let mut ledger = host_keys::lock(self.ledger);
