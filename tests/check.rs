@@ -517,6 +517,56 @@ fn smoke_runs_one_vm_end_to_end_and_leaves_none() {
 }
 
 #[test]
+fn smoke_fails_when_a_warm_vm_pins_the_same_host_key() {
+    use gpr_testkit::pool_service::{gc_until_empty, PoolService};
+    // One sshd for every VM: clones of a template whose host keys were never regenerated.
+    let Some(lab) = Lab::builder(driver_binary!())
+        .with_sshd_or_skip("smoke_fails_when_a_warm_vm_pins_the_same_host_key")
+    else {
+        return;
+    };
+    let pool = PoolService::start(&lab, "pool-a", &[("WARM_POOL", "ubuntu-focal=1")]);
+    let warm = gpr_testkit::wait_for("a warm VM", Duration::from_secs(60), || {
+        lab.fake
+            .job_vms()
+            .into_iter()
+            .find(|vm| vm.description.contains("\nssh-host-key: "))
+    });
+    // Finished warm VMs stay when the service stops.
+    pool.stop();
+    let fingerprint = gitlab_proxmox_runner::ssh::fingerprint_of_line(
+        &lab.sshd()
+            .host_key_lines()
+            .into_iter()
+            .find(|line| line.starts_with("ssh-ed25519 "))
+            .unwrap(),
+    )
+    .unwrap();
+    let checked = run(check_command(&lab, &[("RUNNER_HELPER_PATH", "")]).arg("--smoke"));
+    checked.assert_code(NOT_READY);
+    let failure = checked
+        .stdout
+        .lines()
+        .find(|line| line.starts_with("✘ smoke test failed"))
+        .unwrap_or_else(|| panic!("{}", checked.stdout));
+    for fragment in [
+        "while comparing the VM's SSH host keys with the warm VMs': settings: VM ",
+        "cloned from template ubuntu-focal (60900), has an SSH host key that is not its own",
+        &format!(
+            "ssh-ed25519 {fingerprint}, also held by warm VM {} on pve1",
+            warm.vmid
+        ),
+        "remove /etc/ssh/ssh_host_*",
+    ] {
+        assert!(failure.contains(fragment), "{fragment:?} in {failure}");
+    }
+    // The smoke VM is gone; the warm VM is left to the pool and gc.
+    let left: Vec<u32> = lab.fake.job_vms().iter().map(|vm| vm.vmid).collect();
+    assert_eq!(left, vec![warm.vmid], "{}", checked.stdout);
+    gc_until_empty(&lab, &[]);
+}
+
+#[test]
 fn smoke_interrupted_by_sigterm_removes_its_vm() {
     let lab = lab();
     // The VM boots for longer than the test lasts: SIGTERM arrives while the check waits for it.

@@ -291,6 +291,76 @@ fn a_broken_warm_vm_is_never_handed_to_a_job() {
 }
 
 #[test]
+fn clones_that_share_a_host_key_are_refused_recycled_and_not_warmed_again() {
+    // One sshd, one host key, for every VM: clones of a template whose host keys were never
+    // regenerated, where pinning the key proves nothing.
+    let Some(lab) = Lab::builder(driver_binary!()).with_sshd_or_skip(
+        "clones_that_share_a_host_key_are_refused_recycled_and_not_warmed_again",
+    ) else {
+        return;
+    };
+    let shared_key = lab
+        .sshd()
+        .host_key_lines()
+        .into_iter()
+        .find(|line| line.starts_with("ssh-ed25519 "))
+        .unwrap();
+    let fingerprint = gitlab_proxmox_runner::ssh::fingerprint_of_line(&shared_key).unwrap();
+    let pool = pool_service(&lab, "pool-a", 2, &[]);
+    // The second clone to come up shows the first one's key: refused and destroyed; then the
+    // first, published already, is recycled too.
+    let log = wait_for(
+        "a refused clone and the first one recycled",
+        Duration::from_secs(60),
+        || {
+            let log = pool.log();
+            (log.contains("(its SSH host key is not its own)") && lab.fake.job_vms().is_empty())
+                .then_some(log)
+        },
+    );
+    let refusal = log
+        .lines()
+        .find(|line| line.contains("warming a VM from ubuntu-focal failed"))
+        .unwrap_or_else(|| panic!("no refusal:\n{log}"));
+    for fragment in [
+        "ERROR: pool pool-a: warming a VM from ubuntu-focal failed: settings: VM ",
+        "cloned from template ubuntu-focal (60900), has an SSH host key that is not its own \
+         (ssh-ed25519 ",
+        fingerprint.as_str(),
+        ", also held by warm VM ",
+        "remove /etc/ssh/ssh_host_*",
+        "The pool destroys it, never hands it to a job, and warms no VM of ubuntu-focal for 10 min",
+    ] {
+        assert!(refusal.contains(fragment), "{fragment:?} in\n{refusal}");
+    }
+    let recycled = log
+        .lines()
+        .find(|line| line.contains("Recycling it; warming no VM of ubuntu-focal"))
+        .unwrap_or_else(|| panic!("the published one was not recycled:\n{log}"));
+    assert!(
+        recycled.contains("ERROR: pool pool-a: ubuntu-focal: VM "),
+        "{recycled}"
+    );
+    assert!(recycled.contains(&fingerprint), "{recycled}");
+    // The public key itself stays out of the log (the fingerprint names it).
+    assert!(
+        !log.contains(shared_key.split_whitespace().nth(1).unwrap()),
+        "{log}"
+    );
+    // Held off: no clone after the two whose keys matched, though the pool is empty now.
+    let clones = lab
+        .fake
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/clone"))
+        .count();
+    assert_eq!(clones, 2, "{log}");
+    let (code, _) = pool.stop();
+    assert_eq!(code, 0);
+    assert!(lab.fake.job_vms().is_empty());
+}
+
+#[test]
 fn a_killed_pool_service_leaves_nothing_gc_does_not_remove() {
     let Some(lab) = start("a_killed_pool_service_leaves_nothing_gc_does_not_remove") else {
         return;

@@ -1,5 +1,6 @@
 //! `check --smoke`: one throwaway VM through the same engine the hooks use — clone, start,
-//! the guest agent's address, the host key through the agent, SSH, `sudo -n true` — then
+//! the guest agent's address, the host key through the agent (and that no warm VM on the
+//! cluster pins the same key), SSH, `sudo -n true` — then
 //! destroyed with cleanup's teardown, each phase timed. The VM is recorded before its clone is
 //! requested, so that whatever stops the test (a failure, SIGTERM) it is removed; were this
 //! process killed outright, its marker carries a deadline one hour out, after which `gc`
@@ -18,6 +19,7 @@ use crate::marker::Marker;
 use crate::proxmox::Client;
 use crate::ssh::{self, Connection, HostKeyCheck, Target};
 use crate::vm::clone_watch::CloneTrace;
+use crate::vm::host_keys::{self, Holder};
 use crate::vm::provision::{self, Order};
 use crate::vm::teardown::{self, Teardown};
 use crate::vm::{
@@ -215,6 +217,8 @@ async fn bring_up(
     let started = provision::provision(client, settings, &order, sink).await?;
     let deadline = Instant::now() + settings.boot_timeout;
     let ready = ready::ready(client, settings, &started, deadline, cancel, sink).await?;
+    sink.step("comparing the VM's SSH host keys with the warm VMs'");
+    own_host_keys(client, settings, &template, &ready, marker, sink).await?;
 
     sink.step("running `sudo -n true` over SSH");
     let sudo = Instant::now();
@@ -251,4 +255,60 @@ async fn bring_up(
     }
     sink.timing("sudo", sudo.elapsed());
     Ok((ready, total.elapsed()))
+}
+
+/// Fails when a warm VM of the template on the cluster pins one of the new VM's host keys:
+/// the template's clones share one host private key, so pinning proves nothing
+/// ([`crate::vm::host_keys`]). The template's own keys cannot be read (a template does not
+/// run), and the keys this VM showed before first boot replaced them differ from its own by
+/// definition: with no warm VM to compare with, one VM cannot tell, and the pool service
+/// compares every VM it warms. A listing that fails is a warning, not a verdict.
+async fn own_host_keys(
+    client: &Client,
+    settings: &Settings,
+    template: &template::Template,
+    ready: &ReadyVm,
+    marker: &Marker,
+    log: &dyn Log,
+) -> Result<()> {
+    let listed = async {
+        let copies = placement::copies(client, settings, &settings.template).await?;
+        crate::pool::list_warm(
+            client,
+            settings.vmid_range,
+            &crate::pool::Scope::of(&copies),
+        )
+        .await
+    };
+    let warm = match listed.await {
+        Ok(warm) => warm,
+        Err(err) => {
+            log.warn(&format!(
+                "smoke test: could not list the warm VMs to compare {}'s SSH host keys with \
+                 theirs: {err}",
+                ready.vm
+            ));
+            return Ok(());
+        }
+    };
+    let holders: Vec<(Holder, &[String])> = warm
+        .iter()
+        .map(|warm| {
+            let holder = Holder::vm(&warm.vm, &warm.marker.nonce, "warm VM");
+            (holder, warm.host_keys.as_slice())
+        })
+        .collect();
+    let found = host_keys::duplicates(
+        &ready.host_keys,
+        &marker.nonce,
+        holders.iter().map(|(holder, keys)| (holder, *keys)),
+    );
+    if found.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Settings(host_keys::cloned_keys_message(
+        &ready.vm,
+        &template.label,
+        &found,
+    )))
 }

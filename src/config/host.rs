@@ -188,7 +188,8 @@ pub struct Settings {
     /// How long cleanup may take (waits for locks included) before it leaves the VM to gc;
     /// keep it below the runner's `cleanup_exec_timeout`.
     pub cleanup_timeout: Duration,
-    /// Empty: any global unicast address.
+    /// Empty: any address but loopback, link-local, multicast, unspecified and broadcast
+    /// (private ranges included; see `proxmox::address`).
     pub network_cidrs: Vec<Cidr>,
     pub ssh_user: String,
     pub ssh_port: u16,
