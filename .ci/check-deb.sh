@@ -122,6 +122,13 @@ for unit in gc.service gc.timer pool.service; do
     cmp -s "$work/expected-unit" "$work/x/usr/lib/systemd/system/$pkg-$unit"
 done
 check "the gc service runs the packaged binary" grep -q "^ExecStart=/usr/bin/$pkg " "$work/x/usr/lib/systemd/system/$pkg-gc.service"
+# The pool service and the prepare hooks share one clone cap only if they share its slot files:
+# the default /run/gitlab-proxmox-runner/clone-slots, which PrivateTmp= does not hide but
+# ProtectSystem=strict would make read-only, and which must survive a stop of the service.
+pool_unit=$work/x/usr/lib/systemd/system/$pkg-pool.service
+check "the pool service shares the hooks' clone lock directory under /run" \
+  bash -c 'grep -qx "RuntimeDirectory=gitlab-proxmox-runner" "$1" && grep -qx "RuntimeDirectoryPreserve=yes" "$1" \
+    && grep -qx "ReadWritePaths=/run/gitlab-proxmox-runner" "$1"' _ "$pool_unit"
 
 # --- Man pages and completions cover the real CLI ----------------------------------------------
 man_text() { zcat "$work/x/usr/share/man/man1/$1.1.gz" | sed 's/\\-/-/g'; }
@@ -200,8 +207,9 @@ if command -v systemd-analyze >/dev/null && [ -d /usr/lib/systemd/system ]; then
   cp -a /usr/lib/systemd/system "$verify_root/usr/lib/systemd/"
   dpkg-deb -x "$deb" "$verify_root"
   if out=$(cd "$verify_root" && systemd-analyze verify --root="$verify_root" \
-    "/usr/lib/systemd/system/$pkg-gc.service" "/usr/lib/systemd/system/$pkg-gc.timer" 2>&1) && [ -z "$out" ]; then
-    pass "systemd-analyze verify: the gc units are clean"
+    "/usr/lib/systemd/system/$pkg-gc.service" "/usr/lib/systemd/system/$pkg-gc.timer" \
+    "/usr/lib/systemd/system/$pkg-pool.service" 2>&1) && [ -z "$out" ]; then
+    pass "systemd-analyze verify: the gc and pool units are clean"
   else
     fail "systemd-analyze verify: $out"
   fi

@@ -2,10 +2,10 @@
 //!
 //! The fake Proxmox boots every VM in `--boot SECONDS` (default 20, what a cloud image with
 //! cloud-init and the guest agent takes on real hardware); a real sshd on loopback answers for
-//! every VM. A `gitlab-proxmox-runner pool` service warms `--rounds` VMs (paying the boot
-//! once, ahead of any job) and is stopped; then the same number of prepares claim them, and as
-//! many prepares with no warm VM left clone cold. Wall time of the prepare hook, process start
-//! to exit: what the job waits before its first stage.
+//! each VM (one per VM, with host keys of its own). A `gitlab-proxmox-runner pool` service
+//! warms `--rounds` VMs (paying the boot once, ahead of any job) and is stopped; then the same
+//! number of prepares claim them, and as many prepares with no warm VM left clone cold. Wall
+//! time of the prepare hook, process start to exit: what the job waits before its first stage.
 //!
 //! ```text
 //! cargo bench --bench warm_pool                 # 20 s boot, 3 rounds each
@@ -44,7 +44,8 @@ fn main() {
     };
     let Some(lab) = Lab::builder(driver_binary!())
         .fake(config)
-        .with_sshd_or_skip("bench warm_pool")
+        // Each VM its own sshd and host keys: the pool refuses clones that share one.
+        .with_sshd_per_vm_or_skip("bench warm_pool")
     else {
         eprintln!("warm_pool bench skipped: no sshd");
         return;
@@ -57,6 +58,7 @@ fn main() {
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
         .envs(lab.settings())
+        .envs([gpr_testkit::fleet::settings_env()])
         .env("WARM_POOL", format!("{TEMPLATE}={rounds}"))
         .args(["pool", "--id", "bench", "--interval", "0.5"])
         .stdin(Stdio::null())

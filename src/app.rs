@@ -34,6 +34,8 @@ pub struct FleetContext {
 /// Runs the command and returns the process exit code.
 pub fn execute(cli: Cli) -> i32 {
     let file = cli.config;
+    // The settings file whose mode prepare and pool warn about.
+    let settings_file = crate::config::config_file_path(file.as_deref());
     match cli.command {
         Command::Gc {
             runner,
@@ -63,6 +65,7 @@ pub fn execute(cli: Cli) -> i32 {
             gc_every,
             metrics_listen,
         } => fleet_command(file.as_deref(), |context| async move {
+            crate::config::file_modes::warn_exposed(settings_file.as_deref(), &context.settings);
             let interval = std::time::Duration::try_from_secs_f64(interval)
                 .ok()
                 .filter(|every| *every >= std::time::Duration::from_millis(100))
@@ -87,6 +90,8 @@ pub fn execute(cli: Cli) -> i32 {
             config::config(&context).await
         }),
         Command::Prepare => job_hook(file.as_deref(), false, |context| async move {
+            // One line in the job log per secret file other local users can read.
+            crate::config::file_modes::warn_exposed(settings_file.as_deref(), &context.settings);
             prepare::prepare(&context).await
         }),
         Command::Run { script, stage } => job_hook(file.as_deref(), false, |context| async move {
@@ -143,6 +148,7 @@ fn fleet_check(file: Option<&Path>, smoke: bool, format: crate::cli::CheckFormat
             smoke,
             format,
             source,
+            config_file: crate::config::config_file_path(file),
         };
         Ok(crate::commands::check::run(loaded, &options, &cancel).await)
     });

@@ -354,6 +354,86 @@ fn an_unparsable_key_fails_without_echoing_it() {
 }
 
 #[test]
+fn a_settings_file_or_key_file_others_can_read_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = lab();
+    let dir = tempfile::tempdir().unwrap();
+    // The token in the settings file, the key in a file of its own, both as an admin who forgot
+    // the mode leaves them: 0644.
+    let token = lab
+        .settings()
+        .into_iter()
+        .find(|(name, _)| name == "PROXMOX_TOKEN_VALUE")
+        .map(|(_, value)| value)
+        .unwrap();
+    let settings = dir.path().join("proxmox.toml");
+    std::fs::write(&settings, format!("PROXMOX_TOKEN_VALUE = {token:?}\n")).unwrap();
+    let key = dir.path().join("ci-key");
+    std::fs::write(&key, &lab.key.private_text).unwrap();
+    for file in [&settings, &key] {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let key_path = key.display().to_string();
+    let settings_path = settings.display().to_string();
+    let checked = |lab: &Lab| {
+        run(&mut check_command(
+            lab,
+            &[
+                ("PROXMOX_TOKEN_VALUE", ""),
+                ("VM_SSH_PRIVATE_KEY", &key_path),
+                ("GITLAB_PROXMOX_RUNNER_CONFIG", &settings_path),
+            ],
+        ))
+    };
+    let exposed = checked(&lab);
+    // Advisory: the hooks work, but another local user can take the token and the key.
+    exposed.assert_code(READY);
+    let failures = exposed.fail_lines();
+    assert_eq!(failures.len(), 2, "{}", exposed.stdout);
+    for (what, path) in [
+        ("the settings file", &settings_path),
+        ("the SSH key file (VM_SSH_PRIVATE_KEY)", &key_path),
+    ] {
+        let line = format!(
+            "✘ {what} {path} is readable by group or others (mode 0644): another local user can \
+             take the secrets it holds (advisory)"
+        );
+        assert!(exposed.stdout.contains(&line), "{line}\n{}", exposed.stdout);
+        assert!(
+            exposed.stdout.contains(&format!("fix: chmod 0600 {path}")),
+            "{}",
+            exposed.stdout
+        );
+    }
+    assert!(
+        exposed
+            .stdout
+            .contains("2 advisory, 0 skipped: ready for jobs"),
+        "{}",
+        exposed.stdout
+    );
+    // The token and the key themselves are never printed.
+    assert!(!exposed.stdout.contains(&token) && !exposed.stderr.contains(&token));
+    for fragment in lab.key.secret_fragments() {
+        assert!(!exposed.stdout.contains(&fragment) && !exposed.stderr.contains(&fragment));
+    }
+
+    for file in [&settings, &key] {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let fixed = checked(&lab);
+    fixed.assert_code(READY);
+    assert!(fixed.fail_lines().is_empty(), "{}", fixed.stdout);
+    assert!(
+        fixed.stdout.contains(&format!(
+            "✔ the settings file: {settings_path} is readable by its owner only (mode 0600)"
+        )),
+        "{}",
+        fixed.stdout
+    );
+}
+
+#[test]
 fn a_bad_token_and_bad_settings_fail_with_their_fix() {
     let lab = lab();
     run(&mut check_command(
@@ -434,6 +514,56 @@ fn smoke_runs_one_vm_end_to_end_and_leaves_none() {
         .requests()
         .iter()
         .any(|r| r.method == "POST" && r.path.ends_with("/clone")));
+}
+
+#[test]
+fn smoke_fails_when_a_warm_vm_pins_the_same_host_key() {
+    use gpr_testkit::pool_service::{gc_until_empty, PoolService};
+    // One sshd for every VM: clones of a template whose host keys were never regenerated.
+    let Some(lab) = Lab::builder(driver_binary!())
+        .with_sshd_or_skip("smoke_fails_when_a_warm_vm_pins_the_same_host_key")
+    else {
+        return;
+    };
+    let pool = PoolService::start(&lab, "pool-a", &[("WARM_POOL", "ubuntu-focal=1")]);
+    let warm = gpr_testkit::wait_for("a warm VM", Duration::from_secs(60), || {
+        lab.fake
+            .job_vms()
+            .into_iter()
+            .find(|vm| vm.description.contains("\nssh-host-key: "))
+    });
+    // Finished warm VMs stay when the service stops.
+    pool.stop();
+    let fingerprint = gitlab_proxmox_runner::ssh::fingerprint_of_line(
+        &lab.sshd()
+            .host_key_lines()
+            .into_iter()
+            .find(|line| line.starts_with("ssh-ed25519 "))
+            .unwrap(),
+    )
+    .unwrap();
+    let checked = run(check_command(&lab, &[("RUNNER_HELPER_PATH", "")]).arg("--smoke"));
+    checked.assert_code(NOT_READY);
+    let failure = checked
+        .stdout
+        .lines()
+        .find(|line| line.starts_with("✘ smoke test failed"))
+        .unwrap_or_else(|| panic!("{}", checked.stdout));
+    for fragment in [
+        "while comparing the VM's SSH host keys with the warm VMs': settings: VM ",
+        "cloned from template ubuntu-focal (60900), has an SSH host key that is not its own",
+        &format!(
+            "ssh-ed25519 {fingerprint}, also held by warm VM {} on pve1",
+            warm.vmid
+        ),
+        "remove /etc/ssh/ssh_host_*",
+    ] {
+        assert!(failure.contains(fragment), "{fragment:?} in {failure}");
+    }
+    // The smoke VM is gone; the warm VM is left to the pool and gc.
+    let left: Vec<u32> = lab.fake.job_vms().iter().map(|vm| vm.vmid).collect();
+    assert_eq!(left, vec![warm.vmid], "{}", checked.stdout);
+    gc_until_empty(&lab, &[]);
 }
 
 #[test]

@@ -31,10 +31,19 @@ fn cluster() -> Lab {
     lab
 }
 
-/// A same-name copy of ubuntu-focal (60900 on pve1) on `node`.
+/// A copy of ubuntu-focal (60900 on pve1) on `node`, with the same VM name; it counts as a copy
+/// only where `PROXMOX_TEMPLATES` lists it (see [`LISTED`]).
 fn copy(lab: &Lab, vmid: u32, node: &str) {
     lab.fake.add_vm(NewVm::template(vmid, node, "ubuntu-focal"));
 }
+
+/// ubuntu-focal with the copies the tests make on pve2 and pve3.
+const LISTED: (&str, &str) = (
+    "PROXMOX_TEMPLATES",
+    "ubuntu-focal=60900|60901@pve2|60902@pve3",
+);
+/// The same with the copy on pve2 only.
+const LISTED_PVE2: (&str, &str) = ("PROXMOX_TEMPLATES", "ubuntu-focal=60900|60901@pve2");
 
 /// `check` with the lab's settings and one template, overridden by `extra`.
 fn check_command(lab: &Lab, extra: &[(&str, &str)]) -> Command {
@@ -125,18 +134,22 @@ fn a_listed_node_without_a_copy_is_a_warning_and_the_copies_are_checked() {
     let lab = cluster();
     copy(&lab, 60901, "pve2");
     let checked = Checked::run(
-        &mut check_command(&lab, &[("PROXMOX_NODES", "pve1,pve2,pve3")]),
+        &mut check_command(&lab, &[("PROXMOX_NODES", "pve1,pve2,pve3"), LISTED_PVE2]),
         READY,
     );
     checked
         .has("✔ settings: read from the process environment (nodes pve1, pve2, pve3, 1 templates")
+        .has(
+            "✔ template ubuntu-focal: clones are made from 60900 on pve1 (listed), 60901 on pve2 \
+             (listed)",
+        )
         .has("✔ node pve1 is online, 20 GiB of 64 GiB memory free")
         .has("✔ node pve2 is online, 40 GiB of 64 GiB memory free")
         .has("✔ node pve3 is online, 60 GiB of 64 GiB memory free")
         .has("✔ template ubuntu-focal (60900) on pve1: a template, guest agent on, net0 on vmbr0")
         .has("✔ template ubuntu-focal (60901) on pve2: a template, guest agent on, net0 on vmbr0")
         .has("✔ privileges of ci@pve!runner on /vms/60901 (cloning template ubuntu-focal on pve2)")
-        .has("17 passed, 0 failed, 1 advisory, 0 skipped: ready for jobs")
+        .has("18 passed, 0 failed, 1 advisory, 0 skipped: ready for jobs")
         .failures_are(&[
             "✘ pve3: no copy of ubuntu-focal; jobs for it go to pve1, pve2 (advisory)",
         ]);
@@ -197,7 +210,7 @@ fn an_offline_listed_node_is_a_warning_and_not_asked() {
     copy(&lab, 60902, "pve3");
     lab.fake.set_node_online("pve3", false);
     let checked = Checked::run(
-        &mut check_command(&lab, &[("PROXMOX_NODES", "pve1 pve2 pve3")]),
+        &mut check_command(&lab, &[("PROXMOX_NODES", "pve1 pve2 pve3"), LISTED]),
         READY,
     );
     checked
@@ -216,7 +229,7 @@ fn a_listed_node_that_is_not_in_the_cluster_is_an_error() {
     let lab = cluster();
     copy(&lab, 60901, "pve2");
     Checked::run(
-        &mut check_command(&lab, &[("PROXMOX_NODES", "pve1,pve2,pve22")]),
+        &mut check_command(&lab, &[("PROXMOX_NODES", "pve1,pve2,pve22"), LISTED_PVE2]),
         NOT_READY,
     )
     .has("✔ node pve1 is online")
@@ -234,7 +247,7 @@ fn a_copy_with_the_agent_off_is_an_error_naming_its_node_and_vmid() {
     copy(&lab, 60902, "pve3");
     assert!(lab.fake.set_vm_config(60902, "agent", Some("0")));
     let checked = Checked::run(
-        &mut check_command(&lab, &[("PROXMOX_NODES", "*")]),
+        &mut check_command(&lab, &[("PROXMOX_NODES", "*"), LISTED]),
         NOT_READY,
     );
     checked
@@ -302,6 +315,7 @@ fn smoke_places_its_vm_like_prepare_and_names_the_node() {
             &lab,
             &[
                 ("PROXMOX_NODES", "pve1,pve2,pve3"),
+                LISTED_PVE2,
                 ("VM_NETWORK_CIDRS", "127.0.0.0/8"),
                 ("VM_SSH_USER", "tester"),
                 ("VM_SSH_PORT", &port),
@@ -335,5 +349,161 @@ fn smoke_places_its_vm_like_prepare_and_names_the_node() {
         ["/api2/json/nodes/pve2/qemu/60901/clone"],
         "cloned from pve2's copy"
     );
+    assert!(lab.fake.job_vms().is_empty(), "{:?}", lab.fake.job_vms());
+}
+
+/// Issue 19: a template named like ours that another user (the co-tenant `mallory@pve!t`, over
+/// HTTP with its own token) made on pve3, where we have no copy, is not used and check says so;
+/// the copies it will use are listed. By-name discovery and names allowed by
+/// `PROXMOX_ALLOWED_TEMPLATES` are flagged as a risk on a shared cluster, and a listed copy
+/// found on another node than its `@node` is refused.
+#[test]
+fn check_lists_the_copies_it_uses_and_warns_about_a_co_tenants_look_alike() {
+    let lab = cluster();
+    copy(&lab, 60901, "pve2");
+    let mallory = lab.fake.co_tenant();
+    mallory
+        .create_template("pve3", 61950, "ubuntu-focal")
+        .expect("the co-tenant's look-alike on pve3");
+    let nodes = ("PROXMOX_NODES", "pve1,pve2,pve3");
+    let look_alike = "✘ template VM 61950 on pve3 is named ubuntu-focal but is not a listed copy \
+                      of ubuntu-focal: not used (another user's?) (advisory)";
+
+    let checked = Checked::run(&mut check_command(&lab, &[nodes, LISTED_PVE2]), READY);
+    checked
+        .has(
+            "✔ template ubuntu-focal: clones are made from 60900 on pve1 (listed), 60901 on pve2 \
+             (listed)",
+        )
+        .lacks("(61950)")
+        .failures_are(&[
+            look_alike,
+            "✘ pve3: no copy of ubuntu-focal; jobs for it go to pve1, pve2 (advisory)",
+        ]);
+    // The look-alike is not even read.
+    assert_eq!(count(&lab, |r| r.path.contains("/qemu/61950")), 0);
+
+    // By-name discovery takes it, and check flags that.
+    let checked = Checked::run(
+        &mut check_command(
+            &lab,
+            &[nodes, LISTED_PVE2, ("PROXMOX_TEMPLATE_COPIES", "by-name")],
+        ),
+        READY,
+    );
+    checked
+        .has(
+            "✔ template ubuntu-focal: clones are made from 60900 on pve1 (listed), 60901 on pve2 \
+             (listed), 61950 on pve3 (same VM name, PROXMOX_TEMPLATE_COPIES=by-name)",
+        )
+        .has("    fix: list the copies instead: PROXMOX_TEMPLATES ubuntu-focal=60900@pve1|60901@pve2|61950@pve3")
+        .failures_are(&[
+            "✘ settings: PROXMOX_TEMPLATE_COPIES=by-name: on every node without a listed copy, any \
+             template VM named like a PROXMOX_TEMPLATES template is cloned for its jobs",
+            "✘ template ubuntu-focal: 61950 on pve3 used only because named ubuntu-focal \
+             (PROXMOX_TEMPLATE_COPIES=by-name)",
+        ]);
+
+    // A name PROXMOX_ALLOWED_TEMPLATES allows resolves by VM name: every ubuntu-focal counts.
+    let checked = Checked::run(
+        &mut check_command(
+            &lab,
+            &[
+                nodes,
+                ("PROXMOX_TEMPLATES", "debian-12=60930"),
+                ("PROXMOX_ALLOWED_TEMPLATES", "ubuntu-focal"),
+                ("PROXMOX_TEMPLATE", "ubuntu-focal"),
+            ],
+        ),
+        READY,
+    );
+    checked
+        .has(
+            "✔ template ubuntu-focal: clones are made from 60900 on pve1 (by VM name, \
+             PROXMOX_ALLOWED_TEMPLATES), 60901 on pve2 (by VM name",
+        )
+        .has("✘ settings: PROXMOX_ALLOWED_TEMPLATES lets jobs ask for templates by VM name (ubuntu-focal)")
+        .has("✘ template ubuntu-focal is found by VM name (PROXMOX_ALLOWED_TEMPLATES), not by VMID");
+
+    // A listed copy pinned to pve2 that turns up on pve3 (here: the co-tenant's template made
+    // with that VMID) is refused; our unlisted copy on pve2 is only a look-alike then.
+    mallory
+        .create_template("pve3", 61904, "ubuntu-focal")
+        .expect("a template with the VMID of a copy listed for pve2");
+    Checked::run(
+        &mut check_command(
+            &lab,
+            &[
+                nodes,
+                ("PROXMOX_TEMPLATES", "ubuntu-focal=60900|61904@pve2"),
+            ],
+        ),
+        NOT_READY,
+    )
+    .has("✔ template ubuntu-focal: clones are made from 60900 on pve1 (listed)")
+    .failures_are(&[
+        "✘ template ubuntu-focal: template VM 61904 (ubuntu-focal) is on pve3, not on pve2 as \
+         ubuntu-focal=60900|61904@pve2 says: not used",
+        "✘ template VM 60901 on pve2 is named ubuntu-focal but is not a listed copy",
+        look_alike,
+        "✘ pve2: no copy of ubuntu-focal",
+        "✘ pve3: no copy of ubuntu-focal",
+    ]);
+}
+
+/// `check --smoke` builds its VM where placement puts it: for a template on shared storage on
+/// pve2 and pve3 chosen (the most free memory), a clone with `target=pve3`, as prepare makes it,
+/// not a VM on the template's node.
+#[test]
+fn smoke_clones_a_shared_storage_template_with_target_to_the_node_it_names() {
+    let lab = cluster();
+    lab.fake
+        .add_vm(NewVm::shared_template(61000, "pve2", "ubuntu-shared"));
+    let vm = TestSshServer::start();
+    vm.authorize(&lab.key);
+    lab.fake.set_guest_file(
+        ED25519_HOST_KEY_FILE,
+        &format!("{}\n", vm.host_key_lines()[0]),
+    );
+    let port = vm.port().to_string();
+    let checked = Checked::run(
+        check_command(
+            &lab,
+            &[
+                ("PROXMOX_NODES", "pve1,pve2,pve3"),
+                ("PROXMOX_TEMPLATES", "ubuntu-shared=61000"),
+                ("PROXMOX_TEMPLATE", "ubuntu-shared"),
+                ("VM_NETWORK_CIDRS", "127.0.0.0/8"),
+                ("VM_SSH_USER", "tester"),
+                ("VM_SSH_PORT", &port),
+                ("VM_BOOT_TIMEOUT", "60"),
+                ("RUNNER_HELPER_PATH", ""),
+            ],
+        )
+        .arg("--smoke"),
+        READY,
+    );
+    let smoke = checked
+        .stdout
+        .lines()
+        .find(|line| line.starts_with("✔ smoke test: VM "))
+        .unwrap_or_else(|| panic!("{}\n{}", checked.stdout, checked.stderr));
+    assert!(
+        smoke.contains(" on pve3 (placed there by PROXMOX_NODES: 60 GiB free, 0 job VMs"),
+        "{smoke}"
+    );
+    assert!(smoke.contains("destroyed"), "{smoke}");
+    let clones: Vec<(String, String)> = lab
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/clone"))
+        .map(|r| (r.path, r.body))
+        .collect();
+    let [(path, body)] = clones.as_slice() else {
+        panic!("one clone request: {clones:?}");
+    };
+    assert_eq!(path, "/api2/json/nodes/pve2/qemu/61000/clone");
+    assert!(body.contains("target=pve3"), "cloned with target: {body}");
     assert!(lab.fake.job_vms().is_empty(), "{:?}", lab.fake.job_vms());
 }

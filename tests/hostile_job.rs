@@ -183,6 +183,8 @@ fn attack_values(host: &Host, attacker: &FakeProxmox) -> Vec<(String, String)> {
             "PROXMOX_TLS_INSECURE" => "true".into(),
             "PROXMOX_HTTPS_PROXY" => "http://127.0.0.1:9".into(),
             "PROXMOX_TEMPLATES" => "ubuntu-focal=2000999".into(),
+            // Not a valid value: if it were read, every hook would fail on it.
+            "PROXMOX_TEMPLATE_COPIES" => "anything-named-alike".into(),
             "PROXMOX_DEFAULT_TEMPLATE" => "debian-12".into(),
             "PROXMOX_ALLOWED_TEMPLATES" => "*".into(),
             "PROXMOX_VMID_RANGE" => "100-120".into(),

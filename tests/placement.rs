@@ -1,5 +1,6 @@
 //! Multi-node placement (issue 12) against a fake cluster of four nodes: three hold a copy of
-//! the template (same name, local storage), one does not; their free memory differs.
+//! the template (same name, local storage, each listed in `PROXMOX_TEMPLATES`), one does not;
+//! their free memory differs.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,6 +14,8 @@ use gpr_testkit::hook::Hook;
 use gpr_testkit::{driver_binary, FakeConfig, Fault, Lab, NewVm, NodeLoad};
 
 const GIB: u64 = 1 << 30;
+/// ubuntu-focal and its copies on pve2 and pve3 (see `cluster`).
+const LISTED: &str = "ubuntu-focal=60900|60901@pve2|60902@pve3";
 
 fn load(free_gib: u64) -> NodeLoad {
     NodeLoad {
@@ -48,6 +51,8 @@ fn cluster(test: &str) -> Option<Lab> {
 fn job_hook(lab: &Lab, dir: &Path, job_id: u64) -> Hook {
     lab.hook(dir)
         .host_env("PROXMOX_NODES", "pve1,pve2,pve3,pve4")
+        // The template's copies on each node, by VMID: a VM name proves nothing.
+        .host_env("PROXMOX_TEMPLATES", LISTED)
         .host_env("VM_MEMORY_MB", "2048")
         .job_var("CI_JOB_ID", job_id.to_string())
         .job_var("CI_PROJECT_PATH", "group/project")
@@ -313,4 +318,56 @@ fn a_node_that_fails_mid_clone_sends_the_job_to_another_node_and_cleanup_gets_bo
     let cleanup = hook.clone().arg("cleanup").run();
     assert_eq!(cleanup.code, 0, "{}", cleanup.log());
     assert!(lab.fake.job_vms().is_empty(), "{:?}", lab.fake.job_vms());
+}
+
+/// Issue 19: another user of the cluster (the co-tenant `mallory@pve!t`, over HTTP with its own
+/// token) makes a template named ubuntu-focal on pve4, the node with the most free memory and
+/// no copy of ours. It never gets a job: a `PROXMOX_TEMPLATES` entry means only the VMIDs it
+/// lists (one VMID: only that one), never a template of the same name.
+#[test]
+fn a_co_tenants_look_alike_template_never_gets_jobs_only_listed_copies_do() {
+    let test = "a_co_tenants_look_alike_template_never_gets_jobs_only_listed_copies_do";
+    let Some(lab) = cluster(test) else {
+        return;
+    };
+    let mallory = lab.fake.co_tenant();
+    mallory
+        .create_template("pve4", 61950, "ubuntu-focal")
+        .expect("the co-tenant's look-alike template on pve4");
+    let forged = lab.fake.vm(61950).expect("look-alike");
+    assert!(forged.template && forged.node == "pve4" && forged.name == "ubuntu-focal");
+
+    let run = |map: &str, first_id: u64| -> Vec<String> {
+        let jobs: Vec<Job> = (0..6)
+            .map(|n| {
+                let dir = tempfile::tempdir().unwrap();
+                let hook =
+                    job_hook(&lab, dir.path(), first_id + n).host_env("PROXMOX_TEMPLATES", map);
+                Job { dir, hook }
+            })
+            .collect();
+        let nodes = prepare_all(&jobs, 3);
+        for vm in lab.fake.job_vms() {
+            assert_ne!(
+                vm.cloned_from,
+                Some(61950),
+                "cloned from the look-alike: {vm:?}"
+            );
+        }
+        for job in &jobs {
+            job.hook.clone().arg("cleanup").run().assert_exit(0);
+        }
+        assert!(lab.fake.job_vms().is_empty(), "{:?}", lab.fake.job_vms());
+        nodes
+    };
+
+    // The simple form names one template VM: every job is cloned from it, on its node.
+    let single = run("ubuntu-focal=60900", 7500);
+    assert!(single.iter().all(|node| node == "pve1"), "{single:?}");
+
+    // The listed copies get the jobs, by free memory: pve3 (60 GiB) first, never pve4.
+    let listed = run(LISTED, 7600);
+    let counts = tally(&listed);
+    assert!(!counts.contains_key("pve4"), "{counts:?}");
+    assert!(counts.get("pve3").copied().unwrap_or(0) >= 3, "{counts:?}");
 }

@@ -331,6 +331,70 @@ fn a_template_missing_from_the_node_is_a_system_failure() {
 }
 
 #[test]
+fn a_clone_lock_directory_others_can_write_fails_prepare_before_any_clone() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    // Ours, but mode 0777: any local user could hold the slots or swap them for their own.
+    let locks = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        locks.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let out = prepare(
+        &hook(&fake, dir.path(), 7)
+            .host_env("PROXMOX_MAX_CONCURRENT_CLONES", "2")
+            .host_env("PROXMOX_CLONE_LOCK_DIR", locks.path().display().to_string()),
+    );
+    out.assert_exit(SYSTEM_FAILURE);
+    assert_log_has(
+        &out,
+        &format!(
+            "the clone lock directory {} (PROXMOX_CLONE_LOCK_DIR) is writable by group or \
+             others (mode 0777)",
+            locks.path().display()
+        ),
+    );
+    assert!(requests_matching(&fake, "POST", "/clone").is_empty());
+    assert!(fake.job_vms().is_empty(), "{NO_VM_LEFT}");
+    assert_eq!(
+        std::fs::read_dir(locks.path()).unwrap().count(),
+        0,
+        "no slot file made"
+    );
+}
+
+#[test]
+fn prepare_warns_when_the_settings_file_is_readable_by_others() {
+    use std::os::unix::fs::PermissionsExt;
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let settings = dir.path().join("proxmox.toml");
+    // A template that does not exist: prepare stops right after the warning.
+    std::fs::write(&settings, "PROXMOX_TEMPLATES = { ubuntu-focal = 61999 }\n").unwrap();
+    std::fs::set_permissions(&settings, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = prepare(&hook(&fake, dir.path(), 8).host_env(
+        "GITLAB_PROXMOX_RUNNER_CONFIG",
+        settings.display().to_string(),
+    ));
+    out.assert_exit(SYSTEM_FAILURE);
+    assert_log_has(
+        &out,
+        &format!(
+            "WARNING: the settings file {} is readable by group or others (mode 0644); it \
+             holds the driver's secrets: chmod 0600 {}",
+            settings.display(),
+            settings.display()
+        ),
+    );
+    assert_eq!(
+        out.log().matches("is readable by group or others").count(),
+        1
+    );
+    assert_log_has(&out, "VMID 61999, which does not exist on node pve1");
+}
+
+#[test]
 fn a_failing_vmid_check_creates_nothing() {
     let fake = FakeProxmox::start(FakeConfig::default());
     fake.inject(Fault::HttpErrors {

@@ -1,5 +1,5 @@
 //! The warm pool end to end: `gitlab-proxmox-runner pool` processes keep warm VMs on the fake
-//! cluster (a real sshd on loopback answering for every VM), prepare hooks claim them through
+//! cluster (a real sshd on loopback for each VM, with host keys of its own), prepare hooks claim them through
 //! PVE's config digest, and what nobody claims is recycled or swept.
 
 use std::collections::HashSet;
@@ -21,9 +21,11 @@ use gpr_testkit::{driver_binary, wait_for, Lab, VmSnapshot};
 const TEMPLATE: &str = "ubuntu-focal";
 const TEMPLATE_VMID: u32 = 60900;
 
+/// A lab whose VMs each answer SSH with host keys of their own (an sshd per VM), as clones of a
+/// properly cleaned template do: the pool refuses clones that share a host key.
 #[track_caller]
 fn start(test: &str) -> Option<Lab> {
-    Lab::builder(driver_binary!()).with_sshd_or_skip(test)
+    Lab::builder(driver_binary!()).with_sshd_per_vm_or_skip(test)
 }
 
 /// A pool service of `size` warm VMs of the template, with `extra` settings.
@@ -88,7 +90,8 @@ fn a_warm_vm_is_claimed_the_job_runs_and_the_pool_refills() {
     );
     let state = JobState::load(dir.path()).unwrap().expect("a job state");
     assert_eq!(state.vmid, warm.vmid);
-    assert_eq!(state.ip.as_deref(), Some("127.0.0.1"));
+    let ip = lab.fake.guest_ip(warm.vmid).to_string();
+    assert_eq!(state.ip.as_deref(), Some(ip.as_str()));
     assert!(!state.host_keys.is_empty());
     // The VM is the job's now: its marker, its name, no warm fields left.
     let claimed = lab.fake.vm(warm.vmid).unwrap();
@@ -302,6 +305,76 @@ fn a_broken_warm_vm_is_never_handed_to_a_job() {
 }
 
 #[test]
+fn clones_that_share_a_host_key_are_refused_recycled_and_not_warmed_again() {
+    // One sshd, one host key, for every VM: clones of a template whose host keys were never
+    // regenerated, where pinning the key proves nothing.
+    let Some(lab) = Lab::builder(driver_binary!()).with_sshd_or_skip(
+        "clones_that_share_a_host_key_are_refused_recycled_and_not_warmed_again",
+    ) else {
+        return;
+    };
+    let shared_key = lab
+        .sshd()
+        .host_key_lines()
+        .into_iter()
+        .find(|line| line.starts_with("ssh-ed25519 "))
+        .unwrap();
+    let fingerprint = gitlab_proxmox_runner::ssh::fingerprint_of_line(&shared_key).unwrap();
+    let pool = pool_service(&lab, "pool-a", 2, &[]);
+    // The second clone to come up shows the first one's key: refused and destroyed; then the
+    // first, published already, is recycled too.
+    let log = wait_for(
+        "a refused clone and the first one recycled",
+        Duration::from_secs(60),
+        || {
+            let log = pool.log();
+            (log.contains("(its SSH host key is not its own)") && lab.fake.job_vms().is_empty())
+                .then_some(log)
+        },
+    );
+    let refusal = log
+        .lines()
+        .find(|line| line.contains("warming a VM from ubuntu-focal failed"))
+        .unwrap_or_else(|| panic!("no refusal:\n{log}"));
+    for fragment in [
+        "ERROR: pool pool-a: warming a VM from ubuntu-focal failed: settings: VM ",
+        "cloned from template ubuntu-focal (60900), has an SSH host key that is not its own \
+         (ssh-ed25519 ",
+        fingerprint.as_str(),
+        ", also held by warm VM ",
+        "remove /etc/ssh/ssh_host_*",
+        "The pool destroys it, never hands it to a job, and warms no VM of ubuntu-focal for 10 min",
+    ] {
+        assert!(refusal.contains(fragment), "{fragment:?} in\n{refusal}");
+    }
+    let recycled = log
+        .lines()
+        .find(|line| line.contains("Recycling it; warming no VM of ubuntu-focal"))
+        .unwrap_or_else(|| panic!("the published one was not recycled:\n{log}"));
+    assert!(
+        recycled.contains("ERROR: pool pool-a: ubuntu-focal: VM "),
+        "{recycled}"
+    );
+    assert!(recycled.contains(&fingerprint), "{recycled}");
+    // The public key itself stays out of the log (the fingerprint names it).
+    assert!(
+        !log.contains(shared_key.split_whitespace().nth(1).unwrap()),
+        "{log}"
+    );
+    // Held off: no clone after the two whose keys matched, though the pool is empty now.
+    let clones = lab
+        .fake
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/clone"))
+        .count();
+    assert_eq!(clones, 2, "{log}");
+    let (code, _) = pool.stop();
+    assert_eq!(code, 0);
+    assert!(lab.fake.job_vms().is_empty());
+}
+
+#[test]
 fn a_killed_pool_service_leaves_nothing_gc_does_not_remove() {
     let Some(lab) = start("a_killed_pool_service_leaves_nothing_gc_does_not_remove") else {
         return;
@@ -432,6 +505,7 @@ fn the_pool_service_can_run_the_orphan_sweep_on_a_schedule() {
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
         .envs(lab.settings())
+        .envs([gpr_testkit::fleet::settings_env()])
         .env("WARM_POOL", format!("{TEMPLATE}=0"))
         .args(["pool", "--interval", "0.2", "--gc-every", "1"])
         .stdin(Stdio::null())
@@ -874,6 +948,7 @@ fn pool_status_shows_each_warm_vm_with_its_node_state_and_age() {
             .env_clear()
             .env("PATH", "/usr/bin:/bin")
             .envs(lab.settings())
+            .envs([gpr_testkit::fleet::settings_env()])
             .env("WARM_POOL", format!("{TEMPLATE}=2"))
             .args(["pool", "status"])
             .args(args)

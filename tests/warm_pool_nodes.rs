@@ -15,6 +15,8 @@ use gpr_testkit::{driver_binary, wait_for, FakeConfig, Lab, NewVm, NodeLoad, VmS
 
 const TEMPLATE: &str = "ubuntu-focal";
 const NODES: &str = "pve1,pve2,pve3,pve4";
+/// The template and its copies, by VMID (a VM name proves nothing on a shared cluster).
+const LISTED: &str = "ubuntu-focal=60900|60901@pve2|60902@pve3";
 const GIB: u64 = 1 << 30;
 
 /// The copy of the template on each node that has one.
@@ -42,9 +44,10 @@ fn cluster(test: &str, free: [u64; 3]) -> Option<Lab> {
         other_nodes: vec!["pve2".into(), "pve3".into(), "pve4".into()],
         ..FakeConfig::default()
     };
+    // Each VM its own sshd and host keys: the pool refuses clones that share one.
     let lab = Lab::builder(driver_binary!())
         .fake(config)
-        .with_sshd_or_skip(test)?;
+        .with_sshd_per_vm_or_skip(test)?;
     for node in ["pve2", "pve3"] {
         lab.fake
             .add_vm(NewVm::template(copy_on(node).unwrap(), node, TEMPLATE));
@@ -63,6 +66,7 @@ fn pool_service(lab: &Lab, size: u32, extra: &[(&str, &str)]) -> PoolService {
     let mut env = vec![
         ("WARM_POOL", pool.as_str()),
         ("PROXMOX_NODES", NODES),
+        ("PROXMOX_TEMPLATES", LISTED),
         ("VM_MEMORY_MB", "2048"),
     ];
     env.extend_from_slice(extra);
@@ -121,6 +125,7 @@ fn job_hook(lab: &Lab, dir: &Path, job_id: u64) -> Hook {
     lab.hook(dir)
         .host_env("WARM_POOL", format!("{TEMPLATE}=1"))
         .host_env("PROXMOX_NODES", NODES)
+        .host_env("PROXMOX_TEMPLATES", LISTED)
         .host_env("VM_MEMORY_MB", "2048")
         .host_env("PROXMOX_RUNNER_ID", "runner-a")
         .job_var("CI_JOB_ID", job_id.to_string())
@@ -219,7 +224,8 @@ fn a_job_claims_a_warm_vm_on_its_placed_node_first_then_on_another() {
     assert!(!log.contains("cloned template"), "no clone: {log}");
     let state = JobState::load(second.path()).unwrap().expect("a job state");
     assert_eq!((state.node.as_str(), state.vmid), ("pve3", on_pve3));
-    assert_eq!(state.ip.as_deref(), Some("127.0.0.1"));
+    let ip = lab.fake.guest_ip(on_pve3).to_string();
+    assert_eq!(state.ip.as_deref(), Some(ip.as_str()));
     let claimed = lab.fake.vm(on_pve3).unwrap();
     assert_eq!(warm_of(&claimed), None, "the job's now");
     assert_eq!(claimed.name, "ci-8101-group-project");

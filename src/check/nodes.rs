@@ -119,8 +119,9 @@ pub fn missing_copy(template: &str, vm_name: &str, node: &str, served_by: &[&str
             served_by.join(", ")
         ),
         format!(
-            "nothing, if {node} is not meant to run them; otherwise give it a template VM named \
-             {vm_name} (a copy of the one on {})",
+            "nothing, if {node} is not meant to run them; otherwise give it a copy of {vm_name} \
+             (the template VM on {}) and list its VMID in PROXMOX_TEMPLATES \
+             ({template}=...|VMID@{node})",
             served_by.first().copied().unwrap_or("another node")
         ),
     )

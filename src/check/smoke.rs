@@ -1,5 +1,6 @@
 //! `check --smoke`: one throwaway VM through the same engine the hooks use — clone, start,
-//! the guest agent's address, the host key through the agent, SSH, `sudo -n true` — then
+//! the guest agent's address, the host key through the agent (and that no warm VM on the
+//! cluster pins the same key), SSH, `sudo -n true` — then
 //! destroyed with cleanup's teardown, each phase timed. The VM is recorded before its clone is
 //! requested, so that whatever stops the test (a failure, SIGTERM) it is removed; were this
 //! process killed outright, its marker carries a deadline one hour out, after which `gc`
@@ -18,6 +19,7 @@ use crate::marker::Marker;
 use crate::proxmox::Client;
 use crate::ssh::{self, Connection, HostKeyCheck, Target};
 use crate::vm::clone_watch::CloneTrace;
+use crate::vm::host_keys::{self, Holder};
 use crate::vm::provision::{self, Order};
 use crate::vm::teardown::{self, Teardown};
 use crate::vm::{
@@ -47,6 +49,9 @@ pub struct Smoke {
 struct SmokeSink {
     /// The template being cloned, for the clone trace.
     template: Option<u32>,
+    /// The template's node when the VM goes to another one (a clone with `target`): where the
+    /// clone task runs, which the teardown must ask about a clone whose answer was lost.
+    template_node: Option<String>,
     /// What was created, for the teardown: the VM and its clone request.
     trace: Option<CloneTrace>,
     step: &'static str,
@@ -80,7 +85,7 @@ impl Sink for SmokeSink {
                 self.trace = Some(CloneTrace {
                     vm: vm.clone(),
                     template: self.template,
-                    template_node: None,
+                    template_node: self.template_node.clone(),
                     // Counted as sent before it is: from here on, a VM may appear there.
                     sent_at: Some(crate::vm::clone_watch::now_epoch()),
                     upid: None,
@@ -198,10 +203,13 @@ async fn bring_up(
     let template = placed.template;
     let mode = template::clone_mode(settings, &template)?;
     sink.template = Some(template.vmid);
+    sink.template_node = (template.node != placed.node).then(|| template.node.clone());
     sink.timing("template", total.elapsed());
+    // On the node placement chose, as prepare does: for a template on shared storage elsewhere
+    // that is a clone with `target`, not a VM on the template's node.
     let order = Order {
         template: &template,
-        node: &template.node,
+        node: &placed.node,
         mode,
         name: VM_NAME,
         marker,
@@ -210,6 +218,8 @@ async fn bring_up(
     let started = provision::provision(client, settings, &order, sink).await?;
     let deadline = Instant::now() + settings.boot_timeout;
     let ready = ready::ready(client, settings, &started, deadline, cancel, sink).await?;
+    sink.step("comparing the VM's SSH host keys with the warm VMs'");
+    own_host_keys(client, settings, &template, &ready, marker, sink).await?;
 
     sink.step("running `sudo -n true` over SSH");
     let sudo = Instant::now();
@@ -246,4 +256,66 @@ async fn bring_up(
     }
     sink.timing("sudo", sudo.elapsed());
     Ok((ready, total.elapsed()))
+}
+
+/// Fails when a warm VM of the template on the cluster pins one of the new VM's host keys:
+/// the template's clones share one host private key, so pinning proves nothing
+/// ([`crate::vm::host_keys`]). The template's own keys cannot be read (a template does not
+/// run), and the keys this VM showed before first boot replaced them differ from its own by
+/// definition: with no warm VM to compare with, one VM cannot tell, and the pool service
+/// compares every VM it warms. A listing that fails is a warning, not a verdict.
+async fn own_host_keys(
+    client: &Client,
+    settings: &Settings,
+    template: &template::Template,
+    ready: &ReadyVm,
+    marker: &Marker,
+    log: &dyn Log,
+) -> Result<()> {
+    // Only warm VMs proven ours count: anyone can write our VM's public host key into a
+    // look-alike's description.
+    let Some(key) = settings.fleet_key.as_ref() else {
+        return Ok(());
+    };
+    let listed = async {
+        let copies = placement::copies(client, settings, &settings.template).await?;
+        crate::pool::list_warm(
+            client,
+            settings.vmid_range,
+            &crate::pool::Scope::of(&copies),
+            key,
+        )
+        .await
+    };
+    let warm = match listed.await {
+        Ok(listing) => listing.warm,
+        Err(err) => {
+            log.warn(&format!(
+                "smoke test: could not list the warm VMs to compare {}'s SSH host keys with \
+                 theirs: {err}",
+                ready.vm
+            ));
+            return Ok(());
+        }
+    };
+    let holders: Vec<(Holder, &[String])> = warm
+        .iter()
+        .map(|warm| {
+            let holder = Holder::vm(&warm.vm, &warm.marker.nonce, "warm VM");
+            (holder, warm.host_keys.as_slice())
+        })
+        .collect();
+    let found = host_keys::duplicates(
+        &ready.host_keys,
+        &marker.nonce,
+        holders.iter().map(|(holder, keys)| (holder, *keys)),
+    );
+    if found.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Settings(host_keys::cloned_keys_message(
+        &ready.vm,
+        &template.label,
+        &found,
+    )))
 }

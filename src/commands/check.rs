@@ -21,13 +21,15 @@ use crate::check::templates::{self, can_link};
 use crate::check::tls::{CertificateFacts, Recording};
 use crate::check::{nodes, smoke, Finding, Report};
 use crate::cli::CheckFormat;
-use crate::config::{AllowedTemplates, CloneMode, NodeSet, Settings, TlsTrust, CONFIG_FILE_ENV};
+use crate::config::{
+    AllowedTemplates, CloneMode, CopyDiscovery, NodeSet, Settings, TlsTrust, CONFIG_FILE_ENV,
+};
 use crate::error::{Error, Result};
 use crate::joblog;
 use crate::marker::Marker;
 use crate::proxmox::types::ClusterVm;
 use crate::proxmox::{tls, ApiError, ApiErrorKind, Client, Retry, VmConfig};
-use crate::vm::placement;
+use crate::vm::placement::{self, Found};
 
 pub const EXIT_READY: i32 = 0;
 pub const EXIT_NOT_READY: i32 = 1;
@@ -40,6 +42,8 @@ pub struct Options {
     pub format: CheckFormat,
     /// Where the settings came from, for the first line.
     pub source: String,
+    /// The settings file (`--config` or `GITLAB_PROXMOX_RUNNER_CONFIG`), whose mode is checked.
+    pub config_file: Option<std::path::PathBuf>,
 }
 
 /// `settings file /etc/...` or `the process environment`.
@@ -129,12 +133,14 @@ pub async fn run(loaded: Result<Settings>, options: &Options, cancel: &Cancel) -
 
 async fn checks(settings: &Settings, out: &mut Output<'_>) {
     settings_findings(settings, out);
+    file_mode_findings(settings, out);
     match api_findings(settings, out).await {
         Some(api) if settings.nodes == NodeSet::One => {
             node_finding(&api, settings, out).await;
-            let needs = template_findings(&api, settings, out).await;
-            privilege_findings(&api, settings, needs, out).await;
+            // One listing for the look-alike templates and the VMID range.
             let vms = api.client.cluster_vms().await;
+            let needs = template_findings(&api, settings, vms.as_deref().ok(), out).await;
+            privilege_findings(&api, settings, needs, out).await;
             vmid_range_finding(&api, settings, vms, out).await;
         }
         Some(api) => {
@@ -240,6 +246,44 @@ fn settings_findings(settings: &Settings, out: &mut Output<'_>) {
             "set PROXMOX_TEMPLATE to a name in PROXMOX_TEMPLATES, or add it to the map",
         ));
     }
+    if settings.template_copies == CopyDiscovery::ByName {
+        out.add(
+            Finding::fail(
+                "settings.template_copies",
+                "settings: PROXMOX_TEMPLATE_COPIES=by-name: on every node without a listed copy, \
+                 any template VM named like a PROXMOX_TEMPLATES template is cloned for its jobs; \
+                 on a cluster shared with other users, anyone with VM.Allocate can make one",
+                "list every copy in PROXMOX_TEMPLATES (name=VMID@node|VMID@node...; the template \
+                 lines below name them) and drop PROXMOX_TEMPLATE_COPIES",
+            )
+            .advisory(),
+        );
+    }
+    let by_name: Vec<&str> = match &settings.allowed_templates {
+        AllowedTemplates::MapOnly => Vec::new(),
+        AllowedTemplates::AnyOnNode => vec!["*"],
+        AllowedTemplates::Listed(list) => list
+            .iter()
+            .map(String::as_str)
+            .filter(|item| item.parse::<u32>().is_err())
+            .collect(),
+    };
+    if !by_name.is_empty() {
+        out.add(
+            Finding::fail(
+                "settings.allowed_templates",
+                format!(
+                    "settings: PROXMOX_ALLOWED_TEMPLATES lets jobs ask for templates by VM name \
+                     ({}): every template VM of that name counts, and on a cluster shared with \
+                     other users anyone with VM.Allocate can make one",
+                    by_name.join(", ")
+                ),
+                "map the templates jobs may use in PROXMOX_TEMPLATES by VMID, or allow VMIDs \
+                 only in PROXMOX_ALLOWED_TEMPLATES",
+            )
+            .advisory(),
+        );
+    }
     if settings.storage.is_some() && settings.clone_mode != Some(CloneMode::Full) {
         out.add(
             Finding::fail(
@@ -250,6 +294,41 @@ fn settings_findings(settings: &Settings, out: &mut Output<'_>) {
             )
             .advisory(),
         );
+    }
+}
+
+/// The settings file and the SSH key file: readable by their owner only. Advisory: a file
+/// others can read hands them the token or the key, but the hooks still work.
+fn file_mode_findings(settings: &Settings, out: &mut Output<'_>) {
+    let files =
+        crate::config::file_modes::secret_files(out.options.config_file.as_deref(), settings);
+    for file in files {
+        let id = if file.what.contains("SSH key") {
+            "ssh_key.file_mode"
+        } else {
+            "settings.file_mode"
+        };
+        let finding = match file.exposed() {
+            None => Finding::pass(
+                id,
+                format!(
+                    "{}: {} is readable by its owner only (mode {:04o})",
+                    file.what,
+                    file.path.display(),
+                    file.mode
+                ),
+            ),
+            Some(exposed) => Finding::fail(
+                id,
+                format!(
+                    "{}: another local user can take the secrets it holds",
+                    exposed.message()
+                ),
+                exposed.fix(),
+            )
+            .advisory(),
+        };
+        out.add(finding);
     }
 }
 
@@ -633,32 +712,102 @@ fn template_vm_finding(
     }
 }
 
-async fn template_findings(api: &Api, settings: &Settings, out: &mut Output<'_>) -> TemplateNeeds {
+async fn template_findings(
+    api: &Api,
+    settings: &Settings,
+    vms: Option<&[ClusterVm]>,
+    out: &mut Output<'_>,
+) -> TemplateNeeds {
     let node = &settings.node;
     let mut needs = TemplateNeeds::for_settings(settings);
     let storages = node_storages(api, node).await;
-    for (name, &vmid) in &settings.templates {
+    for (name, listed) in &settings.templates {
         let id = format!("template.{name}");
-        let label = format!("template {name} ({vmid}) on {node}");
-        let status = match api.client.vm_status(node, vmid).await {
-            Ok(Some(status)) => status,
-            Ok(None) => {
+        // The copy listed for this node: pinned to it, or not pinned, in the order listed (as
+        // prepare resolves it).
+        let candidates: Vec<u32> = listed
+            .list()
+            .iter()
+            .filter(|copy| copy.node.as_deref().is_none_or(|pinned| pinned == node))
+            .map(|copy| copy.vmid)
+            .collect();
+        if candidates.is_empty() {
+            out.add(Finding::fail(
+                id,
+                format!(
+                    "template {name}: PROXMOX_TEMPLATES lists {name}={listed}, no copy of it for \
+                     node {node}"
+                ),
+                format!(
+                    "list the template VM on {node} in PROXMOX_TEMPLATES ({name}=VMID@{node}|...), \
+                     or set PROXMOX_NODE to a node with a copy"
+                ),
+            ));
+            continue;
+        }
+        let mut chosen = None;
+        let mut missing = Vec::new();
+        for &vmid in &candidates {
+            match api.client.vm_status(node, vmid).await {
+                Ok(Some(status)) => {
+                    chosen = Some((vmid, status));
+                    break;
+                }
+                Ok(None) => missing.push(vmid),
+                Err(err) => {
+                    out.add(Finding::fail(
+                        id.clone(),
+                        format!("template {name} ({vmid}) on {node}: cannot read it: {err}"),
+                        "the token's privileges on /vms/<vmid> (VM.Audit); see the privilege lines",
+                    ));
+                    missing.clear();
+                    break;
+                }
+            }
+        }
+        let Some((vmid, status)) = chosen else {
+            if let [vmid] = missing.as_slice() {
+                let label = format!("template {name} ({vmid}) on {node}");
                 out.add(Finding::fail(
                     id,
                     format!("{label}: PROXMOX_TEMPLATES maps {name} to VMID {vmid}, which does not exist on node {node}"),
                     "fix the map or PROXMOX_NODE, or create the template",
                 ));
-                continue;
-            }
-            Err(err) => {
+            } else if !missing.is_empty() {
                 out.add(Finding::fail(
                     id,
-                    format!("{label}: cannot read it: {err}"),
-                    "the token's privileges on /vms/<vmid> (VM.Audit); see the privilege lines",
+                    format!(
+                        "template {name}: PROXMOX_TEMPLATES lists {name}={listed}, and none of \
+                         {} exists on node {node}",
+                        missing
+                            .iter()
+                            .map(u32::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    "fix the map or PROXMOX_NODE, or create the template",
                 ));
-                continue;
             }
+            continue;
         };
+        if vmid != listed.first().vmid {
+            needs
+                .copies
+                .push((vmid, format!("cloning template {name} on {node}")));
+        }
+        let label = format!("template {name} ({vmid}) on {node}");
+        if let Some(vms) = vms {
+            // Without placement only this node's templates could be mistaken for ours.
+            let here: Vec<ClusterVm> = vms.iter().filter(|vm| vm.node == *node).cloned().collect();
+            let vm_name = here
+                .iter()
+                .find(|vm| vm.vmid == u64::from(vmid))
+                .and_then(|vm| vm.name.clone());
+            let found = look_alike_findings(name, vm_name.as_deref(), &[vmid], Some(listed), &here);
+            for finding in found {
+                out.add(finding);
+            }
+        }
         let Some(config) = template_config(api, node, vmid, &id, &label, out).await else {
             continue;
         };
@@ -674,6 +823,69 @@ async fn template_findings(api: &Api, settings: &Settings, out: &mut Output<'_>)
         ));
     }
     needs
+}
+
+/// `61950@pve3|60900@pve1`: an entry value listing these copies, for fixes to copy from.
+fn listing(copies: &BTreeMap<String, (u32, Option<u64>)>) -> String {
+    copies
+        .iter()
+        .map(|(node, (vmid, _))| format!("{vmid}@{node}"))
+        .collect::<Vec<_>>()
+        .join("|")
+}
+
+/// Advisory lines for the template VMs among `vms` named like template `name`'s copies
+/// (`vm_name`, or `name` itself) that are not used for it (not in `used`) and not listed: another
+/// user's template made to look like ours, or a copy of ours the admin forgot to list.
+fn look_alike_findings(
+    name: &str,
+    vm_name: Option<&str>,
+    used: &[u32],
+    listed: Option<&crate::config::TemplateCopies>,
+    vms: &[ClusterVm],
+) -> Vec<Finding> {
+    let names = [Some(name), vm_name];
+    let mut findings = Vec::new();
+    for vm in vms {
+        let Ok(vmid) = u32::try_from(vm.vmid) else {
+            continue;
+        };
+        let is_qemu_template = vm.template && vm.kind.as_deref().is_none_or(|kind| kind == "qemu");
+        let Some(vm_name) = vm.name.as_deref() else {
+            continue;
+        };
+        if !is_qemu_template
+            || !names.contains(&Some(vm_name))
+            || used.contains(&vmid)
+            || listed.is_some_and(|listed| listed.lists(vmid))
+        {
+            continue;
+        }
+        findings.push(
+            Finding::fail(
+                format!("template.{name}.look_alike.{vmid}"),
+                format!(
+                    "template VM {vmid} on {} is named {vm_name} but is not a listed copy of \
+                     {name}: not used (another user's?)",
+                    vm.node
+                ),
+                match listed {
+                    Some(listed) => format!(
+                        "nothing, if it is not one of yours (anyone with VM.Allocate can make a \
+                         template of any name); if it is a copy of {name}, list it: \
+                         PROXMOX_TEMPLATES {name}={listed}|{vmid}@{}",
+                        vm.node
+                    ),
+                    None => format!(
+                        "nothing, if it is not one of yours; map {name} in PROXMOX_TEMPLATES by \
+                         VMID to say which template VMs are its copies"
+                    ),
+                },
+            )
+            .advisory(),
+        );
+    }
+    findings
 }
 
 /// A template VM's config, or `None` with a failed line saying why it could not be read.
@@ -721,6 +933,102 @@ fn template_names(settings: &Settings) -> Vec<String> {
     names
 }
 
+/// With `PROXMOX_NODES`: the template VMs template `name` will be cloned from (node, VMID, and
+/// why each counts), the listed copies left out (each a ✘: the map is wrong, or someone else's
+/// VM took a listed VMID), the same-name templates it will not use, and the risk of copies
+/// found by VM name on a shared cluster.
+fn copies_findings(
+    settings: &Settings,
+    name: &str,
+    resolved: &placement::Resolved,
+    members: &[nodes::Member],
+    vms: &[ClusterVm],
+    out: &mut Output<'_>,
+) {
+    let listed = settings.templates.get(name);
+    let mut by_name: BTreeMap<String, (u32, Option<u64>)> = BTreeMap::new();
+    let used: Vec<String> = resolved
+        .by_node
+        .iter()
+        .map(|(node, &(vmid, memory))| {
+            let how = match (resolved.found, listed) {
+                (_, Some(listed)) if listed.lists(vmid) => "listed",
+                (Found::ListedAndByName, _) => {
+                    by_name.insert(node.clone(), (vmid, memory));
+                    "same VM name, PROXMOX_TEMPLATE_COPIES=by-name"
+                }
+                (Found::ByName, _) => "by VM name, PROXMOX_ALLOWED_TEMPLATES",
+                _ => "by VMID, PROXMOX_ALLOWED_TEMPLATES",
+            };
+            format!("{vmid} on {node} ({how})")
+        })
+        .collect();
+    out.add(Finding::pass(
+        format!("template.{name}.copies"),
+        format!("template {name}: clones are made from {}", used.join(", ")),
+    ));
+    for why in &resolved.refused {
+        out.add(Finding::fail(
+            format!("template.{name}.copies"),
+            format!("template {name}: {why}"),
+            "fix PROXMOX_TEMPLATES: list each copy as VMID@node where it is; if nobody of yours \
+             moved or made that VM, find out who did (its clone or create task names the user)",
+        ));
+    }
+    let vm_name = resolved.vm_name.as_deref().unwrap_or(name);
+    if !by_name.is_empty() {
+        let which: Vec<String> = by_name
+            .iter()
+            .map(|(node, (vmid, _))| format!("{vmid} on {node}"))
+            .collect();
+        out.add(
+            Finding::fail(
+                format!("template.{name}.by_name"),
+                format!(
+                    "template {name}: {} used only because named {vm_name} \
+                     (PROXMOX_TEMPLATE_COPIES=by-name): on a cluster shared with other users, \
+                     anyone with VM.Allocate can make a template of that name on a node without \
+                     a listed copy and get jobs cloned from it",
+                    which.join(", ")
+                ),
+                format!(
+                    "list the copies instead: PROXMOX_TEMPLATES {name}={}, and set \
+                     PROXMOX_TEMPLATE_COPIES=listed",
+                    listing(&resolved.by_node)
+                ),
+            )
+            .advisory(),
+        );
+    }
+    if resolved.found == Found::ByName {
+        out.add(
+            Finding::fail(
+                format!("template.{name}.by_name"),
+                format!(
+                    "template {name} is found by VM name (PROXMOX_ALLOWED_TEMPLATES), not by \
+                     VMID: every template VM named {name} counts, on a cluster shared with other \
+                     users anyone's"
+                ),
+                format!(
+                    "map it by VMID: PROXMOX_TEMPLATES {name}={}",
+                    listing(&resolved.by_node)
+                ),
+            )
+            .advisory(),
+        );
+    }
+    // Only templates on the nodes placement may use could be taken for ours.
+    let in_scope: Vec<ClusterVm> = vms
+        .iter()
+        .filter(|vm| members.iter().any(|member| member.name == vm.node))
+        .cloned()
+        .collect();
+    let used: Vec<u32> = resolved.by_node.values().map(|(vmid, _)| *vmid).collect();
+    for finding in look_alike_findings(name, Some(vm_name), &used, listed, &in_scope) {
+        out.add(finding);
+    }
+}
+
 /// With `PROXMOX_NODES`: every template resolved on every online member the way placement
 /// resolves it (its same-name copy there), and the per-template checks run on each copy.
 async fn node_template_findings(
@@ -733,10 +1041,14 @@ async fn node_template_findings(
     let mut needs = TemplateNeeds::for_settings(settings);
     let mut storages: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
     let mut shared_storages: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mapped: Vec<u32> = settings.templates.values().copied().collect();
+    let mapped: Vec<u32> = settings
+        .templates
+        .values()
+        .map(|listed| listed.first().vmid)
+        .collect();
     for name in template_names(settings) {
-        let copies = match placement::template_copies(settings, &name, vms) {
-            Ok(copies) => copies,
+        let resolved = match placement::template_copies(settings, &name, vms) {
+            Ok(resolved) => resolved,
             Err(err) => {
                 let why = match err {
                     Error::Settings(why) | Error::JobRequest(why) => why,
@@ -745,12 +1057,14 @@ async fn node_template_findings(
                 out.add(Finding::fail(
                     format!("template.{name}"),
                     format!("template {name}: {why}"),
-                    "fix PROXMOX_TEMPLATES or PROXMOX_TEMPLATE, or create the template (with the \
-                     same VM name on every node of PROXMOX_NODES)",
+                    "fix PROXMOX_TEMPLATES or PROXMOX_TEMPLATE, or create the template (and list \
+                     the VMID of its copy on each node of PROXMOX_NODES: name=VMID@node|...)",
                 ));
                 continue;
             }
         };
+        copies_findings(settings, &name, &resolved, members, vms, out);
+        let copies = &resolved.by_node;
         let served: Vec<&str> = members
             .iter()
             .filter(|member| member.online && copies.contains_key(&member.name))
@@ -773,19 +1087,13 @@ async fn node_template_findings(
                         &elsewhere
                     }
                 ),
-                "give an online node of PROXMOX_NODES a template VM of the same name, or add a \
-                 node that holds one to PROXMOX_NODES",
+                "give an online node of PROXMOX_NODES a copy of the template and list its VMID in \
+                 PROXMOX_TEMPLATES (name=VMID@node|...), or add a node that holds a listed copy \
+                 to PROXMOX_NODES",
             ));
             continue;
         }
-        let vm_name = copies
-            .values()
-            .find_map(|(vmid, _)| {
-                vms.iter()
-                    .find(|vm| vm.vmid == u64::from(*vmid))
-                    .and_then(|vm| vm.name.clone())
-            })
-            .unwrap_or_else(|| name.clone());
+        let vm_name = resolved.vm_name.clone().unwrap_or_else(|| name.clone());
         // Offline members are skipped: their line already warns, and PVE cannot read a VM
         // config on a node that is down.
         let mut without_copy = Vec::new();
@@ -874,7 +1182,8 @@ async fn privilege_findings(
 ) {
     use privileges::*;
     let mut needs: Vec<Need> = Vec::new();
-    for (name, vmid) in &settings.templates {
+    for (name, listed) in &settings.templates {
+        let vmid = listed.first().vmid;
         needs.push(Need {
             path: format!("/vms/{vmid}"),
             alternative_path: None,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::parse::{
     classify_private_key, default_runner_id, is_runner_id, parse_bool, parse_fingerprint,
     parse_proxy_url, parse_template_map, parse_vmid_range, ApiEndpoint, Cidr, SshKey,
+    TemplateCopies,
 };
 use super::sources::Origin;
 use super::trust::{self, Decision};
@@ -53,6 +54,20 @@ pub enum AllowedTemplates {
     AnyOnNode,
     /// The map plus these VMIDs or VM names.
     Listed(Vec<String>),
+}
+
+/// `PROXMOX_TEMPLATE_COPIES`: which template VMs count as the copies of a `PROXMOX_TEMPLATES`
+/// name on the nodes of `PROXMOX_NODES`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyDiscovery {
+    /// `listed` (the default): only the VMIDs the entry lists. A node without a listed copy gets
+    /// no jobs of that name (unless a listed copy on shared storage is cloned there with
+    /// `target`).
+    Listed,
+    /// `by-name`: the listed copies, and on every node without one, a template VM with the same
+    /// VM name as the first listed copy. On a cluster shared with other users that is anyone's
+    /// template of that name: any user with `VM.Allocate` can make one.
+    ByName,
 }
 
 /// The nodes prepare may place a job's VM on.
@@ -147,7 +162,10 @@ pub struct Settings {
     /// `PROXMOX_NODE_MEMORY_RESERVE_MB`: memory a node keeps free of our VMs.
     pub node_memory_reserve_mb: u64,
     pub tls: TlsTrust,
-    pub templates: BTreeMap<String, u32>,
+    /// `PROXMOX_TEMPLATES`: template name → the template VMs that are its copies.
+    pub templates: BTreeMap<String, TemplateCopies>,
+    /// `PROXMOX_TEMPLATE_COPIES`: whether same-name templates count as copies too.
+    pub template_copies: CopyDiscovery,
     /// The template the job asked for (or the default), not yet resolved to a VMID.
     pub template: String,
     pub allowed_templates: AllowedTemplates,
@@ -170,7 +188,8 @@ pub struct Settings {
     /// How long cleanup may take (waits for locks included) before it leaves the VM to gc;
     /// keep it below the runner's `cleanup_exec_timeout`.
     pub cleanup_timeout: Duration,
-    /// Empty: any global unicast address.
+    /// Empty: any address but loopback, link-local, multicast, unspecified and broadcast
+    /// (private ranges included; see `proxmox::address`).
     pub network_cidrs: Vec<Cidr>,
     pub ssh_user: String,
     pub ssh_port: u16,
@@ -334,6 +353,21 @@ impl Settings {
 
         let templates =
             parse_template_map(raw.get("PROXMOX_TEMPLATES").unwrap_or(DEFAULT_TEMPLATES))?;
+        let template_copies = match raw
+            .get("PROXMOX_TEMPLATE_COPIES")
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("listed") => CopyDiscovery::Listed,
+            Some("by-name") => CopyDiscovery::ByName,
+            Some(other) => {
+                return Err(Error::Settings(format!(
+                    "PROXMOX_TEMPLATE_COPIES={other:?} must be listed (only the VMIDs \
+                     PROXMOX_TEMPLATES lists are a template's copies) or by-name (also \
+                     same-name templates on nodes without a listed copy)"
+                )))
+            }
+        };
         let template = raw
             .get("PROXMOX_TEMPLATE")
             .or(raw.get("PROXMOX_DEFAULT_TEMPLATE"))
@@ -519,6 +553,7 @@ impl Settings {
             node_memory_reserve_mb: raw.number("PROXMOX_NODE_MEMORY_RESERVE_MB")?.unwrap_or(0),
             tls,
             templates,
+            template_copies,
             template,
             allowed_templates,
             vmid_range,

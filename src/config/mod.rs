@@ -9,6 +9,7 @@
 //!    subject to [`trust`]: shared with the job, whose variables, secrets and overrides of
 //!    predefined variables reach the driver under the same names and win.
 
+pub mod file_modes;
 pub mod host;
 pub mod parse;
 pub mod sources;
@@ -17,16 +18,25 @@ pub mod trust;
 use std::path::{Path, PathBuf};
 
 pub use host::{
-    AllowedTemplates, CloneMode, HostKeyPolicy, NodeSet, Settings, SshKeySetting, TlsTrust,
-    DEFAULT_MAX_JOB_TIMEOUT, DEFAULT_TEMPLATES, DEFAULT_VMID_RANGE,
+    AllowedTemplates, CloneMode, CopyDiscovery, HostKeyPolicy, NodeSet, Settings, SshKeySetting,
+    TlsTrust, DEFAULT_MAX_JOB_TIMEOUT, DEFAULT_TEMPLATES, DEFAULT_VMID_RANGE,
 };
-pub use parse::{parse_fingerprint, parse_template_map, ApiEndpoint, Cidr, SshKey};
+pub use parse::{
+    parse_fingerprint, parse_template_map, ApiEndpoint, Cidr, ListedCopy, SshKey, TemplateCopies,
+};
 pub use sources::{Origin, Sources};
 pub use trust::{secret_names, JobNames, Setup};
 
 use crate::error::{Error, Result};
 
 pub const CONFIG_FILE_ENV: &str = "GITLAB_PROXMOX_RUNNER_CONFIG";
+
+/// The settings file the hooks read: `--config FILE`, else `$GITLAB_PROXMOX_RUNNER_CONFIG`.
+pub fn config_file_path(config_file: Option<&Path>) -> Option<PathBuf> {
+    config_file
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from))
+}
 
 impl Settings {
     /// Loads the settings the way every job hook does: the file named by `--config` or
@@ -61,9 +71,7 @@ impl Settings {
         config_file: Option<&Path>,
         job_response: Option<std::result::Result<&[u8], String>>,
     ) -> Result<Settings> {
-        let path = config_file
-            .map(Path::to_path_buf)
-            .or_else(|| std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from));
+        let path = config_file_path(config_file);
         let text = match &path {
             Some(path) => Some(zeroize::Zeroizing::new(
                 std::fs::read_to_string(path).map_err(|err| {
@@ -166,8 +174,9 @@ mod tests {
             settings.api.base_url(),
             "https://pve.example.test:8006/api2/json"
         );
-        assert_eq!(settings.templates["ubuntu-focal"], 60900);
-        assert_eq!(settings.templates["debian-12"], 60930);
+        assert_eq!(settings.templates["ubuntu-focal"].to_string(), "60900");
+        assert_eq!(settings.templates["debian-12"].to_string(), "60930");
+        assert_eq!(settings.template_copies, CopyDiscovery::Listed);
         assert_eq!(settings.template, "ubuntu-focal");
         assert_eq!(settings.ssh_user, "ci");
         assert_eq!(settings.ssh_port, 22);
@@ -345,7 +354,59 @@ mod tests {
         let settings = load(&base_env(), Some(file), None).unwrap();
         assert_eq!(settings.ssh_port, 2222);
         assert_eq!(settings.templates.len(), 2);
-        assert_eq!(settings.templates["noble"], 9001);
+        assert_eq!(settings.templates["noble"].to_string(), "9001");
+
+        // A list of copies, each a VMID or "VMID@node".
+        let file = "PROXMOX_TEMPLATES = { ubuntu-focal = [60900, \"61900@pve2\"], plain = 9000 }\n\
+                    PROXMOX_TEMPLATE_COPIES = \"by-name\"\n";
+        let settings = load(&base_env(), Some(file), None).unwrap();
+        assert_eq!(
+            settings.templates["ubuntu-focal"].list(),
+            [
+                ListedCopy {
+                    vmid: 60900,
+                    node: None
+                },
+                ListedCopy {
+                    vmid: 61900,
+                    node: Some("pve2".into())
+                }
+            ]
+        );
+        assert_eq!(settings.templates["plain"].to_string(), "9000");
+        assert_eq!(settings.template_copies, CopyDiscovery::ByName);
+    }
+
+    #[test]
+    fn same_name_copy_discovery_is_the_hosts_choice_alone() {
+        let job_defines = Some(&["PROXMOX_TEMPLATE_COPIES"][..]);
+        // Host-configured: a job's value is ignored.
+        let mut env = base_env();
+        env.insert(
+            "CUSTOM_ENV_PROXMOX_TEMPLATE_COPIES".into(),
+            "by-name".into(),
+        );
+        let settings = load(&env, None, job_defines).unwrap();
+        assert_eq!(settings.template_copies, CopyDiscovery::Listed);
+        // [[runners]] environment: a job that defines a host-only name fails its build.
+        let mut env = runners_env();
+        env.insert(
+            "CUSTOM_ENV_PROXMOX_TEMPLATE_COPIES".into(),
+            "by-name".into(),
+        );
+        let err = load(&env, None, job_defines).unwrap_err();
+        assert!(matches!(err, Error::JobRequest(_)), "{err}");
+        assert!(err.to_string().contains("PROXMOX_TEMPLATE_COPIES"), "{err}");
+        // From [[runners]] environment itself, it is the admin's.
+        let settings = load(&env, None, Some(&[])).unwrap();
+        assert_eq!(settings.template_copies, CopyDiscovery::ByName);
+        let mut env = base_env();
+        env.insert("PROXMOX_TEMPLATE_COPIES".into(), "by-name".into());
+        let settings = load(&env, None, None).unwrap();
+        assert_eq!(settings.template_copies, CopyDiscovery::ByName);
+        env.insert("PROXMOX_TEMPLATE_COPIES".into(), "any".into());
+        let err = load(&env, None, None).unwrap_err();
+        assert!(err.to_string().contains("must be listed"), "{err}");
     }
 
     #[test]

@@ -132,20 +132,133 @@ pub fn parse_bool(name: &str, text: &str) -> Result<bool> {
     }
 }
 
-/// Parses `name=vmid,name=vmid`.
-pub fn parse_template_map(text: &str) -> Result<BTreeMap<String, u32>> {
+/// One template VM the admin listed for a template name: its VMID, and the node it must be on
+/// when the entry says so (`61900@pve2`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedCopy {
+    pub vmid: u32,
+    /// `Some(node)`: a VM with this VMID anywhere else is not this copy (VMIDs are not
+    /// reserved: after the template is gone, another user may create one with its VMID).
+    pub node: Option<String>,
+}
+
+impl std::fmt::Display for ListedCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.node {
+            Some(node) => write!(f, "{}@{node}", self.vmid),
+            None => write!(f, "{}", self.vmid),
+        }
+    }
+}
+
+/// A `PROXMOX_TEMPLATES` entry: the template VMs that are the copies of one template name, in
+/// the admin's order. Never empty. Only these VMs are ever cloned for the name, unless
+/// `PROXMOX_TEMPLATE_COPIES=by-name` adds same-name templates on nodes without a listed copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateCopies {
+    copies: Vec<ListedCopy>,
+}
+
+impl TemplateCopies {
+    /// `None` for an empty list.
+    pub fn new(copies: Vec<ListedCopy>) -> Option<TemplateCopies> {
+        (!copies.is_empty()).then_some(TemplateCopies { copies })
+    }
+
+    /// The copies, in the order the admin listed them.
+    pub fn list(&self) -> &[ListedCopy] {
+        &self.copies
+    }
+
+    /// The first listed copy (the template a name maps to in the simple form `name=vmid`).
+    pub fn first(&self) -> &ListedCopy {
+        // `new` refuses an empty list.
+        &self.copies[0]
+    }
+
+    pub fn vmids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.copies.iter().map(|copy| copy.vmid)
+    }
+
+    /// Whether `vmid` is one of the listed copies.
+    pub fn lists(&self, vmid: u32) -> bool {
+        self.vmids().any(|listed| listed == vmid)
+    }
+}
+
+/// `60900|61900@pve2`, the entry's value as the string form writes it.
+impl std::fmt::Display for TemplateCopies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let texts: Vec<String> = self.copies.iter().map(ListedCopy::to_string).collect();
+        f.write_str(&texts.join("|"))
+    }
+}
+
+/// A node name as PVE allows it (a DNS label, dots for FQDNs).
+pub fn is_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+}
+
+/// Parses `PROXMOX_TEMPLATES`: entries `name=copies` separated by `,`; the copies of one name
+/// separated by `|`, each a VMID or `VMID@node` (the node it must be on):
+/// `ubuntu-focal=60900|61900@pve2,plain=9000`. `|` and `@` cannot occur in a VMID or a node
+/// name, so an entry reads one way only. The settings file's table form
+/// `{ ubuntu-focal = [60900, "61900@pve2"], plain = 9000 }` arrives in this form
+/// ([`toml_value_to_string`]).
+pub fn parse_template_map(text: &str) -> Result<BTreeMap<String, TemplateCopies>> {
     let mut map = BTreeMap::new();
     for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        let parsed = entry
-            .split_once('=')
-            .and_then(|(name, id)| Some((name.trim(), id.trim().parse::<u32>().ok()?)))
-            .filter(|(name, id)| !name.is_empty() && (100..=999_999_999).contains(id));
-        let (name, id) = parsed.ok_or_else(|| {
+        let bad = |why: &str| {
             Error::Settings(format!(
-                "PROXMOX_TEMPLATES entry {entry:?} is not of the form name=vmid (vmid 100..999999999)"
+                "PROXMOX_TEMPLATES entry {entry:?} {why}; write name=vmid, or name=vmid|vmid@node|... \
+                 to list a template's copies (vmid 100..999999999, node a node name)"
             ))
-        })?;
-        map.insert(name.to_string(), id);
+        };
+        let (name, value) = entry
+            .split_once('=')
+            .map(|(name, value)| (name.trim(), value.trim()))
+            .filter(|(name, _)| !name.is_empty())
+            .ok_or_else(|| bad("is not of the form name=vmid"))?;
+        let mut copies: Vec<ListedCopy> = Vec::new();
+        for text in value.split('|').map(str::trim) {
+            let (vmid, node) = match text.split_once('@') {
+                Some((vmid, node)) => (vmid.trim(), Some(node.trim())),
+                None => (text, None),
+            };
+            let vmid = vmid
+                .parse::<u32>()
+                .ok()
+                .filter(|id| (100..=999_999_999).contains(id))
+                .ok_or_else(|| bad(&format!("has {text:?}, which is not a VMID or VMID@node")))?;
+            if let Some(node) = node.filter(|node| !is_node_name(node)) {
+                return Err(bad(&format!(
+                    "has {text:?}, whose node {node:?} is not a node name"
+                )));
+            }
+            if copies.iter().any(|copy| copy.vmid == vmid) {
+                return Err(bad(&format!("lists VMID {vmid} twice")));
+            }
+            if let Some(other) = copies
+                .iter()
+                .find(|copy| node.is_some() && copy.node.as_deref() == node)
+            {
+                return Err(bad(&format!(
+                    "lists two copies for node {} ({} and {vmid}); list one per node",
+                    node.unwrap_or_default(),
+                    other.vmid
+                )));
+            }
+            copies.push(ListedCopy {
+                vmid,
+                node: node.map(str::to_string),
+            });
+        }
+        let copies = TemplateCopies::new(copies).ok_or_else(|| bad("lists no VMID"))?;
+        map.insert(name.to_string(), copies);
     }
     if map.is_empty() {
         return Err(Error::Settings("PROXMOX_TEMPLATES is empty".into()));
@@ -262,9 +375,22 @@ pub fn toml_value_to_string(name: &str, value: toml::Value) -> Result<String> {
             .map(|item| toml_value_to_string(name, item))
             .collect::<Result<Vec<_>>>()
             .map(|items| items.join(",")),
+        // `{ name = value, ... }` → `name=value,...`. A list inside a table is one entry's
+        // several values (`{ ubuntu-focal = [60900, "61900@pve2"] }` → `ubuntu-focal=60900|61900@pve2`):
+        // `|`, because `,` already separates the entries.
         toml::Value::Table(table) => Ok(table
             .into_iter()
-            .map(|(key, value)| Ok(format!("{key}={}", toml_value_to_string(name, value)?)))
+            .map(|(key, value)| {
+                let text = match value {
+                    toml::Value::Array(items) => items
+                        .into_iter()
+                        .map(|item| toml_value_to_string(name, item))
+                        .collect::<Result<Vec<_>>>()?
+                        .join("|"),
+                    other => toml_value_to_string(name, other)?,
+                };
+                Ok(format!("{key}={text}"))
+            })
             .collect::<Result<Vec<_>>>()?
             .join(",")),
         _ => Err(Error::Settings(format!(
@@ -324,6 +450,74 @@ mod tests {
         assert!(parse_template_map("a=1").is_err());
         assert!(parse_template_map("a").is_err());
         assert_eq!(parse_template_map("a=100, b=200").unwrap().len(), 2);
+    }
+
+    fn copy(vmid: u32, node: Option<&str>) -> ListedCopy {
+        ListedCopy {
+            vmid,
+            node: node.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn template_map_entries_list_copies_with_pipes_and_pin_nodes_with_at() {
+        let map =
+            parse_template_map(" ubuntu-focal = 60900 | 61900@pve2|62900 , plain=9000").unwrap();
+        assert_eq!(
+            map["ubuntu-focal"].list(),
+            [
+                copy(60900, None),
+                copy(61900, Some("pve2")),
+                copy(62900, None)
+            ]
+        );
+        assert_eq!(map["ubuntu-focal"].to_string(), "60900|61900@pve2|62900");
+        assert_eq!(map["plain"].list(), [copy(9000, None)]);
+        assert_eq!(map["plain"].first().vmid, 9000);
+        assert!(map["ubuntu-focal"].lists(61900) && !map["ubuntu-focal"].lists(9000));
+        // A node name may be a FQDN.
+        let fqdn = parse_template_map("a=9000@pve1.example.org").unwrap();
+        assert_eq!(fqdn["a"].first().node.as_deref(), Some("pve1.example.org"));
+    }
+
+    #[test]
+    fn template_map_copies_that_cannot_be_read_one_way_are_refused() {
+        for (bad, says) in [
+            ("a=9000|", "\"\", which is not a VMID"),
+            ("a=|9000", "\"\", which is not a VMID"),
+            ("a=9000@", "whose node \"\" is not a node name"),
+            ("a=9000@pve 2", "whose node \"pve 2\" is not a node name"),
+            ("a=9000@pve2@pve3", "is not a node name"),
+            ("a=@pve2", "which is not a VMID"),
+            ("a=9000|9000@pve2", "lists VMID 9000 twice"),
+            (
+                "a=9000@pve2|9001@pve2",
+                "lists two copies for node pve2 (9000 and 9001)",
+            ),
+            ("a=99", "which is not a VMID"),
+            ("a=9000;9001", "which is not a VMID"),
+            ("=9000", "is not of the form name=vmid"),
+        ] {
+            let err = parse_template_map(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+            assert!(err.contains("name=vmid|vmid@node"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_settings_file_table_of_lists_reads_as_the_string_form() {
+        let table: toml::Value = toml::from_str::<toml::Table>(
+            "PROXMOX_TEMPLATES = { ubuntu-focal = [60900, \"61900@pve2\"], plain = 9000 }",
+        )
+        .map(|mut table| table.remove("PROXMOX_TEMPLATES").unwrap())
+        .unwrap();
+        let text = toml_value_to_string("PROXMOX_TEMPLATES", table).unwrap();
+        assert_eq!(text, "plain=9000,ubuntu-focal=60900|61900@pve2");
+        let map = parse_template_map(&text).unwrap();
+        assert_eq!(
+            map["ubuntu-focal"].list(),
+            [copy(60900, None), copy(61900, Some("pve2"))]
+        );
     }
 
     #[test]

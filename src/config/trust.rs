@@ -83,6 +83,8 @@ pub const SPECS: &[Spec] = &[
     host("PROXMOX_TLS_INSECURE"),
     host("PROXMOX_HTTPS_PROXY"),
     host("PROXMOX_TEMPLATES"),
+    // Which template VMs a job's VM may be cloned from: the runner host's alone.
+    host("PROXMOX_TEMPLATE_COPIES"),
     Spec {
         name: "PROXMOX_TEMPLATE",
         trust: Trust::JobMaySet,

@@ -87,6 +87,8 @@ pub enum Recycle {
     NotRunning,
     WarmupStale,
     Excess,
+    /// Its SSH host key is another VM's too.
+    SharedHostKey,
 }
 
 impl Recycle {
@@ -97,6 +99,7 @@ impl Recycle {
             Recycle::NotRunning => "not_running",
             Recycle::WarmupStale => "warmup_stale",
             Recycle::Excess => "excess",
+            Recycle::SharedHostKey => "shared_host_key",
         }
     }
 }
@@ -183,7 +186,7 @@ static POOL: LazyLock<PoolMetrics> = LazyLock::new(|| {
         registry.register(
             "pool_recycles",
             "Warm VMs this service recycled, by reason (idle, template_changed, not_running, \
-             warmup_stale, excess)",
+             warmup_stale, excess, shared_host_key)",
             metrics.recycles.clone(),
         );
         registry.register(

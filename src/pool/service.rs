@@ -19,6 +19,11 @@
 //!   services that refilled at the same moment overfill by at most their shared deficit, for
 //!   one round; they never both recycle the same VM, and never trim below the target.
 //!
+//! **Host keys**: a warm VM whose SSH host key another VM holds too (clones of a template whose
+//! keys were never regenerated) is never published, and one already published is recycled;
+//! either way an error names the template and the fix, and the pool warms no VM of that
+//! template name for a while ([`crate::vm::host_keys`]).
+//!
 //! With `--gc-every`, it also runs the orphan sweep (the gc timer's) on that schedule. With
 //! `--metrics-listen`, it serves Prometheus metrics at `/metrics` ([`super::metrics`]).
 //!
@@ -36,13 +41,14 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 use super::metrics::{self, Census, Recycle, Watch};
-use super::warm::{self, Warmed};
+use super::warm::{self, Vetting, Warmed};
 use super::{digests_of, list_warm, recycle, Scope, WarmVm};
 use crate::commands::FleetContext;
 use crate::config::{NodeSet, Settings};
 use crate::error::{Error, Result};
 use crate::joblog;
 use crate::proxmox::Client;
+use crate::vm::host_keys::{self, Holder, SharedLedger};
 use crate::vm::placement::{self, NodeCopy};
 use crate::vm::template::{self, Template};
 use crate::vm::StderrLog;
@@ -131,6 +137,8 @@ async fn serve(
     let mut last_sweep: Option<Instant> = None;
     // With placement, warm-ups take turns at placing their VM (see `warm::place_and_warm`).
     let turns = Arc::new(tokio::sync::Mutex::new(()));
+    // Every host key this service has seen, for telling a VM whose key is not its own.
+    let ledger = host_keys::Ledger::shared();
     while !cancel.is_cancelled() {
         let round_started = Instant::now();
         if let Some(every) = gc_every {
@@ -147,6 +155,7 @@ async fn serve(
                 client: &client,
                 settings: &settings,
                 pool_id: &pool_id,
+                ledger: &ledger,
                 name,
                 watch: &watch,
             };
@@ -163,21 +172,25 @@ async fn serve(
                             Arc::clone(&turns),
                         );
                         let (name, fixed, pool_id) = (name.clone(), fixed.clone(), pool_id.clone());
+                        let vetting = Vetting {
+                            ledger: Arc::clone(&ledger),
+                            name: name.clone(),
+                        };
                         *in_flight.entry(name.clone()).or_default() += 1;
                         metrics::warmup_started(&name);
                         warming.spawn_local(async move {
                             let result = match fixed {
                                 Some((template, digest)) => {
                                     warm::make_warm(
-                                        &client, &settings, &template, &digest, &pool_id, &cancel,
-                                        &StderrLog,
+                                        &client, &settings, &template, &digest, &pool_id, &vetting,
+                                        &cancel, &StderrLog,
                                     )
                                     .await
                                 }
                                 None => {
                                     warm::place_and_warm(
-                                        &client, &settings, &name, turns, &pool_id, &cancel,
-                                        &StderrLog,
+                                        &client, &settings, &name, turns, &pool_id, &vetting,
+                                        &cancel, &StderrLog,
                                     )
                                     .await
                                 }
@@ -235,6 +248,14 @@ fn finished(
                 warmed.phases
             ))
         }
+        // The admin's to fix (the template, above all one whose clones share a host key):
+        // retrying does not help, so it is an error, not a warning.
+        Err(err @ Error::Settings(_)) => {
+            metrics::warmup_failed(&name, &err);
+            joblog::error(format!(
+                "pool {pool_id}: warming a VM from {name} failed: {err}"
+            ))
+        }
         Err(err) => {
             metrics::warmup_failed(&name, &err);
             joblog::warn(format!(
@@ -248,6 +269,7 @@ struct Round<'a> {
     client: &'a Client,
     settings: &'a Settings,
     pool_id: &'a str,
+    ledger: &'a SharedLedger,
     /// The template name this round tends, and what the metrics remember between rounds.
     name: &'a str,
     watch: &'a RefCell<Watch>,
@@ -306,6 +328,21 @@ impl Round<'_> {
         let mut complete = Vec::new();
         let mut others_warming = 0;
         for warm in listed {
+            if !warm.locked && warm.is_complete() {
+                if let Some(message) = self.cloned_host_keys(name, &warm) {
+                    joblog::error(format!(
+                        "pool {}: {name}: {message}. Recycling it; warming no VM of {name} for \
+                         {} min",
+                        self.pool_id,
+                        host_keys::HOLD_OFF.as_secs() / 60
+                    ));
+                    let why = "its SSH host key is not its own";
+                    if self.recycle(&warm, why, Recycle::SharedHostKey).await {
+                        census.remove(&warm);
+                    }
+                    continue;
+                }
+            }
             let ours = warm
                 .marker
                 .warm
@@ -374,6 +411,10 @@ impl Round<'_> {
         self.watch.borrow_mut().counted(name, &nodes, census);
         let counted = complete.len() + others_warming + in_flight;
         let deficit = target.saturating_sub(counted);
+        if deficit > 0 && host_keys::lock(self.ledger).is_held_off(name) {
+            // Said when it began: its clones share a host key.
+            return Ok((0, fixed));
+        }
         if deficit > 0 {
             joblog::info(format!(
                 "pool {}: {name}: {} warm, {} warming; warming {deficit} more",
@@ -383,6 +424,25 @@ impl Round<'_> {
             ));
         }
         Ok((deficit, fixed))
+    }
+
+    /// When a published warm VM's host key is another VM's too (seen on the cluster now or
+    /// before): the message for the log. Holds off warming `name`. The pinned keys are public
+    /// (VM.Audit shows them), so this trusts `list_warm` to return only warm VMs of ours: a
+    /// forged warm marker carrying a copy of a real warm VM's key would get that VM recycled.
+    fn cloned_host_keys(&self, name: &str, warm: &WarmVm) -> Option<String> {
+        let holder = Holder::vm(&warm.vm, &warm.marker.nonce, "warm VM");
+        let mut ledger = host_keys::lock(self.ledger);
+        let found = ledger.record(&warm.host_keys, &holder);
+        if found.is_empty() {
+            return None;
+        }
+        ledger.hold_off(name, Instant::now() + host_keys::HOLD_OFF);
+        let template = match warm.template() {
+            Some(vmid) => format!("{name} ({vmid})"),
+            None => name.to_string(),
+        };
+        Some(host_keys::cloned_keys_message(&warm.vm, &template, &found))
     }
 
     /// Whether it was recycled (not claimed first, not failed).

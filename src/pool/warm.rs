@@ -2,7 +2,9 @@
 //! start, agent address, host keys through the agent, SSH, runner helper), but carrying a warm
 //! marker: no job, the pool's identity, an idle deadline. Once SSH answered, its address and
 //! pinned host keys are written into its description (compare-and-swap, like every change of
-//! hands), and only then may a job claim it.
+//! hands), and only then may a job claim it. Before that, its host keys must be its own
+//! ([`crate::vm::host_keys`]): a VM whose key another VM holds too is destroyed, never
+//! published.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -17,10 +19,11 @@ use crate::error::{Error, Result};
 use crate::joblog;
 use crate::marker::{Marker, Warm};
 use crate::proxmox::Client;
+use crate::vm::host_keys::{self, Holder, SharedLedger};
 use crate::vm::provision::{self, Order};
 use crate::vm::teardown;
 use crate::vm::template::Template;
-use crate::vm::{placement, ready, Log, Milestone, Sink, VmRef};
+use crate::vm::{placement, ready, Log, Milestone, ReadyVm, Sink, VmRef};
 
 /// Removing a warm VM that failed to come up.
 const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5 * 60);
@@ -31,6 +34,15 @@ struct WarmSink<'a> {
     allocated: Option<VmRef>,
     timings: Vec<(&'static str, Duration)>,
     placed: Option<Placing>,
+    /// The template's own host keys, when the agent read them before first boot replaced them.
+    template_keys: Vec<String>,
+}
+
+/// What a new warm VM's host keys are judged against before it is published: the pool
+/// service's [`host_keys::Ledger`], and the `WARM_POOL` name to hold off on a duplicate.
+pub struct Vetting {
+    pub ledger: SharedLedger,
+    pub name: String,
 }
 
 /// A warm VM placed on a node (`PROXMOX_NODES`): why there, and the pool's placement turn.
@@ -60,6 +72,10 @@ impl Sink for WarmSink<'_> {
 
     fn timing(&mut self, phase: &'static str, took: Duration) {
         self.timings.push((phase, took));
+    }
+
+    fn host_keys_replaced(&mut self, template_keys: &[String]) {
+        self.template_keys.extend_from_slice(template_keys);
     }
 
     fn reached(&mut self, milestone: Milestone<'_>) -> Result<()> {
@@ -129,12 +145,14 @@ pub async fn template_digest(client: &Client, template: &Template) -> Result<Str
 
 /// Brings one warm VM of `template` up. On failure (or cancellation) what was created is
 /// destroyed before returning.
+#[allow(clippy::too_many_arguments)]
 pub async fn make_warm(
     client: &Client,
     settings: &Settings,
     template: &Template,
     digest: &str,
     pool_id: &str,
+    vetting: &Vetting,
     cancel: &Cancel,
     log: &dyn Log,
 ) -> Result<Warmed> {
@@ -146,6 +164,7 @@ pub async fn make_warm(
         digest,
         pool_id,
         None,
+        vetting,
         cancel,
         log,
     )
@@ -155,12 +174,14 @@ pub async fn make_warm(
 /// With placement (`PROXMOX_NODES`): places one new warm VM of template name `name` as a
 /// job's VM is placed (most free memory, the per-node limits, online nodes with a copy), on
 /// `turns`, one placement at a time, then brings it up from the copy on the chosen node.
+#[allow(clippy::too_many_arguments)]
 pub async fn place_and_warm(
     client: &Client,
     settings: &Settings,
     name: &str,
     turns: Arc<Mutex<()>>,
     pool_id: &str,
+    vetting: &Vetting,
     cancel: &Cancel,
     log: &dyn Log,
 ) -> Result<Warmed> {
@@ -191,6 +212,7 @@ pub async fn place_and_warm(
         &digest,
         pool_id,
         Some(placing),
+        vetting,
         cancel,
         log,
     )
@@ -206,6 +228,7 @@ async fn warm_up(
     digest: &str,
     pool_id: &str,
     placed: Option<Placing>,
+    vetting: &Vetting,
     cancel: &Cancel,
     log: &dyn Log,
 ) -> Result<Warmed> {
@@ -227,10 +250,11 @@ async fn warm_up(
         allocated: None,
         timings: Vec::new(),
         placed,
+        template_keys: Vec::new(),
     };
     let started = Instant::now();
     let brought_up = tokio::select! {
-        result = bring_up(client, settings, template, node, mode, &name, &mut marker, cancel, &mut sink) => result,
+        result = bring_up(client, settings, template, node, mode, &name, &mut marker, vetting, cancel, &mut sink) => result,
         reason = cancel.cancelled() => Err(Error::Cancelled(format!("the pool service stopped ({reason})"))),
     };
     match brought_up {
@@ -273,6 +297,7 @@ async fn bring_up(
     mode: crate::config::CloneMode,
     name: &str,
     marker: &mut Marker,
+    vetting: &Vetting,
     cancel: &Cancel,
     sink: &mut WarmSink<'_>,
 ) -> Result<VmRef> {
@@ -287,6 +312,7 @@ async fn bring_up(
     let started = provision::provision(client, settings, &order, sink).await?;
     let deadline = Instant::now() + settings.boot_timeout;
     let ready = ready::ready(client, settings, &started, deadline, cancel, sink).await?;
+    vet_host_keys(vetting, template, &ready, marker, &sink.template_keys)?;
     // Same nonce, now with the address and the keys SSH proved, sealed with the fleet key:
     // claimable from here on.
     if let Some(warm) = marker.warm.as_mut() {
@@ -315,4 +341,38 @@ async fn bring_up(
             ready.vm
         ))),
     }
+}
+
+/// Refuses a warm VM whose host keys another VM holds too (a warm VM on the cluster now or
+/// before, or the template itself): the pool destroys it, and holds off warming that template
+/// name for [`host_keys::HOLD_OFF`], since every clone would be refused the same way.
+fn vet_host_keys(
+    vetting: &Vetting,
+    template: &Template,
+    ready: &ReadyVm,
+    marker: &Marker,
+    template_keys: &[String],
+) -> Result<()> {
+    let mut ledger = host_keys::lock(&vetting.ledger);
+    if !template_keys.is_empty() {
+        // The template's key on a VM seen earlier marks that one too; this VM's own keys
+        // changed since, so they are judged below.
+        ledger.record(
+            template_keys,
+            &Holder::template(template.vmid, &template.label),
+        );
+    }
+    let holder = Holder::vm(&ready.vm, &marker.nonce, "warm VM");
+    let found = ledger.record(&ready.host_keys, &holder);
+    if found.is_empty() {
+        return Ok(());
+    }
+    ledger.hold_off(&vetting.name, Instant::now() + host_keys::HOLD_OFF);
+    Err(Error::Settings(format!(
+        "{}. The pool destroys it, never hands it to a job, and warms no VM of {} for {} min \
+         (restart the pool service once the template is fixed)",
+        host_keys::cloned_keys_message(&ready.vm, &template.label, &found),
+        vetting.name,
+        host_keys::HOLD_OFF.as_secs() / 60
+    )))
 }

@@ -8,6 +8,8 @@
 //!   runner helper;
 //! - [`teardown`]: the one safe way to destroy a VM of ours;
 //! - [`clone_slots`]: the per-host cap on clones in flight;
+//! - [`host_keys`]: whether a VM's SSH host keys are its own (clones of an uncleaned template
+//!   share them);
 //! - [`placement`]: which node of `PROXMOX_NODES` a VM goes to, and its template there;
 //! - [`task`]: waiting for a Proxmox task.
 //!
@@ -20,6 +22,7 @@
 
 pub mod clone_slots;
 pub mod clone_watch;
+pub mod host_keys;
 pub mod placement;
 pub mod provision;
 pub mod ready;
@@ -108,6 +111,9 @@ pub trait Sink: Log {
     fn timing(&mut self, phase: &'static str, took: Duration);
     /// A milestone; an error stops the engine (e.g. the job state could not be written).
     fn reached(&mut self, milestone: Milestone<'_>) -> Result<()>;
+    /// The host keys the agent read first were replaced at first boot: those were the
+    /// template's own (cloned with its disk), which no VM may end up with.
+    fn host_keys_replaced(&mut self, _template_keys: &[String]) {}
 }
 
 /// Where a ready VM's SSH server is and which host keys it proved to have.

@@ -10,10 +10,12 @@
 //! flight, booting or stopped VMs) as if they did; near-ties (within [`TIE_MARGIN`]) are broken
 //! at random, so that many runner hosts that read the same figures do not all pick one node.
 //!
-//! Templates per node: clusters with local storage keep a copy of each template on every node,
-//! with the same VM name. A job's template name resolves on each node to the template VM of
-//! that name there; a `PROXMOX_TEMPLATES` entry names one VMID, and its copies are the template
-//! VMs with the same name on the other nodes. A node without a copy can still take the job when
+//! Templates per node: clusters with local storage keep a copy of each template on every node.
+//! A `PROXMOX_TEMPLATES` entry lists its copies by VMID (`ubuntu-focal=60900|61900@pve2`), and
+//! only those are cloned: other users of the cluster can make templates with any name, so a
+//! VM name proves nothing (see [`template_copies`]). A node without a listed copy gets no job
+//! of that name, unless `PROXMOX_TEMPLATE_COPIES=by-name` lets a template VM of the same name
+//! stand in there. A node without a copy can still take the job when
 //! one copy has every drive on shared storage: that copy is cloned there with `target` (PVE
 //! refuses it otherwise: "can't clone VM to node 'X' (VM uses local storage)"). Finding out
 //! costs two more requests (the copy's config and `?type=storage`), made only when an
@@ -25,7 +27,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use super::template::{self, Template};
-use crate::config::{AllowedTemplates, NodeSet, Settings};
+use crate::config::{AllowedTemplates, CopyDiscovery, NodeSet, Settings};
 use crate::error::{Error, Result};
 use crate::proxmox::types::{ClusterNode, ClusterStorage, ClusterVm};
 use crate::proxmox::Client;
@@ -177,7 +179,8 @@ pub async fn place(
         .cluster_vms()
         .await
         .map_err(|err| Error::api("listing the cluster's VMs to place the VM", err))?;
-    let copies = template_copies(settings, wanted, &vms)?;
+    let resolved = template_copies(settings, wanted, &vms)?;
+    let copies = &resolved.by_node;
     let eligible: Vec<&ClusterNode> = nodes
         .iter()
         .filter(|node| settings.nodes.allows(&node.node) && !avoid.contains(&node.node))
@@ -190,11 +193,11 @@ pub async fn place(
         .filter(|node| node.is_online() && !avoid.contains(&node.node))
         .collect();
     let shared = if eligible.iter().any(|node| !copies.contains_key(&node.node)) {
-        shared_copy(client, &copies, &answering).await?
+        shared_copy(client, copies, &answering).await?
     } else {
         None
     };
-    let views = node_views(settings, &nodes, &vms, &copies, shared.as_ref(), avoid);
+    let views = node_views(settings, &nodes, &vms, copies, shared.as_ref(), avoid);
     let limits = Limits::from_settings(settings);
     let chosen =
         choose(&views, limits, |ties| rand::random_range(0..ties.max(1))).map_err(|why| {
@@ -218,6 +221,11 @@ pub async fn place(
             source.vmid, source.node
         ));
     }
+    // A listed copy left out is the admin's to fix (or another user's doing): say so in every
+    // job log until it is.
+    for why in &resolved.refused {
+        reason.push_str(&format!("; PROXMOX_TEMPLATES: {why}"));
+    }
     Ok(Placed {
         template: Template {
             node: source.node.clone(),
@@ -227,7 +235,7 @@ pub async fn place(
         },
         node: chosen.name.clone(),
         reason: Some(reason),
-        copies: copies_on_nodes(settings, wanted, &nodes, &vms, &copies),
+        copies: copies_on_nodes(settings, wanted, &nodes, &vms, copies),
     })
 }
 
@@ -274,40 +282,128 @@ async fn shared_copy(
     Ok(None)
 }
 
-/// The template VM the job's template name means on each node that has one: node → (VMID,
-/// configured memory).
+/// How a template name's copies were found: what `check` reports, and how much another user of
+/// the cluster can slip in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    /// The VMIDs its `PROXMOX_TEMPLATES` entry lists, nothing else.
+    Listed,
+    /// The listed VMIDs, and on nodes without one a template VM of the same name
+    /// (`PROXMOX_TEMPLATE_COPIES=by-name`).
+    ListedAndByName,
+    /// Not in the map, allowed by `PROXMOX_ALLOWED_TEMPLATES` as a VM name: every template VM of
+    /// that name, whoever made it.
+    ByName,
+    /// Not in the map, allowed by `PROXMOX_ALLOWED_TEMPLATES` as a VMID: that VM only.
+    ByVmid,
+}
+
+/// The template VMs a job's template name means, at most one per node, from one listing of the
+/// cluster's VMs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// Node → (VMID, configured memory) of the copy there.
+    pub by_node: BTreeMap<String, (u32, Option<u64>)>,
+    pub found: Found,
+    /// Listed copies that are not used, each with why (for the job log and `check`).
+    pub refused: Vec<String>,
+    /// The VM name the copies go by: the first usable listed copy's, or the name asked for.
+    pub vm_name: Option<String>,
+}
+
+fn is_qemu_template(vm: &ClusterVm) -> bool {
+    vm.template && vm.kind.as_deref().is_none_or(|kind| kind == "qemu")
+}
+
+/// The template VMs the job's template name means (see [`Resolved`]):
+/// - a `PROXMOX_TEMPLATES` name: exactly the copies its entry lists (a copy pinned with
+///   `VMID@node` only on that node), plus, with `PROXMOX_TEMPLATE_COPIES=by-name`, on each node
+///   without a listed copy the template VM named like the first listed copy (lowest VMID first);
+/// - a name `PROXMOX_ALLOWED_TEMPLATES` allows: that VMID, or every template VM of that name.
 pub(crate) fn template_copies(
     settings: &Settings,
     wanted: &str,
     vms: &[ClusterVm],
-) -> Result<BTreeMap<String, (u32, Option<u64>)>> {
-    let is_qemu_template =
-        |vm: &&ClusterVm| vm.template && vm.kind.as_deref().is_none_or(|kind| kind == "qemu");
-    let templates: Vec<&ClusterVm> = vms.iter().filter(is_qemu_template).collect();
+) -> Result<Resolved> {
+    let mut templates: Vec<&ClusterVm> = vms.iter().filter(|vm| is_qemu_template(vm)).collect();
+    templates.sort_by_key(|vm| vm.vmid);
     let entry = |vm: &ClusterVm| {
         u32::try_from(vm.vmid)
             .ok()
             .map(|vmid| (vm.node.clone(), (vmid, vm.maxmem)))
     };
-    if let Some(&mapped) = settings.templates.get(wanted) {
-        let Some(original) = templates.iter().find(|vm| vm.vmid == u64::from(mapped)) else {
-            return Err(Error::Settings(format!(
-                "PROXMOX_TEMPLATES maps {wanted} to VMID {mapped}, which is not a template \
-                 anywhere in the cluster; fix the map or create the template"
-            )));
-        };
-        let mut copies: BTreeMap<String, (u32, Option<u64>)> = BTreeMap::new();
-        // The copies on the other nodes carry the mapped template's VM name.
-        if let Some(name) = original.name.as_deref() {
-            copies.extend(
-                templates
+    if let Some(listed) = settings.templates.get(wanted) {
+        let mut by_node: BTreeMap<String, (u32, Option<u64>)> = BTreeMap::new();
+        let mut refused = Vec::new();
+        let mut vm_name: Option<String> = None;
+        for copy in listed.list() {
+            let vmid = copy.vmid;
+            let Some(vm) = vms.iter().find(|vm| vm.vmid == u64::from(vmid)) else {
+                refused.push(format!("VMID {vmid} does not exist"));
+                continue;
+            };
+            let named = vm.name.as_deref().unwrap_or("unnamed");
+            if !is_qemu_template(vm) {
+                refused.push(format!(
+                    "VM {vmid} ({named} on {}) is not a template",
+                    vm.node
+                ));
+            } else if let Some(pinned) = copy.node.as_deref().filter(|node| *node != vm.node) {
+                // VMIDs are not reserved: this may be our template moved, or another user's
+                // VM made with the VMID of one we deleted.
+                refused.push(format!(
+                    "template VM {vmid} ({named}) is on {}, not on {pinned} as {wanted}={listed} \
+                     says: not used (migrated, or another user's VM with that VMID?)",
+                    vm.node
+                ));
+            } else if let Some((first, _)) = by_node.get(&vm.node) {
+                refused.push(format!(
+                    "template VM {vmid} is on {} like {first}, listed before it: {first} is used there",
+                    vm.node
+                ));
+            } else {
+                by_node.extend(entry(vm));
+                if vm_name.is_none() {
+                    vm_name = vm.name.clone();
+                }
+            }
+        }
+        if by_node.is_empty() {
+            return Err(Error::Settings(match listed.list() {
+                [only] if only.node.is_none() => format!(
+                    "PROXMOX_TEMPLATES maps {wanted} to VMID {}, which is not a template \
+                     anywhere in the cluster; fix the map or create the template",
+                    only.vmid
+                ),
+                _ => format!(
+                    "PROXMOX_TEMPLATES lists {wanted}={listed}, and none of it is a template the \
+                     driver may use: {}; fix the map or create the templates",
+                    refused.join("; ")
+                ),
+            }));
+        }
+        let found = if settings.template_copies == CopyDiscovery::ByName {
+            // The nodes without a listed copy take a template VM of the same name.
+            if let Some(name) = vm_name.as_deref() {
+                for vm in templates
                     .iter()
                     .filter(|vm| vm.name.as_deref() == Some(name))
-                    .filter_map(|vm| entry(vm)),
-            );
-        }
-        copies.extend(entry(original));
-        return Ok(copies);
+                {
+                    if !by_node.contains_key(&vm.node) {
+                        by_node.extend(entry(vm));
+                    }
+                }
+            }
+            Found::ListedAndByName
+        } else {
+            Found::Listed
+        };
+        return Ok(Resolved {
+            by_node,
+            found,
+            refused,
+            vm_name,
+        });
     }
     let permitted = match &settings.allowed_templates {
         AllowedTemplates::MapOnly => false,
@@ -323,20 +419,30 @@ pub(crate) fn template_copies(
         )));
     }
     let by_vmid = wanted.parse::<u64>().ok();
-    let copies: BTreeMap<_, _> = templates
-        .iter()
-        .filter(|vm| match by_vmid {
-            Some(vmid) => vm.vmid == vmid,
-            None => vm.name.as_deref() == Some(wanted),
-        })
-        .filter_map(|vm| entry(vm))
-        .collect();
-    if copies.is_empty() {
+    let mut by_node: BTreeMap<String, (u32, Option<u64>)> = BTreeMap::new();
+    for vm in templates.iter().filter(|vm| match by_vmid {
+        Some(vmid) => vm.vmid == vmid,
+        None => vm.name.as_deref() == Some(wanted),
+    }) {
+        if let Some((node, copy)) = entry(vm) {
+            by_node.entry(node).or_insert(copy);
+        }
+    }
+    if by_node.is_empty() {
         return Err(Error::JobRequest(format!(
             "there is no template VM {wanted:?} on any node of the cluster"
         )));
     }
-    Ok(copies)
+    Ok(Resolved {
+        by_node,
+        found: if by_vmid.is_some() {
+            Found::ByVmid
+        } else {
+            Found::ByName
+        },
+        refused: Vec::new(),
+        vm_name: by_vmid.is_none().then(|| wanted.to_string()),
+    })
 }
 
 fn node_views(
@@ -428,8 +534,14 @@ pub async fn copies(client: &Client, settings: &Settings, wanted: &str) -> Resul
             err,
         )
     })?;
-    let copies = template_copies(settings, wanted, &vms)?;
-    Ok(copies_on_nodes(settings, wanted, &nodes, &vms, &copies))
+    let resolved = template_copies(settings, wanted, &vms)?;
+    Ok(copies_on_nodes(
+        settings,
+        wanted,
+        &nodes,
+        &vms,
+        &resolved.by_node,
+    ))
 }
 
 impl Copies {
@@ -485,6 +597,148 @@ fn copies_on_nodes(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Sources;
+
+    /// Settings with placement on every node and `extra` on top.
+    fn settings(extra: &[(&str, &str)]) -> Settings {
+        let mut env: BTreeMap<String, String> = [
+            ("PROXMOX_HOST", "pve.example.test"),
+            ("PROXMOX_USER", "ci@pve"),
+            ("PROXMOX_TOKEN_NAME", "runner"),
+            ("PROXMOX_TOKEN_VALUE", "secret"),
+            ("PROXMOX_NODES", "*"),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .collect();
+        for (name, value) in extra {
+            env.insert(name.to_string(), value.to_string());
+        }
+        let lookup = |name: &str| env.get(name).cloned();
+        Settings::from_sources(Sources {
+            file: None,
+            env: &lookup,
+            job_response: None,
+        })
+        .unwrap()
+    }
+
+    fn template_vm(vmid: u64, node: &str, name: &str) -> ClusterVm {
+        ClusterVm {
+            vmid,
+            node: node.into(),
+            name: Some(name.into()),
+            status: Some("stopped".into()),
+            template: true,
+            tags: None,
+            lock: None,
+            kind: Some("qemu".into()),
+            maxmem: Some(2 * GIB),
+        }
+    }
+
+    fn nodes_of(resolved: &Resolved) -> Vec<(&str, u32)> {
+        resolved
+            .by_node
+            .iter()
+            .map(|(node, (vmid, _))| (node.as_str(), *vmid))
+            .collect()
+    }
+
+    /// Ours on pve1 and pve2; another user's look-alike on pve3, where we have no copy.
+    fn cluster_with_a_look_alike() -> Vec<ClusterVm> {
+        vec![
+            template_vm(60900, "pve1", "ubuntu-focal"),
+            template_vm(61900, "pve2", "ubuntu-focal"),
+            template_vm(61950, "pve3", "ubuntu-focal"),
+        ]
+    }
+
+    #[test]
+    fn only_the_listed_vmids_are_copies_unless_by_name_is_chosen() {
+        let vms = cluster_with_a_look_alike();
+        let single = settings(&[("PROXMOX_TEMPLATES", "ubuntu-focal=60900")]);
+        let resolved = template_copies(&single, "ubuntu-focal", &vms).unwrap();
+        assert_eq!(nodes_of(&resolved), [("pve1", 60900)]);
+        assert_eq!(resolved.found, Found::Listed);
+
+        let listed = settings(&[("PROXMOX_TEMPLATES", "ubuntu-focal=60900|61900@pve2")]);
+        let resolved = template_copies(&listed, "ubuntu-focal", &vms).unwrap();
+        assert_eq!(nodes_of(&resolved), [("pve1", 60900), ("pve2", 61900)]);
+        assert!(resolved.refused.is_empty(), "{:?}", resolved.refused);
+
+        let by_name = settings(&[
+            ("PROXMOX_TEMPLATES", "ubuntu-focal=60900"),
+            ("PROXMOX_TEMPLATE_COPIES", "by-name"),
+        ]);
+        let resolved = template_copies(&by_name, "ubuntu-focal", &vms).unwrap();
+        assert_eq!(
+            nodes_of(&resolved),
+            [("pve1", 60900), ("pve2", 61900), ("pve3", 61950)]
+        );
+        assert_eq!(resolved.found, Found::ListedAndByName);
+    }
+
+    #[test]
+    fn a_listed_copy_on_another_node_than_stated_is_not_used() {
+        // 61900 was ours on pve2; now a VM with that VMID is a template on pve3.
+        let vms = vec![
+            template_vm(60900, "pve1", "ubuntu-focal"),
+            template_vm(61900, "pve3", "ubuntu-focal"),
+        ];
+        let listed = settings(&[("PROXMOX_TEMPLATES", "ubuntu-focal=60900|61900@pve2")]);
+        let resolved = template_copies(&listed, "ubuntu-focal", &vms).unwrap();
+        assert_eq!(nodes_of(&resolved), [("pve1", 60900)]);
+        let [why] = resolved.refused.as_slice() else {
+            panic!("{:?}", resolved.refused);
+        };
+        assert!(
+            why.contains("template VM 61900 (ubuntu-focal) is on pve3, not on pve2"),
+            "{why}"
+        );
+
+        // Nothing usable at all: a settings error that names every copy's problem.
+        let only = settings(&[("PROXMOX_TEMPLATES", "ubuntu-focal=61900@pve2|62000")]);
+        let err = template_copies(&only, "ubuntu-focal", &vms).unwrap_err();
+        assert!(matches!(err, Error::Settings(_)), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("is on pve3, not on pve2"), "{text}");
+        assert!(text.contains("VMID 62000 does not exist"), "{text}");
+    }
+
+    #[test]
+    fn listed_copies_must_be_templates_and_the_first_listed_wins_a_node() {
+        let mut plain = template_vm(61000, "pve2", "ubuntu-focal");
+        plain.template = false;
+        let vms = vec![
+            template_vm(60900, "pve1", "ubuntu-focal"),
+            template_vm(60901, "pve1", "ubuntu-focal"),
+            plain,
+        ];
+        let listed = settings(&[("PROXMOX_TEMPLATES", "ubuntu-focal=60900|60901|61000")]);
+        let resolved = template_copies(&listed, "ubuntu-focal", &vms).unwrap();
+        assert_eq!(nodes_of(&resolved), [("pve1", 60900)]);
+        assert_eq!(resolved.refused.len(), 2, "{:?}", resolved.refused);
+        assert!(resolved.refused[0].contains("60901 is on pve1 like 60900"));
+        assert!(resolved.refused[1].contains("VM 61000 (ubuntu-focal on pve2) is not a template"));
+    }
+
+    #[test]
+    fn allowed_names_find_every_template_of_that_name() {
+        let vms = cluster_with_a_look_alike();
+        let allowed = settings(&[("PROXMOX_ALLOWED_TEMPLATES", "ubuntu-focal,61900")]);
+        // Not in the map (the default map has no such name here): found by name.
+        let allowed = Settings {
+            templates: BTreeMap::new(),
+            ..allowed
+        };
+        let resolved = template_copies(&allowed, "ubuntu-focal", &vms).unwrap();
+        assert_eq!(resolved.found, Found::ByName);
+        assert_eq!(resolved.by_node.len(), 3);
+        let resolved = template_copies(&allowed, "61900", &vms).unwrap();
+        assert_eq!(resolved.found, Found::ByVmid);
+        assert_eq!(nodes_of(&resolved), [("pve2", 61900)]);
+    }
 
     fn view(name: &str, free_gib: u64, job_vms: u32) -> NodeView {
         NodeView {

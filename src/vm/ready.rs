@@ -357,6 +357,7 @@ async fn connect_ssh(
             break waited?;
         }
         rereads += 1;
+        sink.host_keys_replaced(pinned);
         sink.info(&format!(
             "VM {vmid}'s SSH host keys changed since the guest agent first read them \
              (regenerated at first boot); pinning the new ones"

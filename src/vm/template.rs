@@ -36,26 +36,54 @@ pub async fn resolve(
         label: format!("{wanted} ({vmid})"),
         is_template,
     };
-    if let Some(&vmid) = settings.templates.get(wanted) {
-        let status = client
-            .vm_status(node, vmid)
-            .await
-            .map_err(|err| Error::api(format!("reading template {wanted} (VMID {vmid})"), err))?;
-        let Some(status) = status else {
+    if let Some(listed) = settings.templates.get(wanted) {
+        // On one node, the copy listed for it: pinned there, or not pinned to any node (then
+        // it is the one if it is there), in the order listed.
+        let candidates: Vec<u32> = listed
+            .list()
+            .iter()
+            .filter(|copy| copy.node.as_deref().is_none_or(|pinned| pinned == node))
+            .map(|copy| copy.vmid)
+            .collect();
+        if candidates.is_empty() {
             return Err(Error::Settings(format!(
-                "PROXMOX_TEMPLATES maps {wanted} to VMID {vmid}, which does not exist on \
-                 node {node}; fix the map or create the template"
-            )));
-        };
-        // Only real templates, as for any other path: a map entry that names a running VM
-        // (another job's included) would hand a job a full clone of that VM's disks.
-        if !status.template {
-            return Err(Error::Settings(format!(
-                "PROXMOX_TEMPLATES maps {wanted} to VMID {vmid}, which is not a template on \
-                 node {node}; convert it (qm template {vmid}) or fix the map"
+                "PROXMOX_TEMPLATES lists {wanted}={listed}, no copy of it for node {node} \
+                 (PROXMOX_NODE); list the template VM on {node}, or set PROXMOX_NODE to a node \
+                 with a copy"
             )));
         }
-        return Ok(found(vmid, true));
+        let mut problems = Vec::new();
+        for vmid in candidates {
+            let status = client.vm_status(node, vmid).await.map_err(|err| {
+                Error::api(format!("reading template {wanted} (VMID {vmid})"), err)
+            })?;
+            match status {
+                // Only real templates, as for any other path: a map entry that names a running
+                // VM (another job's included) would hand a job a full clone of that VM's disks.
+                Some(status) if status.template => return Ok(found(vmid, true)),
+                Some(_) => problems.push((vmid, "is not a template")),
+                None => problems.push((vmid, "does not exist")),
+            }
+        }
+        return Err(Error::Settings(match problems.as_slice() {
+            [(vmid, "is not a template")] if listed.list().len() == 1 => format!(
+                "PROXMOX_TEMPLATES maps {wanted} to VMID {vmid}, which is not a template on \
+                 node {node}; convert it (qm template {vmid}) or fix the map"
+            ),
+            [(vmid, _)] if listed.list().len() == 1 => format!(
+                "PROXMOX_TEMPLATES maps {wanted} to VMID {vmid}, which does not exist on \
+                 node {node}; fix the map or create the template"
+            ),
+            _ => format!(
+                "PROXMOX_TEMPLATES lists {wanted}={listed}, and no copy of it is a template on \
+                 node {node} ({}); fix the map or create the template",
+                problems
+                    .iter()
+                    .map(|(vmid, why)| format!("{vmid} {why}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }));
     }
     let permitted = match &settings.allowed_templates {
         AllowedTemplates::MapOnly => false,

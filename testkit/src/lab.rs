@@ -1,7 +1,7 @@
 //! The one setup for tests that run the driver against a fake cluster: the fake Proxmox, the
 //! client key the "VMs" accept, optionally a real sshd on loopback standing in for every VM
 //! (its ed25519 host key served through the fake's guest agent, as a real guest serves its
-//! own), and hooks wired to all of it.
+//! own) or one sshd per VM (each VM its own host keys), and hooks wired to all of it.
 //!
 //! ```ignore
 //! let Some(lab) = Lab::builder(gpr_testkit::driver_binary!()).with_sshd_or_skip("my_test") else {
@@ -18,6 +18,7 @@ use crate::hook::Hook;
 use crate::ssh_job::vm_on_local_sshd;
 use crate::sshd::Sshd;
 use crate::sshkeys::ClientKey;
+use crate::vm_sshds::VmSshds;
 
 /// The driver binary under test: `$GPR_BIN` (CI points it at the static musl build), else the
 /// one cargo built for the calling test or bench.
@@ -82,8 +83,19 @@ impl LabBuilder {
             bin: self.bin,
             fake: FakeProxmox::start(self.config),
             sshd: None,
+            vm_sshds: None,
             key: ClientKey::ed25519(),
         }
+    }
+
+    /// A lab whose every VM answers SSH with host keys of its own (an sshd per VM, on a
+    /// loopback address of its own and the lab's SSH port; see [`VmSshds`]), as VMs cloned from
+    /// a properly cleaned template do. `None` (skipped) as [`LabBuilder::with_sshd_or_skip`].
+    #[track_caller]
+    pub fn with_sshd_per_vm_or_skip(self, test: &str) -> Option<Lab> {
+        let mut lab = self.with_sshd_or_skip(test)?;
+        lab.vm_sshds = Some(VmSshds::start(&lab.fake, lab.sshd().port(), &lab.key));
+        Some(lab)
     }
 
     /// A lab whose VMs answer SSH: `None` (the test is skipped, loudly) when this machine has no
@@ -104,6 +116,7 @@ impl LabBuilder {
             bin: self.bin,
             fake,
             sshd: Some(sshd),
+            vm_sshds: None,
             key,
         })
     }
@@ -113,6 +126,10 @@ pub struct Lab {
     pub bin: PathBuf,
     pub fake: FakeProxmox,
     pub sshd: Option<Sshd>,
+    /// With [`LabBuilder::with_sshd_per_vm_or_skip`]: the sshd of each VM. Without, every VM
+    /// is `sshd` and shows its host key: clones of a template whose host keys were never
+    /// regenerated.
+    pub vm_sshds: Option<VmSshds>,
     /// The client key: accepted by the sshd (when there is one), and the driver's
     /// `VM_SSH_PRIVATE_KEY` in [`Lab::settings`].
     pub key: ClientKey,
@@ -158,8 +175,12 @@ impl Lab {
 
     /// The driver's settings as a runner host would set them: the fake's API, and with sshd
     /// the VMs' SSH (see [`vm_on_local_sshd`]).
+    /// The fleet's settings file ([`crate::fleet`]) is not among them: it is a file, not a
+    /// setting; commands that need the fleet key add [`crate::fleet::settings_env`].
     pub fn settings(&self) -> Vec<(String, String)> {
-        self.hook(".").host_env_pairs()
+        let mut settings = self.hook(".").host_env_pairs();
+        settings.retain(|(name, _)| name != crate::fleet::CONFIG_ENV);
+        settings
     }
 
     fn with_sshd_settings(&self, hook: Hook) -> Hook {

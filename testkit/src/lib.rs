@@ -15,12 +15,13 @@ pub mod ssh_server;
 pub mod sshd;
 pub mod sshkeys;
 pub mod tcp_proxy;
+pub mod vm_sshds;
 
 pub use lab::{Lab, LabBuilder};
 
 pub use fake_proxmox::{
-    ApiCapacity, FakeConfig, FakeProxmox, Fault, NewVm, NodeLoad, RecordedRequest, Template,
-    VmSnapshot,
+    ApiCapacity, FakeConfig, FakeProxmox, Fault, GuestEvent, GuestIdentities, GuestIdentity, NewVm,
+    NodeLoad, RecordedRequest, Template, VmSnapshot,
 };
 
 /// Polls `condition` every 50 ms until it gives a value; panics naming `what` after `limit`.

@@ -33,6 +33,7 @@ impl PoolService {
             .env_clear()
             .env("PATH", "/usr/bin:/bin")
             .envs(lab.settings())
+            .envs([crate::fleet::settings_env()])
             .env("PROXMOX_RUNNER_ID", format!("host-{id}"))
             .envs(env.iter().copied())
             .args(["pool", "--id", id, "--interval", "0.2"])

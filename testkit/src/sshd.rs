@@ -49,6 +49,8 @@ pub struct SshdBuilder {
     session_env: Vec<(String, String)>,
     /// `Subsystem sftp` command; `internal-sftp` unless set.
     sftp_subsystem: Option<String>,
+    /// Where it listens; `127.0.0.1` and a free port unless set.
+    listen: Option<(Ipv4Addr, u16)>,
 }
 
 impl SshdBuilder {
@@ -73,6 +75,13 @@ impl SshdBuilder {
         self
     }
 
+    /// Listens on `addr:port` (another loopback address, `127.0.1.7`, is another "VM" on the
+    /// same port) instead of a free port on 127.0.0.1.
+    pub fn listen(mut self, addr: Ipv4Addr, port: u16) -> Self {
+        self.listen = Some((addr, port));
+        self
+    }
+
     /// Starts sshd, or reports the test as skipped (see [`skip`]) and returns `None`.
     #[track_caller]
     pub fn start_or_skip(self, test: &str) -> Option<Sshd> {
@@ -84,6 +93,12 @@ impl SshdBuilder {
     }
 
     pub fn start(self) -> Sshd {
+        self.try_start()
+            .unwrap_or_else(|err| panic!("sshd did not start: {err}"))
+    }
+
+    /// [`SshdBuilder::start`], with why it did not start instead of a panic.
+    pub fn try_start(self) -> Result<Sshd, String> {
         std::fs::create_dir_all("/run/sshd").expect("create /run/sshd");
         let dir = tempfile::Builder::new()
             .prefix("gpr-sshd-")
@@ -113,9 +128,11 @@ impl SshdBuilder {
 
         let mut last_error = String::new();
         for _ in 0..5 {
-            let port = free_port();
+            let (addr, port) = self
+                .listen
+                .unwrap_or_else(|| (Ipv4Addr::LOCALHOST, free_port()));
             let config = format!(
-                "Port {port}\nListenAddress 127.0.0.1\n{host_key_config}\
+                "Port {port}\nListenAddress {addr}\n{host_key_config}\
                  PidFile {dir}/sshd.pid\nAuthorizedKeysFile {authorized}\n\
                  PermitRootLogin prohibit-password\nPubkeyAuthentication yes\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
@@ -148,15 +165,16 @@ impl SshdBuilder {
                 .spawn()
                 .expect("start sshd");
             let mut child = child;
-            match wait_until_accepting(&mut child, port) {
+            match wait_until_accepting(&mut child, addr, port) {
                 Ok(()) => {
-                    return Sshd {
+                    return Ok(Sshd {
                         child,
                         dir,
+                        addr,
                         port,
                         host_key_lines,
                         authorized,
-                    }
+                    })
                 }
                 Err(err) => {
                     let _ = child.kill();
@@ -168,17 +186,17 @@ impl SshdBuilder {
                 }
             }
         }
-        panic!("sshd did not start: {last_error}");
+        Err(last_error)
     }
 }
 
-fn wait_until_accepting(child: &mut Child, port: u16) -> Result<(), String> {
+fn wait_until_accepting(child: &mut Child, addr: Ipv4Addr, port: u16) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("sshd exited with {status}"));
         }
-        if let Ok(mut stream) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)) {
+        if let Ok(mut stream) = TcpStream::connect((addr, port)) {
             let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
             let mut banner = [0u8; 4];
             if stream.read_exact(&mut banner).is_ok() && &banner == b"SSH-" {
@@ -200,6 +218,7 @@ fn free_port() -> u16 {
 pub struct Sshd {
     child: Child,
     dir: tempfile::TempDir,
+    addr: Ipv4Addr,
     port: u16,
     host_key_lines: Vec<String>,
     authorized: PathBuf,
@@ -219,14 +238,19 @@ impl Sshd {
         self.port
     }
 
-    pub fn host(&self) -> &'static str {
-        "127.0.0.1"
+    /// The loopback address it listens on (`127.0.0.1` unless [`SshdBuilder::listen`]).
+    pub fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+
+    pub fn host(&self) -> String {
+        self.addr.to_string()
     }
 
     /// This server as a job's "VM", logged into as root with its host keys pinned.
     pub fn root_target(&self) -> crate::ssh_job::SshTarget {
         crate::ssh_job::SshTarget {
-            host: self.host().to_string(),
+            host: self.host(),
             port: self.port(),
             user: "root".into(),
             host_keys: self.host_key_lines(),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::api::{fail, not_implemented, param_error, vm_on_node, ApiRequest, Result};
-use super::state::State;
+use super::state::{Identity, State};
 
 pub(super) fn agent(
     state: &mut State,
@@ -52,6 +52,12 @@ pub(super) fn agent(
     let agent_up_for = vm
         .agent_ready_at
         .map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
+    let own = match state.identity_of(vmid) {
+        Identity::Shared => None,
+        Identity::Own(identity) => Some(identity),
+        Identity::Waiting => return Err(fail(500, "QEMU guest agent is not running")),
+    };
+    let guest_ip = own.as_ref().map_or(guest_ip, |identity| identity.ip);
     match rest {
         ["ping"] => Ok(json!({ "result": {} })),
         ["info"] => Ok(json!({ "result": { "version": "8.5.2", "supported_commands": [] } })),
@@ -82,9 +88,13 @@ pub(super) fn agent(
                 .late_guest_files
                 .get(file.as_str())
                 .map(|(content, after)| (agent_up_for >= *after).then(|| content.clone()));
-            let content = match late {
-                Some(late) => late,
-                None => state.config.guest_files.get(file).cloned(),
+            let own_file = own
+                .as_ref()
+                .and_then(|identity| identity.files.get(file.as_str()).cloned());
+            let content = match (own_file, late) {
+                (Some(own), _) => Some(own),
+                (None, Some(late)) => late,
+                (None, None) => state.config.guest_files.get(file).cloned(),
             };
             match content {
                 // `truncated` appears only when the 16 MiB limit cut the file.

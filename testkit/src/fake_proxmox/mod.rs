@@ -18,7 +18,8 @@
 //! exist"); task status/log only on the UPID's node; the agent (not running / not configured /
 //! not yet booted, then interfaces `lo`, `eth0` with net0's MAC, `guest_ip6` first and
 //! `guest_ip` after `guest_ip_delay`, `docker0`; files that appear only some time after the
-//! agent). Errors put the message into the reason phrase and close the connection. Bodies may
+//! agent; with [`FakeProxmox::own_guest_identities`] every booted VM its own address and
+//! files, e.g. its own SSH host key). Errors put the message into the reason phrase and close the connection. Bodies may
 //! be form-urlencoded (`&` and `;` split fields) or JSON; booleans must be `1`/`0`.
 //! `access/permissions` answers from ACLs set with [`FakeProxmox::set_acl`] (user and token,
 //! privilege separation; only that endpoint reads them); `nodes/{node}/storage` lists `local`
@@ -160,6 +161,55 @@ impl Default for FakeConfig {
             capacity: None,
         }
     }
+}
+
+/// One guest's own address and files: what a VM with host keys of its own shows through its
+/// agent (see [`FakeProxmox::own_guest_identities`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestIdentity {
+    /// Reported on net0's interface instead of `guest_ip`.
+    pub ip: IpAddr,
+    /// Read before `guest_files` (e.g. the VM's own `/etc/ssh/ssh_host_ed25519_key.pub`).
+    pub files: BTreeMap<String, String>,
+}
+
+/// Where spare identities go (see [`FakeProxmox::own_guest_identities`]); usable from another
+/// thread.
+#[derive(Clone)]
+pub struct GuestIdentities {
+    state: Arc<Mutex<State>>,
+}
+
+impl GuestIdentities {
+    /// Back to shared identities; the event channel closes.
+    pub fn close(&self) {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .identities = None;
+    }
+
+    /// A spare identity for the next VM whose agent answers.
+    pub fn add(&self, identity: GuestIdentity) {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(identities) = state.identities.as_mut() {
+            identities.spares.push(identity);
+        }
+    }
+}
+
+/// What happens to the identities added with [`GuestIdentities::add`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestEvent {
+    /// A VM's agent took a spare identity (time to add another), or found none (its agent
+    /// reads as not running until one is added).
+    Taken,
+    Wanted,
+    /// The VM that had this identity was destroyed: it is nobody's now.
+    Released(GuestIdentity),
 }
 
 /// A node's memory and status in `/cluster/resources?type=node`.
@@ -555,6 +605,36 @@ impl FakeProxmox {
             }
             None => false,
         }
+    }
+
+    /// From now on every VM gets an identity of its own ([`GuestIdentity`]: address, files such
+    /// as its SSH host key) when its agent first answers, taken from the spares added with
+    /// [`GuestIdentities::add`]; until one is there its agent reads as not running
+    /// yet. The events tell the caller (who runs, say, an sshd per identity) when to add
+    /// another and when one is free again. Identities are never given to a second VM.
+    pub fn own_guest_identities(&self) -> (GuestIdentities, std::sync::mpsc::Receiver<GuestEvent>) {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        self.lock().identities = Some(state::Identities {
+            spares: Vec::new(),
+            assigned: BTreeMap::new(),
+            events: sender,
+        });
+        (
+            GuestIdentities {
+                state: Arc::clone(&self.state),
+            },
+            receiver,
+        )
+    }
+
+    /// The address a VM's agent reports: its own identity's, else `guest_ip`.
+    pub fn guest_ip(&self, vmid: u32) -> IpAddr {
+        let state = self.lock();
+        state
+            .identities
+            .as_ref()
+            .and_then(|identities| identities.assigned.get(&vmid))
+            .map_or(state.config.guest_ip, |identity| identity.ip)
     }
 
     pub fn set_guest_file(&self, path: &str, content: &str) {

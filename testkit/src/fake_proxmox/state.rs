@@ -47,8 +47,26 @@ pub(crate) struct State {
     pub co_tenant: CoTenantAccount,
     /// The co-tenant's requests, kept out of `requests` (the driver's footprint).
     pub co_tenant_requests: Vec<RecordedRequest>,
+    /// Per-VM identities, when a test asked for them.
+    pub identities: Option<Identities>,
     next_pid: u32,
     next_exec_pid: u32,
+}
+
+/// Spare and assigned guest identities (see `FakeProxmox::own_guest_identities`).
+pub(crate) struct Identities {
+    pub spares: Vec<super::GuestIdentity>,
+    pub assigned: BTreeMap<u32, super::GuestIdentity>,
+    pub events: std::sync::mpsc::Sender<super::GuestEvent>,
+}
+
+/// A VM's identity as its agent shows it.
+pub(crate) enum Identity {
+    /// No per-VM identities: the fake's `guest_ip` and `guest_files`.
+    Shared,
+    Own(super::GuestIdentity),
+    /// Per-VM identities, but no spare yet.
+    Waiting,
 }
 
 pub(crate) struct Vm {
@@ -250,6 +268,7 @@ impl State {
             caller: Caller::Runner,
             co_tenant: CoTenantAccount::new(config.templates.iter().map(|t| t.vmid)),
             co_tenant_requests: Vec::new(),
+            identities: None,
             next_pid: 0x0002_1a40 + rand::random::<u16>() as u32,
             next_exec_pid: 1000,
             config,
@@ -563,6 +582,7 @@ impl State {
             Effect::Destroyed { vmid } => {
                 if ok {
                     self.vms.remove(&vmid);
+                    self.release_identity(vmid);
                 } else if let Some(vm) = self.vms.get_mut(&vmid) {
                     vm.destroying = false;
                 }
@@ -594,6 +614,34 @@ impl State {
                 }
             }
             Effect::Started { .. } | Effect::Stopped { .. } | Effect::Templated { .. } => {}
+        }
+    }
+
+    /// The identity VM `vmid`'s agent shows, taking a spare the first time.
+    pub fn identity_of(&mut self, vmid: u32) -> Identity {
+        let Some(identities) = self.identities.as_mut() else {
+            return Identity::Shared;
+        };
+        if let Some(identity) = identities.assigned.get(&vmid) {
+            return Identity::Own(identity.clone());
+        }
+        if identities.spares.is_empty() {
+            let _ = identities.events.send(super::GuestEvent::Wanted);
+            return Identity::Waiting;
+        }
+        let identity = identities.spares.remove(0);
+        identities.assigned.insert(vmid, identity.clone());
+        let _ = identities.events.send(super::GuestEvent::Taken);
+        Identity::Own(identity)
+    }
+
+    fn release_identity(&mut self, vmid: u32) {
+        if let Some(identities) = self.identities.as_mut() {
+            if let Some(identity) = identities.assigned.remove(&vmid) {
+                let _ = identities
+                    .events
+                    .send(super::GuestEvent::Released(identity));
+            }
         }
     }
 
