@@ -41,14 +41,29 @@ pub fn execute(cli: Cli) -> i32 {
             runner,
             max_age,
             dry_run,
+            metrics_file,
         } => fleet_command(file.as_deref(), |context| async move {
-            gc::gc(&context, runner.as_deref(), max_age.as_deref(), dry_run).await
+            let (runner, max_age) = (runner.as_deref(), max_age.as_deref());
+            match metrics_file {
+                Some(path) => {
+                    gc::gc_with_metrics_file(&context, runner, max_age, dry_run, &path).await
+                }
+                None => gc::gc(&context, runner, max_age, dry_run).await,
+            }
         }),
         Command::Check { smoke, format } => fleet_check(file.as_deref(), smoke, format),
         Command::Pool {
+            action: Some(crate::cli::PoolAction::Status { json }),
+            ..
+        } => fleet_command(file.as_deref(), |context| async move {
+            crate::pool::status::status(&context, json).await
+        }),
+        Command::Pool {
+            action: None,
             id,
             interval,
             gc_every,
+            metrics_listen,
         } => fleet_command(file.as_deref(), |context| async move {
             crate::config::file_modes::warn_exposed(settings_file.as_deref(), &context.settings);
             let interval = std::time::Duration::try_from_secs_f64(interval)
@@ -58,7 +73,8 @@ pub fn execute(cli: Cli) -> i32 {
                     Error::Settings(format!("--interval {interval} must be at least 0.1 s"))
                 })?;
             let gc_every = gc_every.map(std::time::Duration::from_secs);
-            crate::pool::service::pool(&context, id.as_deref(), interval, gc_every).await
+            crate::pool::service::pool(&context, id.as_deref(), interval, gc_every, metrics_listen)
+                .await
         }),
         Command::FleetKey => match crate::fleet_key::FleetKey::generate() {
             Ok(key) => {

@@ -47,6 +47,11 @@ pub enum Command {
         /// List what would be destroyed, change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Also write the sweep's results to this file for node_exporter's textfile collector
+        /// (e.g. /var/lib/prometheus/node-exporter/gitlab-proxmox-runner-gc.prom), replaced
+        /// whole with each sweep.
+        #[arg(long, value_name = "PATH")]
+        metrics_file: Option<PathBuf>,
     },
     /// Preflight: check the settings, the API, the token's privileges, the node, the templates,
     /// the VMID range and the SSH key, one line each (exit 0: all required checks passed).
@@ -59,7 +64,10 @@ pub enum Command {
         format: CheckFormat,
     },
     /// Keep WARM_POOL warm VMs per template, ready for jobs to claim (run it as a service).
+    #[command(args_conflicts_with_subcommands = true)]
     Pool {
+        #[command(subcommand)]
+        action: Option<PoolAction>,
         /// This service's id in its warm VMs' markers (default: PROXMOX_RUNNER_ID). Give
         /// every pool service on one host its own.
         #[arg(long, value_name = "ID")]
@@ -71,10 +79,25 @@ pub enum Command {
         /// seconds, so one service covers fleet hygiene (default: never; use the gc timer).
         #[arg(long, value_name = "SECONDS")]
         gc_every: Option<u64>,
+        /// Serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. 127.0.0.1:9464; port 0
+        /// picks a free one, named in the log). Default: no metrics.
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Print a fresh PROXMOX_FLEET_KEY (32 random bytes, base64) for the settings file of every
     /// runner host and pool service of one fleet.
     FleetKey,
+}
+
+/// What `pool` does instead of running the service.
+#[derive(Debug, Subcommand)]
+pub enum PoolAction {
+    /// Show the warm VMs of every WARM_POOL template now: node, VMID, state, age, one line each.
+    Status {
+        /// One JSON object per warm VM per line instead.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// How `check` prints its results.
@@ -126,6 +149,74 @@ mod tests {
             Command::Run { stage, .. } => assert_eq!(stage, "build_script"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn pool_runs_the_service_with_flags_or_shows_its_status() {
+        match parse(&[
+            "gitlab-proxmox-runner",
+            "pool",
+            "--id",
+            "X",
+            "--interval",
+            "0.2",
+        ])
+        .command
+        {
+            Command::Pool {
+                action: None,
+                id,
+                interval,
+                metrics_listen: None,
+                ..
+            } => assert_eq!((id.as_deref(), interval), (Some("X"), 0.2)),
+            other => panic!("{other:?}"),
+        }
+        match parse(&[
+            "gitlab-proxmox-runner",
+            "pool",
+            "--metrics-listen",
+            "127.0.0.1:9464",
+        ])
+        .command
+        {
+            Command::Pool { metrics_listen, .. } => {
+                assert_eq!(metrics_listen, Some("127.0.0.1:9464".parse().unwrap()))
+            }
+            other => panic!("{other:?}"),
+        }
+        for (args, json) in [
+            (&["gitlab-proxmox-runner", "pool", "status"][..], false),
+            (
+                &[
+                    "gitlab-proxmox-runner",
+                    "--config",
+                    "f",
+                    "pool",
+                    "status",
+                    "--json",
+                ],
+                true,
+            ),
+        ] {
+            match parse(args).command {
+                Command::Pool {
+                    action: Some(PoolAction::Status { json: got }),
+                    ..
+                } => assert_eq!(got, json),
+                other => panic!("{other:?}"),
+            }
+        }
+        // The service's flags do not mix with status.
+        let mixed = ["gitlab-proxmox-runner", "pool", "--id", "X", "status"];
+        assert!(Cli::try_parse_from(mixed).is_err());
+        let bad = [
+            "gitlab-proxmox-runner",
+            "pool",
+            "--metrics-listen",
+            "localhost",
+        ];
+        assert!(Cli::try_parse_from(bad).is_err());
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! [`proxmox`] (the API client), [`ssh`] (the in-process SSH client), [`vm`] (the engine that
 //! provisions, readies and destroys VMs, knowing nothing of hooks), [`state`] (what prepare
 //! leaves for the later hooks), [`commands`] (one thin module per hook), [`app`] (runtime,
-//! cancellation, the context each command family gets, errors to exit codes) and [`error`].
+//! cancellation, the context each command family gets, errors to exit codes), [`metrics`] (what
+//! the fleet commands show Prometheus) and [`error`].
 
 pub mod app;
 pub mod cancel;
@@ -19,6 +20,7 @@ pub mod hardening;
 pub mod job;
 pub mod joblog;
 pub mod marker;
+pub mod metrics;
 pub mod poll;
 pub mod pool;
 pub mod proxmox;

@@ -27,6 +27,12 @@
 //!   VM.Audit, and nothing of a job's has ever touched that description. A claim replaces the
 //!   whole description with the job's marker, so a claimed VM is a job VM like any other. An
 //!   older driver reads a warm marker as a job VM with that deadline, which is also right.
+//! - **Claim reports** (for the pool service's metrics): a prepare that looked for a warm VM
+//!   writes, on the SECOND line of its VM's description, what it found ([`ClaimReport`]):
+//!   `gitlab-proxmox-runner-claim: outcome=claimed ms=412 discards=0 template=60900 mac=...`,
+//!   sealed with the fleet key for that VM and that marker line. Only host-set numbers and one
+//!   word; the pool service only counts them (nothing it decides reads them), and an older
+//!   driver ignores the line (only the first counts).
 
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -98,6 +104,121 @@ pub struct Warm {
 
 /// Prefix of the host key lines after a warm marker.
 pub const HOST_KEY_LINE: &str = "ssh-host-key: ";
+
+/// Prefix of a job VM's claim report, the second line of its description.
+pub const CLAIM_REPORT_PREFIX: &str = "gitlab-proxmox-runner-claim:";
+
+/// What one prepare's look for a warm VM came to, as the VM it ends up with (or each warm VM
+/// it takes) records it for the pool service to count. Host-set facts only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimReport {
+    pub outcome: ClaimOutcome,
+    /// Milliseconds from the start of the claim to taking this VM (`claimed`: the swap that
+    /// won, before its checks) or to giving up (`none`).
+    pub ms: u64,
+    /// Warm VMs this prepare took before this one and destroyed for failing their checks.
+    pub discards: u32,
+    /// The template VM the claimed warm VM was cloned from, or the job's template (`none`).
+    pub template: u32,
+    /// HMAC (hex) with the fleet key over the VM, its marker line and the fields above.
+    pub mac: Option<String>,
+}
+
+/// The two words a claim report may say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ClaimOutcome {
+    /// This warm VM was taken (its compare-and-swap won); its checks come next.
+    Claimed,
+    /// No warm VM to keep: the VM carrying this report is a clone.
+    None,
+}
+
+impl ClaimOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClaimOutcome::Claimed => "claimed",
+            ClaimOutcome::None => "none",
+        }
+    }
+}
+
+impl ClaimReport {
+    /// The report line (no newline), MAC included when sealed.
+    pub fn render(&self) -> String {
+        let mut line = format!(
+            "{CLAIM_REPORT_PREFIX} outcome={} ms={} discards={} template={}",
+            self.outcome.as_str(),
+            self.ms,
+            self.discards,
+            self.template
+        );
+        if let Some(mac) = &self.mac {
+            let _ = write!(line, " mac={}", utf8_percent_encode(mac, VALUE));
+        }
+        line
+    }
+
+    /// Parses a report line: `None` unless every field is there and well-formed.
+    pub fn parse_line(line: &str) -> Option<ClaimReport> {
+        let rest = line.trim().strip_prefix(CLAIM_REPORT_PREFIX)?;
+        let mut fields: Vec<(&str, &str)> = Vec::new();
+        for pair in rest.split_whitespace() {
+            let (key, value) = pair.split_once('=')?;
+            if fields.iter().any(|(seen, _)| *seen == key) {
+                return None;
+            }
+            fields.push((key, value));
+        }
+        let field = |name: &str| fields.iter().find(|(key, _)| *key == name).map(|f| f.1);
+        let outcome = match field("outcome")? {
+            "claimed" => ClaimOutcome::Claimed,
+            "none" => ClaimOutcome::None,
+            _ => return None,
+        };
+        Some(ClaimReport {
+            outcome,
+            ms: field("ms")?.parse().ok()?,
+            discards: field("discards")?.parse().ok()?,
+            template: field("template")?.parse().ok()?,
+            mac: field("mac")
+                .filter(|mac| mac.chars().all(|c| c.is_ascii_hexdigit()))
+                .map(str::to_string),
+        })
+    }
+
+    /// The report on the second line of `description` (the line right after the marker).
+    pub fn find_in(description: &str) -> Option<ClaimReport> {
+        ClaimReport::parse_line(description.trim_start().lines().nth(1)?)
+    }
+
+    fn sealed_message(&self, vm: &VmRef, marker: &Marker) -> Vec<u8> {
+        let unsealed = ClaimReport {
+            mac: None,
+            ..self.clone()
+        };
+        format!(
+            "gitlab-proxmox-runner claim report v1\nvmid={}\nnode={}\n{}\n{}\n",
+            vm.vmid,
+            vm.node,
+            marker.render(),
+            unsealed.render()
+        )
+        .into_bytes()
+    }
+
+    /// Sets the MAC for this report on `vm`, whose description's marker is `marker`.
+    pub fn seal(&mut self, key: &FleetKey, vm: &VmRef, marker: &Marker) {
+        self.mac = Some(key.sign(&self.sealed_message(vm, marker)));
+    }
+
+    /// Whether the report carries a valid MAC for `vm` and `marker`: written by a host of the
+    /// fleet for this very VM and job, unchanged since.
+    pub fn is_sealed_for(&self, key: &FleetKey, vm: &VmRef, marker: &Marker) -> bool {
+        self.mac
+            .as_deref()
+            .is_some_and(|mac| key.verify(&self.sealed_message(vm, marker), mac))
+    }
+}
 
 fn now_epoch() -> u64 {
     SystemTime::now()
@@ -289,6 +410,14 @@ impl Marker {
              cleanup, or by `gitlab-proxmox-runner gc` if the runner died.\n",
             self.render()
         )
+    }
+
+    /// [`Marker::description`] with `report` on the second line (the job text stays in the
+    /// sentence, where it cannot start a line).
+    pub fn description_with_report(&self, report: &ClaimReport) -> String {
+        let description = self.description();
+        let (line, rest) = description.split_once('\n').unwrap_or((&description, ""));
+        format!("{line}\n{}\n{rest}", report.render())
     }
 
     /// Parses one marker line. `None` unless it is a complete marker of a known version.
@@ -604,6 +733,74 @@ mod tests {
         // A job marker never carries one, even if the line says so.
         let job_line = format!("{} mac={}", self::marker().render(), "0".repeat(64));
         assert_eq!(Marker::parse_line(&job_line).unwrap().mac, None);
+    }
+
+    #[test]
+    fn a_claim_report_rides_on_the_second_line_and_verifies_only_where_it_was_written() {
+        let key = FleetKey::parse("dGVzdCBmbGVldCBrZXkgb2YgdGhlIHRlc3Qga2l0ISE=").unwrap();
+        let vm = VmRef {
+            node: "pve1".into(),
+            vmid: 2000042,
+        };
+        let ours = marker();
+        let mut report = ClaimReport {
+            outcome: ClaimOutcome::Claimed,
+            ms: 412,
+            discards: 1,
+            template: 60900,
+            mac: None,
+        };
+        report.seal(&key, &vm, &ours);
+        let description = ours.description_with_report(&report);
+        // The marker is unchanged (first line), the report is the second, the sentence after.
+        assert_eq!(Marker::find_in(&description), Some(ours.clone()));
+        assert_eq!(ownership(Some(&description), &ours), Ok(()));
+        let line = description.lines().nth(1).unwrap();
+        assert!(
+            line.starts_with(
+                "gitlab-proxmox-runner-claim: outcome=claimed ms=412 discards=1 template=60900 mac="
+            ),
+            "{line}"
+        );
+        assert_eq!(description.lines().count(), 4, "{description}");
+        let found = ClaimReport::find_in(&description).unwrap();
+        assert_eq!(found, report);
+        assert!(found.is_sealed_for(&key, &vm, &ours));
+        // Another VM, another job's marker, another key, any field changed: not ours.
+        let elsewhere = VmRef {
+            vmid: 2000043,
+            ..vm.clone()
+        };
+        assert!(!found.is_sealed_for(&key, &elsewhere, &ours));
+        assert!(!found.is_sealed_for(&key, &vm, &marker()));
+        let forger = FleetKey::parse(&crate::fleet_key::FleetKey::generate().unwrap()).unwrap();
+        assert!(!found.is_sealed_for(&forger, &vm, &ours));
+        for (from, to) in [
+            ("outcome=claimed", "outcome=none"),
+            ("ms=412", "ms=1"),
+            ("discards=1", "discards=9"),
+            ("template=60900", "template=60901"),
+        ] {
+            let forged = ClaimReport::find_in(&description.replacen(from, to, 1)).unwrap();
+            assert!(!forged.is_sealed_for(&key, &vm, &ours), "{from} → {to}");
+        }
+        // Only the second line counts; a job's project path cannot start one.
+        let evil = JobInfo {
+            project_path: Some(format!("g/p\n{line}")),
+            ..job()
+        };
+        let evil = Marker::for_job(&evil, "ci-host-1", Duration::from_secs(3600));
+        assert_eq!(ClaimReport::find_in(&evil.description()), None);
+        assert_eq!(ClaimReport::find_in(&ours.description()), None);
+        // Garbage is no report.
+        for bad in [
+            "gitlab-proxmox-runner-claim: outcome=maybe ms=1 discards=0 template=1",
+            "gitlab-proxmox-runner-claim: outcome=none ms=-1 discards=0 template=1",
+            "gitlab-proxmox-runner-claim: outcome=none ms=1 discards=0",
+            "gitlab-proxmox-runner-claim: outcome=none outcome=none ms=1 discards=0 template=1",
+        ] {
+            assert_eq!(ClaimReport::parse_line(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -628,3 +628,112 @@ fn runner_compares_the_hosts_runner_id_and_v1_vms_go_by_age() {
     assert!(!exists(&fake, 2_000_951) && !exists(&fake, 2_000_953));
     assert!(exists(&fake, 2_000_952));
 }
+
+/// The gauges of a textfile, by name and labels (`name{labels}`), as node_exporter reads them.
+fn textfile_values(text: &str) -> std::collections::BTreeMap<String, f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').expect("`series value`");
+            (series.to_string(), value.parse().expect("a number"))
+        })
+        .collect()
+}
+
+#[test]
+fn metrics_file_holds_the_sweep_for_node_exporter_and_is_replaced_whole() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    job_vm(&fake, 2_000_701, &marker("xS6Vzpvo", 1, 2 * DAY));
+    job_vm(&fake, 2_000_702, &marker("xS6Vzpvo", 2, 2 * DAY));
+    job_vm(&fake, 2_000_703, &marker("xS6Vzpvo", 3, 60));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gitlab-proxmox-runner-gc.prom");
+    let file = path.to_str().unwrap();
+
+    gc(&fake, &["--dry-run", "--metrics-file", file]).assert_ok();
+    let text = std::fs::read_to_string(&path).expect("the metrics file");
+    let values = textfile_values(&text);
+    assert_eq!(
+        values.get("gitlab_proxmox_runner_gc_vms{result=\"would_destroy\"}"),
+        Some(&2.0),
+        "{text}"
+    );
+    assert_eq!(values.get("gitlab_proxmox_runner_gc_dry_run"), Some(&1.0));
+
+    gc(&fake, &["--metrics-file", file]).assert_ok();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let values = textfile_values(&text);
+    for (series, value) in [
+        ("gitlab_proxmox_runner_gc_vms{result=\"destroyed\"}", 2.0),
+        (
+            "gitlab_proxmox_runner_gc_vms{result=\"would_destroy\"}",
+            0.0,
+        ),
+        ("gitlab_proxmox_runner_gc_vms{result=\"live\"}", 1.0),
+        ("gitlab_proxmox_runner_gc_vms{result=\"failed\"}", 0.0),
+        ("gitlab_proxmox_runner_gc_success", 1.0),
+        ("gitlab_proxmox_runner_gc_dry_run", 0.0),
+    ] {
+        assert_eq!(values.get(series), Some(&value), "{series} in\n{text}");
+    }
+    let ran_at = values["gitlab_proxmox_runner_gc_last_run_timestamp_seconds"];
+    assert!((ran_at - now() as f64).abs() < 120.0, "{text}");
+    assert!(values.contains_key("gitlab_proxmox_runner_gc_duration_seconds"));
+    assert!(
+        text.contains("# TYPE gitlab_proxmox_runner_gc_vms gauge\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "gitlab_proxmox_runner_build_info{{version=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{text}"
+    );
+    // Nothing but the file is left in its directory (the temporary file was renamed).
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    // Prometheus's own linter reads it as the text format node_exporter parses.
+    match gpr_testkit::prometheus::unavailable_reason() {
+        Some(reason) => gpr_testkit::prometheus::skip(
+            "metrics_file_holds_the_sweep_for_node_exporter_and_is_replaced_whole (promtool)",
+            &reason,
+        ),
+        None => {
+            let mut lint = Command::new(gpr_testkit::prometheus::PROMTOOL)
+                .args(["check", "metrics"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("run promtool");
+            use std::io::Write as _;
+            lint.stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+            let out = lint.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool check metrics:\n{}{}\n{text}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    // A sweep that fails (no API) still replaces the file, saying so.
+    let failed = GcRun::from(
+        gc_command(&fake, &["--metrics-file", file])
+            .env("PROXMOX_HOST", "127.0.0.1:9")
+            .output()
+            .unwrap(),
+    );
+    assert_ne!(failed.code, 0);
+    let values = textfile_values(&std::fs::read_to_string(&path).unwrap());
+    assert_eq!(values.get("gitlab_proxmox_runner_gc_success"), Some(&0.0));
+    assert_eq!(
+        values.get("gitlab_proxmox_runner_gc_vms{result=\"destroyed\"}"),
+        Some(&0.0)
+    );
+}

@@ -102,6 +102,7 @@ async fn the_engine_provisions_and_tears_down_without_any_job() {
         mode,
         name: "warm-ubuntu-focal",
         marker: &marker,
+        claim: None,
     };
     let mut sink = Recorder {
         fake: &fake,

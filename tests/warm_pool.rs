@@ -8,11 +8,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use gitlab_proxmox_runner::fleet_key::FleetKey;
-use gitlab_proxmox_runner::marker::Marker;
+use gitlab_proxmox_runner::marker::{ClaimOutcome, ClaimReport, Marker};
 use gitlab_proxmox_runner::state::JobState;
 use gitlab_proxmox_runner::vm::VmRef;
 use gpr_testkit::hook::Hook;
 use gpr_testkit::pool_service::{gc_until_empty, PoolService};
+use gpr_testkit::prometheus::Prometheus;
 use gpr_testkit::ssh_job::write_stage_script;
 use gpr_testkit::sshkeys::ClientKey;
 use gpr_testkit::{driver_binary, wait_for, Lab, VmSnapshot};
@@ -204,7 +205,13 @@ fn a_template_change_recycles_warm_vms() {
     let Some(lab) = start("a_template_change_recycles_warm_vms") else {
         return;
     };
-    let pool = pool_service(&lab, "pool-a", 1, &[]);
+    let pool = PoolService::start_with_args(
+        &lab,
+        "pool-a",
+        &[("WARM_POOL", "ubuntu-focal=1")],
+        &["--metrics-listen", "127.0.0.1:0"],
+    );
+    let metrics = pool.metrics_addr();
     let old = wait_for("a warm VM", Duration::from_secs(60), || {
         complete_warm(&lab).into_iter().next()
     });
@@ -224,6 +231,13 @@ fn a_template_change_recycles_warm_vms() {
         },
     );
     assert_ne!(new.vmid, old.vmid);
+    // Counted as a recycle, by its reason; the recycle's own marker is no claim.
+    let recycles = r#"gitlab_proxmox_runner_pool_recycles_total{template="ubuntu-focal",reason="template_changed"}"#;
+    wait_for("the recycle counted", Duration::from_secs(30), || {
+        (scraped(metrics, recycles) == 1.0).then_some(())
+    });
+    let claims = r#"gitlab_proxmox_runner_pool_claims_total{template="ubuntu-focal",node="pve1"}"#;
+    assert_eq!(scraped(metrics, claims), 0.0);
     let (code, log) = pool.stop();
     assert_eq!(code, 0, "{log}");
     assert!(
@@ -759,5 +773,331 @@ fn a_prepare_killed_in_the_middle_of_a_claim_leaves_the_vm_to_its_cleanup() {
     let out = hook.arg("cleanup").run();
     out.assert_exit(0);
     assert!(lab.fake.vm(warm.vmid).is_none(), "{}", out.log());
+    gc_until_empty(&lab, &[]);
+}
+
+#[test]
+fn prometheus_scrapes_the_pool_service_and_sees_warm_vms_and_claims() {
+    let test = "prometheus_scrapes_the_pool_service_and_sees_warm_vms_and_claims";
+    if let Some(reason) = gpr_testkit::prometheus::unavailable_reason() {
+        gpr_testkit::prometheus::skip(test, &reason);
+        return;
+    }
+    let Some(lab) = start(test) else {
+        return;
+    };
+    // debian-12 has a pool entry of 0: the service watches it, and a job that looks for one of
+    // its warm VMs finds none (deterministically) and clones.
+    let pool = PoolService::start_with_args(
+        &lab,
+        "pool-a",
+        &[("WARM_POOL", "ubuntu-focal=1,debian-12=0")],
+        &["--metrics-listen", "127.0.0.1:0"],
+    );
+    let metrics = pool.metrics_addr();
+    let prometheus = Prometheus::start(&[metrics]);
+    let warm = wait_for("a warm VM", Duration::from_secs(60), || {
+        complete_warm(&lab).into_iter().next()
+    });
+    let ready =
+        r#"gitlab_proxmox_runner_pool_warm_vms{template="ubuntu-focal",node="pve1",state="ready"}"#;
+    let warming = r#"gitlab_proxmox_runner_pool_warm_vms{template="ubuntu-focal",node="pve1",state="warming"}"#;
+    let claims = r#"gitlab_proxmox_runner_pool_claims_total{template="ubuntu-focal",node="pve1"}"#;
+    let reported = |template: &str, outcome: &str| {
+        format!(
+            r#"gitlab_proxmox_runner_prepare_claims_total{{template="{template}",outcome="{outcome}"}}"#
+        )
+    };
+    wait_for(
+        "Prometheus to see 1 ready warm VM",
+        Duration::from_secs(60),
+        || (prometheus.value(ready) == Some(1.0)).then_some(()),
+    );
+    assert_eq!(
+        prometheus.target_health().len(),
+        1,
+        "{:?}",
+        prometheus.target_health()
+    );
+    assert!(
+        prometheus.query(claims).is_empty(),
+        "no claim yet: {:?}",
+        prometheus.query(claims)
+    );
+    assert_eq!(
+        prometheus.value(r#"gitlab_proxmox_runner_pool_target_vms{template="ubuntu-focal"}"#),
+        Some(1.0)
+    );
+
+    // Slow boots from here: the refill after the claim is seen warming.
+    lab.fake.set_boot_time(Duration::from_secs(4));
+    let dir = tempfile::tempdir().unwrap();
+    let hook = job_hook(&lab, dir.path(), 4801, "runner-a");
+    let out = hook.clone().arg("prepare").run();
+    out.assert_exit(0);
+    assert!(
+        out.log()
+            .contains(&format!("claimed warm VM {} (warm for", warm.vmid)),
+        "{}",
+        out.log()
+    );
+    wait_for(
+        "Prometheus to see no ready warm VM and the refill warming",
+        Duration::from_secs(30),
+        || {
+            (prometheus.value(ready) == Some(0.0) && prometheus.value(warming) == Some(1.0))
+                .then_some(())
+        },
+    );
+    wait_for(
+        "Prometheus to see the claim",
+        Duration::from_secs(30),
+        || {
+            (prometheus.value(claims) == Some(1.0)
+                && prometheus.value(&reported("ubuntu-focal", "claimed")) == Some(1.0))
+            .then_some(())
+        },
+    );
+    assert_eq!(
+        prometheus.value(
+            r#"gitlab_proxmox_runner_prepare_claim_duration_seconds_count{template="ubuntu-focal",outcome="claimed"}"#
+        ),
+        Some(1.0)
+    );
+
+    // A job of debian-12 finds no warm VM and clones: its clone reports it.
+    let cold_dir = tempfile::tempdir().unwrap();
+    let cold = job_hook(&lab, cold_dir.path(), 4802, "runner-a")
+        .host_env("WARM_POOL", "debian-12=1")
+        .job_var("PROXMOX_TEMPLATE", "debian-12");
+    let out = cold.clone().arg("prepare").run();
+    out.assert_exit(0);
+    assert!(out.log().contains("no warm VM to claim"), "{}", out.log());
+    wait_for(
+        "Prometheus to see the job that found none",
+        Duration::from_secs(30),
+        || (prometheus.value(&reported("debian-12", "none")) == Some(1.0)).then_some(()),
+    );
+    wait_for(
+        "Prometheus to see the pool refilled",
+        Duration::from_secs(60),
+        || (prometheus.value(ready) == Some(1.0)).then_some(()),
+    );
+    // The rest of the families, as Prometheus stored them.
+    for expr in [
+        r#"gitlab_proxmox_runner_pool_warmups_finished_total{template="ubuntu-focal"} >= 2"#,
+        r#"gitlab_proxmox_runner_pool_warmup_duration_seconds_count{template="ubuntu-focal"} >= 2"#,
+        r#"sum(gitlab_proxmox_runner_api_requests_total{status_class="2xx"}) > 0"#,
+        r#"gitlab_proxmox_runner_pool_round_duration_seconds_count > 0"#,
+        r#"gitlab_proxmox_runner_build_info == 1"#,
+        r#"gitlab_proxmox_runner_prepare_claims_total{outcome="discarded"} > 0 or vector(0)"#,
+    ] {
+        assert_eq!(
+            prometheus.query(expr).len(),
+            1,
+            "{expr}: {:?}",
+            prometheus.query(expr)
+        );
+    }
+    assert!(prometheus
+        .query(r#"gitlab_proxmox_runner_prepare_claims_total{outcome="discarded"}"#)
+        .is_empty());
+    // What a scrape reads, for the record.
+    let (status, text) = gpr_testkit::prometheus::http_get(metrics, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    eprintln!("--- a scrape of the pool service ---\n{text}--- end ---");
+    for expr in [
+        ready,
+        warming,
+        claims,
+        "gitlab_proxmox_runner_prepare_claims_total",
+    ] {
+        for (labels, value) in prometheus.query(expr) {
+            eprintln!("prometheus: {expr} -> {labels} = {value}");
+        }
+    }
+    assert!(
+        !text.contains(&warm.vmid.to_string()),
+        "no VMID in a label:\n{text}"
+    );
+    assert!(
+        !text.contains("4801") && !text.contains("group/project"),
+        "{text}"
+    );
+
+    hook.arg("cleanup").run().assert_exit(0);
+    cold.arg("cleanup").run().assert_exit(0);
+    let (code, log) = pool.stop();
+    assert_eq!(code, 0, "{log}");
+    gc_until_empty(&lab, &[]);
+}
+
+#[test]
+fn pool_status_shows_each_warm_vm_with_its_node_state_and_age() {
+    let Some(lab) = start("pool_status_shows_each_warm_vm_with_its_node_state_and_age") else {
+        return;
+    };
+    let pool = pool_service(&lab, "pool-a", 1, &[]);
+    let warm = wait_for("a warm VM", Duration::from_secs(60), || {
+        complete_warm(&lab).into_iter().next()
+    });
+    let (code, log) = pool.stop();
+    assert_eq!(code, 0, "{log}");
+    let status = |args: &[&str]| {
+        let out = Command::new(&lab.bin)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .envs(lab.settings())
+            .env("WARM_POOL", format!("{TEMPLATE}=2"))
+            .args(["pool", "status"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stdout}{stderr}");
+        stdout
+    };
+    let text = status(&[]);
+    assert!(
+        text.contains(&format!("{TEMPLATE}: 1 ready, 0 warming, 2 wanted\n")),
+        "{text}"
+    );
+    let line = text
+        .lines()
+        .find(|line| line.contains(&format!("VM {}", warm.vmid)))
+        .unwrap_or_else(|| panic!("a line for VM {}:\n{text}", warm.vmid));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        &words[..4],
+        ["ready", "pve1", "VM", &warm.vmid.to_string()],
+        "{line}"
+    );
+    assert!(
+        line.contains(" age ") && line.ends_with("pool pool-a"),
+        "{line}"
+    );
+
+    let json = status(&["--json"]);
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object a line"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{json}");
+    let vm = &lines[0];
+    assert_eq!(vm["template"], TEMPLATE);
+    assert_eq!(vm["node"], "pve1");
+    assert_eq!(vm["vmid"], warm.vmid);
+    assert_eq!(vm["state"], "ready");
+    assert_eq!(vm["pool"], "pool-a");
+    assert!(vm["age_secs"].as_u64().is_some_and(|age| age < 600), "{vm}");
+    assert!(
+        vm["idle_left_secs"].as_u64().is_some_and(|left| left > 0),
+        "{vm}"
+    );
+    // Read-only: nothing changed on the cluster.
+    assert!(lab.fake.vm(warm.vmid).is_some());
+    gc_until_empty(&lab, &[]);
+}
+
+/// The value of one series in a scrape of `/metrics` (`name{labels}` as the text format
+/// writes it), 0 when absent.
+fn scraped(metrics: std::net::SocketAddr, series: &str) -> f64 {
+    let (status, text) = gpr_testkit::prometheus::http_get(metrics, "/metrics").unwrap();
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn claim_reports_count_only_when_sealed_by_the_fleet_for_their_vm() {
+    let Some(lab) = start("claim_reports_count_only_when_sealed_by_the_fleet_for_their_vm") else {
+        return;
+    };
+    let pool = PoolService::start_with_args(
+        &lab,
+        "pool-a",
+        &[("WARM_POOL", "ubuntu-focal=0")],
+        &["--metrics-listen", "127.0.0.1:0"],
+    );
+    let metrics = pool.metrics_addr();
+    let fleet = FleetKey::parse(gpr_testkit::fleet::FLEET_KEY).unwrap();
+    let stranger = FleetKey::parse(&FleetKey::generate().unwrap()).unwrap();
+    // Job VMs that look like clones after a prepare found no warm VM (made after the service
+    // started, so their reports would count).
+    let add = |vmid: u32, job: u64, seal: &dyn Fn(&mut ClaimReport, &VmRef, &Marker)| {
+        let marker = Marker::for_job(
+            &gitlab_proxmox_runner::job::JobInfo {
+                job_id: Some(job),
+                ..Default::default()
+            },
+            "runner-a",
+            Duration::from_secs(3600),
+        );
+        let mut report = ClaimReport {
+            outcome: ClaimOutcome::None,
+            ms: 10,
+            discards: 2,
+            template: TEMPLATE_VMID,
+            mac: None,
+        };
+        let vm = VmRef {
+            node: "pve1".into(),
+            vmid,
+        };
+        seal(&mut report, &vm, &marker);
+        lab.fake.add_vm(gpr_testkit::NewVm {
+            vmid,
+            name: format!("ci-{job}-x"),
+            tags: "gitlab-proxmox-runner".into(),
+            description: marker.description_with_report(&report),
+            running: true,
+            ..Default::default()
+        });
+    };
+    // Not sealed; sealed with another key; sealed by the fleet for another VM (copied).
+    add(2_000_601, 1, &|_, _, _| {});
+    add(2_000_602, 2, &|report, vm, marker| {
+        report.seal(&stranger, vm, marker)
+    });
+    add(2_000_603, 3, &|report, _, marker| {
+        let other = VmRef {
+            node: "pve1".into(),
+            vmid: 2_000_699,
+        };
+        report.seal(&fleet, &other, marker)
+    });
+    // And one genuine report, the control: it counts, in the same round as the others.
+    add(2_000_604, 4, &|report, vm, marker| {
+        report.seal(&fleet, vm, marker)
+    });
+    let none =
+        r#"gitlab_proxmox_runner_prepare_claims_total{template="ubuntu-focal",outcome="none"}"#;
+    let discarded = r#"gitlab_proxmox_runner_prepare_claims_total{template="ubuntu-focal",outcome="discarded"}"#;
+    wait_for(
+        "the genuine report counted",
+        Duration::from_secs(30),
+        || (scraped(metrics, none) > 0.0).then_some(()),
+    );
+    // Later rounds see them all again: still one prepare, two discards.
+    let rounds = r#"gitlab_proxmox_runner_pool_round_duration_seconds_count"#;
+    let seen = scraped(metrics, rounds);
+    wait_for("three more rounds", Duration::from_secs(30), || {
+        (scraped(metrics, rounds) >= seen + 3.0).then_some(())
+    });
+    assert_eq!(scraped(metrics, none), 1.0);
+    assert_eq!(scraped(metrics, discarded), 2.0);
+    // A warm VM never left the pool: no claim observed.
+    assert_eq!(
+        scraped(
+            metrics,
+            r#"gitlab_proxmox_runner_pool_claims_total{template="ubuntu-focal",node="pve1"}"#
+        ),
+        0.0
+    );
+    let (code, log) = pool.stop();
+    assert_eq!(code, 0, "{log}");
     gc_until_empty(&lab, &[]);
 }

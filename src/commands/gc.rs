@@ -168,6 +168,76 @@ struct Tally {
 }
 
 impl Tally {
+    /// The sweep as gauges for node_exporter's textfile collector: each sweep replaces the
+    /// last one's values.
+    fn registry(
+        &self,
+        dry_run: bool,
+        success: bool,
+        took: Duration,
+    ) -> prometheus_client::registry::Registry {
+        use prometheus_client::metrics::family::Family;
+        use prometheus_client::metrics::gauge::Gauge;
+        #[derive(
+            Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet,
+        )]
+        struct Judged {
+            result: &'static str,
+        }
+        let mut registry = crate::metrics::textfile_registry();
+        let vms = Family::<Judged, Gauge>::default();
+        for (result, count) in [
+            ("destroyed", self.destroyed),
+            ("already_gone", self.already_gone),
+            ("would_destroy", self.would_destroy),
+            ("failed", self.failed.len()),
+            ("locked", self.locked),
+            ("live", self.live),
+            ("other_runners", self.other_runners),
+            ("foreign", self.foreign),
+            ("look_alikes", self.look_alikes),
+        ] {
+            vms.get_or_create(&Judged { result })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        registry.register(
+            "gc_vms",
+            "VMs the last gc sweep judged, by result (destroyed, already_gone, would_destroy, \
+             failed, locked, live, other_runners, foreign, look_alikes)",
+            vms,
+        );
+        let gauge = |value: f64| {
+            let gauge = crate::metrics::FloatGauge::default();
+            gauge.set(value);
+            gauge
+        };
+        registry.register(
+            "gc_duration_seconds",
+            "How long the last gc sweep took",
+            gauge(took.as_secs_f64()),
+        );
+        registry.register(
+            "gc_last_run_timestamp_seconds",
+            "When the last gc sweep ended (Unix time)",
+            gauge(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0.0, |now| now.as_secs_f64()),
+            ),
+        );
+        registry.register(
+            "gc_success",
+            "1 if the last gc sweep inspected and removed everything it had to, else 0",
+            gauge(if success { 1.0 } else { 0.0 }),
+        );
+        registry.register(
+            "gc_dry_run",
+            "1 if the last gc sweep was a dry run (nothing destroyed)",
+            gauge(if dry_run { 1.0 } else { 0.0 }),
+        );
+        registry
+    }
+
     fn summary(&self, dry_run: bool, took: Duration) -> String {
         let mut parts = Vec::new();
         if dry_run {
@@ -218,6 +288,38 @@ pub async fn gc(
     max_age: Option<&str>,
     dry_run: bool,
 ) -> Result<()> {
+    run(context, runner, max_age, dry_run, &mut Tally::default()).await
+}
+
+/// [`gc`], then its results written to `path` for node_exporter's textfile collector (also
+/// when the sweep failed: `gitlab_proxmox_runner_gc_success 0`, with what it did count).
+pub async fn gc_with_metrics_file(
+    context: &FleetContext,
+    runner: Option<&str>,
+    max_age: Option<&str>,
+    dry_run: bool,
+    path: &std::path::Path,
+) -> Result<()> {
+    let started = Instant::now();
+    let mut tally = Tally::default();
+    let result = run(context, runner, max_age, dry_run, &mut tally).await;
+    let registry = tally.registry(dry_run, result.is_ok(), started.elapsed());
+    match (result, crate::metrics::write_textfile(path, registry)) {
+        (Err(err), Err(not_written)) => {
+            joblog::warn(not_written.to_string());
+            Err(err)
+        }
+        (result, written) => result.and(written),
+    }
+}
+
+async fn run(
+    context: &FleetContext,
+    runner: Option<&str>,
+    max_age: Option<&str>,
+    dry_run: bool,
+    tally: &mut Tally,
+) -> Result<()> {
     let max_age = max_age.map(parse_age).transpose()?;
     if let Some(max_age) = max_age.filter(|age| *age < Duration::from_secs(3600)) {
         joblog::warn(format!(
@@ -229,7 +331,7 @@ pub async fn gc(
     let runner = runner.map(str::trim).filter(|token| !token.is_empty());
     let client = Arc::new(Client::new(&context.settings)?);
     tokio::select! {
-        result = sweep(context, client, runner, max_age, dry_run) => result,
+        result = sweep(context, client, runner, max_age, dry_run, tally) => result,
         reason = context.cancel.cancelled() => Err(Error::Cancelled(format!(
             "gc was cancelled ({reason}); VMs it was removing are finished by the next sweep"
         ))),
@@ -242,10 +344,10 @@ async fn sweep(
     runner: Option<&str>,
     max_age: Option<Duration>,
     dry_run: bool,
+    tally: &mut Tally,
 ) -> Result<()> {
     let started = Instant::now();
     let range = context.settings.vmid_range;
-    let mut tally = Tally::default();
     let vms = client
         .cluster_vms()
         .await
@@ -382,7 +484,7 @@ async fn sweep(
         }
         tally.would_destroy = orphans.len();
     } else {
-        destroy_all(&client, orphans, &mut tally).await;
+        destroy_all(&client, orphans, tally).await;
     }
 
     println!("{}", tally.summary(dry_run, started.elapsed()));

@@ -18,6 +18,7 @@ use crate::config::NodeSet;
 use crate::error::{Error, Result};
 use crate::joblog;
 use crate::marker::Marker;
+use crate::pool::claim::Claimed;
 use crate::proxmox::{ApiError, Client};
 use crate::state::{JobState, LeftVm};
 use crate::vm::provision::{self, Order};
@@ -176,6 +177,7 @@ async fn bring_up_on_a_node(
              a VM for it",
         );
     }
+    let mut report = None;
     if has_pool && !own_key {
         let claimed = crate::pool::claim::claim(
             client,
@@ -187,9 +189,11 @@ async fn bring_up_on_a_node(
             job,
         )
         .await?;
-        if claimed.is_some() {
+        if let Claimed::Ready(_) = claimed {
             return Ok(());
         }
+        // The clone tells the pool service (its metrics) that this job found none.
+        report = claimed.report(template.vmid);
         joblog::info("no warm VM to claim; cloning one");
     }
     let order = Order {
@@ -198,6 +202,7 @@ async fn bring_up_on_a_node(
         mode,
         name: &name,
         marker,
+        claim: report.as_ref(),
     };
     let started = provision::provision(client, settings, &order, job).await?;
 

@@ -12,7 +12,11 @@
 //!    then checks it: running, the agent reports the recorded address, SSH answers with the
 //!    pinned host keys, the runner helper is there. A VM that fails a check is destroyed (it is
 //!    the job's now) and the next one is tried;
-//! 4. none left: `Ok(None)`, and prepare clones as it always did.
+//! 4. none left: [`Claimed::None`], and prepare clones as it always did.
+//!
+//! Each swap writes, with the job's marker, a claim report for the pool service's metrics
+//! (what this prepare found so far, sealed for that VM: [`crate::marker::ClaimReport`]); a
+//! prepare that ends up cloning writes one on its clone.
 
 use std::time::{Duration, Instant};
 
@@ -24,7 +28,7 @@ use crate::config::{NodeSet, Settings};
 use crate::error::{Error, Result};
 use crate::fleet_key::FleetKey;
 use crate::joblog;
-use crate::marker::Marker;
+use crate::marker::{ClaimOutcome, ClaimReport, Marker};
 use crate::proxmox::address::choose_address;
 use crate::proxmox::Client;
 use crate::ssh::{self, HostKeyCheck, Target};
@@ -42,10 +46,40 @@ const DISCARD_TIMEOUT: Duration = Duration::from_secs(3 * 60);
 /// drain the pool.
 pub const MAX_DISCARDS: usize = 2;
 
+/// What a claim came to.
+#[derive(Debug)]
+pub enum Claimed {
+    /// A warm VM is the job's, checked.
+    Ready(ReadyVm),
+    /// None to keep: prepare clones. `discarded` warm VMs were taken and destroyed for failing
+    /// their checks; the look took `took`.
+    None { discarded: u32, took: Duration },
+}
+
+impl Claimed {
+    /// The report the job's clone carries after this.
+    pub fn report(&self, template: u32) -> Option<ClaimReport> {
+        match self {
+            Claimed::Ready(_) => None,
+            Claimed::None { discarded, took } => Some(ClaimReport {
+                outcome: ClaimOutcome::None,
+                ms: millis(*took),
+                discards: *discarded,
+                template,
+                mac: None,
+            }),
+        }
+    }
+}
+
+fn millis(took: Duration) -> u64 {
+    u64::try_from(took.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Claims a warm VM of the template placement chose (with `PROXMOX_NODES`, a warm VM of any
 /// copy of the job's template name qualifies, those on the placed node first) for the job
-/// whose marker is `marker`, reporting every milestone to `sink` as the engine would. `Ok(None)`
-/// when there was none to claim (or none passed its check).
+/// whose marker is `marker`, reporting every milestone to `sink` as the engine would.
+/// [`Claimed::None`] when there was none to claim (or none passed its check).
 ///
 /// Only warm VMs whose marker's MAC verifies with the fleet key are candidates. A job that
 /// supplied its own SSH key never gets here (prepare clones for it): warm VMs were made, and
@@ -58,7 +92,7 @@ pub async fn claim(
     vm_name: &str,
     cancel: &Cancel,
     sink: &mut dyn Sink,
-) -> Result<Option<ReadyVm>> {
+) -> Result<Claimed> {
     let started = Instant::now();
     let node = placed.node.as_str();
     let key = super::warm::fleet_key(settings)?;
@@ -74,9 +108,9 @@ pub async fn claim(
             found.look_alikes
         ));
     }
-    let mut discarded = 0;
+    let mut discarded: u32 = 0;
     for warm in found.warm {
-        if discarded >= MAX_DISCARDS {
+        if discarded as usize >= MAX_DISCARDS {
             sink.warn(&format!(
                 "{discarded} claimed warm VMs failed their check; cloning instead of trying more"
             ));
@@ -87,7 +121,16 @@ pub async fn claim(
         // state names the VM (cleanup checks the marker: it destroys the VM if the swap landed
         // and leaves it alone if it did not).
         sink.reached(Milestone::Claiming(&warm.vm))?;
-        match swap_description(client, &warm, marker.description(), Some(vm_name), marker).await {
+        let mut report = ClaimReport {
+            outcome: ClaimOutcome::Claimed,
+            ms: millis(started.elapsed()),
+            discards: discarded,
+            template: warm.template().unwrap_or(placed.template.vmid),
+            mac: None,
+        };
+        report.seal(key, &warm.vm, marker);
+        let description = marker.description_with_report(&report);
+        match swap_description(client, &warm, description, Some(vm_name), marker).await {
             Ok(Swap::Won) => {}
             Ok(Swap::Lost(why)) => {
                 sink.reached(Milestone::Released)?;
@@ -120,7 +163,7 @@ pub async fn claim(
                     warm_for(warm.marker.age_secs()),
                     joblog::secs(started.elapsed())
                 ));
-                return Ok(Some(ready));
+                return Ok(Claimed::Ready(ready));
             }
             Err(err) => {
                 let refused = err.is_authentication_refused();
@@ -145,7 +188,10 @@ pub async fn claim(
             }
         }
     }
-    Ok(None)
+    Ok(Claimed::None {
+        discarded,
+        took: started.elapsed(),
+    })
 }
 
 /// Claimable: warmed, running, not locked, inside its idle deadline.

@@ -14,7 +14,9 @@
 //! a job has claimed is never recycled: its marker is the job's.
 
 pub mod claim;
+pub mod metrics;
 pub mod service;
+pub mod status;
 pub mod warm;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -22,7 +24,7 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::fleet_key::FleetKey;
-use crate::marker::{self, Marker};
+use crate::marker::{self, ClaimReport, Marker};
 use crate::proxmox::Client;
 use crate::vm::placement::{Copies, NodeCopy};
 use crate::vm::teardown::{self, Teardown};
@@ -91,6 +93,18 @@ pub struct Listing {
     /// MAC does not verify: another user's, or ours altered since. Never claimed, counted,
     /// recycled or destroyed.
     pub look_alikes: usize,
+    /// The job VMs among them (a job's marker, no warm fields), for the pool's metrics only:
+    /// claimed warm VMs and the claim reports prepares wrote ([`metrics`]).
+    pub jobs: Vec<JobVm>,
+}
+
+/// A VM of ours in a listing that carries a job's marker.
+#[derive(Debug, Clone)]
+pub struct JobVm {
+    pub vm: VmRef,
+    pub marker: Marker,
+    /// The second line of its description, if it is a claim report (not yet verified).
+    pub report: Option<ClaimReport>,
 }
 
 /// Every warm VM of ours on the cluster (tagged, in `PROXMOX_VMID_RANGE`, a warm marker on the
@@ -130,9 +144,20 @@ pub async fn list_warm(
         let Some(description) = config.description() else {
             continue;
         };
-        let Some(marker) = Marker::find_in(&description).filter(|m| m.warm.is_some()) else {
+        let Some(marker) = Marker::find_in(&description) else {
             continue;
         };
+        if marker.warm.is_none() {
+            listing.jobs.push(JobVm {
+                vm: VmRef {
+                    node: listed.node.clone(),
+                    vmid,
+                },
+                report: ClaimReport::find_in(&description),
+                marker,
+            });
+            continue;
+        }
         if !marker
             .warm
             .as_ref()

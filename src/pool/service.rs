@@ -24,19 +24,23 @@
 //! either way an error names the template and the fix, and the pool warms no VM of that
 //! template name for a while ([`crate::vm::host_keys`]).
 //!
-//! With `--gc-every`, it also runs the orphan sweep (the gc timer's) on that schedule.
+//! With `--gc-every`, it also runs the orphan sweep (the gc timer's) on that schedule. With
+//! `--metrics-listen`, it serves Prometheus metrics at `/metrics` ([`super::metrics`]).
 //!
 //! SIGTERM: no new warm-up starts, warm-ups in flight are cancelled and their VMs destroyed,
 //! complete warm VMs stay for jobs to claim (a restarted service counts them again; without
 //! one, gc sweeps them after their idle deadline). SIGKILL leaves the same, plus at most the
 //! warm-ups in flight, whose markers carry the idle deadline gc sweeps by.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
+use super::metrics::{self, Census, Recycle, Watch};
 use super::warm::{self, Vetting, Warmed};
 use super::{digests_of, list_warm, recycle, Scope, WarmVm};
 use crate::commands::FleetContext;
@@ -67,11 +71,12 @@ pub async fn pool(
     pool_id: Option<&str>,
     interval: Duration,
     gc_every: Option<Duration>,
+    metrics_listen: Option<SocketAddr>,
 ) -> Result<()> {
     // The engine's futures hold its `dyn Sink`, which is not `Send`: warm-ups run as local
     // tasks on the one runtime thread (they spend their time waiting on the API anyway).
     tokio::task::LocalSet::new()
-        .run_until(serve(context, pool_id, interval, gc_every))
+        .run_until(serve(context, pool_id, interval, gc_every, metrics_listen))
         .await
 }
 
@@ -80,6 +85,7 @@ async fn serve(
     pool_id: Option<&str>,
     interval: Duration,
     gc_every: Option<Duration>,
+    metrics_listen: Option<SocketAddr>,
 ) -> Result<()> {
     let settings = Arc::new(context.settings.clone());
     if settings.warm_pool.is_empty() {
@@ -101,6 +107,20 @@ async fn serve(
     };
     let client = Arc::new(Client::new(&settings)?);
     let cancel = context.cancel.clone();
+    metrics::start(&settings.warm_pool);
+    if let Some(addr) = metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|err| {
+            Error::Settings(format!(
+                "--metrics-listen {addr}: cannot listen there: {err}"
+            ))
+        })?;
+        let bound = listener.local_addr().unwrap_or(addr);
+        joblog::info(format!(
+            "pool {pool_id}: serving metrics at http://{bound}/metrics"
+        ));
+        tokio::spawn(crate::metrics::serve(listener, cancel.clone()));
+    }
+    let watch = RefCell::new(Watch::new());
     joblog::info(format!(
         "pool {pool_id}: keeping {} warm (idle at most {} s), looking every {} s",
         settings
@@ -120,6 +140,7 @@ async fn serve(
     // Every host key this service has seen, for telling a VM whose key is not its own.
     let ledger = host_keys::Ledger::shared();
     while !cancel.is_cancelled() {
+        let round_started = Instant::now();
         if let Some(every) = gc_every {
             if last_sweep.is_none_or(|at| at.elapsed() >= every) {
                 last_sweep = Some(Instant::now());
@@ -135,6 +156,8 @@ async fn serve(
                 settings: &settings,
                 pool_id: &pool_id,
                 ledger: &ledger,
+                name,
+                watch: &watch,
             };
             match round
                 .tend(name, *target, in_flight.get(name).copied().unwrap_or(0))
@@ -154,6 +177,7 @@ async fn serve(
                             name: name.clone(),
                         };
                         *in_flight.entry(name.clone()).or_default() += 1;
+                        metrics::warmup_started(&name);
                         warming.spawn_local(async move {
                             let result = match fixed {
                                 Some((template, digest)) => {
@@ -178,6 +202,7 @@ async fn serve(
                 Err(err) => joblog::warn(format!("pool {pool_id}: {name}: {err}")),
             }
         }
+        metrics::round_took(round_started.elapsed());
         // The next round: after the interval, or as soon as a warm-up ends.
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -206,27 +231,34 @@ fn finished(
 ) {
     let Ok((name, result)) = joined else {
         joblog::warn(format!("pool {pool_id}: a warm-up task ended abnormally"));
+        metrics::warmup_lost(None);
         return;
     };
     if let Some(count) = in_flight.get_mut(&name) {
         *count = count.saturating_sub(1);
     }
     match result {
-        Ok(warmed) => joblog::info(format!(
-            "pool {pool_id}: warmed VM {} on {} from {name} in {} ({})",
-            warmed.vm.vmid,
-            warmed.vm.node,
-            joblog::secs(warmed.total),
-            warmed.phases
-        )),
+        Ok(warmed) => {
+            metrics::warmup_finished(&name, warmed.total);
+            joblog::info(format!(
+                "pool {pool_id}: warmed VM {} on {} from {name} in {} ({})",
+                warmed.vm.vmid,
+                warmed.vm.node,
+                joblog::secs(warmed.total),
+                warmed.phases
+            ))
+        }
         // The admin's to fix (the template, above all one whose clones share a host key):
         // retrying does not help, so it is an error, not a warning.
-        Err(err @ Error::Settings(_)) => joblog::error(format!(
-            "pool {pool_id}: warming a VM from {name} failed: {err}"
-        )),
-        Err(err) => joblog::warn(format!(
-            "pool {pool_id}: warming a VM from {name} failed: {err}"
-        )),
+        Err(err) => {
+            metrics::warmup_failed(&name, &err);
+            let line = format!("pool {pool_id}: warming a VM from {name} failed: {err}");
+            if matches!(err, Error::Settings(_)) {
+                joblog::error(line)
+            } else {
+                joblog::warn(line)
+            }
+        }
     }
 }
 
@@ -235,6 +267,9 @@ struct Round<'a> {
     settings: &'a Settings,
     pool_id: &'a str,
     ledger: &'a SharedLedger,
+    /// The template name this round tends, and what the metrics remember between rounds.
+    name: &'a str,
+    watch: &'a RefCell<Watch>,
 }
 
 impl Round<'_> {
@@ -265,9 +300,14 @@ impl Round<'_> {
             (placement::copies(self.client, settings, name).await?, None)
         };
         let key = warm::fleet_key(settings)?;
-        let listed = list_warm(self.client, settings.vmid_range, &Scope::of(&copies), key)
-            .await?
-            .warm;
+        let scope = Scope::of(&copies);
+        let listing = list_warm(self.client, settings.vmid_range, &scope, key).await?;
+        self.watch
+            .borrow_mut()
+            .listed(name, &scope.templates, &listing.warm, &listing.jobs, key);
+        let listed = listing.warm;
+        let mut census = Census::default();
+        listed.iter().for_each(|warm| census.add(warm));
         let digests: BTreeMap<u32, Result<String>> = match &fixed {
             Some((template, digest)) => BTreeMap::from([(template.vmid, Ok(digest.clone()))]),
             None => digests_of(self.client, &copies.list, &listed).await,
@@ -293,7 +333,12 @@ impl Round<'_> {
                         self.pool_id,
                         host_keys::HOLD_OFF.as_secs() / 60
                     ));
-                    self.recycle(&warm, "its SSH host key is not its own").await;
+                    self.recycle(
+                        &warm,
+                        "its SSH host key is not its own",
+                        Recycle::SharedHostKey,
+                    )
+                    .await;
                     continue;
                 }
             }
@@ -312,22 +357,24 @@ impl Round<'_> {
             } else if current.is_some_and(|digest| {
                 warm.marker.warm.as_ref().map(|w| &w.template_digest) != Some(digest)
             }) {
-                Some("its template changed")
+                Some(("its template changed", Recycle::TemplateChanged))
             } else if warm.marker.is_past_deadline() {
-                Some("idle too long")
+                Some(("idle too long", Recycle::Idle))
             } else if warm.is_complete() && !warm.running {
-                Some("it is not running")
+                Some(("it is not running", Recycle::NotRunning))
             } else if !warm.is_complete()
                 && ours
                 && in_flight == 0
                 && warm.marker.age_secs() > stale_warmup.as_secs()
             {
-                Some("its warm-up never finished")
+                Some(("its warm-up never finished", Recycle::WarmupStale))
             } else {
                 None
             };
-            if let Some(why) = why {
-                self.recycle(&warm, why).await;
+            if let Some((why, reason)) = why {
+                if self.recycle(&warm, why, reason).await {
+                    census.remove(&warm);
+                }
                 continue;
             }
             if warm.is_complete() {
@@ -340,17 +387,27 @@ impl Round<'_> {
         let target = target as usize;
         if complete.len() > target {
             for warm in complete.split_off(target).iter().rev() {
-                if warm
+                let ours = warm
                     .marker
                     .warm
                     .as_ref()
-                    .is_some_and(|w| w.pool == self.pool_id)
-                {
-                    self.recycle(warm, "more warm VMs than WARM_POOL asks for")
-                        .await;
+                    .is_some_and(|w| w.pool == self.pool_id);
+                let why = "more warm VMs than WARM_POOL asks for";
+                if ours && self.recycle(warm, why, Recycle::Excess).await {
+                    census.remove(warm);
                 }
             }
         }
+        let nodes: Vec<String> = match &copies.online_nodes {
+            Some(nodes) => nodes.iter().cloned().collect(),
+            None => copies
+                .list
+                .iter()
+                .filter(|copy| copy.online)
+                .map(|copy| copy.template.node.clone())
+                .collect(),
+        };
+        self.watch.borrow_mut().counted(name, &nodes, census);
         let counted = complete.len() + others_warming + in_flight;
         let deficit = target.saturating_sub(counted);
         if deficit > 0 && host_keys::lock(self.ledger).is_held_off(name) {
@@ -387,7 +444,8 @@ impl Round<'_> {
         Some(host_keys::cloned_keys_message(&warm.vm, &template, &found))
     }
 
-    async fn recycle(&self, warm: &WarmVm, why: &str) {
+    /// Whether it was recycled (not claimed first, not failed).
+    async fn recycle(&self, warm: &WarmVm, why: &str, reason: Recycle) -> bool {
         let started = Instant::now();
         let deadline = Instant::now() + RECYCLE_TIMEOUT;
         let vmid = warm.vm.vmid;
@@ -400,16 +458,23 @@ impl Round<'_> {
         )
         .await
         {
-            Ok(true) => joblog::info(format!(
-                "pool {}: recycled warm VM {vmid} ({why}) in {}",
-                self.pool_id,
-                joblog::secs(started.elapsed())
-            )),
-            Ok(false) => {}
-            Err(err) => joblog::warn(format!(
-                "pool {}: could not recycle warm VM {vmid} ({why}): {err}",
-                self.pool_id
-            )),
+            Ok(true) => {
+                metrics::recycled(self.name, reason);
+                joblog::info(format!(
+                    "pool {}: recycled warm VM {vmid} ({why}) in {}",
+                    self.pool_id,
+                    joblog::secs(started.elapsed())
+                ));
+                true
+            }
+            Ok(false) => false,
+            Err(err) => {
+                joblog::warn(format!(
+                    "pool {}: could not recycle warm VM {vmid} ({why}): {err}",
+                    self.pool_id
+                ));
+                false
+            }
         }
     }
 }

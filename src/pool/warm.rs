@@ -307,6 +307,7 @@ async fn bring_up(
         mode,
         name,
         marker,
+        claim: None,
     };
     let started = provision::provision(client, settings, &order, sink).await?;
     let deadline = Instant::now() + settings.boot_timeout;

@@ -213,7 +213,7 @@ impl Client {
     ) -> Result<serde_json::Value, ApiError> {
         let mut request = self
             .http
-            .request(method, format!("{}{path}", self.base_url))
+            .request(method.clone(), format!("{}{path}", self.base_url))
             .header(AUTHORIZATION, self.authorization.clone());
         if !query.is_empty() {
             request = request.query(query);
@@ -221,8 +221,15 @@ impl Client {
         if !form.is_empty() {
             request = request.form(form);
         }
-        let response = request.send().await.map_err(transport_error)?;
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(err) => {
+                crate::metrics::api_answered(&method, None);
+                return Err(transport_error(err));
+            }
+        };
         let status = response.status();
+        crate::metrics::api_answered(&method, Some(status.as_u16()));
         let reason = response
             .extensions()
             .get::<hyper::ext::ReasonPhrase>()

@@ -13,7 +13,7 @@ use super::{clone_slots, task, teardown, Milestone, Sink, SinkLog, VmRef};
 use crate::config::{CloneMode, NodeSet, Settings};
 use crate::error::{Error, Result};
 use crate::joblog;
-use crate::marker::Marker;
+use crate::marker::{ClaimReport, Marker};
 use crate::proxmox::{ApiError, ApiErrorKind, Client, CloneRequest};
 
 /// Random VMIDs checked with `nextid?vmid=` per allocation before giving up.
@@ -38,6 +38,9 @@ pub struct Order<'a> {
     pub mode: CloneMode,
     pub name: &'a str,
     pub marker: &'a Marker,
+    /// A job VM cloned after its prepare looked for a warm VM: what it found, written (sealed
+    /// for this VM) on the second line of the description for the pool's metrics.
+    pub claim: Option<&'a ClaimReport>,
 }
 
 /// A started VM.
@@ -341,6 +344,18 @@ impl Provisioning<'_> {
                 sealed.seal(key, &vm, &[]);
                 sealed.description()
             }
+            (None, key) => match (self.order.claim, key) {
+                (Some(report), Some(key)) => {
+                    let mut report = report.clone();
+                    let vm = VmRef {
+                        node: self.node.to_string(),
+                        vmid,
+                    };
+                    report.seal(key, &vm, marker);
+                    marker.description_with_report(&report)
+                }
+                _ => marker.description(),
+            },
             _ => marker.description(),
         }
     }

@@ -8,6 +8,7 @@ pub mod fleet;
 pub mod hook;
 pub mod lab;
 pub mod pool_service;
+pub mod prometheus;
 pub mod runner;
 pub mod ssh_job;
 pub mod ssh_server;

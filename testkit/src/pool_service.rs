@@ -17,6 +17,16 @@ impl PoolService {
     /// `pool --id <id> --interval 0.2` with the lab's settings and `PROXMOX_RUNNER_ID=host-<id>`,
     /// then `env` (which wins: `WARM_POOL`, `PROXMOX_NODES`, ...).
     pub fn start(lab: &Lab, id: &str, env: &[(&str, &str)]) -> PoolService {
+        PoolService::start_with_args(lab, id, env, &[])
+    }
+
+    /// [`PoolService::start`] with more arguments (`--metrics-listen 127.0.0.1:0`, ...).
+    pub fn start_with_args(
+        lab: &Lab,
+        id: &str,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> PoolService {
         let dir = tempfile::tempdir().expect("a directory for the pool's log");
         let log = dir.path().join("pool.err");
         let child = Command::new(&lab.bin)
@@ -27,6 +37,7 @@ impl PoolService {
             .env("PROXMOX_RUNNER_ID", format!("host-{id}"))
             .envs(env.iter().copied())
             .args(["pool", "--id", id, "--interval", "0.2"])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("the pool's log file"))
@@ -42,6 +53,20 @@ impl PoolService {
     /// What it printed so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Where its metrics are served (`--metrics-listen`), as its log names it once it listens.
+    #[track_caller]
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        crate::wait_for(
+            "the pool service to serve its metrics",
+            std::time::Duration::from_secs(30),
+            || {
+                let log = self.log();
+                let (_, rest) = log.split_once("serving metrics at http://")?;
+                rest.split_once("/metrics")?.0.parse().ok()
+            },
+        )
     }
 
     /// SIGTERM, and its exit code and log.
