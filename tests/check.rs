@@ -546,7 +546,10 @@ fn smoke_fails_when_a_warm_vm_pins_the_same_host_key() {
     let (config, fleet_file) = gpr_testkit::fleet::settings_env();
     let checked = run(check_command(
         &lab,
-        &[("RUNNER_HELPER_PATH", ""), (config.as_str(), fleet_file.as_str())],
+        &[
+            ("RUNNER_HELPER_PATH", ""),
+            (config.as_str(), fleet_file.as_str()),
+        ],
     )
     .arg("--smoke"));
     checked.assert_code(NOT_READY);

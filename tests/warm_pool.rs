@@ -943,6 +943,7 @@ fn pool_status_shows_each_warm_vm_with_its_node_state_and_age() {
             .env_clear()
             .env("PATH", "/usr/bin:/bin")
             .envs(lab.settings())
+            .envs([gpr_testkit::fleet::settings_env()])
             .env("WARM_POOL", format!("{TEMPLATE}=2"))
             .args(["pool", "status"])
             .args(args)
