@@ -542,7 +542,16 @@ fn smoke_fails_when_a_warm_vm_pins_the_same_host_key() {
             .unwrap(),
     )
     .unwrap();
-    let checked = run(check_command(&lab, &[("RUNNER_HELPER_PATH", "")]).arg("--smoke"));
+    // With the fleet's key: only warm VMs proven ours are compared with.
+    let (config, fleet_file) = gpr_testkit::fleet::settings_env();
+    let checked = run(check_command(
+        &lab,
+        &[
+            ("RUNNER_HELPER_PATH", ""),
+            (config.as_str(), fleet_file.as_str()),
+        ],
+    )
+    .arg("--smoke"));
     checked.assert_code(NOT_READY);
     let failure = checked
         .stdout

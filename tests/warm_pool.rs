@@ -55,6 +55,17 @@ fn complete_warm(lab: &Lab) -> Vec<VmSnapshot> {
         .collect()
 }
 
+/// One complete warm VM, made by a pool service that is stopped again, so that nothing else
+/// changes the cluster while the test acts.
+fn one_warm_vm(lab: &Lab) -> VmSnapshot {
+    let pool = pool_service(lab, "pool-a", 1, &[]);
+    let warm = wait_for("a warm VM", Duration::from_secs(60), || {
+        complete_warm(lab).into_iter().next()
+    });
+    pool.stop();
+    warm
+}
+
 fn job_hook(lab: &Lab, dir: &Path, job_id: u64, runner: &str) -> Hook {
     lab.hook(dir)
         .host_env("WARM_POOL", format!("{TEMPLATE}=1"))
@@ -255,11 +266,7 @@ fn a_broken_warm_vm_is_never_handed_to_a_job() {
     let Some(lab) = start("a_broken_warm_vm_is_never_handed_to_a_job") else {
         return;
     };
-    let pool = pool_service(&lab, "pool-a", 1, &[]);
-    let warm = wait_for("a warm VM", Duration::from_secs(60), || {
-        complete_warm(&lab).into_iter().next()
-    });
-    pool.stop();
+    let warm = one_warm_vm(&lab);
     // Its SSH server no longer has the host key it had when it was warmed (a guest that
     // regenerated its keys, or someone else's machine at that address): the pinned key fails.
     let stranger = ClientKey::ed25519();
@@ -539,11 +546,7 @@ fn a_look_alike_warm_vm_of_another_cluster_user_is_never_claimed_counted_or_dest
     else {
         return;
     };
-    let pool = pool_service(&lab, "pool-a", 1, &[]);
-    let real = wait_for("a warm VM", Duration::from_secs(60), || {
-        complete_warm(&lab).into_iter().next()
-    });
-    pool.stop();
+    let real = one_warm_vm(&lab);
 
     // The forger's VM, in our range, running, its description a copy of the real one's.
     let mallory = lab.fake.co_tenant();
@@ -639,11 +642,7 @@ fn a_job_that_brings_its_own_key_never_claims_and_a_broken_one_fails_before_any_
     else {
         return;
     };
-    let pool = pool_service(&lab, "pool-a", 1, &[]);
-    let warm = wait_for("a warm VM", Duration::from_secs(60), || {
-        complete_warm(&lab).into_iter().next()
-    });
-    pool.stop();
+    let warm = one_warm_vm(&lab);
     let clones_before = lab
         .fake
         .requests_by_endpoint()
@@ -739,11 +738,7 @@ fn a_prepare_killed_in_the_middle_of_a_claim_leaves_the_vm_to_its_cleanup() {
     else {
         return;
     };
-    let pool = pool_service(&lab, "pool-a", 1, &[]);
-    let warm = wait_for("a warm VM", Duration::from_secs(60), || {
-        complete_warm(&lab).into_iter().next()
-    });
-    pool.stop();
+    let warm = one_warm_vm(&lab);
     // The swap's answer is held back: the write lands, the prepare never hears of it.
     lab.fake.inject(gpr_testkit::Fault::SlowAnswer {
         method: "PUT".into(),

@@ -87,7 +87,7 @@ pub enum Recycle {
     NotRunning,
     WarmupStale,
     Excess,
-    /// Its SSH host key is another VM's too.
+    /// Its SSH host key is another VM's too (a template whose keys were never regenerated).
     SharedHostKey,
 }
 

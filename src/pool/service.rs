@@ -250,17 +250,14 @@ fn finished(
         }
         // The admin's to fix (the template, above all one whose clones share a host key):
         // retrying does not help, so it is an error, not a warning.
-        Err(err @ Error::Settings(_)) => {
-            metrics::warmup_failed(&name, &err);
-            joblog::error(format!(
-                "pool {pool_id}: warming a VM from {name} failed: {err}"
-            ))
-        }
         Err(err) => {
             metrics::warmup_failed(&name, &err);
-            joblog::warn(format!(
-                "pool {pool_id}: warming a VM from {name} failed: {err}"
-            ))
+            let line = format!("pool {pool_id}: warming a VM from {name} failed: {err}");
+            if matches!(err, Error::Settings(_)) {
+                joblog::error(line)
+            } else {
+                joblog::warn(line)
+            }
         }
     }
 }

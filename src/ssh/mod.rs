@@ -200,9 +200,7 @@ pub async fn wait_until_ready(
         announce: true,
         refusal_is_final: false,
     };
-    connect::wait_until_ready(target, key, check, patience, cancel)
-        .await
-        .map_err(|failure| failure.error)
+    wait_announced(target, key, check, patience, cancel).await
 }
 
 /// [`wait_until_ready`] for a VM known to be up with its keys in place (a warm VM being
@@ -220,6 +218,16 @@ pub async fn connect_to_running(
         announce: true,
         refusal_is_final: true,
     };
+    wait_announced(target, key, check, patience, cancel).await
+}
+
+async fn wait_announced(
+    target: &Target,
+    key: Arc<PrivateKey>,
+    check: &HostKeyCheck,
+    patience: connect::Patience<'_>,
+    cancel: &Cancel,
+) -> Result<Connection> {
     connect::wait_until_ready(target, key, check, patience, cancel)
         .await
         .map_err(|failure| failure.error)
