@@ -725,12 +725,7 @@ async fn template_findings(
         let id = format!("template.{name}");
         // The copy listed for this node: pinned to it, or not pinned, in the order listed (as
         // prepare resolves it).
-        let candidates: Vec<u32> = listed
-            .list()
-            .iter()
-            .filter(|copy| copy.node.as_deref().is_none_or(|pinned| pinned == node))
-            .map(|copy| copy.vmid)
-            .collect();
+        let candidates = listed.candidates_on(node);
         if candidates.is_empty() {
             out.add(Finding::fail(
                 id,

@@ -170,6 +170,16 @@ impl TemplateCopies {
         &self.copies
     }
 
+    /// The VMIDs that may be `node`'s copy, in the order listed: those pinned to it and those
+    /// pinned to no node.
+    pub fn candidates_on(&self, node: &str) -> Vec<u32> {
+        self.copies
+            .iter()
+            .filter(|copy| copy.node.as_deref().is_none_or(|pinned| pinned == node))
+            .map(|copy| copy.vmid)
+            .collect()
+    }
+
     /// The first listed copy (the template a name maps to in the simple form `name=vmid`).
     pub fn first(&self) -> &ListedCopy {
         // `new` refuses an empty list.

@@ -39,12 +39,7 @@ pub async fn resolve(
     if let Some(listed) = settings.templates.get(wanted) {
         // On one node, the copy listed for it: pinned there, or not pinned to any node (then
         // it is the one if it is there), in the order listed.
-        let candidates: Vec<u32> = listed
-            .list()
-            .iter()
-            .filter(|copy| copy.node.as_deref().is_none_or(|pinned| pinned == node))
-            .map(|copy| copy.vmid)
-            .collect();
+        let candidates = listed.candidates_on(node);
         if candidates.is_empty() {
             return Err(Error::Settings(format!(
                 "PROXMOX_TEMPLATES lists {wanted}={listed}, no copy of it for node {node} \
