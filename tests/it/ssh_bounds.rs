@@ -3,7 +3,7 @@
 //!
 //! Without sshd on the machine these tests are skipped, unless `GPR_REQUIRE_SSHD=1`.
 
-mod common;
+use crate::common;
 
 use std::io::Read;
 use std::time::{Duration, Instant};

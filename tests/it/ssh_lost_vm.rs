@@ -5,7 +5,7 @@
 //! `GPR_BIN` replaces the binary under test (e.g. an older build, to measure it).
 //! Without sshd on the machine these tests are skipped, unless `GPR_REQUIRE_SSHD=1`.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,6 @@
 //! The fake Proxmox itself: TLS, auth, and the shapes and wording clients rely on.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! answer with the same status, the same reason phrase, the same field errors and the same body
 //! shape (keys and JSON types). This keeps the fake honest to PVE's shapes.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
