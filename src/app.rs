@@ -114,6 +114,7 @@ where
     let exit_codes = ExitCodes::from_env();
     let loaded = Settings::load(file);
     let result = with_runtime(loaded, |settings, cancel| {
+        crate::vm::task::remember_durations(&settings);
         hook(Context {
             settings,
             job: JobInfo::from_env(),
@@ -133,6 +134,7 @@ where
 {
     let loaded = Settings::load_for_fleet(file);
     let result = with_runtime(loaded, |settings, cancel| {
+        crate::vm::task::remember_durations(&settings);
         command(FleetContext { settings, cancel })
     });
     exit_code(result, ExitCodes::FALLBACK, false)

@@ -1,22 +1,32 @@
-//! Waiting for a Proxmox task (UPID) to end.
+//! Waiting for a Proxmox task (UPID) to end, and when to look: at the time this host saw the
+//! same kind of task take on the same node, learned across hooks (each hook is a process of
+//! its own, so the memory is a small file of the runner host's, see [`remember_durations`]).
 
-use std::time::{Duration, Instant};
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::Log;
+use crate::config::Settings;
 use crate::joblog;
 use crate::poll::Poll;
 use crate::proxmox::{ApiError, ApiErrorKind, Client, TaskOutcome, Upid};
 
-/// Closest pause between two looks at a task.
+/// Closest pause between two looks at a task whose duration is unknown.
 const MIN_TASK_POLL: Duration = Duration::from_millis(50);
+/// Closest pause after a look at the learned time found the task still running: it is about
+/// to end, and each pause here is added to the job.
+const MIN_LEARNED_POLL: Duration = Duration::from_millis(20);
 /// Farthest: a 30-minute full clone costs PVE about 1800 status reads.
 const MAX_TASK_POLL: Duration = Duration::from_secs(1);
 
 /// How long a task of this type usually takes on a healthy node (a linked clone on thin
-/// storage, a start, a hard stop, a delete): no task ends much sooner, so the first look comes
-/// after 3/5 of it, and later ones 1/5 of the time waited apart. A job's four tasks cost
-/// about 16 status reads instead of the ~100 of polling 20-100 ms apart, and each is seen
-/// less than 20% (typically ~40 ms) late.
+/// storage, a start, a hard stop, a delete), for a node and task type this host has not seen
+/// yet: no task ends much sooner, so the first look comes after 3/5 of it, and later ones 1/5
+/// of the time waited apart.
 pub fn typical_duration(task_type: &str) -> Duration {
     match task_type {
         "qmclone" => Duration::from_millis(1000),
@@ -26,22 +36,72 @@ pub fn typical_duration(task_type: &str) -> Duration {
     }
 }
 
-/// Polls a task until it stops or `deadline` passes (see [`typical_duration`] for when). A
-/// long task prints a progress line every 10 s.
+/// Polls a task the caller has just started until it stops or `deadline` passes. The first
+/// look comes when this host's tasks of the kind usually end ([`first_look`]); a task that
+/// ends then costs one status read and is seen at most a few percent late. A long task prints
+/// a progress line every 10 s. What the wait saw is remembered for the next one.
 pub async fn wait(
     client: &Client,
     upid: &Upid,
     deadline: Instant,
     log: &dyn Log,
 ) -> Result<TaskOutcome, ApiError> {
-    let first_look = typical_duration(&upid.task_type) * 3 / 5;
-    let first_look = first_look.min(deadline.saturating_duration_since(Instant::now()));
-    tokio::time::sleep(first_look).await;
-    let mut poll = Poll::proportional(deadline, first_look, MIN_TASK_POLL, MAX_TASK_POLL);
+    let started = Instant::now();
+    let learned = history().and_then(|history| history.learned(upid));
+    let first = first_look(&upid.task_type, learned)
+        .min(deadline.saturating_duration_since(Instant::now()));
+    tokio::time::sleep(first).await;
+    let min = if learned.is_some() {
+        MIN_LEARNED_POLL
+    } else {
+        MIN_TASK_POLL
+    };
+    let mut poll = Poll::proportional(deadline, first, min, MAX_TASK_POLL);
+    let outcome = poll_until_done(client, upid, &mut poll, log, started).await?;
+    if let (Some(history), TaskOutcome::Ok | TaskOutcome::Warnings(_)) = (history(), &outcome.0) {
+        history.learn(upid, outcome.1);
+    }
+    Ok(outcome.0)
+}
+
+/// Polls a task that may have run for a while already (started by an earlier hook): the
+/// first look is at once, and nothing is learned from it.
+pub async fn wait_running(
+    client: &Client,
+    upid: &Upid,
+    deadline: Instant,
+    log: &dyn Log,
+) -> Result<TaskOutcome, ApiError> {
+    let mut poll = Poll::proportional(deadline, Duration::ZERO, MIN_TASK_POLL, MAX_TASK_POLL);
+    poll_until_done(client, upid, &mut poll, log, Instant::now())
+        .await
+        .map(|(outcome, _)| outcome)
+}
+
+/// When to look first: at the learned time, or 3/5 of the typical one for an unknown task.
+fn first_look(task_type: &str, learned: Option<Duration>) -> Duration {
+    learned.unwrap_or_else(|| typical_duration(task_type) * 3 / 5)
+}
+
+/// Looks until the task ends; also returns what the looks saw of its end.
+async fn poll_until_done(
+    client: &Client,
+    upid: &Upid,
+    poll: &mut Poll,
+    log: &dyn Log,
+    started: Instant,
+) -> Result<(TaskOutcome, Seen), ApiError> {
+    let mut running_at = None;
     loop {
         if let Some(outcome) = client.task_status(upid).await?.outcome() {
-            return Ok(outcome);
+            let ended_by = started.elapsed();
+            let seen = match running_at {
+                None => Seen::AtFirstLook(ended_by),
+                Some(running) => Seen::Between(running, ended_by),
+            };
+            return Ok((outcome, seen));
         }
+        running_at = Some(started.elapsed());
         poll.pause(|waited| {
             log.info(&format!(
                 "{} {} on {} still running after {}",
@@ -74,5 +134,301 @@ pub async fn finish(
     match wait(client, upid, deadline, log).await? {
         TaskOutcome::Ok | TaskOutcome::Warnings(_) => Ok(()),
         TaskOutcome::Failed(message) => Err(ApiError::new(ApiErrorKind::Task, message)),
+    }
+}
+
+// ------------------------------------------------------------------ learned durations
+
+/// What the looks at one task saw of its end, as times since the wait began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// The first look found it ended: it ended at this time or before.
+    AtFirstLook(Duration),
+    /// A look found it running, a later one ended: it ended in between.
+    Between(Duration, Duration),
+}
+
+/// Learned durations are kept within these bounds, whatever the file says.
+const MIN_LEARNED: Duration = Duration::from_millis(20);
+const MAX_LEARNED: Duration = Duration::from_secs(600);
+/// Entries kept (API endpoint, node and task type each): the least recently updated go first.
+const MAX_ENTRIES: usize = 64;
+/// A longer file is not ours (or damaged): it is read only this far.
+const MAX_FILE_BYTES: u64 = 16 * 1024;
+const FILE_NAME: &str = "task-durations";
+
+/// The next first look after `seen`. A task found ended at its first look may have ended much
+/// sooner, so the next look comes 1/10 earlier; one found running ended after that look, and
+/// the next first look comes when this one was seen ended. On a steady cluster the first look
+/// thus stays within about 10% (plus one pause) above the real duration, and about one task
+/// in a few costs a second status read.
+fn next_estimate(seen: Seen) -> Duration {
+    let estimate = match seen {
+        Seen::AtFirstLook(ended_by) => ended_by * 9 / 10,
+        Seen::Between(_, ended_by) => ended_by,
+    };
+    estimate.clamp(MIN_LEARNED, MAX_LEARNED)
+}
+
+/// Where this host keeps what it learned: the clone lock directory (`PROXMOX_CLONE_LOCK_DIR`,
+/// by default under `/run`), whose checks keep other local users (and so jobs) out.
+struct History {
+    dir: Option<PathBuf>,
+    /// The API endpoint: two clusters may have nodes of the same name.
+    api: String,
+}
+
+static HISTORY: OnceLock<History> = OnceLock::new();
+
+fn history() -> Option<&'static History> {
+    HISTORY.get()
+}
+
+/// Lets this process's task waits learn from (and teach) this host's earlier ones. Without
+/// it (the library alone, tests) every wait starts from [`typical_duration`]. Learning is best
+/// effort: a directory that fails its checks, or a damaged file, only means no learning.
+pub fn remember_durations(settings: &Settings) {
+    let _ = HISTORY.set(History {
+        dir: settings.clone_lock_dir.clone(),
+        api: settings.api.base_url(),
+    });
+}
+
+/// One line of the file: `API NODE TYPE MILLIS UPDATED` (whitespace-separated, UPDATED in Unix
+/// seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    key: String,
+    millis: u64,
+    updated: u64,
+}
+
+impl History {
+    fn key(&self, upid: &Upid) -> Option<String> {
+        let clean = |text: &str| {
+            !text.is_empty() && text.len() <= 200 && !text.chars().any(char::is_whitespace)
+        };
+        (clean(&self.api) && clean(&upid.node) && clean(&upid.task_type))
+            .then(|| format!("{} {} {}", self.api, upid.node, upid.task_type))
+    }
+
+    fn open(&self) -> Option<File> {
+        crate::vm::clone_slots::open_host_file(self.dir.as_deref(), FILE_NAME).ok()
+    }
+
+    fn learned(&self, upid: &Upid) -> Option<Duration> {
+        let key = self.key(upid)?;
+        let mut file = self.open()?;
+        lock(&file, libc::LOCK_SH)?;
+        let entries = read_entries(&mut file);
+        entries
+            .iter()
+            .find(|entry| entry.key == key)
+            .map(|entry| Duration::from_millis(entry.millis).clamp(MIN_LEARNED, MAX_LEARNED))
+    }
+
+    fn learn(&self, upid: &Upid, seen: Seen) {
+        let Some(key) = self.key(upid) else { return };
+        let Some(mut file) = self.open() else { return };
+        if lock(&file, libc::LOCK_EX).is_none() {
+            return;
+        }
+        let mut entries = read_entries(&mut file);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |now| now.as_secs());
+        entries.retain(|entry| entry.key != key);
+        entries.push(Entry {
+            key,
+            millis: next_estimate(seen).as_millis() as u64,
+            updated: now,
+        });
+        entries.sort_by_key(|entry| std::cmp::Reverse(entry.updated));
+        entries.truncate(MAX_ENTRIES);
+        let text: String = entries
+            .iter()
+            .map(|entry| format!("{} {} {}\n", entry.key, entry.millis, entry.updated))
+            .collect();
+        let _ = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| file.write_all(text.as_bytes()));
+    }
+}
+
+/// Blocks for the lock: every holder keeps it for one small read or write.
+fn lock(file: &File, how: libc::c_int) -> Option<()> {
+    // SAFETY: the descriptor belongs to `file`, which outlives the call.
+    (unsafe { libc::flock(file.as_raw_fd(), how) } == 0).then_some(())
+}
+
+fn read_entries(file: &mut File) -> Vec<Entry> {
+    let mut text = String::new();
+    if Read::by_ref(file)
+        .take(MAX_FILE_BYTES)
+        .read_to_string(&mut text)
+        .is_err()
+    {
+        return Vec::new();
+    }
+    parse_entries(&text)
+}
+
+/// The well-formed lines, at most [`MAX_ENTRIES`]; anything else is dropped.
+fn parse_entries(text: &str) -> Vec<Entry> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [api, node, kind, millis, updated] = fields.as_slice() else {
+                return None;
+            };
+            Some(Entry {
+                key: format!("{api} {node} {kind}"),
+                millis: millis.parse().ok()?,
+                updated: updated.parse().ok()?,
+            })
+        })
+        .take(MAX_ENTRIES)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn upid(node: &str, kind: &str) -> Upid {
+        Upid {
+            raw: String::new(),
+            node: node.into(),
+            task_type: kind.into(),
+            id: "100".into(),
+        }
+    }
+
+    fn scratch(what: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "gpr-task-history-{what}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        dir
+    }
+
+    #[test]
+    fn an_unknown_task_is_first_looked_at_after_three_fifths_of_its_typical_time() {
+        assert_eq!(first_look("qmstop", None), Duration::from_millis(300));
+        assert_eq!(
+            first_look("qmstop", Some(Duration::from_millis(210))),
+            Duration::from_millis(210)
+        );
+    }
+
+    #[test]
+    fn estimates_probe_lower_after_an_early_end_and_jump_to_a_late_one() {
+        let ms = Duration::from_millis;
+        assert_eq!(next_estimate(Seen::AtFirstLook(ms(300))), ms(270));
+        assert_eq!(next_estimate(Seen::Between(ms(180), ms(220))), ms(220));
+        // Bounded whatever was seen.
+        assert_eq!(next_estimate(Seen::AtFirstLook(ms(1))), MIN_LEARNED);
+        assert_eq!(
+            next_estimate(Seen::Between(ms(1), Duration::from_secs(5000))),
+            MAX_LEARNED
+        );
+    }
+
+    #[test]
+    fn a_steady_task_is_looked_at_close_to_its_end() {
+        // A task of exactly 200 ms, looked at with 20 ms pauses after a miss.
+        let duration = Duration::from_millis(200);
+        let mut estimate = first_look("qmstop", None);
+        let (mut looks, mut late) = (0, Duration::ZERO);
+        for _ in 0..50 {
+            let mut at = estimate;
+            let mut running = None;
+            looks += 1;
+            while at < duration {
+                running = Some(at);
+                at += MIN_LEARNED_POLL;
+                looks += 1;
+            }
+            late = late.max(at - duration);
+            estimate = next_estimate(match running {
+                None => Seen::AtFirstLook(at),
+                Some(running) => Seen::Between(running, at),
+            });
+        }
+        assert!(looks <= 50 * 2, "{looks} looks for 50 tasks");
+        assert!(late <= Duration::from_millis(100), "{late:?} late at worst");
+    }
+
+    #[test]
+    fn the_history_file_round_trips_and_stays_bounded() {
+        let dir = scratch("bounded");
+        let history = History {
+            dir: Some(dir.clone()),
+            api: "https://pve.example:8006".into(),
+        };
+        let stop = upid("pve1", "qmstop");
+        assert_eq!(history.learned(&stop), None);
+        history.learn(&stop, Seen::AtFirstLook(Duration::from_millis(300)));
+        assert_eq!(history.learned(&stop), Some(Duration::from_millis(270)));
+        assert_eq!(history.learned(&upid("pve2", "qmstop")), None, "per node");
+        for node in 0..MAX_ENTRIES + 10 {
+            history.learn(
+                &upid(&format!("n{node}"), "qmdestroy"),
+                Seen::Between(Duration::from_millis(100), Duration::from_millis(150)),
+            );
+        }
+        let text = std::fs::read_to_string(dir.join(FILE_NAME)).unwrap();
+        assert_eq!(text.lines().count(), MAX_ENTRIES);
+        let mode = std::fs::metadata(dir.join(FILE_NAME))
+            .unwrap()
+            .permissions();
+        assert_eq!(mode.mode() & 0o777, 0o600);
+        // A name with whitespace could forge a line: never stored.
+        history.learn(
+            &upid("pve1 x", "qmstop"),
+            Seen::AtFirstLook(Duration::from_millis(300)),
+        );
+        assert!(!std::fs::read_to_string(dir.join(FILE_NAME))
+            .unwrap()
+            .contains("pve1 x"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn damaged_lines_are_dropped_and_values_bounded() {
+        let entries = parse_entries(
+            "a b c 100 5\ngarbage\na b d notanumber 5\na b e 99999999999 7\n\na b f 1 2 3\n",
+        );
+        assert_eq!(entries.len(), 2);
+        let dir = scratch("damaged");
+        std::fs::write(dir.join(FILE_NAME), "https://x n qmstop 99999999999 1\n").unwrap();
+        std::fs::set_permissions(dir.join(FILE_NAME), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        let history = History {
+            dir: Some(dir.clone()),
+            api: "https://x".into(),
+        };
+        assert_eq!(history.learned(&upid("n", "qmstop")), Some(MAX_LEARNED));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_directory_others_can_write_teaches_nothing() {
+        let dir = scratch("open");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let history = History {
+            dir: Some(dir.clone()),
+            api: "https://x".into(),
+        };
+        let stop = upid("n", "qmstop");
+        history.learn(&stop, Seen::AtFirstLook(Duration::from_millis(300)));
+        assert_eq!(history.learned(&stop), None);
+        assert!(!dir.join(FILE_NAME).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
