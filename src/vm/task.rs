@@ -25,8 +25,8 @@ const MAX_TASK_POLL: Duration = Duration::from_secs(1);
 
 /// How long a task of this type usually takes on a healthy node (a linked clone on thin
 /// storage, a start, a hard stop, a delete), for a node and task type this host has not seen
-/// yet: no task ends much sooner, so the first look comes after 3/5 of it, and later ones 1/5
-/// of the time waited apart.
+/// yet: the first look comes then (one status read for a typical task), later ones 1/5 of the
+/// time waited apart. The learned time replaces it from the second task on.
 pub fn typical_duration(task_type: &str) -> Duration {
     match task_type {
         "qmclone" => Duration::from_millis(1000),
@@ -48,7 +48,7 @@ pub async fn wait(
 ) -> Result<TaskOutcome, ApiError> {
     let started = Instant::now();
     let learned = history().and_then(|history| history.learned(upid));
-    let first = first_look(&upid.task_type, learned)
+    let first = first_look(&upid.task_type, learned.map(|learned| learned.duration))
         .min(deadline.saturating_duration_since(Instant::now()));
     tokio::time::sleep(first).await;
     let min = if learned.is_some() {
@@ -59,7 +59,7 @@ pub async fn wait(
     let mut poll = Poll::proportional(deadline, first, min, MAX_TASK_POLL);
     let outcome = poll_until_done(client, upid, &mut poll, log, started).await?;
     if let (Some(history), TaskOutcome::Ok | TaskOutcome::Warnings(_)) = (history(), &outcome.0) {
-        history.learn(upid, outcome.1);
+        history.learn(upid, learned, outcome.1);
     }
     Ok(outcome.0)
 }
@@ -78,9 +78,9 @@ pub async fn wait_running(
         .map(|(outcome, _)| outcome)
 }
 
-/// When to look first: at the learned time, or 3/5 of the typical one for an unknown task.
+/// When to look first: at the learned time, or the typical one for an unknown task.
 fn first_look(task_type: &str, learned: Option<Duration>) -> Duration {
-    learned.unwrap_or_else(|| typical_duration(task_type) * 3 / 5)
+    learned.unwrap_or_else(|| typical_duration(task_type))
 }
 
 /// Looks until the task ends; also returns what the looks saw of its end.
@@ -157,17 +157,41 @@ const MAX_ENTRIES: usize = 64;
 const MAX_FILE_BYTES: u64 = 16 * 1024;
 const FILE_NAME: &str = "task-durations";
 
+/// What this host knows of a kind of task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Learned {
+    /// When to look first.
+    duration: Duration,
+    /// A look has found one running: the duration is close, not just an upper bound.
+    bracketed: bool,
+}
+
 /// The next first look after `seen`. A task found ended at its first look may have ended much
-/// sooner, so the next look comes 1/10 earlier; one found running ended after that look, and
-/// the next first look comes when this one was seen ended. On a steady cluster the first look
-/// thus stays within about 10% (plus one pause) above the real duration, and about one task
-/// in a few costs a second status read.
-fn next_estimate(seen: Seen) -> Duration {
-    let estimate = match seen {
-        Seen::AtFirstLook(ended_by) => ended_by * 9 / 10,
-        Seen::Between(_, ended_by) => ended_by,
+/// sooner: the next look comes 1/4 earlier while no look has ever found one running (the
+/// typical time may be far off on this cluster), 1/20 earlier after that. One found running
+/// ended after that look, and the next first look comes when this one was seen ended. On a
+/// steady cluster the first look converges in a few tasks and then stays within about 5%
+/// (plus one pause) above the real duration; about one task in several costs a second read.
+fn next_estimate(previous: Option<Learned>, seen: Seen) -> Learned {
+    let bracketed = previous.is_some_and(|learned| learned.bracketed);
+    let learned = match seen {
+        Seen::AtFirstLook(ended_by) if bracketed => Learned {
+            duration: ended_by * 19 / 20,
+            bracketed,
+        },
+        Seen::AtFirstLook(ended_by) => Learned {
+            duration: ended_by * 3 / 4,
+            bracketed,
+        },
+        Seen::Between(_, ended_by) => Learned {
+            duration: ended_by,
+            bracketed: true,
+        },
     };
-    estimate.clamp(MIN_LEARNED, MAX_LEARNED)
+    Learned {
+        duration: learned.duration.clamp(MIN_LEARNED, MAX_LEARNED),
+        ..learned
+    }
 }
 
 /// Where this host keeps what it learned: the clone lock directory (`PROXMOX_CLONE_LOCK_DIR`,
@@ -194,12 +218,13 @@ pub fn remember_durations(settings: &Settings) {
     });
 }
 
-/// One line of the file: `API NODE TYPE MILLIS UPDATED` (whitespace-separated, UPDATED in Unix
-/// seconds).
+/// One line of the file: `API NODE TYPE MILLIS BRACKETED UPDATED` (whitespace-separated,
+/// BRACKETED 0 or 1, UPDATED in Unix seconds).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {
     key: String,
     millis: u64,
+    bracketed: bool,
     updated: u64,
 }
 
@@ -216,7 +241,7 @@ impl History {
         crate::vm::clone_slots::open_host_file(self.dir.as_deref(), FILE_NAME).ok()
     }
 
-    fn learned(&self, upid: &Upid) -> Option<Duration> {
+    fn learned(&self, upid: &Upid) -> Option<Learned> {
         let key = self.key(upid)?;
         let mut file = self.open()?;
         lock(&file, libc::LOCK_SH)?;
@@ -224,10 +249,13 @@ impl History {
         entries
             .iter()
             .find(|entry| entry.key == key)
-            .map(|entry| Duration::from_millis(entry.millis).clamp(MIN_LEARNED, MAX_LEARNED))
+            .map(|entry| Learned {
+                duration: Duration::from_millis(entry.millis).clamp(MIN_LEARNED, MAX_LEARNED),
+                bracketed: entry.bracketed,
+            })
     }
 
-    fn learn(&self, upid: &Upid, seen: Seen) {
+    fn learn(&self, upid: &Upid, previous: Option<Learned>, seen: Seen) {
         let Some(key) = self.key(upid) else { return };
         let Some(mut file) = self.open() else { return };
         if lock(&file, libc::LOCK_EX).is_none() {
@@ -238,16 +266,26 @@ impl History {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |now| now.as_secs());
         entries.retain(|entry| entry.key != key);
+        let next = next_estimate(previous, seen);
         entries.push(Entry {
             key,
-            millis: next_estimate(seen).as_millis() as u64,
+            millis: next.duration.as_millis() as u64,
+            bracketed: next.bracketed,
             updated: now,
         });
         entries.sort_by_key(|entry| std::cmp::Reverse(entry.updated));
         entries.truncate(MAX_ENTRIES);
         let text: String = entries
             .iter()
-            .map(|entry| format!("{} {} {}\n", entry.key, entry.millis, entry.updated))
+            .map(|entry| {
+                format!(
+                    "{} {} {} {}\n",
+                    entry.key,
+                    entry.millis,
+                    u8::from(entry.bracketed),
+                    entry.updated
+                )
+            })
             .collect();
         let _ = file
             .set_len(0)
@@ -279,12 +317,17 @@ fn parse_entries(text: &str) -> Vec<Entry> {
     text.lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let [api, node, kind, millis, updated] = fields.as_slice() else {
+            let [api, node, kind, millis, bracketed, updated] = fields.as_slice() else {
                 return None;
             };
             Some(Entry {
                 key: format!("{api} {node} {kind}"),
                 millis: millis.parse().ok()?,
+                bracketed: match *bracketed {
+                    "0" => false,
+                    "1" => true,
+                    _ => return None,
+                },
                 updated: updated.parse().ok()?,
             })
         })
@@ -317,51 +360,85 @@ mod tests {
         dir
     }
 
+    fn ms(millis: u64) -> Duration {
+        Duration::from_millis(millis)
+    }
+
+    /// `tasks` tasks of exactly `duration`, looked at as [`wait`] does (1/5 of the time waited
+    /// apart after a miss): the looks they cost and the worst lateness of the last `tail`.
+    fn simulate(duration: Duration, tasks: usize, tail: usize) -> (usize, Duration) {
+        let mut learned: Option<Learned> = None;
+        let (mut looks, mut late) = (0, Duration::ZERO);
+        for task in 0..tasks {
+            let mut at = first_look("qmstop", learned.map(|l| l.duration));
+            let mut running = None;
+            looks += 1;
+            while at < duration {
+                running = Some(at);
+                at += (at / 5).max(MIN_LEARNED_POLL);
+                looks += 1;
+            }
+            if task >= tasks - tail {
+                late = late.max(at - duration);
+            }
+            let seen = match running {
+                None => Seen::AtFirstLook(at),
+                Some(running) => Seen::Between(running, at),
+            };
+            learned = Some(next_estimate(learned, seen));
+        }
+        (looks, late)
+    }
+
     #[test]
-    fn an_unknown_task_is_first_looked_at_after_three_fifths_of_its_typical_time() {
-        assert_eq!(first_look("qmstop", None), Duration::from_millis(300));
-        assert_eq!(
-            first_look("qmstop", Some(Duration::from_millis(210))),
-            Duration::from_millis(210)
-        );
+    fn an_unknown_task_is_first_looked_at_after_its_typical_time() {
+        assert_eq!(first_look("qmstop", None), ms(500));
+        assert_eq!(first_look("qmclone", None), ms(1000));
+        assert_eq!(first_look("qmstop", Some(ms(210))), ms(210));
     }
 
     #[test]
     fn estimates_probe_lower_after_an_early_end_and_jump_to_a_late_one() {
-        let ms = Duration::from_millis;
-        assert_eq!(next_estimate(Seen::AtFirstLook(ms(300))), ms(270));
-        assert_eq!(next_estimate(Seen::Between(ms(180), ms(220))), ms(220));
-        // Bounded whatever was seen.
-        assert_eq!(next_estimate(Seen::AtFirstLook(ms(1))), MIN_LEARNED);
+        let fresh = |millis| Learned {
+            duration: ms(millis),
+            bracketed: false,
+        };
+        let close = |millis| Learned {
+            duration: ms(millis),
+            bracketed: true,
+        };
+        // Unbracketed: a quarter earlier; bracketed: a twentieth.
+        assert_eq!(next_estimate(None, Seen::AtFirstLook(ms(400))), fresh(300));
         assert_eq!(
-            next_estimate(Seen::Between(ms(1), Duration::from_secs(5000))),
+            next_estimate(Some(close(400)), Seen::AtFirstLook(ms(400))),
+            close(380)
+        );
+        assert_eq!(
+            next_estimate(Some(fresh(180)), Seen::Between(ms(180), ms(220))),
+            close(220)
+        );
+        // Bounded whatever was seen.
+        assert_eq!(
+            next_estimate(None, Seen::AtFirstLook(ms(1))).duration,
+            MIN_LEARNED
+        );
+        assert_eq!(
+            next_estimate(None, Seen::Between(ms(1), Duration::from_secs(5000))).duration,
             MAX_LEARNED
         );
     }
 
     #[test]
-    fn a_steady_task_is_looked_at_close_to_its_end() {
-        // A task of exactly 200 ms, looked at with 20 ms pauses after a miss.
-        let duration = Duration::from_millis(200);
-        let mut estimate = first_look("qmstop", None);
-        let (mut looks, mut late) = (0, Duration::ZERO);
-        for _ in 0..50 {
-            let mut at = estimate;
-            let mut running = None;
-            looks += 1;
-            while at < duration {
-                running = Some(at);
-                at += MIN_LEARNED_POLL;
-                looks += 1;
-            }
-            late = late.max(at - duration);
-            estimate = next_estimate(match running {
-                None => Seen::AtFirstLook(at),
-                Some(running) => Seen::Between(running, at),
-            });
+    fn a_steady_task_is_soon_looked_at_close_to_its_end() {
+        // Far below the typical 500 ms, at it, and far above it.
+        for duration in [ms(200), ms(500), ms(1700)] {
+            let (looks, late) = simulate(duration, 40, 30);
+            assert!(looks <= 40 * 2, "{duration:?}: {looks} looks for 40 tasks");
+            assert!(
+                late <= duration / 5 + MIN_LEARNED_POLL,
+                "{duration:?}: seen {late:?} late after it was learned"
+            );
         }
-        assert!(looks <= 50 * 2, "{looks} looks for 50 tasks");
-        assert!(late <= Duration::from_millis(100), "{late:?} late at worst");
     }
 
     #[test]
@@ -373,13 +450,24 @@ mod tests {
         };
         let stop = upid("pve1", "qmstop");
         assert_eq!(history.learned(&stop), None);
-        history.learn(&stop, Seen::AtFirstLook(Duration::from_millis(300)));
-        assert_eq!(history.learned(&stop), Some(Duration::from_millis(270)));
+        history.learn(&stop, None, Seen::AtFirstLook(ms(400)));
+        let learned = history.learned(&stop).expect("learned");
+        assert_eq!(learned.duration, ms(300));
+        assert!(!learned.bracketed);
+        history.learn(&stop, Some(learned), Seen::Between(ms(250), ms(290)));
+        assert_eq!(
+            history.learned(&stop),
+            Some(Learned {
+                duration: ms(290),
+                bracketed: true
+            })
+        );
         assert_eq!(history.learned(&upid("pve2", "qmstop")), None, "per node");
         for node in 0..MAX_ENTRIES + 10 {
             history.learn(
                 &upid(&format!("n{node}"), "qmdestroy"),
-                Seen::Between(Duration::from_millis(100), Duration::from_millis(150)),
+                None,
+                Seen::Between(ms(100), ms(150)),
             );
         }
         let text = std::fs::read_to_string(dir.join(FILE_NAME)).unwrap();
@@ -389,10 +477,7 @@ mod tests {
             .permissions();
         assert_eq!(mode.mode() & 0o777, 0o600);
         // A name with whitespace could forge a line: never stored.
-        history.learn(
-            &upid("pve1 x", "qmstop"),
-            Seen::AtFirstLook(Duration::from_millis(300)),
-        );
+        history.learn(&upid("pve1 x", "qmstop"), None, Seen::AtFirstLook(ms(300)));
         assert!(!std::fs::read_to_string(dir.join(FILE_NAME))
             .unwrap()
             .contains("pve1 x"));
@@ -402,18 +487,20 @@ mod tests {
     #[test]
     fn damaged_lines_are_dropped_and_values_bounded() {
         let entries = parse_entries(
-            "a b c 100 5\ngarbage\na b d notanumber 5\na b e 99999999999 7\n\na b f 1 2 3\n",
+            "a b c 100 0 5\ngarbage\na b d notanumber 1 5\na b e 99999999999 1 7\n\n\
+             a b f 1 2 3\na b g 1 0 2 3\n",
         );
         assert_eq!(entries.len(), 2);
         let dir = scratch("damaged");
-        std::fs::write(dir.join(FILE_NAME), "https://x n qmstop 99999999999 1\n").unwrap();
+        std::fs::write(dir.join(FILE_NAME), "https://x n qmstop 99999999999 1 1\n").unwrap();
         std::fs::set_permissions(dir.join(FILE_NAME), std::fs::Permissions::from_mode(0o600))
             .unwrap();
         let history = History {
             dir: Some(dir.clone()),
             api: "https://x".into(),
         };
-        assert_eq!(history.learned(&upid("n", "qmstop")), Some(MAX_LEARNED));
+        let learned = history.learned(&upid("n", "qmstop")).expect("learned");
+        assert_eq!(learned.duration, MAX_LEARNED);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -426,7 +513,7 @@ mod tests {
             api: "https://x".into(),
         };
         let stop = upid("n", "qmstop");
-        history.learn(&stop, Seen::AtFirstLook(Duration::from_millis(300)));
+        history.learn(&stop, None, Seen::AtFirstLook(ms(300)));
         assert_eq!(history.learned(&stop), None);
         assert!(!dir.join(FILE_NAME).exists());
         std::fs::remove_dir_all(&dir).unwrap();
