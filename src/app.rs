@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::cancel::Cancel;
 use crate::cli::{Cli, Command};
-use crate::commands::{cleanup, config, gc, prepare, run};
+use crate::commands::{cleanup, config, gc, pool, prepare, run};
 use crate::config::{secret_names, Settings};
 use crate::error::{Error, ExitCodes, Result};
 use crate::job::JobInfo;
@@ -25,11 +25,7 @@ pub struct Context {
     pub cancel: Cancel,
 }
 
-/// What a fleet command gets: no job, no job directory.
-pub struct FleetContext {
-    pub settings: Settings,
-    pub cancel: Cancel,
-}
+pub use crate::fleet::FleetContext;
 
 /// Runs the command and returns the process exit code.
 pub fn execute(cli: Cli) -> i32 {
@@ -56,7 +52,7 @@ pub fn execute(cli: Cli) -> i32 {
             action: Some(crate::cli::PoolAction::Status { json }),
             ..
         } => fleet_command(file.as_deref(), |context| async move {
-            crate::pool::status::status(&context, json).await
+            pool::status(&context, json).await
         }),
         Command::Pool {
             action: None,
@@ -65,16 +61,14 @@ pub fn execute(cli: Cli) -> i32 {
             gc_every,
             metrics_listen,
         } => fleet_command(file.as_deref(), |context| async move {
-            crate::config::file_modes::warn_exposed(settings_file.as_deref(), &context.settings);
-            let interval = std::time::Duration::try_from_secs_f64(interval)
-                .ok()
-                .filter(|every| *every >= std::time::Duration::from_millis(100))
-                .ok_or_else(|| {
-                    Error::Settings(format!("--interval {interval} must be at least 0.1 s"))
-                })?;
-            let gc_every = gc_every.map(std::time::Duration::from_secs);
-            crate::pool::service::pool(&context, id.as_deref(), interval, gc_every, metrics_listen)
-                .await
+            let options = pool::Options {
+                id: id.as_deref(),
+                interval,
+                gc_every,
+                metrics_listen,
+                settings_file: settings_file.as_deref(),
+            };
+            pool::pool(&context, options).await
         }),
         Command::FleetKey => match crate::fleet_key::FleetKey::generate() {
             Ok(key) => {

@@ -87,7 +87,7 @@ impl Sink for SmokeSink {
                     template: self.template,
                     template_node: self.template_node.clone(),
                     // Counted as sent before it is: from here on, a VM may appear there.
-                    sent_at: Some(crate::vm::clone_watch::now_epoch()),
+                    sent_at: Some(crate::joblog::now_epoch()),
                     upid: None,
                 })
             }

@@ -5,7 +5,9 @@ pub mod check;
 pub mod cleanup;
 pub mod config;
 pub mod gc;
+pub mod pool;
 pub mod prepare;
 pub mod run;
 
-pub use crate::app::{Context, FleetContext};
+pub use crate::app::Context;
+pub use crate::fleet::FleetContext;

@@ -41,7 +41,7 @@ pub async fn prepare(context: &Context) -> Result<()> {
     for warning in &context.settings.trust_warnings {
         joblog::warn(warning);
     }
-    super::config::require_ssh_key(&context.settings)?;
+    context.settings.require_ssh_key()?;
     // Parsed and decrypted before anything is claimed or cloned: a key (or passphrase) the job
     // supplied that does not parse fails the job here (a build failure), with nothing to undo
     // and no warm VM spent on it.
@@ -170,7 +170,7 @@ async fn bring_up_on_a_node(
         .ssh_private_key
         .as_ref()
         .is_some_and(|key| key.from_job);
-    let has_pool = crate::pool::service::has_pool(settings, &settings.template);
+    let has_pool = crate::pool::has_pool(settings, &settings.template);
     if has_pool && own_key {
         joblog::info(
             "the job supplies its own VM_SSH_PRIVATE_KEY, which warm VMs do not accept; cloning \

@@ -15,8 +15,6 @@
 
 pub mod claim;
 pub mod metrics;
-pub mod service;
-pub mod status;
 pub mod warm;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -98,6 +96,16 @@ pub struct Listing {
     pub jobs: Vec<JobVm>,
 }
 
+/// Whether prepare should look for a warm VM of `template_name`: the runner host names the
+/// templates that have a pool (its settings file's `WARM_POOL`), so a fleet without a pool
+/// pays no extra API call per job.
+pub fn has_pool(settings: &crate::config::Settings, template_name: &str) -> bool {
+    settings
+        .warm_pool
+        .get(template_name.trim())
+        .is_some_and(|count| *count > 0)
+}
+
 /// A VM of ours in a listing that carries a job's marker.
 #[derive(Debug, Clone)]
 pub struct JobVm {
@@ -129,7 +137,7 @@ pub async fn list_warm(
             || listed.template
             || listed.node.is_empty()
             || !(range.0..=range.1).contains(&vmid)
-            || !crate::commands::gc::has_driver_tag(listed.tags.as_deref())
+            || !crate::vm::ownership::has_driver_tag(listed.tags.as_deref())
             || scope
                 .nodes
                 .as_ref()

@@ -107,7 +107,7 @@ impl Sink for WarmSink<'_> {
 }
 
 /// The key every warm marker is sealed with (settings refuse `WARM_POOL` without it).
-pub(super) fn fleet_key(settings: &Settings) -> Result<&crate::fleet_key::FleetKey> {
+pub fn fleet_key(settings: &Settings) -> Result<&crate::fleet_key::FleetKey> {
     settings.fleet_key.as_ref().ok_or_else(|| {
         Error::Settings("the warm pool needs PROXMOX_FLEET_KEY in the settings file".into())
     })

@@ -23,6 +23,7 @@
 pub mod clone_slots;
 pub mod clone_watch;
 pub mod host_keys;
+pub mod ownership;
 pub mod placement;
 pub mod provision;
 pub mod ready;

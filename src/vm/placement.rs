@@ -453,17 +453,10 @@ fn node_views(
     shared: Option<&Source>,
     avoid: &HashSet<String>,
 ) -> Vec<NodeView> {
-    let (low, high) = settings.vmid_range;
+    // A clone in flight does not carry our tag yet, only its lock.
     let ours: Vec<&ClusterVm> = vms
         .iter()
-        .filter(|vm| !vm.template && (u64::from(low)..=u64::from(high)).contains(&vm.vmid))
-        // A clone in flight does not carry our tag yet, only its lock.
-        .filter(|vm| {
-            let tags = vm.tags.as_deref().unwrap_or("");
-            tags.split([';', ',', ' '])
-                .any(|tag| tag.trim() == crate::VM_TAG)
-                || vm.lock.as_deref() == Some("clone")
-        })
+        .filter(|vm| super::ownership::occupies_our_range(vm, settings.vmid_range))
         .collect();
     let vm_memory = settings.vm_memory_mb.map(|mb| u64::from(mb) * MIB);
     nodes

@@ -157,7 +157,7 @@ impl Provisioning<'_> {
                 node: self.node.to_string(),
                 vmid,
             }))?;
-            self.sent_at = Some(super::clone_watch::now_epoch());
+            self.sent_at = Some(crate::joblog::now_epoch());
             let attempt = self.try_clone(vmid, full, sink).await?;
             drop(slot);
             match attempt {

@@ -40,13 +40,13 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
-use super::metrics::{self, Census, Recycle, Watch};
-use super::warm::{self, Vetting, Warmed};
-use super::{digests_of, list_warm, recycle, Scope, WarmVm};
-use crate::commands::FleetContext;
+use super::FleetContext;
 use crate::config::{NodeSet, Settings};
 use crate::error::{Error, Result};
 use crate::joblog;
+use crate::pool::metrics::{self, Census, Recycle, Watch};
+use crate::pool::warm::{self, Vetting, Warmed};
+use crate::pool::{digests_of, list_warm, recycle, Scope, WarmVm};
 use crate::proxmox::Client;
 use crate::vm::host_keys::{self, Holder, SharedLedger};
 use crate::vm::placement::{self, NodeCopy};
@@ -55,16 +55,6 @@ use crate::vm::StderrLog;
 
 /// A recycle includes stopping the VM.
 const RECYCLE_TIMEOUT: Duration = Duration::from_secs(3 * 60);
-
-/// Whether prepare should look for a warm VM of `template_name`: the runner host names the
-/// templates that have a pool (its settings file's `WARM_POOL`), so a fleet without a pool
-/// pays no extra API call per job.
-pub fn has_pool(settings: &Settings, template_name: &str) -> bool {
-    settings
-        .warm_pool
-        .get(template_name.trim())
-        .is_some_and(|count| *count > 0)
-}
 
 pub async fn pool(
     context: &FleetContext,
@@ -95,7 +85,7 @@ async fn serve(
                 .into(),
         ));
     }
-    crate::commands::config::require_ssh_key(&settings)?;
+    settings.require_ssh_key()?;
     let pool_id = match pool_id.map(str::trim).filter(|id| !id.is_empty()) {
         Some(id) if crate::config::parse::is_runner_id(id) => id.to_string(),
         Some(id) => {
@@ -145,7 +135,9 @@ async fn serve(
             if last_sweep.is_none_or(|at| at.elapsed() >= every) {
                 last_sweep = Some(Instant::now());
                 // The same sweep as the gc timer's, warm VMs past their idle deadline included.
-                if let Err(err) = crate::commands::gc::gc(context, None, None, false).await {
+                if let Err(err) =
+                    super::sweep::sweep(context, &Default::default(), &mut Default::default()).await
+                {
                     joblog::warn(format!("pool {pool_id}: orphan sweep: {err}"));
                 }
             }
