@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 use super::FleetContext;
-use crate::config::{NodeSet, Settings};
+use crate::config::Settings;
 use crate::error::{Error, Result};
 use crate::joblog;
 use crate::pool::metrics::{self, Census, Recycle, Watch};
@@ -49,8 +49,8 @@ use crate::pool::warm::{self, Vetting, Warmed};
 use crate::pool::{digests_of, list_warm, recycle, Scope, WarmVm};
 use crate::proxmox::Client;
 use crate::vm::host_keys::{self, Holder, SharedLedger};
-use crate::vm::placement::{self, NodeCopy};
-use crate::vm::template::{self, Template};
+use crate::vm::placement::Strategy;
+use crate::vm::template::Template;
 use crate::vm::StderrLog;
 
 /// A recycle includes stopping the VM.
@@ -276,20 +276,15 @@ impl Round<'_> {
         let settings = self.settings;
         // The target is per template name, for the whole cluster: with placement, the warm VMs
         // of every copy of the template (on every usable node) count.
-        let (copies, fixed) = if settings.nodes == NodeSet::One {
-            let template = template::resolve(self.client, settings, &settings.node, name).await?;
-            let digest = warm::template_digest(self.client, &template).await?;
-            let copy = NodeCopy {
-                template: template.clone(),
-                online: true,
-            };
-            let copies = placement::Copies {
-                list: vec![copy],
-                online_nodes: None,
-            };
-            (copies, Some((template, digest)))
-        } else {
-            (placement::copies(self.client, settings, name).await?, None)
+        let strategy = Strategy::of(settings);
+        let copies = strategy.copies(self.client, settings, name).await?;
+        let fixed = match (strategy, copies.list.first()) {
+            (Strategy::One { .. }, Some(copy)) => {
+                let template = copy.template.clone();
+                let digest = warm::template_digest(self.client, &template).await?;
+                Some((template, digest))
+            }
+            _ => None,
         };
         let key = warm::fleet_key(settings)?;
         let scope = Scope::of(&copies);

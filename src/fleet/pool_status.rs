@@ -52,7 +52,9 @@ pub async fn status(context: &FleetContext, json: bool) -> Result<()> {
     let mut failed = Vec::new();
     for (name, target) in &settings.warm_pool {
         let listing = async {
-            let copies = placement::copies(&client, settings, name).await?;
+            let copies = placement::Strategy::of(settings)
+                .copies(&client, settings, name)
+                .await?;
             list_warm(&client, settings.vmid_range, &Scope::of(&copies), key).await
         };
         let mut listing = match listing.await {
