@@ -6,7 +6,7 @@
 //! and the fleet commands (gc, check) run by an admin, cron or a timer, outside any job. Only the job
 //! hooks read `$JOB_RESPONSE_FILE`, the job's identity and the runner's exit codes.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::cancel::Cancel;
 use crate::cli::{Cli, Command};
@@ -16,15 +16,7 @@ use crate::error::{Error, ExitCodes, Result};
 use crate::job::JobInfo;
 use crate::{hardening, joblog};
 
-/// What every job hook gets.
-pub struct Context {
-    pub settings: Settings,
-    pub job: JobInfo,
-    /// The per-job directory (`$TMPDIR`) where the job state lives.
-    pub job_dir: PathBuf,
-    pub cancel: Cancel,
-}
-
+pub use crate::commands::Context;
 pub use crate::fleet::FleetContext;
 
 /// Runs the command and returns the process exit code.

@@ -43,7 +43,7 @@ use percent_encoding::{
 
 use crate::fleet_key::FleetKey;
 use crate::job::JobInfo;
-use crate::vm::VmRef;
+use crate::proxmox::VmRef;
 
 pub const MARKER_PREFIX: &str = "gitlab-proxmox-runner:";
 pub const CURRENT_VERSION: u8 = 2;
@@ -508,7 +508,7 @@ pub fn warm_host_keys(description: &str) -> Vec<String> {
     description
         .lines()
         .filter_map(|line| line.strip_prefix(HOST_KEY_LINE))
-        .filter_map(crate::vm::ready::parse_public_key_line)
+        .filter_map(crate::ssh::key_lines::public_key_line)
         .collect()
 }
 

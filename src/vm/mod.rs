@@ -42,18 +42,7 @@ use std::time::Duration;
 
 use crate::error::Result;
 
-/// A VM on a node.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmRef {
-    pub node: String,
-    pub vmid: u32,
-}
-
-impl std::fmt::Display for VmRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "VM {} on {}", self.vmid, self.node)
-    }
-}
+pub use crate::proxmox::VmRef;
 
 /// Where the engine's progress lines go.
 pub trait Log: Sync {
