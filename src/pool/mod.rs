@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::fleet_key::FleetKey;
 use crate::marker::{self, ClaimReport, Marker};
 use crate::proxmox::Client;
+use crate::vm::ownership::{first_look, FirstLook};
 use crate::vm::placement::{Copies, NodeCopy};
 use crate::vm::teardown::{self, Teardown};
 use crate::vm::{Log, VmRef};
@@ -129,19 +130,14 @@ pub async fn list_warm(
         .map_err(|err| Error::api("listing the cluster's VMs (/cluster/resources)", err))?;
     let mut listing = Listing::default();
     for listed in vms {
-        let Ok(vmid) = u32::try_from(listed.vmid) else {
+        // Warm VMs are always tagged (the clone is configured before its warm-up is published).
+        let FirstLook::Tagged { vmid, .. } = first_look(&listed, range) else {
             continue;
         };
-        let is_qemu = listed.kind.as_deref().is_none_or(|kind| kind == "qemu");
-        if !is_qemu
-            || listed.template
-            || listed.node.is_empty()
-            || !(range.0..=range.1).contains(&vmid)
-            || !crate::vm::ownership::has_driver_tag(listed.tags.as_deref())
-            || scope
-                .nodes
-                .as_ref()
-                .is_some_and(|nodes| !nodes.contains(&listed.node))
+        if scope
+            .nodes
+            .as_ref()
+            .is_some_and(|nodes| !nodes.contains(&listed.node))
         {
             continue;
         }
