@@ -344,12 +344,11 @@ impl russh::server::Handler for Connection {
                 use tokio::io::AsyncWriteExt;
                 while let Some(message) = stream.wait().await {
                     match message {
-                        russh::ChannelMsg::Data { data } => {
-                            if stdin.write_all(&data).await.is_err() {
-                                break;
-                            }
-                        }
-                        russh::ChannelMsg::Eof | russh::ChannelMsg::Close => break,
+                        russh::ChannelMsg::Data { data }
+                            if stdin.write_all(&data).await.is_ok() => {}
+                        russh::ChannelMsg::Data { .. }
+                        | russh::ChannelMsg::Eof
+                        | russh::ChannelMsg::Close => break,
                         _ => {}
                     }
                 }
