@@ -72,6 +72,8 @@ pub struct Poll {
     /// next pause on a proportional schedule.
     last_wake: Clock,
     schedule: Schedule,
+    /// Short pauses to take first, whatever the schedule says: (pause, how many).
+    fine: Option<(Duration, u32)>,
 }
 
 impl Poll {
@@ -129,7 +131,16 @@ impl Poll {
             next_progress: started + PROGRESS_EVERY,
             last_wake: started,
             schedule,
+            fine: None,
         }
+    }
+
+    /// The first `looks` pauses are `pause` long, then the schedule takes over: for a wait
+    /// whose end is expected about now (a task at the time this host learned it takes), where
+    /// the schedule's pauses would mostly be lateness.
+    pub fn with_fine_start(mut self, pause: Duration, looks: u32) -> Poll {
+        self.fine = (looks > 0).then_some((pause, looks));
+        self
     }
 
     /// Time since the wait began.
@@ -147,7 +158,7 @@ impl Poll {
     /// until the next look (never past the deadline).
     pub async fn pause(&mut self, progress: impl FnOnce(Duration)) -> Result<(), Expired> {
         let now = Clock::now();
-        let pause = match self.schedule {
+        let scheduled = match self.schedule {
             Schedule::Adaptive { delay } | Schedule::Doubling { delay, .. } => delay,
             // A look that took long (an agent call held until QEMU's agent timeout) was
             // waiting too: only the rest of the pause is left, and at least `min`.
@@ -158,6 +169,17 @@ impl Poll {
                 let spread_ms = spread.as_millis().max(1) as u64;
                 min + Duration::from_millis(rand::random::<u64>() % spread_ms)
             }
+        };
+        let pause = match &mut self.fine {
+            Some((pause, looks)) => {
+                let pause = *pause;
+                *looks -= 1;
+                if *looks == 0 {
+                    self.fine = None;
+                }
+                pause
+            }
+            None => scheduled,
         };
         let over = match self.schedule {
             Schedule::Doubling { .. } => now + pause >= self.deadline,
@@ -305,6 +327,26 @@ mod tests {
         poll.pause(|_| {}).await.unwrap();
         // 3.25 s waited: 1/5 of it.
         assert_eq!(Clock::now() - before, Duration::from_millis(650));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fine_start_takes_its_short_pauses_first_then_the_schedule() {
+        let deadline = Clock::now() + Duration::from_secs(60);
+        let mut poll = Poll::proportional(
+            deadline.into_std(),
+            Duration::from_secs(1),
+            Duration::from_millis(50),
+            Duration::from_secs(1),
+        )
+        .with_fine_start(Duration::from_millis(30), 2);
+        let mut pauses = Vec::new();
+        for _ in 0..3 {
+            let before = Clock::now();
+            poll.pause(|_| {}).await.unwrap();
+            pauses.push((Clock::now() - before).as_millis());
+        }
+        // Then 1/5 of the 1.06 s waited.
+        assert_eq!(pauses, vec![30, 30, 212]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -17,9 +17,11 @@ use crate::proxmox::{ApiError, ApiErrorKind, Client, TaskOutcome, Upid};
 
 /// Closest pause between two looks at a task whose duration is unknown.
 const MIN_TASK_POLL: Duration = Duration::from_millis(50);
-/// Closest pause after a look at the learned time found the task still running: it is about
-/// to end, and each pause here is added to the job.
+/// After a look at the learned time found the task still running, it is about to end and
+/// each pause is added to the job: the next [`FINE_LOOKS`] come 1/20 of the learned time apart
+/// (at least this), then the usual 1/5 of the time waited.
 const MIN_LEARNED_POLL: Duration = Duration::from_millis(20);
+const FINE_LOOKS: u32 = 4;
 /// Farthest: a 30-minute full clone costs PVE about 1800 status reads.
 const MAX_TASK_POLL: Duration = Duration::from_secs(1);
 
@@ -51,12 +53,10 @@ pub async fn wait(
     let first = first_look(&upid.task_type, learned.map(|learned| learned.duration))
         .min(deadline.saturating_duration_since(Instant::now()));
     tokio::time::sleep(first).await;
-    let min = if learned.is_some() {
-        MIN_LEARNED_POLL
-    } else {
-        MIN_TASK_POLL
-    };
-    let mut poll = Poll::proportional(deadline, first, min, MAX_TASK_POLL);
+    let mut poll = Poll::proportional(deadline, first, MIN_TASK_POLL, MAX_TASK_POLL);
+    if learned.is_some() {
+        poll = poll.with_fine_start(fine_pause(first), FINE_LOOKS);
+    }
     let outcome = poll_until_done(client, upid, &mut poll, log, started).await?;
     if let (Some(history), TaskOutcome::Ok | TaskOutcome::Warnings(_)) = (history(), &outcome.0) {
         history.learn(upid, learned, outcome.1);
@@ -76,6 +76,10 @@ pub async fn wait_running(
     poll_until_done(client, upid, &mut poll, log, Instant::now())
         .await
         .map(|(outcome, _)| outcome)
+}
+
+fn fine_pause(first_look: Duration) -> Duration {
+    (first_look / 20).max(MIN_LEARNED_POLL)
 }
 
 /// When to look first: at the learned time, or the typical one for an unknown task.
@@ -370,12 +374,19 @@ mod tests {
         let mut learned: Option<Learned> = None;
         let (mut looks, mut late) = (0, Duration::ZERO);
         for task in 0..tasks {
-            let mut at = first_look("qmstop", learned.map(|l| l.duration));
+            let first = first_look("qmstop", learned.map(|l| l.duration));
+            let mut at = first;
             let mut running = None;
+            let mut fine = if learned.is_some() { FINE_LOOKS } else { 0 };
             looks += 1;
             while at < duration {
                 running = Some(at);
-                at += (at / 5).max(MIN_LEARNED_POLL);
+                at += if fine > 0 {
+                    fine -= 1;
+                    fine_pause(first)
+                } else {
+                    (at / 5).max(MIN_TASK_POLL)
+                };
                 looks += 1;
             }
             if task >= tasks - tail {
@@ -435,7 +446,7 @@ mod tests {
             let (looks, late) = simulate(duration, 40, 30);
             assert!(looks <= 40 * 2, "{duration:?}: {looks} looks for 40 tasks");
             assert!(
-                late <= duration / 5 + MIN_LEARNED_POLL,
+                late <= duration / 15 + MIN_LEARNED_POLL,
                 "{duration:?}: seen {late:?} late after it was learned"
             );
         }
