@@ -39,7 +39,7 @@ pub fn typical_duration(task_type: &str) -> Duration {
 }
 
 /// Polls a task the caller has just started until it stops or `deadline` passes. The first
-/// look comes when this host's tasks of the kind usually end ([`first_look`]); a task that
+/// look comes when this host's tasks of the kind usually end ([`LearnedWait`]); a task that
 /// ends then costs one status read and is seen at most a few percent late. A long task prints
 /// a progress line every 10 s. What the wait saw is remembered for the next one.
 pub async fn wait(
@@ -48,20 +48,17 @@ pub async fn wait(
     deadline: Instant,
     log: &dyn Log,
 ) -> Result<TaskOutcome, ApiError> {
-    let started = Instant::now();
-    let learned = history().and_then(|history| history.learned(upid));
-    let first = first_look(&upid.task_type, learned.map(|learned| learned.duration))
+    let mut learning = LearnedWait::begin(&upid.node, &upid.task_type);
+    let first = learning
+        .first_look(typical_duration(&upid.task_type))
         .min(deadline.saturating_duration_since(Instant::now()));
     tokio::time::sleep(first).await;
-    let mut poll = Poll::proportional(deadline, first, MIN_TASK_POLL, MAX_TASK_POLL);
-    if learned.is_some() {
-        poll = poll.with_fine_start(fine_pause(first), FINE_LOOKS);
+    let mut poll = learning.poll(deadline, first, MIN_TASK_POLL, MAX_TASK_POLL);
+    let outcome = poll_until_done(client, upid, &mut poll, log, || learning.missed()).await?;
+    if matches!(outcome, TaskOutcome::Ok | TaskOutcome::Warnings(_)) {
+        learning.ended();
     }
-    let outcome = poll_until_done(client, upid, &mut poll, log, started).await?;
-    if let (Some(history), TaskOutcome::Ok | TaskOutcome::Warnings(_)) = (history(), &outcome.0) {
-        history.learn(upid, learned, outcome.1);
-    }
-    Ok(outcome.0)
+    Ok(outcome)
 }
 
 /// Polls a task that may have run for a while already (started by an earlier hook): the
@@ -73,39 +70,91 @@ pub async fn wait_running(
     log: &dyn Log,
 ) -> Result<TaskOutcome, ApiError> {
     let mut poll = Poll::proportional(deadline, Duration::ZERO, MIN_TASK_POLL, MAX_TASK_POLL);
-    poll_until_done(client, upid, &mut poll, log, Instant::now())
-        .await
-        .map(|(outcome, _)| outcome)
+    poll_until_done(client, upid, &mut poll, log, || {}).await
+}
+
+/// A wait whose end this runner host learns from its earlier ones (a task of a type on a node,
+/// or another wait such as a guest's boot): when to look first, and, after that look found it
+/// not over, a few close looks before the caller's schedule. Report each look that found the
+/// wait not over ([`LearnedWait::missed`]) and the end ([`LearnedWait::ended`]).
+#[derive(Debug)]
+pub struct LearnedWait {
+    node: String,
+    kind: String,
+    learned: Option<Learned>,
+    started: Instant,
+    running_at: Option<Duration>,
+}
+
+impl LearnedWait {
+    /// Starts the clock: call it when the thing waited for begins (a task was answered).
+    pub fn begin(node: &str, kind: &str) -> LearnedWait {
+        let learned = history().and_then(|history| history.learned(node, kind));
+        LearnedWait {
+            node: node.to_string(),
+            kind: kind.to_string(),
+            learned,
+            started: Instant::now(),
+            running_at: None,
+        }
+    }
+
+    /// The learned time, or `typical` for a wait of a kind this host has not seen end.
+    pub fn first_look(&self, typical: Duration) -> Duration {
+        self.learned.map_or(typical, |learned| learned.duration)
+    }
+
+    /// `Poll::proportional(deadline, first, min, max)`, starting with close looks when the
+    /// first look came at a learned time (it is about to end).
+    pub fn poll(&self, deadline: Instant, first: Duration, min: Duration, max: Duration) -> Poll {
+        let poll = Poll::proportional(deadline, first, min, max);
+        match self.learned {
+            Some(_) => poll.with_fine_start(fine_pause(first), FINE_LOOKS),
+            None => poll,
+        }
+    }
+
+    /// A look just found the wait not over.
+    pub fn missed(&mut self) {
+        self.running_at = Some(self.started.elapsed());
+    }
+
+    /// The last look found it over: remember when.
+    pub fn ended(self) {
+        let ended_by = self.started.elapsed();
+        let seen = match self.running_at {
+            None => Seen::AtFirstLook(ended_by),
+            Some(running) => Seen::Between(running, ended_by),
+        };
+        if let Some(history) = history() {
+            history.learn(&self.node, &self.kind, self.learned, seen);
+        }
+    }
 }
 
 fn fine_pause(first_look: Duration) -> Duration {
     (first_look / 20).max(MIN_LEARNED_POLL)
 }
 
-/// When to look first: at the learned time, or the typical one for an unknown task.
+/// When to look first at a task: at the learned time, or the typical one for an unknown task.
+#[cfg(test)]
 fn first_look(task_type: &str, learned: Option<Duration>) -> Duration {
     learned.unwrap_or_else(|| typical_duration(task_type))
 }
 
-/// Looks until the task ends; also returns what the looks saw of its end.
+/// Looks until the task ends, calling `missed` after each look that found it running.
 async fn poll_until_done(
     client: &Client,
     upid: &Upid,
     poll: &mut Poll,
     log: &dyn Log,
-    started: Instant,
-) -> Result<(TaskOutcome, Seen), ApiError> {
-    let mut running_at = None;
+    mut missed: impl FnMut(),
+) -> Result<TaskOutcome, ApiError> {
     loop {
         if let Some(outcome) = client.task_status(upid).await?.outcome() {
-            let ended_by = started.elapsed();
-            let seen = match running_at {
-                None => Seen::AtFirstLook(ended_by),
-                Some(running) => Seen::Between(running, ended_by),
-            };
-            return Ok((outcome, seen));
+            return Ok(outcome);
         }
-        running_at = Some(started.elapsed());
+        missed();
         poll.pause(|waited| {
             log.info(&format!(
                 "{} {} on {} still running after {}",
@@ -233,20 +282,20 @@ struct Entry {
 }
 
 impl History {
-    fn key(&self, upid: &Upid) -> Option<String> {
+    fn key(&self, node: &str, kind: &str) -> Option<String> {
         let clean = |text: &str| {
             !text.is_empty() && text.len() <= 200 && !text.chars().any(char::is_whitespace)
         };
-        (clean(&self.api) && clean(&upid.node) && clean(&upid.task_type))
-            .then(|| format!("{} {} {}", self.api, upid.node, upid.task_type))
+        (clean(&self.api) && clean(node) && clean(kind))
+            .then(|| format!("{} {node} {kind}", self.api))
     }
 
     fn open(&self) -> Option<File> {
         crate::vm::clone_slots::open_host_file(self.dir.as_deref(), FILE_NAME).ok()
     }
 
-    fn learned(&self, upid: &Upid) -> Option<Learned> {
-        let key = self.key(upid)?;
+    fn learned(&self, node: &str, kind: &str) -> Option<Learned> {
+        let key = self.key(node, kind)?;
         let mut file = self.open()?;
         lock(&file, libc::LOCK_SH)?;
         let entries = read_entries(&mut file);
@@ -259,8 +308,10 @@ impl History {
             })
     }
 
-    fn learn(&self, upid: &Upid, previous: Option<Learned>, seen: Seen) {
-        let Some(key) = self.key(upid) else { return };
+    fn learn(&self, node: &str, kind: &str, previous: Option<Learned>, seen: Seen) {
+        let Some(key) = self.key(node, kind) else {
+            return;
+        };
         let Some(mut file) = self.open() else { return };
         if lock(&file, libc::LOCK_EX).is_none() {
             return;
@@ -344,12 +395,17 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    fn upid(node: &str, kind: &str) -> Upid {
-        Upid {
-            raw: String::new(),
-            node: node.into(),
-            task_type: kind.into(),
-            id: "100".into(),
+    fn upid(node: &str, kind: &str) -> (String, String) {
+        (node.to_string(), kind.to_string())
+    }
+
+    impl History {
+        fn learned_of(&self, what: &(String, String)) -> Option<Learned> {
+            self.learned(&what.0, &what.1)
+        }
+
+        fn learn_of(&self, what: &(String, String), previous: Option<Learned>, seen: Seen) {
+            self.learn(&what.0, &what.1, previous, seen)
         }
     }
 
@@ -460,22 +516,26 @@ mod tests {
             api: "https://pve.example:8006".into(),
         };
         let stop = upid("pve1", "qmstop");
-        assert_eq!(history.learned(&stop), None);
-        history.learn(&stop, None, Seen::AtFirstLook(ms(400)));
-        let learned = history.learned(&stop).expect("learned");
+        assert_eq!(history.learned_of(&stop), None);
+        history.learn_of(&stop, None, Seen::AtFirstLook(ms(400)));
+        let learned = history.learned_of(&stop).expect("learned");
         assert_eq!(learned.duration, ms(300));
         assert!(!learned.bracketed);
-        history.learn(&stop, Some(learned), Seen::Between(ms(250), ms(290)));
+        history.learn_of(&stop, Some(learned), Seen::Between(ms(250), ms(290)));
         assert_eq!(
-            history.learned(&stop),
+            history.learned_of(&stop),
             Some(Learned {
                 duration: ms(290),
                 bracketed: true
             })
         );
-        assert_eq!(history.learned(&upid("pve2", "qmstop")), None, "per node");
+        assert_eq!(
+            history.learned_of(&upid("pve2", "qmstop")),
+            None,
+            "per node"
+        );
         for node in 0..MAX_ENTRIES + 10 {
-            history.learn(
+            history.learn_of(
                 &upid(&format!("n{node}"), "qmdestroy"),
                 None,
                 Seen::Between(ms(100), ms(150)),
@@ -488,7 +548,7 @@ mod tests {
             .permissions();
         assert_eq!(mode.mode() & 0o777, 0o600);
         // A name with whitespace could forge a line: never stored.
-        history.learn(&upid("pve1 x", "qmstop"), None, Seen::AtFirstLook(ms(300)));
+        history.learn_of(&upid("pve1 x", "qmstop"), None, Seen::AtFirstLook(ms(300)));
         assert!(!std::fs::read_to_string(dir.join(FILE_NAME))
             .unwrap()
             .contains("pve1 x"));
@@ -510,7 +570,7 @@ mod tests {
             dir: Some(dir.clone()),
             api: "https://x".into(),
         };
-        let learned = history.learned(&upid("n", "qmstop")).expect("learned");
+        let learned = history.learned_of(&upid("n", "qmstop")).expect("learned");
         assert_eq!(learned.duration, MAX_LEARNED);
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -524,8 +584,8 @@ mod tests {
             api: "https://x".into(),
         };
         let stop = upid("n", "qmstop");
-        history.learn(&stop, None, Seen::AtFirstLook(ms(300)));
-        assert_eq!(history.learned(&stop), None);
+        history.learn_of(&stop, None, Seen::AtFirstLook(ms(300)));
+        assert_eq!(history.learned_of(&stop), None);
         assert!(!dir.join(FILE_NAME).exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }

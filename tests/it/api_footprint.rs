@@ -170,9 +170,9 @@ fn prepare_time(log: &str) -> f64 {
         .unwrap_or_else(|| panic!("no ready line in {log}"))
 }
 
-/// Every job teaches the runner host when its kind of task ends on that node: the learned times
-/// land in a file of the host's (the clone lock directory), one line per API, node and task
-/// type, never below what the tasks took.
+/// Every job teaches the runner host when its kind of task ends on that node (and when its
+/// guest's agent answers): the learned times land in a file of the host's (the clone lock
+/// directory), one line per API, node and kind, never below what the tasks took.
 #[test]
 fn jobs_teach_the_host_when_their_tasks_end() {
     let test = "jobs_teach_the_host_when_their_tasks_end";
@@ -207,6 +207,8 @@ fn jobs_teach_the_host_when_their_tasks_end() {
         ("qmstart", task_time),
         ("qmstop", task_time),
         ("qmdestroy", task_time),
+        // The guest agent's first answer after the start (the boot).
+        ("agent-up", Duration::ZERO),
     ] {
         let line = text
             .lines()
@@ -219,7 +221,7 @@ fn jobs_teach_the_host_when_their_tasks_end() {
             "{kind} learned as {millis} ms, took {took:?}:\n{text}"
         );
     }
-    assert_eq!(text.lines().count(), 4, "{text}");
+    assert_eq!(text.lines().count(), 5, "{text}");
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&file).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
