@@ -120,7 +120,7 @@ pub async fn connect(settings: &Settings) -> (Option<Api>, Vec<Finding>) {
                 format!(
                     "the API's certificate is not trusted {} ({}); {presented}",
                     trust_words(&settings.tls),
-                    tls_reason(&err.message)
+                    err.tls_reason()
                 ),
                 format!(
                     "compare that fingerprint with the node's (Node → System → Certificates, or \
@@ -161,12 +161,4 @@ pub async fn connect(settings: &Settings) -> (Option<Api>, Vec<Finding>) {
         }
     };
     (api, out)
-}
-
-/// rustls's words, without the HTTP client's wrapping (`error sending request for url ...`).
-fn tls_reason(message: &str) -> &str {
-    ["invalid peer certificate", "the API's certificate has"]
-        .iter()
-        .find_map(|start| message.find(start))
-        .map_or(message, |index| &message[index..])
 }
