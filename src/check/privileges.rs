@@ -9,6 +9,10 @@ use std::collections::BTreeMap;
 
 use reqwest::Method;
 
+use crate::check::api::Api;
+use crate::check::templates::TemplateNeeds;
+use crate::check::Finding;
+use crate::config::Settings;
 use crate::proxmox::{ApiError, Client, Retry};
 
 /// One privilege the driver needs, under its PVE 9 name and (where it differs) its PVE 8 one.
@@ -116,6 +120,195 @@ pub fn missing(
         })
         .copied()
         .collect()
+}
+
+/// One finding per path the driver needs privileges on: held by the token, or which are
+/// missing and how to grant them.
+pub async fn findings(api: &Api, settings: &Settings, templates: &TemplateNeeds) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for need in &needs(settings, templates, api.major) {
+        out.push(privilege_finding(api, need).await);
+    }
+    out
+}
+
+/// The paths the driver needs privileges on for these settings and templates, on a PVE of
+/// major version `major` (SDN only from 8 on).
+pub fn needs(settings: &Settings, templates: &TemplateNeeds, major: Option<u32>) -> Vec<Need> {
+    let mut needs: Vec<Need> = Vec::new();
+    for (name, listed) in &settings.templates {
+        let vmid = listed.first().vmid;
+        needs.push(Need {
+            path: format!("/vms/{vmid}"),
+            alternative_path: None,
+            privileges: vec![VM_CLONE, VM_AUDIT],
+            what_for: format!("cloning template {name}"),
+        });
+    }
+    for (vmid, what_for) in &templates.copies {
+        needs.push(Need {
+            path: format!("/vms/{vmid}"),
+            alternative_path: None,
+            privileges: vec![VM_CLONE, VM_AUDIT],
+            what_for: what_for.clone(),
+        });
+    }
+    let new_vm = format!("/vms/{}", settings.vmid_range.0);
+    let mut job = vec![
+        VM_ALLOCATE,
+        VM_AUDIT,
+        VM_POWER,
+        VM_CONFIG_OPTIONS,
+        AGENT_AUDIT,
+        AGENT_FILE_READ,
+    ];
+    if settings.vm_cores.is_some() {
+        job.push(VM_CONFIG_CPU);
+    }
+    if settings.vm_memory_mb.is_some() {
+        job.push(VM_CONFIG_MEMORY);
+    }
+    if settings.vm_disk_grow_gb.is_some() {
+        job.push(VM_CONFIG_DISK);
+    }
+    needs.push(match &settings.pool {
+        Some(pool) => Need {
+            path: format!("/pool/{pool}"),
+            alternative_path: Some(new_vm),
+            privileges: job,
+            what_for: "the job VMs: create, configure, start, guest agent, destroy".into(),
+        },
+        None => Need {
+            path: new_vm,
+            alternative_path: None,
+            privileges: job,
+            what_for: "the job VMs: create, configure, start, guest agent, destroy".into(),
+        },
+    });
+    for storage in &templates.storages {
+        needs.push(Need {
+            path: format!("/storage/{storage}"),
+            alternative_path: None,
+            privileges: vec![DATASTORE_ALLOCATE, DATASTORE_AUDIT],
+            what_for: "the clones' disks".into(),
+        });
+    }
+    if major.is_none_or(|major| major >= 8) {
+        for bridge in &templates.bridges {
+            needs.push(Need {
+                path: format!("/sdn/zones/localnetwork/{bridge}"),
+                alternative_path: None,
+                privileges: vec![SDN_USE],
+                what_for: format!("the clones' NIC on bridge {bridge}"),
+            });
+        }
+    }
+    needs
+}
+
+async fn privilege_finding(api: &Api, need: &Need) -> Finding {
+    let id = format!("privileges{}", need.path);
+    let token = &api.token;
+    let held = match effective(&api.client, &need.path, None).await {
+        Ok(held) => held,
+        Err(err) => {
+            return Finding::fail(
+                id,
+                format!(
+                    "privileges on {}: cannot read the token's permissions: {err}",
+                    need.path
+                ),
+                "the message names it (GET /access/permissions needs no privilege of its own)",
+            )
+        }
+    };
+    let alternative = match &need.alternative_path {
+        Some(path) => effective(&api.client, path, None).await.ok(),
+        None => None,
+    };
+    let lacking = missing(need, &held, alternative.as_ref(), api.major);
+    let names = |list: &[Privilege]| {
+        list.iter()
+            .map(Privilege::describe)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if lacking.is_empty() {
+        return Finding::pass(
+            id,
+            format!(
+                "privileges of {token} on {} ({}): {}",
+                need.path,
+                need.what_for,
+                names(&need.privileges)
+            ),
+        );
+    }
+    // Whether the user holds them: then only the token's own ACL is missing (privilege
+    // separation). Reading another user's permissions needs Sys.Audit on /access; without
+    // it, both ACLs are named.
+    let user_has_them = match effective(&api.client, &need.path, Some(&api.user)).await {
+        Ok(user) => Some(missing(need, &user, None, api.major).is_empty()),
+        Err(_) => None,
+    };
+    let mut role_privs: Vec<&str> = lacking
+        .iter()
+        .map(|p| {
+            if api.major.is_some_and(|m| m < 9) {
+                p.pve8
+            } else {
+                p.pve9
+            }
+        })
+        .collect();
+    role_privs.dedup();
+    let role_privs = role_privs.join(" ");
+    let (why, fix) = match user_has_them {
+        Some(true) => (
+            format!(
+                "; its user {} has them, so the token's own ACL is missing (the token has \
+                 privilege separation)",
+                api.user
+            ),
+            format!(
+                "grant the role to the token as well: pveum acl modify {} --tokens '{token}' \
+                 --roles GitLabRunner (README, Proxmox checklist, step 3)",
+                acl_path(&need.path)
+            ),
+        ),
+        _ => (
+            String::new(),
+            format!(
+                "add them to the role (pveum role modify GitLabRunner --append 1 --privs \
+                 \"{role_privs}\") and make sure both ACLs cover {}: pveum acl modify {} --users \
+                 {} --roles GitLabRunner; pveum acl modify {} --tokens '{token}' --roles \
+                 GitLabRunner (README, Proxmox checklist, step 3)",
+                need.path,
+                acl_path(&need.path),
+                api.user,
+                acl_path(&need.path)
+            ),
+        ),
+    };
+    Finding::fail(
+        id,
+        format!(
+            "privileges: {token} lacks {} on {} ({}){why}",
+            names(&lacking),
+            need.path,
+            need.what_for
+        ),
+        fix,
+    )
+}
+
+/// Where to put the ACL: a new VM's id stands for `/vms` (or `/`).
+fn acl_path(path: &str) -> &str {
+    if path.starts_with("/vms/") {
+        "/vms"
+    } else {
+        path
+    }
 }
 
 #[cfg(test)]
