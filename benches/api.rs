@@ -9,12 +9,18 @@
 //! ```text
 //! cargo bench --bench api                  # report to stdout
 //! cargo bench --bench api -- --out FILE
+//! cargo bench --bench api -- --bin FILE --baseline-bin OLD   # both, side by side
 //! ```
+//!
+//! `--bin FILE`: the driver to measure (default: `$GPR_BIN`, else the one cargo built);
+//! `--baseline-bin FILE`: an older build measured in the same run, interleaved with ours, every
+//! table showing both and the ratio ours/baseline.
 //!
 //! Needs /usr/sbin/sshd (a real sshd stands in for every VM), like the sshd tests.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -55,13 +61,17 @@ fn prepare_time(log: &str) -> f64 {
         .unwrap_or_else(|| panic!("no ready line in {log}"))
 }
 
-fn one_job(report: &mut String) {
-    let Some(lab) = Lab::builder(driver_binary!())
+/// One typical job's figures.
+struct OneJob {
+    by_endpoint: BTreeMap<String, usize>,
+    total: usize,
+    prepare: f64,
+}
+
+fn one_job(bin: &Path) -> Option<OneJob> {
+    let lab = Lab::builder(bin)
         .fake(config(None))
-        .with_sshd_or_skip("bench api: one job")
-    else {
-        return;
-    };
+        .with_sshd_or_skip("bench api: one job")?;
     let dir = tempfile::tempdir().unwrap();
     let hook = job_hook(&lab, dir.path(), 1);
     let out = hook.clone().arg("prepare").run();
@@ -85,40 +95,33 @@ fn one_job(report: &mut String) {
             .assert_exit(0);
     }
     hook.clone().arg("cleanup").run().assert_exit(0);
-    let counts = lab.fake.requests_by_endpoint();
-    let total: usize = counts.values().sum();
-    let _ = writeln!(
-        report,
-        "## API requests of one job (prepare, 6 stages, cleanup)\n"
-    );
-    let _ = writeln!(report, "| endpoint | requests |\n|---|---|");
-    for (endpoint, count) in &counts {
-        let _ = writeln!(report, "| `{endpoint}` | {count} |");
-    }
-    let _ = writeln!(
-        report,
-        "| **total** | **{total}** (older Python driver: {OLD_DRIVER_REQUESTS}) |\n"
-    );
-    let floor = (CLONE_TIME + TASK_TIME + BOOT_TIME).as_secs_f64();
-    let _ = writeln!(
-        report,
-        "Prepare, one job, no capacity limit: {prepare:.1} s (floor {floor:.1} s of simulated \
-         clone, start and boot, plus SSH and the helper).\n"
-    );
+    let by_endpoint = lab.fake.requests_by_endpoint();
+    let total = by_endpoint.values().sum();
+    Some(OneJob {
+        by_endpoint,
+        total,
+        prepare,
+    })
 }
 
-fn concurrent(report: &mut String, jobs: u64) {
+/// Prepare of `jobs` jobs at once against 3 API workers.
+struct Concurrent {
+    fastest: f64,
+    median: f64,
+    slowest: f64,
+    requests_per_job: f64,
+    most_queued: usize,
+}
+
+fn concurrent(bin: &Path, jobs: u64) -> Option<Concurrent> {
     let capacity = ApiCapacity {
         workers: 3,
         service_time: Duration::from_millis(10),
         agent_timeout: Duration::from_secs(3),
     };
-    let Some(lab) = Lab::builder(driver_binary!())
+    let lab = Lab::builder(bin)
         .fake(config(Some(capacity)))
-        .with_sshd_or_skip("bench api: concurrent jobs")
-    else {
-        return;
-    };
+        .with_sshd_or_skip("bench api: concurrent jobs")?;
     let dirs: Vec<tempfile::TempDir> = (0..jobs).map(|_| tempfile::tempdir().unwrap()).collect();
     let hooks: Vec<Hook> = dirs
         .iter()
@@ -151,36 +154,153 @@ fn concurrent(report: &mut String, jobs: u64) {
         hook.clone().arg("cleanup").run().assert_exit(0);
     }
     times.sort_by(f64::total_cmp);
-    let (_, queued) = lab.fake.max_concurrent_requests();
-    let _ = writeln!(
-        report,
-        "| {jobs} | {:.1} | {:.1} | {:.1} | {} | {queued} |",
-        times[0],
-        times[times.len() / 2],
-        times[times.len() - 1],
-        requests as u64 / jobs
-    );
+    let (_, most_queued) = lab.fake.max_concurrent_requests();
+    Some(Concurrent {
+        fastest: times[0],
+        median: times[times.len() / 2],
+        slowest: times[times.len() - 1],
+        requests_per_job: requests as f64 / jobs as f64,
+        most_queued,
+    })
+}
+
+fn ratio(ours: f64, theirs: f64) -> String {
+    if theirs > 0.0 {
+        format!("{:.2}×", ours / theirs)
+    } else {
+        "–".into()
+    }
 }
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let mut out = None;
+    let mut bin = driver_binary!();
+    let mut baseline: Option<PathBuf> = None;
     while let Some(arg) = args.next() {
         // cargo bench also passes --bench, which needs nothing.
-        if arg == "--out" {
-            out = args.next();
+        match arg.as_str() {
+            "--out" => out = args.next(),
+            "--bin" => bin = PathBuf::from(args.next().expect("--bin needs a value")),
+            "--baseline-bin" => {
+                baseline = Some(PathBuf::from(
+                    args.next().expect("--baseline-bin needs a value"),
+                ))
+            }
+            _ => {}
         }
     }
+    // Hooks run in their job directory: a relative path would name another file there.
+    let absolute = |path: PathBuf| {
+        if path.is_relative() {
+            std::env::current_dir().expect("current dir").join(path)
+        } else {
+            path
+        }
+    };
+    let mut binaries = vec![("ours", absolute(bin))];
+    if let Some(baseline) = baseline {
+        binaries.push(("baseline", absolute(baseline)));
+    }
     let mut report = String::from("# API footprint and prepare latency (benches/api.rs)\n\n");
-    one_job(&mut report);
+    for (name, path) in &binaries {
+        let _ = writeln!(report, "- {name}: `{}`", path.display());
+    }
+    let _ = writeln!(report);
+
+    // Interleaved: each measurement runs every binary once before the next one starts.
+    let jobs: Vec<Option<OneJob>> = binaries.iter().map(|(_, bin)| one_job(bin)).collect();
+    let mut crowds: BTreeMap<u64, Vec<Option<Concurrent>>> = BTreeMap::new();
+    for count in [1, 16] {
+        let results = binaries
+            .iter()
+            .map(|(_, bin)| concurrent(bin, count))
+            .collect();
+        crowds.insert(count, results);
+    }
+    if jobs.iter().any(Option::is_none) {
+        report.push_str("Skipped: no sshd.\n");
+    } else {
+        let jobs: Vec<OneJob> = jobs.into_iter().flatten().collect();
+        let _ = writeln!(
+            report,
+            "## API requests of one job (prepare, 6 stages, cleanup)\n"
+        );
+        let mut endpoints: Vec<&String> = jobs.iter().flat_map(|j| j.by_endpoint.keys()).collect();
+        endpoints.sort();
+        endpoints.dedup();
+        let names: Vec<&str> = binaries.iter().map(|(name, _)| *name).collect();
+        let _ = writeln!(
+            report,
+            "| endpoint | {} |\n|---{}|",
+            names.join(" | "),
+            "|---".repeat(names.len())
+        );
+        for endpoint in endpoints {
+            let counts: Vec<String> = jobs
+                .iter()
+                .map(|j| {
+                    j.by_endpoint
+                        .get(endpoint)
+                        .copied()
+                        .unwrap_or(0)
+                        .to_string()
+                })
+                .collect();
+            let _ = writeln!(report, "| `{endpoint}` | {} |", counts.join(" | "));
+        }
+        let totals: Vec<String> = jobs.iter().map(|j| format!("**{}**", j.total)).collect();
+        let _ = writeln!(
+            report,
+            "| **total** (older Python driver: {OLD_DRIVER_REQUESTS}) | {} |\n",
+            totals.join(" | ")
+        );
+        let floor = (CLONE_TIME + TASK_TIME + BOOT_TIME).as_secs_f64();
+        for (job, name) in jobs.iter().zip(&names) {
+            let _ = writeln!(
+                report,
+                "- {name}: prepare, one job, no capacity limit: {:.1} s (floor {floor:.1} s of \
+                 simulated clone, start and boot, plus SSH and the helper)",
+                job.prepare
+            );
+        }
+        if jobs.len() > 1 {
+            let _ = writeln!(
+                report,
+                "- ours / baseline: requests {}, prepare {}",
+                ratio(jobs[0].total as f64, jobs[1].total as f64),
+                ratio(jobs[0].prepare, jobs[1].prepare)
+            );
+        }
+        let _ = writeln!(report);
+    }
     let _ = writeln!(
         report,
         "## Prepare against 3 API workers (10 ms a request, agent calls before the agent runs \
-         hold a worker 3 s)\n\n| jobs at once | fastest s | median s | slowest s | prepare \
-         requests per job | most queued |\n|---|---|---|---|---|---|"
+         hold a worker 3 s)\n\n| driver | jobs at once | fastest s | median s | slowest s | \
+         prepare requests per job | most queued |\n|---|---|---|---|---|---|---|"
     );
-    concurrent(&mut report, 1);
-    concurrent(&mut report, 16);
+    for (count, results) in &crowds {
+        for (result, (name, _)) in results.iter().zip(&binaries) {
+            if let Some(r) = result {
+                let _ = writeln!(
+                    report,
+                    "| {name} | {count} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+                    r.fastest, r.median, r.slowest, r.requests_per_job, r.most_queued
+                );
+            }
+        }
+        if let [Some(ours), Some(base)] = results.as_slice() {
+            let _ = writeln!(
+                report,
+                "| ours / baseline | {count} | {} | {} | {} | {} | – |",
+                ratio(ours.fastest, base.fastest),
+                ratio(ours.median, base.median),
+                ratio(ours.slowest, base.slowest),
+                ratio(ours.requests_per_job, base.requests_per_job)
+            );
+        }
+    }
     match out {
         Some(path) => std::fs::write(&path, &report).expect("write the report"),
         None => print!("{report}"),

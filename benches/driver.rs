@@ -20,7 +20,11 @@
 //! Options: `--smoke`, `--out FILE` (else the report goes to stdout), `--bin FILE` (the driver
 //! to measure; default: `$GPR_BIN`, else the binary cargo built for this target), `--static-bin FILE` (default:
 //! `target/x86_64-unknown-linux-musl/release/gitlab-proxmox-runner`, measured as a second
-//! "ours" when it exists). Needs root and /usr/sbin/sshd, like the sshd tests.
+//! "ours" when it exists), `--baseline-bin FILE` (an older build of the driver, measured in the
+//! same interleaved rounds; every table then shows it and the ratio ours/baseline),
+//! `--clone-ms N`, `--task-ms N` (the fake's clone and start/stop/delete durations) and
+//! `--boot-ms N,N,...` (the boot delays of the prepare rounds). Needs root and /usr/sbin/sshd,
+//! like the sshd tests.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -43,12 +47,16 @@ const SFTP_SERVER: &str = "/usr/lib/openssh/sftp-server";
 /// takes about a second on real PVE, start/stop/delete about half a second.
 const CLONE_TIME: Duration = Duration::from_millis(1000);
 const TASK_TIME: Duration = Duration::from_millis(500);
+const BASELINE: &str = "baseline";
 
 struct Options {
     smoke: bool,
     out: Option<PathBuf>,
     bin: PathBuf,
     static_bin: PathBuf,
+    baseline_bin: Option<PathBuf>,
+    clone_time: Duration,
+    task_time: Duration,
     stage_rounds: usize,
     stream_bytes: u64,
     stream_rounds: usize,
@@ -67,6 +75,9 @@ impl Options {
             out: None,
             bin: gpr_testkit::driver_binary!(),
             static_bin: target_dir.join("x86_64-unknown-linux-musl/release/gitlab-proxmox-runner"),
+            baseline_bin: None,
+            clone_time: CLONE_TIME,
+            task_time: TASK_TIME,
             stage_rounds: 30,
             stream_bytes: 200_000_000,
             stream_rounds: 10,
@@ -74,6 +85,14 @@ impl Options {
             boot_delays: vec![Duration::ZERO, Duration::from_secs(5)],
         };
         let mut args = std::env::args().skip(1);
+        let mut boot_delays = None;
+        let millis = |name: &str, text: String| {
+            Duration::from_millis(
+                text.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{name}: {text:?} is not a number of ms")),
+            )
+        };
         while let Some(arg) = args.next() {
             let mut value = |name: &str| {
                 args.next()
@@ -84,12 +103,28 @@ impl Options {
                 "--out" => options.out = Some(PathBuf::from(value("--out"))),
                 "--bin" => options.bin = PathBuf::from(value("--bin")),
                 "--static-bin" => options.static_bin = PathBuf::from(value("--static-bin")),
+                "--baseline-bin" => {
+                    options.baseline_bin = Some(PathBuf::from(value("--baseline-bin")))
+                }
+                "--clone-ms" => options.clone_time = millis("--clone-ms", value("--clone-ms")),
+                "--task-ms" => options.task_time = millis("--task-ms", value("--task-ms")),
+                "--boot-ms" => {
+                    boot_delays = Some(
+                        value("--boot-ms")
+                            .split(',')
+                            .map(|ms| millis("--boot-ms", ms.to_string()))
+                            .collect::<Vec<_>>(),
+                    )
+                }
                 // cargo bench passes --bench; cargo test may pass filters: ignore the rest.
                 _ => {}
             }
         }
         // Hooks run in their job directory: a relative path would name another file there.
-        for path in [&mut options.bin, &mut options.static_bin] {
+        for path in [&mut options.bin, &mut options.static_bin]
+            .into_iter()
+            .chain(options.baseline_bin.as_mut())
+        {
             if path.is_relative() {
                 *path = std::env::current_dir().expect("current dir").join(&*path);
             }
@@ -100,6 +135,9 @@ impl Options {
             options.stream_rounds = 3;
             options.prepare_rounds = 1;
             options.boot_delays = vec![Duration::ZERO, Duration::from_secs(1)];
+        }
+        if let Some(delays) = boot_delays {
+            options.boot_delays = delays;
         }
         options
     }
@@ -368,7 +406,8 @@ impl Bench {
         .command()
     }
 
-    /// The measured "ours" binaries: the one under test and, when built, the static one.
+    /// The measured driver binaries: the one under test, when built the static one, and last
+    /// the baseline (`--baseline-bin`) when given. Targets judge only the "ours" ones.
     fn our_binaries(&self) -> Vec<(String, PathBuf)> {
         let mut out = vec![("ours".to_string(), self.options.bin.clone())];
         if self.options.static_bin.exists() && self.options.static_bin != self.options.bin {
@@ -376,6 +415,9 @@ impl Bench {
                 "ours (static musl)".to_string(),
                 self.options.static_bin.clone(),
             ));
+        }
+        if let Some(baseline) = &self.options.baseline_bin {
+            out.push((BASELINE.to_string(), baseline.clone()));
         }
         out
     }
@@ -481,25 +523,30 @@ impl Bench {
                 ms(cpu.median)
             );
         }
+        let baseline = baseline_index(&ours);
         let _ = writeln!(
             report,
             "\n| ours, median as a ratio to | (a) old scp + ssh | (b) one ssh | (c) one ssh, \
-             curve25519 |\n|---|---|---|---|"
+             curve25519 | baseline |\n|---|---|---|---|---|"
         );
         for (index, (name, _)) in ours.iter().enumerate() {
             let ours = summaries[index].0.median;
             let _ = writeln!(
                 report,
-                "| {name} | **{}** | {} | {} |",
+                "| {name} | **{}** | {} | {} | {} |",
                 ratio(ours, summaries[old].0.median),
                 ratio(ours, summaries[old + 1].0.median),
                 ratio(ours, summaries[old + 2].0.median),
+                baseline
+                    .map(|b| ratio(ours, summaries[b].0.median))
+                    .unwrap_or_else(|| "–".into()),
             );
         }
+        let judged = baseline.unwrap_or(old);
         let _ = writeln!(
             report,
             "\nTarget: ours ≤ 25% of (a), for every build of ours. **{}**\n",
-            verdict(summaries[..old].iter().all(|(wall, _)| {
+            verdict(summaries[..judged].iter().all(|(wall, _)| {
                 wall.median.as_secs_f64() <= 0.25 * summaries[old].0.median.as_secs_f64()
             }))
         );
@@ -584,10 +631,18 @@ impl Bench {
             );
         }
         let _ = writeln!(report);
+        let baseline = baseline_index(&ours);
         for (index, (name, _)) in ours.iter().enumerate() {
+            let against_baseline = match baseline {
+                Some(b) if b != index => {
+                    format!("; {:.2}× the baseline's", medians[index] / medians[b])
+                }
+                _ => String::new(),
+            };
             let _ = writeln!(
                 report,
-                "- {name}: **{:.2}×** OpenSSH's default throughput ({:.2}× the AES-GCM one)",
+                "- {name}: **{:.2}×** OpenSSH's default throughput ({:.2}× the AES-GCM \
+                 one{against_baseline})",
                 medians[index] / medians[openssh],
                 medians[index] / medians[openssh + 1]
             );
@@ -596,7 +651,7 @@ impl Bench {
             report,
             "\nTarget: ours ≥ OpenSSH, for every build of ours. **{}**\n",
             verdict(
-                medians[..openssh]
+                medians[..baseline.unwrap_or(openssh)]
                     .iter()
                     .all(|ours| *ours >= medians[openssh])
             )
@@ -613,9 +668,10 @@ impl Bench {
             "/etc/ssh/ssh_host_ed25519_key.pub".to_string(),
             format!("{host_key} root@vm\n"),
         );
+        let (clone_time, task_time) = (self.options.clone_time, self.options.task_time);
         let fake = FakeProxmox::start(FakeConfig {
-            clone_time: CLONE_TIME,
-            task_time: TASK_TIME,
+            clone_time,
+            task_time,
             boot_time: Duration::ZERO,
             guest_files,
             ..FakeConfig::default()
@@ -691,8 +747,8 @@ impl Bench {
              delta). prepare includes reading the host key through the agent, the SSH \
              connection to the (already listening) sshd and the runner-helper check. {} rounds \
              per boot delay, interleaved.\n",
-            ms(CLONE_TIME),
-            ms(TASK_TIME),
+            ms(clone_time),
+            ms(task_time),
             self.options.prepare_rounds
         );
         let _ = writeln!(
@@ -701,6 +757,9 @@ impl Bench {
         );
         let mut prepare_ok = true;
         let mut cleanup_ok = true;
+        let baseline = baseline_index(&ours);
+        // (which, boot, prepare wall, prepare overhead, cleanup wall, cleanup overhead) medians.
+        let mut medians: Vec<(usize, Duration, Duration, f64, Duration, f64)> = Vec::new();
         for ((which, boot), (name, _)) in pairs
             .iter()
             .zip(ours.iter().flat_map(|o| boot_delays.iter().map(move |_| o)))
@@ -718,12 +777,22 @@ impl Bench {
             let cleanup_wall = summarize(&mine.iter().map(|r| r.3).collect::<Vec<_>>());
             let (p_med, p_min, p_max) = median_min_max(&mut prepare_over);
             let (c_med, c_min, c_max) = median_min_max(&mut cleanup_over);
-            prepare_ok &= p_med <= 0.300;
-            cleanup_ok &= c_med <= 0.200;
+            if Some(*which) != baseline {
+                prepare_ok &= p_med <= 0.300;
+                cleanup_ok &= c_med <= 0.200;
+            }
+            medians.push((
+                *which,
+                *boot,
+                prepare_wall.median,
+                p_med,
+                cleanup_wall.median,
+                c_med,
+            ));
             let _ = writeln!(
                 report,
                 "| {name} | {} s | {} | {} | **{}** ({}–{}) | {} | {} | **{}** ({}–{}) |",
-                boot.as_secs(),
+                boot.as_secs_f64(),
                 ms(prepare_wall.median),
                 ms(mine[0].2),
                 signed_ms(p_med),
@@ -735,6 +804,39 @@ impl Bench {
                 signed_ms(c_min),
                 signed_ms(c_max),
             );
+        }
+        if let Some(b) = baseline {
+            let _ = writeln!(
+                report,
+                "\n| ours / baseline | boot delay | prepare wall | prepare overhead | cleanup \
+                 wall | cleanup overhead |\n|---|---|---|---|---|---|"
+            );
+            let fraction = |ours: f64, theirs: f64| {
+                if theirs > 0.0 {
+                    format!("{:.2}×", ours / theirs)
+                } else {
+                    "–".into()
+                }
+            };
+            for row in medians.iter().filter(|row| row.0 != b) {
+                let Some(base) = medians.iter().find(|m| m.0 == b && m.1 == row.1) else {
+                    continue;
+                };
+                let _ = writeln!(
+                    report,
+                    "| {} | {} s | {} | {} ({} vs {}) | {} | {} ({} vs {}) |",
+                    ours[row.0].0,
+                    row.1.as_secs_f64(),
+                    ratio(row.2, base.2),
+                    fraction(row.3, base.3),
+                    signed_ms(row.3),
+                    signed_ms(base.3),
+                    ratio(row.4, base.4),
+                    fraction(row.5, base.5),
+                    signed_ms(row.5),
+                    signed_ms(base.5),
+                );
+            }
         }
         let _ = writeln!(
             report,
@@ -761,7 +863,9 @@ impl Bench {
         let _ = writeln!(report, "| hook | peak RSS |\n|---|---|");
         let mut worst = 0;
         for (hook, kib) in &self.peak_rss {
-            worst = worst.max(*kib);
+            if !hook.ends_with(BASELINE) {
+                worst = worst.max(*kib);
+            }
             let _ = writeln!(report, "| {hook} | {:.1} MB |", *kib as f64 / 1024.0);
         }
         let _ = writeln!(
@@ -809,6 +913,11 @@ fn without_ansi_colours(text: &str) -> String {
         }
     }
     out
+}
+
+/// Where the baseline (`--baseline-bin`) is among the measured binaries: always last.
+fn baseline_index(binaries: &[(String, PathBuf)]) -> Option<usize> {
+    binaries.iter().position(|(name, _)| name == BASELINE)
 }
 
 fn median_min_max(values: &mut [f64]) -> (f64, f64, f64) {
@@ -933,6 +1042,9 @@ fn machine_description(options: &Options) -> String {
             .join(" ")
     );
     let _ = writeln!(text, "| driver measured | `{}` |", options.bin.display());
+    if let Some(baseline) = &options.baseline_bin {
+        let _ = writeln!(text, "| baseline driver | `{}` |", baseline.display());
+    }
     let _ = writeln!(
         text,
         "| sshd | loopback, ed25519 host key, sessions with an empty `HOME` (no dotfiles), \

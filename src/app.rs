@@ -6,30 +6,18 @@
 //! and the fleet commands (gc, check) run by an admin, cron or a timer, outside any job. Only the job
 //! hooks read `$JOB_RESPONSE_FILE`, the job's identity and the runner's exit codes.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::cancel::Cancel;
 use crate::cli::{Cli, Command};
-use crate::commands::{cleanup, config, gc, prepare, run};
+use crate::commands::{cleanup, config, gc, pool, prepare, run};
 use crate::config::{secret_names, Settings};
 use crate::error::{Error, ExitCodes, Result};
 use crate::job::JobInfo;
 use crate::{hardening, joblog};
 
-/// What every job hook gets.
-pub struct Context {
-    pub settings: Settings,
-    pub job: JobInfo,
-    /// The per-job directory (`$TMPDIR`) where the job state lives.
-    pub job_dir: PathBuf,
-    pub cancel: Cancel,
-}
-
-/// What a fleet command gets: no job, no job directory.
-pub struct FleetContext {
-    pub settings: Settings,
-    pub cancel: Cancel,
-}
+pub use crate::commands::Context;
+pub use crate::fleet::FleetContext;
 
 /// Runs the command and returns the process exit code.
 pub fn execute(cli: Cli) -> i32 {
@@ -56,7 +44,7 @@ pub fn execute(cli: Cli) -> i32 {
             action: Some(crate::cli::PoolAction::Status { json }),
             ..
         } => fleet_command(file.as_deref(), |context| async move {
-            crate::pool::status::status(&context, json).await
+            pool::status(&context, json).await
         }),
         Command::Pool {
             action: None,
@@ -65,16 +53,14 @@ pub fn execute(cli: Cli) -> i32 {
             gc_every,
             metrics_listen,
         } => fleet_command(file.as_deref(), |context| async move {
-            crate::config::file_modes::warn_exposed(settings_file.as_deref(), &context.settings);
-            let interval = std::time::Duration::try_from_secs_f64(interval)
-                .ok()
-                .filter(|every| *every >= std::time::Duration::from_millis(100))
-                .ok_or_else(|| {
-                    Error::Settings(format!("--interval {interval} must be at least 0.1 s"))
-                })?;
-            let gc_every = gc_every.map(std::time::Duration::from_secs);
-            crate::pool::service::pool(&context, id.as_deref(), interval, gc_every, metrics_listen)
-                .await
+            let options = pool::Options {
+                id: id.as_deref(),
+                interval,
+                gc_every,
+                metrics_listen,
+                settings_file: settings_file.as_deref(),
+            };
+            pool::pool(&context, options).await
         }),
         Command::FleetKey => match crate::fleet_key::FleetKey::generate() {
             Ok(key) => {

@@ -38,6 +38,28 @@ pub fn secs(duration: Duration) -> String {
     }
 }
 
+/// An age as people read it: `45 s`, `12 min`, `26.1 h`, `3.0 d`.
+pub fn age(age: Duration) -> String {
+    let secs = age.as_secs();
+    if secs < 120 {
+        format!("{secs} s")
+    } else if secs < 2 * 3600 {
+        format!("{} min", secs / 60)
+    } else if secs < 3 * 86_400 {
+        format!("{:.1} h", secs as f64 / 3600.0)
+    } else {
+        format!("{:.1} d", secs as f64 / 86_400.0)
+    }
+}
+
+/// Seconds since the Unix epoch on this host's clock (0 if the clock is before 1970): the
+/// unit of every time a marker records.
+pub fn now_epoch() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |now| now.as_secs())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -15,6 +15,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod error;
+pub mod fleet;
 pub mod fleet_key;
 pub mod hardening;
 pub mod job;

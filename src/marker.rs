@@ -35,7 +35,7 @@
 //!   driver ignores the line (only the first counts).
 
 use std::fmt::Write as _;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use percent_encoding::{
     percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS, NON_ALPHANUMERIC,
@@ -43,7 +43,7 @@ use percent_encoding::{
 
 use crate::fleet_key::FleetKey;
 use crate::job::JobInfo;
-use crate::vm::VmRef;
+use crate::proxmox::VmRef;
 
 pub const MARKER_PREFIX: &str = "gitlab-proxmox-runner:";
 pub const CURRENT_VERSION: u8 = 2;
@@ -220,13 +220,6 @@ impl ClaimReport {
     }
 }
 
-fn now_epoch() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|age| age.as_secs())
-        .unwrap_or(0)
-}
-
 /// `created` + the job's timeout (capped at `max_job_timeout`, which it is when unknown) +
 /// [`DEADLINE_MARGIN`].
 pub fn deadline_for(created: u64, job_timeout_secs: Option<u64>, max_job_timeout: Duration) -> u64 {
@@ -240,7 +233,7 @@ pub fn deadline_for(created: u64, job_timeout_secs: Option<u64>, max_job_timeout
 impl Marker {
     /// A marker for this job on the runner host `runner_id`, stamped now, with a fresh nonce.
     pub fn for_job(job: &JobInfo, runner_id: &str, max_job_timeout: Duration) -> Marker {
-        let created = now_epoch();
+        let created = crate::joblog::now_epoch();
         Marker {
             version: CURRENT_VERSION,
             runner: Some(runner_id.to_string()),
@@ -259,7 +252,7 @@ impl Marker {
     /// A warm VM's marker: made by `runner_id`'s pool service `warm.pool` now, recycled after
     /// `max_idle`.
     pub fn for_warm(runner_id: &str, warm: Warm, max_idle: Duration) -> Marker {
-        let created = now_epoch();
+        let created = crate::joblog::now_epoch();
         Marker {
             version: CURRENT_VERSION,
             runner: Some(runner_id.to_string()),
@@ -325,13 +318,13 @@ impl Marker {
 
     /// Seconds since it was created.
     pub fn age_secs(&self) -> u64 {
-        now_epoch().saturating_sub(self.created)
+        crate::joblog::now_epoch().saturating_sub(self.created)
     }
 
     /// Whether its deadline has passed.
     pub fn is_past_deadline(&self) -> bool {
         self.deadline
-            .is_some_and(|deadline| now_epoch() >= deadline)
+            .is_some_and(|deadline| crate::joblog::now_epoch() >= deadline)
     }
 
     /// [`Marker::for_job`] with no runner identity and the default job timeout cap.
@@ -515,7 +508,7 @@ pub fn warm_host_keys(description: &str) -> Vec<String> {
     description
         .lines()
         .filter_map(|line| line.strip_prefix(HOST_KEY_LINE))
-        .filter_map(crate::vm::ready::parse_public_key_line)
+        .filter_map(crate::ssh::key_lines::public_key_line)
         .collect()
 }
 

@@ -17,13 +17,13 @@ use crate::job::JobInfo;
 use crate::joblog;
 use crate::marker::Marker;
 use crate::proxmox::Client;
-use crate::ssh::{self, Connection, HostKeyCheck, Target};
+use crate::ssh::{self, Connection, HostKeyCheck};
 use crate::vm::clone_watch::CloneTrace;
 use crate::vm::host_keys::{self, Holder};
-use crate::vm::provision::{self, Order};
+use crate::vm::provision::Order;
 use crate::vm::teardown::{self, Teardown};
 use crate::vm::{
-    placement, ready, template, HostKeySource, Log, Milestone, ReadyVm, Sink, StderrLog, VmRef,
+    placement, template, HostKeySource, Log, Milestone, ReadyVm, Sink, StderrLog, VmRef,
 };
 
 /// The longest a smoke VM may live by its marker: `gc` removes it after this (plus gc's margin)
@@ -87,7 +87,7 @@ impl Sink for SmokeSink {
                     template: self.template,
                     template_node: self.template_node.clone(),
                     // Counted as sent before it is: from here on, a VM may appear there.
-                    sent_at: Some(crate::vm::clone_watch::now_epoch()),
+                    sent_at: Some(crate::joblog::now_epoch()),
                     upid: None,
                 })
             }
@@ -198,7 +198,9 @@ async fn bring_up(
     let total = Instant::now();
     // The node the way prepare chooses it, so that with PROXMOX_NODES the test shows where a
     // job would go now.
-    let placed = placement::place(client, settings, &settings.template, &HashSet::new()).await?;
+    let placed = placement::Strategy::of(settings)
+        .place(client, settings, &settings.template, &HashSet::new())
+        .await?;
     sink.placed = placed.reason;
     let template = placed.template;
     let mode = template::clone_mode(settings, &template)?;
@@ -215,21 +217,16 @@ async fn bring_up(
         marker,
         claim: None,
     };
-    let started = provision::provision(client, settings, &order, sink).await?;
-    let deadline = Instant::now() + settings.boot_timeout;
-    let ready = ready::ready(client, settings, &started, deadline, cancel, sink).await?;
+    let ready = crate::vm::bring_up(client, settings, &order, cancel, sink)
+        .await?
+        .ready;
     sink.step("comparing the VM's SSH host keys with the warm VMs'");
     own_host_keys(client, settings, &template, &ready, marker, sink).await?;
 
     sink.step("running `sudo -n true` over SSH");
     let sudo = Instant::now();
     let key = ssh::load_private_key(settings)?;
-    let target = Target {
-        host: ready.ip.to_string(),
-        port: ready.ssh_port,
-        user: ready.ssh_user.clone(),
-        vm_label: ready.vm.to_string(),
-    };
+    let target = ready.ssh_target();
     let connection = Connection::connect(
         &target,
         Arc::clone(&key),
@@ -278,7 +275,9 @@ async fn own_host_keys(
         return Ok(());
     };
     let listed = async {
-        let copies = placement::copies(client, settings, &settings.template).await?;
+        let copies = placement::Strategy::of(settings)
+            .copies(client, settings, &settings.template)
+            .await?;
         crate::pool::list_warm(
             client,
             settings.vmid_range,

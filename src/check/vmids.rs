@@ -6,6 +6,7 @@ use crate::config::Settings;
 use crate::marker::Marker;
 use crate::proxmox::types::ClusterVm;
 use crate::proxmox::ApiError;
+use crate::vm::ownership::{first_look, FirstLook};
 
 /// Whether `PROXMOX_VMID_RANGE` holds only this driver's VMs (those carrying its marker): a
 /// foreign guest there takes VMIDs from the jobs and confuses whoever reads the range as ours.
@@ -29,19 +30,26 @@ pub async fn range_finding(
     let mut ours = 0;
     let mut foreign = Vec::new();
     for vm in &vms {
-        let Ok(vmid) = u32::try_from(vm.vmid) else {
-            continue;
+        // Templates and containers in the range count as foreign; any QEMU guest, tagged or
+        // not, as ours when its marker parses.
+        let vmid = match first_look(vm, (low, high)) {
+            FirstLook::Tagged { vmid, .. } | FirstLook::Untagged { vmid, .. } => vmid,
+            FirstLook::Foreign => match u32::try_from(vm.vmid) {
+                Ok(vmid) if (low..=high).contains(&vmid) => {
+                    foreign.push(format!(
+                        "{vmid} ({} on {})",
+                        vm.name.as_deref().unwrap_or("unnamed"),
+                        vm.node
+                    ));
+                    continue;
+                }
+                _ => continue,
+            },
         };
-        if !(low..=high).contains(&vmid) {
-            continue;
-        }
-        let is_qemu = vm.kind.as_deref().is_none_or(|kind| kind == "qemu");
-        let marked = is_qemu
-            && !vm.template
-            && matches!(
-                api.client.vm_config(&vm.node, vmid).await,
-                Ok(Some(config)) if config.description().as_deref().and_then(Marker::find_in).is_some()
-            );
+        let marked = matches!(
+            api.client.vm_config(&vm.node, vmid).await,
+            Ok(Some(config)) if config.description().as_deref().and_then(Marker::find_in).is_some()
+        );
         if marked {
             ours += 1;
         } else {

@@ -3,7 +3,7 @@
 
 use crate::commands::Context;
 use crate::config::Settings;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// The JSON gitlab-runner reads from config_exec's stdout.
 pub fn driver_json() -> serde_json::Value {
@@ -19,19 +19,7 @@ pub fn driver_json() -> serde_json::Value {
 /// Checks that need no network: TLS trust material and the SSH key's presence.
 pub fn check_offline(settings: &Settings) -> Result<()> {
     crate::proxmox::tls::client_config(&settings.tls)?;
-    require_ssh_key(settings)
-}
-
-pub fn require_ssh_key(settings: &Settings) -> Result<()> {
-    if settings.ssh_private_key.is_none() {
-        return Err(Error::Settings(
-            "VM_SSH_PRIVATE_KEY is not set: the driver needs the private key (text or a path) \
-             that the template's VM_SSH_USER accepts; put it in the driver's config file or the \
-             runner host's environment"
-                .into(),
-        ));
-    }
-    Ok(())
+    settings.require_ssh_key()
 }
 
 pub async fn config(context: &Context) -> Result<()> {

@@ -14,16 +14,17 @@ pub use name::vm_name;
 use record::JobRecord;
 
 use crate::commands::Context;
-use crate::config::NodeSet;
 use crate::error::{Error, Result};
 use crate::joblog;
 use crate::marker::Marker;
 use crate::pool::claim::Claimed;
-use crate::proxmox::{ApiError, Client};
+use crate::proxmox::Client;
 use crate::state::{JobState, LeftVm};
-use crate::vm::provision::{self, Order};
+use crate::vm::failover::{self, NodeAttempts};
+use crate::vm::placement::Strategy;
+use crate::vm::provision::Order;
 use crate::vm::teardown::{self, Teardown};
-use crate::vm::{placement, ready, template, Sink, StderrLog};
+use crate::vm::{self, template, Sink, StderrLog};
 
 /// Removing what a failed prepare created (waits for a clone lock included).
 const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5 * 60);
@@ -31,8 +32,6 @@ const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// README recommends 30 s). What rollback cannot finish in time stays in the job state for
 /// cleanup, which the runner runs next.
 const CANCELLED_ROLLBACK_TIMEOUT: Duration = Duration::from_secs(20);
-/// Nodes one prepare tries (with `PROXMOX_NODES`) when nodes fail under it.
-const MAX_NODE_ATTEMPTS: usize = 3;
 /// Removing the VM of a node that just failed: if the node does not answer within this, the
 /// VM stays in the job state for cleanup and prepare goes on elsewhere.
 const FAILED_NODE_ROLLBACK_TIMEOUT: Duration = Duration::from_secs(15);
@@ -41,7 +40,7 @@ pub async fn prepare(context: &Context) -> Result<()> {
     for warning in &context.settings.trust_warnings {
         joblog::warn(warning);
     }
-    super::config::require_ssh_key(&context.settings)?;
+    context.settings.require_ssh_key()?;
     // Parsed and decrypted before anything is claimed or cloned: a key (or passphrase) the job
     // supplied that does not parse fails the job here (a build failure), with nothing to undo
     // and no warm VM spent on it.
@@ -83,30 +82,44 @@ async fn bring_up(
     marker: &Marker,
     job: &mut JobRecord<'_>,
 ) -> Result<()> {
-    let settings = &context.settings;
-    let mut avoid = HashSet::new();
-    loop {
-        let err = match bring_up_on_a_node(client, context, marker, job, &avoid).await {
-            Ok(()) => return Ok(()),
-            Err(err) => err,
-        };
-        let failed_node = job.node.take();
-        let node_failed = err.api_error().is_some_and(ApiError::is_node_failure);
-        let (Some(node), true) = (failed_node, node_failed) else {
-            return Err(err);
-        };
-        if settings.nodes == NodeSet::One || avoid.len() + 1 >= MAX_NODE_ATTEMPTS {
-            return Err(err);
-        }
-        joblog::warn(format!(
-            "node {node} failed while {} ({err}); placing the VM on another node",
-            job.step
-        ));
-        avoid.insert(node);
-        // A clone with `target` talks to the template's node too, and the error does not say
-        // which of the two failed: avoid both.
-        avoid.extend(job.template_node.take());
-        give_up_vm(client, context, marker, job).await?;
+    let strategy = Strategy::of(&context.settings);
+    let mut attempts = JobAttempts {
+        client,
+        context,
+        marker,
+        job,
+    };
+    failover::fail_over(strategy, &mut attempts).await
+}
+
+/// prepare's tries at a VM: each keeps the job state in step, and a failed node's VM is
+/// removed or left to cleanup.
+struct JobAttempts<'a, 'j> {
+    client: &'a Client,
+    context: &'a Context,
+    marker: &'a Marker,
+    job: &'a mut JobRecord<'j>,
+}
+
+impl NodeAttempts for JobAttempts<'_, '_> {
+    async fn attempt(&mut self, avoid: &HashSet<String>) -> Result<()> {
+        bring_up_on_a_node(self.client, self.context, self.marker, self.job, avoid).await
+    }
+
+    fn failed_nodes(&mut self) -> (Option<String>, Option<String>) {
+        (self.job.node.take(), self.job.template_node.take())
+    }
+
+    fn step(&self) -> String {
+        self.job.step.to_string()
+    }
+
+    async fn give_up(&mut self) -> Result<()> {
+        give_up_vm(self.client, self.context, self.marker, self.job).await
+    }
+
+    fn warn(&self, message: &str) {
+        joblog::warn(message);
     }
 }
 
@@ -154,7 +167,9 @@ async fn bring_up_on_a_node(
     job.timings.clear();
 
     job.step("resolving the template");
-    let placed = placement::place(client, settings, &settings.template, avoid).await?;
+    let placed = Strategy::of(settings)
+        .place(client, settings, &settings.template, avoid)
+        .await?;
     if let Some(reason) = &placed.reason {
         joblog::info(reason);
     }
@@ -170,7 +185,7 @@ async fn bring_up_on_a_node(
         .ssh_private_key
         .as_ref()
         .is_some_and(|key| key.from_job);
-    let has_pool = crate::pool::service::has_pool(settings, &settings.template);
+    let has_pool = crate::pool::has_pool(settings, &settings.template);
     if has_pool && own_key {
         joblog::info(
             "the job supplies its own VM_SSH_PRIVATE_KEY, which warm VMs do not accept; cloning \
@@ -204,10 +219,9 @@ async fn bring_up_on_a_node(
         marker,
         claim: report.as_ref(),
     };
-    let started = provision::provision(client, settings, &order, job).await?;
-
-    let deadline = Instant::now() + settings.boot_timeout;
-    let ready = ready::ready(client, settings, &started, deadline, &context.cancel, job).await?;
+    let ready = vm::bring_up(client, settings, &order, &context.cancel, job)
+        .await?
+        .ready;
 
     let phases: Vec<String> = job
         .timings

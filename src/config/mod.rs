@@ -39,6 +39,19 @@ pub fn config_file_path(config_file: Option<&Path>) -> Option<PathBuf> {
 }
 
 impl Settings {
+    /// The SSH key every VM the runner host clones accepts: prepare, the pool and config need it.
+    pub fn require_ssh_key(&self) -> crate::error::Result<()> {
+        if self.ssh_private_key.is_none() {
+            return Err(crate::error::Error::Settings(
+                "VM_SSH_PRIVATE_KEY is not set: the driver needs the private key (text or a path) \
+                 that the template's VM_SSH_USER accepts; put it in the driver's config file or the \
+                 runner host's environment"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Loads the settings the way every job hook does: the file named by `--config` or
     /// `GITLAB_PROXMOX_RUNNER_CONFIG`, the process environment, and `$JOB_RESPONSE_FILE`.
     pub fn load(config_file: Option<&Path>) -> Result<Settings> {

@@ -24,17 +24,16 @@ use rand::seq::SliceRandom;
 
 use super::{digests_of, list_warm, swap_description, Listing, Scope, Swap, WarmVm};
 use crate::cancel::Cancel;
-use crate::config::{NodeSet, Settings};
+use crate::config::Settings;
 use crate::error::{Error, Result};
 use crate::fleet_key::FleetKey;
 use crate::joblog;
 use crate::marker::{ClaimOutcome, ClaimReport, Marker};
-use crate::proxmox::address::choose_address;
 use crate::proxmox::Client;
-use crate::ssh::{self, HostKeyCheck, Target};
-use crate::vm::placement::Placed;
-use crate::vm::teardown;
+use crate::ssh::{self, HostKeyCheck};
+use crate::vm::placement::{Placed, Strategy};
 use crate::vm::template::Template;
+use crate::vm::{ready, teardown};
 use crate::vm::{HostKeySource, Milestone, ReadyVm, Sink, SinkLog};
 
 /// A warm VM is up already: its checks get this long before it counts as broken.
@@ -96,10 +95,10 @@ pub async fn claim(
     let started = Instant::now();
     let node = placed.node.as_str();
     let key = super::warm::fleet_key(settings)?;
-    let found = if settings.nodes == NodeSet::One {
-        on_the_node(client, settings, &placed.template, key).await?
-    } else {
-        anywhere(client, settings, placed, key, sink).await?
+    let strategy = Strategy::of(settings);
+    let found = match strategy {
+        Strategy::One { .. } => on_the_node(client, settings, &placed.template, key).await?,
+        Strategy::Cluster { .. } => anywhere(client, settings, placed, key, sink).await?,
     };
     if found.look_alikes > 0 {
         // No detail (which VM, why): a forger would tune to it.
@@ -151,7 +150,7 @@ pub async fn claim(
             Ok(ready) => {
                 sink.reached(Milestone::Ready(&ready))?;
                 sink.timing("claim", started.elapsed());
-                let place = if settings.nodes == NodeSet::One {
+                let place = if matches!(strategy, Strategy::One { .. }) {
                     String::new()
                 } else if warm.vm.node == node {
                     format!(" on {}", warm.vm.node)
@@ -160,7 +159,7 @@ pub async fn claim(
                 };
                 sink.info(&format!(
                     "claimed warm VM {vmid}{place} (warm for {}) in {}",
-                    warm_for(warm.marker.age_secs()),
+                    joblog::age(Duration::from_secs(warm.marker.age_secs())),
                     joblog::secs(started.elapsed())
                 ));
                 return Ok(Claimed::Ready(ready));
@@ -264,16 +263,8 @@ async fn anywhere(
     Ok(listing)
 }
 
-/// `7 min`, `45 s`.
-fn warm_for(secs: u64) -> String {
-    if secs < 120 {
-        format!("{secs} s")
-    } else {
-        format!("{} min", secs / 60)
-    }
-}
-
-/// Running, the same address, SSH with the pinned keys, the runner helper.
+/// Running, the same address, SSH with the pinned keys, the runner helper: ready's own steps,
+/// each bounded by [`CHECK_TIMEOUT`] (the VM is up already), none waited for.
 async fn check(
     client: &Client,
     settings: &Settings,
@@ -297,31 +288,26 @@ async fn check(
             "warm VM {vmid} on {node} is not running"
         )));
     }
-    let answer = tokio::time::timeout(CHECK_TIMEOUT, client.agent_interfaces(node, vmid))
-        .await
-        .map_err(|_| Error::Infrastructure(format!("the guest agent of VM {vmid} did not answer")))?
-        .map_err(|err| Error::api(format!("asking the guest agent of VM {vmid}"), err))?;
-    let ip = choose_address(
-        &answer.result,
+    let address = ready::current_address(
+        client,
+        settings,
+        &warm.vm,
         warm.net0_mac.as_deref(),
-        &settings.network_cidrs,
+        deadline,
     )
-    .filter(|ip| ip.to_string() == recorded)
-    .ok_or_else(|| {
-        Error::Infrastructure(format!(
-            "warm VM {vmid}'s address is no longer {recorded} (a new DHCP lease?)"
-        ))
-    })?;
+    .await?;
+    let ip = address
+        .filter(|ip| ip.to_string() == recorded)
+        .ok_or_else(|| {
+            Error::Infrastructure(format!(
+                "warm VM {vmid}'s address is no longer {recorded} (a new DHCP lease?)"
+            ))
+        })?;
     let key = ssh::load_private_key(settings)?;
-    let target = Target {
-        host: ip.to_string(),
-        port: settings.ssh_port,
-        user: settings.ssh_user.clone(),
-        vm_label: format!("VM {vmid} on {node}"),
-    };
+    let target = ready::ssh_target(settings, &warm.vm, ip);
     let check = HostKeyCheck::Pinned(warm.host_keys.clone());
     let connection = ssh::connect_to_running(&target, key, &check, deadline, cancel).await?;
-    ssh::provision_runner_helper(&connection, settings.runner_helper_path.as_deref()).await?;
+    ready::install_runner_helper(&connection, settings, &warm.vm, deadline).await?;
     Ok(ReadyVm {
         vm: warm.vm.clone(),
         ip,

@@ -15,8 +15,6 @@
 
 pub mod claim;
 pub mod metrics;
-pub mod service;
-pub mod status;
 pub mod warm;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::fleet_key::FleetKey;
 use crate::marker::{self, ClaimReport, Marker};
 use crate::proxmox::Client;
+use crate::vm::ownership::{first_look, FirstLook};
 use crate::vm::placement::{Copies, NodeCopy};
 use crate::vm::teardown::{self, Teardown};
 use crate::vm::{Log, VmRef};
@@ -98,6 +97,16 @@ pub struct Listing {
     pub jobs: Vec<JobVm>,
 }
 
+/// Whether prepare should look for a warm VM of `template_name`: the runner host names the
+/// templates that have a pool (its settings file's `WARM_POOL`), so a fleet without a pool
+/// pays no extra API call per job.
+pub fn has_pool(settings: &crate::config::Settings, template_name: &str) -> bool {
+    settings
+        .warm_pool
+        .get(template_name.trim())
+        .is_some_and(|count| *count > 0)
+}
+
 /// A VM of ours in a listing that carries a job's marker.
 #[derive(Debug, Clone)]
 pub struct JobVm {
@@ -121,19 +130,14 @@ pub async fn list_warm(
         .map_err(|err| Error::api("listing the cluster's VMs (/cluster/resources)", err))?;
     let mut listing = Listing::default();
     for listed in vms {
-        let Ok(vmid) = u32::try_from(listed.vmid) else {
+        // Warm VMs are always tagged (the clone is configured before its warm-up is published).
+        let FirstLook::Tagged { vmid, .. } = first_look(&listed, range) else {
             continue;
         };
-        let is_qemu = listed.kind.as_deref().is_none_or(|kind| kind == "qemu");
-        if !is_qemu
-            || listed.template
-            || listed.node.is_empty()
-            || !(range.0..=range.1).contains(&vmid)
-            || !crate::commands::gc::has_driver_tag(listed.tags.as_deref())
-            || scope
-                .nodes
-                .as_ref()
-                .is_some_and(|nodes| !nodes.contains(&listed.node))
+        if scope
+            .nodes
+            .as_ref()
+            .is_some_and(|nodes| !nodes.contains(&listed.node))
         {
             continue;
         }

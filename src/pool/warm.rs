@@ -20,10 +20,10 @@ use crate::joblog;
 use crate::marker::{Marker, Warm};
 use crate::proxmox::Client;
 use crate::vm::host_keys::{self, Holder, SharedLedger};
-use crate::vm::provision::{self, Order};
+use crate::vm::provision::Order;
 use crate::vm::teardown;
 use crate::vm::template::Template;
-use crate::vm::{placement, ready, Log, Milestone, ReadyVm, Sink, VmRef};
+use crate::vm::{placement, Log, Milestone, ReadyVm, Sink, VmRef};
 
 /// Removing a warm VM that failed to come up.
 const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5 * 60);
@@ -107,7 +107,7 @@ impl Sink for WarmSink<'_> {
 }
 
 /// The key every warm marker is sealed with (settings refuse `WARM_POOL` without it).
-pub(super) fn fleet_key(settings: &Settings) -> Result<&crate::fleet_key::FleetKey> {
+pub fn fleet_key(settings: &Settings) -> Result<&crate::fleet_key::FleetKey> {
     settings.fleet_key.as_ref().ok_or_else(|| {
         Error::Settings("the warm pool needs PROXMOX_FLEET_KEY in the settings file".into())
     })
@@ -187,7 +187,9 @@ pub async fn place_and_warm(
 ) -> Result<Warmed> {
     let placing = async {
         let turn = turns.lock_owned().await;
-        let placed = placement::place(client, settings, name, &HashSet::new()).await?;
+        let placed = placement::Strategy::of(settings)
+            .place(client, settings, name, &HashSet::new())
+            .await?;
         // The copy on the chosen node: its digest, not another node's copy's, is the one this
         // VM is judged against later.
         let digest = template_digest(client, &placed.template).await?;
@@ -253,10 +255,19 @@ async fn warm_up(
         template_keys: Vec::new(),
     };
     let started = Instant::now();
-    let brought_up = tokio::select! {
-        result = bring_up(client, settings, template, node, mode, &name, &mut marker, vetting, cancel, &mut sink) => result,
-        reason = cancel.cancelled() => Err(Error::Cancelled(format!("the pool service stopped ({reason})"))),
-    };
+    let brought_up = bring_up(
+        client,
+        settings,
+        template,
+        node,
+        mode,
+        &name,
+        &mut marker,
+        vetting,
+        cancel,
+        &mut sink,
+    )
+    .await;
     match brought_up {
         Ok(vm) => {
             let phases: Vec<String> = sink
@@ -309,9 +320,16 @@ async fn bring_up(
         marker,
         claim: None,
     };
-    let started = provision::provision(client, settings, &order, sink).await?;
-    let deadline = Instant::now() + settings.boot_timeout;
-    let ready = ready::ready(client, settings, &started, deadline, cancel, sink).await?;
+    let brought_up = tokio::select! {
+        result = crate::vm::bring_up(client, settings, &order, cancel, sink) => result?,
+        reason = cancel.cancelled() => {
+            return Err(Error::Cancelled(format!("the pool service stopped ({reason})")))
+        }
+    };
+    // From here on the signal is not raced: once the swap below lands the VM is published
+    // (a job may claim it at once), and a complete warm VM stays for jobs when the service
+    // stops. Cancelling after the write but before its answer would destroy a published VM.
+    let ready = brought_up.ready;
     vet_host_keys(vetting, template, &ready, marker, &sink.template_keys)?;
     // Same nonce, now with the address and the keys SSH proved, sealed with the fleet key:
     // claimable from here on.
@@ -329,7 +347,7 @@ async fn bring_up(
         marker: marker.clone(),
         digest: config.get("digest").unwrap_or_default(),
         host_keys: Vec::new(),
-        net0_mac: started.net0_mac.clone(),
+        net0_mac: brought_up.net0_mac,
         running: true,
         locked: false,
     };

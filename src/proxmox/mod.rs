@@ -12,4 +12,4 @@ pub mod types;
 pub use client::{Client, CloneRequest, Retry};
 pub use error::{ApiError, ApiErrorKind};
 pub use presence::Presence;
-pub use types::{TaskOutcome, Upid, VmConfig, VmStatus};
+pub use types::{TaskOutcome, Upid, VmConfig, VmRef, VmStatus};

@@ -343,6 +343,19 @@ impl ClusterNode {
     }
 }
 
+/// A VM on a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmRef {
+    pub node: String,
+    pub vmid: u32,
+}
+
+impl std::fmt::Display for VmRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VM {} on {}", self.vmid, self.node)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,6 +21,7 @@
 
 mod connect;
 mod exec;
+pub mod key_lines;
 mod keys;
 mod provision;
 mod sftp;

@@ -4,7 +4,7 @@
 //! right after the request may still become a VM: it counts as gone only once the clone task
 //! has ended, or when the request never left.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use super::{task, Log, VmRef};
 use crate::error::{Error, Result};
@@ -18,13 +18,6 @@ pub const CLONE_START_GRACE: Duration = Duration::from_secs(5);
 /// Clock difference between the runner host and the node tolerated when matching tasks by
 /// start time.
 const CLOCK_SLACK_SECS: u64 = 60;
-
-pub fn now_epoch() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|now| now.as_secs())
-        .unwrap_or(0)
-}
 
 /// What is known about the clone that may create a VM: the caller records it (prepare in the
 /// job state) as the clone goes.
@@ -100,7 +93,7 @@ pub async fn wait_clone_settled(
             .into_iter()
             .filter(|task| task.start_epoch() + CLOCK_SLACK_SECS >= sent_at)
             .count();
-        let settled = now_epoch() >= sent_at + CLONE_START_GRACE.as_secs();
+        let settled = crate::joblog::now_epoch() >= sent_at + CLONE_START_GRACE.as_secs();
         if candidates == 0 && settled {
             return Ok(CloneEnd::NoneRunning);
         }

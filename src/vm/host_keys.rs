@@ -79,7 +79,7 @@ pub struct Duplicate {
 
 /// `ssh-ed25519 AAAA...` without a comment, for comparing; the line itself if it does not parse.
 fn normalized(key: &str) -> String {
-    super::ready::parse_public_key_line(key).unwrap_or_else(|| key.trim().to_string())
+    crate::ssh::key_lines::public_key_line(key).unwrap_or_else(|| key.trim().to_string())
 }
 
 /// The keys in `keys` that a holder other than `own_id` in `others` holds too.

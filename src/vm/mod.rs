@@ -2,6 +2,7 @@
 //! remove it again, with no knowledge of hooks or jobs. prepare drives it today; a warm-pool
 //! service, a preflight check or multi-node placement drive the same calls.
 //!
+//! - [`bring_up`]: provision then ready, the one bring-up every caller uses;
 //! - [`template`]: which template VM a requested name means, and the clone mode it allows;
 //! - [`provision`]: a free VMID, the clone (with its clash and retry logic), configure, start;
 //! - [`ready`]: the guest agent's address, the host keys read through the agent, SSH, the
@@ -10,6 +11,7 @@
 //! - [`clone_slots`]: the per-host cap on clones in flight;
 //! - [`host_keys`]: whether a VM's SSH host keys are its own (clones of an uncleaned template
 //!   share them);
+//! - [`failover`]: another node when the one under a VM fails;
 //! - [`placement`]: which node of `PROXMOX_NODES` a VM goes to, and its template there;
 //! - [`task`]: waiting for a Proxmox task.
 //!
@@ -25,9 +27,12 @@
 //! The engine reports through the caller's [`Log`] and, while provisioning, its [`Sink`]:
 //! prepare writes the job log and the job state; another caller logs elsewhere.
 
+pub mod bring_up;
 pub mod clone_slots;
 pub mod clone_watch;
+pub mod failover;
 pub mod host_keys;
+pub mod ownership;
 pub mod placement;
 pub mod provision;
 pub mod ready;
@@ -35,23 +40,14 @@ pub mod task;
 pub mod teardown;
 pub mod template;
 
+pub use bring_up::{bring_up, BroughtUp};
+
 use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::error::Result;
 
-/// A VM on a node.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmRef {
-    pub node: String,
-    pub vmid: u32,
-}
-
-impl std::fmt::Display for VmRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "VM {} on {}", self.vmid, self.node)
-    }
-}
+pub use crate::proxmox::VmRef;
 
 /// Where the engine's progress lines go.
 pub trait Log: Sync {
@@ -131,6 +127,18 @@ pub struct ReadyVm {
     /// OpenSSH public key lines (`ssh-ed25519 AAAA...`), to pin for every later connection.
     pub host_keys: Vec<String>,
     pub host_key_source: HostKeySource,
+}
+
+impl ReadyVm {
+    /// Where its SSH server answered, for a new connection.
+    pub fn ssh_target(&self) -> crate::ssh::Target {
+        crate::ssh::Target {
+            host: self.ip.to_string(),
+            port: self.ssh_port,
+            user: self.ssh_user.clone(),
+            vm_label: self.vm.to_string(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -153,23 +153,80 @@ fn gib(bytes: u64) -> String {
     format!("{} GiB", bytes / GIB)
 }
 
-/// The template for the job and the node for its VM, skipping the nodes in `avoid` (where an
-/// earlier attempt failed).
-pub async fn place(
+/// How VMs are placed: the one decision between a single node and the cluster, which every
+/// caller asks here instead of reading `PROXMOX_NODES` again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy<'a> {
+    /// `PROXMOX_NODE` only: no placement, no extra API request; the template resolves there.
+    One { node: &'a str },
+    /// `PROXMOX_NODES`: the online nodes it allows, by free memory and the per-node limits.
+    Cluster { nodes: &'a NodeSet },
+}
+
+impl<'a> Strategy<'a> {
+    pub fn of(settings: &'a Settings) -> Strategy<'a> {
+        match &settings.nodes {
+            NodeSet::One => Strategy::One {
+                node: &settings.node,
+            },
+            nodes => Strategy::Cluster { nodes },
+        }
+    }
+
+    /// Whether a node that fails under a VM may be left for another one (and so is not waited
+    /// for): only when there are others.
+    pub fn may_fail_over(&self) -> bool {
+        matches!(self, Strategy::Cluster { .. })
+    }
+
+    /// The template for the job and the node for its VM, skipping the nodes in `avoid` (where
+    /// an earlier attempt failed).
+    pub async fn place(
+        &self,
+        client: &Client,
+        settings: &Settings,
+        wanted: &str,
+        avoid: &HashSet<String>,
+    ) -> Result<Placed> {
+        match self {
+            Strategy::One { node } => {
+                let template = template::resolve(client, settings, node, wanted).await?;
+                Ok(Placed {
+                    node: template.node.clone(),
+                    copies: Copies::only(&template),
+                    template,
+                    reason: None,
+                })
+            }
+            Strategy::Cluster { .. } => place_on_cluster(client, settings, wanted, avoid).await,
+        }
+    }
+
+    /// Every copy of the template `wanted` names on the nodes placement may use, online or
+    /// not: the warm pool counts and claims the warm VMs of one template name on all of them.
+    /// On one node, the template there.
+    pub async fn copies(
+        &self,
+        client: &Client,
+        settings: &Settings,
+        wanted: &str,
+    ) -> Result<Copies> {
+        match self {
+            Strategy::One { node } => {
+                let template = template::resolve(client, settings, node, wanted).await?;
+                Ok(Copies::only(&template))
+            }
+            Strategy::Cluster { .. } => copies_on_cluster(client, settings, wanted).await,
+        }
+    }
+}
+
+async fn place_on_cluster(
     client: &Client,
     settings: &Settings,
     wanted: &str,
     avoid: &HashSet<String>,
 ) -> Result<Placed> {
-    if settings.nodes == NodeSet::One {
-        let template = template::resolve(client, settings, &settings.node, wanted).await?;
-        return Ok(Placed {
-            node: template.node.clone(),
-            copies: Copies::only(&template),
-            template,
-            reason: None,
-        });
-    }
     let wanted = wanted.trim();
     let nodes = client
         .cluster_nodes()
@@ -453,17 +510,10 @@ fn node_views(
     shared: Option<&Source>,
     avoid: &HashSet<String>,
 ) -> Vec<NodeView> {
-    let (low, high) = settings.vmid_range;
+    // A clone in flight does not carry our tag yet, only its lock.
     let ours: Vec<&ClusterVm> = vms
         .iter()
-        .filter(|vm| !vm.template && (u64::from(low)..=u64::from(high)).contains(&vm.vmid))
-        // A clone in flight does not carry our tag yet, only its lock.
-        .filter(|vm| {
-            let tags = vm.tags.as_deref().unwrap_or("");
-            tags.split([';', ',', ' '])
-                .any(|tag| tag.trim() == crate::VM_TAG)
-                || vm.lock.as_deref() == Some("clone")
-        })
+        .filter(|vm| super::ownership::occupies_our_range(vm, settings.vmid_range))
         .collect();
     let vm_memory = settings.vm_memory_mb.map(|mb| u64::from(mb) * MIB);
     nodes
@@ -515,14 +565,7 @@ pub struct Copies {
     pub online_nodes: Option<std::collections::BTreeSet<String>>,
 }
 
-/// Every copy of the template `wanted` names on the nodes placement may use (`PROXMOX_NODES`),
-/// online or not: the warm pool counts and claims the warm VMs of one template name on all of
-/// them. With `PROXMOX_NODES` unset, the template on `PROXMOX_NODE`.
-pub async fn copies(client: &Client, settings: &Settings, wanted: &str) -> Result<Copies> {
-    if settings.nodes == NodeSet::One {
-        let template = template::resolve(client, settings, &settings.node, wanted).await?;
-        return Ok(Copies::only(&template));
-    }
+async fn copies_on_cluster(client: &Client, settings: &Settings, wanted: &str) -> Result<Copies> {
     let wanted = wanted.trim();
     let nodes = client
         .cluster_nodes()

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
 
+use super::placement::Strategy;
 use super::template::Template;
 use super::{clone_slots, task, teardown, Milestone, Sink, SinkLog, VmRef};
-use crate::config::{CloneMode, NodeSet, Settings};
+use crate::config::{CloneMode, Settings};
 use crate::error::{Error, Result};
 use crate::joblog;
 use crate::marker::{ClaimReport, Marker};
@@ -157,7 +158,7 @@ impl Provisioning<'_> {
                 node: self.node.to_string(),
                 vmid,
             }))?;
-            self.sent_at = Some(super::clone_watch::now_epoch());
+            self.sent_at = Some(crate::joblog::now_epoch());
             let attempt = self.try_clone(vmid, full, sink).await?;
             drop(slot);
             match attempt {
@@ -230,7 +231,7 @@ impl Provisioning<'_> {
             // The template is locked for a moment (a backup, another job's clone start).
             Err(err) if err.is_vm_locked() => return Ok(CloneAttempt::Transient(err)),
             // With other nodes to go to, waiting for this one is slower than moving on.
-            Err(err) if err.is_node_failure() && self.settings.nodes != NodeSet::One => {
+            Err(err) if err.is_node_failure() && Strategy::of(self.settings).may_fail_over() => {
                 return Err(Error::api(context(), err))
             }
             Err(err) if err.kind == ApiErrorKind::Transport => {

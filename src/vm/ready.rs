@@ -5,10 +5,11 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use super::placement::Strategy;
 use super::provision::Provisioned;
 use super::{HostKeySource, Milestone, ReadyVm, Sink, VmRef};
 use crate::cancel::Cancel;
-use crate::config::{HostKeyPolicy, NodeSet, Settings};
+use crate::config::{HostKeyPolicy, Settings};
 use crate::error::{Error, Result};
 use crate::joblog;
 use crate::poll::Poll;
@@ -138,7 +139,7 @@ async fn wait_for_address(
                 )))
             }
             // With other nodes to go to, a node that stopped answering is not waited for.
-            Ok(Err(err)) if err.is_node_failure() && settings.nodes != NodeSet::One => {
+            Ok(Err(err)) if err.is_node_failure() && Strategy::of(settings).may_fail_over() => {
                 return Err(Error::api(
                     format!("asking the guest agent of VM {vmid} on {node} for its addresses"),
                     err,
@@ -192,7 +193,7 @@ async fn read_host_keys(client: &Client, vm: &VmRef, deadline: Instant) -> HostK
         let answer =
             tokio::time::timeout(remaining, client.agent_file_read(&vm.node, vm.vmid, file)).await;
         match answer {
-            Ok(Ok(answer)) => match parse_public_key_line(&answer.content) {
+            Ok(Ok(answer)) => match ssh::key_lines::public_key_line(&answer.content) {
                 // The SSH client asks only for the pinned types, so the preferred key is
                 // enough, and saves the API two agent calls.
                 Some(key) => {
@@ -256,6 +257,28 @@ async fn wait_for_host_keys(
     }
 }
 
+/// The address the guest agent reports for the VM right now (one query, bounded by
+/// `deadline`), by the same choice as the boot's wait: `None` when it reports none usable.
+pub async fn current_address(
+    client: &Client,
+    settings: &Settings,
+    vm: &VmRef,
+    net0_mac: Option<&str>,
+    deadline: Instant,
+) -> Result<Option<IpAddr>> {
+    let (node, vmid) = (vm.node.as_str(), vm.vmid);
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let answer = tokio::time::timeout(remaining, client.agent_interfaces(node, vmid))
+        .await
+        .map_err(|_| Error::Infrastructure(format!("the guest agent of VM {vmid} did not answer")))?
+        .map_err(|err| Error::api(format!("asking the guest agent of VM {vmid}"), err))?;
+    Ok(choose_address(
+        &answer.result,
+        net0_mac,
+        &settings.network_cidrs,
+    ))
+}
+
 /// Asks the agent again for an IPv4 address.
 async fn requery_ipv4(
     client: &Client,
@@ -264,12 +287,49 @@ async fn requery_ipv4(
     net0_mac: Option<&str>,
     deadline: Instant,
 ) -> Option<IpAddr> {
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    let answer = tokio::time::timeout(remaining, client.agent_interfaces(&vm.node, vm.vmid))
+    current_address(client, settings, vm, net0_mac, deadline)
         .await
-        .ok()?
-        .ok()?;
-    choose_address(&answer.result, net0_mac, &settings.network_cidrs).filter(IpAddr::is_ipv4)
+        .ok()
+        .flatten()
+        .filter(IpAddr::is_ipv4)
+}
+
+/// Where the VM's SSH server is, as the runner host's settings say to reach it.
+pub fn ssh_target(settings: &Settings, vm: &VmRef, ip: IpAddr) -> Target {
+    Target {
+        host: ip.to_string(),
+        port: settings.ssh_port,
+        user: settings.ssh_user.clone(),
+        vm_label: vm.to_string(),
+    }
+}
+
+/// Installs the runner helper over `connection`, bounded like the boot: a VM that stops
+/// answering mid-install must not hold prepare until prepare_exec_timeout (with a floor, so a
+/// slow boot leaves the install a chance).
+pub async fn install_runner_helper(
+    connection: &ssh::Connection,
+    settings: &Settings,
+    vm: &VmRef,
+    deadline: Instant,
+) -> Result<()> {
+    let budget = deadline
+        .saturating_duration_since(Instant::now())
+        .max(MIN_HELPER_INSTALL_TIME);
+    tokio::time::timeout(
+        budget,
+        ssh::provision_runner_helper(connection, settings.runner_helper_path.as_deref()),
+    )
+    .await
+    .map_err(|_| {
+        Error::ssh(
+            format!("installing gitlab-runner in VM {}", vm.vmid),
+            format!(
+                "not done after {} (VM_BOOT_TIMEOUT); the VM stopped answering or is very slow",
+                joblog::secs(budget)
+            ),
+        )
+    })?
 }
 
 async fn connect_ssh(
@@ -305,12 +365,7 @@ async fn connect_ssh(
     };
     let key = ssh::load_private_key(settings)?;
     let mut ip = at.ip;
-    let mut target = Target {
-        host: ip.to_string(),
-        port: settings.ssh_port,
-        user: settings.ssh_user.clone(),
-        vm_label: format!("VM {vmid} on {}", vm.node),
-    };
+    let mut target = ssh_target(settings, vm, ip);
     let mut rereads = 0;
     let connection = loop {
         // An IPv6 address may be unreachable from this runner host: try it for a while, then
@@ -373,26 +428,8 @@ async fn connect_ssh(
     sink.reached(Milestone::Ready(&ready))?;
     sink.timing("ssh", started.elapsed());
 
-    // Bounded like the boot: a VM that stops answering mid-install must not hold prepare until
-    // prepare_exec_timeout (with a floor, so a slow boot leaves the install a chance).
     let helper = Instant::now();
-    let budget = deadline
-        .saturating_duration_since(helper)
-        .max(MIN_HELPER_INSTALL_TIME);
-    tokio::time::timeout(
-        budget,
-        ssh::provision_runner_helper(&connection, settings.runner_helper_path.as_deref()),
-    )
-    .await
-    .map_err(|_| {
-        Error::ssh(
-            format!("installing gitlab-runner in VM {vmid}"),
-            format!(
-                "not done after {} (VM_BOOT_TIMEOUT); the VM stopped answering or is very slow",
-                joblog::secs(budget)
-            ),
-        )
-    })??;
+    install_runner_helper(&connection, settings, vm, deadline).await?;
     sink.timing("helper", helper.elapsed());
     Ok(ready)
 }
@@ -411,44 +448,5 @@ fn seen_addresses(interfaces: &[AgentInterface]) -> String {
         "none".into()
     } else {
         seen.join(", ")
-    }
-}
-
-/// `ssh-ed25519 AAAA... comment` → `ssh-ed25519 AAAA...`; `None` for anything else.
-pub fn parse_public_key_line(content: &str) -> Option<String> {
-    let line = content
-        .lines()
-        .map(str::trim)
-        .find(|line| !line.is_empty() && !line.starts_with('#'))?;
-    let mut fields = line.split_whitespace();
-    let kind = fields.next()?;
-    let blob = fields.next()?;
-    let known = kind.starts_with("ssh-") || kind.starts_with("ecdsa-sha2-");
-    let base64 = blob
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '='));
-    (known && base64 && blob.len() >= 16).then(|| format!("{kind} {blob}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_key_files_become_pinnable_lines() {
-        assert_eq!(
-            parse_public_key_line(
-                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHnN0E7mBOmkZ2dJ7iU1eC3c root@vm\n"
-            )
-            .as_deref(),
-            Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHnN0E7mBOmkZ2dJ7iU1eC3c")
-        );
-        assert!(parse_public_key_line(
-            "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAA= x"
-        )
-        .is_some());
-        assert!(parse_public_key_line("").is_none());
-        assert!(parse_public_key_line("cat: No such file or directory").is_none());
-        assert!(parse_public_key_line("ssh-ed25519 not*base64!").is_none());
     }
 }

@@ -78,7 +78,7 @@ impl<'a> JobRecord<'a> {
             host_key_source: None,
             lost: None,
             // Saved as sent before it is: from here on, a VM may appear at this VMID.
-            clone_sent_at: cloned.then(crate::vm::clone_watch::now_epoch),
+            clone_sent_at: cloned.then(crate::joblog::now_epoch),
             clone_upid: None,
         };
         state.save(&self.context.job_dir)?;

@@ -3,11 +3,12 @@
 //! listing as a round of the pool service (warm VMs whose MAC verifies with the fleet key),
 //! nothing changed.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use super::{list_warm, Scope, WarmVm};
-use crate::commands::FleetContext;
+use super::FleetContext;
 use crate::error::{Error, Result};
+use crate::joblog;
+use crate::pool::{list_warm, Scope, WarmVm};
 use crate::proxmox::Client;
 use crate::vm::placement;
 
@@ -38,17 +39,6 @@ fn state(warm: &WarmVm) -> &'static str {
     }
 }
 
-/// `45 s`, `12 min`, `3.5 h`.
-fn age(secs: u64) -> String {
-    if secs < 120 {
-        format!("{secs} s")
-    } else if secs < 2 * 3600 {
-        format!("{} min", secs / 60)
-    } else {
-        format!("{:.1} h", secs as f64 / 3600.0)
-    }
-}
-
 pub async fn status(context: &FleetContext, json: bool) -> Result<()> {
     let settings = &context.settings;
     if settings.warm_pool.is_empty() {
@@ -57,15 +47,14 @@ pub async fn status(context: &FleetContext, json: bool) -> Result<()> {
         ));
     }
     let client = Client::new(settings)?;
-    let key = super::warm::fleet_key(settings)?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|now| now.as_secs())
-        .unwrap_or(0);
+    let key = crate::pool::warm::fleet_key(settings)?;
+    let now = joblog::now_epoch();
     let mut failed = Vec::new();
     for (name, target) in &settings.warm_pool {
         let listing = async {
-            let copies = placement::copies(&client, settings, name).await?;
+            let copies = placement::Strategy::of(settings)
+                .copies(&client, settings, name)
+                .await?;
             list_warm(&client, settings.vmid_range, &Scope::of(&copies), key).await
         };
         let mut listing = match listing.await {
@@ -116,8 +105,8 @@ pub async fn status(context: &FleetContext, json: bool) -> Result<()> {
                     line.state,
                     line.node,
                     line.vmid,
-                    age(line.age_secs),
-                    age(line.idle_left_secs),
+                    joblog::age(Duration::from_secs(line.age_secs)),
+                    joblog::age(Duration::from_secs(line.idle_left_secs)),
                     line.pool
                 );
             }

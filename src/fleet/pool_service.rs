@@ -40,31 +40,21 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
-use super::metrics::{self, Census, Recycle, Watch};
-use super::warm::{self, Vetting, Warmed};
-use super::{digests_of, list_warm, recycle, Scope, WarmVm};
-use crate::commands::FleetContext;
-use crate::config::{NodeSet, Settings};
+use super::FleetContext;
+use crate::config::Settings;
 use crate::error::{Error, Result};
 use crate::joblog;
+use crate::pool::metrics::{self, Census, Recycle, Watch};
+use crate::pool::warm::{self, Vetting, Warmed};
+use crate::pool::{digests_of, list_warm, recycle, Scope, WarmVm};
 use crate::proxmox::Client;
 use crate::vm::host_keys::{self, Holder, SharedLedger};
-use crate::vm::placement::{self, NodeCopy};
-use crate::vm::template::{self, Template};
+use crate::vm::placement::Strategy;
+use crate::vm::template::Template;
 use crate::vm::StderrLog;
 
 /// A recycle includes stopping the VM.
 const RECYCLE_TIMEOUT: Duration = Duration::from_secs(3 * 60);
-
-/// Whether prepare should look for a warm VM of `template_name`: the runner host names the
-/// templates that have a pool (its settings file's `WARM_POOL`), so a fleet without a pool
-/// pays no extra API call per job.
-pub fn has_pool(settings: &Settings, template_name: &str) -> bool {
-    settings
-        .warm_pool
-        .get(template_name.trim())
-        .is_some_and(|count| *count > 0)
-}
 
 pub async fn pool(
     context: &FleetContext,
@@ -95,7 +85,7 @@ async fn serve(
                 .into(),
         ));
     }
-    crate::commands::config::require_ssh_key(&settings)?;
+    settings.require_ssh_key()?;
     let pool_id = match pool_id.map(str::trim).filter(|id| !id.is_empty()) {
         Some(id) if crate::config::parse::is_runner_id(id) => id.to_string(),
         Some(id) => {
@@ -145,7 +135,9 @@ async fn serve(
             if last_sweep.is_none_or(|at| at.elapsed() >= every) {
                 last_sweep = Some(Instant::now());
                 // The same sweep as the gc timer's, warm VMs past their idle deadline included.
-                if let Err(err) = crate::commands::gc::gc(context, None, None, false).await {
+                if let Err(err) =
+                    super::sweep::sweep(context, &Default::default(), &mut Default::default()).await
+                {
                     joblog::warn(format!("pool {pool_id}: orphan sweep: {err}"));
                 }
             }
@@ -284,20 +276,15 @@ impl Round<'_> {
         let settings = self.settings;
         // The target is per template name, for the whole cluster: with placement, the warm VMs
         // of every copy of the template (on every usable node) count.
-        let (copies, fixed) = if settings.nodes == NodeSet::One {
-            let template = template::resolve(self.client, settings, &settings.node, name).await?;
-            let digest = warm::template_digest(self.client, &template).await?;
-            let copy = NodeCopy {
-                template: template.clone(),
-                online: true,
-            };
-            let copies = placement::Copies {
-                list: vec![copy],
-                online_nodes: None,
-            };
-            (copies, Some((template, digest)))
-        } else {
-            (placement::copies(self.client, settings, name).await?, None)
+        let strategy = Strategy::of(settings);
+        let copies = strategy.copies(self.client, settings, name).await?;
+        let fixed = match (strategy, copies.list.first()) {
+            (Strategy::One { .. }, Some(copy)) => {
+                let template = copy.template.clone();
+                let digest = warm::template_digest(self.client, &template).await?;
+                Some((template, digest))
+            }
+            _ => None,
         };
         let key = warm::fleet_key(settings)?;
         let scope = Scope::of(&copies);
