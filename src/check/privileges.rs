@@ -314,6 +314,74 @@ fn acl_path(path: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::check::test_settings;
+
+    fn paths(needs: &[Need]) -> Vec<&str> {
+        needs.iter().map(|need| need.path.as_str()).collect()
+    }
+
+    #[test]
+    fn job_vms_need_config_privileges_only_for_what_the_settings_change() {
+        let plain = needs(&test_settings(&[]), &TemplateNeeds::default(), Some(8));
+        let job = plain
+            .iter()
+            .find(|need| need.path == "/vms/2000000")
+            .unwrap();
+        assert!(job.privileges.contains(&VM_ALLOCATE) && job.privileges.contains(&AGENT_FILE_READ));
+        assert!(!job.privileges.contains(&VM_CONFIG_CPU), "{job:?}");
+        let sized = needs(
+            &test_settings(&[("VM_CORES", "4"), ("VM_DISK_GROW_GB", "10")]),
+            &TemplateNeeds::default(),
+            Some(8),
+        );
+        let job = sized
+            .iter()
+            .find(|need| need.path == "/vms/2000000")
+            .unwrap();
+        assert!(
+            job.privileges.contains(&VM_CONFIG_CPU) && job.privileges.contains(&VM_CONFIG_DISK)
+        );
+        assert!(!job.privileges.contains(&VM_CONFIG_MEMORY), "{job:?}");
+    }
+
+    #[test]
+    fn a_pool_is_asked_first_and_the_new_vmid_accepted_instead() {
+        let needs = needs(
+            &test_settings(&[("PROXMOX_POOL", "ci")]),
+            &TemplateNeeds::default(),
+            Some(9),
+        );
+        let job = needs.iter().find(|need| need.path == "/pool/ci").unwrap();
+        assert_eq!(job.alternative_path.as_deref(), Some("/vms/2000000"));
+        assert!(!paths(&needs).contains(&"/vms/2000000"));
+    }
+
+    #[test]
+    fn templates_storages_and_bridges_each_get_their_path() {
+        let templates = TemplateNeeds {
+            storages: vec!["local-lvm".into()],
+            bridges: vec!["vmbr1".into()],
+            copies: vec![(61_900, "cloning template ubuntu-focal on pve2".into())],
+        };
+        let settings = test_settings(&[("PROXMOX_TEMPLATES", "ubuntu-focal=60900")]);
+        let on_pve8 = needs(&settings, &templates, Some(8));
+        assert_eq!(
+            paths(&on_pve8),
+            [
+                "/vms/60900",
+                "/vms/61900",
+                "/vms/2000000",
+                "/storage/local-lvm",
+                "/sdn/zones/localnetwork/vmbr1"
+            ]
+        );
+        // SDN came with PVE 8; an older API has no such path to ask about.
+        let on_pve7 = needs(&settings, &templates, Some(7));
+        assert!(!paths(&on_pve7).contains(&"/sdn/zones/localnetwork/vmbr1"));
+        assert!(
+            paths(&needs(&settings, &templates, None)).contains(&"/sdn/zones/localnetwork/vmbr1")
+        );
+    }
 
     fn held(names: &[&str]) -> BTreeMap<String, serde_json::Value> {
         names

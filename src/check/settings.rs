@@ -142,3 +142,63 @@ pub fn file_modes(config_file: Option<&Path>, settings: &Settings) -> Vec<Findin
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::{test_settings, Status};
+
+    fn ids(findings: &[Finding]) -> Vec<&str> {
+        findings.iter().map(|finding| finding.id.as_str()).collect()
+    }
+
+    #[test]
+    fn plain_settings_are_one_line_naming_their_source() {
+        let found = findings(&test_settings(&[]), "the process environment");
+        let [line] = &found[..] else {
+            panic!("{found:?}");
+        };
+        assert_eq!(line.status, Status::Pass);
+        assert!(
+            line.message
+                .starts_with("settings: read from the process environment (node pve1, "),
+            "{line:?}"
+        );
+        assert!(line
+            .message
+            .ends_with("VMIDs 2000000-2999999, linked clones of templates)"));
+    }
+
+    #[test]
+    fn what_the_settings_let_others_do_is_advisory() {
+        let found = findings(
+            &test_settings(&[
+                ("PROXMOX_ALLOWED_TEMPLATES", "60900, debian-12"),
+                ("PROXMOX_STORAGE", "fast"),
+            ]),
+            "the process environment",
+        );
+        assert_eq!(
+            ids(&found),
+            ["settings", "settings.allowed_templates", "settings.storage"]
+        );
+        assert!(found[1..]
+            .iter()
+            .all(|f| f.status == Status::Fail && !f.required));
+        // Only the name counts as a risk; a VMID names one VM.
+        assert!(found[1].message.contains("(debian-12)"), "{:?}", found[1]);
+    }
+
+    #[test]
+    fn a_default_template_outside_the_map_is_an_error() {
+        let found = findings(
+            &test_settings(&[
+                ("PROXMOX_TEMPLATES", "ubuntu=60900"),
+                ("PROXMOX_TEMPLATE", "debian"),
+            ]),
+            "the process environment",
+        );
+        assert_eq!(ids(&found), ["settings", "settings.template"]);
+        assert!(found[1].is_required_failure());
+    }
+}
