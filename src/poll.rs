@@ -72,7 +72,9 @@ pub struct Poll {
     /// next pause on a proportional schedule.
     last_wake: Clock,
     schedule: Schedule,
-    /// Short pauses to take first, whatever the schedule says: (pause, how many).
+    /// A look due at this time (a learned end): no pause runs past it, and then `fine`.
+    due: Option<(Clock, Duration, u32)>,
+    /// Short pauses to take, whatever the schedule says: (pause, how many).
     fine: Option<(Duration, u32)>,
 }
 
@@ -131,15 +133,17 @@ impl Poll {
             next_progress: started + PROGRESS_EVERY,
             last_wake: started,
             schedule,
+            due: None,
             fine: None,
         }
     }
 
-    /// The first `looks` pauses are `pause` long, then the schedule takes over: for a wait
-    /// whose end is expected about now (a task at the time this host learned it takes), where
-    /// the schedule's pauses would mostly be lateness.
-    pub fn with_fine_start(mut self, pause: Duration, looks: u32) -> Poll {
-        self.fine = (looks > 0).then_some((pause, looks));
+    /// Adds a look `at` after the wait began (when this host learned such waits end): no
+    /// pause runs past it, and the `looks` pauses after it are `fine` long, since the end is
+    /// expected about then; then the schedule again. No look comes later than the schedule
+    /// alone would bring it, so a wrong guess costs looks, never lateness.
+    pub fn with_due(mut self, at: Duration, fine: Duration, looks: u32) -> Poll {
+        self.due = Some((self.started + at, fine, looks));
         self
     }
 
@@ -170,6 +174,13 @@ impl Poll {
                 min + Duration::from_millis(rand::random::<u64>() % spread_ms)
             }
         };
+        // The due look has been made (or a long look overran it): the close looks begin.
+        if let Some((due, fine, looks)) = self.due {
+            if now >= due {
+                self.due = None;
+                self.fine = (looks > 0).then_some((fine, looks));
+            }
+        }
         let pause = match &mut self.fine {
             Some((pause, looks)) => {
                 let pause = *pause;
@@ -180,6 +191,10 @@ impl Poll {
                 pause
             }
             None => scheduled,
+        };
+        let pause = match self.due {
+            Some((due, _, _)) if now + pause >= due => due - now,
+            _ => pause,
         };
         let over = match self.schedule {
             Schedule::Doubling { .. } => now + pause >= self.deadline,
@@ -330,7 +345,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_fine_start_takes_its_short_pauses_first_then_the_schedule() {
+    async fn a_due_look_comes_on_time_then_close_looks_then_the_schedule() {
         let deadline = Clock::now() + Duration::from_secs(60);
         let mut poll = Poll::proportional(
             deadline.into_std(),
@@ -338,15 +353,15 @@ mod tests {
             Duration::from_millis(50),
             Duration::from_secs(1),
         )
-        .with_fine_start(Duration::from_millis(30), 2);
-        let mut pauses = Vec::new();
-        for _ in 0..3 {
-            let before = Clock::now();
+        .with_due(Duration::from_millis(1300), Duration::from_millis(30), 2);
+        let mut looks = Vec::new();
+        for _ in 0..5 {
             poll.pause(|_| {}).await.unwrap();
-            pauses.push((Clock::now() - before).as_millis());
+            looks.push(poll.elapsed().as_millis());
         }
-        // Then 1/5 of the 1.06 s waited.
-        assert_eq!(pauses, vec![30, 30, 212]);
+        // 1.0 s + 1/5 is 1.2 s; the due look at 1.3 s cuts the next pause short; two close
+        // looks; then 1/5 of the 1.36 s waited.
+        assert_eq!(looks, vec![1200, 1300, 1330, 1360, 1632]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -17,9 +17,9 @@ use crate::proxmox::{ApiError, ApiErrorKind, Client, TaskOutcome, Upid};
 
 /// Closest pause between two looks at a task whose duration is unknown.
 const MIN_TASK_POLL: Duration = Duration::from_millis(50);
-/// After a look at the learned time found the task still running, it is about to end and
-/// each pause is added to the job: the next [`FINE_LOOKS`] come 1/20 of the learned time apart
-/// (at least this), then the usual 1/5 of the time waited.
+/// A look comes at the learned time; when it finds the task still running, the task is about
+/// to end and each pause is added to the job: the next [`FINE_LOOKS`] come 1/20 of the learned
+/// time apart (at least this), then the usual 1/5 of the time waited.
 const MIN_LEARNED_POLL: Duration = Duration::from_millis(20);
 const FINE_LOOKS: u32 = 4;
 /// Farthest: a 30-minute full clone costs PVE about 1800 status reads.
@@ -74,9 +74,11 @@ pub async fn wait_running(
 }
 
 /// A wait whose end this runner host learns from its earlier ones (a task of a type on a node,
-/// or another wait such as a guest's boot): when to look first, and, after that look found it
-/// not over, a few close looks before the caller's schedule. Report each look that found the
-/// wait not over ([`LearnedWait::missed`]) and the end ([`LearnedWait::ended`]).
+/// or another wait such as a guest's boot): the caller's schedule plus a look at the learned
+/// time and a few close looks after it. No look comes later than the schedule alone would
+/// bring it: waits of one kind that differ (two templates' boots on one node) cost some
+/// looks, never lateness. Report each look that found the wait not over
+/// ([`LearnedWait::missed`]) and the end ([`LearnedWait::ended`]).
 #[derive(Debug)]
 pub struct LearnedWait {
     node: String,
@@ -99,24 +101,30 @@ impl LearnedWait {
         }
     }
 
-    /// The learned time, or `typical` for a wait of a kind this host has not seen end.
+    /// When to look first: `typical` (the caller's default), or the learned time when sooner.
     pub fn first_look(&self, typical: Duration) -> Duration {
-        self.learned.map_or(typical, |learned| learned.duration)
+        self.learned
+            .map_or(typical, |learned| learned.duration.min(typical))
     }
 
-    /// `Poll::proportional(deadline, first, min, max)`, starting with close looks when the
-    /// first look came at a learned time (it is about to end).
+    /// `Poll::proportional(deadline, first, min, max)` with the look at the learned time.
     pub fn poll(&self, deadline: Instant, first: Duration, min: Duration, max: Duration) -> Poll {
         let poll = Poll::proportional(deadline, first, min, max);
         match self.learned {
-            Some(_) => poll.with_fine_start(fine_pause(first), FINE_LOOKS),
+            Some(learned) => {
+                poll.with_due(learned.duration, fine_pause(learned.duration), FINE_LOOKS)
+            }
             None => poll,
         }
     }
 
-    /// A look just found the wait not over.
+    /// A look just found the wait not over. Only looks from the learned time on count: one
+    /// before it says nothing about whether the learned time is too late.
     pub fn missed(&mut self) {
-        self.running_at = Some(self.started.elapsed());
+        let now = self.started.elapsed();
+        if self.learned.is_none_or(|learned| now >= learned.duration) {
+            self.running_at = Some(now);
+        }
     }
 
     /// The last look found it over: remember when.
@@ -134,12 +142,6 @@ impl LearnedWait {
 
 fn fine_pause(first_look: Duration) -> Duration {
     (first_look / 20).max(MIN_LEARNED_POLL)
-}
-
-/// When to look first at a task: at the learned time, or the typical one for an unknown task.
-#[cfg(test)]
-fn first_look(task_type: &str, learned: Option<Duration>) -> Duration {
-    learned.unwrap_or_else(|| typical_duration(task_type))
 }
 
 /// Looks until the task ends, calling `missed` after each look that found it running.
@@ -424,25 +426,47 @@ mod tests {
         Duration::from_millis(millis)
     }
 
-    /// `tasks` tasks of exactly `duration`, looked at as [`wait`] does (1/5 of the time waited
-    /// apart after a miss): the looks they cost and the worst lateness of the last `tail`.
-    fn simulate(duration: Duration, tasks: usize, tail: usize) -> (usize, Duration) {
+    /// `tasks` tasks of exactly `duration` on the schedule [`wait`] uses (first look at the
+    /// typical time or the learned one if sooner, 1/5 of the time waited apart, a look at the
+    /// learned time and close ones after it): the looks they cost and the worst lateness of the
+    /// last `tail`. Without learning when `learn` is false.
+    fn simulate(duration: Duration, tasks: usize, tail: usize, learn: bool) -> (usize, Duration) {
+        let typical = typical_duration("qmstop");
         let mut learned: Option<Learned> = None;
         let (mut looks, mut late) = (0, Duration::ZERO);
         for task in 0..tasks {
-            let first = first_look("qmstop", learned.map(|l| l.duration));
-            let mut at = first;
+            let due = learned.map(|l| l.duration);
+            let mut at = due.map_or(typical, |due| due.min(typical));
+            let mut due = due.filter(|due| *due > at);
+            let mut fine = match (learned, due) {
+                (Some(l), None) => Some((fine_pause(l.duration), FINE_LOOKS)),
+                _ => None,
+            };
             let mut running = None;
-            let mut fine = if learned.is_some() { FINE_LOOKS } else { 0 };
             looks += 1;
             while at < duration {
-                running = Some(at);
-                at += if fine > 0 {
-                    fine -= 1;
-                    fine_pause(first)
-                } else {
-                    (at / 5).max(MIN_TASK_POLL)
+                if learned.is_none_or(|l| at >= l.duration) {
+                    running = Some(at);
+                }
+                let mut pause = match &mut fine {
+                    Some((pause, left)) => {
+                        let pause = *pause;
+                        *left -= 1;
+                        if *left == 0 {
+                            fine = None;
+                        }
+                        pause
+                    }
+                    None => (at / 5).max(MIN_TASK_POLL),
                 };
+                if let Some(d) = due {
+                    if at + pause >= d {
+                        pause = d - at;
+                        due = None;
+                        fine = Some((fine_pause(d), FINE_LOOKS));
+                    }
+                }
+                at += pause;
                 looks += 1;
             }
             if task >= tasks - tail {
@@ -452,16 +476,28 @@ mod tests {
                 None => Seen::AtFirstLook(at),
                 Some(running) => Seen::Between(running, at),
             };
-            learned = Some(next_estimate(learned, seen));
+            if learn {
+                learned = Some(next_estimate(learned, seen));
+            }
         }
         (looks, late)
     }
 
     #[test]
-    fn an_unknown_task_is_first_looked_at_after_its_typical_time() {
-        assert_eq!(first_look("qmstop", None), ms(500));
-        assert_eq!(first_look("qmclone", None), ms(1000));
-        assert_eq!(first_look("qmstop", Some(ms(210))), ms(210));
+    fn a_wait_first_looks_at_the_typical_time_or_the_learned_one_if_sooner() {
+        let wait = |learned: Option<u64>| LearnedWait {
+            node: "n".into(),
+            kind: "qmstop".into(),
+            learned: learned.map(|millis| Learned {
+                duration: ms(millis),
+                bracketed: true,
+            }),
+            started: Instant::now(),
+            running_at: None,
+        };
+        assert_eq!(wait(None).first_look(ms(500)), ms(500));
+        assert_eq!(wait(Some(210)).first_look(ms(500)), ms(210));
+        assert_eq!(wait(Some(3400)).first_look(ms(500)), ms(500));
     }
 
     #[test]
@@ -499,11 +535,16 @@ mod tests {
     fn a_steady_task_is_soon_looked_at_close_to_its_end() {
         // Far below the typical 500 ms, at it, and far above it.
         for duration in [ms(200), ms(500), ms(1700)] {
-            let (looks, late) = simulate(duration, 40, 30);
-            assert!(looks <= 40 * 2, "{duration:?}: {looks} looks for 40 tasks");
+            let (looks, late) = simulate(duration, 40, 30, true);
+            let (default_looks, default_late) = simulate(duration, 40, 30, false);
+            // The probing costs about one look per task more at worst.
+            assert!(
+                looks <= default_looks * 2 + 40,
+                "{duration:?}: {looks} looks for 40 tasks ({default_looks} unlearned)"
+            );
             assert!(
                 late <= duration / 15 + MIN_LEARNED_POLL,
-                "{duration:?}: seen {late:?} late after it was learned"
+                "{duration:?}: seen {late:?} late after it was learned ({default_late:?} unlearned)"
             );
         }
     }
