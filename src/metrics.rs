@@ -1,6 +1,6 @@
 //! Prometheus metrics: what the fleet commands show an operator's Prometheus.
 //!
-//! - One process-wide registry ([`registry`]): the API client counts every request it sends
+//! - One process-wide registry ([`register`] adds to it, [`encode`] renders it): the API client counts every request it sends
 //!   there, whatever the command ([`api_answered`], called once, in
 //!   [`crate::proxmox::Client`]); the pool service adds its own families
 //!   ([`crate::pool::metrics`]) and serves the whole registry at `/metrics`
