@@ -53,7 +53,7 @@ pub fn settings_source(file: Option<&Path>) -> String {
         )
 }
 
-/// Prints every finding as it is made (text) or all at the end (JSON).
+/// Prints the findings as each check returns them (text) or all at the end (JSON).
 struct Output<'a> {
     report: Report,
     options: &'a Options,
