@@ -25,7 +25,7 @@
 //! template name for a while ([`crate::vm::host_keys`]).
 //!
 //! With `--gc-every`, it also runs the orphan sweep (the gc timer's) on that schedule. With
-//! `--metrics-listen`, it serves Prometheus metrics at `/metrics` ([`super::metrics`]).
+//! `--metrics-listen`, it serves Prometheus metrics at `/metrics` ([`crate::pool::metrics`]).
 //!
 //! SIGTERM: no new warm-up starts, warm-ups in flight are cancelled and their VMs destroyed,
 //! complete warm VMs stay for jobs to claim (a restarted service counts them again; without

@@ -13,7 +13,7 @@
 //! Templates per node: clusters with local storage keep a copy of each template on every node.
 //! A `PROXMOX_TEMPLATES` entry lists its copies by VMID (`ubuntu-focal=60900|61900@pve2`), and
 //! only those are cloned: other users of the cluster can make templates with any name, so a
-//! VM name proves nothing (see [`template_copies`]). A node without a listed copy gets no job
+//! VM name proves nothing (see `template_copies`). A node without a listed copy gets no job
 //! of that name, unless `PROXMOX_TEMPLATE_COPIES=by-name` lets a template VM of the same name
 //! stand in there. A node without a copy can still take the job when
 //! one copy has every drive on shared storage: that copy is cloned there with `target` (PVE
