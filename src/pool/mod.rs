@@ -105,7 +105,8 @@ pub struct Listing {
 /// pays no extra API call per job.
 pub fn has_pool(settings: &crate::config::Settings, template_name: &str) -> bool {
     settings
-        .warm_pool
+        .warm
+        .pool
         .get(template_name.trim())
         .is_some_and(|count| *count > 0)
 }
