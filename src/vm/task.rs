@@ -268,8 +268,8 @@ fn history() -> Option<&'static History> {
 /// effort: a directory that fails its checks, or a damaged file, only means no learning.
 pub fn remember_durations(settings: &Settings) {
     let _ = HISTORY.set(History {
-        dir: settings.clone_lock_dir.clone(),
-        api: settings.api.base_url(),
+        dir: settings.clone.lock_dir.clone(),
+        api: settings.api.endpoint.base_url(),
     });
 }
 
