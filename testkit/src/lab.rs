@@ -195,6 +195,16 @@ impl Lab {
         self.with_sshd_settings(api_hook(&self.bin, &self.fake, dir))
     }
 
+    /// [`Lab::hook`] for job `job_id` of project group/project, with the variables GitLab sets
+    /// for every job that the driver reads (the VM's name and marker come from them).
+    pub fn job_hook(&self, dir: impl AsRef<Path>, job_id: u64) -> Hook {
+        self.hook(dir)
+            .job_var("CI_JOB_ID", job_id.to_string())
+            .job_var("CI_PROJECT_PATH", "group/project")
+            .job_var("CI_PROJECT_PATH_SLUG", "group-project")
+            .job_var("CI_RUNNER_SHORT_TOKEN", "xS6Vzpvo")
+    }
+
     /// [`fleet_command`] against this lab's fake.
     pub fn fleet_command(&self) -> Command {
         fleet_command(&self.bin, &self.fake)

@@ -223,6 +223,17 @@ pub struct NodeLoad {
     pub online: bool,
 }
 
+impl NodeLoad {
+    /// An online node of 64 GiB with `free_gib` GiB free (before its guests).
+    pub fn free_gib(free_gib: u64) -> NodeLoad {
+        NodeLoad {
+            max_mem: 64 << 30,
+            used_mem: (64 - free_gib) << 30,
+            online: true,
+        }
+    }
+}
+
 impl Default for NodeLoad {
     fn default() -> Self {
         NodeLoad {

@@ -3,10 +3,10 @@
 use crate::common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{pem_to_der, Api};
-use gpr_testkit::{FakeConfig, FakeProxmox, Fault, NewVm};
+use gpr_testkit::{poll_async, FakeConfig, FakeProxmox, Fault, NewVm};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
@@ -83,18 +83,22 @@ async fn clone_start_agent_delete_lifecycle() {
         .await;
     assert_eq!(status["exitstatus"], "OK");
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let interfaces = loop {
-        let answer = api
-            .get("/nodes/pve1/qemu/100123/agent/network-get-interfaces", &[])
-            .await;
-        if answer.status == StatusCode::OK {
-            break answer.body["data"]["result"].clone();
-        }
-        assert_eq!(answer.reason, "QEMU guest agent is not running");
-        assert!(Instant::now() < deadline, "agent never came up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let interfaces = poll_async(
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || async {
+            let answer = api
+                .get("/nodes/pve1/qemu/100123/agent/network-get-interfaces", &[])
+                .await;
+            if answer.status == StatusCode::OK {
+                return Some(answer.body["data"]["result"].clone());
+            }
+            assert_eq!(answer.reason, "QEMU guest agent is not running");
+            None
+        },
+    )
+    .await
+    .expect("agent never came up");
     let mac = vm.config["net0"]
         .trim_start_matches("virtio=")
         .split(',')
@@ -725,20 +729,23 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = common::Answer>,
 {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let answer = probe().await;
-        if done(&answer) {
-            return;
+    let last = std::cell::RefCell::new(None);
+    let held = poll_async(Duration::from_secs(10), Duration::from_millis(10), || {
+        let (answer, done, last) = (probe(), &done, &last);
+        async move {
+            let answer = answer.await;
+            let holds = done(&answer);
+            *last.borrow_mut() = Some(answer);
+            holds.then_some(())
         }
-        assert!(
-            Instant::now() < deadline,
+    })
+    .await;
+    if held.is_none() {
+        let answer = last.into_inner().expect("probed at least once");
+        panic!(
             "{what}: last answer {} {} {}",
-            answer.status,
-            answer.reason,
-            answer.body
+            answer.status, answer.reason, answer.body
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

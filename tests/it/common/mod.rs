@@ -59,3 +59,4 @@ impl World {
             .hook_timeout(Duration::from_secs(300))
     }
 }
+pub mod warm;
