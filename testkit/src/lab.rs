@@ -106,12 +106,9 @@ impl LabBuilder {
         let key = ClientKey::ed25519();
         sshd.authorize(&key);
         let fake = FakeProxmox::start(self.config);
-        let ed25519 = sshd
-            .host_key_lines()
-            .into_iter()
-            .find(|line| line.starts_with("ssh-ed25519 "))
-            .expect("the test sshd has an ed25519 host key");
-        fake.set_guest_file(ED25519_HOST_KEY_FILE, &format!("{ed25519}\n"));
+        // The guests' host keys are the sshd's, so that the keys read through the agent are
+        // the ones SSH presents.
+        fake.set_host_keys(&sshd.host_key_lines());
         Some(Lab {
             bin: self.bin,
             fake,

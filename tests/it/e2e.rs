@@ -617,6 +617,7 @@ fn host_keys_that_appear_after_the_agent_are_still_pinned() {
         .find(|line| line.starts_with("ssh-ed25519 "))
         .expect("ed25519 host key");
     // cloud-init writes the keys a while after the agent is up.
+    world.lab.fake.remove_host_keys();
     world.lab.fake.set_late_guest_file(
         "/etc/ssh/ssh_host_ed25519_key.pub",
         &host_key,

@@ -1,7 +1,8 @@
 //! prepare and cleanup against the in-repo fake Proxmox, run as gitlab-runner runs them.
 //!
-//! Until a test needs the VM to answer SSH, `VM_SSH_PORT` points at a closed port: prepare
-//! then runs every Proxmox step for real and fails at the SSH step, which must leave no VM.
+//! Until a test needs the VM to answer SSH, `VM_SSH_PORT` points at an SSH server that is not
+//! the VM (its host key is not the one the guest agent serves): prepare then runs every Proxmox
+//! step for real and fails at the SSH step, which must leave no VM.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -12,10 +13,10 @@ use gitlab_proxmox_runner::marker::Marker;
 use gitlab_proxmox_runner::state::{JobState, Phase, STATE_FILE_NAME};
 use gpr_testkit::hook::{Hook, HookOutput, BUILD_FAILURE, SYSTEM_FAILURE};
 use gpr_testkit::lab::api_hook;
+use gpr_testkit::ssh_server::impostor_port;
 use gpr_testkit::sshkeys::unauthorized_key;
 use gpr_testkit::{
-    driver_binary, unused_port, wait_for_every, FakeConfig, FakeProxmox, Fault, NewVm,
-    RecordedRequest,
+    driver_binary, wait_for_every, FakeConfig, FakeProxmox, Fault, NewVm, RecordedRequest,
 };
 
 const NO_VM_LEFT: &str = "no job VM may be left on the fake";
@@ -28,9 +29,9 @@ fn hook(fake: &FakeProxmox, dir: &Path, job_id: u64) -> Hook {
 fn hook_without_key(fake: &FakeProxmox, dir: &Path, job_id: u64) -> Hook {
     api_hook(driver_binary!(), fake, dir)
         .host_env("VM_NETWORK_CIDRS", "127.0.0.0/8")
-        .host_env("VM_SSH_PORT", unused_port().to_string())
-        // The fake's guests have no host-key files and prepare waits for them (cloud-init writes
-        // them late) until the boot deadline: keep it short, the fake boots in milliseconds.
+        // A host key mismatch is final: prepare does not wait out the boot deadline, as it
+        // would retrying a closed port.
+        .host_env("VM_SSH_PORT", impostor_port().to_string())
         .host_env("VM_BOOT_TIMEOUT", "8")
         .host_env("PROXMOX_VMID_RANGE", "2000000-2999999")
         .job_var("CI_JOB_ID", job_id.to_string())

@@ -86,6 +86,8 @@ fn without_an_agent_readable_host_key_the_first_key_is_pinned_with_a_warning() {
     let Some(lab) = start("without_an_agent_readable_host_key") else {
         return;
     };
+    // No host key files but an empty ed25519 one: nothing to wait for, nothing to pin.
+    lab.fake.remove_host_keys();
     lab.fake.set_guest_file(ED25519_FILE, "");
     let dir = tempfile::tempdir().unwrap();
     let hook = lab.job_hook(dir.path(), 4712);
@@ -120,6 +122,8 @@ fn strict_host_key_policy_refuses_without_an_agent_key_and_leaves_no_vm() {
     let Some(lab) = start("strict_host_key_policy_refuses") else {
         return;
     };
+    // No host key files but an empty ed25519 one: nothing to wait for, nothing to pin.
+    lab.fake.remove_host_keys();
     lab.fake.set_guest_file(ED25519_FILE, "");
     let dir = tempfile::tempdir().unwrap();
     let hook = lab

@@ -11,10 +11,9 @@ use gitlab_proxmox_runner::job::JobInfo;
 use gitlab_proxmox_runner::marker::Marker;
 use gitlab_proxmox_runner::state::{JobState, Phase};
 use gpr_testkit::hook::{Hook, HookOutput, SYSTEM_FAILURE};
+use gpr_testkit::ssh_server::impostor_port;
 use gpr_testkit::sshkeys::unauthorized_key;
-use gpr_testkit::{
-    driver_binary, unused_port, wait_for_every, FakeConfig, FakeProxmox, Fault, NewVm,
-};
+use gpr_testkit::{driver_binary, wait_for_every, FakeConfig, FakeProxmox, Fault, NewVm};
 
 fn hook(fake: &FakeProxmox, dir: &Path, job_id: u64) -> Hook {
     let mut hook = Hook::new(driver_binary!(), dir);
@@ -23,7 +22,8 @@ fn hook(fake: &FakeProxmox, dir: &Path, job_id: u64) -> Hook {
     }
     hook.host_env("VM_SSH_PRIVATE_KEY", unauthorized_key())
         .host_env("VM_NETWORK_CIDRS", "127.0.0.0/8")
-        .host_env("VM_SSH_PORT", unused_port().to_string())
+        // Not the VM (another host key): prepare fails at the SSH step at once.
+        .host_env("VM_SSH_PORT", impostor_port().to_string())
         .host_env("VM_BOOT_TIMEOUT", "20")
         .job_var("CI_JOB_ID", job_id.to_string())
         .job_var("CI_PROJECT_PATH_SLUG", "group-project")
@@ -151,7 +151,7 @@ fn a_lost_clone_answer_is_waited_out_and_the_vm_adopted_not_leaked() {
     let dir = tempfile::tempdir().unwrap();
     let hook = hook(&fake, dir.path(), 121);
     let out = hook.clone().arg("prepare").run();
-    // prepare gets as far as SSH (closed port here), so the clone was adopted.
+    // prepare gets as far as SSH (not the VM's here), so the clone was adopted.
     assert!(out.log().contains("cloned template"), "{}", out.log());
     assert_eq!(
         clone_posts(&fake),

@@ -978,6 +978,60 @@ async fn the_agent_reports_ipv6_first_and_host_keys_late() {
     .await;
 }
 
+/// Like a Debian guest after its first boot, every guest has an SSH host key of each type
+/// openssh-server generates (`type base64 root@host`); a test gives them an SSH server's keys
+/// instead (only those), or none at all (a template cleaned before cloud-init ran).
+#[tokio::test]
+async fn guests_serve_debian_host_keys_unless_a_test_gives_others_or_none() {
+    let fake = FakeProxmox::start(FakeConfig {
+        boot_time: Duration::ZERO,
+        clone_time: Duration::ZERO,
+        ..FakeConfig::default()
+    });
+    let api = Api::new(&fake);
+    let clone = api
+        .post("/nodes/pve1/qemu/60900/clone", &[("newid", "101001")])
+        .await;
+    api.wait_task_data(clone.body["data"].as_str().expect("UPID"))
+        .await;
+    let start = api.post("/nodes/pve1/qemu/101001/status/start", &[]).await;
+    api.wait_task_data(start.body["data"].as_str().expect("UPID"))
+        .await;
+    let read = "/nodes/pve1/qemu/101001/agent/file-read";
+    let files = [
+        ("/etc/ssh/ssh_host_ed25519_key.pub", "ssh-ed25519 "),
+        ("/etc/ssh/ssh_host_ecdsa_key.pub", "ecdsa-sha2-nistp256 "),
+        ("/etc/ssh/ssh_host_rsa_key.pub", "ssh-rsa "),
+    ];
+    let missing = |file: &str| {
+        format!("Agent error: failed to open file '{file}' (mode: 'r'): No such file or directory")
+    };
+    for (file, kind) in files {
+        let answer = api.get(read, &[("file", file)]).await;
+        assert_eq!(answer.status, StatusCode::OK, "{file}: {}", answer.body);
+        let content = answer.body["data"]["content"].as_str().unwrap_or_default();
+        assert!(
+            content.starts_with(kind) && content.ends_with(" root@debian\n"),
+            "{file}: {content:?}"
+        );
+    }
+
+    let other = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBR3Ga8n2rvHWEDn/r+5LnZxm3PLqJ0tYEnFzXo5fA4t";
+    fake.set_host_keys(&[other.to_string()]);
+    let answer = api.get(read, &[("file", files[0].0)]).await;
+    assert_eq!(answer.body["data"]["content"], format!("{other}\n"));
+    for (file, _) in &files[1..] {
+        let answer = api.get(read, &[("file", *file)]).await;
+        assert_eq!(answer.reason, missing(file), "only the given keys");
+    }
+
+    fake.remove_host_keys();
+    for (file, _) in files {
+        let answer = api.get(read, &[("file", file)]).await;
+        assert_eq!(answer.reason, missing(file));
+    }
+}
+
 /// The co-tenant `mallory@pve!t` acts over HTTP with its own token: it clones our template
 /// into a VMID of its choice, names, tags and starts the clone, converts VMs of its own to
 /// templates and creates VMs, all with PVE's answers; its ACL (its pool, `VM.Clone` on the
