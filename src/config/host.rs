@@ -198,6 +198,9 @@ pub struct Settings {
     /// The job chose `VM_SSH_KEY_PASSPHRASE`: a key it does not decrypt is the job's fault.
     pub ssh_key_passphrase_from_job: bool,
     pub host_key_policy: HostKeyPolicy,
+    /// `VM_SSH_KEEPALIVE_INTERVAL`: SSH keepalives this often; a VM silent for six intervals
+    /// is lost (`crate::ssh::set_keepalive_interval`).
+    pub ssh_keepalive_interval: Duration,
     /// `None`: `gitlab-runner` on the host's PATH.
     pub runner_helper_path: Option<PathBuf>,
     /// `WARM_POOL = { name = N }`: warm VMs the pool service keeps per template name.
@@ -428,6 +431,15 @@ impl Settings {
                 "VM_BOOT_TIMEOUT must be at least 1 second".into(),
             ));
         }
+        let ssh_keepalive_interval = match raw.number::<u64>("VM_SSH_KEEPALIVE_INTERVAL")? {
+            None => crate::ssh::DEFAULT_KEEPALIVE_INTERVAL,
+            Some(secs @ 1..=30) => Duration::from_secs(secs),
+            Some(secs) => {
+                return Err(Error::Settings(format!(
+                    "VM_SSH_KEEPALIVE_INTERVAL={secs} must be 1 to 30 seconds"
+                )))
+            }
+        };
         let cleanup_timeout =
             Duration::from_secs(raw.number::<u64>("VM_CLEANUP_TIMEOUT")?.unwrap_or(420));
         if cleanup_timeout.is_zero() {
@@ -576,6 +588,7 @@ impl Settings {
             ssh_key_passphrase,
             ssh_key_passphrase_from_job,
             host_key_policy,
+            ssh_keepalive_interval,
             runner_helper_path: raw.get("RUNNER_HELPER_PATH").map(PathBuf::from),
             warm_pool,
             warm_max_idle,
