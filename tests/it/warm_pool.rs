@@ -1076,7 +1076,7 @@ fn a_warm_vm_published_as_the_service_stops_is_kept_for_jobs() {
         return;
     };
     lab.fake.set_boot_time(Duration::from_secs(2));
-    let pool = pool_service(&lab, "pool-a", 1, &[]);
+    let pool = PoolService::keeping(&lab, "pool-a", TEMPLATE, 1, &[]);
     let booting = wait_for("a warm VM booting", Duration::from_secs(60), || {
         lab.fake
             .job_vms()
