@@ -174,7 +174,6 @@ fn the_clone_gets_name_marker_tag_and_resources_before_it_boots() {
             "VM_SSH_PORT",
             silent.local_addr().unwrap().port().to_string(),
         )
-        .host_env("VM_BOOT_TIMEOUT", "20")
         .host_env("VM_CORES", "4")
         .host_env("VM_MEMORY_MB", "4096")
         .host_env("VM_DISK_GROW_GB", "5")
