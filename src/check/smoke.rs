@@ -225,7 +225,7 @@ async fn bring_up(
 
     sink.step("running `sudo -n true` over SSH");
     let sudo = Instant::now();
-    let key = ssh::load_private_key(settings)?;
+    let key = ssh::load_private_key(&settings.ssh)?;
     let target = ready.ssh_target();
     let connection = Connection::connect(
         &target,

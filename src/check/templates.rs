@@ -106,7 +106,9 @@ pub struct TemplateNeeds {
 impl TemplateNeeds {
     pub fn for_settings(settings: &Settings) -> TemplateNeeds {
         let mut needs = TemplateNeeds::default();
-        if let (Some(storage), Some(CloneMode::Full)) = (&settings.storage, settings.clone_mode) {
+        if let (Some(storage), Some(CloneMode::Full)) =
+            (&settings.clone.storage, settings.clone.mode)
+        {
             needs.storages.push(storage.clone());
         }
         needs
@@ -194,7 +196,7 @@ pub fn template_vm_finding(
             needs.bridges.push(bridge.clone());
         }
     }
-    let linked = match settings.clone_mode {
+    let linked = match settings.clone.mode {
         Some(CloneMode::Full) => false,
         Some(CloneMode::Linked) => true,
         None => is_template,
@@ -277,10 +279,10 @@ pub async fn findings(
     vms: Option<&[ClusterVm]>,
 ) -> (TemplateNeeds, Vec<Finding>) {
     let mut out = Vec::new();
-    let node = &settings.node;
+    let node = &settings.placement.node;
     let mut needs = TemplateNeeds::for_settings(settings);
     let storages = node_storages(api, node).await;
-    for (name, listed) in &settings.templates {
+    for (name, listed) in &settings.placement.templates {
         let id = format!("template.{name}");
         // The copy listed for this node: pinned to it, or not pinned, in the order listed (as
         // prepare resolves it).

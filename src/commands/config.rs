@@ -18,7 +18,7 @@ pub fn driver_json() -> serde_json::Value {
 
 /// Checks that need no network: TLS trust material and the SSH key's presence.
 pub fn check_offline(settings: &Settings) -> Result<()> {
-    crate::proxmox::tls::client_config(&settings.tls)?;
+    crate::proxmox::tls::client_config(&settings.api.tls)?;
     settings.require_ssh_key()
 }
 

@@ -44,8 +44,8 @@ pub async fn prepare(context: &Context) -> Result<()> {
     // Parsed and decrypted before anything is claimed or cloned: a key (or passphrase) the job
     // supplied that does not parse fails the job here (a build failure), with nothing to undo
     // and no warm VM spent on it.
-    drop(crate::ssh::load_private_key(&context.settings)?);
-    let client = Client::new(&context.settings)?;
+    drop(crate::ssh::load_private_key(&context.settings.ssh)?);
+    let client = Client::new(&context.settings.api)?;
     let left_behind = remove_earlier_attempt(&client, context).await?;
 
     let settings = &context.settings;
@@ -182,7 +182,8 @@ async fn bring_up_on_a_node(
 
     let name = job.vm_name.clone();
     let own_key = settings
-        .ssh_private_key
+        .ssh
+        .private_key
         .as_ref()
         .is_some_and(|key| key.from_job);
     let has_pool = crate::pool::has_pool(settings, &settings.template);

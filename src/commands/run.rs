@@ -70,11 +70,11 @@ async fn run_in_vm(context: &Context, script: &Path, stage: &str) -> Result<Ende
     };
     let target = Target {
         host: ip,
-        port: state.ssh_port.unwrap_or(context.settings.ssh_port),
+        port: state.ssh_port.unwrap_or(context.settings.ssh.port),
         user: state
             .ssh_user
             .clone()
-            .unwrap_or_else(|| context.settings.ssh_user.clone()),
+            .unwrap_or_else(|| context.settings.ssh.user.clone()),
         vm_label,
     };
     let body = Zeroizing::new(std::fs::read(script).map_err(|err| {
@@ -84,7 +84,7 @@ async fn run_in_vm(context: &Context, script: &Path, stage: &str) -> Result<Ende
         )
     })?);
     // The key first: a job whose key is unusable hears about that, not about the VM.
-    let key = ssh::load_private_key(&context.settings)?;
+    let key = ssh::load_private_key(&context.settings.ssh)?;
     if let Some(lost) = &state.lost {
         return Err(Error::Infrastructure(format!(
             "{} has been unreachable since {} (lost during {}); not retrying",

@@ -303,7 +303,7 @@ async fn check(
                 "warm VM {vmid}'s address is no longer {recorded} (a new DHCP lease?)"
             ))
         })?;
-    let key = ssh::load_private_key(settings)?;
+    let key = ssh::load_private_key(&settings.ssh)?;
     let target = ready::ssh_target(settings, &warm.vm, ip);
     let check = HostKeyCheck::Pinned(warm.host_keys.clone());
     let connection = ssh::connect_to_running(&target, key, &check, deadline, cancel).await?;
