@@ -174,7 +174,11 @@ mod tests {
     #[test]
     fn the_derivation_is_stable_across_versions() {
         let key = VmKey::derive(&fleet_key(), 2_000_001, NONCE).unwrap();
-        assert_eq!(key.public_line(), "PIN");
+        assert_eq!(
+            key.public_line(),
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBR0kE836j7jBOdQ7xiWrexmR55yycgxUfaq52KvyuVt \
+             gitlab-proxmox-runner-vm-2000001"
+        );
     }
 
     #[test]
