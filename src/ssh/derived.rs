@@ -53,7 +53,12 @@ impl VmKey {
         let mut seed = Zeroizing::new([0u8; 32]);
         fleet_key.derive(
             LABEL,
-            &[b"vmid=", vmid_text.as_bytes(), b"\nnonce=", nonce.as_bytes()],
+            &[
+                b"vmid=",
+                vmid_text.as_bytes(),
+                b"\nnonce=",
+                nonce.as_bytes(),
+            ],
             &mut seed,
         )?;
         let keypair = russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&seed);
@@ -135,10 +140,7 @@ mod tests {
         let first = VmKey::derive(&key, 2_000_001, NONCE).unwrap();
         let again = VmKey::derive(&key, 2_000_001, NONCE).unwrap();
         assert_eq!(first.public_line(), again.public_line());
-        assert_eq!(
-            first.private().fingerprint(),
-            again.private().fingerprint()
-        );
+        assert_eq!(first.private().fingerprint(), again.private().fingerprint());
         assert!(first.public_line().starts_with("ssh-ed25519 AAAA"));
         assert!(first
             .public_line()

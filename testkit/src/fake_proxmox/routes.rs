@@ -867,6 +867,8 @@ fn clone(
         agent_ready_at: None,
         agent_never,
         destroying: false,
+        cloud_init: None,
+        booted_once: false,
         clone: Some(super::state::CloneProgress {
             full_config: error.is_none().then_some(config),
             // A linked clone's disk is a snapshot, written at once; a full clone's first disk
@@ -1101,6 +1103,8 @@ fn create_vm(state: &mut State, node: &str, params: &BTreeMap<String, String>) -
             agent_ready_at: None,
             agent_never: false,
             destroying: false,
+            cloud_init: None,
+            booted_once: false,
             clone: None,
         },
     );
