@@ -17,7 +17,7 @@ use crate::job::JobInfo;
 use crate::joblog;
 use crate::marker::Marker;
 use crate::proxmox::Client;
-use crate::ssh::{self, Connection, HostKeyCheck};
+use crate::ssh::{Connection, HostKeyCheck};
 use crate::vm::clone_watch::CloneTrace;
 use crate::vm::host_keys::{self, Holder};
 use crate::vm::provision::Order;
@@ -216,6 +216,10 @@ async fn bring_up(
         name: VM_NAME,
         marker,
         claim: None,
+        key_nonce: settings
+            .fleet_key
+            .is_some()
+            .then_some(marker.nonce.as_str()),
     };
     let ready = crate::vm::bring_up(client, settings, &order, cancel, sink)
         .await?
@@ -225,7 +229,7 @@ async fn bring_up(
 
     sink.step("running `sudo -n true` over SSH");
     let sudo = Instant::now();
-    let key = ssh::load_private_key(settings)?;
+    let key = crate::vm::ssh_key::private_key(settings, &ready.vm, &ready.key)?;
     let target = ready.ssh_target();
     let connection = Connection::connect(
         &target,

@@ -1421,7 +1421,13 @@ async fn vmid_range_finding(
 }
 
 fn key_finding(settings: &Settings, out: &mut Output<'_>) {
-    let finding = if settings.ssh_private_key.is_none() {
+    let finding = if settings.ssh_private_key.is_none() && settings.fleet_key.is_some() {
+        Finding::pass(
+            "ssh_key",
+            "SSH key: VM_SSH_PRIVATE_KEY is not set; VMs of templates with cloud-init get keys \
+             of their own, derived from PROXMOX_FLEET_KEY (templates without it cannot be used)",
+        )
+    } else if settings.ssh_private_key.is_none() {
         Finding::fail(
             "ssh_key",
             "SSH key: VM_SSH_PRIVATE_KEY is not set",

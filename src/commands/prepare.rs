@@ -40,11 +40,17 @@ pub async fn prepare(context: &Context) -> Result<()> {
     for warning in &context.settings.trust_warnings {
         joblog::warn(warning);
     }
-    context.settings.require_ssh_key()?;
+    // Without a fleet key every VM takes the static key; with one, a template without
+    // cloud-init still does, which provisioning tells once it has read the clone's config.
+    if context.settings.fleet_key.is_none() {
+        context.settings.require_ssh_key()?;
+    }
     // Parsed and decrypted before anything is claimed or cloned: a key (or passphrase) the job
     // supplied that does not parse fails the job here (a build failure), with nothing to undo
     // and no warm VM spent on it.
-    drop(crate::ssh::load_private_key(&context.settings)?);
+    if context.settings.ssh_private_key.is_some() {
+        drop(crate::ssh::load_private_key(&context.settings)?);
+    }
     let client = Client::new(&context.settings)?;
     let left_behind = remove_earlier_attempt(&client, context).await?;
 
@@ -218,6 +224,8 @@ async fn bring_up_on_a_node(
         name: &name,
         marker,
         claim: report.as_ref(),
+        // A job's own key is for its own clone: nothing of the fleet's is derived for it.
+        key_nonce: (!own_key && settings.fleet_key.is_some()).then_some(marker.nonce.as_str()),
     };
     let ready = vm::bring_up(client, settings, &order, &context.cancel, job)
         .await?

@@ -33,7 +33,7 @@ use crate::proxmox::Client;
 use crate::ssh::{self, HostKeyCheck};
 use crate::vm::placement::{Placed, Strategy};
 use crate::vm::template::Template;
-use crate::vm::{ready, teardown};
+use crate::vm::{ready, ssh_key, teardown};
 use crate::vm::{HostKeySource, Milestone, ReadyVm, Sink, SinkLog};
 
 /// A warm VM is up already: its checks get this long before it counts as broken.
@@ -303,7 +303,14 @@ async fn check(
                 "warm VM {vmid}'s address is no longer {recorded} (a new DHCP lease?)"
             ))
         })?;
-    let key = ssh::load_private_key(settings)?;
+    // The warm marker's nonce (sealed, so the pool's): the job state keeps it for every hook.
+    let key_path = ssh_key::warm_vm_path(
+        settings,
+        &warm.vm,
+        &warm.marker.nonce,
+        warm.sshkeys.as_deref(),
+    );
+    let key = ssh_key::private_key(settings, &warm.vm, &key_path)?;
     let target = ready::ssh_target(settings, &warm.vm, ip);
     let check = HostKeyCheck::Pinned(warm.host_keys.clone());
     let connection = ssh::connect_to_running(&target, key, &check, deadline, cancel).await?;
@@ -315,5 +322,6 @@ async fn check(
         ssh_user: target.user,
         host_keys: warm.host_keys.clone(),
         host_key_source: HostKeySource::GuestAgent,
+        key: key_path,
     })
 }

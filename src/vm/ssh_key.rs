@@ -1,0 +1,149 @@
+//! Which SSH key a VM accepts: its own, derived from the fleet key (see [`crate::ssh::derived`])
+//! and put into its cloud-init `sshkeys` before its first start, or the static
+//! `VM_SSH_PRIVATE_KEY` its template carries.
+//!
+//! The per-VM key needs three things, all host-set: the fleet key, a nonce the driver made (the
+//! marker's), and a template whose cloud-init would install the key for the user the driver
+//! logs in as (a cloud-init drive, `ciuser` = `VM_SSH_USER`). A job that brings its own
+//! `VM_SSH_PRIVATE_KEY` gets the static path for its own clone: its key is what it trusts.
+
+use std::sync::Arc;
+
+use super::VmRef;
+use crate::config::Settings;
+use crate::error::{Error, Result};
+use crate::proxmox::types::VmConfig;
+use crate::ssh::derived::VmKey;
+use crate::ssh::PrivateKey;
+
+/// The key a VM accepts, as the job state and a ready VM record it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyPath {
+    /// `VM_SSH_PRIVATE_KEY`: what the template (image or cloud-init user data) carries.
+    Static,
+    /// Derived from the fleet key, the VMID and this nonce (the marker's at the VM's creation).
+    Derived { nonce: String },
+}
+
+impl KeyPath {
+    /// For the job log and `check`.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            KeyPath::Static => "the static key VM_SSH_PRIVATE_KEY",
+            KeyPath::Derived { .. } => "a per-VM key through cloud-init",
+        }
+    }
+}
+
+/// Whether a VM (or template) config would have cloud-init install a key for `user`; `Err`
+/// says why not, in words for the job log and `check`.
+pub fn cloud_init_accepts(config: &VmConfig, user: &str) -> std::result::Result<(), String> {
+    let drive = config.0.iter().any(|(key, value)| {
+        let is_drive = ["ide", "sata", "scsi", "virtio"]
+            .iter()
+            .any(|bus| key.starts_with(bus) && key[bus.len()..].parse::<u8>().is_ok());
+        let volume = value.as_str().unwrap_or("").split(',').next().unwrap_or("");
+        is_drive && (volume.ends_with(":cloudinit") || volume.ends_with("-cloudinit"))
+    });
+    if !drive {
+        return Err("no cloud-init drive".into());
+    }
+    match config.get("ciuser") {
+        None => Err("no ciuser set".into()),
+        Some(ciuser) if ciuser != user => Err(format!(
+            "its ciuser {} is not VM_SSH_USER {user}",
+            ciuser.escape_debug()
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// VM `vm`'s key when it takes the derived path: the fleet key must be set.
+pub fn derive(settings: &Settings, vm: &VmRef, nonce: &str) -> Result<VmKey> {
+    let fleet_key = settings.fleet_key.as_ref().ok_or_else(|| {
+        Error::Settings(format!(
+            "VM {} takes a per-VM SSH key derived from PROXMOX_FLEET_KEY, which is not set on \
+             this runner host; set the same fleet key as the host that created it",
+            vm.vmid
+        ))
+    })?;
+    VmKey::derive(fleet_key, vm.vmid, nonce)
+}
+
+/// The private key to connect to `vm` with, derived in memory or loaded from the settings.
+pub fn private_key(settings: &Settings, vm: &VmRef, path: &KeyPath) -> Result<Arc<PrivateKey>> {
+    match path {
+        KeyPath::Static => crate::ssh::load_private_key(settings),
+        KeyPath::Derived { nonce } => Ok(derive(settings, vm, nonce)?.private()),
+    }
+}
+
+/// Whether the warm VM `vm`'s config holds exactly its derived key in `sshkeys` (set by the
+/// pool before its first start, from the nonce of its sealed marker): then it takes the
+/// derived path, else the static one.
+pub fn warm_vm_path(settings: &Settings, vm: &VmRef, nonce: &str, sshkeys: Option<&str>) -> KeyPath {
+    let Some(fleet_key) = settings.fleet_key.as_ref() else {
+        return KeyPath::Static;
+    };
+    let Some(value) = sshkeys else {
+        return KeyPath::Static;
+    };
+    let Ok(key) = VmKey::derive(fleet_key, vm.vmid, nonce) else {
+        return KeyPath::Static;
+    };
+    let body = crate::ssh::derived::key_body;
+    let lines = crate::ssh::derived::decode_sshkeys(&value).unwrap_or_default();
+    match lines.as_slice() {
+        [only] if body(only).is_some() && body(only) == body(key.public_line()) => {
+            KeyPath::Derived {
+                nonce: nonce.to_string(),
+            }
+        }
+        _ => KeyPath::Static,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> VmConfig {
+        VmConfig(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn cloud_init_needs_a_drive_and_the_login_user_as_ciuser() {
+        let drive = ("ide2", "local-lvm:vm-2000001-cloudinit,media=cdrom");
+        assert_eq!(
+            cloud_init_accepts(&config(&[drive, ("ciuser", "ci")]), "ci"),
+            Ok(())
+        );
+        assert_eq!(
+            cloud_init_accepts(&config(&[("scsi1", "ceph-vm:cloudinit"), ("ciuser", "ci")]), "ci"),
+            Ok(())
+        );
+        assert_eq!(
+            cloud_init_accepts(&config(&[drive]), "ci"),
+            Err("no ciuser set".into())
+        );
+        assert!(cloud_init_accepts(&config(&[drive, ("ciuser", "root")]), "ci")
+            .unwrap_err()
+            .contains("not VM_SSH_USER ci"));
+        assert_eq!(
+            cloud_init_accepts(
+                &config(&[
+                    ("ide2", "local:iso/ubuntu.iso,media=cdrom"),
+                    ("ciuser", "ci"),
+                    ("description", "local-lvm:cloudinit")
+                ]),
+                "ci"
+            ),
+            Err("no cloud-init drive".into())
+        );
+    }
+}
