@@ -461,7 +461,12 @@ impl Provisioning<'_> {
 
     /// The derived key when the order asks for one and the clone's cloud-init would install
     /// it; else the static key, which must then be set.
-    fn key_path(&self, vm: &VmRef, config: &crate::proxmox::VmConfig, sink: &dyn Sink) -> Result<KeyPath> {
+    fn key_path(
+        &self,
+        vm: &VmRef,
+        config: &crate::proxmox::VmConfig,
+        sink: &dyn Sink,
+    ) -> Result<KeyPath> {
         let template = &self.order.template.label;
         let why_static = match self.order.key_nonce {
             None => None,

@@ -81,7 +81,12 @@ pub fn private_key(settings: &Settings, vm: &VmRef, path: &KeyPath) -> Result<Ar
 /// Whether the warm VM `vm`'s config holds exactly its derived key in `sshkeys` (set by the
 /// pool before its first start, from the nonce of its sealed marker): then it takes the
 /// derived path, else the static one.
-pub fn warm_vm_path(settings: &Settings, vm: &VmRef, nonce: &str, sshkeys: Option<&str>) -> KeyPath {
+pub fn warm_vm_path(
+    settings: &Settings,
+    vm: &VmRef,
+    nonce: &str,
+    sshkeys: Option<&str>,
+) -> KeyPath {
     let Some(fleet_key) = settings.fleet_key.as_ref() else {
         return KeyPath::Static;
     };
@@ -124,16 +129,21 @@ mod tests {
             Ok(())
         );
         assert_eq!(
-            cloud_init_accepts(&config(&[("scsi1", "ceph-vm:cloudinit"), ("ciuser", "ci")]), "ci"),
+            cloud_init_accepts(
+                &config(&[("scsi1", "ceph-vm:cloudinit"), ("ciuser", "ci")]),
+                "ci"
+            ),
             Ok(())
         );
         assert_eq!(
             cloud_init_accepts(&config(&[drive]), "ci"),
             Err("no ciuser set".into())
         );
-        assert!(cloud_init_accepts(&config(&[drive, ("ciuser", "root")]), "ci")
-            .unwrap_err()
-            .contains("not VM_SSH_USER ci"));
+        assert!(
+            cloud_init_accepts(&config(&[drive, ("ciuser", "root")]), "ci")
+                .unwrap_err()
+                .contains("not VM_SSH_USER ci")
+        );
         assert_eq!(
             cloud_init_accepts(
                 &config(&[

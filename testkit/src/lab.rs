@@ -79,7 +79,8 @@ impl LabBuilder {
     }
 
     /// The client key reaches the VMs through the templates' `sshkeys` (cloud-init, applied at
-    /// first boot) instead of being baked into their image: a clone whose `sshkeys` the driver
+    /// first boot, for `ciuser` root, the lab's VM_SSH_USER) instead of being baked into their
+    /// image: a clone whose `sshkeys` the driver
     /// replaced accepts the static key no more. Takes effect with
     /// [`LabBuilder::with_sshd_per_vm_or_skip`].
     pub fn key_in_template_cloud_init(mut self) -> LabBuilder {
@@ -109,6 +110,8 @@ impl LabBuilder {
             let value = encode_sshkeys(&lab.key.public_line);
             for template in lab.fake.templates() {
                 lab.fake.set_vm_config(template, "sshkeys", Some(&value));
+                // cloud-init installs keys for the user the driver logs in as (VM_SSH_USER).
+                lab.fake.set_vm_config(template, "ciuser", Some("root"));
             }
             None
         } else {
