@@ -191,6 +191,16 @@ async fn bring_up_on_a_node(
         .ssh_private_key
         .as_ref()
         .is_some_and(|key| key.from_job);
+    if settings.ssh_private_key.is_none() {
+        // No static key to fall back on: a template that would need it fails the job now,
+        // before a warm VM is claimed or a clone made for nothing (one read, only then).
+        let config = client
+            .vm_config(&template.node, template.vmid)
+            .await
+            .map_err(|err| Error::api(format!("reading template {}", template.label), err))?
+            .unwrap_or_default();
+        crate::vm::ssh_key::choose(settings, &template.label, &config, Some(&marker.nonce))?;
+    }
     let has_pool = crate::pool::has_pool(settings, &settings.template);
     if has_pool && own_key {
         joblog::info(

@@ -468,36 +468,20 @@ impl Provisioning<'_> {
         sink: &dyn Sink,
     ) -> Result<KeyPath> {
         let template = &self.order.template.label;
-        let why_static = match self.order.key_nonce {
-            None => None,
-            Some(nonce) => match ssh_key::cloud_init_accepts(config, &self.settings.ssh_user) {
-                Ok(()) => {
-                    sink.info(&format!(
-                        "VM {}: a per-VM SSH key through cloud-init (template {template})",
-                        vm.vmid
-                    ));
-                    return Ok(KeyPath::Derived {
-                        nonce: nonce.to_string(),
-                    });
-                }
-                Err(why) => Some(why),
-            },
-        };
-        if self.settings.ssh_private_key.is_none() {
-            return Err(Error::Settings(format!(
-                "template {template} takes the static SSH key ({}), and VM_SSH_PRIVATE_KEY is                  not set: give the template a cloud-init drive with ciuser {} (qm set <vmid>                  --ide2 <storage>:cloudinit --ciuser {}), or set VM_SSH_PRIVATE_KEY",
-                why_static.as_deref().unwrap_or("no PROXMOX_FLEET_KEY to derive per-VM keys from"),
-                self.settings.ssh_user,
-                self.settings.ssh_user
-            )));
-        }
-        if let Some(why) = why_static {
-            sink.info(&format!(
+        let (path, why_static) =
+            ssh_key::choose(self.settings, template, config, self.order.key_nonce)?;
+        match (&path, why_static) {
+            (KeyPath::Derived { .. }, _) => sink.info(&format!(
+                "VM {}: a per-VM SSH key through cloud-init (template {template})",
+                vm.vmid
+            )),
+            (KeyPath::Static, Some(why)) => sink.info(&format!(
                 "VM {}: the static key VM_SSH_PRIVATE_KEY (template {template}: {why})",
                 vm.vmid
-            ));
+            )),
+            (KeyPath::Static, None) => {}
         }
-        Ok(KeyPath::Static)
+        Ok(path)
     }
 
     async fn start(&self, vmid: u32, sink: &mut dyn Sink) -> Result<()> {

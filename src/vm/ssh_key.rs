@@ -58,6 +58,41 @@ pub fn cloud_init_accepts(config: &VmConfig, user: &str) -> std::result::Result<
     }
 }
 
+/// Which key a VM of `template` (label, for messages) with this config takes: the derived one
+/// when `nonce` is given and its cloud-init would install it, else the static one, which must
+/// then be set. `Ok((path, why))`: `why` says why a derived key was not possible.
+pub fn choose(
+    settings: &Settings,
+    template: &str,
+    config: &VmConfig,
+    nonce: Option<&str>,
+) -> Result<(KeyPath, Option<String>)> {
+    let why_static = match nonce {
+        None => None,
+        Some(nonce) => match cloud_init_accepts(config, &settings.ssh_user) {
+            Ok(()) => {
+                let path = KeyPath::Derived {
+                    nonce: nonce.to_string(),
+                };
+                return Ok((path, None));
+            }
+            Err(why) => Some(why),
+        },
+    };
+    if settings.ssh_private_key.is_none() {
+        let user = &settings.ssh_user;
+        return Err(Error::Settings(format!(
+            "template {template} takes the static SSH key ({}), and VM_SSH_PRIVATE_KEY is not \
+             set: give the template a cloud-init drive and ciuser {user} (qm set <vmid> --ide2 \
+             <storage>:cloudinit --ciuser {user}), or set VM_SSH_PRIVATE_KEY",
+            why_static
+                .as_deref()
+                .unwrap_or("no PROXMOX_FLEET_KEY to derive per-VM keys from"),
+        )));
+    }
+    Ok((KeyPath::Static, why_static))
+}
+
 /// VM `vm`'s key when it takes the derived path: the fleet key must be set.
 pub fn derive(settings: &Settings, vm: &VmRef, nonce: &str) -> Result<VmKey> {
     let fleet_key = settings.fleet_key.as_ref().ok_or_else(|| {
