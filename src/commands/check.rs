@@ -30,6 +30,7 @@ use crate::marker::Marker;
 use crate::proxmox::types::ClusterVm;
 use crate::proxmox::{tls, ApiError, ApiErrorKind, Client, Retry, VmConfig};
 use crate::vm::placement::{self, Found};
+use crate::vm::ssh_key::KeyPath;
 
 pub const EXIT_READY: i32 = 0;
 pub const EXIT_NOT_READY: i32 = 1;
@@ -688,12 +689,35 @@ fn template_vm_finding(
             }
         }
     }
+    // Which SSH key its VMs take, as provisioning decides it from the clone's (inherited)
+    // config; a job's own key aside.
+    let nonce = settings.fleet_key.is_some().then_some("0");
+    let key_path = match crate::vm::ssh_key::choose(settings, &label, config, nonce) {
+        Ok((KeyPath::Derived { .. }, _)) => "SSH: a per-VM key through cloud-init".to_string(),
+        Ok((KeyPath::Static, Some(why))) => format!("SSH: the static key ({why})"),
+        Ok((KeyPath::Static, None)) => "SSH: the static key".to_string(),
+        Err(_) => {
+            let why = crate::vm::ssh_key::cloud_init_accepts(config, &settings.ssh_user)
+                .err()
+                .unwrap_or_else(|| "no PROXMOX_FLEET_KEY".into());
+            problems.push(format!(
+                "its VMs would take the static SSH key ({why}), and VM_SSH_PRIVATE_KEY is not set"
+            ));
+            fixes.push(format!(
+                "qm set {vmid} --ide2 <storage>:cloudinit --ciuser {} (with PROXMOX_FLEET_KEY \
+                 set), or set VM_SSH_PRIVATE_KEY",
+                settings.ssh_user
+            ));
+            String::new()
+        }
+    };
     fixes.dedup();
     if problems.is_empty() {
         Finding::pass(
             id,
             format!(
-                "{label}: a template, guest agent on, net0 on {}, disks on {} for {} clones",
+                "{label}: a template, guest agent on, net0 on {}, disks on {} for {} clones; \
+                 {key_path}",
                 bridge.as_deref().unwrap_or("(no bridge)"),
                 if placed.is_empty() {
                     "no storage".to_string()

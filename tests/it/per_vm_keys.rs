@@ -326,3 +326,78 @@ fn a_warm_vm_is_claimed_with_its_own_derived_key() {
     assert!(err.is_authentication_refused(), "the static key: {err}");
     hook.arg("cleanup").run().assert_exit(0);
 }
+
+fn check(lab: &Lab, extra: &[(&str, &str)]) -> (i32, String) {
+    let (config, fleet_file) = gpr_testkit::fleet::settings_env();
+    let mut settings = vec![
+        ("RUNNER_HELPER_PATH", ""),
+        ("PROXMOX_TEMPLATE", TEMPLATE),
+        (config.as_str(), fleet_file.as_str()),
+    ];
+    settings.extend_from_slice(extra);
+    let output = lab
+        .check_command(&settings)
+        .arg("--smoke")
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+fn line_with<'a>(stdout: &'a str, prefix: &str) -> &'a str {
+    stdout
+        .lines()
+        .find(|line| line.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting {prefix:?} in:\n{stdout}"))
+}
+
+#[test]
+fn check_tells_each_templates_key_path_and_smoke_proves_the_derived_login() {
+    let Some(lab) = start("check_tells_each_templates_key_path") else {
+        return;
+    };
+    let (_, stdout) = check(&lab, &[]);
+    let template = line_with(&stdout, "✔ template ubuntu-focal (60900)");
+    assert!(
+        template.contains("SSH: a per-VM key through cloud-init"),
+        "{template}"
+    );
+    let smoke = line_with(&stdout, "✔ smoke test: VM ");
+    assert!(
+        smoke.contains("a per-VM key (cloud-init) logs in, VM_SSH_PRIVATE_KEY is refused"),
+        "{smoke}"
+    );
+    assert!(lab.fake.job_vms().is_empty());
+
+    // A template without a cloud-init drive needs the static key, which is not set here.
+    lab.fake.set_vm_config(60900, "ide2", None);
+    let (code, stdout) = check(&lab, &[("VM_SSH_PRIVATE_KEY", "")]);
+    assert_ne!(code, 0, "{stdout}");
+    let template = line_with(&stdout, "✘ template ubuntu-focal (60900)");
+    assert!(
+        template.contains(
+            "its VMs would take the static SSH key (no cloud-init drive), and \
+             VM_SSH_PRIVATE_KEY is not set"
+        ),
+        "{template}"
+    );
+    assert!(lab.fake.job_vms().is_empty());
+}
+
+#[test]
+fn smoke_says_when_a_template_still_accepts_the_static_key() {
+    // The static key baked into the image: the VM's own key works, and so does the static one.
+    let Some(lab) = Lab::builder(driver_binary!()).with_sshd_per_vm_or_skip("smoke_baked_key")
+    else {
+        return;
+    };
+    lab.fake.set_vm_config(60900, "ciuser", Some("root"));
+    let (_, stdout) = check(&lab, &[]);
+    let smoke = line_with(&stdout, "✔ smoke test: VM ");
+    assert!(
+        smoke.contains("a per-VM key (cloud-init) logs in, but VM_SSH_PRIVATE_KEY is accepted too"),
+        "{smoke}"
+    );
+}
