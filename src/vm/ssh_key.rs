@@ -132,7 +132,7 @@ pub fn warm_vm_path(
         return KeyPath::Static;
     };
     let body = crate::ssh::derived::key_body;
-    let lines = crate::ssh::derived::decode_sshkeys(&value).unwrap_or_default();
+    let lines = crate::ssh::derived::decode_sshkeys(value).unwrap_or_default();
     match lines.as_slice() {
         [only] if body(only).is_some() && body(only) == body(key.public_line()) => {
             KeyPath::Derived {
