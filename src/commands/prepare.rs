@@ -201,6 +201,12 @@ async fn bring_up_on_a_node(
             .unwrap_or_default();
         crate::vm::ssh_key::choose(settings, &template.label, &config, Some(&marker.nonce))?;
     }
+    if own_key && settings.fleet_key.is_some() {
+        joblog::info(
+            "the job supplies its own VM_SSH_PRIVATE_KEY: its clone keeps the template's SSH \
+             keys (no per-VM key)",
+        );
+    }
     let has_pool = crate::pool::has_pool(settings, &settings.template);
     if has_pool && own_key {
         joblog::info(

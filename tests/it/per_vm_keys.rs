@@ -401,3 +401,39 @@ fn smoke_says_when_a_template_still_accepts_the_static_key() {
         "{smoke}"
     );
 }
+
+#[test]
+fn a_job_with_its_own_key_keeps_the_templates_keys_for_its_own_clone() {
+    let Some(lab) = start("a_job_with_its_own_key") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // The lab's key is what the templates' cloud-init carries: the job's key works on a VM
+    // that keeps the template's sshkeys, and only there.
+    let hook = job_hook(&lab, dir.path(), 9500)
+        .job_var("VM_SSH_PRIVATE_KEY", lab.key.private_text.clone());
+    let out = hook.clone().arg("prepare").run();
+    out.assert_exit(0);
+    assert!(
+        out.log().contains(
+            "the job supplies its own VM_SSH_PRIVATE_KEY: its clone keeps the template's SSH keys"
+        ),
+        "{}",
+        out.log()
+    );
+    let state = JobState::load(dir.path()).unwrap().unwrap();
+    assert_eq!(state.ssh_key_nonce, None);
+    let vm = lab.fake.vm(state.vmid).unwrap();
+    let template = lab.fake.vm(60900).unwrap();
+    assert_eq!(vm.config.get("sshkeys"), template.config.get("sshkeys"));
+    let script = write_stage_script(dir.path(), "echo own-key-stage\n");
+    let out = hook
+        .clone()
+        .arg("run")
+        .arg(&script)
+        .arg("build_script")
+        .run();
+    out.assert_exit(0);
+    assert!(out.stdout.contains("own-key-stage"), "{}", out.stdout);
+    hook.arg("cleanup").run().assert_exit(0);
+}
