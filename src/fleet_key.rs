@@ -93,6 +93,15 @@ impl FleetKey {
             .map_err(|_| Error::Infrastructure("deriving a key from the fleet key failed".into()))
     }
 
+    /// A public name for this key (16 hex digits of its MAC over a fixed label): which fleet
+    /// key a per-VM SSH key was derived from, so that a hook after a rotation picks the right
+    /// one. Says nothing about the key itself.
+    pub fn id(&self) -> String {
+        let mut id = self.sign(b"gitlab-proxmox-runner fleet key id v1");
+        id.truncate(16);
+        id
+    }
+
     /// Whether `mac` (hex, as [`FleetKey::sign`] writes it) is `message`'s MAC; compared in
     /// constant time.
     pub fn verify(&self, message: &[u8], mac: &str) -> bool {

@@ -62,6 +62,9 @@ pub struct JobState {
     /// the static `VM_SSH_PRIVATE_KEY`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh_key_nonce: Option<String>,
+    /// Which fleet key that was (its public id): after a rotation, the previous one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_key_fleet: Option<String>,
     /// When the clone request left (Unix seconds); `None` until then. With no
     /// [`clone_upid`](Self::clone_upid), the answer never came: the clone may still run.
     #[serde(default)]
@@ -245,6 +248,7 @@ mod tests {
             host_keys: vec![],
             host_key_source: None,
             ssh_key_nonce: None,
+            ssh_key_fleet: None,
             clone_sent_at: None,
             clone_upid: None,
             lost: None,

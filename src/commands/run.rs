@@ -88,6 +88,7 @@ async fn run_in_vm(context: &Context, script: &Path, stage: &str) -> Result<Ende
     let key_path = match &state.ssh_key_nonce {
         Some(nonce) => KeyPath::Derived {
             nonce: nonce.clone(),
+            fleet: state.ssh_key_fleet.clone(),
         },
         None => KeyPath::Static,
     };

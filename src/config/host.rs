@@ -206,6 +206,9 @@ pub struct Settings {
     pub warm_max_idle: Duration,
     /// `PROXMOX_FLEET_KEY` (settings file only): proves warm VMs ours (`crate::fleet_key`).
     pub fleet_key: Option<FleetKey>,
+    /// `PROXMOX_FLEET_KEY_PREVIOUS` (settings file only): the fleet key before a rotation, for
+    /// the per-VM SSH keys of VMs made before it (`crate::vm::ssh_key`).
+    pub fleet_key_previous: Option<FleetKey>,
     /// Lines for the job log about what the trust rule did (names only, never values).
     pub trust_warnings: Vec<String>,
 }
@@ -529,6 +532,17 @@ impl Settings {
             .take_secret("PROXMOX_FLEET_KEY")
             .map(|(text, _)| FleetKey::parse(text.expose()))
             .transpose()?;
+        let fleet_key_previous = raw
+            .take_secret("PROXMOX_FLEET_KEY_PREVIOUS")
+            .map(|(text, _)| {
+                FleetKey::parse(text.expose()).map_err(|err| {
+                    Error::Settings(
+                        err.to_string()
+                            .replace("PROXMOX_FLEET_KEY ", "PROXMOX_FLEET_KEY_PREVIOUS "),
+                    )
+                })
+            })
+            .transpose()?;
         if fleet_key.is_none() && warm_pool.values().any(|count| *count > 0) {
             return Err(Error::Settings(
                 "WARM_POOL needs PROXMOX_FLEET_KEY in the settings file: any user of the \
@@ -580,6 +594,7 @@ impl Settings {
             warm_pool,
             warm_max_idle,
             fleet_key,
+            fleet_key_previous,
             trust_warnings,
         })
     }

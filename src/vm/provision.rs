@@ -414,9 +414,9 @@ impl Provisioning<'_> {
             fields.push(("memory", memory.to_string()));
         }
         let key = self.key_path(vm, &config, sink)?;
-        if let KeyPath::Derived { nonce } = &key {
+        if let KeyPath::Derived { nonce, fleet } = &key {
             // Replaces what the template's cloud-init carried (the static key, if it did).
-            let derived = ssh_key::derive(settings, vm, nonce)?;
+            let derived = ssh_key::derive(settings, vm, nonce, fleet.as_deref())?;
             fields.push(("sshkeys", derived.sshkeys_value()));
         }
         self.client

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use super::VmRef;
 use crate::config::Settings;
 use crate::error::{Error, Result};
+use crate::fleet_key::FleetKey;
 use crate::proxmox::types::VmConfig;
 use crate::ssh::derived::VmKey;
 use crate::ssh::PrivateKey;
@@ -22,7 +23,12 @@ pub enum KeyPath {
     /// `VM_SSH_PRIVATE_KEY`: what the template (image or cloud-init user data) carries.
     Static,
     /// Derived from the fleet key, the VMID and this nonce (the marker's at the VM's creation).
-    Derived { nonce: String },
+    /// `fleet`: the [`FleetKey::id`] of the fleet key it was derived from (`None` in states
+    /// written before rotation was possible: the current key).
+    Derived {
+        nonce: String,
+        fleet: Option<String>,
+    },
 }
 
 impl KeyPath {
@@ -73,6 +79,7 @@ pub fn choose(
             Ok(()) => {
                 let path = KeyPath::Derived {
                     nonce: nonce.to_string(),
+                    fleet: settings.fleet_key.as_ref().map(FleetKey::id),
                 };
                 return Ok((path, None));
             }
@@ -93,12 +100,20 @@ pub fn choose(
     Ok((KeyPath::Static, why_static))
 }
 
-/// VM `vm`'s key when it takes the derived path: the fleet key must be set.
-pub fn derive(settings: &Settings, vm: &VmRef, nonce: &str) -> Result<VmKey> {
-    let fleet_key = settings.fleet_key.as_ref().ok_or_else(|| {
+/// VM `vm`'s key when it takes the derived path, from the fleet key named `fleet` (the current
+/// `PROXMOX_FLEET_KEY` or, after a rotation, `PROXMOX_FLEET_KEY_PREVIOUS`; `None`: the current).
+pub fn derive(settings: &Settings, vm: &VmRef, nonce: &str, fleet: Option<&str>) -> Result<VmKey> {
+    let held = [&settings.fleet_key, &settings.fleet_key_previous];
+    let fleet_key = match fleet {
+        None => settings.fleet_key.as_ref(),
+        Some(id) => held.into_iter().flatten().find(|key| key.id() == id),
+    };
+    let fleet_key = fleet_key.ok_or_else(|| {
         Error::Settings(format!(
-            "VM {} takes a per-VM SSH key derived from PROXMOX_FLEET_KEY, which is not set on \
-             this runner host; set the same fleet key as the host that created it",
+            "VM {} takes a per-VM SSH key derived from a fleet key this runner host does not \
+             hold (neither PROXMOX_FLEET_KEY nor PROXMOX_FLEET_KEY_PREVIOUS); after a \
+             rotation, keep the old key as PROXMOX_FLEET_KEY_PREVIOUS until the jobs that \
+             started before it are over",
             vm.vmid
         ))
     })?;
@@ -109,7 +124,9 @@ pub fn derive(settings: &Settings, vm: &VmRef, nonce: &str) -> Result<VmKey> {
 pub fn private_key(settings: &Settings, vm: &VmRef, path: &KeyPath) -> Result<Arc<PrivateKey>> {
     match path {
         KeyPath::Static => crate::ssh::load_private_key(settings),
-        KeyPath::Derived { nonce } => Ok(derive(settings, vm, nonce)?.private()),
+        KeyPath::Derived { nonce, fleet } => {
+            Ok(derive(settings, vm, nonce, fleet.as_deref())?.private())
+        }
     }
 }
 
@@ -137,6 +154,7 @@ pub fn warm_vm_path(
         [only] if body(only).is_some() && body(only) == body(key.public_line()) => {
             KeyPath::Derived {
                 nonce: nonce.to_string(),
+                fleet: Some(fleet_key.id()),
             }
         }
         _ => KeyPath::Static,

@@ -437,3 +437,60 @@ fn a_job_with_its_own_key_keeps_the_templates_keys_for_its_own_clone() {
     assert!(out.stdout.contains("own-key-stage"), "{}", out.stdout);
     hook.arg("cleanup").run().assert_exit(0);
 }
+
+#[test]
+fn after_a_fleet_key_rotation_a_running_job_keeps_its_vms_key() {
+    let Some(lab) = start("after_a_fleet_key_rotation") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let hook = job_hook(&lab, dir.path(), 9600);
+    hook.clone().arg("prepare").run().assert_exit(0);
+    let state = JobState::load(dir.path()).unwrap().unwrap();
+    assert_eq!(state.ssh_key_fleet, Some(fleet_key().id()));
+
+    // The admin rotates: a new PROXMOX_FLEET_KEY, the old one kept as the previous.
+    let new_key = FleetKey::generate().unwrap();
+    let settings = tempfile::tempdir().unwrap();
+    let rotated = settings.path().join("rotated.toml");
+    gpr_testkit::fleet::write_settings(
+        &rotated,
+        &format!(
+            "PROXMOX_FLEET_KEY = \"{}\"\nPROXMOX_FLEET_KEY_PREVIOUS = \"{}\"\n",
+            new_key.as_str(),
+            gpr_testkit::fleet::FLEET_KEY
+        ),
+    );
+    let script = write_stage_script(dir.path(), "echo after-rotation\n");
+    let stage = |settings_file: &Path| {
+        hook.clone()
+            .host_env(
+                gpr_testkit::fleet::CONFIG_ENV,
+                settings_file.display().to_string(),
+            )
+            .arg("run")
+            .arg(&script)
+            .arg("build_script")
+            .run()
+    };
+    let out = stage(&rotated);
+    out.assert_exit(0);
+    assert!(out.stdout.contains("after-rotation"), "{}", out.stdout);
+
+    // Once the previous key is dropped, a job that started before the rotation cannot go on,
+    // and says why.
+    let dropped = settings.path().join("dropped.toml");
+    gpr_testkit::fleet::write_settings(
+        &dropped,
+        &format!("PROXMOX_FLEET_KEY = \"{}\"\n", new_key.as_str()),
+    );
+    let out = stage(&dropped);
+    assert_ne!(out.code, 0);
+    assert!(
+        out.log()
+            .contains("keep the old key as PROXMOX_FLEET_KEY_PREVIOUS"),
+        "{}",
+        out.log()
+    );
+    hook.arg("cleanup").run().assert_exit(0);
+}

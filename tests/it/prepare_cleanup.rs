@@ -93,6 +93,7 @@ fn state_for(dir: &Path, vmid: u32, phase: Phase, marker: &Marker) -> JobState {
         host_keys: vec![],
         host_key_source: None,
         ssh_key_nonce: None,
+        ssh_key_fleet: None,
         clone_sent_at: None,
         clone_upid: None,
         lost: None,
