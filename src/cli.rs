@@ -41,7 +41,7 @@ pub enum Command {
         #[arg(long, value_name = "RUNNER_ID")]
         runner: Option<String>,
         /// Sweep VMs older than this, instead of each VM's own recorded deadline (e.g. 90m,
-        /// 4h, 2d). Without it, VMs of older driver versions count as orphans after 25h.
+        /// 4h, 2d, 1h 30min). Without it, VMs of older driver versions count as orphans after 25h.
         #[arg(long, value_name = "AGE")]
         max_age: Option<String>,
         /// List what would be destroyed, change nothing.

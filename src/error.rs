@@ -31,8 +31,8 @@ pub enum Error {
     #[error("settings: {0}")]
     Settings(String),
 
-    /// A Proxmox API request failed or was refused; `source` says how (its `cause()` is for
-    /// callers that must decide what to do next) and carries the API's own words.
+    /// A Proxmox API request failed or was refused; `source` says how (its `is_*` questions are
+    /// for callers that must decide what to do next) and carries the API's own words.
     #[error("{context}: {source}")]
     Api {
         context: String,

@@ -30,7 +30,8 @@ pub mod ssh;
 pub mod state;
 pub mod vm;
 
-/// The settings' old path, kept so that modules written against it still build.
+/// [`config`] under its former name. Nothing in this workspace uses it any more; it stays
+/// only while branches written against it are merged, then goes.
 pub use config as settings;
 pub use error::{Blame, Error, ExitCodes, Result};
 

@@ -1,22 +1,62 @@
 //! The preflight's concerns, one module each; [`crate::commands::check`] runs them in order.
 //!
+//! Each returns its findings; none prints.
+//!
 //! - [`report`]: a finding (✔/✘, required or advisory, the fix) and how the findings print;
-//! - [`tls`]: a verifier that records the API's certificate, so that an untrusted one can be
-//!   named (fingerprint, subject) for pinning;
-//! - [`nodes`]: with `PROXMOX_NODES`, each node prepare may place jobs on and its status;
+//! - [`settings`]: the settings as read, the advisories about what they allow, and the modes
+//!   of the files holding secrets;
+//! - [`api`]: the API reachable, its certificate trusted, the token taken; [`tls`] records the
+//!   certificate it presented, so that an untrusted one can be named for pinning;
+//! - [`nodes`]: `PROXMOX_NODE`'s status, or with `PROXMOX_NODES` each node prepare may place
+//!   jobs on;
+//! - [`templates`]: whether a template can be cloned the way the settings ask (agent, net0,
+//!   storage able to make linked clones), on `PROXMOX_NODE`; [`copies`]: the same for each
+//!   node's copy with `PROXMOX_NODES`, and which copy placement uses;
 //! - [`privileges`]: the privileges the driver needs on each path, and the token's effective
 //!   ones (`GET /access/permissions`);
-//! - [`templates`]: whether a template can be cloned the way the settings ask (agent, net0,
-//!   storage able to make linked clones);
-//! - [`smoke`]: one throwaway VM end to end through the engine;
-//! - [`fleet`]: whether the fleet key that proves warm VMs ours is set where it is needed.
+//! - [`vmids`]: whether the VMID range holds guests that are not the driver's;
+//! - [`host`]: the SSH key and the runner helper this host supplies;
+//! - [`fleet`]: whether the fleet key that proves warm VMs ours is set where it is needed;
+//! - [`smoke`]: one throwaway VM end to end through the engine; [`smoke_outcome`]: its lines.
 
+pub mod api;
+pub mod copies;
 pub mod fleet;
+pub mod host;
 pub mod nodes;
 pub mod privileges;
 pub mod report;
+pub mod settings;
 pub mod smoke;
+pub mod smoke_outcome;
 pub mod templates;
 pub mod tls;
+pub mod vmids;
 
 pub use report::{Finding, Report, Status};
+
+/// Settings for the checks' unit tests: the host's required ones on `PROXMOX_NODE=pve1`, and
+/// `extra` on top.
+#[cfg(test)]
+pub(crate) fn test_settings(extra: &[(&str, &str)]) -> crate::config::Settings {
+    let mut env: std::collections::BTreeMap<String, String> = [
+        ("PROXMOX_HOST", "pve.example.test"),
+        ("PROXMOX_USER", "ci@pve"),
+        ("PROXMOX_TOKEN_NAME", "runner"),
+        ("PROXMOX_TOKEN_VALUE", "secret"),
+        ("PROXMOX_NODE", "pve1"),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_string(), value.to_string()))
+    .collect();
+    for (name, value) in extra {
+        env.insert(name.to_string(), value.to_string());
+    }
+    let lookup = |name: &str| env.get(name).cloned();
+    crate::config::Settings::from_sources(crate::config::Sources {
+        file: None,
+        env: &lookup,
+        job_response: None,
+    })
+    .expect("test settings")
+}

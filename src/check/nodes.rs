@@ -1,11 +1,16 @@
-//! With `PROXMOX_NODES`: which nodes prepare may place jobs on, as the preflight reports them.
-//! The node statuses come from the one `GET /cluster/resources?type=node` the check makes; a
+//! Which nodes prepare may place jobs on, as the preflight reports them: `PROXMOX_NODE`'s
+//! status ([`node_finding`]), or with `PROXMOX_NODES` each node's ([`survey`]). The latter's
+//! statuses come from the one `GET /cluster/resources?type=node` the check makes; a
 //! node counts as online the way placement counts it (status `online` and a memory figure), so
 //! that the check and prepare never disagree about a node.
 
+use reqwest::Method;
+
+use crate::check::api::Api;
 use crate::check::Finding;
-use crate::config::NodeSet;
+use crate::config::{NodeSet, Settings};
 use crate::proxmox::types::ClusterNode;
+use crate::proxmox::Retry;
 
 const GIB: u64 = 1 << 30;
 
@@ -108,6 +113,54 @@ pub fn survey(set: &NodeSet, cluster: &[ClusterNode]) -> Survey {
         ));
     }
     Survey { members, findings }
+}
+
+/// Without `PROXMOX_NODES`: whether `PROXMOX_NODE` is a member of the cluster and online.
+pub async fn node_finding(api: &Api, settings: &Settings) -> Finding {
+    #[derive(serde::Deserialize)]
+    struct Node {
+        node: String,
+        #[serde(default)]
+        status: Option<String>,
+    }
+    let node = &settings.node;
+    let nodes = api
+        .client
+        .call::<Vec<Node>>(Method::GET, "/nodes", &[], &[], Retry::Idempotent)
+        .await;
+    match nodes {
+        Err(err) => Finding::fail(
+            "node",
+            format!("node {node}: cannot list the cluster's nodes: {err}"),
+            "the message names it",
+        ),
+        Ok(nodes) => match nodes.iter().find(|n| &n.node == node) {
+            None => Finding::fail(
+                "node",
+                format!(
+                    "node {node} is not a member of this cluster (members: {})",
+                    nodes
+                        .iter()
+                        .map(|n| n.node.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                "PROXMOX_NODE must name a node as `pvecm nodes` lists it",
+            ),
+            Some(found) if found.status.as_deref() == Some("online") => {
+                Finding::pass("node", format!("node {node} is online"))
+            }
+            Some(found) => Finding::fail(
+                "node",
+                format!(
+                    "node {node} is offline (status {})",
+                    found.status.as_deref().unwrap_or("unknown")
+                ),
+                "bring the node back (pvecm status on a cluster member) or set PROXMOX_NODE to \
+                 an online node",
+            ),
+        },
+    }
 }
 
 /// The line for a member that holds no copy of `template`: advisory while others do.

@@ -7,6 +7,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
+use x509_cert::der::Decode;
+use x509_cert::name::Name;
+use x509_cert::Certificate;
 
 use crate::proxmox::tls::format_fingerprint;
 
@@ -94,8 +97,11 @@ pub struct CertificateFacts {
 impl CertificateFacts {
     pub fn of(der: &[u8]) -> CertificateFacts {
         let fingerprint = format_fingerprint(&Sha256::digest(der));
-        let (subject, issuer) = match x509_parser::parse_x509_certificate(der) {
-            Ok((_, cert)) => (cert.subject().to_string(), cert.issuer().to_string()),
+        let (subject, issuer) = match Certificate::from_der(der) {
+            Ok(cert) => (
+                name_text(cert.tbs_certificate().subject()),
+                name_text(cert.tbs_certificate().issuer()),
+            ),
             Err(_) => ("(unreadable)".to_string(), "(unreadable)".to_string()),
         };
         CertificateFacts {
@@ -103,5 +109,57 @@ impl CertificateFacts {
             subject,
             issuer,
         }
+    }
+}
+
+/// `CN=pve1, O=PVE Cluster Node`: the attributes in the certificate's order, as `openssl x509
+/// -subject` prints them (RFC 4514's reversed, comma-only form reads backwards to admins).
+fn name_text(name: &Name) -> String {
+    name.iter_rdn()
+        .map(|rdn| {
+            rdn.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" + ")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, DnType, KeyPair};
+
+    fn certificate(subject: &[(DnType, &str)]) -> Vec<u8> {
+        let mut params = CertificateParams::new(vec!["pve1.local".into()]).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        for (kind, value) in subject {
+            params.distinguished_name.push(kind.clone(), *value);
+        }
+        let key = KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn names_read_in_the_certificates_order() {
+        let der = certificate(&[
+            (DnType::CommonName, "pve1.local"),
+            (DnType::OrganizationalUnitName, "PVE Cluster Node"),
+            (DnType::OrganizationName, "Proxmox Virtual Environment"),
+            (DnType::CountryName, "AT"),
+        ]);
+        let facts = CertificateFacts::of(&der);
+        let expected = "CN=pve1.local, OU=PVE Cluster Node, O=Proxmox Virtual Environment, C=AT";
+        assert_eq!(facts.subject, expected);
+        assert_eq!(facts.issuer, expected);
+        assert_eq!(facts.fingerprint, format_fingerprint(&Sha256::digest(&der)));
+    }
+
+    #[test]
+    fn what_is_no_certificate_is_named_unreadable() {
+        let facts = CertificateFacts::of(b"not a certificate");
+        assert_eq!(facts.subject, "(unreadable)");
+        assert_eq!(facts.issuer, "(unreadable)");
     }
 }

@@ -11,42 +11,14 @@ use crate::joblog;
 
 pub use crate::fleet::sweep::DEFAULT_MAX_AGE;
 
-/// Parses `90m`, `4h`, `2d`, `45s`, `1h30m`, `1d12h` (a bare number is refused: which unit?).
+/// Parses an age the way humantime does: `90m`, `4h`, `2d`, `45s`, `1h30m`, `1d12h`, and also
+/// `1h 30min`, `1.5h`, `2 days`, `1w`. A bare number is refused (which unit?).
 pub fn parse_age(text: &str) -> Result<Duration> {
-    let bad = || {
+    humantime::parse_duration(text).map_err(|why| {
         Error::Settings(format!(
-            "--max-age {text:?} is not an age like 90m, 4h, 2d or 1h30m (units: s, m, h, d)"
+            "--max-age {text:?} is not an age like 90m, 4h, 2d or 1h30m: {why}"
         ))
-    };
-    let text = text.trim();
-    if text.is_empty() {
-        return Err(bad());
-    }
-    let mut total: u64 = 0;
-    let mut number = String::new();
-    for ch in text.chars() {
-        if ch.is_ascii_digit() {
-            number.push(ch);
-            continue;
-        }
-        let unit: u64 = match ch {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            _ => return Err(bad()),
-        };
-        let value: u64 = number.parse().map_err(|_| bad())?;
-        number.clear();
-        total = value
-            .checked_mul(unit)
-            .and_then(|secs| total.checked_add(secs))
-            .ok_or_else(bad)?;
-    }
-    if !number.is_empty() {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs(total))
+    })
 }
 
 pub async fn gc(
@@ -102,17 +74,42 @@ mod tests {
         assert_eq!(parse_age(" 45s ").unwrap(), Duration::from_secs(45));
         assert_eq!(parse_age("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_age("0s").unwrap(), Duration::ZERO);
-        for bad in [
-            "",
-            "90",
-            "h",
-            "4x",
-            "-1h",
-            "1.5h",
-            "4 h",
-            "99999999999999999999d",
-        ] {
+        assert_eq!(parse_age("1d12h").unwrap(), Duration::from_secs(129_600));
+        for bad in ["", "90", "h", "4x", "-1h", "99999999999999999999d"] {
             assert!(parse_age(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ages_also_parse_in_humantimes_longer_forms() {
+        for (text, secs) in [
+            ("1h 30m", 5400),
+            ("4 h", 14_400),
+            ("1.5h", 5400),
+            ("90min", 5400),
+            ("2 days", 172_800),
+            ("1w", 604_800),
+            ("25hours", 90_000),
+        ] {
+            assert_eq!(
+                parse_age(text).unwrap(),
+                Duration::from_secs(secs),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_refused_age_says_what_is_wrong_with_it() {
+        for (text, why) in [
+            ("90", "time unit needed, for example 90sec"),
+            ("4x", "unknown time unit \"x\""),
+            ("-1h", "expected number at 0"),
+            ("", "value was empty"),
+        ] {
+            let message = parse_age(text).unwrap_err().to_string();
+            assert!(message.contains("is not an age like 90m"), "{message}");
+            assert!(message.contains(why), "{message}");
         }
     }
 }

@@ -289,287 +289,49 @@ impl Settings {
         let mut trust_warnings: Vec<String> =
             trust::ignored_warning(&decision).into_iter().collect();
         let mut raw = Values { decision };
-        let api = raw.required("PROXMOX_HOST").and_then(|text| {
-            ApiEndpoint::parse(text).ok_or_else(|| {
-                Error::Settings(format!(
-                    "PROXMOX_HOST={text:?} is not host, host:port or https://host:port"
-                ))
-            })
-        })?;
-        let api_user = raw.required("PROXMOX_USER")?.to_string();
-        if !api_user.contains('@') {
-            return Err(Error::Settings(format!(
-                "PROXMOX_USER={api_user:?} must include the realm, e.g. ci@pve or root@pam"
-            )));
-        }
-        let api_token_name = raw.required("PROXMOX_TOKEN_NAME")?.to_string();
-        let (api_token_value, _) = raw.take_secret("PROXMOX_TOKEN_VALUE").ok_or_else(|| {
-            Error::Settings(
-                "PROXMOX_TOKEN_VALUE is not set; put the API token secret in the driver's config \
-                 file or the runner host's environment"
-                    .into(),
-            )
-        })?;
-        let api_proxy = raw
-            .get("PROXMOX_HTTPS_PROXY")
-            .map(parse_proxy_url)
-            .transpose()?;
-        let nodes = match raw.get("PROXMOX_NODES") {
-            Some(text) => parse_node_set(text)?,
-            None => NodeSet::One,
-        };
-        let node = match (&nodes, raw.get("PROXMOX_NODE")) {
-            (_, Some(node)) => node.trim().to_string(),
-            (NodeSet::Listed(listed), None) => listed[0].clone(),
-            (NodeSet::Every, None) => String::new(),
-            (NodeSet::One, None) => raw.required("PROXMOX_NODE")?.to_string(),
-        };
-
-        let insecure = raw
-            .get("PROXMOX_TLS_INSECURE")
-            .map(|text| parse_bool("PROXMOX_TLS_INSECURE", text))
-            .transpose()?
-            .unwrap_or(false);
-        let ca_file = raw.get("PROXMOX_TLS_CA_FILE").map(PathBuf::from);
-        let fingerprint = raw
-            .get("PROXMOX_TLS_FINGERPRINT")
-            .map(|text| {
-                parse_fingerprint(text).ok_or_else(|| {
-                    Error::Settings(format!(
-                        "PROXMOX_TLS_FINGERPRINT={text:?} is not a SHA-256 fingerprint \
-                         (32 bytes as hex, AA:BB:... as the PVE UI shows it)"
-                    ))
-                })
-            })
-            .transpose()?;
-        let tls = match (ca_file, fingerprint, insecure) {
-            (Some(_), Some(_), _) => {
-                return Err(Error::Settings(
-                    "set only one of PROXMOX_TLS_CA_FILE and PROXMOX_TLS_FINGERPRINT".into(),
-                ))
-            }
-            (Some(path), None, _) => TlsTrust::CaFile(path),
-            (None, Some(fp), _) => TlsTrust::Fingerprint(fp),
-            (None, None, true) => TlsTrust::Insecure,
-            (None, None, false) => TlsTrust::SystemRoots,
-        };
-
-        let templates =
-            parse_template_map(raw.get("PROXMOX_TEMPLATES").unwrap_or(DEFAULT_TEMPLATES))?;
-        let template_copies = match raw
-            .get("PROXMOX_TEMPLATE_COPIES")
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            None | Some("listed") => CopyDiscovery::Listed,
-            Some("by-name") => CopyDiscovery::ByName,
-            Some(other) => {
-                return Err(Error::Settings(format!(
-                    "PROXMOX_TEMPLATE_COPIES={other:?} must be listed (only the VMIDs \
-                     PROXMOX_TEMPLATES lists are a template's copies) or by-name (also \
-                     same-name templates on nodes without a listed copy)"
-                )))
-            }
-        };
-        let template = raw
-            .get("PROXMOX_TEMPLATE")
-            .or(raw.get("PROXMOX_DEFAULT_TEMPLATE"))
-            .unwrap_or("ubuntu-focal")
-            .to_string();
-        let allowed_templates = match raw.get("PROXMOX_ALLOWED_TEMPLATES") {
-            None => AllowedTemplates::MapOnly,
-            Some("*") => AllowedTemplates::AnyOnNode,
-            Some(list) => AllowedTemplates::Listed(
-                list.split(',')
-                    .map(str::trim)
-                    .filter(|item| !item.is_empty())
-                    .map(String::from)
-                    .collect(),
-            ),
-        };
+        // Read in this order, so that of several bad settings the same one is reported first.
+        let api = raw.api()?;
+        let (nodes, node) = raw.nodes()?;
+        let tls = raw.tls()?;
+        let templates = raw.templates()?;
         let vmid_range = raw
             .get("PROXMOX_VMID_RANGE")
             .map(parse_vmid_range)
             .transpose()?
             .unwrap_or(DEFAULT_VMID_RANGE);
-        let clone_mode = match raw
-            .get("PROXMOX_CLONE")
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            None => None,
-            Some("linked") => Some(CloneMode::Linked),
-            Some("full") => Some(CloneMode::Full),
-            Some(other) => {
-                return Err(Error::Settings(format!(
-                    "PROXMOX_CLONE={other:?} must be linked or full"
-                )))
-            }
-        };
-        let runner_id = match raw.get("PROXMOX_RUNNER_ID") {
-            Some(id) if is_runner_id(id) => id.to_string(),
-            Some(id) => {
-                return Err(Error::Settings(format!(
-                    "PROXMOX_RUNNER_ID={id:?} must be 1 to 64 letters, digits, '.', '_' or '-'"
-                )))
-            }
-            None => default_runner_id(),
-        };
-        let max_job_timeout = match raw.number::<u64>("PROXMOX_MAX_JOB_TIMEOUT")? {
-            Some(0) => {
-                return Err(Error::Settings(
-                    "PROXMOX_MAX_JOB_TIMEOUT must be at least 1 second".into(),
-                ))
-            }
-            Some(secs) => Duration::from_secs(secs),
-            None => DEFAULT_MAX_JOB_TIMEOUT,
-        };
-        let boot_timeout =
-            Duration::from_secs(raw.number::<u64>("VM_BOOT_TIMEOUT")?.unwrap_or(300));
-        if boot_timeout.is_zero() {
-            return Err(Error::Settings(
-                "VM_BOOT_TIMEOUT must be at least 1 second".into(),
-            ));
-        }
-        let cleanup_timeout =
-            Duration::from_secs(raw.number::<u64>("VM_CLEANUP_TIMEOUT")?.unwrap_or(420));
-        if cleanup_timeout.is_zero() {
-            return Err(Error::Settings(
-                "VM_CLEANUP_TIMEOUT must be at least 1 second".into(),
-            ));
-        }
-        let network_cidrs = raw
-            .get("VM_NETWORK_CIDRS")
-            .map(|text| {
-                text.split(',')
-                    .map(str::trim)
-                    .filter(|item| !item.is_empty())
-                    .map(|item| {
-                        Cidr::parse(item).ok_or_else(|| {
-                            Error::Settings(format!(
-                                "VM_NETWORK_CIDRS entry {item:?} is not an address or network \
-                                 like 192.0.2.0/24"
-                            ))
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()
-            })
-            .transpose()?
-            .unwrap_or_default();
+        let clone_mode = raw.clone_mode()?;
+        let runner_id = raw.runner_id()?;
+        let max_job_timeout = raw.seconds("PROXMOX_MAX_JOB_TIMEOUT", DEFAULT_MAX_JOB_TIMEOUT)?;
+        let boot_timeout = raw.seconds("VM_BOOT_TIMEOUT", Duration::from_secs(300))?;
+        let cleanup_timeout = raw.seconds("VM_CLEANUP_TIMEOUT", Duration::from_secs(420))?;
+        let network_cidrs = raw.network_cidrs()?;
         let ssh_port = raw.number::<u16>("VM_SSH_PORT")?.unwrap_or(22);
         if ssh_port == 0 {
             return Err(Error::Settings("VM_SSH_PORT must not be 0".into()));
         }
-        let host_key_policy = match raw
-            .get("VM_SSH_HOST_KEY_POLICY")
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            None | Some("agent-then-first-use") | Some("default") => {
-                HostKeyPolicy::AgentThenFirstUse
-            }
-            Some("strict") => HostKeyPolicy::Strict,
-            Some(other) => {
-                return Err(Error::Settings(format!(
-                    "VM_SSH_HOST_KEY_POLICY={other:?} must be strict or agent-then-first-use"
-                )))
-            }
-        };
-        let key_from_job = raw.decision.job_chosen.contains("VM_SSH_PRIVATE_KEY");
-        let ssh_private_key =
-            raw.take_secret("VM_SSH_PRIVATE_KEY")
-                .map(|(value, origin)| {
-                    let key =
-                        match classify_private_key(value) {
-                            // A job must not make the driver open files on the runner host.
-                            Ok(SshKey::File(_)) if key_from_job => return Err(Error::JobRequest(
-                                "VM_SSH_PRIVATE_KEY from the job's CI/CD variables must hold the \
-                             key text itself (-----BEGIN ...), not a path: only the runner \
-                             host's own settings may name a key file"
-                                    .into(),
-                            )),
-                            Err(Error::Settings(message)) if key_from_job => {
-                                return Err(Error::JobRequest(message))
-                            }
-                            other => other?,
-                        };
-                    Ok(SshKeySetting {
-                        key,
-                        via_custom_env: origin == Origin::CustomEnv,
-                        from_job: key_from_job,
-                    })
-                })
-                .transpose()?;
-        if ssh_private_key
-            .as_ref()
-            .is_some_and(|key| key.via_custom_env)
-        {
-            trust_warnings.push(
-                "VM_SSH_PRIVATE_KEY came in through CUSTOM_ENV_ (a CI/CD variable or [[runners]] \
-                 environment): gitlab-runner exports it into every stage script it writes into \
-                 the VM, so every job can read it. Put the key in the driver's config file or \
-                 the runner host's environment instead."
-                    .into(),
-            );
-        }
+        let host_key_policy = raw.host_key_policy()?;
+        let ssh_private_key = raw.ssh_private_key(&mut trust_warnings)?;
         let ssh_key_passphrase = raw.take_secret("VM_SSH_KEY_PASSPHRASE").map(|(s, _)| s);
         let ssh_key_passphrase_from_job = ssh_key_passphrase.is_some()
             && raw.decision.job_chosen.contains("VM_SSH_KEY_PASSPHRASE");
-        let warm_pool = match raw.get("WARM_POOL") {
-            Some(text) => parse_warm_pool(text)?,
-            None => BTreeMap::new(),
-        };
-        let warm_max_idle = match raw.number::<u64>("WARM_MAX_IDLE")? {
-            Some(0) => {
-                return Err(Error::Settings(
-                    "WARM_MAX_IDLE must be at least 1 second".into(),
-                ))
-            }
-            Some(secs) => Duration::from_secs(secs),
-            None => DEFAULT_WARM_MAX_IDLE,
-        };
-        let fleet_key = raw
-            .take_secret("PROXMOX_FLEET_KEY")
-            .map(|(text, _)| FleetKey::parse(text.expose()))
-            .transpose()?;
-        let fleet_key_previous = raw
-            .take_secret("PROXMOX_FLEET_KEY_PREVIOUS")
-            .map(|(text, _)| {
-                FleetKey::parse(text.expose()).map_err(|err| {
-                    Error::Settings(
-                        err.to_string()
-                            .replace("PROXMOX_FLEET_KEY ", "PROXMOX_FLEET_KEY_PREVIOUS "),
-                    )
-                })
-            })
-            .transpose()?;
-        if fleet_key.is_none() && warm_pool.values().any(|count| *count > 0) {
-            return Err(Error::Settings(
-                "WARM_POOL needs PROXMOX_FLEET_KEY in the settings file: any user of the \
-                 cluster who may create VMs can make one that looks like a warm VM of ours \
-                 (VMID in our range, our tag, a copied marker), and only a MAC made with a \
-                 secret of the runner hosts tells ours apart. Make one with \
-                 `gitlab-proxmox-runner fleet-key` and put the same value in the settings file \
-                 of every runner host and pool service of the fleet"
-                    .into(),
-            ));
-        }
+        let (warm_pool, warm_max_idle, fleet_key) = raw.warm_pool()?;
+        let fleet_key_previous = raw.fleet_key_previous()?;
 
         Ok(Settings {
-            api,
-            api_user,
-            api_token_name,
-            api_token_value,
-            api_proxy,
+            api: api.endpoint,
+            api_user: api.user,
+            api_token_name: api.token_name,
+            api_token_value: api.token_value,
+            api_proxy: api.proxy,
             node,
             nodes,
             max_vms_per_node: raw.number("PROXMOX_NODE_MAX_VMS")?,
             node_memory_reserve_mb: raw.number("PROXMOX_NODE_MEMORY_RESERVE_MB")?.unwrap_or(0),
             tls,
-            templates,
-            template_copies,
-            template,
-            allowed_templates,
+            templates: templates.map,
+            template_copies: templates.copies,
+            template: templates.default,
+            allowed_templates: templates.allowed,
             vmid_range,
             clone_mode,
             storage: raw.get("PROXMOX_STORAGE").map(String::from),
@@ -597,6 +359,295 @@ impl Settings {
             fleet_key_previous,
             trust_warnings,
         })
+    }
+}
+
+/// Where the API is and who the driver is there.
+struct ApiAccess {
+    endpoint: ApiEndpoint,
+    user: String,
+    token_name: String,
+    token_value: Secret,
+    proxy: Option<String>,
+}
+
+/// Which templates jobs get, and which they may ask for.
+struct TemplateChoice {
+    map: BTreeMap<String, TemplateCopies>,
+    copies: CopyDiscovery,
+    default: String,
+    allowed: AllowedTemplates,
+}
+
+/// The settings by concern, for [`Settings::from_decision`].
+impl Values {
+    fn api(&mut self) -> Result<ApiAccess> {
+        let endpoint = self.required("PROXMOX_HOST").and_then(|text| {
+            ApiEndpoint::parse(text).ok_or_else(|| {
+                Error::Settings(format!(
+                    "PROXMOX_HOST={text:?} is not host, host:port or https://host:port"
+                ))
+            })
+        })?;
+        let user = self.required("PROXMOX_USER")?.to_string();
+        if !user.contains('@') {
+            return Err(Error::Settings(format!(
+                "PROXMOX_USER={user:?} must include the realm, e.g. ci@pve or root@pam"
+            )));
+        }
+        let token_name = self.required("PROXMOX_TOKEN_NAME")?.to_string();
+        let (token_value, _) = self.take_secret("PROXMOX_TOKEN_VALUE").ok_or_else(|| {
+            Error::Settings(
+                "PROXMOX_TOKEN_VALUE is not set; put the API token secret in the driver's config \
+                 file or the runner host's environment"
+                    .into(),
+            )
+        })?;
+        let proxy = self
+            .get("PROXMOX_HTTPS_PROXY")
+            .map(parse_proxy_url)
+            .transpose()?;
+        Ok(ApiAccess {
+            endpoint,
+            user,
+            token_name,
+            token_value,
+            proxy,
+        })
+    }
+
+    /// `PROXMOX_NODES`, and the node a VM goes to without placement (`PROXMOX_NODE`, else the
+    /// first listed node; none for `*`).
+    fn nodes(&self) -> Result<(NodeSet, String)> {
+        let nodes = match self.get("PROXMOX_NODES") {
+            Some(text) => parse_node_set(text)?,
+            None => NodeSet::One,
+        };
+        let node = match (&nodes, self.get("PROXMOX_NODE")) {
+            (_, Some(node)) => node.trim().to_string(),
+            (NodeSet::Listed(listed), None) => listed[0].clone(),
+            (NodeSet::Every, None) => String::new(),
+            (NodeSet::One, None) => self.required("PROXMOX_NODE")?.to_string(),
+        };
+        Ok((nodes, node))
+    }
+
+    fn tls(&self) -> Result<TlsTrust> {
+        let insecure = self
+            .get("PROXMOX_TLS_INSECURE")
+            .map(|text| parse_bool("PROXMOX_TLS_INSECURE", text))
+            .transpose()?
+            .unwrap_or(false);
+        let ca_file = self.get("PROXMOX_TLS_CA_FILE").map(PathBuf::from);
+        let fingerprint = self
+            .get("PROXMOX_TLS_FINGERPRINT")
+            .map(|text| {
+                parse_fingerprint(text).ok_or_else(|| {
+                    Error::Settings(format!(
+                        "PROXMOX_TLS_FINGERPRINT={text:?} is not a SHA-256 fingerprint \
+                         (32 bytes as hex, AA:BB:... as the PVE UI shows it)"
+                    ))
+                })
+            })
+            .transpose()?;
+        Ok(match (ca_file, fingerprint, insecure) {
+            (Some(_), Some(_), _) => {
+                return Err(Error::Settings(
+                    "set only one of PROXMOX_TLS_CA_FILE and PROXMOX_TLS_FINGERPRINT".into(),
+                ))
+            }
+            (Some(path), None, _) => TlsTrust::CaFile(path),
+            (None, Some(fp), _) => TlsTrust::Fingerprint(fp),
+            (None, None, true) => TlsTrust::Insecure,
+            (None, None, false) => TlsTrust::SystemRoots,
+        })
+    }
+
+    fn templates(&self) -> Result<TemplateChoice> {
+        let map = parse_template_map(self.get("PROXMOX_TEMPLATES").unwrap_or(DEFAULT_TEMPLATES))?;
+        let copies = match self
+            .get("PROXMOX_TEMPLATE_COPIES")
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("listed") => CopyDiscovery::Listed,
+            Some("by-name") => CopyDiscovery::ByName,
+            Some(other) => {
+                return Err(Error::Settings(format!(
+                    "PROXMOX_TEMPLATE_COPIES={other:?} must be listed (only the VMIDs \
+                     PROXMOX_TEMPLATES lists are a template's copies) or by-name (also \
+                     same-name templates on nodes without a listed copy)"
+                )))
+            }
+        };
+        let default = self
+            .get("PROXMOX_TEMPLATE")
+            .or(self.get("PROXMOX_DEFAULT_TEMPLATE"))
+            .unwrap_or("ubuntu-focal")
+            .to_string();
+        let allowed = match self.get("PROXMOX_ALLOWED_TEMPLATES") {
+            None => AllowedTemplates::MapOnly,
+            Some("*") => AllowedTemplates::AnyOnNode,
+            Some(list) => AllowedTemplates::Listed(
+                list.split(',')
+                    .map(str::trim)
+                    .filter(|item| !item.is_empty())
+                    .map(String::from)
+                    .collect(),
+            ),
+        };
+        Ok(TemplateChoice {
+            map,
+            copies,
+            default,
+            allowed,
+        })
+    }
+
+    fn clone_mode(&self) -> Result<Option<CloneMode>> {
+        match self
+            .get("PROXMOX_CLONE")
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None => Ok(None),
+            Some("linked") => Ok(Some(CloneMode::Linked)),
+            Some("full") => Ok(Some(CloneMode::Full)),
+            Some(other) => Err(Error::Settings(format!(
+                "PROXMOX_CLONE={other:?} must be linked or full"
+            ))),
+        }
+    }
+
+    fn runner_id(&self) -> Result<String> {
+        match self.get("PROXMOX_RUNNER_ID") {
+            Some(id) if is_runner_id(id) => Ok(id.to_string()),
+            Some(id) => Err(Error::Settings(format!(
+                "PROXMOX_RUNNER_ID={id:?} must be 1 to 64 letters, digits, '.', '_' or '-'"
+            ))),
+            None => Ok(default_runner_id()),
+        }
+    }
+
+    /// A whole number of seconds, at least one: a zero timeout would fail every job at once.
+    fn seconds(&self, name: &str, default: Duration) -> Result<Duration> {
+        match self.number::<u64>(name)? {
+            Some(0) => Err(Error::Settings(format!("{name} must be at least 1 second"))),
+            Some(secs) => Ok(Duration::from_secs(secs)),
+            None => Ok(default),
+        }
+    }
+
+    fn network_cidrs(&self) -> Result<Vec<Cidr>> {
+        let Some(text) = self.get("VM_NETWORK_CIDRS") else {
+            return Ok(Vec::new());
+        };
+        text.split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(|item| {
+                Cidr::parse(item).ok_or_else(|| {
+                    Error::Settings(format!(
+                        "VM_NETWORK_CIDRS entry {item:?} is not an address or network like \
+                         192.0.2.0/24"
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    fn host_key_policy(&self) -> Result<HostKeyPolicy> {
+        match self
+            .get("VM_SSH_HOST_KEY_POLICY")
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("agent-then-first-use") | Some("default") => {
+                Ok(HostKeyPolicy::AgentThenFirstUse)
+            }
+            Some("strict") => Ok(HostKeyPolicy::Strict),
+            Some(other) => Err(Error::Settings(format!(
+                "VM_SSH_HOST_KEY_POLICY={other:?} must be strict or agent-then-first-use"
+            ))),
+        }
+    }
+
+    /// The key, and a warning in `trust_warnings` when it came through `CUSTOM_ENV_`.
+    fn ssh_private_key(
+        &mut self,
+        trust_warnings: &mut Vec<String>,
+    ) -> Result<Option<SshKeySetting>> {
+        let from_job = self.decision.job_chosen.contains("VM_SSH_PRIVATE_KEY");
+        let Some((value, origin)) = self.take_secret("VM_SSH_PRIVATE_KEY") else {
+            return Ok(None);
+        };
+        let key = match classify_private_key(value) {
+            // A job must not make the driver open files on the runner host.
+            Ok(SshKey::File(_)) if from_job => {
+                return Err(Error::JobRequest(
+                    "VM_SSH_PRIVATE_KEY from the job's CI/CD variables must hold the key text \
+                     itself (-----BEGIN ...), not a path: only the runner host's own settings \
+                     may name a key file"
+                        .into(),
+                ))
+            }
+            Err(Error::Settings(message)) if from_job => return Err(Error::JobRequest(message)),
+            other => other?,
+        };
+        let via_custom_env = origin == Origin::CustomEnv;
+        if via_custom_env {
+            trust_warnings.push(
+                "VM_SSH_PRIVATE_KEY came in through CUSTOM_ENV_ (a CI/CD variable or [[runners]] \
+                 environment): gitlab-runner exports it into every stage script it writes into \
+                 the VM, so every job can read it. Put the key in the driver's config file or \
+                 the runner host's environment instead."
+                    .into(),
+            );
+        }
+        Ok(Some(SshKeySetting {
+            key,
+            via_custom_env,
+            from_job,
+        }))
+    }
+
+    /// `WARM_POOL`, `WARM_MAX_IDLE` and the fleet key the pool cannot do without.
+    fn warm_pool(&mut self) -> Result<(BTreeMap<String, u32>, Duration, Option<FleetKey>)> {
+        let warm_pool = match self.get("WARM_POOL") {
+            Some(text) => parse_warm_pool(text)?,
+            None => BTreeMap::new(),
+        };
+        let max_idle = self.seconds("WARM_MAX_IDLE", DEFAULT_WARM_MAX_IDLE)?;
+        let fleet_key = self
+            .take_secret("PROXMOX_FLEET_KEY")
+            .map(|(text, _)| FleetKey::parse(text.expose()))
+            .transpose()?;
+        if fleet_key.is_none() && warm_pool.values().any(|count| *count > 0) {
+            return Err(Error::Settings(
+                "WARM_POOL needs PROXMOX_FLEET_KEY in the settings file: any user of the \
+                 cluster who may create VMs can make one that looks like a warm VM of ours \
+                 (VMID in our range, our tag, a copied marker), and only a MAC made with a \
+                 secret of the runner hosts tells ours apart. Make one with \
+                 `gitlab-proxmox-runner fleet-key` and put the same value in the settings file \
+                 of every runner host and pool service of the fleet"
+                    .into(),
+            ));
+        }
+        Ok((warm_pool, max_idle, fleet_key))
+    }
+
+    /// The fleet key before a rotation: what running jobs derive their VMs' SSH keys from.
+    fn fleet_key_previous(&mut self) -> Result<Option<FleetKey>> {
+        self.take_secret("PROXMOX_FLEET_KEY_PREVIOUS")
+            .map(|(text, _)| {
+                FleetKey::parse(text.expose()).map_err(|err| {
+                    Error::Settings(
+                        err.to_string()
+                            .replace("PROXMOX_FLEET_KEY ", "PROXMOX_FLEET_KEY_PREVIOUS "),
+                    )
+                })
+            })
+            .transpose()
     }
 }
 

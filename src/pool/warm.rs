@@ -255,10 +255,19 @@ async fn warm_up(
         template_keys: Vec::new(),
     };
     let started = Instant::now();
-    let brought_up = tokio::select! {
-        result = bring_up(client, settings, template, node, mode, &name, &mut marker, vetting, cancel, &mut sink) => result,
-        reason = cancel.cancelled() => Err(Error::Cancelled(format!("the pool service stopped ({reason})"))),
-    };
+    let brought_up = bring_up(
+        client,
+        settings,
+        template,
+        node,
+        mode,
+        &name,
+        &mut marker,
+        vetting,
+        cancel,
+        &mut sink,
+    )
+    .await;
     match brought_up {
         Ok(vm) => {
             let phases: Vec<String> = sink
@@ -314,7 +323,15 @@ async fn bring_up(
         claim: None,
         key_nonce: Some(&nonce),
     };
-    let brought_up = crate::vm::bring_up(client, settings, &order, cancel, sink).await?;
+    let brought_up = tokio::select! {
+        result = crate::vm::bring_up(client, settings, &order, cancel, sink) => result?,
+        reason = cancel.cancelled() => {
+            return Err(Error::Cancelled(format!("the pool service stopped ({reason})")))
+        }
+    };
+    // From here on the signal is not raced: once the swap below lands the VM is published
+    // (a job may claim it at once), and a complete warm VM stays for jobs when the service
+    // stops. Cancelling after the write but before its answer would destroy a published VM.
     let ready = brought_up.ready;
     vet_host_keys(vetting, template, &ready, marker, &sink.template_keys)?;
     // Same nonce, now with the address and the keys SSH proved, sealed with the fleet key:

@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 
 use super::types::AgentInterface;
-use crate::settings::Cidr;
+use crate::config::Cidr;
 
 /// Interface names of container and VM bridges: their addresses are not reachable from
 /// outside the guest.

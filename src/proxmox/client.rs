@@ -1,6 +1,6 @@
 //! The HTTP side of the API: token auth, TLS trust, form-encoded bodies, `{"data": ...}`
 //! envelopes, PVE's error wording and bounded retries of transient failures. Waiting for tasks
-//! and guest state is the engine's (`crate::vm::task`, `crate::vm::poll`).
+//! and guest state is the engine's ([`crate::vm::task`], on [`crate::poll`]).
 
 use std::time::Duration;
 
@@ -15,9 +15,9 @@ use super::types::{
     value_as_u64, AgentFileRead, AgentInterfaces, ClusterNode, ClusterStorage, ClusterVm,
     TaskStatus, Upid, VmConfig, VmStatus,
 };
+use crate::config::{Settings, TlsTrust};
 use crate::error::{Error, Result};
 use crate::joblog;
-use crate::settings::{Settings, TlsTrust};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Per request. Agent calls can take PVE's own qga timeout (~10 s) before they fail.

@@ -5,32 +5,11 @@
 //! (`500 unable to create VM 101: config file already exists`); only pve-http-server >= 5.2
 //! also puts `"message"` in the body. Parameter errors are 400 with an `errors` map.
 //!
-//! Every match on PVE's wording lives in this file: callers ask [`ApiError::cause`] or one of
-//! the `is_*` questions, never the message text.
+//! Every match on PVE's (and rustls's, and qemu-guest-agent's) wording lives in this file:
+//! callers ask one of the `is_*` questions, or [`ApiError::tls_reason`], never the message text.
 
 use std::collections::BTreeMap;
 use std::fmt;
-
-/// What a failure means, for a caller that must decide what to do next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cause {
-    /// The VM (or task) does not exist.
-    NotFound,
-    /// The VMID is taken (the VM exists, or a racing clone holds its config lock).
-    AlreadyExists,
-    /// The VM is locked (`clone`, `backup`, ...): wait for the lock to clear.
-    Locked,
-    /// The token lacks a privilege (or is not accepted at all).
-    PermissionDenied,
-    /// The VM has no guest agent configured: asking again cannot help.
-    AgentNotConfigured,
-    /// The guest agent is not up (yet), or timed out.
-    AgentNotReady,
-    /// The same request may succeed later (connection trouble, 5xx, lock timeouts).
-    Transient,
-    /// Anything else: permanent.
-    Other,
-}
 
 /// How a request failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,31 +162,29 @@ impl ApiError {
             || text.contains("qga")
     }
 
+    /// The guest agent could not open the file asked for because it is not there:
+    /// qemu-guest-agent's `failed to open file '<path>' (mode: 'r'): No such file or directory`
+    /// (its guest-file-open), which PVE's `agent/file-read` passes on.
+    pub fn is_agent_missing_file(&self) -> bool {
+        let text = self.haystack();
+        text.contains("failed to open file") && text.contains("no such file or directory")
+    }
+
+    /// What the TLS layer refused, in rustls's words (`invalid peer certificate:
+    /// UnknownIssuer`) or the pin verifier's ([`super::tls::PIN_MISMATCH`]), without the HTTP
+    /// client's wrapping (`error sending request for url (...): client error (Connect): `) or
+    /// rustls's `unexpected error: `; the whole message when neither is there.
+    pub fn tls_reason(&self) -> &str {
+        ["invalid peer certificate", super::tls::PIN_MISMATCH]
+            .iter()
+            .find_map(|start| self.message.find(start))
+            .map_or(&self.message, |index| &self.message[index..])
+    }
+
     /// 401/403, or PVE's `Permission check failed` in a 500 or a task.
     pub fn is_permission_denied(&self) -> bool {
         matches!(self.status(), Some(401 | 403))
             || self.haystack().contains("permission check failed")
-    }
-
-    /// The one answer for callers that decide by kind (the first that applies, in this order).
-    pub fn cause(&self) -> Cause {
-        if self.is_permission_denied() {
-            Cause::PermissionDenied
-        } else if self.is_agent_not_configured() {
-            Cause::AgentNotConfigured
-        } else if self.is_not_found() {
-            Cause::NotFound
-        } else if self.is_already_exists() {
-            Cause::AlreadyExists
-        } else if self.is_vm_locked() {
-            Cause::Locked
-        } else if self.is_transient() {
-            Cause::Transient
-        } else if self.is_agent_not_ready() {
-            Cause::AgentNotReady
-        } else {
-            Cause::Other
-        }
     }
 
     /// Whether an identical request may succeed later: connection trouble, 5xx answers
@@ -520,38 +497,81 @@ mod tests {
     #[test]
     fn causes_are_told_apart_without_reading_the_text() {
         let http = |status, text: &str| from_http_answer(status, Some(text), b"");
-        assert_eq!(
-            http(
-                500,
-                "Configuration file 'nodes/pve1/qemu-server/7.conf' does not exist"
-            )
-            .cause(),
-            Cause::NotFound
+        let missing = http(
+            500,
+            "Configuration file 'nodes/pve1/qemu-server/7.conf' does not exist",
         );
-        assert_eq!(
-            http(500, "unable to create VM 7: config file already exists").cause(),
-            Cause::AlreadyExists
-        );
-        assert_eq!(http(500, "VM is locked (clone)").cause(), Cause::Locked);
-        assert_eq!(
-            http(403, "Permission check failed (/vms/100, VM.Clone)").cause(),
-            Cause::PermissionDenied
-        );
-        assert_eq!(
-            http(500, "No QEMU guest agent configured").cause(),
-            Cause::AgentNotConfigured
-        );
-        assert_eq!(
-            http(500, "QEMU guest agent is not running").cause(),
-            Cause::AgentNotReady
-        );
-        assert_eq!(http(503, "Service Unavailable").cause(), Cause::Transient);
-        assert_eq!(
-            http(400, "Parameter verification failed.").cause(),
-            Cause::Other
-        );
+        assert!(missing.is_not_found() && !missing.is_transient());
+        let taken = http(500, "unable to create VM 7: config file already exists");
+        assert!(taken.is_already_exists() && !taken.is_not_found());
+        let locked = http(500, "VM is locked (clone)");
+        assert!(locked.is_vm_locked() && !locked.is_already_exists());
+        let denied = http(403, "Permission check failed (/vms/100, VM.Clone)");
+        assert!(denied.is_permission_denied() && !denied.is_transient());
+        let no_agent = http(500, "No QEMU guest agent configured");
+        assert!(no_agent.is_agent_not_configured() && !no_agent.is_agent_not_ready());
+        let booting = http(500, "QEMU guest agent is not running");
+        assert!(booting.is_agent_not_ready() && !booting.is_agent_not_configured());
+        assert!(http(503, "Service Unavailable").is_transient());
+        let bad_request = http(400, "Parameter verification failed.");
+        assert!(!bad_request.is_transient() && !bad_request.is_not_found());
         assert!(http(500, "VM 7 is running - destroy failed").is_vm_running());
         assert!(http(500, "VM 7 already running").is_already_running());
+    }
+
+    #[test]
+    fn a_missing_file_is_told_from_other_agent_failures() {
+        // PVE passes qemu-guest-agent's error on in the reason phrase and the body.
+        let missing = from_http_answer(
+            500,
+            Some(
+                "Agent error: failed to open file '/etc/ssh/ssh_host_ed25519_key.pub' (mode: \
+                 'r'): No such file or directory",
+            ),
+            b"",
+        );
+        assert!(missing.is_agent_missing_file());
+        for other in [
+            "Agent error: failed to open file '/etc/ssh/ssh_host_rsa_key.pub' (mode: 'r'): \
+             Permission denied",
+            "QEMU guest agent is not running",
+            "No QEMU guest agent configured",
+        ] {
+            let err = from_http_answer(500, Some(other), b"");
+            assert!(!err.is_agent_missing_file(), "{other}");
+        }
+    }
+
+    #[test]
+    fn the_tls_reason_is_rustlss_words_without_the_http_clients() {
+        // The texts as rustls renders them, wrapped the way reqwest and hyper do.
+        let unknown_issuer =
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer).to_string();
+        let wrapped = ApiError::new(
+            ApiErrorKind::Tls,
+            format!(
+                "error sending request for url (https://pve1:8006/api2/json/version): client \
+                 error (Connect): {unknown_issuer}"
+            ),
+        );
+        assert!(unknown_issuer.starts_with("invalid peer certificate"));
+        assert_eq!(wrapped.tls_reason(), unknown_issuer);
+        let pin = rustls::Error::General(format!(
+            "{} AA:BB, not the pinned PROXMOX_TLS_FINGERPRINT CC:DD",
+            super::super::tls::PIN_MISMATCH
+        ))
+        .to_string();
+        let pinned = ApiError::new(
+            ApiErrorKind::Tls,
+            format!("error sending request for url (https://pve1:8006/api2/json/version): {pin}"),
+        );
+        assert_eq!(
+            pinned.tls_reason(),
+            "the API's certificate has SHA-256 fingerprint AA:BB, not the pinned \
+             PROXMOX_TLS_FINGERPRINT CC:DD"
+        );
+        let other = ApiError::new(ApiErrorKind::Tls, "handshake failure");
+        assert_eq!(other.tls_reason(), "handshake failure");
     }
 
     #[test]

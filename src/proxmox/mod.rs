@@ -10,6 +10,6 @@ pub mod tls;
 pub mod types;
 
 pub use client::{Client, CloneRequest, Retry};
-pub use error::{ApiError, ApiErrorKind, Cause};
+pub use error::{ApiError, ApiErrorKind};
 pub use presence::Presence;
 pub use types::{TaskOutcome, Upid, VmConfig, VmRef, VmStatus};

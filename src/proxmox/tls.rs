@@ -13,12 +13,16 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use sha2::{Digest, Sha256};
 
+use crate::config::TlsTrust;
 use crate::error::{Error, Result};
-use crate::settings::TlsTrust;
 
 const TRUST_SETTINGS: &str = "PROXMOX_TLS_CA_FILE (e.g. a copy of the cluster's \
     /etc/pve/pve-root-ca.pem), PROXMOX_TLS_FINGERPRINT (the certificate's SHA-256 fingerprint \
     as the PVE UI shows it) or, at your own risk, PROXMOX_TLS_INSECURE=true";
+
+/// How a pin mismatch begins, so that [`super::ApiError::tls_reason`] finds it in the HTTP
+/// client's error chain.
+pub const PIN_MISMATCH: &str = "the API's certificate has SHA-256 fingerprint";
 
 /// The rustls configuration for `trust`, on the ring provider.
 pub fn client_config(trust: &TlsTrust) -> Result<ClientConfig> {
@@ -142,8 +146,7 @@ impl ServerCertVerifier for PinnedLeaf {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(format!(
-                "the API's certificate has SHA-256 fingerprint {}, not the pinned \
-                 PROXMOX_TLS_FINGERPRINT {}",
+                "{PIN_MISMATCH} {}, not the pinned PROXMOX_TLS_FINGERPRINT {}",
                 format_fingerprint(&actual),
                 format_fingerprint(&expected)
             )))

@@ -31,8 +31,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cancel::Cancel;
+use crate::config::Settings;
 use crate::error::Result;
-use crate::settings::Settings;
 
 pub use connect::fingerprint_of_line;
 pub use exec::{LostConnection, StageOutcome, StageScript};

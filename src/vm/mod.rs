@@ -16,8 +16,13 @@
 //! - [`placement`]: which node of `PROXMOX_NODES` a VM goes to, and its template there;
 //! - [`task`]: waiting for a Proxmox task.
 //!
-//! Every wait here goes through [`crate::poll`], the one wait primitive (deadline, pause
-//! schedule, progress lines).
+//! Waiting for the API to report a state (a task's end, the agent's address, a free clone
+//! slot, a VM gone) goes through [`crate::poll`] (deadline, pause schedule, progress lines).
+//! The pauses between retries are plain sleeps, each bounded by its caller's deadline: the
+//! first look before such a poll starts ([`task`], [`ready`]), a transient clone failure retried
+//! ([`provision`]), the clone tasks watched after a lost clone answer ([`clone_watch`]), host
+//! keys read again until cloud-init writes them ([`ready`]), and teardown's retries
+//! ([`teardown`]).
 //!
 //! The node is always a parameter: nothing here reads where a VM should go from the settings.
 //! The engine reports through the caller's [`Log`] and, while provisioning, its [`Sink`]:

@@ -15,7 +15,7 @@ use crate::joblog;
 use crate::poll::Poll;
 use crate::proxmox::address::{choose_address, preferred_address, IPV4_GRACE};
 use crate::proxmox::types::AgentInterface;
-use crate::proxmox::{ApiError, Client};
+use crate::proxmox::Client;
 use crate::ssh::{self, HostKeyCheck, Target};
 
 /// How long SSH is tried at an IPv6 address before the agent is asked for IPv4 again.
@@ -185,12 +185,6 @@ struct HostKeyRead {
     only_missing: bool,
 }
 
-/// qemu-guest-agent's `failed to open file '...' (mode: 'r'): No such file or directory`.
-fn is_missing_file(err: &ApiError) -> bool {
-    let text = err.message.to_ascii_lowercase();
-    text.contains("failed to open file") && text.contains("no such file or directory")
-}
-
 /// The VM's preferred SSH host key (the first of [`HOST_KEY_FILES`] it has), read through the
 /// guest agent, each read bounded by `deadline`. Empty when none could be read, with why not.
 async fn read_host_keys(client: &Client, vm: &VmRef, deadline: Instant) -> HostKeyRead {
@@ -217,7 +211,7 @@ async fn read_host_keys(client: &Client, vm: &VmRef, deadline: Instant) -> HostK
                 }
             },
             Ok(Err(err)) => {
-                read.only_missing &= is_missing_file(&err);
+                read.only_missing &= err.is_agent_missing_file();
                 read.problems.push(format!("{file}: {}", err.message));
             }
             Err(_) => {

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use gitlab_proxmox_runner::settings::{Settings, Sources, TlsTrust};
+use gitlab_proxmox_runner::config::{Settings, Sources, TlsTrust};
 
 fn example(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -5,10 +5,10 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use gitlab_proxmox_runner::config::{Settings, Sources};
 use gitlab_proxmox_runner::job::JobInfo;
 use gitlab_proxmox_runner::marker::Marker;
 use gitlab_proxmox_runner::proxmox::Client;
-use gitlab_proxmox_runner::settings::{Settings, Sources};
 use gitlab_proxmox_runner::vm::provision::{self, Order};
 use gitlab_proxmox_runner::vm::teardown::{self, Teardown};
 use gitlab_proxmox_runner::vm::{template, Log, Milestone, Sink};

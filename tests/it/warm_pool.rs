@@ -1097,3 +1097,39 @@ fn claim_reports_count_only_when_sealed_by_the_fleet_for_their_vm() {
     assert_eq!(code, 0, "{log}");
     gc_until_empty(&lab, &[]);
 }
+
+/// SIGTERM stops warm-ups in flight, but a warm VM whose publishing write landed is complete:
+/// a job may claim it already, so the stopping service must not destroy it because the
+/// write's answer had not arrived yet.
+#[test]
+fn a_warm_vm_published_as_the_service_stops_is_kept_for_jobs() {
+    let Some(lab) = start("a_warm_vm_published_as_the_service_stops_is_kept_for_jobs") else {
+        return;
+    };
+    lab.fake.set_boot_time(Duration::from_secs(2));
+    let pool = pool_service(&lab, "pool-a", 1, &[]);
+    let booting = wait_for("a warm VM booting", Duration::from_secs(60), || {
+        lab.fake
+            .job_vms()
+            .into_iter()
+            .find(|vm| marker_of(vm).is_some_and(|m| m.warm.is_some()) && vm.status == "running")
+    });
+    // Configured and started already: the next write to its config is the publishing swap.
+    lab.fake.inject(gpr_testkit::Fault::SlowAnswer {
+        method: "PUT".into(),
+        path_contains: format!("/qemu/{}/config", booting.vmid),
+        delay: Duration::from_secs(3),
+    });
+    let published = wait_for("the warm VM published", Duration::from_secs(60), || {
+        complete_warm(&lab)
+            .into_iter()
+            .find(|vm| vm.vmid == booting.vmid)
+    });
+    let (_, log) = pool.stop();
+    lab.fake.clear_faults();
+    assert_eq!(
+        lab.fake.vm(published.vmid).map(|vm| vm.description),
+        Some(published.description),
+        "the published warm VM stays for jobs: {log}"
+    );
+}

@@ -289,7 +289,7 @@ fn extra_sections(cmd: &clap::Command) -> Roff {
 
 /// The one place the driver names its settings-file variable, so the page cannot drift from it.
 fn settings_env_name() -> &'static str {
-    gitlab_proxmox_runner::settings::CONFIG_FILE_ENV
+    gitlab_proxmox_runner::config::CONFIG_FILE_ENV
 }
 
 /// The pages' date: `$SOURCE_DATE_EPOCH` (reproducible builds; `packaging/build-deb.sh` sets it
