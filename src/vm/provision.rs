@@ -413,7 +413,7 @@ impl Provisioning<'_> {
         if let Some(memory) = settings.vm_memory_mb {
             fields.push(("memory", memory.to_string()));
         }
-        let key = self.key_path(vm, &config, sink)?;
+        let key = self.key_path(vm, &config, sink);
         if let KeyPath::Derived { nonce, fleet } = &key {
             // Replaces what the template's cloud-init carried (the static key, if it did).
             let derived = ssh_key::derive(settings, vm, nonce, fleet.as_deref())?;
@@ -460,16 +460,17 @@ impl Provisioning<'_> {
     }
 
     /// The derived key when the order asks for one and the clone's cloud-init would install
-    /// it; else the static key, which must then be set.
-    fn key_path(
-        &self,
-        vm: &VmRef,
-        config: &crate::proxmox::VmConfig,
-        sink: &dyn Sink,
-    ) -> Result<KeyPath> {
+    /// it; else the static key.
+    fn key_path(&self, vm: &VmRef, config: &crate::proxmox::VmConfig, sink: &dyn Sink) -> KeyPath {
         let template = &self.order.template.label;
-        let (path, why_static) =
-            ssh_key::choose(self.settings, template, config, self.order.key_nonce)?;
+        let chosen = ssh_key::choose(self.settings, template, config, self.order.key_nonce);
+        // No key would open it: said here, where the reason is known; connecting fails later
+        // (prepare refuses such a template before it clones, the engine's other callers
+        // may have no use for SSH).
+        let (path, why_static) = chosen.unwrap_or_else(|err| {
+            sink.warn(&err.to_string());
+            (KeyPath::Static, None)
+        });
         match (&path, why_static) {
             (KeyPath::Derived { .. }, _) => sink.info(&format!(
                 "VM {}: a per-VM SSH key through cloud-init (template {template})",
@@ -481,7 +482,7 @@ impl Provisioning<'_> {
             )),
             (KeyPath::Static, None) => {}
         }
-        Ok(path)
+        path
     }
 
     async fn start(&self, vmid: u32, sink: &mut dyn Sink) -> Result<()> {
