@@ -19,7 +19,11 @@
 //! not yet booted, then interfaces `lo`, `eth0` with net0's MAC, `guest_ip6` first and
 //! `guest_ip` after `guest_ip_delay`, `docker0`; files that appear only some time after the
 //! agent; with [`FakeProxmox::own_guest_identities`] every booted VM its own address and
-//! files, e.g. its own SSH host key). Errors put the message into the reason phrase and close the connection. Bodies may
+//! files, e.g. its own SSH host key); cloud-init: `sshkeys` stored URL-encoded as sent (not
+//! encoded: 400 `invalid urlencoded string`; a line `ssh-keygen` cannot read: 500 `SSH public
+//! key validation error`), applied at a VM's first start only when it has a cloud-init drive,
+//! into its guest's authorized_keys before its agent first answers
+//! ([`FakeProxmox::cloud_init_keys`]). Errors put the message into the reason phrase and close the connection. Bodies may
 //! be form-urlencoded (`&` and `;` split fields) or JSON; booleans must be `1`/`0`.
 //! `access/permissions` answers from ACLs set with [`FakeProxmox::set_acl`] (user and token,
 //! privilege separation; only that endpoint reads them); `nodes/{node}/storage` lists `local`

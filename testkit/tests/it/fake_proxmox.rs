@@ -1207,4 +1207,21 @@ async fn cloud_init_applies_sshkeys_at_first_boot_only() {
     assert_eq!(fake.cloud_init_keys(100130), Some(vec![key_a.to_string()]));
     let written = std::fs::read_to_string(authorized.path()).unwrap();
     assert!(!written.contains("AAAAIBR0kE8"), "{written}");
+
+    // Like update_vm_api: a line ssh-keygen cannot read is refused, the config unchanged.
+    let garbage = gpr_testkit::lab::encode_sshkeys("not a key");
+    let refused = api
+        .call(
+            Method::PUT,
+            "/nodes/pve1/qemu/100130/config",
+            &[("sshkeys", garbage.as_str())],
+        )
+        .await;
+    assert_eq!(refused.status.as_u16(), 500, "{}", refused.body);
+    assert_eq!(refused.reason, "SSH public key validation error");
+    assert_eq!(
+        fake.vm(100130).unwrap().config["sshkeys"],
+        encoded_b,
+        "unchanged"
+    );
 }
