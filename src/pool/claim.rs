@@ -116,6 +116,16 @@ pub async fn claim(
             break;
         }
         let vmid = warm.vm.vmid;
+        let key_path = ssh_key::warm_vm_path(
+            settings,
+            &warm.vm,
+            &warm.marker.nonce,
+            warm.sshkeys.as_deref(),
+        );
+        if key_path == ssh_key::KeyPath::Static && settings.ssh_private_key.is_none() {
+            // It takes the static key, which this host does not have: leave it to hosts that do.
+            continue;
+        }
         // Recorded before the swap: if it lands and we are killed before we hear of it, the job
         // state names the VM (cleanup checks the marker: it destroys the VM if the swap landed
         // and leaves it alone if it did not).

@@ -23,22 +23,12 @@ pub enum KeyPath {
     /// `VM_SSH_PRIVATE_KEY`: what the template (image or cloud-init user data) carries.
     Static,
     /// Derived from the fleet key, the VMID and this nonce (the marker's at the VM's creation).
-    /// `fleet`: the [`FleetKey::id`] of the fleet key it was derived from (`None` in states
-    /// written before rotation was possible: the current key).
+    /// `fleet`: the [`FleetKey::id`] of the fleet key it was derived from (`None`: the current
+    /// one).
     Derived {
         nonce: String,
         fleet: Option<String>,
     },
-}
-
-impl KeyPath {
-    /// For the job log and `check`.
-    pub fn describe(&self) -> &'static str {
-        match self {
-            KeyPath::Static => "the static key VM_SSH_PRIVATE_KEY",
-            KeyPath::Derived { .. } => "a per-VM key through cloud-init",
-        }
-    }
 }
 
 /// Whether a VM (or template) config would have cloud-init install a key for `user`; `Err`
