@@ -164,6 +164,64 @@ mod tests {
         )
     }
 
+    fn fleet(byte: u8) -> FleetKey {
+        use base64ct::Encoding;
+        FleetKey::parse(&base64ct::Base64::encode_string(&[byte; 32])).unwrap()
+    }
+
+    const NONCE: &str = "6a1f0c3d9b2e4f5a8c7d6e5f4a3b2c1d";
+
+    fn vm() -> VmRef {
+        VmRef {
+            node: "pve1".into(),
+            vmid: 2_000_001,
+        }
+    }
+
+    #[test]
+    fn a_warm_vm_takes_its_derived_key_only_when_sshkeys_holds_exactly_that_key() {
+        let mut settings = crate::check::test_settings(&[]);
+        assert_eq!(warm_vm_path(&settings, &vm(), NONCE, None), KeyPath::Static);
+        settings.fleet_key = Some(fleet(1));
+        let own = VmKey::derive(&fleet(1), vm().vmid, NONCE).unwrap();
+        let other = VmKey::derive(&fleet(1), vm().vmid + 1, NONCE).unwrap();
+        assert_eq!(
+            warm_vm_path(&settings, &vm(), NONCE, Some(&own.sshkeys_value())),
+            KeyPath::Derived {
+                nonce: NONCE.into(),
+                fleet: Some(fleet(1).id())
+            }
+        );
+        let both = crate::ssh::derived::encode_sshkeys(&[own.public_line(), other.public_line()]);
+        for sshkeys in [None, Some(other.sshkeys_value()), Some(both)] {
+            assert_eq!(
+                warm_vm_path(&settings, &vm(), NONCE, sshkeys.as_deref()),
+                KeyPath::Static,
+                "{sshkeys:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn after_a_rotation_the_key_comes_from_the_fleet_key_it_was_made_with() {
+        let mut settings = crate::check::test_settings(&[]);
+        settings.fleet_key = Some(fleet(2));
+        settings.fleet_key_previous = Some(fleet(1));
+        let made = VmKey::derive(&fleet(1), vm().vmid, NONCE).unwrap();
+        let old = Some(fleet(1).id());
+        let again = derive(&settings, &vm(), NONCE, old.as_deref()).unwrap();
+        assert_eq!(again.public_line(), made.public_line());
+        let current = derive(&settings, &vm(), NONCE, None).unwrap();
+        assert_ne!(current.public_line(), made.public_line());
+        settings.fleet_key_previous = None;
+        let err = derive(&settings, &vm(), NONCE, old.as_deref()).unwrap_err();
+        assert!(
+            err.to_string().contains("PROXMOX_FLEET_KEY_PREVIOUS"),
+            "{err}"
+        );
+        assert_ne!(fleet(1).id(), fleet(2).id());
+    }
+
     #[test]
     fn cloud_init_needs_a_drive_and_the_login_user_as_ciuser() {
         let drive = ("ide2", "local-lvm:vm-2000001-cloudinit,media=cdrom");
