@@ -1,8 +1,8 @@
 //! Prometheus metrics: what the fleet commands show an operator's Prometheus.
 //!
-//! - One process-wide registry ([`registry`]): the API client counts every request it sends
-//!   there, whatever the command ([`api_answered`], called once, in
-//!   [`crate::proxmox::Client`]); the pool service adds its own families
+//! - One process-wide registry ([`register`] adds to it, [`encode`] renders it): the API
+//!   client counts every request it sends there, whatever the command ([`api_answered`], called
+//!   once, in [`crate::proxmox::Client`]); the pool service adds its own families
 //!   ([`crate::pool::metrics`]) and serves the whole registry at `/metrics`
 //!   (`pool --metrics-listen`, [`serve`]).
 //! - gc is short-lived: `gc --metrics-file` writes its sweep's results for node_exporter's

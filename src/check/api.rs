@@ -31,13 +31,13 @@ fn trust_words(trust: &TlsTrust) -> String {
 /// takes the token; and the findings that say so, or why not.
 pub async fn connect(settings: &Settings) -> (Option<Api>, Vec<Finding>) {
     let mut out = Vec::new();
-    let url = settings.api.base_url();
-    let token = format!("{}!{}", settings.api_user, settings.api_token_name);
-    let client = tls::verifier(&settings.tls)
+    let url = settings.api.endpoint.base_url();
+    let token = format!("{}!{}", settings.api.user, settings.api.token_name);
+    let client = tls::verifier(&settings.api.tls)
         .map(Recording::new)
         .and_then(|recorder| {
             let config = tls::config_with_verifier(recorder.clone())?;
-            Ok((Client::with_tls_config(settings, config)?, recorder))
+            Ok((Client::with_tls_config(&settings.api, config)?, recorder))
         });
     let (client, recorder) = match client {
         Ok(built) => built,
@@ -62,7 +62,7 @@ pub async fn connect(settings: &Settings) -> (Option<Api>, Vec<Finding>) {
         )
     };
     let reachable = |out: &mut Vec<Finding>| {
-        if settings.tls == TlsTrust::Insecure {
+        if settings.api.tls == TlsTrust::Insecure {
             out.push(
                 Finding::fail(
                     "api.tls",
@@ -82,7 +82,7 @@ pub async fn connect(settings: &Settings) -> (Option<Api>, Vec<Finding>) {
                 "api.tls",
                 format!(
                     "API {url} reachable, certificate trusted {}",
-                    trust_words(&settings.tls)
+                    trust_words(&settings.api.tls)
                 ),
             ));
         }
@@ -104,7 +104,7 @@ pub async fn connect(settings: &Settings) -> (Option<Api>, Vec<Finding>) {
                 client,
                 major,
                 token,
-                user: settings.api_user.clone(),
+                user: settings.api.user.clone(),
             })
         }
         Err(err) if err.kind == ApiErrorKind::Tls => {
@@ -119,7 +119,7 @@ pub async fn connect(settings: &Settings) -> (Option<Api>, Vec<Finding>) {
                 "api.tls",
                 format!(
                     "the API's certificate is not trusted {} ({}); {presented}",
-                    trust_words(&settings.tls),
+                    trust_words(&settings.api.tls),
                     err.tls_reason()
                 ),
                 format!(

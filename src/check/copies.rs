@@ -40,7 +40,7 @@ pub async fn findings(
             return (TemplateNeeds::for_settings(settings), out);
         }
     };
-    let survey = nodes::survey(&settings.nodes, &cluster);
+    let survey = nodes::survey(&settings.placement.nodes, &cluster);
     out.extend(survey.findings.iter().cloned());
     let needs = match vms {
         Ok(vms) => node_template_findings(api, settings, &survey.members, vms, &mut out).await,
@@ -69,11 +69,11 @@ fn listing(copies: &BTreeMap<String, (u32, Option<u64>)>) -> String {
 /// in the map (only possible with `PROXMOX_ALLOWED_TEMPLATES`; without it, the settings line
 /// already failed).
 fn template_names(settings: &Settings) -> Vec<String> {
-    let mut names: Vec<String> = settings.templates.keys().cloned().collect();
+    let mut names: Vec<String> = settings.placement.templates.keys().cloned().collect();
     let default = settings.template.trim();
     if !default.is_empty()
-        && !settings.templates.contains_key(default)
-        && settings.allowed_templates != AllowedTemplates::MapOnly
+        && !settings.placement.templates.contains_key(default)
+        && settings.placement.allowed_templates != AllowedTemplates::MapOnly
     {
         names.push(default.to_string());
     }
@@ -92,7 +92,7 @@ fn copies_findings(
     vms: &[ClusterVm],
 ) -> Vec<Finding> {
     let mut out = Vec::new();
-    let listed = settings.templates.get(name);
+    let listed = settings.placement.templates.get(name);
     let mut by_name: BTreeMap<String, (u32, Option<u64>)> = BTreeMap::new();
     let used: Vec<String> = resolved
         .by_node
@@ -194,6 +194,7 @@ async fn node_template_findings(
     let mut storages: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
     let mut shared_storages: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mapped: Vec<u32> = settings
+        .placement
         .templates
         .values()
         .map(|listed| listed.first().vmid)

@@ -6,7 +6,7 @@ use super::Finding;
 use crate::config::Settings;
 
 pub fn fleet_key_finding(settings: &Settings) -> Finding {
-    let pool = settings.warm_pool.values().any(|count| *count > 0);
+    let pool = settings.warm.pool.values().any(|count| *count > 0);
     match (&settings.fleet_key, pool) {
         (Some(_), true) => Finding::pass(
             "fleet_key",

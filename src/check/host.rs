@@ -5,20 +5,20 @@ use crate::config::Settings;
 
 /// The SSH key the driver logs in with: set, and readable with its passphrase.
 pub fn ssh_key(settings: &Settings) -> Finding {
-    if settings.ssh_private_key.is_none() && settings.fleet_key.is_some() {
+    if settings.ssh.private_key.is_none() && settings.fleet_key.is_some() {
         Finding::pass(
             "ssh_key",
             "SSH key: VM_SSH_PRIVATE_KEY is not set; VMs of templates with cloud-init get keys \
              of their own, derived from PROXMOX_FLEET_KEY (templates without it cannot be used)",
         )
-    } else if settings.ssh_private_key.is_none() {
+    } else if settings.ssh.private_key.is_none() {
         Finding::fail(
             "ssh_key",
             "SSH key: VM_SSH_PRIVATE_KEY is not set",
             "VM_SSH_PRIVATE_KEY in the settings file (the private key, or its path)",
         )
     } else {
-        match crate::ssh::load_private_key(settings) {
+        match crate::ssh::load_private_key(&settings.ssh) {
             Ok(key) => Finding::pass(
                 "ssh_key",
                 format!(
@@ -26,7 +26,7 @@ pub fn ssh_key(settings: &Settings) -> Finding {
                      the template)",
                     key.algorithm(),
                     key.fingerprint(),
-                    settings.ssh_user
+                    settings.ssh.user
                 ),
             ),
             Err(err) => Finding::fail(
@@ -41,7 +41,7 @@ pub fn ssh_key(settings: &Settings) -> Finding {
 /// The gitlab-runner binary copied into VMs whose template lacks one.
 pub fn runner_helper(settings: &Settings) -> Finding {
     use std::os::unix::fs::PermissionsExt;
-    let configured = settings.runner_helper_path.as_deref();
+    let configured = settings.ssh.runner_helper_path.as_deref();
     match crate::ssh::runner_helper_on_host(configured) {
         Some(path) => {
             let executable = std::fs::metadata(&path)

@@ -123,7 +123,7 @@ pub async fn node_finding(api: &Api, settings: &Settings) -> Finding {
         #[serde(default)]
         status: Option<String>,
     }
-    let node = &settings.node;
+    let node = &settings.placement.node;
     let nodes = api
         .client
         .call::<Vec<Node>>(Method::GET, "/nodes", &[], &[], Retry::Idempotent)

@@ -136,7 +136,7 @@ pub async fn findings(api: &Api, settings: &Settings, templates: &TemplateNeeds)
 /// major version `major` (SDN only from 8 on).
 pub fn needs(settings: &Settings, templates: &TemplateNeeds, major: Option<u32>) -> Vec<Need> {
     let mut needs: Vec<Need> = Vec::new();
-    for (name, listed) in &settings.templates {
+    for (name, listed) in &settings.placement.templates {
         let vmid = listed.first().vmid;
         needs.push(Need {
             path: format!("/vms/{vmid}"),
@@ -162,16 +162,16 @@ pub fn needs(settings: &Settings, templates: &TemplateNeeds, major: Option<u32>)
         AGENT_AUDIT,
         AGENT_FILE_READ,
     ];
-    if settings.vm_cores.is_some() {
+    if settings.clone.cores.is_some() {
         job.push(VM_CONFIG_CPU);
     }
-    if settings.vm_memory_mb.is_some() {
+    if settings.clone.memory_mb.is_some() {
         job.push(VM_CONFIG_MEMORY);
     }
-    if settings.vm_disk_grow_gb.is_some() {
+    if settings.clone.disk_grow_gb.is_some() {
         job.push(VM_CONFIG_DISK);
     }
-    needs.push(match &settings.pool {
+    needs.push(match &settings.clone.pool {
         Some(pool) => Need {
             path: format!("/pool/{pool}"),
             alternative_path: Some(new_vm),

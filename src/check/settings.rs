@@ -10,7 +10,7 @@ use crate::config::{AllowedTemplates, CloneMode, CopyDiscovery, Settings};
 /// `source` names where they came from.
 pub fn findings(settings: &Settings, source: &str) -> Vec<Finding> {
     let mut out = Vec::new();
-    let clones = match settings.clone_mode {
+    let clones = match settings.clone.mode {
         Some(CloneMode::Linked) => "linked clones",
         Some(CloneMode::Full) => "full clones",
         None => "linked clones of templates",
@@ -20,8 +20,8 @@ pub fn findings(settings: &Settings, source: &str) -> Vec<Finding> {
         format!(
             "settings: read from {} ({}, {} templates, VMIDs {}-{}, {clones})",
             source,
-            nodes::describe(&settings.nodes, &settings.node),
-            settings.templates.len(),
+            nodes::describe(&settings.placement.nodes, &settings.placement.node),
+            settings.placement.templates.len(),
             settings.vmid_range.0,
             settings.vmid_range.1
         ),
@@ -36,8 +36,11 @@ pub fn findings(settings: &Settings, source: &str) -> Vec<Finding> {
             .advisory(),
         );
     }
-    if settings.allowed_templates == AllowedTemplates::MapOnly
-        && !settings.templates.contains_key(settings.template.trim())
+    if settings.placement.allowed_templates == AllowedTemplates::MapOnly
+        && !settings
+            .placement
+            .templates
+            .contains_key(settings.template.trim())
     {
         out.push(Finding::fail(
             "settings.template",
@@ -46,6 +49,7 @@ pub fn findings(settings: &Settings, source: &str) -> Vec<Finding> {
                  PROXMOX_TEMPLATES ({})",
                 settings.template,
                 settings
+                    .placement
                     .templates
                     .keys()
                     .cloned()
@@ -55,10 +59,10 @@ pub fn findings(settings: &Settings, source: &str) -> Vec<Finding> {
             "set PROXMOX_TEMPLATE to a name in PROXMOX_TEMPLATES, or add it to the map",
         ));
     }
-    if settings.template_copies == CopyDiscovery::ByName {
+    if settings.placement.template_copies == CopyDiscovery::ByName {
         out.push(
             Finding::fail(
-                "settings.template_copies",
+                "settings.placement.template_copies",
                 "settings: PROXMOX_TEMPLATE_COPIES=by-name: on every node without a listed copy, \
                  any template VM named like a PROXMOX_TEMPLATES template is cloned for its jobs; \
                  on a cluster shared with other users, anyone with VM.Allocate can make one",
@@ -68,7 +72,7 @@ pub fn findings(settings: &Settings, source: &str) -> Vec<Finding> {
             .advisory(),
         );
     }
-    let by_name: Vec<&str> = match &settings.allowed_templates {
+    let by_name: Vec<&str> = match &settings.placement.allowed_templates {
         AllowedTemplates::MapOnly => Vec::new(),
         AllowedTemplates::AnyOnNode => vec!["*"],
         AllowedTemplates::Listed(list) => list
@@ -80,7 +84,7 @@ pub fn findings(settings: &Settings, source: &str) -> Vec<Finding> {
     if !by_name.is_empty() {
         out.push(
             Finding::fail(
-                "settings.allowed_templates",
+                "settings.placement.allowed_templates",
                 format!(
                     "settings: PROXMOX_ALLOWED_TEMPLATES lets jobs ask for templates by VM name \
                      ({}): every template VM of that name counts, and on a cluster shared with \
@@ -93,10 +97,10 @@ pub fn findings(settings: &Settings, source: &str) -> Vec<Finding> {
             .advisory(),
         );
     }
-    if settings.storage.is_some() && settings.clone_mode != Some(CloneMode::Full) {
+    if settings.clone.storage.is_some() && settings.clone.mode != Some(CloneMode::Full) {
         out.push(
             Finding::fail(
-                "settings.storage",
+                "settings.clone.storage",
                 "settings: PROXMOX_STORAGE is set, but linked clones always stay on the \
                  template's storage, so it is ignored",
                 "drop it, or set PROXMOX_CLONE=full",
@@ -180,7 +184,11 @@ mod tests {
         );
         assert_eq!(
             ids(&found),
-            ["settings", "settings.allowed_templates", "settings.storage"]
+            [
+                "settings",
+                "settings.placement.allowed_templates",
+                "settings.clone.storage"
+            ]
         );
         assert!(found[1..]
             .iter()

@@ -271,10 +271,10 @@ async fn key_note(settings: &Settings, ready: &ReadyVm, cancel: &Cancel) -> Stri
         return "the static key VM_SSH_PRIVATE_KEY logs in".into();
     }
     let derived = "a per-VM key (cloud-init) logs in";
-    if settings.ssh_private_key.is_none() {
+    if settings.ssh.private_key.is_none() {
         return derived.into();
     }
-    let Ok(key) = crate::ssh::load_private_key(settings) else {
+    let Ok(key) = crate::ssh::load_private_key(&settings.ssh) else {
         return derived.into();
     };
     let check = HostKeyCheck::Pinned(ready.host_keys.clone());

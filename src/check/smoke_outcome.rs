@@ -21,7 +21,7 @@ pub struct Outcome {
 pub async fn run(settings: &Settings, cancel: &Cancel) -> Outcome {
     let mut outcome = Outcome::default();
     let out = &mut outcome.findings;
-    let client = match Client::new(settings) {
+    let client = match Client::new(&settings.api) {
         Ok(client) => client,
         Err(err) => {
             out.push(Finding::fail(

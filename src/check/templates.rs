@@ -107,7 +107,9 @@ pub struct TemplateNeeds {
 impl TemplateNeeds {
     pub fn for_settings(settings: &Settings) -> TemplateNeeds {
         let mut needs = TemplateNeeds::default();
-        if let (Some(storage), Some(CloneMode::Full)) = (&settings.storage, settings.clone_mode) {
+        if let (Some(storage), Some(CloneMode::Full)) =
+            (&settings.clone.storage, settings.clone.mode)
+        {
             needs.storages.push(storage.clone());
         }
         needs
@@ -195,7 +197,7 @@ pub fn template_vm_finding(
             needs.bridges.push(bridge.clone());
         }
     }
-    let linked = match settings.clone_mode {
+    let linked = match settings.clone.mode {
         Some(CloneMode::Full) => false,
         Some(CloneMode::Linked) => true,
         None => is_template,
@@ -253,7 +255,7 @@ pub fn template_vm_finding(
         Ok((KeyPath::Static, Some(why))) => format!("SSH: the static key ({why})"),
         Ok((KeyPath::Static, None)) => "SSH: the static key".to_string(),
         Err(_) => {
-            let why = crate::vm::ssh_key::cloud_init_accepts(config, &settings.ssh_user)
+            let why = crate::vm::ssh_key::cloud_init_accepts(config, &settings.ssh.user)
                 .err()
                 .unwrap_or_else(|| "no PROXMOX_FLEET_KEY".into());
             problems.push(format!(
@@ -262,7 +264,7 @@ pub fn template_vm_finding(
             fixes.push(format!(
                 "qm set {vmid} --ide2 <storage>:cloudinit --ciuser {} (with PROXMOX_FLEET_KEY \
                  set), or set VM_SSH_PRIVATE_KEY",
-                settings.ssh_user
+                settings.ssh.user
             ));
             String::new()
         }
@@ -301,10 +303,10 @@ pub async fn findings(
     vms: Option<&[ClusterVm]>,
 ) -> (TemplateNeeds, Vec<Finding>) {
     let mut out = Vec::new();
-    let node = &settings.node;
+    let node = &settings.placement.node;
     let mut needs = TemplateNeeds::for_settings(settings);
     let storages = node_storages(api, node).await;
-    for (name, listed) in &settings.templates {
+    for (name, listed) in &settings.placement.templates {
         let id = format!("template.{name}");
         // The copy listed for this node: pinned to it, or not pinned, in the order listed (as
         // prepare resolves it).

@@ -19,8 +19,9 @@ use crate::check::{
     Finding, Report,
 };
 use crate::cli::CheckFormat;
-use crate::config::{NodeSet, Settings, CONFIG_FILE_ENV};
+use crate::config::{Settings, CONFIG_FILE_ENV};
 use crate::error::Result;
+use crate::vm::placement::Strategy;
 
 pub const EXIT_READY: i32 = 0;
 pub const EXIT_NOT_READY: i32 = 1;
@@ -52,7 +53,7 @@ pub fn settings_source(file: Option<&Path>) -> String {
         )
 }
 
-/// Prints every finding as it is made (text) or all at the end (JSON).
+/// Prints the findings as each check returns them (text) or all at the end (JSON).
 struct Output<'a> {
     report: Report,
     options: &'a Options,
@@ -143,7 +144,7 @@ async fn checks(settings: &Settings, out: &mut Output<'_>) {
     out.extend(found);
     match api {
         Some(api) => {
-            let (needs, vms) = if settings.nodes == NodeSet::One {
+            let (needs, vms) = if let Strategy::One { .. } = Strategy::of(settings) {
                 out.add(nodes::node_finding(&api, settings).await);
                 // One listing for the look-alike templates and the VMID range.
                 let vms = api.client.cluster_vms().await;

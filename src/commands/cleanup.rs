@@ -25,7 +25,7 @@ pub async fn cleanup(context: &Context) -> Result<()> {
              proven to be this job's; left alone (gitlab-proxmox-runner gc will judge it)"
         )));
     };
-    let client = Client::new(&context.settings)?;
+    let client = Client::new(&context.settings.api)?;
     // VM_CLEANUP_TIMEOUT (default 7 min) waits out a full clone's or a backup's lock and still
     // finishes, saying why, before a `cleanup_exec_timeout` of 10 minutes (the README's) kills
     // us. The hard stop a little later covers a request that hangs past the deadline.

@@ -41,17 +41,17 @@ pub async fn prepare(context: &Context) -> Result<()> {
         joblog::warn(warning);
     }
     // Without a fleet key every VM takes the static key; with one, a template without
-    // cloud-init still does, which provisioning tells once it has read the clone's config.
+    // cloud-init still does, which is checked once placement has chosen the template.
     if context.settings.fleet_key.is_none() {
         context.settings.require_ssh_key()?;
     }
     // Parsed and decrypted before anything is claimed or cloned: a key (or passphrase) the job
     // supplied that does not parse fails the job here (a build failure), with nothing to undo
     // and no warm VM spent on it.
-    if context.settings.ssh_private_key.is_some() {
-        drop(crate::ssh::load_private_key(&context.settings)?);
+    if context.settings.ssh.private_key.is_some() {
+        drop(crate::ssh::load_private_key(&context.settings.ssh)?);
     }
-    let client = Client::new(&context.settings)?;
+    let client = Client::new(&context.settings.api)?;
     let left_behind = remove_earlier_attempt(&client, context).await?;
 
     let settings = &context.settings;
@@ -188,10 +188,11 @@ async fn bring_up_on_a_node(
 
     let name = job.vm_name.clone();
     let own_key = settings
-        .ssh_private_key
+        .ssh
+        .private_key
         .as_ref()
         .is_some_and(|key| key.from_job);
-    if settings.ssh_private_key.is_none() {
+    if settings.ssh.private_key.is_none() {
         // No static key to fall back on: a template that would need it fails the job now,
         // before a warm VM is claimed or a clone made for nothing (one read, only then).
         let config = client

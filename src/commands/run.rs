@@ -71,11 +71,11 @@ async fn run_in_vm(context: &Context, script: &Path, stage: &str) -> Result<Ende
     };
     let target = Target {
         host: ip,
-        port: state.ssh_port.unwrap_or(context.settings.ssh_port),
+        port: state.ssh_port.unwrap_or(context.settings.ssh.port),
         user: state
             .ssh_user
             .clone()
-            .unwrap_or_else(|| context.settings.ssh_user.clone()),
+            .unwrap_or_else(|| context.settings.ssh.user.clone()),
         vm_label,
     };
     let body = Zeroizing::new(std::fs::read(script).map_err(|err| {

@@ -68,7 +68,8 @@ impl SecretFile {
 /// the SSH key file, those that exist, with their modes (of the file a symlink points at).
 pub fn secret_files(config_file: Option<&Path>, settings: &Settings) -> Vec<SecretFile> {
     let key_file = settings
-        .ssh_private_key
+        .ssh
+        .private_key
         .as_ref()
         .and_then(|setting| match &setting.key {
             SshKey::File(path) => Some(path.as_path()),

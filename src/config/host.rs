@@ -142,48 +142,22 @@ pub struct SshKeySetting {
     pub from_job: bool,
 }
 
-/// All settings, parsed and checked. Secrets stay in [`Secret`].
+/// All settings, parsed and checked, grouped by who reads them: the API client takes only
+/// [`ApiSettings`], the SSH client only [`SshSettings`]. Secrets stay in [`Secret`].
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub api: ApiEndpoint,
-    pub api_user: String,
-    pub api_token_name: String,
-    pub api_token_value: Secret,
-    /// `PROXMOX_HTTPS_PROXY`: the only proxy the API client ever uses (the environment's
-    /// `HTTPS_PROXY` and friends are ignored).
-    pub api_proxy: Option<String>,
-    /// `PROXMOX_NODE`, or with `PROXMOX_NODES` and no `PROXMOX_NODE` the first listed node
-    /// (empty for `*`): the node of commands that work on one node.
-    pub node: String,
-    /// Where prepare may place VMs (`crate::vm::placement`).
-    pub nodes: NodeSet,
-    /// `PROXMOX_NODE_MAX_VMS`: at most this many of our VMs per node.
-    pub max_vms_per_node: Option<u32>,
-    /// `PROXMOX_NODE_MEMORY_RESERVE_MB`: memory a node keeps free of our VMs.
-    pub node_memory_reserve_mb: u64,
-    pub tls: TlsTrust,
-    /// `PROXMOX_TEMPLATES`: template name → the template VMs that are its copies.
-    pub templates: BTreeMap<String, TemplateCopies>,
-    /// `PROXMOX_TEMPLATE_COPIES`: whether same-name templates count as copies too.
-    pub template_copies: CopyDiscovery,
+    pub api: ApiSettings,
+    pub placement: PlacementSettings,
+    pub clone: CloneSettings,
+    pub ssh: SshSettings,
+    pub warm: WarmSettings,
     /// The template the job asked for (or the default), not yet resolved to a VMID.
     pub template: String,
-    pub allowed_templates: AllowedTemplates,
     pub vmid_range: (u32, u32),
-    /// `None`: linked when the source is a template.
-    pub clone_mode: Option<CloneMode>,
-    pub storage: Option<String>,
-    pub pool: Option<String>,
-    /// Cap on clones in flight from this runner host (0 = no cap).
-    pub max_concurrent_clones: u32,
-    pub clone_lock_dir: Option<PathBuf>,
     /// `PROXMOX_RUNNER_ID`: who created a VM, in its ownership marker (`gc --runner`).
     pub runner_id: String,
     /// `PROXMOX_MAX_JOB_TIMEOUT`: caps the job timeout a VM's recorded deadline allows for.
     pub max_job_timeout: Duration,
-    pub vm_cores: Option<u32>,
-    pub vm_memory_mb: Option<u32>,
-    pub vm_disk_grow_gb: Option<u32>,
     pub boot_timeout: Duration,
     /// How long cleanup may take (waits for locks included) before it leaves the VM to gc;
     /// keep it below the runner's `cleanup_exec_timeout`.
@@ -191,19 +165,6 @@ pub struct Settings {
     /// Empty: any address but loopback, link-local, multicast, unspecified and broadcast
     /// (private ranges included; see `proxmox::address`).
     pub network_cidrs: Vec<Cidr>,
-    pub ssh_user: String,
-    pub ssh_port: u16,
-    pub ssh_private_key: Option<SshKeySetting>,
-    pub ssh_key_passphrase: Option<Secret>,
-    /// The job chose `VM_SSH_KEY_PASSPHRASE`: a key it does not decrypt is the job's fault.
-    pub ssh_key_passphrase_from_job: bool,
-    pub host_key_policy: HostKeyPolicy,
-    /// `None`: `gitlab-runner` on the host's PATH.
-    pub runner_helper_path: Option<PathBuf>,
-    /// `WARM_POOL = { name = N }`: warm VMs the pool service keeps per template name.
-    pub warm_pool: BTreeMap<String, u32>,
-    /// `WARM_MAX_IDLE` (seconds): a warm VM nobody claimed is recycled after this long.
-    pub warm_max_idle: Duration,
     /// `PROXMOX_FLEET_KEY` (settings file only): proves warm VMs ours (`crate::fleet_key`).
     pub fleet_key: Option<FleetKey>,
     /// `PROXMOX_FLEET_KEY_PREVIOUS` (settings file only): the fleet key before a rotation, for
@@ -211,6 +172,76 @@ pub struct Settings {
     pub fleet_key_previous: Option<FleetKey>,
     /// Lines for the job log about what the trust rule did (names only, never values).
     pub trust_warnings: Vec<String>,
+}
+
+/// What the API client reads: where the API is, who we are there, whom to trust.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    pub endpoint: ApiEndpoint,
+    pub user: String,
+    pub token_name: String,
+    pub token_value: Secret,
+    /// `PROXMOX_HTTPS_PROXY`: the only proxy the API client ever uses (the environment's
+    /// `HTTPS_PROXY` and friends are ignored).
+    pub proxy: Option<String>,
+    pub tls: TlsTrust,
+}
+
+/// Where VMs may go and which template VMs a name means (`crate::vm::placement`).
+#[derive(Debug, Clone)]
+pub struct PlacementSettings {
+    /// `PROXMOX_NODE`, or with `PROXMOX_NODES` and no `PROXMOX_NODE` the first listed node
+    /// (empty for `*`): the node of commands that work on one node.
+    pub node: String,
+    pub nodes: NodeSet,
+    /// `PROXMOX_NODE_MAX_VMS`: at most this many of our VMs per node.
+    pub max_vms_per_node: Option<u32>,
+    /// `PROXMOX_NODE_MEMORY_RESERVE_MB`: memory a node keeps free of our VMs.
+    pub node_memory_reserve_mb: u64,
+    /// `PROXMOX_TEMPLATES`: template name → the template VMs that are its copies.
+    pub templates: BTreeMap<String, TemplateCopies>,
+    /// `PROXMOX_TEMPLATE_COPIES`: whether same-name templates count as copies too.
+    pub template_copies: CopyDiscovery,
+    pub allowed_templates: AllowedTemplates,
+}
+
+/// How a VM is cloned and sized (`crate::vm::provision`).
+#[derive(Debug, Clone)]
+pub struct CloneSettings {
+    /// `None`: linked when the source is a template.
+    pub mode: Option<CloneMode>,
+    pub storage: Option<String>,
+    /// `PROXMOX_POOL`: the PVE resource pool clones join.
+    pub pool: Option<String>,
+    /// Cap on clones in flight from this runner host (0 = no cap).
+    pub max_concurrent: u32,
+    pub lock_dir: Option<PathBuf>,
+    pub cores: Option<u32>,
+    pub memory_mb: Option<u32>,
+    pub disk_grow_gb: Option<u32>,
+}
+
+/// What the SSH client reads (`crate::ssh`).
+#[derive(Debug, Clone)]
+pub struct SshSettings {
+    pub user: String,
+    pub port: u16,
+    pub private_key: Option<SshKeySetting>,
+    pub key_passphrase: Option<Secret>,
+    /// The job chose `VM_SSH_KEY_PASSPHRASE`: a key it does not decrypt is the job's fault.
+    pub key_passphrase_from_job: bool,
+    pub host_key_policy: HostKeyPolicy,
+    /// `None`: `gitlab-runner` on the host's PATH.
+    pub runner_helper_path: Option<PathBuf>,
+}
+
+/// The warm pool (`crate::pool`).
+#[derive(Debug, Clone)]
+pub struct WarmSettings {
+    /// `WARM_POOL = { name = N }`: warm VMs the pool service keeps per template name.
+    pub pool: BTreeMap<String, u32>,
+    /// `WARM_MAX_IDLE` (seconds): a warm VM nobody claimed is recycled after this long.
+    pub max_idle: Duration,
 }
 
 /// A warm VM idles at most this long before the pool recycles it: fresh enough that its
@@ -318,43 +349,53 @@ impl Settings {
         let fleet_key_previous = raw.fleet_key_previous()?;
 
         Ok(Settings {
-            api: api.endpoint,
-            api_user: api.user,
-            api_token_name: api.token_name,
-            api_token_value: api.token_value,
-            api_proxy: api.proxy,
-            node,
-            nodes,
-            max_vms_per_node: raw.number("PROXMOX_NODE_MAX_VMS")?,
-            node_memory_reserve_mb: raw.number("PROXMOX_NODE_MEMORY_RESERVE_MB")?.unwrap_or(0),
-            tls,
-            templates: templates.map,
-            template_copies: templates.copies,
+            api: ApiSettings {
+                endpoint: api.endpoint,
+                user: api.user,
+                token_name: api.token_name,
+                token_value: api.token_value,
+                proxy: api.proxy,
+                tls,
+            },
+            placement: PlacementSettings {
+                node,
+                nodes,
+                max_vms_per_node: raw.number("PROXMOX_NODE_MAX_VMS")?,
+                node_memory_reserve_mb: raw.number("PROXMOX_NODE_MEMORY_RESERVE_MB")?.unwrap_or(0),
+                templates: templates.map,
+                template_copies: templates.copies,
+                allowed_templates: templates.allowed,
+            },
+            clone: CloneSettings {
+                mode: clone_mode,
+                storage: raw.get("PROXMOX_STORAGE").map(String::from),
+                pool: raw.get("PROXMOX_POOL").map(String::from),
+                max_concurrent: raw.number("PROXMOX_MAX_CONCURRENT_CLONES")?.unwrap_or(0),
+                lock_dir: raw.get("PROXMOX_CLONE_LOCK_DIR").map(PathBuf::from),
+                cores: raw.number("VM_CORES")?,
+                memory_mb: raw.number("VM_MEMORY_MB")?,
+                disk_grow_gb: raw.number("VM_DISK_GROW_GB")?,
+            },
+            ssh: SshSettings {
+                user: raw.get("VM_SSH_USER").unwrap_or("ci").to_string(),
+                port: ssh_port,
+                private_key: ssh_private_key,
+                key_passphrase: ssh_key_passphrase,
+                key_passphrase_from_job: ssh_key_passphrase_from_job,
+                host_key_policy,
+                runner_helper_path: raw.get("RUNNER_HELPER_PATH").map(PathBuf::from),
+            },
+            warm: WarmSettings {
+                pool: warm_pool,
+                max_idle: warm_max_idle,
+            },
             template: templates.default,
-            allowed_templates: templates.allowed,
             vmid_range,
-            clone_mode,
-            storage: raw.get("PROXMOX_STORAGE").map(String::from),
-            pool: raw.get("PROXMOX_POOL").map(String::from),
-            max_concurrent_clones: raw.number("PROXMOX_MAX_CONCURRENT_CLONES")?.unwrap_or(0),
-            clone_lock_dir: raw.get("PROXMOX_CLONE_LOCK_DIR").map(PathBuf::from),
             runner_id,
             max_job_timeout,
-            vm_cores: raw.number("VM_CORES")?,
-            vm_memory_mb: raw.number("VM_MEMORY_MB")?,
-            vm_disk_grow_gb: raw.number("VM_DISK_GROW_GB")?,
             boot_timeout,
             cleanup_timeout,
             network_cidrs,
-            ssh_user: raw.get("VM_SSH_USER").unwrap_or("ci").to_string(),
-            ssh_port,
-            ssh_private_key,
-            ssh_key_passphrase,
-            ssh_key_passphrase_from_job,
-            host_key_policy,
-            runner_helper_path: raw.get("RUNNER_HELPER_PATH").map(PathBuf::from),
-            warm_pool,
-            warm_max_idle,
             fleet_key,
             fleet_key_previous,
             trust_warnings,

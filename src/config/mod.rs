@@ -18,8 +18,9 @@ pub mod trust;
 use std::path::{Path, PathBuf};
 
 pub use host::{
-    AllowedTemplates, CloneMode, CopyDiscovery, HostKeyPolicy, NodeSet, Settings, SshKeySetting,
-    TlsTrust, DEFAULT_MAX_JOB_TIMEOUT, DEFAULT_TEMPLATES, DEFAULT_VMID_RANGE,
+    AllowedTemplates, ApiSettings, CloneMode, CloneSettings, CopyDiscovery, HostKeyPolicy, NodeSet,
+    PlacementSettings, Settings, SshKeySetting, SshSettings, TlsTrust, WarmSettings,
+    DEFAULT_MAX_JOB_TIMEOUT, DEFAULT_TEMPLATES, DEFAULT_VMID_RANGE,
 };
 pub use parse::{
     parse_fingerprint, parse_template_map, ApiEndpoint, Cidr, ListedCopy, SshKey, TemplateCopies,
@@ -41,7 +42,7 @@ pub fn config_file_path(config_file: Option<&Path>) -> Option<PathBuf> {
 impl Settings {
     /// The SSH key every VM the runner host clones accepts: prepare, the pool and config need it.
     pub fn require_ssh_key(&self) -> crate::error::Result<()> {
-        if self.ssh_private_key.is_none() {
+        if self.ssh.private_key.is_none() {
             return Err(crate::error::Error::Settings(
                 "VM_SSH_PRIVATE_KEY is not set: the driver needs the private key (text or a path) \
                  that the template's VM_SSH_USER accepts; put it in the driver's config file or the \
@@ -184,20 +185,26 @@ mod tests {
     fn defaults_match_the_older_driver() {
         let settings = load(&base_env(), None, Some(&[])).unwrap();
         assert_eq!(
-            settings.api.base_url(),
+            settings.api.endpoint.base_url(),
             "https://pve.example.test:8006/api2/json"
         );
-        assert_eq!(settings.templates["ubuntu-focal"].to_string(), "60900");
-        assert_eq!(settings.templates["debian-12"].to_string(), "60930");
-        assert_eq!(settings.template_copies, CopyDiscovery::Listed);
+        assert_eq!(
+            settings.placement.templates["ubuntu-focal"].to_string(),
+            "60900"
+        );
+        assert_eq!(
+            settings.placement.templates["debian-12"].to_string(),
+            "60930"
+        );
+        assert_eq!(settings.placement.template_copies, CopyDiscovery::Listed);
         assert_eq!(settings.template, "ubuntu-focal");
-        assert_eq!(settings.ssh_user, "ci");
-        assert_eq!(settings.ssh_port, 22);
+        assert_eq!(settings.ssh.user, "ci");
+        assert_eq!(settings.ssh.port, 22);
         assert_eq!(settings.boot_timeout, Duration::from_secs(300));
-        assert_eq!(settings.tls, TlsTrust::SystemRoots);
+        assert_eq!(settings.api.tls, TlsTrust::SystemRoots);
         assert_eq!(settings.vmid_range, DEFAULT_VMID_RANGE);
         assert_eq!(settings.max_job_timeout, DEFAULT_MAX_JOB_TIMEOUT);
-        assert_eq!(settings.api_proxy, None);
+        assert_eq!(settings.api.proxy, None);
         assert!(parse::is_runner_id(&settings.runner_id));
         assert!(settings.trust_warnings.is_empty());
     }
@@ -206,9 +213,12 @@ mod tests {
     fn file_beats_process_env() {
         let mut env = base_env();
         env.insert("PROXMOX_NODE".into(), "from-env".into());
-        assert_eq!(load(&env, None, None).unwrap().node, "from-env");
+        assert_eq!(load(&env, None, None).unwrap().placement.node, "from-env");
         let file = "PROXMOX_NODE = \"from-file\"\n";
-        assert_eq!(load(&env, Some(file), None).unwrap().node, "from-file");
+        assert_eq!(
+            load(&env, Some(file), None).unwrap().placement.node,
+            "from-file"
+        );
     }
 
     #[test]
@@ -227,7 +237,7 @@ mod tests {
         env.insert("PROXMOX_NODE".into(), "pve1".into());
         // Without a job response file too: in this setup the driver never needs it.
         let settings = load_with(&env, None, None).unwrap();
-        assert_eq!(settings.pool, None);
+        assert_eq!(settings.clone.pool, None);
         assert_eq!(settings.trust_warnings.len(), 1);
         let warning = &settings.trust_warnings[0];
         assert!(
@@ -241,7 +251,7 @@ mod tests {
             .map(|(k, v)| format!("{k} = \"{v}\"\n"))
             .collect::<String>();
         let settings = load_with(&runners_env_with_pool(), Some(&file), None).unwrap();
-        assert_eq!(settings.pool, None);
+        assert_eq!(settings.clone.pool, None);
     }
 
     fn runners_env_with_pool() -> HashMap<String, String> {
@@ -254,8 +264,8 @@ mod tests {
     fn the_older_setup_reads_custom_env_but_refuses_what_the_job_defines() {
         let env = runners_env_with_pool();
         let settings = load(&env, None, Some(&["CI_JOB_ID"])).unwrap();
-        assert_eq!(settings.node, "pve1");
-        assert_eq!(settings.pool.as_deref(), Some("ci"));
+        assert_eq!(settings.placement.node, "pve1");
+        assert_eq!(settings.clone.pool.as_deref(), Some("ci"));
         for (variables, secrets) in [(&["PROXMOX_POOL"][..], &[][..]), (&[], &["PROXMOX_POOL"])] {
             let json = response(variables, secrets);
             let err = load_with(&env, None, Some(Ok(json.as_bytes()))).unwrap_err();
@@ -292,12 +302,16 @@ mod tests {
                 "/etc/gitlab-runner/proxmox.toml".into(),
             );
             let settings = load(&env, None, Some(&[])).unwrap();
-            assert_eq!(settings.runner_helper_path, None);
+            assert_eq!(settings.ssh.runner_helper_path, None);
             assert!(settings.trust_warnings[0].contains("CUSTOM_ENV_RUNNER_HELPER_PATH"));
         }
         let mut env = base_env();
         env.insert("RUNNER_HELPER_PATH".into(), "/usr/bin/gitlab-runner".into());
-        assert!(load(&env, None, None).unwrap().runner_helper_path.is_some());
+        assert!(load(&env, None, None)
+            .unwrap()
+            .ssh
+            .runner_helper_path
+            .is_some());
     }
 
     #[test]
@@ -305,7 +319,7 @@ mod tests {
         let mut env = base_env();
         env.insert("CUSTOM_ENV_PROXMOX_HOST".into(), "evil.example.test".into());
         let settings = load(&env, None, Some(&["PROXMOX_HOST"])).unwrap();
-        assert_eq!(settings.api.host, "pve.example.test");
+        assert_eq!(settings.api.endpoint.host, "pve.example.test");
     }
 
     #[test]
@@ -318,7 +332,7 @@ mod tests {
             let names = ["PROXMOX_TEMPLATE", "VM_SSH_PRIVATE_KEY"];
             let settings = load(&env, None, Some(&names)).unwrap();
             assert_eq!(settings.template, "debian-12");
-            let ssh_key = settings.ssh_private_key.as_ref().unwrap();
+            let ssh_key = settings.ssh.private_key.as_ref().unwrap();
             assert!(ssh_key.via_custom_env && matches!(ssh_key.key, SshKey::Text(_)));
             assert!(settings
                 .trust_warnings
@@ -337,14 +351,14 @@ mod tests {
         env.insert("CUSTOM_ENV_VM_SSH_PRIVATE_KEY".into(), "/etc/ci-key".into());
         let settings = load(&env, None, Some(&[])).unwrap();
         assert!(matches!(
-            settings.ssh_private_key.unwrap().key,
+            settings.ssh.private_key.unwrap().key,
             SshKey::File(_)
         ));
         // From the host's own environment, a path is fine.
         let mut env = base_env();
         env.insert("VM_SSH_PRIVATE_KEY".into(), "/etc/ci-key".into());
         let settings = load(&env, None, None).unwrap();
-        let ssh_key = settings.ssh_private_key.unwrap();
+        let ssh_key = settings.ssh.private_key.unwrap();
         assert!(!ssh_key.via_custom_env && matches!(ssh_key.key, SshKey::File(_)));
     }
 
@@ -365,16 +379,16 @@ mod tests {
     fn file_accepts_lowercase_keys_numbers_and_tables() {
         let file = "vm_ssh_port = 2222\nPROXMOX_TEMPLATES = { alpine = 9000, noble = 9001 }\n";
         let settings = load(&base_env(), Some(file), None).unwrap();
-        assert_eq!(settings.ssh_port, 2222);
-        assert_eq!(settings.templates.len(), 2);
-        assert_eq!(settings.templates["noble"].to_string(), "9001");
+        assert_eq!(settings.ssh.port, 2222);
+        assert_eq!(settings.placement.templates.len(), 2);
+        assert_eq!(settings.placement.templates["noble"].to_string(), "9001");
 
         // A list of copies, each a VMID or "VMID@node".
         let file = "PROXMOX_TEMPLATES = { ubuntu-focal = [60900, \"61900@pve2\"], plain = 9000 }\n\
                     PROXMOX_TEMPLATE_COPIES = \"by-name\"\n";
         let settings = load(&base_env(), Some(file), None).unwrap();
         assert_eq!(
-            settings.templates["ubuntu-focal"].list(),
+            settings.placement.templates["ubuntu-focal"].list(),
             [
                 ListedCopy {
                     vmid: 60900,
@@ -386,8 +400,8 @@ mod tests {
                 }
             ]
         );
-        assert_eq!(settings.templates["plain"].to_string(), "9000");
-        assert_eq!(settings.template_copies, CopyDiscovery::ByName);
+        assert_eq!(settings.placement.templates["plain"].to_string(), "9000");
+        assert_eq!(settings.placement.template_copies, CopyDiscovery::ByName);
     }
 
     #[test]
@@ -400,7 +414,7 @@ mod tests {
             "by-name".into(),
         );
         let settings = load(&env, None, job_defines).unwrap();
-        assert_eq!(settings.template_copies, CopyDiscovery::Listed);
+        assert_eq!(settings.placement.template_copies, CopyDiscovery::Listed);
         // [[runners]] environment: a job that defines a host-only name fails its build.
         let mut env = runners_env();
         env.insert(
@@ -412,11 +426,11 @@ mod tests {
         assert!(err.to_string().contains("PROXMOX_TEMPLATE_COPIES"), "{err}");
         // From [[runners]] environment itself, it is the admin's.
         let settings = load(&env, None, Some(&[])).unwrap();
-        assert_eq!(settings.template_copies, CopyDiscovery::ByName);
+        assert_eq!(settings.placement.template_copies, CopyDiscovery::ByName);
         let mut env = base_env();
         env.insert("PROXMOX_TEMPLATE_COPIES".into(), "by-name".into());
         let settings = load(&env, None, None).unwrap();
-        assert_eq!(settings.template_copies, CopyDiscovery::ByName);
+        assert_eq!(settings.placement.template_copies, CopyDiscovery::ByName);
         env.insert("PROXMOX_TEMPLATE_COPIES".into(), "any".into());
         let err = load(&env, None, None).unwrap_err();
         assert!(err.to_string().contains("must be listed"), "{err}");
@@ -439,6 +453,6 @@ mod tests {
         env.insert("PROXMOX_HTTPS_PROXY".into(), "http://127.0.0.1:3128".into());
         let settings = load(&env, None, None).unwrap();
         assert_eq!(settings.runner_id, "runner-7");
-        assert_eq!(settings.api_proxy.as_deref(), Some("http://127.0.0.1:3128"));
+        assert_eq!(settings.api.proxy.as_deref(), Some("http://127.0.0.1:3128"));
     }
 }

@@ -25,7 +25,7 @@
 //! template name for a while ([`crate::vm::host_keys`]).
 //!
 //! With `--gc-every`, it also runs the orphan sweep (the gc timer's) on that schedule. With
-//! `--metrics-listen`, it serves Prometheus metrics at `/metrics` ([`super::metrics`]).
+//! `--metrics-listen`, it serves Prometheus metrics at `/metrics` ([`crate::pool::metrics`]).
 //!
 //! SIGTERM: no new warm-up starts, warm-ups in flight are cancelled and their VMs destroyed,
 //! complete warm VMs stay for jobs to claim (a restarted service counts them again; without
@@ -78,7 +78,7 @@ async fn serve(
     metrics_listen: Option<SocketAddr>,
 ) -> Result<()> {
     let settings = Arc::new(context.settings.clone());
-    if settings.warm_pool.is_empty() {
+    if settings.warm.pool.is_empty() {
         return Err(Error::Settings(
             "WARM_POOL is not set: name the templates to keep warm in the settings file, e.g. \
              WARM_POOL = { debian-12 = 2 }"
@@ -99,9 +99,9 @@ async fn serve(
         }
         None => settings.runner_id.clone(),
     };
-    let client = Arc::new(Client::new(&settings)?);
+    let client = Arc::new(Client::new(&settings.api)?);
     let cancel = context.cancel.clone();
-    metrics::start(&settings.warm_pool);
+    metrics::start(&settings.warm.pool);
     if let Some(addr) = metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|err| {
             Error::Settings(format!(
@@ -118,12 +118,13 @@ async fn serve(
     joblog::info(format!(
         "pool {pool_id}: keeping {} warm (idle at most {} s), looking every {} s",
         settings
-            .warm_pool
+            .warm
+            .pool
             .iter()
             .map(|(name, count)| format!("{name}={count}"))
             .collect::<Vec<_>>()
             .join(", "),
-        settings.warm_max_idle.as_secs(),
+        settings.warm.max_idle.as_secs(),
         interval.as_secs_f64()
     ));
     let mut warming: JoinSet<(String, Result<Warmed>)> = JoinSet::new();
@@ -146,7 +147,7 @@ async fn serve(
                 }
             }
         }
-        for (name, target) in &settings.warm_pool {
+        for (name, target) in &settings.warm.pool {
             let round = Round {
                 client: &client,
                 settings: &settings,

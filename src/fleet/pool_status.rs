@@ -41,16 +41,16 @@ fn state(warm: &WarmVm) -> &'static str {
 
 pub async fn status(context: &FleetContext, json: bool) -> Result<()> {
     let settings = &context.settings;
-    if settings.warm_pool.is_empty() {
+    if settings.warm.pool.is_empty() {
         return Err(Error::Settings(
             "WARM_POOL is not set: there is no warm pool to show".into(),
         ));
     }
-    let client = Client::new(settings)?;
+    let client = Client::new(&settings.api)?;
     let key = crate::pool::warm::fleet_key(settings)?;
     let now = joblog::now_epoch();
     let mut failed = Vec::new();
-    for (name, target) in &settings.warm_pool {
+    for (name, target) in &settings.warm.pool {
         let listing = async {
             let copies = placement::Strategy::of(settings)
                 .copies(&client, settings, name)

@@ -208,7 +208,7 @@ pub async fn sweep(context: &FleetContext, rules: &Rules<'_>, tally: &mut Tally)
         .runner
         .map(str::trim)
         .filter(|token| !token.is_empty());
-    let client = Arc::new(Client::new(&context.settings)?);
+    let client = Arc::new(Client::new(&context.settings.api)?);
     tokio::select! {
         result = sweep_cluster(context, client, runner, rules.max_age, rules.dry_run, tally) => result,
         reason = context.cancel.cancelled() => Err(Error::Cancelled(format!(

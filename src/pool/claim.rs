@@ -122,7 +122,7 @@ pub async fn claim(
             &warm.marker.nonce,
             warm.sshkeys.as_deref(),
         );
-        if key_path == ssh_key::KeyPath::Static && settings.ssh_private_key.is_none() {
+        if key_path == ssh_key::KeyPath::Static && settings.ssh.private_key.is_none() {
             // It takes the static key, which this host does not have: leave it to hosts that do.
             continue;
         }

@@ -3,7 +3,10 @@
 //!
 //! - [`warm`]: bringing one warm VM up with the engine (and recycling one);
 //! - [`claim`]: prepare's side, taking a warm VM atomically across hosts;
-//! - [`service`]: `gitlab-proxmox-runner pool`, which keeps the configured number warm.
+//! - [`metrics`]: what the pool service and prepare's claims show Prometheus.
+//!
+//! The service that keeps the configured number warm (`gitlab-proxmox-runner pool`) is
+//! [`crate::fleet::pool_service`], above this library.
 //!
 //! **The one atomic step is Proxmox's own compare-and-swap**: every change of hands (a job
 //! claims a warm VM, the pool or gc condemns one) is a `PUT .../config` of a new description
@@ -104,7 +107,8 @@ pub struct Listing {
 /// pays no extra API call per job.
 pub fn has_pool(settings: &crate::config::Settings, template_name: &str) -> bool {
     settings
-        .warm_pool
+        .warm
+        .pool
         .get(template_name.trim())
         .is_some_and(|count| *count > 0)
 }

@@ -244,7 +244,7 @@ async fn warm_up(
             // Unknown until the agent reports it: a VM without one is not claimable yet.
             address: String::new(),
         },
-        settings.warm_max_idle,
+        settings.warm.max_idle,
     );
     let name = format!("warm-{}", template.vmid);
     let mut sink = WarmSink {

@@ -15,7 +15,7 @@ use super::types::{
     value_as_u64, AgentFileRead, AgentInterfaces, ClusterNode, ClusterStorage, ClusterVm,
     TaskStatus, Upid, VmConfig, VmStatus,
 };
-use crate::config::{Settings, TlsTrust};
+use crate::config::{ApiSettings, TlsTrust};
 use crate::error::{Error, Result};
 use crate::joblog;
 
@@ -105,15 +105,15 @@ fn qemu(node: &str, vmid: u32) -> String {
 impl Client {
     /// Builds the client; TLS trust problems (no CA store, unreadable CA file) surface here,
     /// before any request. Warns loudly in the log when TLS is not verified.
-    pub fn new(settings: &Settings) -> Result<Client> {
-        let tls = super::tls::client_config(&settings.tls)?;
-        Client::with_tls_config(settings, tls)
+    pub fn new(api: &ApiSettings) -> Result<Client> {
+        let tls = super::tls::client_config(&api.tls)?;
+        Client::with_tls_config(api, tls)
     }
 
     /// [`Client::new`] with a TLS configuration of the caller's (the preflight's records the
     /// API's certificate).
-    pub fn with_tls_config(settings: &Settings, tls: rustls::ClientConfig) -> Result<Client> {
-        if settings.tls == TlsTrust::Insecure {
+    pub fn with_tls_config(api: &ApiSettings, tls: rustls::ClientConfig) -> Result<Client> {
+        if api.tls == TlsTrust::Insecure {
             joblog::warn(
                 "PROXMOX_TLS_INSECURE is set: the Proxmox API's certificate is NOT verified, so \
                  anyone on the network path can pose as the API and take its token. Set \
@@ -123,7 +123,7 @@ impl Client {
         // reqwest would follow HTTP(S)_PROXY/ALL_PROXY from the environment, sending the token
         // wherever they point: only PROXMOX_HTTPS_PROXY (host-only) may choose a proxy.
         let mut builder = reqwest::Client::builder().no_proxy();
-        if let Some(proxy) = &settings.api_proxy {
+        if let Some(proxy) = &api.proxy {
             let proxy = reqwest::Proxy::all(proxy.as_str()).map_err(|err| {
                 Error::Settings(format!("PROXMOX_HTTPS_PROXY={proxy:?} is unusable: {err}"))
             })?;
@@ -140,9 +140,9 @@ impl Client {
             })?;
         let token = zeroize::Zeroizing::new(format!(
             "PVEAPIToken={}!{}={}",
-            settings.api_user,
-            settings.api_token_name,
-            settings.api_token_value.expose()
+            api.user,
+            api.token_name,
+            api.token_value.expose()
         ));
         let mut authorization = HeaderValue::from_str(&token).map_err(|_| {
             Error::Settings(
@@ -154,7 +154,7 @@ impl Client {
         authorization.set_sensitive(true);
         Ok(Client {
             http,
-            base_url: settings.api.base_url(),
+            base_url: api.endpoint.base_url(),
             authorization,
         })
     }

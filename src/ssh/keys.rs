@@ -15,7 +15,7 @@ use base64ct::{Base64, Encoding};
 use zeroize::Zeroizing;
 
 use super::PrivateKey;
-use crate::config::{Settings, SshKey};
+use crate::config::{SshKey, SshSettings};
 use crate::error::{Error, Result};
 
 const SETTING: &str = "VM_SSH_PRIVATE_KEY";
@@ -24,15 +24,15 @@ fn key_error(message: impl Into<String>) -> Error {
     Error::Settings(format!("{SETTING}: {}", message.into()))
 }
 
-pub(super) fn load_private_key(settings: &Settings) -> Result<PrivateKey> {
-    let setting = settings.ssh_private_key.as_ref().ok_or_else(|| {
+pub(super) fn load_private_key(settings: &SshSettings) -> Result<PrivateKey> {
+    let setting = settings.private_key.as_ref().ok_or_else(|| {
         Error::Settings(format!(
             "{SETTING} is not set; set it to the private key text or the path of a key file \
              whose public half is authorized in the VM template"
         ))
     })?;
     let passphrase = settings
-        .ssh_key_passphrase
+        .key_passphrase
         .as_ref()
         .map(|secret| secret.expose())
         .filter(|pass| !pass.is_empty());
@@ -47,9 +47,7 @@ pub(super) fn load_private_key(settings: &Settings) -> Result<PrivateKey> {
     // A key or passphrase the job supplied that does not parse is the job's own mistake: a
     // build failure, not a system failure the runner would retry.
     match parsed {
-        Err(Error::Settings(message))
-            if setting.from_job || settings.ssh_key_passphrase_from_job =>
-        {
+        Err(Error::Settings(message)) if setting.from_job || settings.key_passphrase_from_job => {
             Err(Error::JobRequest(format!(
                 "{message} (the key or its passphrase came from the job's CI/CD variables)"
             )))

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cancel::Cancel;
-use crate::config::Settings;
+use crate::config::SshSettings;
 use crate::error::Result;
 
 pub use connect::fingerprint_of_line;
@@ -104,7 +104,7 @@ pub struct CommandOutput {
 }
 
 /// Loads `VM_SSH_PRIVATE_KEY` (key text or a path) with `VM_SSH_KEY_PASSPHRASE`.
-pub fn load_private_key(settings: &Settings) -> Result<Arc<PrivateKey>> {
+pub fn load_private_key(settings: &SshSettings) -> Result<Arc<PrivateKey>> {
     keys::load_private_key(settings).map(Arc::new)
 }
 

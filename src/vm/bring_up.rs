@@ -1,5 +1,5 @@
 //! The one way a VM of ours comes up, for a job (prepare), the warm pool and the smoke test:
-//! [`provision`](super::provision) (clone, configure, start), then [`ready`](super::ready)
+//! [`super::provision`] (clone, configure, start), then [`super::ready`]
 //! (address, host keys, SSH, runner helper) within `VM_BOOT_TIMEOUT`. What each caller does
 //! before (placement, a claim) and after (pinning checks, sealing, `sudo -n true`) is its own.
 

@@ -91,11 +91,11 @@ fn default_dir_for(
 /// Takes a free slot, waiting (polling with jitter) while all are held. `Ok(None)` when no cap
 /// is configured.
 pub async fn acquire(settings: &Settings, log: &dyn Log) -> Result<Option<CloneSlot>> {
-    let slots = settings.max_concurrent_clones;
+    let slots = settings.clone.max_concurrent;
     if slots == 0 {
         return Ok(None);
     }
-    let dir = match &settings.clone_lock_dir {
+    let dir = match &settings.clone.lock_dir {
         Some(dir) => dir.clone(),
         None => default_dir()?,
     };

@@ -2,7 +2,7 @@
 //! remove it again, with no knowledge of hooks or jobs. prepare drives it today; a warm-pool
 //! service, a preflight check or multi-node placement drive the same calls.
 //!
-//! - [`bring_up`]: provision then ready, the one bring-up every caller uses;
+//! - [`mod@bring_up`]: provision then ready, the one bring-up every caller uses;
 //! - [`template`]: which template VM a requested name means, and the clone mode it allows;
 //! - [`provision`]: a free VMID, the clone (with its clash and retry logic), configure, start;
 //! - [`ready`]: the guest agent's address, the host keys read through the agent, SSH, the

@@ -13,7 +13,7 @@
 //! Templates per node: clusters with local storage keep a copy of each template on every node.
 //! A `PROXMOX_TEMPLATES` entry lists its copies by VMID (`ubuntu-focal=60900|61900@pve2`), and
 //! only those are cloned: other users of the cluster can make templates with any name, so a
-//! VM name proves nothing (see [`template_copies`]). A node without a listed copy gets no job
+//! VM name proves nothing (see `template_copies`). A node without a listed copy gets no job
 //! of that name, unless `PROXMOX_TEMPLATE_COPIES=by-name` lets a template VM of the same name
 //! stand in there. A node without a copy can still take the job when
 //! one copy has every drive on shared storage: that copy is cloned there with `target` (PVE
@@ -89,9 +89,9 @@ pub struct Limits {
 impl Limits {
     pub fn from_settings(settings: &Settings) -> Limits {
         Limits {
-            max_job_vms: settings.max_vms_per_node,
-            reserve: settings.node_memory_reserve_mb * MIB,
-            vm_memory: settings.vm_memory_mb.map(|mb| u64::from(mb) * MIB),
+            max_job_vms: settings.placement.max_vms_per_node,
+            reserve: settings.placement.node_memory_reserve_mb * MIB,
+            vm_memory: settings.clone.memory_mb.map(|mb| u64::from(mb) * MIB),
         }
     }
 }
@@ -165,9 +165,9 @@ pub enum Strategy<'a> {
 
 impl<'a> Strategy<'a> {
     pub fn of(settings: &'a Settings) -> Strategy<'a> {
-        match &settings.nodes {
+        match &settings.placement.nodes {
             NodeSet::One => Strategy::One {
-                node: &settings.node,
+                node: &settings.placement.node,
             },
             nodes => Strategy::Cluster { nodes },
         }
@@ -240,7 +240,7 @@ async fn place_on_cluster(
     let copies = &resolved.by_node;
     let eligible: Vec<&ClusterNode> = nodes
         .iter()
-        .filter(|node| settings.nodes.allows(&node.node) && !avoid.contains(&node.node))
+        .filter(|node| settings.placement.nodes.allows(&node.node) && !avoid.contains(&node.node))
         .filter(|node| node.is_online())
         .collect();
     // A shared-storage copy may sit on any node that answers, listed or not: the clone runs
@@ -389,7 +389,7 @@ pub(crate) fn template_copies(
             .ok()
             .map(|vmid| (vm.node.clone(), (vmid, vm.maxmem)))
     };
-    if let Some(listed) = settings.templates.get(wanted) {
+    if let Some(listed) = settings.placement.templates.get(wanted) {
         let mut by_node: BTreeMap<String, (u32, Option<u64>)> = BTreeMap::new();
         let mut refused = Vec::new();
         let mut vm_name: Option<String> = None;
@@ -439,7 +439,7 @@ pub(crate) fn template_copies(
                 ),
             }));
         }
-        let found = if settings.template_copies == CopyDiscovery::ByName {
+        let found = if settings.placement.template_copies == CopyDiscovery::ByName {
             // The nodes without a listed copy take a template VM of the same name.
             if let Some(name) = vm_name.as_deref() {
                 for vm in templates
@@ -462,13 +462,18 @@ pub(crate) fn template_copies(
             vm_name,
         });
     }
-    let permitted = match &settings.allowed_templates {
+    let permitted = match &settings.placement.allowed_templates {
         AllowedTemplates::MapOnly => false,
         AllowedTemplates::AnyOnNode => true,
         AllowedTemplates::Listed(list) => list.iter().any(|item| item == wanted),
     };
     if !permitted || wanted.is_empty() {
-        let names: Vec<&str> = settings.templates.keys().map(String::as_str).collect();
+        let names: Vec<&str> = settings
+            .placement
+            .templates
+            .keys()
+            .map(String::as_str)
+            .collect();
         return Err(Error::JobRequest(format!(
             "template {wanted:?} is not allowed; allowed templates: {}. Set PROXMOX_TEMPLATE to \
              one of them",
@@ -515,10 +520,10 @@ fn node_views(
         .iter()
         .filter(|vm| super::ownership::occupies_our_range(vm, settings.vmid_range))
         .collect();
-    let vm_memory = settings.vm_memory_mb.map(|mb| u64::from(mb) * MIB);
+    let vm_memory = settings.clone.memory_mb.map(|mb| u64::from(mb) * MIB);
     nodes
         .iter()
-        .filter(|node| settings.nodes.allows(&node.node))
+        .filter(|node| settings.placement.nodes.allows(&node.node))
         .filter(|node| !avoid.contains(&node.node))
         .map(|node| {
             let here: Vec<&&ClusterVm> = ours.iter().filter(|vm| vm.node == node.node).collect();
@@ -771,10 +776,8 @@ mod tests {
         let vms = cluster_with_a_look_alike();
         let allowed = settings(&[("PROXMOX_ALLOWED_TEMPLATES", "ubuntu-focal,61900")]);
         // Not in the map (the default map has no such name here): found by name.
-        let allowed = Settings {
-            templates: BTreeMap::new(),
-            ..allowed
-        };
+        let mut allowed = allowed;
+        allowed.placement.templates = BTreeMap::new();
         let resolved = template_copies(&allowed, "ubuntu-focal", &vms).unwrap();
         assert_eq!(resolved.found, Found::ByName);
         assert_eq!(resolved.by_node.len(), 3);

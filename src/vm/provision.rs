@@ -149,7 +149,7 @@ impl Provisioning<'_> {
             .with_max_times(MAX_CLONE_ATTEMPTS)
             .with_jitter()
             .build();
-        if !full && self.settings.storage.is_some() {
+        if !full && self.settings.clone.storage.is_some() {
             sink.warn(
                 "PROXMOX_STORAGE applies to full clones only; ignored for this linked clone \
                  (set PROXMOX_CLONE=full to use it)",
@@ -224,8 +224,8 @@ impl Provisioning<'_> {
             name: self.order.name.to_string(),
             description: self.clone_description(vmid),
             full,
-            storage: self.settings.storage.clone(),
-            pool: self.settings.pool.clone(),
+            storage: self.settings.clone.storage.clone(),
+            pool: self.settings.clone.pool.clone(),
             target: (node != template.node).then(|| node.to_string()),
         };
         let upid = match self
@@ -407,10 +407,10 @@ impl Provisioning<'_> {
         let mut config = read_config().await?;
         // Overwrites the tags inherited from the template.
         let mut fields = vec![("tags", crate::VM_TAG.to_string())];
-        if let Some(cores) = settings.vm_cores {
+        if let Some(cores) = settings.clone.cores {
             fields.push(("cores", cores.to_string()));
         }
-        if let Some(memory) = settings.vm_memory_mb {
+        if let Some(memory) = settings.clone.memory_mb {
             fields.push(("memory", memory.to_string()));
         }
         let key = self.key_path(vm, &config, sink);
@@ -423,7 +423,7 @@ impl Provisioning<'_> {
             .set_config(node, vmid, &fields)
             .await
             .map_err(|err| Error::api(context(), err))?;
-        if let Some(grow) = settings.vm_disk_grow_gb.filter(|grow| *grow > 0) {
+        if let Some(grow) = settings.clone.disk_grow_gb.filter(|grow| *grow > 0) {
             let disk = config.boot_disk().ok_or_else(|| {
                 Error::Settings(format!(
                     "VM_DISK_GROW_GB is set, but VM {vmid} (from template {}) has no boot disk to grow",

@@ -303,8 +303,8 @@ async fn requery_ipv4(
 pub fn ssh_target(settings: &Settings, vm: &VmRef, ip: IpAddr) -> Target {
     Target {
         host: ip.to_string(),
-        port: settings.ssh_port,
-        user: settings.ssh_user.clone(),
+        port: settings.ssh.port,
+        user: settings.ssh.user.clone(),
         vm_label: vm.to_string(),
     }
 }
@@ -323,7 +323,7 @@ pub async fn install_runner_helper(
         .max(MIN_HELPER_INSTALL_TIME);
     tokio::time::timeout(
         budget,
-        ssh::provision_runner_helper(connection, settings.runner_helper_path.as_deref()),
+        ssh::provision_runner_helper(connection, settings.ssh.runner_helper_path.as_deref()),
     )
     .await
     .map_err(|_| {
@@ -351,7 +351,7 @@ async fn connect_ssh(
     let HostKeyRead { keys, problems, .. } = wait_for_host_keys(client, vm, deadline, sink).await;
     let mut check = if !keys.is_empty() {
         HostKeyCheck::Pinned(keys)
-    } else if settings.host_key_policy == HostKeyPolicy::Strict {
+    } else if settings.ssh.host_key_policy == HostKeyPolicy::Strict {
         return Err(Error::ssh(
             format!("reading VM {vmid}'s SSH host key through the guest agent"),
             format!(

@@ -65,7 +65,7 @@ pub fn choose(
 ) -> Result<(KeyPath, Option<String>)> {
     let why_static = match nonce {
         None => None,
-        Some(nonce) => match cloud_init_accepts(config, &settings.ssh_user) {
+        Some(nonce) => match cloud_init_accepts(config, &settings.ssh.user) {
             Ok(()) => {
                 let path = KeyPath::Derived {
                     nonce: nonce.to_string(),
@@ -76,8 +76,8 @@ pub fn choose(
             Err(why) => Some(why),
         },
     };
-    if settings.ssh_private_key.is_none() {
-        let user = &settings.ssh_user;
+    if settings.ssh.private_key.is_none() {
+        let user = &settings.ssh.user;
         return Err(Error::Settings(format!(
             "template {template} takes the static SSH key ({}), and VM_SSH_PRIVATE_KEY is not \
              set: give the template a cloud-init drive and ciuser {user} (qm set <vmid> --ide2 \
@@ -113,7 +113,7 @@ pub fn derive(settings: &Settings, vm: &VmRef, nonce: &str, fleet: Option<&str>)
 /// The private key to connect to `vm` with, derived in memory or loaded from the settings.
 pub fn private_key(settings: &Settings, vm: &VmRef, path: &KeyPath) -> Result<Arc<PrivateKey>> {
     match path {
-        KeyPath::Static => crate::ssh::load_private_key(settings),
+        KeyPath::Static => crate::ssh::load_private_key(&settings.ssh),
         KeyPath::Derived { nonce, fleet } => {
             Ok(derive(settings, vm, nonce, fleet.as_deref())?.private())
         }

@@ -36,7 +36,7 @@ pub async fn resolve(
         label: format!("{wanted} ({vmid})"),
         is_template,
     };
-    if let Some(listed) = settings.templates.get(wanted) {
+    if let Some(listed) = settings.placement.templates.get(wanted) {
         // On one node, the copy listed for it: pinned there, or not pinned to any node (then
         // it is the one if it is there), in the order listed.
         let candidates = listed.candidates_on(node);
@@ -80,7 +80,7 @@ pub async fn resolve(
             ),
         }));
     }
-    let permitted = match &settings.allowed_templates {
+    let permitted = match &settings.placement.allowed_templates {
         AllowedTemplates::MapOnly => false,
         AllowedTemplates::AnyOnNode => true,
         AllowedTemplates::Listed(list) => list.iter().any(|item| item == wanted),
@@ -127,7 +127,7 @@ pub async fn resolve(
 
 /// `PROXMOX_CLONE`, or linked for a template and full for a plain VM.
 pub fn clone_mode(settings: &Settings, template: &Template) -> Result<CloneMode> {
-    match settings.clone_mode {
+    match settings.clone.mode {
         Some(CloneMode::Linked) if !template.is_template => Err(Error::Settings(format!(
             "PROXMOX_CLONE=linked needs a template, and VM {} is not one; convert it to a \
              template or use PROXMOX_CLONE=full",
@@ -141,8 +141,8 @@ pub fn clone_mode(settings: &Settings, template: &Template) -> Result<CloneMode>
 
 /// The names a job may ask for, for error messages.
 fn allowed_templates_text(settings: &Settings, node: &str) -> String {
-    let mut names: Vec<String> = settings.templates.keys().cloned().collect();
-    match &settings.allowed_templates {
+    let mut names: Vec<String> = settings.placement.templates.keys().cloned().collect();
+    match &settings.placement.allowed_templates {
         AllowedTemplates::MapOnly => {}
         AllowedTemplates::Listed(list) => names.extend(list.iter().cloned()),
         AllowedTemplates::AnyOnNode => {

@@ -614,3 +614,44 @@ fn smoke_interrupted_by_sigterm_removes_its_vm() {
     );
     assert!(lab.fake.job_vms().is_empty(), "{:?}", lab.fake.job_vms());
 }
+
+/// The whole text of a correct setup's check, byte for byte but for what differs per run (the
+/// fake's port, the generated key's fingerprint): restructuring the checks must not change it.
+#[test]
+fn a_correct_setups_output_is_exactly_these_lines() {
+    let lab = lab();
+    let checked = run(&mut check_command(&lab, &[]));
+    checked.assert_code(READY);
+    let stdout = checked
+        .stdout
+        .replace(&lab.fake.api_url(), "https://FAKE/api2/json");
+    let key = stdout
+        .split_once("SHA256:")
+        .and_then(|(_, rest)| rest.split_once(' '))
+        .map(|(fingerprint, _)| fingerprint.to_string())
+        .unwrap_or_default();
+    let stdout = stdout.replace(&format!("SHA256:{key} "), "SHA256:KEY ");
+    let expected = "\
+✔ settings: read from the process environment (node pve1, 4 templates, VMIDs 2000000-2999999, linked clones of templates)
+✔ API https://FAKE/api2/json reachable, certificate trusted by its pinned PROXMOX_TLS_FINGERPRINT
+✔ token ci@pve!runner authenticates (Proxmox VE 8.2.4)
+✔ node pve1 is online
+✔ template debian-11 (60920) on pve1: a template, guest agent on, net0 on vmbr0, disks on local-lvm (lvmthin) for linked clones
+✔ template debian-12 (60930) on pve1: a template, guest agent on, net0 on vmbr0, disks on local-lvm (lvmthin) for linked clones
+✔ template ubuntu-bionic (60910) on pve1: a template, guest agent on, net0 on vmbr0, disks on local-lvm (lvmthin) for linked clones
+✔ template ubuntu-focal (60900) on pve1: a template, guest agent on, net0 on vmbr0, disks on local-lvm (lvmthin) for linked clones
+✔ privileges of ci@pve!runner on /vms/60920 (cloning template debian-11): VM.Clone, VM.Audit
+✔ privileges of ci@pve!runner on /vms/60930 (cloning template debian-12): VM.Clone, VM.Audit
+✔ privileges of ci@pve!runner on /vms/60910 (cloning template ubuntu-bionic): VM.Clone, VM.Audit
+✔ privileges of ci@pve!runner on /vms/60900 (cloning template ubuntu-focal): VM.Clone, VM.Audit
+✔ privileges of ci@pve!runner on /vms/2000000 (the job VMs: create, configure, start, guest agent, destroy): VM.Allocate, VM.Audit, VM.PowerMgmt, VM.Config.Options, VM.GuestAgent.Audit (PVE 9) / VM.Monitor (PVE 8), VM.GuestAgent.FileRead (PVE 9) / VM.Monitor (PVE 8)
+✔ privileges of ci@pve!runner on /storage/local-lvm (the clones' disks): Datastore.AllocateSpace, Datastore.Audit
+✔ privileges of ci@pve!runner on /sdn/zones/localnetwork/vmbr0 (the clones' NIC on bridge vmbr0): SDN.Use
+✔ VMID range 2000000-2999999 (PROXMOX_VMID_RANGE) holds no foreign VM (0 of this driver's)
+✔ SSH key: ssh-ed25519 SHA256:KEY (its public half must be in ~ci/.ssh/authorized_keys in the template)
+✔ runner helper: /bin/true (copied into VMs whose template lacks gitlab-runner)
+✔ fleet key: PROXMOX_FLEET_KEY is not set (needed only with a warm pool; gc leaves warm VMs alone, since without it they cannot be told from another user's look-alikes)
+19 passed, 0 failed, 0 advisory, 0 skipped: ready for jobs
+";
+    assert_eq!(stdout, expected);
+}

@@ -21,11 +21,14 @@ fn the_example_driver_settings_file_loads() {
         job_response: None,
     })
     .expect("examples/driver.toml is accepted by the driver");
-    assert_eq!(settings.node, "pve1");
-    assert_eq!(settings.templates["debian-12"].to_string(), "60930");
+    assert_eq!(settings.placement.node, "pve1");
+    assert_eq!(
+        settings.placement.templates["debian-12"].to_string(),
+        "60930"
+    );
     assert_eq!(settings.template, "debian-12");
-    assert!(matches!(settings.tls, TlsTrust::CaFile(_)));
-    assert!(settings.ssh_private_key.is_some());
+    assert!(matches!(settings.api.tls, TlsTrust::CaFile(_)));
+    assert!(settings.ssh.private_key.is_some());
 }
 
 #[test]

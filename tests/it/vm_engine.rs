@@ -88,7 +88,7 @@ fn settings_for(fake: &FakeProxmox) -> Settings {
 async fn the_engine_provisions_and_tears_down_without_any_job() {
     let fake = FakeProxmox::start(FakeConfig::default());
     let settings = settings_for(&fake);
-    let client = Client::new(&settings).unwrap();
+    let client = Client::new(&settings.api).unwrap();
     let marker = Marker::new(&JobInfo::default());
 
     let template = template::resolve(&client, &settings, "pve1", "ubuntu-focal")
