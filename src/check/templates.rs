@@ -251,9 +251,10 @@ pub fn template_vm_finding(
     // config; a job's own key aside.
     let nonce = settings.fleet_key.is_some().then_some("0");
     let key_path = match crate::vm::ssh_key::choose(settings, &label, config, nonce) {
-        Ok((KeyPath::Derived { .. }, _)) => "SSH: a per-VM key through cloud-init".to_string(),
-        Ok((KeyPath::Static, Some(why))) => format!("SSH: the static key ({why})"),
-        Ok((KeyPath::Static, None)) => "SSH: the static key".to_string(),
+        Ok((KeyPath::Derived { .. }, _)) => "; SSH: a per-VM key through cloud-init".to_string(),
+        Ok((KeyPath::Static, Some(why))) => format!("; SSH: the static key ({why})"),
+        // No fleet key: every template takes the static key, as before per-VM keys.
+        Ok((KeyPath::Static, None)) => String::new(),
         Err(_) => {
             let why = crate::vm::ssh_key::cloud_init_accepts(config, &settings.ssh.user)
                 .err()
@@ -274,8 +275,8 @@ pub fn template_vm_finding(
         Finding::pass(
             id,
             format!(
-                "{label}: a template, guest agent on, net0 on {}, disks on {} for {} clones; \
-                 {key_path}",
+                "{label}: a template, guest agent on, net0 on {}, disks on {} for {} \
+                 clones{key_path}",
                 bridge.as_deref().unwrap_or("(no bridge)"),
                 if placed.is_empty() {
                     "no storage".to_string()
