@@ -102,6 +102,8 @@ pub struct TemplateNeeds {
     pub bridges: Vec<String>,
     /// `(VMID, what for)` of copies that are not themselves `PROXMOX_TEMPLATES` entries.
     pub copies: Vec<(u32, String)>,
+    /// Some template's VMs get keys of their own: the driver sets their `sshkeys`.
+    pub per_vm_keys: bool,
 }
 
 impl TemplateNeeds {
@@ -251,7 +253,10 @@ pub fn template_vm_finding(
     // config; a job's own key aside.
     let nonce = settings.fleet_key.is_some().then_some("0");
     let key_path = match crate::vm::ssh_key::choose(settings, &label, config, nonce) {
-        Ok((KeyPath::Derived { .. }, _)) => "; SSH: a per-VM key through cloud-init".to_string(),
+        Ok((KeyPath::Derived { .. }, _)) => {
+            needs.per_vm_keys = true;
+            "; SSH: a per-VM key through cloud-init".to_string()
+        }
         Ok((KeyPath::Static, Some(why))) => format!("; SSH: the static key ({why})"),
         // No fleet key: every template takes the static key, as before per-VM keys.
         Ok((KeyPath::Static, None)) => String::new(),

@@ -370,6 +370,12 @@ fn check_tells_each_templates_key_path_and_smoke_proves_the_derived_login() {
         "{smoke}"
     );
     assert!(lab.fake.job_vms().is_empty());
+    // Setting a VM's `sshkeys` takes VM.Config.Cloudinit on the job VMs.
+    let job_vms = stdout
+        .lines()
+        .find(|line| line.contains("(the job VMs: "))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(job_vms.contains("VM.Config.Cloudinit"), "{job_vms}");
 
     // A template without a cloud-init drive needs the static key, which is not set here.
     lab.fake.set_vm_config(60900, "ide2", None);
