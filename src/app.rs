@@ -100,6 +100,7 @@ where
     let exit_codes = ExitCodes::from_env();
     let loaded = Settings::load(file);
     let result = with_runtime(loaded, |settings, cancel| {
+        crate::ssh::set_keepalive_interval(settings.ssh.keepalive_interval);
         hook(Context {
             settings,
             job: JobInfo::from_env(),
@@ -119,6 +120,7 @@ where
 {
     let loaded = Settings::load_for_fleet(file);
     let result = with_runtime(loaded, |settings, cancel| {
+        crate::ssh::set_keepalive_interval(settings.ssh.keepalive_interval);
         command(FleetContext { settings, cancel })
     });
     exit_code(result, ExitCodes::FALLBACK, false)
@@ -128,6 +130,9 @@ where
 /// whose exit code is its verdict (see [`crate::check`]).
 fn fleet_check(file: Option<&Path>, smoke: bool, format: crate::cli::CheckFormat) -> i32 {
     let loaded = Settings::load_for_fleet(file);
+    if let Ok(settings) = &loaded {
+        crate::ssh::set_keepalive_interval(settings.ssh.keepalive_interval);
+    }
     let source = crate::commands::check::settings_source(file);
     let result = with_runtime(Ok(()), |(), cancel| async move {
         let options = crate::commands::check::Options {

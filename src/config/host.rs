@@ -231,6 +231,9 @@ pub struct SshSettings {
     /// The job chose `VM_SSH_KEY_PASSPHRASE`: a key it does not decrypt is the job's fault.
     pub key_passphrase_from_job: bool,
     pub host_key_policy: HostKeyPolicy,
+    /// `VM_SSH_KEEPALIVE_INTERVAL`: SSH keepalives this often; a VM silent for six intervals
+    /// is lost (`crate::ssh::set_keepalive_interval`).
+    pub keepalive_interval: Duration,
     /// `None`: `gitlab-runner` on the host's PATH.
     pub runner_helper_path: Option<PathBuf>,
 }
@@ -334,6 +337,7 @@ impl Settings {
         let runner_id = raw.runner_id()?;
         let max_job_timeout = raw.seconds("PROXMOX_MAX_JOB_TIMEOUT", DEFAULT_MAX_JOB_TIMEOUT)?;
         let boot_timeout = raw.seconds("VM_BOOT_TIMEOUT", Duration::from_secs(300))?;
+        let ssh_keepalive_interval = raw.ssh_keepalive_interval()?;
         let cleanup_timeout = raw.seconds("VM_CLEANUP_TIMEOUT", Duration::from_secs(420))?;
         let network_cidrs = raw.network_cidrs()?;
         let ssh_port = raw.number::<u16>("VM_SSH_PORT")?.unwrap_or(22);
@@ -383,6 +387,7 @@ impl Settings {
                 key_passphrase: ssh_key_passphrase,
                 key_passphrase_from_job: ssh_key_passphrase_from_job,
                 host_key_policy,
+                keepalive_interval: ssh_keepalive_interval,
                 runner_helper_path: raw.get("RUNNER_HELPER_PATH").map(PathBuf::from),
             },
             warm: WarmSettings {
@@ -576,6 +581,16 @@ impl Values {
             Some(0) => Err(Error::Settings(format!("{name} must be at least 1 second"))),
             Some(secs) => Ok(Duration::from_secs(secs)),
             None => Ok(default),
+        }
+    }
+
+    fn ssh_keepalive_interval(&self) -> Result<Duration> {
+        match self.number::<u64>("VM_SSH_KEEPALIVE_INTERVAL")? {
+            None => Ok(crate::ssh::DEFAULT_KEEPALIVE_INTERVAL),
+            Some(secs @ 1..=30) => Ok(Duration::from_secs(secs)),
+            Some(secs) => Err(Error::Settings(format!(
+                "VM_SSH_KEEPALIVE_INTERVAL={secs} must be 1 to 30 seconds"
+            ))),
         }
     }
 

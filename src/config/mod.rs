@@ -201,12 +201,29 @@ mod tests {
         assert_eq!(settings.ssh.user, "ci");
         assert_eq!(settings.ssh.port, 22);
         assert_eq!(settings.boot_timeout, Duration::from_secs(300));
+        assert_eq!(settings.ssh.keepalive_interval, Duration::from_secs(3));
         assert_eq!(settings.api.tls, TlsTrust::SystemRoots);
         assert_eq!(settings.vmid_range, DEFAULT_VMID_RANGE);
         assert_eq!(settings.max_job_timeout, DEFAULT_MAX_JOB_TIMEOUT);
         assert_eq!(settings.api.proxy, None);
         assert!(parse::is_runner_id(&settings.runner_id));
         assert!(settings.trust_warnings.is_empty());
+    }
+
+    #[test]
+    fn the_keepalive_interval_is_whole_seconds_from_1_to_30() {
+        let mut env = base_env();
+        env.insert("VM_SSH_KEEPALIVE_INTERVAL".into(), "1".into());
+        let settings = load(&env, None, Some(&[])).unwrap();
+        assert_eq!(settings.ssh.keepalive_interval, Duration::from_secs(1));
+        for bad in ["0", "31", "0.5", "3s"] {
+            env.insert("VM_SSH_KEEPALIVE_INTERVAL".into(), bad.into());
+            let err = load(&env, None, Some(&[])).unwrap_err();
+            assert!(
+                err.to_string().contains("VM_SSH_KEEPALIVE_INTERVAL"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

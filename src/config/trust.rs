@@ -119,6 +119,8 @@ pub const SPECS: &[Spec] = &[
         secret: true,
     },
     host("VM_SSH_HOST_KEY_POLICY"),
+    // How long a silent VM holds a job: the runner host's to trade off, never a job's.
+    host("VM_SSH_KEEPALIVE_INTERVAL"),
     // The warm pool spends the cluster's memory and decides which VMs jobs get: fleet
     // settings, never a job's.
     host("WARM_POOL"),

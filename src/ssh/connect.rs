@@ -46,10 +46,11 @@ const CIPHER_ORDER: &[cipher::Name] = &[
     cipher::AES_128_CTR,
 ];
 
-/// How a dead VM (or network) is noticed while a stage runs: after `KEEPALIVE_INTERVAL` without a
-/// byte from the VM, russh sends a keepalive, then one every interval, and gives up when the
-/// next one falls due with `KEEPALIVE_MAX` unanswered: after `SILENCE_BUDGET` (3 s × 6 = 18 s)
-/// of complete silence, inside the 20 s the job may lose.
+/// How a dead VM (or network) is noticed while a stage runs: after the keepalive interval
+/// (`VM_SSH_KEEPALIVE_INTERVAL`, default 3 s) without a byte from the VM, russh sends a
+/// keepalive, then one every interval, and gives up when the next one falls due with
+/// `KEEPALIVE_MAX` unanswered: after [`silence_budget`] (3 s × 6 = 18 s) of complete silence,
+/// inside the 20 s the job may lose.
 ///
 /// Why this does not kill healthy stages on a loaded host: what must arrive is *any* byte from
 /// the VM in 18 s, and the keepalive reply is sent by sshd itself, not by the job's processes.
@@ -62,11 +63,30 @@ const CIPHER_ORDER: &[cipher::Name] = &[
 /// Short intervals cost nothing on a chatty stage (any output resets the timer) and one small
 /// packet every 3 s on a quiet one. The old budget (10 s × 5) let a vanished VM hold the job
 /// for 50 s per stage.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3);
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3);
 const KEEPALIVE_MAX: usize = 5;
+/// The runner host's interval, once per process: every connection of a hook (or of the pool
+/// service) is to the VMs of the one runner host whose settings it loaded, and connections are
+/// made deep inside prepare, claims and stages, which never see the settings.
+static KEEPALIVE_INTERVAL: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+
+/// Sets the keepalive interval from the runner host's settings, before the first connection;
+/// later calls change nothing.
+pub fn set_keepalive_interval(interval: Duration) {
+    let _ = KEEPALIVE_INTERVAL.set(interval);
+}
+
+fn keepalive_interval() -> Duration {
+    KEEPALIVE_INTERVAL
+        .get()
+        .copied()
+        .unwrap_or(DEFAULT_KEEPALIVE_INTERVAL)
+}
+
 /// Silence after which a connection is declared dead (see above).
-pub(super) const SILENCE_BUDGET: Duration =
-    Duration::from_secs(KEEPALIVE_INTERVAL.as_secs() * (KEEPALIVE_MAX as u64 + 1));
+pub(super) fn silence_budget() -> Duration {
+    keepalive_interval() * (KEEPALIVE_MAX as u32 + 1)
+}
 /// Our receive window per channel. Large, so that a chatty build's output streams at full speed
 /// instead of stalling on window adjustments every 2 MB.
 const WINDOW_SIZE: u32 = 16 * 1024 * 1024;
@@ -85,7 +105,7 @@ fn client_config(host_key_algorithms: Vec<Algorithm>) -> Arc<client::Config> {
             cipher: Cow::Borrowed(CIPHER_ORDER),
             ..Preferred::default()
         },
-        keepalive_interval: Some(KEEPALIVE_INTERVAL),
+        keepalive_interval: Some(keepalive_interval()),
         keepalive_max: KEEPALIVE_MAX,
         inactivity_timeout: None,
         window_size: WINDOW_SIZE,
@@ -166,7 +186,7 @@ fn session_end_of(err: &russh::Error) -> SessionEnd {
         russh::Error::KeepaliveTimeout => SessionEnd::Silent(format!(
             "it stopped answering: nothing arrived for {} s and {KEEPALIVE_MAX} keepalives went \
              unanswered",
-            SILENCE_BUDGET.as_secs()
+            silence_budget().as_secs()
         )),
         russh::Error::IO(io)
             if matches!(

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use russh::{ChannelMsg, Sig};
 
-use super::connect::{SessionEnd, SILENCE_BUDGET};
+use super::connect::{silence_budget, SessionEnd};
 use super::sftp::Sftp;
 use super::{CommandOutput, Connection};
 use crate::cancel::Cancel;
@@ -54,7 +54,7 @@ pub struct LostConnection {
 impl LostConnection {
     fn after_silence_from(last_heard: Instant, cause: String) -> LostConnection {
         let now = Instant::now();
-        let budget_began = now.checked_sub(SILENCE_BUDGET).unwrap_or(last_heard);
+        let budget_began = now.checked_sub(silence_budget()).unwrap_or(last_heard);
         let silent_for = now.duration_since(last_heard.max(budget_began));
         LostConnection {
             since: SystemTime::now()

@@ -34,7 +34,7 @@ use crate::cancel::Cancel;
 use crate::config::SshSettings;
 use crate::error::Result;
 
-pub use connect::fingerprint_of_line;
+pub use connect::{fingerprint_of_line, set_keepalive_interval, DEFAULT_KEEPALIVE_INTERVAL};
 pub use exec::{LostConnection, StageOutcome, StageScript};
 
 /// Where to connect.

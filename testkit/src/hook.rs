@@ -157,6 +157,13 @@ impl Hook {
         self
     }
 
+    /// [`Hook::host_env`] for each pair (a module's settings kept in one const).
+    pub fn host_envs(self, pairs: &[(&str, &str)]) -> Self {
+        pairs
+            .iter()
+            .fold(self, |hook, (name, value)| hook.host_env(*name, *value))
+    }
+
     pub fn without_host_env(mut self, name: &str) -> Self {
         self.host_env.remove(name);
         self

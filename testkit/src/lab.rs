@@ -129,12 +129,9 @@ impl LabBuilder {
         let key = ClientKey::ed25519();
         sshd.authorize(&key);
         let fake = FakeProxmox::start(self.config);
-        let ed25519 = sshd
-            .host_key_lines()
-            .into_iter()
-            .find(|line| line.starts_with("ssh-ed25519 "))
-            .expect("the test sshd has an ed25519 host key");
-        fake.set_guest_file(ED25519_HOST_KEY_FILE, &format!("{ed25519}\n"));
+        // The guests' host keys are the sshd's, so that the keys read through the agent are
+        // the ones SSH presents.
+        fake.set_host_keys(&sshd.host_key_lines());
         // Every VM is this sshd: what any VM's cloud-init applies, it accepts.
         fake.set_shared_authorized_keys(sshd.authorized_keys_path());
         Some(Lab {
@@ -219,6 +216,16 @@ impl Lab {
     /// A hook of the driver in job directory `dir`, with [`Lab::settings`] in its environment.
     pub fn hook(&self, dir: impl AsRef<Path>) -> Hook {
         self.with_sshd_settings(api_hook(&self.bin, &self.fake, dir))
+    }
+
+    /// [`Lab::hook`] for job `job_id` of project group/project, with the variables GitLab sets
+    /// for every job that the driver reads (the VM's name and marker come from them).
+    pub fn job_hook(&self, dir: impl AsRef<Path>, job_id: u64) -> Hook {
+        self.hook(dir)
+            .job_var("CI_JOB_ID", job_id.to_string())
+            .job_var("CI_PROJECT_PATH", "group/project")
+            .job_var("CI_PROJECT_PATH_SLUG", "group-project")
+            .job_var("CI_RUNNER_SHORT_TOKEN", "xS6Vzpvo")
     }
 
     /// [`fleet_command`] against this lab's fake.

@@ -3,6 +3,7 @@
 //! does ([`runner`]), fake a Proxmox VE cluster over HTTPS ([`fake_proxmox`]), and set up all
 //! of it (fake, sshd, key → hooks) in one step ([`lab`], with [`driver_binary!`]).
 
+pub mod checked;
 pub mod fake_proxmox;
 pub mod fleet;
 pub mod hook;
@@ -16,6 +17,7 @@ pub mod sshd;
 pub mod sshkeys;
 pub mod tcp_proxy;
 pub mod vm_sshds;
+pub mod wait;
 
 pub use lab::{Lab, LabBuilder};
 
@@ -24,19 +26,12 @@ pub use fake_proxmox::{
     NodeLoad, RecordedRequest, Template, VmSnapshot,
 };
 
-/// Polls `condition` every 50 ms until it gives a value; panics naming `what` after `limit`.
-#[track_caller]
-pub fn wait_for<T>(
-    what: &str,
-    limit: std::time::Duration,
-    mut condition: impl FnMut() -> Option<T>,
-) -> T {
-    let started = std::time::Instant::now();
-    loop {
-        if let Some(value) = condition() {
-            return value;
-        }
-        assert!(started.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+pub use wait::{poll, poll_async, wait_for, wait_for_every};
+
+/// A loopback port nothing listens on (the kernel's next ephemeral one, its listener dropped):
+/// for a server the testkit starts, or for a connection that must be refused.
+pub fn unused_port() -> u16 {
+    let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
 }

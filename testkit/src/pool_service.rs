@@ -20,6 +20,21 @@ impl PoolService {
         PoolService::start_with_args(lab, id, env, &[])
     }
 
+    /// A pool service keeping `size` warm VMs of `template` (`WARM_POOL=<template>=<size>`),
+    /// then `extra` settings.
+    pub fn keeping(
+        lab: &Lab,
+        id: &str,
+        template: &str,
+        size: u32,
+        extra: &[(&str, &str)],
+    ) -> PoolService {
+        let pool = format!("{template}={size}");
+        let mut env = vec![("WARM_POOL", pool.as_str())];
+        env.extend_from_slice(extra);
+        PoolService::start(lab, id, &env)
+    }
+
     /// [`PoolService::start`] with more arguments (`--metrics-listen 127.0.0.1:0`, ...).
     pub fn start_with_args(
         lab: &Lab,

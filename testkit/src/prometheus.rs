@@ -7,7 +7,7 @@
 //! failure.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -44,11 +44,6 @@ pub struct Prometheus {
     addr: SocketAddr,
     log: PathBuf,
     _dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr").port()
 }
 
 impl Prometheus {
@@ -88,7 +83,7 @@ impl Prometheus {
         let mut last = String::new();
         // A port taken between choosing it and Prometheus binding it: try another.
         for _ in 0..5 {
-            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, crate::unused_port()));
             let mut child = Command::new(PROMETHEUS)
                 .arg(format!("--config.file={}", config.display()))
                 .arg(format!(
@@ -209,17 +204,8 @@ impl Drop for Prometheus {
     }
 }
 
-fn poll<T>(limit: Duration, mut condition: impl FnMut() -> Option<T>) -> Option<T> {
-    let started = std::time::Instant::now();
-    loop {
-        if let Some(value) = condition() {
-            return Some(value);
-        }
-        if started.elapsed() >= limit {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn poll<T>(limit: Duration, condition: impl FnMut() -> Option<T>) -> Option<T> {
+    crate::poll(limit, crate::wait::POLL, condition)
 }
 
 /// `GET path` on a loopback HTTP server: its status and body (HTTP/1.0, so the server closes

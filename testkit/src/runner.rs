@@ -419,16 +419,7 @@ impl JobControl {
 
     /// Polls the job log until it contains `needle`; false at the deadline.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.log().contains(needle) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            thread::sleep(POLL);
-        }
+        crate::poll(timeout, POLL, || self.log().contains(needle).then_some(())).is_some()
     }
 }
 

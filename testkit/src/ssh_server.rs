@@ -42,6 +42,15 @@ struct State {
     shim_dir: PathBuf,
 }
 
+/// The port of an SSH server on loopback, one for the whole test process, whose host key is no
+/// guest's and which accepts no key: a prepare pointed at it fails at the SSH step at once (a
+/// host key mismatch is final), where at a closed port it would retry, as for a booting VM,
+/// until VM_BOOT_TIMEOUT. For tests that stop at the SSH step.
+pub fn impostor_port() -> u16 {
+    static IMPOSTOR: std::sync::OnceLock<TestSshServer> = std::sync::OnceLock::new();
+    IMPOSTOR.get_or_init(TestSshServer::start).port()
+}
+
 pub struct TestSshServer {
     port: u16,
     host_key_line: String,

@@ -8,11 +8,11 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::sshkeys::{ClientKey, HostKey};
 
@@ -130,7 +130,7 @@ impl SshdBuilder {
         for _ in 0..5 {
             let (addr, port) = self
                 .listen
-                .unwrap_or_else(|| (Ipv4Addr::LOCALHOST, free_port()));
+                .unwrap_or_else(|| (Ipv4Addr::LOCALHOST, crate::unused_port()));
             let config = format!(
                 "Port {port}\nListenAddress {addr}\n{host_key_config}\
                  PidFile {dir}/sshd.pid\nAuthorizedKeysFile {authorized}\n\
@@ -191,28 +191,16 @@ impl SshdBuilder {
 }
 
 fn wait_until_accepting(child: &mut Child, addr: Ipv4Addr, port: u16) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    crate::poll(Duration::from_secs(20), Duration::from_millis(10), || {
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("sshd exited with {status}"));
+            return Some(Err(format!("sshd exited with {status}")));
         }
-        if let Ok(mut stream) = TcpStream::connect((addr, port)) {
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut banner = [0u8; 4];
-            if stream.read_exact(&mut banner).is_ok() && &banner == b"SSH-" {
-                return Ok(());
-            }
-        }
-        if Instant::now() > deadline {
-            return Err("sshd did not accept connections within 20 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr").port()
+        let mut stream = TcpStream::connect((addr, port)).ok()?;
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut banner = [0u8; 4];
+        (stream.read_exact(&mut banner).is_ok() && &banner == b"SSH-").then_some(Ok(()))
+    })
+    .unwrap_or_else(|| Err("sshd did not accept connections within 20 s".into()))
 }
 
 pub struct Sshd {

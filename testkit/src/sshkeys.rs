@@ -35,6 +35,12 @@ impl std::fmt::Debug for ClientKey {
 
 const SSH_KEYGEN: &str = "/usr/bin/ssh-keygen";
 
+/// A private key (text) that parses but that no VM of the fake accepts: a hook given it gets
+/// past its key check and fails at the SSH step.
+pub fn unauthorized_key() -> String {
+    ClientKey::ed25519().private_text
+}
+
 pub fn ssh_keygen_available() -> bool {
     Path::new(SSH_KEYGEN).exists()
 }

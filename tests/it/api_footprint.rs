@@ -1,7 +1,6 @@
 //! The API footprint of a typical job (prepare, six stages, cleanup), counted by endpoint against
 //! the fake: at most the older Python driver's 41 requests (issue 12). Counts, not times.
 
-use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -10,18 +9,6 @@ use gpr_testkit::{driver_binary, ApiCapacity, FakeConfig, Lab};
 
 /// What the older Python driver sent for the same job.
 const OLD_DRIVER_REQUESTS: usize = 41;
-
-fn job_hook(lab: &Lab, dir: &Path) -> Hook {
-    job_hook_for(lab, dir, 4711)
-}
-
-fn job_hook_for(lab: &Lab, dir: &Path, job_id: u64) -> Hook {
-    lab.hook(dir)
-        .job_var("CI_JOB_ID", job_id.to_string())
-        .job_var("CI_PROJECT_PATH", "group/project")
-        .job_var("CI_PROJECT_PATH_SLUG", "group-project")
-        .job_var("CI_RUNNER_SHORT_TOKEN", "xS6Vzpvo")
-}
 
 #[test]
 fn a_typical_job_stays_within_the_old_drivers_request_budget() {
@@ -40,7 +27,7 @@ fn a_typical_job_stays_within_the_old_drivers_request_budget() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let hook = job_hook(&lab, dir.path());
+    let hook = lab.job_hook(dir.path(), 4711);
     hook.clone().arg("prepare").run().assert_exit(0);
     let after_prepare = lab.fake.request_count();
     for stage in [
@@ -114,7 +101,7 @@ fn sixteen_jobs_against_an_api_with_three_workers_all_get_their_vm() {
         .iter()
         .zip(1..)
         .map(|(dir, job)| {
-            job_hook_for(&lab, dir.path(), 5000 + job)
+            lab.job_hook(dir.path(), 5000 + job)
                 // The runner host's clone cap stays out of the way: the API is what is measured.
                 .host_env("PROXMOX_MAX_CONCURRENT_CLONES", JOBS.to_string())
         })

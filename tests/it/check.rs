@@ -3,11 +3,12 @@
 //! ✘ line and exit status 1, a correct setup is all ✔, `--smoke` leaves no VM behind, also
 //! when SIGTERM arrives mid-way.
 
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use gpr_testkit::checked::Checked;
 use gpr_testkit::fake_proxmox::AclSubject;
-use gpr_testkit::{driver_binary, FakeConfig, FakeProxmox, Lab, NewVm};
+use gpr_testkit::{driver_binary, poll, wait_for_every, FakeConfig, FakeProxmox, Lab, NewVm};
 
 const READY: i32 = 0;
 const NOT_READY: i32 = 1;
@@ -22,62 +23,6 @@ fn lab_with(config: FakeConfig) -> Lab {
 
 fn check_command(lab: &Lab, extra: &[(&str, &str)]) -> Command {
     lab.check_command(extra)
-}
-
-struct Checked {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Checked {
-    fn of(output: Output) -> Checked {
-        Checked {
-            code: output.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        }
-    }
-
-    #[track_caller]
-    fn assert_code(&self, code: i32) -> &Checked {
-        assert_eq!(
-            self.code, code,
-            "exit status\n--- stdout\n{}\n--- stderr\n{}",
-            self.stdout, self.stderr
-        );
-        self
-    }
-
-    fn fail_lines(&self) -> Vec<&str> {
-        self.stdout
-            .lines()
-            .filter(|line| line.starts_with("✘"))
-            .collect()
-    }
-
-    /// The one ✘ line (and only one) contains every fragment; its fix line follows.
-    #[track_caller]
-    fn assert_single_failure(&self, fragments: &[&str]) -> &Checked {
-        let failures = self.fail_lines();
-        assert_eq!(failures.len(), 1, "one ✘ line expected:\n{}", self.stdout);
-        for fragment in fragments {
-            assert!(
-                failures[0].contains(fragment),
-                "{fragment:?} missing from {:?}\n{}",
-                failures[0],
-                self.stdout
-            );
-        }
-        let after = self
-            .stdout
-            .lines()
-            .skip_while(|line| !line.starts_with("✘"))
-            .nth(1)
-            .unwrap_or("");
-        assert!(after.trim_start().starts_with("fix: "), "{}", self.stdout);
-        self
-    }
 }
 
 fn run(command: &mut Command) -> Checked {
@@ -447,32 +392,6 @@ fn a_bad_token_and_bad_settings_fail_with_their_fix() {
         .assert_single_failure(&["settings: ", "PROXMOX_CLONE"]);
 }
 
-/// Polls (no fixed sleeps) until `done` holds or `limit` passes.
-fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    done()
-}
-
-fn wait_child(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait for check") {
-            return Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn smoke_runs_one_vm_end_to_end_and_leaves_none() {
     let Some(lab) = Lab::builder(driver_binary!())
@@ -586,15 +505,27 @@ fn smoke_interrupted_by_sigterm_removes_its_vm() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start check");
-    let started = wait_for(Duration::from_secs(60), || {
-        lab.fake.job_vms().iter().any(|vm| vm.status == "running")
-    });
-    assert!(started, "the smoke VM never started");
+    wait_for_every(
+        "the smoke VM to start",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || {
+            (lab.fake.job_vms().iter())
+                .any(|vm| vm.status == "running")
+                .then_some(())
+        },
+    );
     // SAFETY: kill(2) on our own child's pid.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
-    let status = wait_child(&mut child, Duration::from_secs(60)).expect("check ends after SIGTERM");
+    let status = poll(Duration::from_secs(60), Duration::from_millis(20), || {
+        child.try_wait().expect("wait for check")
+    })
+    .unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("check ends after SIGTERM")
+    });
     let output = child.wait_with_output().expect("collect output");
     let checked = Checked::of(std::process::Output { status, ..output });
     checked.assert_code(NOT_RUN);

@@ -4,13 +4,13 @@
 
 use std::process::Command;
 
+use gpr_testkit::checked::Checked;
 use gpr_testkit::lab::ED25519_HOST_KEY_FILE;
 use gpr_testkit::ssh_server::TestSshServer;
 use gpr_testkit::{driver_binary, FakeConfig, Lab, NewVm, NodeLoad, RecordedRequest};
 
 const READY: i32 = 0;
 const NOT_READY: i32 = 1;
-const GIB: u64 = 1 << 30;
 
 fn cluster() -> Lab {
     let config = FakeConfig {
@@ -19,14 +19,7 @@ fn cluster() -> Lab {
     };
     let lab = Lab::builder(driver_binary!()).fake(config).start();
     for (node, free_gib) in [("pve1", 20), ("pve2", 40), ("pve3", 60)] {
-        lab.fake.set_node(
-            node,
-            NodeLoad {
-                max_mem: 64 * GIB,
-                used_mem: (64 - free_gib) * GIB,
-                online: true,
-            },
-        );
+        lab.fake.set_node(node, NodeLoad::free_gib(free_gib));
     }
     lab
 }
@@ -50,79 +43,6 @@ fn check_command(lab: &Lab, extra: &[(&str, &str)]) -> Command {
     let mut settings = vec![("PROXMOX_TEMPLATES", "ubuntu-focal=60900")];
     settings.extend_from_slice(extra);
     lab.check_command(&settings)
-}
-
-struct Checked {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Checked {
-    #[track_caller]
-    fn run(command: &mut Command, code: i32) -> Checked {
-        let output = command.output().expect("run check");
-        let checked = Checked {
-            code: output.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        };
-        assert_eq!(
-            checked.code, code,
-            "exit status\n--- stdout\n{}\n--- stderr\n{}",
-            checked.stdout, checked.stderr
-        );
-        checked
-    }
-
-    #[track_caller]
-    fn has(&self, line_start: &str) -> &Checked {
-        assert!(
-            self.stdout.lines().any(|line| line.starts_with(line_start)),
-            "no line starting {line_start:?}:\n{}",
-            self.stdout
-        );
-        self
-    }
-
-    #[track_caller]
-    fn lacks(&self, fragment: &str) -> &Checked {
-        assert!(
-            !self.stdout.contains(fragment),
-            "{fragment:?} unexpected:\n{}",
-            self.stdout
-        );
-        self
-    }
-
-    fn fail_lines(&self) -> Vec<&str> {
-        self.stdout
-            .lines()
-            .filter(|line| line.starts_with("✘"))
-            .collect()
-    }
-
-    /// The ✘ lines are exactly these (by their start), each followed by its fix.
-    #[track_caller]
-    fn failures_are(&self, starts: &[&str]) -> &Checked {
-        let failures = self.fail_lines();
-        assert_eq!(failures.len(), starts.len(), "✘ lines:\n{}", self.stdout);
-        for start in starts {
-            assert!(
-                failures.iter().any(|line| line.starts_with(start)),
-                "no ✘ line starting {start:?}:\n{}",
-                self.stdout
-            );
-        }
-        let lines: Vec<&str> = self.stdout.lines().collect();
-        for (index, line) in lines.iter().enumerate() {
-            if line.starts_with("✘") {
-                let next = lines.get(index + 1).copied().unwrap_or("");
-                assert!(next.trim_start().starts_with("fix: "), "{}", self.stdout);
-            }
-        }
-        self
-    }
 }
 
 fn count(lab: &Lab, what: impl Fn(&RecordedRequest) -> bool) -> usize {
@@ -296,12 +216,7 @@ fn smoke_places_its_vm_like_prepare_and_names_the_node() {
     let lab = cluster();
     copy(&lab, 60901, "pve2");
     // pve3 has the most free memory (see `cluster`) but no copy: placement passes it over.
-    let load = |free_gib: u64| NodeLoad {
-        max_mem: 64 * GIB,
-        used_mem: (64 - free_gib) * GIB,
-        online: true,
-    };
-    lab.fake.set_node("pve2", load(50));
+    lab.fake.set_node("pve2", NodeLoad::free_gib(50));
     // The "VM" is an in-process SSH server on loopback, its host key served by the guest agent.
     let vm = TestSshServer::start();
     vm.authorize(&lab.key);

@@ -6,11 +6,12 @@
 //! Without sshd on the machine these tests are skipped, unless `GPR_REQUIRE_SSHD=1`.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gpr_testkit::fake_proxmox::{FakeConfig, FakeProxmox, Fault};
 use gpr_testkit::hook::{json_string, BUILD_FAILURE};
 use gpr_testkit::runner::{Executable, HookKind, JobOutcome, JobReport, RunnerJob};
+use gpr_testkit::wait::POLL;
 use gpr_testkit::{driver_binary, Lab};
 
 /// A fake Proxmox cluster, a "VM" (local sshd) and a runner host whose driver settings live
@@ -276,7 +277,7 @@ fn cancel_during_a_long_script_stops_the_remote_processes_and_destroys_the_vm() 
             .and_then(|text| text.trim().parse::<u32>().ok())
     };
     assert!(
-        wait_until(Duration::from_secs(30), || read_pid().is_some()),
+        gpr_testkit::poll(Duration::from_secs(30), POLL, &read_pid).is_some(),
         "the script never wrote its pid to {}",
         pid_file.display()
     );
@@ -301,7 +302,10 @@ fn cancel_during_a_long_script_stops_the_remote_processes_and_destroys_the_vm() 
         "run_exec ignored SIGTERM for the whole graceful-kill timeout"
     );
     assert!(
-        wait_until(Duration::from_secs(30), || !process_alive(remote_pid)),
+        gpr_testkit::poll(Duration::from_secs(30), POLL, || {
+            (!process_alive(remote_pid)).then_some(())
+        })
+        .is_some(),
         "the script's process {remote_pid} in the VM survived the cancel"
     );
     assert_eq!(report.exit_codes(&HookKind::Cleanup).len(), 1);
@@ -539,19 +543,6 @@ fn process_alive(pid: u32) -> bool {
     }
 }
 
-fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if condition() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 // ------------------------------------------------------------- real PVE and real guests
 
 #[test]
@@ -626,6 +617,7 @@ fn host_keys_that_appear_after_the_agent_are_still_pinned() {
         .find(|line| line.starts_with("ssh-ed25519 "))
         .expect("ed25519 host key");
     // cloud-init writes the keys a while after the agent is up.
+    world.lab.fake.remove_host_keys();
     world.lab.fake.set_late_guest_file(
         "/etc/ssh/ssh_host_ed25519_key.pub",
         &host_key,

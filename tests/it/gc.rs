@@ -469,18 +469,16 @@ fn sigterm_stops_the_sweep_promptly() {
     });
     job_vm(&fake, 2_000_650, &marker("xS6Vzpvo", 1, 2 * DAY));
     let child = gc_command(&fake, &[]).spawn().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !fake
-        .requests()
-        .iter()
-        .any(|r| r.method == "POST" && r.path.contains("/2000650/status/stop"))
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "gc never stopped the VM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    gpr_testkit::wait_for_every(
+        "gc to stop the VM",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || {
+            (fake.requests().iter())
+                .any(|r| r.method == "POST" && r.path.contains("/2000650/status/stop"))
+                .then_some(())
+        },
+    );
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },

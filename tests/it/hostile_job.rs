@@ -204,6 +204,8 @@ fn attack_values(host: &Host, attacker: &FakeProxmox) -> Vec<(String, String)> {
             "VM_SSH_USER" => "root".into(),
             "VM_SSH_PORT" => "1".into(),
             "VM_SSH_HOST_KEY_POLICY" => "none-at-all".into(),
+            // Not a valid value: if it were read, every hook would fail on it.
+            "VM_SSH_KEEPALIVE_INTERVAL" => "0".into(),
             "RUNNER_HELPER_PATH" => host.secret_file().display().to_string(),
             "WARM_POOL" => "ubuntu-focal=50,debian-12=50".into(),
             "WARM_MAX_IDLE" => "1".into(),

@@ -159,11 +159,13 @@ fn thirty_two_jobs_from_two_hosts_each_get_their_own_vm_and_leave_nothing() {
     let children: Vec<Child> = jobs.iter().map(|job| spawn(&job.hook, "prepare")).collect();
 
     // The sweep runs while clones are in flight and the first VMs are booting or ready.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while lab.fake.job_vms().len() < 1 + 8 {
-        assert!(Instant::now() < deadline, "no VMs appeared");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // The orphan and 8 of the jobs' VMs.
+    gpr_testkit::wait_for_every(
+        "the first VMs to appear",
+        Duration::from_secs(120),
+        Duration::from_millis(20),
+        || (lab.fake.job_vms().len() > 8).then_some(()),
+    );
     let gc = gc(&lab);
     let gc_stdout = String::from_utf8_lossy(&gc.stdout).into_owned();
     assert_eq!(

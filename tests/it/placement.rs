@@ -3,7 +3,6 @@
 //! their free memory differs.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -13,17 +12,15 @@ use gitlab_proxmox_runner::state::JobState;
 use gpr_testkit::hook::Hook;
 use gpr_testkit::{driver_binary, FakeConfig, Fault, Lab, NewVm, NodeLoad};
 
-const GIB: u64 = 1 << 30;
 /// ubuntu-focal and its copies on pve2 and pve3 (see `cluster`).
 const LISTED: &str = "ubuntu-focal=60900|60901@pve2|60902@pve3";
-
-fn load(free_gib: u64) -> NodeLoad {
-    NodeLoad {
-        max_mem: 64 * GIB,
-        used_mem: (64 - free_gib) * GIB,
-        online: true,
-    }
-}
+/// Placement over the four nodes; the template's copies on each node by VMID (a VM name proves
+/// nothing).
+const PLACED: [(&str, &str); 3] = [
+    ("PROXMOX_NODES", "pve1,pve2,pve3,pve4"),
+    ("PROXMOX_TEMPLATES", LISTED),
+    ("VM_MEMORY_MB", "2048"),
+];
 
 fn cluster(test: &str) -> Option<Lab> {
     let config = FakeConfig {
@@ -40,24 +37,12 @@ fn cluster(test: &str) -> Option<Lab> {
     for (vmid, node) in [(60901, "pve2"), (60902, "pve3")] {
         lab.fake.add_vm(NewVm::template(vmid, node, "ubuntu-focal"));
     }
-    lab.fake.set_node("pve1", load(20));
-    lab.fake.set_node("pve2", load(40));
-    lab.fake.set_node("pve3", load(60));
+    lab.fake.set_node("pve1", NodeLoad::free_gib(20));
+    lab.fake.set_node("pve2", NodeLoad::free_gib(40));
+    lab.fake.set_node("pve3", NodeLoad::free_gib(60));
     // The most free memory, but no copy of the template.
-    lab.fake.set_node("pve4", load(63));
+    lab.fake.set_node("pve4", NodeLoad::free_gib(63));
     Some(lab)
-}
-
-fn job_hook(lab: &Lab, dir: &Path, job_id: u64) -> Hook {
-    lab.hook(dir)
-        .host_env("PROXMOX_NODES", "pve1,pve2,pve3,pve4")
-        // The template's copies on each node, by VMID: a VM name proves nothing.
-        .host_env("PROXMOX_TEMPLATES", LISTED)
-        .host_env("VM_MEMORY_MB", "2048")
-        .job_var("CI_JOB_ID", job_id.to_string())
-        .job_var("CI_PROJECT_PATH", "group/project")
-        .job_var("CI_PROJECT_PATH_SLUG", "group-project")
-        .job_var("CI_RUNNER_SHORT_TOKEN", "xS6Vzpvo")
 }
 
 struct Job {
@@ -114,7 +99,7 @@ fn thirty_jobs_spread_by_free_memory_and_an_offline_node_gets_no_more() {
     let jobs: Vec<Job> = (0..30)
         .map(|n| {
             let dir = tempfile::tempdir().unwrap();
-            let hook = job_hook(&lab, dir.path(), 7000 + n);
+            let hook = lab.job_hook(dir.path(), 7000 + n).host_envs(&PLACED);
             Job { dir, hook }
         })
         .collect();
@@ -143,7 +128,7 @@ fn thirty_jobs_spread_by_free_memory_and_an_offline_node_gets_no_more() {
         "pve3",
         NodeLoad {
             online: false,
-            ..load(60)
+            ..NodeLoad::free_gib(60)
         },
     );
     let rest = prepare_all(&jobs[20..], 4);
@@ -153,7 +138,7 @@ fn thirty_jobs_spread_by_free_memory_and_an_offline_node_gets_no_more() {
     assert!(!later.contains_key("pve4"), "{later:?}");
 
     // Back online: cleanup removes every VM on every node, and gc sweeps an orphan on pve2.
-    lab.fake.set_node("pve3", load(60));
+    lab.fake.set_node("pve3", NodeLoad::free_gib(60));
     let orphan = 2_999_999;
     lab.fake.add_vm(NewVm {
         vmid: orphan,
@@ -202,7 +187,9 @@ fn a_template_on_no_listed_node_fails_the_job_and_creates_nothing() {
     };
     let dir = tempfile::tempdir().unwrap();
     // Only pve4 is allowed, and it has no copy.
-    let out = job_hook(&lab, dir.path(), 7100)
+    let out = lab
+        .job_hook(dir.path(), 7100)
+        .host_envs(&PLACED)
         .host_env("PROXMOX_NODES", "pve4")
         .arg("prepare")
         .run();
@@ -224,7 +211,9 @@ fn a_shared_storage_template_is_cloned_with_target_to_a_node_without_a_copy() {
     let jobs: Vec<(tempfile::TempDir, Hook)> = (0..3)
         .map(|n| {
             let dir = tempfile::tempdir().unwrap();
-            let hook = job_hook(&lab, dir.path(), 7200 + n)
+            let hook = lab
+                .job_hook(dir.path(), 7200 + n)
+                .host_envs(&PLACED)
                 .host_env("PROXMOX_NODES", "pve2,pve4")
                 .host_env("PROXMOX_ALLOWED_TEMPLATES", "ubuntu-shared")
                 .job_var("PROXMOX_TEMPLATE", "ubuntu-shared");
@@ -266,7 +255,9 @@ fn a_local_storage_template_is_never_cloned_to_another_node() {
     };
     // ubuntu-focal's copies are all on local-lvm: pve4, with the most free memory, has none.
     let dir = tempfile::tempdir().unwrap();
-    let out = job_hook(&lab, dir.path(), 7300)
+    let out = lab
+        .job_hook(dir.path(), 7300)
+        .host_envs(&PLACED)
         .host_env("PROXMOX_NODES", "pve1,pve4")
         .arg("prepare")
         .run();
@@ -283,7 +274,8 @@ fn a_local_storage_template_is_never_cloned_to_another_node() {
         .filter(|request| request.body.contains("target="))
         .count();
     assert_eq!(targeted, 0, "no clone asked for a target");
-    job_hook(&lab, dir.path(), 7300)
+    lab.job_hook(dir.path(), 7300)
+        .host_envs(&PLACED)
         .arg("cleanup")
         .run()
         .assert_exit(0);
@@ -301,7 +293,7 @@ fn a_node_that_fails_mid_clone_sends_the_job_to_another_node_and_cleanup_gets_bo
         count: 1,
     });
     let dir = tempfile::tempdir().unwrap();
-    let hook = job_hook(&lab, dir.path(), 7400);
+    let hook = lab.job_hook(dir.path(), 7400).host_envs(&PLACED);
     let out = hook.clone().arg("prepare").run();
     let log = out.log();
     assert_eq!(out.code, 0, "{log}");
@@ -313,7 +305,7 @@ fn a_node_that_fails_mid_clone_sends_the_job_to_another_node_and_cleanup_gets_bo
     let stranded = state.left_behind[0].vmid;
 
     // pve3 is back: its clone finished meanwhile, and cleanup removes both VMs.
-    lab.fake.set_node("pve3", load(60));
+    lab.fake.set_node("pve3", NodeLoad::free_gib(60));
     assert!(lab.fake.vm(stranded).is_some(), "the clone on pve3 went on");
     let cleanup = hook.clone().arg("cleanup").run();
     assert_eq!(cleanup.code, 0, "{}", cleanup.log());
@@ -341,8 +333,10 @@ fn a_co_tenants_look_alike_template_never_gets_jobs_only_listed_copies_do() {
         let jobs: Vec<Job> = (0..6)
             .map(|n| {
                 let dir = tempfile::tempdir().unwrap();
-                let hook =
-                    job_hook(&lab, dir.path(), first_id + n).host_env("PROXMOX_TEMPLATES", map);
+                let hook = lab
+                    .job_hook(dir.path(), first_id + n)
+                    .host_envs(&PLACED)
+                    .host_env("PROXMOX_TEMPLATES", map);
                 Job { dir, hook }
             })
             .collect();

@@ -1,26 +1,25 @@
 //! prepare and cleanup against the in-repo fake Proxmox, run as gitlab-runner runs them.
 //!
-//! Until a test needs the VM to answer SSH, `VM_SSH_PORT` points at a closed port: prepare
-//! then runs every Proxmox step for real and fails at the SSH step, which must leave no VM.
+//! Until a test needs the VM to answer SSH, `VM_SSH_PORT` points at an SSH server that is not
+//! the VM (its host key is not the one the guest agent serves): prepare then runs every Proxmox
+//! step for real and fails at the SSH step, which must leave no VM.
 
 use std::net::TcpListener;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gitlab_proxmox_runner::job::JobInfo;
 use gitlab_proxmox_runner::marker::Marker;
 use gitlab_proxmox_runner::state::{JobState, Phase, STATE_FILE_NAME};
 use gpr_testkit::hook::{Hook, HookOutput, BUILD_FAILURE, SYSTEM_FAILURE};
 use gpr_testkit::lab::api_hook;
-use gpr_testkit::{driver_binary, FakeConfig, FakeProxmox, Fault, NewVm, RecordedRequest};
+use gpr_testkit::ssh_server::impostor_port;
+use gpr_testkit::sshkeys::unauthorized_key;
+use gpr_testkit::{
+    driver_binary, wait_for_every, FakeConfig, FakeProxmox, Fault, NewVm, RecordedRequest,
+};
 
 const NO_VM_LEFT: &str = "no job VM may be left on the fake";
-
-/// A loopback port nothing listens on.
-fn closed_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
 
 /// A hook wired to `fake` the way an admin would configure the driver, for job `job_id`.
 fn hook(fake: &FakeProxmox, dir: &Path, job_id: u64) -> Hook {
@@ -30,9 +29,9 @@ fn hook(fake: &FakeProxmox, dir: &Path, job_id: u64) -> Hook {
 fn hook_without_key(fake: &FakeProxmox, dir: &Path, job_id: u64) -> Hook {
     api_hook(driver_binary!(), fake, dir)
         .host_env("VM_NETWORK_CIDRS", "127.0.0.0/8")
-        .host_env("VM_SSH_PORT", closed_port().to_string())
-        // The fake's guests have no host-key files and prepare waits for them (cloud-init writes
-        // them late) until the boot deadline: keep it short, the fake boots in milliseconds.
+        // A host key mismatch is final: prepare does not wait out the boot deadline, as it
+        // would retrying a closed port.
+        .host_env("VM_SSH_PORT", impostor_port().to_string())
         .host_env("VM_BOOT_TIMEOUT", "8")
         .host_env("PROXMOX_VMID_RANGE", "2000000-2999999")
         .job_var("CI_JOB_ID", job_id.to_string())
@@ -177,29 +176,30 @@ fn the_clone_gets_name_marker_tag_and_resources_before_it_boots() {
             "VM_SSH_PORT",
             silent.local_addr().unwrap().port().to_string(),
         )
-        .host_env("VM_BOOT_TIMEOUT", "20")
         .host_env("VM_CORES", "4")
         .host_env("VM_MEMORY_MB", "4096")
         .host_env("VM_DISK_GROW_GB", "5")
         .host_env("PROXMOX_RUNNER_ID", "ci-host-1");
     let mut child = hook.clone().arg("prepare").command().spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let vm = loop {
-        let booted = fake.job_vms().into_iter().find(|vm| vm.status == "running");
-        let state = state_of(dir.path());
-        if let (Some(vm), Some(state)) = (booted, state) {
-            if state.phase >= Phase::Started {
-                assert_eq!(state.vmid, vm.vmid);
-                break (vm, state);
+    let (vm, state) = wait_for_every(
+        "the VM to boot",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || {
+            let booted = fake.job_vms().into_iter().find(|vm| vm.status == "running");
+            let state = state_of(dir.path());
+            if let (Some(vm), Some(state)) = (booted, state) {
+                if state.phase >= Phase::Started {
+                    assert_eq!(state.vmid, vm.vmid);
+                    return Some((vm, state));
+                }
             }
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("prepare ended early with {status}");
-        }
-        assert!(Instant::now() < deadline, "the VM never booted");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let (vm, state) = vm;
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("prepare ended early with {status}");
+            }
+            None
+        },
+    );
     assert_eq!(vm.name, "ci-8123456-group-project");
     assert_eq!(
         vm.tags, "gitlab-proxmox-runner",
@@ -588,11 +588,16 @@ fn sigterm_during_prepare_stops_waiting_and_destroys_the_vm() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while state_of(dir.path()).is_none_or(|state| state.phase < Phase::Started) {
-        assert!(Instant::now() < deadline, "prepare never started the VM");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_every(
+        "prepare to start the VM",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || {
+            state_of(dir.path())
+                .is_some_and(|state| state.phase >= Phase::Started)
+                .then_some(())
+        },
+    );
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let output = child.wait_with_output().unwrap();
@@ -1036,15 +1041,16 @@ fn cleanup_waits_for_a_clone_in_flight_then_removes_it() {
     let hook = hook(&fake, dir.path(), 34);
     // prepare dies hard (SIGKILL: no rollback) while its clone runs.
     let mut child = hook.clone().arg("prepare").command().spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !fake
-        .job_vms()
-        .iter()
-        .any(|vm| vm.lock.as_deref() == Some("clone"))
-    {
-        assert!(Instant::now() < deadline, "the clone never started");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_every(
+        "the clone to start",
+        Duration::from_secs(60),
+        Duration::from_millis(10),
+        || {
+            (fake.job_vms().iter())
+                .any(|vm| vm.lock.as_deref() == Some("clone"))
+                .then_some(())
+        },
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(fake.job_vms().len(), 1);
@@ -1089,10 +1095,4 @@ fn cleanup_failing_keeps_the_state_for_the_next_try() {
     assert!(state_of(dir.path()).is_some());
     cleanup(&hook).assert_exit(0);
     assert!(fake.vm(2_000_900).is_none());
-}
-
-/// A key that parses but that no VM of the fake accepts: prepare gets past its key check and
-/// fails at the SSH step (a closed port).
-fn unauthorized_key() -> String {
-    gpr_testkit::sshkeys::ClientKey::ed25519().private_text
 }

@@ -2,7 +2,6 @@
 //! and a real sshd on loopback (gpr_testkit::sshd) stands in for the VM's sshd.
 
 use std::collections::HashSet;
-use std::path::Path;
 
 use gitlab_proxmox_runner::marker::Marker;
 use gitlab_proxmox_runner::state::{JobState, Phase};
@@ -16,14 +15,6 @@ use gpr_testkit::{driver_binary, Lab};
 #[track_caller]
 fn start(test: &str) -> Option<Lab> {
     Lab::builder(driver_binary!()).with_sshd_or_skip(test)
-}
-
-fn job_hook(lab: &Lab, dir: &Path, job_id: u64) -> Hook {
-    lab.hook(dir)
-        .job_var("CI_JOB_ID", job_id.to_string())
-        .job_var("CI_PROJECT_PATH", "group/project")
-        .job_var("CI_PROJECT_PATH_SLUG", "group-project")
-        .job_var("CI_RUNNER_SHORT_TOKEN", "xS6Vzpvo")
 }
 
 fn run(hook: &Hook, name: &str) -> HookOutput {
@@ -43,7 +34,7 @@ fn prepare_brings_up_a_reachable_vm_and_cleanup_removes_it() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let hook = job_hook(&lab, dir.path(), 4711);
+    let hook = lab.job_hook(dir.path(), 4711);
     let out = run(&hook, "prepare");
     out.assert_exit(0);
     let log = out.log();
@@ -95,9 +86,11 @@ fn without_an_agent_readable_host_key_the_first_key_is_pinned_with_a_warning() {
     let Some(lab) = start("without_an_agent_readable_host_key") else {
         return;
     };
+    // No host key files but an empty ed25519 one: nothing to wait for, nothing to pin.
+    lab.fake.remove_host_keys();
     lab.fake.set_guest_file(ED25519_FILE, "");
     let dir = tempfile::tempdir().unwrap();
-    let hook = job_hook(&lab, dir.path(), 4712);
+    let hook = lab.job_hook(dir.path(), 4712);
     let out = run(&hook, "prepare");
     out.assert_exit(0);
     assert!(
@@ -129,9 +122,13 @@ fn strict_host_key_policy_refuses_without_an_agent_key_and_leaves_no_vm() {
     let Some(lab) = start("strict_host_key_policy_refuses") else {
         return;
     };
+    // No host key files but an empty ed25519 one: nothing to wait for, nothing to pin.
+    lab.fake.remove_host_keys();
     lab.fake.set_guest_file(ED25519_FILE, "");
     let dir = tempfile::tempdir().unwrap();
-    let hook = job_hook(&lab, dir.path(), 4713).host_env("VM_SSH_HOST_KEY_POLICY", "strict");
+    let hook = lab
+        .job_hook(dir.path(), 4713)
+        .host_env("VM_SSH_HOST_KEY_POLICY", "strict");
     let out = run(&hook, "prepare");
     out.assert_exit(SYSTEM_FAILURE);
     assert!(
@@ -153,7 +150,8 @@ fn a_host_key_other_than_the_agents_is_refused_and_leaves_no_vm() {
         .set_guest_file(ED25519_FILE, &format!("{}\n", impostor.public_line));
     let dir = tempfile::tempdir().unwrap();
     let out = run(
-        &job_hook(&lab, dir.path(), 4714).host_env("VM_BOOT_TIMEOUT", "5"),
+        &lab.job_hook(dir.path(), 4714)
+            .host_env("VM_BOOT_TIMEOUT", "5"),
         "prepare",
     );
     out.assert_exit(SYSTEM_FAILURE);
@@ -171,7 +169,7 @@ fn host_keys_regenerated_at_first_boot_are_read_again_through_the_agent() {
     lab.fake
         .set_stale_guest_file(ED25519_FILE, &format!("{}\n", template_key.public_line), 1);
     let dir = tempfile::tempdir().unwrap();
-    let hook = job_hook(&lab, dir.path(), 4716);
+    let hook = lab.job_hook(dir.path(), 4716);
     let out = run(&hook, "prepare");
     out.assert_exit(0);
     assert!(
@@ -199,13 +197,13 @@ fn a_failure_installing_the_runner_helper_leaves_no_vm() {
     };
     let dir = tempfile::tempdir().unwrap();
     let out = run(
-        &job_hook(&lab, dir.path(), 4715)
+        &lab.job_hook(dir.path(), 4715)
             .host_env("RUNNER_HELPER_PATH", "/nonexistent/gitlab-runner"),
         "prepare",
     );
     if out.code == 0 {
         // This host has gitlab-runner on PATH, so nothing needed installing.
-        run(&job_hook(&lab, dir.path(), 4715), "cleanup").assert_exit(0);
+        run(&lab.job_hook(dir.path(), 4715), "cleanup").assert_exit(0);
         return;
     }
     out.assert_exit(SYSTEM_FAILURE);
@@ -228,7 +226,7 @@ fn sixteen_prepares_at_once_never_share_a_vm() {
         .iter()
         .enumerate()
         .map(|(index, dir)| {
-            job_hook(&lab, dir.path(), 9000 + index as u64)
+            lab.job_hook(dir.path(), 9000 + index as u64)
                 .host_env("PROXMOX_VMID_RANGE", "2000000-2000023")
         })
         .collect();

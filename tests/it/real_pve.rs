@@ -3,7 +3,6 @@
 //! instead of "does not exist", "does not exist" texts that are not about the VM, and locks
 //! held by others. prepare and cleanup run as gitlab-runner runs them, against the fake.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -12,28 +11,19 @@ use gitlab_proxmox_runner::job::JobInfo;
 use gitlab_proxmox_runner::marker::Marker;
 use gitlab_proxmox_runner::state::{JobState, Phase};
 use gpr_testkit::hook::{Hook, HookOutput, SYSTEM_FAILURE};
-use gpr_testkit::{FakeConfig, FakeProxmox, Fault, NewVm};
-
-/// The driver under test; `GPR_BIN` runs these against another build.
-fn bin() -> std::path::PathBuf {
-    std::env::var_os("GPR_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_gitlab-proxmox-runner").into())
-}
-
-fn closed_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
+use gpr_testkit::ssh_server::impostor_port;
+use gpr_testkit::sshkeys::unauthorized_key;
+use gpr_testkit::{driver_binary, wait_for_every, FakeConfig, FakeProxmox, Fault, NewVm};
 
 fn hook(fake: &FakeProxmox, dir: &Path, job_id: u64) -> Hook {
-    let mut hook = Hook::new(bin(), dir);
+    let mut hook = Hook::new(driver_binary!(), dir);
     for (name, value) in fake.settings_env() {
         hook = hook.host_env(name, value);
     }
     hook.host_env("VM_SSH_PRIVATE_KEY", unauthorized_key())
         .host_env("VM_NETWORK_CIDRS", "127.0.0.0/8")
-        .host_env("VM_SSH_PORT", closed_port().to_string())
+        // Not the VM (another host key): prepare fails at the SSH step at once.
+        .host_env("VM_SSH_PORT", impostor_port().to_string())
         .host_env("VM_BOOT_TIMEOUT", "20")
         .job_var("CI_JOB_ID", job_id.to_string())
         .job_var("CI_PROJECT_PATH_SLUG", "group-project")
@@ -44,12 +34,12 @@ fn pool_hook(fake: &FakeProxmox, dir: &Path, job_id: u64) -> Hook {
     hook(fake, dir, job_id).host_env("PROXMOX_POOL", "ci")
 }
 
+/// Polls `done` every 10 ms (a SIGTERM is meant to land within milliseconds of it).
+#[track_caller]
 fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_every(what, timeout, Duration::from_millis(10), || {
+        done().then_some(())
+    });
 }
 
 /// What the runner does after a prepare: cleanup in the same `$TMPDIR`, then the directory
@@ -161,7 +151,7 @@ fn a_lost_clone_answer_is_waited_out_and_the_vm_adopted_not_leaked() {
     let dir = tempfile::tempdir().unwrap();
     let hook = hook(&fake, dir.path(), 121);
     let out = hook.clone().arg("prepare").run();
-    // prepare gets as far as SSH (closed port here), so the clone was adopted.
+    // prepare gets as far as SSH (not the VM's here), so the clone was adopted.
     assert!(out.log().contains("cloned template"), "{}", out.log());
     assert_eq!(
         clone_posts(&fake),
@@ -426,15 +416,9 @@ fn a_vm_whose_prepare_died_before_tagging_and_whose_cleanup_failed_is_swept_by_g
 }
 
 fn gc_hook(fake: &FakeProxmox, dir: &Path) -> Hook {
-    let mut hook = Hook::new(bin(), dir);
+    let mut hook = Hook::new(driver_binary!(), dir);
     for (name, value) in fake.settings_env() {
         hook = hook.host_env(name, value);
     }
     hook
-}
-
-/// A key that parses but that no VM of the fake accepts: prepare gets past its key check and
-/// fails at the SSH step (a closed port).
-fn unauthorized_key() -> String {
-    gpr_testkit::sshkeys::ClientKey::ed25519().private_text
 }

@@ -14,6 +14,7 @@ use gpr_testkit::runner::JobOutcome;
 use gpr_testkit::ssh_job::{spawn_until_first_line, stage_hook};
 use gpr_testkit::sshd::Sshd;
 use gpr_testkit::sshkeys::ClientKey;
+use gpr_testkit::wait_for_every;
 
 /// A stage that failed with `exit 3` and was retried (get_sources is, on any error) leaves 3
 /// in `$BUILD_EXIT_CODE_FILE`; a later stage killed by a signal must not be reported as 3.
@@ -49,9 +50,9 @@ fn a_stage_killed_by_a_signal_does_not_report_an_earlier_stages_exit_code() {
 
 /// Polls `/proc/<pid>/status` until the process exits; its VmHWM (peak RSS) in KiB.
 fn peak_rss_kib(child: &mut std::process::Child, timeout: Duration) -> u64 {
-    let deadline = Instant::now() + timeout;
     let mut peak = 0;
-    loop {
+    let what = format!("the hook to exit (within {timeout:?})");
+    wait_for_every(&what, timeout, Duration::from_millis(20), || {
         if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", child.id())) {
             let hwm = status
                 .lines()
@@ -62,15 +63,9 @@ fn peak_rss_kib(child: &mut std::process::Child, timeout: Duration) -> u64 {
                 peak = peak.max(hwm);
             }
         }
-        if child.try_wait().expect("poll the hook").is_some() {
-            return peak;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the hook did not exit within {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        child.try_wait().expect("poll the hook")
+    });
+    peak
 }
 
 /// A VM whose stage floods its output and whose `sudo` answers the cancel's kill command with

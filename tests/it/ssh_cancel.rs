@@ -7,6 +7,7 @@ use gpr_testkit::driver_binary;
 use gpr_testkit::ssh_job::{spawn_until_first_line, stage_hook};
 use gpr_testkit::sshd::{process_table, Sshd};
 use gpr_testkit::sshkeys::ClientKey;
+use gpr_testkit::wait_for_every;
 
 fn alive(pid: u32) -> bool {
     process_table().iter().any(|(p, _, _)| *p == pid)
@@ -72,20 +73,17 @@ fn cancel_case_with(test: &str, trap: &str, background: &str) {
         .collect();
     let (script_pid, background_pid) = (pids[0], pids[1]);
     // The foreground `sleep 600`: the script's other child.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let foreground_pid = loop {
-        let found = process_table().into_iter().find(|(pid, ppid, comm)| {
-            *ppid == script_pid && *pid != background_pid && comm == "sleep"
-        });
-        if let Some((pid, _, _)) = found {
-            break pid;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the foreground sleep never started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let foreground_pid = wait_for_every(
+        "the foreground sleep to start",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || {
+            let found = process_table().into_iter().find(|(pid, ppid, comm)| {
+                *ppid == script_pid && *pid != background_pid && comm == "sleep"
+            });
+            found.map(|(pid, _, _)| pid)
+        },
+    );
     assert!(alive(background_pid) && alive(foreground_pid));
 
     let cancelled_at = Instant::now();
@@ -93,17 +91,12 @@ fn cancel_case_with(test: &str, trap: &str, background: &str) {
     unsafe {
         libc::kill(-(child.id() as i32), libc::SIGTERM);
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the hook did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_for_every(
+        "the hook to exit after SIGTERM",
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        || child.try_wait().unwrap(),
+    );
     let took = cancelled_at.elapsed();
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
@@ -117,15 +110,14 @@ fn cancel_case_with(test: &str, trap: &str, background: &str) {
     assert!(stderr.contains("cancelled"), "{stderr}");
     // The runner's force-kill window is far longer; the hook must not idle through it.
     assert!(took < Duration::from_secs(20), "hook took {took:?} to exit");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while alive(background_pid) || alive(foreground_pid) || alive(script_pid) {
-        assert!(
-            Instant::now() < deadline,
-            "remote processes survived the cancel: script {} background {} foreground {}",
-            alive(script_pid),
-            alive(background_pid),
-            alive(foreground_pid)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let gone = gpr_testkit::poll(Duration::from_secs(10), Duration::from_millis(20), || {
+        (!alive(background_pid) && !alive(foreground_pid) && !alive(script_pid)).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "remote processes survived the cancel: script {} background {} foreground {}",
+        alive(script_pid),
+        alive(background_pid),
+        alive(foreground_pid)
+    );
 }

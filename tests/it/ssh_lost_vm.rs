@@ -1,6 +1,8 @@
 //! A VM that vanishes mid-job (crashed guest, bridge or firewall change, node without uplink):
 //! whole jobs driven like gitlab-runner drives them ([`RunnerJob`]), against the fake Proxmox
 //! and a real local sshd as the VM, reached through a TCP proxy that the test black-holes.
+//! The runner host sets a short keepalive interval ([`SHORT_KEEPALIVE`]): the bounds are the
+//! silence budget that follows from it, plus slack.
 //!
 //! `GPR_BIN` replaces the binary under test (e.g. an older build, to measure it).
 //! Without sshd on the machine these tests are skipped, unless `GPR_REQUIRE_SSHD=1`.
@@ -9,7 +11,7 @@ use crate::common;
 
 use std::time::{Duration, Instant};
 
-use common::World;
+use common::{World, DETECTION_SLACK, SHORT_KEEPALIVE, SHORT_SILENCE_BUDGET};
 use gpr_testkit::hook::SYSTEM_FAILURE;
 use gpr_testkit::runner::{HookKind, JobOutcome, JobReport};
 
@@ -34,7 +36,7 @@ fn seconds_of_day(text: &str) -> Option<u64> {
 fn a_vm_that_vanishes_mid_stage_fails_the_job_in_seconds_and_leaks_nothing() {
     let test =
         "ssh_lost_vm::a_vm_that_vanishes_mid_stage_fails_the_job_in_seconds_and_leaks_nothing";
-    let Some(world) = World::new(test) else {
+    let Some(world) = World::with_settings(test, &[SHORT_KEEPALIVE]) else {
         return;
     };
     let job = world
@@ -89,9 +91,8 @@ fn a_vm_that_vanishes_mid_stage_fails_the_job_in_seconds_and_leaks_nothing() {
         report.log
     );
     assert_eq!(report.stage_exit_code("build_script"), Some(SYSTEM_FAILURE));
-    // Detection bound 20 s; generous for a loaded 2-core test machine.
     assert!(
-        detection < Duration::from_secs(25),
+        detection < SHORT_SILENCE_BUDGET + DETECTION_SLACK,
         "the stage noticed the loss only after {detection:?}:\n{}",
         report.log
     );
@@ -166,8 +167,9 @@ fn a_vm_that_vanishes_mid_stage_fails_the_job_in_seconds_and_leaks_nothing() {
         left.iter().map(|vm| vm.vmid).collect::<Vec<_>>(),
         report.cleanup_log
     );
+    // Detection, two later stages that fail at once, and cleanup through the API.
     assert!(
-        job_end < Duration::from_secs(35),
+        job_end < SHORT_SILENCE_BUDGET + DETECTION_SLACK + Duration::from_secs(10),
         "the job ended {job_end:?} after the loss:\n{}",
         report.log
     );
@@ -264,15 +266,17 @@ fn a_quiet_stage_longer_than_the_keepalive_budget_is_not_a_lost_vm() {
     let key = ClientKey::ed25519();
     sshd.authorize(&key);
     let job = tempfile::tempdir().unwrap();
+    // Half the silence budget again of silence from the script itself.
+    let quiet = SHORT_SILENCE_BUDGET * 3 / 2;
     let out = stage_hook(
         gpr_testkit::driver_binary!(),
         job.path(),
         &sshd.root_target(),
         &key,
         "build_script",
-        // 18 s is the silence budget; 24 s of silence from the script itself.
-        "sleep 24; echo still-here\n",
+        &format!("sleep {}; echo still-here\n", quiet.as_secs()),
     )
+    .host_env(SHORT_KEEPALIVE.0, SHORT_KEEPALIVE.1)
     .run();
     out.assert_exit(0);
     assert_eq!(out.stdout, "still-here\n");

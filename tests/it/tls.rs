@@ -9,6 +9,7 @@ use gitlab_proxmox_runner::marker::Marker;
 use gitlab_proxmox_runner::state::{JobState, Phase};
 use gpr_testkit::driver_binary;
 use gpr_testkit::hook::{Hook, HookOutput, SYSTEM_FAILURE};
+use gpr_testkit::sshkeys::unauthorized_key;
 use gpr_testkit::{FakeConfig, FakeProxmox};
 
 /// The fake's settings without any TLS trust setting.
@@ -175,10 +176,4 @@ fn config_checks_trust_material_offline_and_prints_the_driver_json() {
     assert!(out.log().contains("PROXMOX_TLS_CA_FILE"), "{}", out.log());
     assert!(out.stdout.is_empty());
     assert_eq!(fake.request_count(), 0, "config never calls the API");
-}
-
-/// A key that parses but that no VM of the fake accepts: prepare gets past its key check and
-/// fails at the SSH step (a closed port).
-fn unauthorized_key() -> String {
-    gpr_testkit::sshkeys::ClientKey::ed25519().private_text
 }

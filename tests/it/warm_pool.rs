@@ -3,20 +3,20 @@
 //! PVE's config digest, and what nobody claims is recycled or swept.
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crate::common::warm::{claiming_hook, complete_warm};
 use gitlab_proxmox_runner::fleet_key::FleetKey;
 use gitlab_proxmox_runner::marker::{ClaimOutcome, ClaimReport, Marker};
 use gitlab_proxmox_runner::state::JobState;
 use gitlab_proxmox_runner::vm::VmRef;
-use gpr_testkit::hook::Hook;
 use gpr_testkit::pool_service::{gc_until_empty, PoolService};
 use gpr_testkit::prometheus::Prometheus;
 use gpr_testkit::ssh_job::write_stage_script;
 use gpr_testkit::sshkeys::ClientKey;
-use gpr_testkit::{driver_binary, wait_for, Lab, VmSnapshot};
+use gpr_testkit::wait::POLL;
+use gpr_testkit::{driver_binary, poll, wait_for, Lab, VmSnapshot};
 
 const TEMPLATE: &str = "ubuntu-focal";
 const TEMPLATE_VMID: u32 = 60900;
@@ -28,37 +28,14 @@ fn start(test: &str) -> Option<Lab> {
     Lab::builder(driver_binary!()).with_sshd_per_vm_or_skip(test)
 }
 
-/// A pool service of `size` warm VMs of the template, with `extra` settings.
-fn pool_service(lab: &Lab, id: &str, size: u32, extra: &[(&str, &str)]) -> PoolService {
-    let pool = format!("{TEMPLATE}={size}");
-    let mut env = vec![("WARM_POOL", pool.as_str())];
-    env.extend_from_slice(extra);
-    PoolService::start(lab, id, &env)
-}
-
 fn marker_of(vm: &VmSnapshot) -> Option<Marker> {
     Marker::find_in(&vm.description)
-}
-
-/// Warm VMs with their address and host keys recorded: claimable.
-fn complete_warm(lab: &Lab) -> Vec<VmSnapshot> {
-    lab.fake
-        .job_vms()
-        .into_iter()
-        .filter(|vm| {
-            marker_of(vm)
-                .and_then(|m| m.warm)
-                .is_some_and(|warm| !warm.address.is_empty())
-                && vm.description.contains("\nssh-host-key: ")
-                && vm.status == "running"
-        })
-        .collect()
 }
 
 /// One complete warm VM, made by a pool service that is stopped again, so that nothing else
 /// changes the cluster while the test acts.
 fn one_warm_vm(lab: &Lab) -> VmSnapshot {
-    let pool = pool_service(lab, "pool-a", 1, &[]);
+    let pool = PoolService::keeping(lab, "pool-a", TEMPLATE, 1, &[]);
     let warm = wait_for("a warm VM", Duration::from_secs(60), || {
         complete_warm(lab).into_iter().next()
     });
@@ -66,28 +43,19 @@ fn one_warm_vm(lab: &Lab) -> VmSnapshot {
     warm
 }
 
-fn job_hook(lab: &Lab, dir: &Path, job_id: u64, runner: &str) -> Hook {
-    lab.hook(dir)
-        .host_env("WARM_POOL", format!("{TEMPLATE}=1"))
-        .host_env("PROXMOX_RUNNER_ID", runner)
-        .job_var("CI_JOB_ID", job_id.to_string())
-        .job_var("CI_PROJECT_PATH", "group/project")
-        .job_var("CI_PROJECT_PATH_SLUG", "group-project")
-}
-
 #[test]
 fn a_warm_vm_is_claimed_the_job_runs_and_the_pool_refills() {
     let Some(lab) = start("a_warm_vm_is_claimed_the_job_runs_and_the_pool_refills") else {
         return;
     };
-    let pool = pool_service(&lab, "pool-a", 1, &[]);
+    let pool = PoolService::keeping(&lab, "pool-a", TEMPLATE, 1, &[]);
     let warm = wait_for("a warm VM", Duration::from_secs(60), || {
         complete_warm(&lab).into_iter().next()
     });
     assert_eq!(warm.cloned_from, Some(TEMPLATE_VMID));
 
     let dir = tempfile::tempdir().unwrap();
-    let hook = job_hook(&lab, dir.path(), 4711, "runner-a");
+    let hook = claiming_hook(&lab, dir.path(), 4711, TEMPLATE, "runner-a");
     let out = hook.clone().arg("prepare").run();
     out.assert_exit(0);
     let log = out.log();
@@ -153,8 +121,8 @@ fn racing_prepares_from_two_runners_never_share_a_warm_vm() {
         return;
     };
     // Two services, one cluster-wide target: together they settle at 4.
-    let a = pool_service(&lab, "pool-a", 4, &[]);
-    let b = pool_service(&lab, "pool-b", 4, &[]);
+    let a = PoolService::keeping(&lab, "pool-a", TEMPLATE, 4, &[]);
+    let b = PoolService::keeping(&lab, "pool-b", TEMPLATE, 4, &[]);
     wait_for("exactly 4 warm VMs", Duration::from_secs(90), || {
         let warm = complete_warm(&lab).len();
         let warming = lab.fake.job_vms().len() - warm;
@@ -173,7 +141,7 @@ fn racing_prepares_from_two_runners_never_share_a_warm_vm() {
             .enumerate()
             .map(|(i, dir)| {
                 let runner = if i % 2 == 0 { "runner-a" } else { "runner-b" };
-                let hook = job_hook(&lab, dir.path(), 5000 + i as u64, runner);
+                let hook = claiming_hook(&lab, dir.path(), 5000 + i as u64, TEMPLATE, runner);
                 scope.spawn(move || hook.arg("prepare").run())
             })
             .collect();
@@ -203,7 +171,7 @@ fn racing_prepares_from_two_runners_never_share_a_warm_vm() {
 
     for (i, dir) in dirs.iter().enumerate() {
         let runner = if i % 2 == 0 { "runner-a" } else { "runner-b" };
-        job_hook(&lab, dir.path(), 5000 + i as u64, runner)
+        claiming_hook(&lab, dir.path(), 5000 + i as u64, TEMPLATE, runner)
             .arg("cleanup")
             .run()
             .assert_exit(0);
@@ -292,7 +260,7 @@ fn a_broken_warm_vm_is_never_handed_to_a_job() {
         .set_vm_config(warm.vmid, "description", Some(&description)));
 
     let dir = tempfile::tempdir().unwrap();
-    let hook = job_hook(&lab, dir.path(), 4712, "runner-a");
+    let hook = claiming_hook(&lab, dir.path(), 4712, TEMPLATE, "runner-a");
     let out = hook.clone().arg("prepare").run();
     out.assert_exit(0);
     let log = out.log();
@@ -327,7 +295,7 @@ fn clones_that_share_a_host_key_are_refused_recycled_and_not_warmed_again() {
         .find(|line| line.starts_with("ssh-ed25519 "))
         .unwrap();
     let fingerprint = gitlab_proxmox_runner::ssh::fingerprint_of_line(&shared_key).unwrap();
-    let pool = pool_service(&lab, "pool-a", 2, &[]);
+    let pool = PoolService::keeping(&lab, "pool-a", TEMPLATE, 2, &[]);
     // The second clone to come up shows the first one's key: refused and destroyed; then the
     // first, published already, is recycled too.
     let log = wait_for(
@@ -388,7 +356,7 @@ fn a_killed_pool_service_leaves_nothing_gc_does_not_remove() {
     };
     // Slow boots: the kill lands while warm-ups are in flight.
     lab.fake.set_boot_time(Duration::from_secs(5));
-    let mut pool = pool_service(&lab, "pool-a", 3, &[("WARM_MAX_IDLE", "2")]);
+    let mut pool = PoolService::keeping(&lab, "pool-a", TEMPLATE, 3, &[("WARM_MAX_IDLE", "2")]);
     wait_for("warm-ups in flight", Duration::from_secs(60), || {
         (lab.fake.job_vms().len() >= 2).then_some(())
     });
@@ -397,18 +365,20 @@ fn a_killed_pool_service_leaves_nothing_gc_does_not_remove() {
     assert!(!lab.fake.job_vms().is_empty());
     // The plain sweep, by each VM's own (idle) deadline: no --max-age.
     let mut last = String::new();
-    let started = Instant::now();
-    while !lab.fake.job_vms().is_empty() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "gc left {:?}; its last run said:\n{last}",
-            lab.fake.job_vms()
-        );
+    let swept = poll(Duration::from_secs(60), Duration::from_millis(200), || {
+        if lab.fake.job_vms().is_empty() {
+            return Some(());
+        }
         let out = lab.fleet_command().arg("gc").output().unwrap();
         last = String::from_utf8_lossy(&out.stderr).into_owned()
             + &String::from_utf8_lossy(&out.stdout);
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        None
+    });
+    assert!(
+        swept.is_some(),
+        "gc left {:?}; its last run said:\n{last}",
+        lab.fake.job_vms()
+    );
 }
 
 #[test]
@@ -417,8 +387,8 @@ fn claims_race_with_two_pool_services_that_keep_refilling_and_trimming() {
     else {
         return;
     };
-    let a = pool_service(&lab, "pool-a", 4, &[]);
-    let b = pool_service(&lab, "pool-b", 4, &[]);
+    let a = PoolService::keeping(&lab, "pool-a", TEMPLATE, 4, &[]);
+    let b = PoolService::keeping(&lab, "pool-b", TEMPLATE, 4, &[]);
     let initial: HashSet<u32> = wait_for("4 warm VMs", Duration::from_secs(90), || {
         let warm = complete_warm(&lab);
         (warm.len() >= 4).then(|| warm.iter().map(|vm| vm.vmid).collect())
@@ -432,7 +402,7 @@ fn claims_race_with_two_pool_services_that_keep_refilling_and_trimming() {
             .enumerate()
             .map(|(i, dir)| {
                 let runner = if i % 2 == 0 { "runner-a" } else { "runner-b" };
-                let hook = job_hook(&lab, dir.path(), 6000 + i as u64, runner);
+                let hook = claiming_hook(&lab, dir.path(), 6000 + i as u64, TEMPLATE, runner);
                 scope.spawn(move || hook.arg("prepare").run())
             })
             .collect();
@@ -466,7 +436,7 @@ fn claims_race_with_two_pool_services_that_keep_refilling_and_trimming() {
 
     for (i, dir) in dirs.iter().enumerate() {
         let runner = if i % 2 == 0 { "runner-a" } else { "runner-b" };
-        job_hook(&lab, dir.path(), 6000 + i as u64, runner)
+        claiming_hook(&lab, dir.path(), 6000 + i as u64, TEMPLATE, runner)
             .arg("cleanup")
             .run()
             .assert_exit(0);
@@ -520,16 +490,15 @@ fn the_pool_service_can_run_the_orphan_sweep_on_a_schedule() {
         .stderr(std::fs::File::create(&err).unwrap())
         .spawn()
         .unwrap();
-    let swept = Instant::now();
-    while lab.fake.vm(2_000_500).is_some() {
-        if swept.elapsed() > Duration::from_secs(30) {
-            let _ = sweeping.kill();
-            panic!(
-                "the orphan is still there: {}",
-                std::fs::read_to_string(&err).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let swept = poll(Duration::from_secs(30), POLL, || {
+        lab.fake.vm(2_000_500).is_none().then_some(())
+    });
+    if swept.is_none() {
+        let _ = sweeping.kill();
+        panic!(
+            "the orphan is still there: {}",
+            std::fs::read_to_string(&err).unwrap_or_default()
+        );
     }
     unsafe { libc::kill(sweeping.id() as i32, libc::SIGTERM) };
     assert!(sweeping.wait().unwrap().success());
@@ -576,7 +545,7 @@ fn a_look_alike_warm_vm_of_another_cluster_user_is_never_claimed_counted_or_dest
     assert!(lab.fake.set_vm_lock(real.vmid, Some("backup")));
 
     let dir = tempfile::tempdir().unwrap();
-    let hook = job_hook(&lab, dir.path(), 4719, "runner-a");
+    let hook = claiming_hook(&lab, dir.path(), 4719, TEMPLATE, "runner-a");
     let out = hook.clone().arg("prepare").run();
     out.assert_exit(0);
     let log = out.log();
@@ -608,7 +577,7 @@ fn a_look_alike_warm_vm_of_another_cluster_user_is_never_claimed_counted_or_dest
         "{swept}"
     );
     assert!(lab.fake.vm(real.vmid).is_none(), "gc sweeps our own");
-    let pool = pool_service(&lab, "pool-a", 1, &[]);
+    let pool = PoolService::keeping(&lab, "pool-a", TEMPLATE, 1, &[]);
     wait_for("a new warm VM of ours", Duration::from_secs(60), || {
         complete_warm(&lab)
             .into_iter()
@@ -651,7 +620,7 @@ fn a_job_that_brings_its_own_key_never_claims_and_a_broken_one_fails_before_any_
 
     let dir = tempfile::tempdir().unwrap();
     // The host sets no key of its own: the job's is the one used.
-    let broken = job_hook(&lab, dir.path(), 4730, "runner-a")
+    let broken = claiming_hook(&lab, dir.path(), 4730, TEMPLATE, "runner-a")
         .without_host_env("VM_SSH_PRIVATE_KEY")
         .job_var(
             "VM_SSH_PRIVATE_KEY",
@@ -676,7 +645,7 @@ fn a_job_that_brings_its_own_key_never_claims_and_a_broken_one_fails_before_any_
 
     // The job's own (working) key: a clone for it, the warm VM left for the host's jobs.
     let dir = tempfile::tempdir().unwrap();
-    let own = job_hook(&lab, dir.path(), 4731, "runner-a")
+    let own = claiming_hook(&lab, dir.path(), 4731, TEMPLATE, "runner-a")
         .without_host_env("VM_SSH_PRIVATE_KEY")
         .job_var("VM_SSH_PRIVATE_KEY", lab.key.private_text.clone());
     let out = own.clone().arg("prepare").run();
@@ -705,14 +674,14 @@ fn a_refused_key_discards_one_warm_vm_and_stops_claiming() {
     let Some(lab) = start("a_refused_key_discards_one_warm_vm_and_stops_claiming") else {
         return;
     };
-    let pool = pool_service(&lab, "pool-a", 3, &[]);
+    let pool = PoolService::keeping(&lab, "pool-a", TEMPLATE, 3, &[]);
     wait_for("three warm VMs", Duration::from_secs(90), || {
         (complete_warm(&lab).len() == 3).then_some(())
     });
     pool.stop();
 
     let dir = tempfile::tempdir().unwrap();
-    let hook = job_hook(&lab, dir.path(), 4740, "runner-a")
+    let hook = claiming_hook(&lab, dir.path(), 4740, TEMPLATE, "runner-a")
         .host_env("VM_SSH_PRIVATE_KEY", ClientKey::ed25519().private_text)
         .host_env("VM_BOOT_TIMEOUT", "3");
     let out = hook.clone().arg("prepare").run();
@@ -746,7 +715,7 @@ fn a_prepare_killed_in_the_middle_of_a_claim_leaves_the_vm_to_its_cleanup() {
         delay: Duration::from_secs(60),
     });
     let dir = tempfile::tempdir().unwrap();
-    let hook = job_hook(&lab, dir.path(), 4750, "runner-a");
+    let hook = claiming_hook(&lab, dir.path(), 4750, TEMPLATE, "runner-a");
     let mut prepare = hook.clone().arg("prepare").spawn();
     wait_for("the claim's swap to land", Duration::from_secs(30), || {
         lab.fake
@@ -827,7 +796,7 @@ fn prometheus_scrapes_the_pool_service_and_sees_warm_vms_and_claims() {
     // Slow boots from here: the refill after the claim is seen warming.
     lab.fake.set_boot_time(Duration::from_secs(4));
     let dir = tempfile::tempdir().unwrap();
-    let hook = job_hook(&lab, dir.path(), 4801, "runner-a");
+    let hook = claiming_hook(&lab, dir.path(), 4801, TEMPLATE, "runner-a");
     let out = hook.clone().arg("prepare").run();
     out.assert_exit(0);
     assert!(
@@ -862,7 +831,7 @@ fn prometheus_scrapes_the_pool_service_and_sees_warm_vms_and_claims() {
 
     // A job of debian-12 finds no warm VM and clones: its clone reports it.
     let cold_dir = tempfile::tempdir().unwrap();
-    let cold = job_hook(&lab, cold_dir.path(), 4802, "runner-a")
+    let cold = claiming_hook(&lab, cold_dir.path(), 4802, TEMPLATE, "runner-a")
         .host_env("WARM_POOL", "debian-12=1")
         .job_var("PROXMOX_TEMPLATE", "debian-12");
     let out = cold.clone().arg("prepare").run();
@@ -932,7 +901,7 @@ fn pool_status_shows_each_warm_vm_with_its_node_state_and_age() {
     let Some(lab) = start("pool_status_shows_each_warm_vm_with_its_node_state_and_age") else {
         return;
     };
-    let pool = pool_service(&lab, "pool-a", 1, &[]);
+    let pool = PoolService::keeping(&lab, "pool-a", TEMPLATE, 1, &[]);
     let warm = wait_for("a warm VM", Duration::from_secs(60), || {
         complete_warm(&lab).into_iter().next()
     });
@@ -1107,7 +1076,7 @@ fn a_warm_vm_published_as_the_service_stops_is_kept_for_jobs() {
         return;
     };
     lab.fake.set_boot_time(Duration::from_secs(2));
-    let pool = pool_service(&lab, "pool-a", 1, &[]);
+    let pool = PoolService::keeping(&lab, "pool-a", TEMPLATE, 1, &[]);
     let booting = wait_for("a warm VM booting", Duration::from_secs(60), || {
         lab.fake
             .job_vms()

@@ -4,12 +4,11 @@
 //! for every VM.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
+use crate::common::warm::{claiming_hook, complete_warm};
 use gitlab_proxmox_runner::marker::Marker;
 use gitlab_proxmox_runner::state::JobState;
-use gpr_testkit::hook::Hook;
 use gpr_testkit::pool_service::{gc_until_empty, PoolService};
 use gpr_testkit::{driver_binary, wait_for, FakeConfig, Lab, NewVm, NodeLoad, VmSnapshot};
 
@@ -17,7 +16,12 @@ const TEMPLATE: &str = "ubuntu-focal";
 const NODES: &str = "pve1,pve2,pve3,pve4";
 /// The template and its copies, by VMID (a VM name proves nothing on a shared cluster).
 const LISTED: &str = "ubuntu-focal=60900|60901@pve2|60902@pve3";
-const GIB: u64 = 1 << 30;
+/// Placement over the four nodes, on the template's listed copies.
+const PLACED: [(&str, &str); 3] = [
+    ("PROXMOX_NODES", NODES),
+    ("PROXMOX_TEMPLATES", LISTED),
+    ("VM_MEMORY_MB", "2048"),
+];
 
 /// The copy of the template on each node that has one.
 fn copy_on(node: &str) -> Option<u32> {
@@ -26,14 +30,6 @@ fn copy_on(node: &str) -> Option<u32> {
         "pve2" => Some(60901),
         "pve3" => Some(60902),
         _ => None,
-    }
-}
-
-fn load(free_gib: u64) -> NodeLoad {
-    NodeLoad {
-        max_mem: 64 * GIB,
-        used_mem: (64 - free_gib) * GIB,
-        online: true,
     }
 }
 
@@ -53,41 +49,14 @@ fn cluster(test: &str, free: [u64; 3]) -> Option<Lab> {
             .add_vm(NewVm::template(copy_on(node).unwrap(), node, TEMPLATE));
     }
     for (node, free) in ["pve1", "pve2", "pve3"].into_iter().zip(free) {
-        lab.fake.set_node(node, load(free));
+        lab.fake.set_node(node, NodeLoad::free_gib(free));
     }
-    lab.fake.set_node("pve4", load(63));
+    lab.fake.set_node("pve4", NodeLoad::free_gib(63));
     Some(lab)
-}
-
-/// A pool service of `size` warm VMs of the template, placing on every node, with `extra`
-/// settings.
-fn pool_service(lab: &Lab, size: u32, extra: &[(&str, &str)]) -> PoolService {
-    let pool = format!("{TEMPLATE}={size}");
-    let mut env = vec![
-        ("WARM_POOL", pool.as_str()),
-        ("PROXMOX_NODES", NODES),
-        ("PROXMOX_TEMPLATES", LISTED),
-        ("VM_MEMORY_MB", "2048"),
-    ];
-    env.extend_from_slice(extra);
-    PoolService::start(lab, "pool-a", &env)
 }
 
 fn warm_of(vm: &VmSnapshot) -> Option<gitlab_proxmox_runner::marker::Warm> {
     Marker::find_in(&vm.description).and_then(|marker| marker.warm)
-}
-
-/// Warm VMs with their address and host keys recorded: claimable.
-fn complete_warm(lab: &Lab) -> Vec<VmSnapshot> {
-    lab.fake
-        .job_vms()
-        .into_iter()
-        .filter(|vm| {
-            warm_of(vm).is_some_and(|warm| !warm.address.is_empty())
-                && vm.description.contains("\nssh-host-key: ")
-                && vm.status == "running"
-        })
-        .collect()
 }
 
 /// Exactly `count` warm VMs, all complete, none warming.
@@ -121,18 +90,6 @@ fn assert_cloned_from_local_copies(vms: &[VmSnapshot]) {
     }
 }
 
-fn job_hook(lab: &Lab, dir: &Path, job_id: u64) -> Hook {
-    lab.hook(dir)
-        .host_env("WARM_POOL", format!("{TEMPLATE}=1"))
-        .host_env("PROXMOX_NODES", NODES)
-        .host_env("PROXMOX_TEMPLATES", LISTED)
-        .host_env("VM_MEMORY_MB", "2048")
-        .host_env("PROXMOX_RUNNER_ID", "runner-a")
-        .job_var("CI_JOB_ID", job_id.to_string())
-        .job_var("CI_PROJECT_PATH", "group/project")
-        .job_var("CI_PROJECT_PATH_SLUG", "group-project")
-}
-
 /// Requests the fake received for anything on `node` (`/nodes/<node>/...`).
 fn requests_to(lab: &Lab, node: &str) -> usize {
     let prefix = format!("/api2/json/nodes/{node}/");
@@ -151,7 +108,7 @@ fn a_pool_fills_across_nodes_by_free_memory_from_each_nodes_copy() {
     let Some(lab) = cluster(test, [10, 12, 14]) else {
         return;
     };
-    let pool = pool_service(&lab, 6, &[]);
+    let pool = PoolService::keeping(&lab, "pool-a", TEMPLATE, 6, &PLACED);
     let warm = settled(&lab, 6);
     let (code, log) = pool.stop();
     assert_eq!(code, 0, "{log}");
@@ -180,7 +137,13 @@ fn a_job_claims_a_warm_vm_on_its_placed_node_first_then_on_another() {
     let Some(lab) = cluster(test, [20, 10, 30]) else {
         return;
     };
-    let pool = pool_service(&lab, 2, &[("PROXMOX_NODE_MAX_VMS", "1")]);
+    let pool = PoolService::keeping(
+        &lab,
+        "pool-a",
+        TEMPLATE,
+        2,
+        &[&PLACED[..], &[("PROXMOX_NODE_MAX_VMS", "1")]].concat(),
+    );
     let warm = settled(&lab, 2);
     let (code, log) = pool.stop();
     assert_eq!(code, 0, "{log}");
@@ -194,9 +157,10 @@ fn a_job_claims_a_warm_vm_on_its_placed_node_first_then_on_another() {
     let (on_pve1, on_pve3) = (on("pve1"), on("pve3"));
 
     // Jobs are placed on pve1 now (the most free memory of the nodes with a copy).
-    lab.fake.set_node("pve1", load(60));
+    lab.fake.set_node("pve1", NodeLoad::free_gib(60));
     let first = tempfile::tempdir().unwrap();
-    let first_hook = job_hook(&lab, first.path(), 8100);
+    let first_hook =
+        claiming_hook(&lab, first.path(), 8100, TEMPLATE, "runner-a").host_envs(&PLACED);
     let out = first_hook.clone().arg("prepare").run();
     out.assert_exit(0);
     let log = out.log();
@@ -210,7 +174,8 @@ fn a_job_claims_a_warm_vm_on_its_placed_node_first_then_on_another() {
 
     // pve1 has none left: the next job, placed on pve1 again, takes the one on pve3.
     let second = tempfile::tempdir().unwrap();
-    let second_hook = job_hook(&lab, second.path(), 8101);
+    let second_hook =
+        claiming_hook(&lab, second.path(), 8101, TEMPLATE, "runner-a").host_envs(&PLACED);
     let out = second_hook.clone().arg("prepare").run();
     out.assert_exit(0);
     let log = out.log();
@@ -242,7 +207,7 @@ fn an_offline_node_gets_no_warm_vms_and_its_warm_vms_are_never_claimed() {
     let Some(lab) = cluster(test, [10, 12, 14]) else {
         return;
     };
-    let pool = pool_service(&lab, 1, &[]);
+    let pool = PoolService::keeping(&lab, "pool-a", TEMPLATE, 1, &PLACED);
     let stranded = settled(&lab, 1).remove(0);
     assert_eq!(stranded.node, "pve3");
 
@@ -252,7 +217,7 @@ fn an_offline_node_gets_no_warm_vms_and_its_warm_vms_are_never_claimed() {
         "pve3",
         NodeLoad {
             online: false,
-            ..load(14)
+            ..NodeLoad::free_gib(14)
         },
     );
     let refill = wait_for("a warm VM on another node", Duration::from_secs(60), || {
@@ -278,7 +243,9 @@ fn an_offline_node_gets_no_warm_vms_and_its_warm_vms_are_never_claimed() {
     // A job that may use pve1 and pve3 only: the one warm VM it could take is on offline pve3,
     // so it clones on pve1, and never asks pve3 (whose requests could only time out).
     let dir = tempfile::tempdir().unwrap();
-    let hook = job_hook(&lab, dir.path(), 8200).host_env("PROXMOX_NODES", "pve1,pve3");
+    let hook = claiming_hook(&lab, dir.path(), 8200, TEMPLATE, "runner-a")
+        .host_envs(&PLACED)
+        .host_env("PROXMOX_NODES", "pve1,pve3");
     let out = hook.clone().arg("prepare").run();
     out.assert_exit(0);
     let job_log = out.log();
@@ -300,7 +267,7 @@ fn an_offline_node_gets_no_warm_vms_and_its_warm_vms_are_never_claimed() {
     );
     hook.arg("cleanup").run().assert_exit(0);
 
-    lab.fake.set_node("pve3", load(14));
+    lab.fake.set_node("pve3", NodeLoad::free_gib(14));
     gc_until_empty(&lab, &[("PROXMOX_NODES", NODES)]);
 }
 
@@ -311,7 +278,13 @@ fn a_template_change_on_one_node_recycles_only_that_nodes_warm_vms() {
         return;
     };
     // One per node.
-    let pool = pool_service(&lab, 3, &[("PROXMOX_NODE_MAX_VMS", "1")]);
+    let pool = PoolService::keeping(
+        &lab,
+        "pool-a",
+        TEMPLATE,
+        3,
+        &[&PLACED[..], &[("PROXMOX_NODE_MAX_VMS", "1")]].concat(),
+    );
     let before = settled(&lab, 3);
     assert_eq!(
         tally(&before),
@@ -377,7 +350,13 @@ fn a_shared_storage_template_fills_nodes_without_a_copy_and_the_count_holds() {
         ("WARM_POOL", "ubuntu-shared=3"),
         ("PROXMOX_ALLOWED_TEMPLATES", "ubuntu-shared"),
     ];
-    let pool = pool_service(&lab, 3, &shared);
+    let pool = PoolService::keeping(
+        &lab,
+        "pool-a",
+        TEMPLATE,
+        3,
+        &[&PLACED[..], &shared].concat(),
+    );
     let warm = settled(&lab, 3);
     for vm in &warm {
         assert_eq!(vm.node, "pve4", "VM {} placed by free memory", vm.vmid);
@@ -405,7 +384,8 @@ fn a_shared_storage_template_fills_nodes_without_a_copy_and_the_count_holds() {
 
     // A job placed on pve4 claims one there.
     let dir = tempfile::tempdir().unwrap();
-    let out = job_hook(&lab, dir.path(), 9300)
+    let out = claiming_hook(&lab, dir.path(), 9300, TEMPLATE, "runner-a")
+        .host_envs(&PLACED)
         .host_env("WARM_POOL", "ubuntu-shared=3")
         .host_env("PROXMOX_ALLOWED_TEMPLATES", "ubuntu-shared")
         .job_var("PROXMOX_TEMPLATE", "ubuntu-shared")
@@ -418,7 +398,8 @@ fn a_shared_storage_template_fills_nodes_without_a_copy_and_the_count_holds() {
     assert_eq!(state.node, "pve4");
     let (code, log) = pool.stop();
     assert_eq!(code, 0, "{log}");
-    job_hook(&lab, dir.path(), 9300)
+    claiming_hook(&lab, dir.path(), 9300, TEMPLATE, "runner-a")
+        .host_envs(&PLACED)
         .arg("cleanup")
         .run()
         .assert_exit(0);

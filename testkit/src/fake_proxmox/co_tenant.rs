@@ -25,7 +25,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -443,26 +443,26 @@ impl CoTenant {
         let encoded =
             percent_encoding::utf8_percent_encode(upid, percent_encoding::NON_ALPHANUMERIC);
         let path = format!("/nodes/{node}/tasks/{encoded}/status");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let status = self.call("GET", &path, &[])?;
-            if status["status"] == "stopped" {
-                let exit = status["exitstatus"].as_str().unwrap_or_default();
-                return if exit == "OK" || exit.starts_with("WARNINGS: ") {
-                    Ok(())
-                } else {
-                    Err(ApiError {
-                        status: 0,
-                        message: exit.to_string(),
-                    })
-                };
+        // A real client's poll interval, short because the fake's tasks are.
+        crate::poll(Duration::from_secs(30), Duration::from_millis(10), || {
+            let status = match self.call("GET", &path, &[]) {
+                Ok(status) => status,
+                Err(err) => return Some(Err(err)),
+            };
+            if status["status"] != "stopped" {
+                return None;
             }
-            if Instant::now() > deadline {
-                return Err(transport(format!("task {upid} did not end within 30 s")));
-            }
-            // A real client's poll interval, short because the fake's tasks are.
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            let exit = status["exitstatus"].as_str().unwrap_or_default();
+            Some(if exit == "OK" || exit.starts_with("WARNINGS: ") {
+                Ok(())
+            } else {
+                Err(ApiError {
+                    status: 0,
+                    message: exit.to_string(),
+                })
+            })
+        })
+        .unwrap_or_else(|| Err(transport(format!("task {upid} did not end within 30 s"))))
     }
 
     fn client(&self) -> Result<reqwest::Client, ApiError> {

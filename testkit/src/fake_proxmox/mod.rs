@@ -88,7 +88,8 @@ pub struct FakeConfig {
     pub boot_time: Duration,
     /// The address the agent reports on the interface that carries net0's MAC.
     pub guest_ip: IpAddr,
-    /// What `agent/file-read` returns per path; others fail like a missing file does.
+    /// What `agent/file-read` returns per path; others fail like a missing file does. By
+    /// default the SSH host keys of a Debian guest ([`GUEST_HOST_KEYS`]).
     pub guest_files: BTreeMap<String, String>,
     /// Real PVE waits ~3 s before answering a bad token.
     pub bad_token_delay: Duration,
@@ -154,7 +155,10 @@ impl Default for FakeConfig {
             task_time: Duration::from_millis(50),
             boot_time: Duration::from_millis(300),
             guest_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            guest_files: BTreeMap::new(),
+            guest_files: GUEST_HOST_KEYS
+                .iter()
+                .map(|(file, line)| (file.to_string(), format!("{line}\n")))
+                .collect(),
             bad_token_delay: Duration::from_millis(20),
             message_in_body: false,
             clone_config_delay: Duration::from_millis(40),
@@ -165,6 +169,37 @@ impl Default for FakeConfig {
             capacity: None,
         }
     }
+}
+
+/// The public SSH host keys a Debian cloud image has after its first boot (openssh-server
+/// generates these three types), by file: what the fake's guests serve through `file-read`
+/// unless a test gives them others ([`FakeProxmox::set_host_keys`]) or none
+/// ([`FakeProxmox::remove_host_keys`]). No SSH server holds their private halves.
+pub const GUEST_HOST_KEYS: [(&str, &str); 3] = [
+    (
+        "/etc/ssh/ssh_host_ed25519_key.pub",
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFy3LQU5z+tzioX6DlSKtoyk7bxgcfGFwbBGVswYu1zQ root@debian",
+    ),
+    (
+        "/etc/ssh/ssh_host_ecdsa_key.pub",
+        "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBNos/4Qq/27FJGb/hI11KKbJJRyof0znEN/xsW2R5K6LW8ZvQVutMRd71pED5qrPs9657fdXPlKhx9Ziubz+xuM= root@debian",
+    ),
+    (
+        "/etc/ssh/ssh_host_rsa_key.pub",
+        "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABgQDMn7tPK8ah0iQBibsd5qSthVtVDEBjarDWNiEhsroU2KgXSLhkSscMH7VMbn8bGnhVtW0Xc+xgr+WB4fQMrgQmlkls2Uh82FE7wdNa2g0EvMnBidPZDAMEwAGItzaf02FKU3rcm1LGKDYYYOhuvW89tcUoebrDrP57XTAJoij9PVshpP4ESZaZ2j7fzMtCEQ+MhNp8hs+ktkzIW4pfciJ6ViMR9F4PI4WuoShJe/yepRP6Jbd91LGdeuqljttggGsu7+gLnw5wOtDZNX9tLkQc1iPOMl9UX8NhduidoNdUjD6MNYUrnd5fviYbAuuVZIbJoKbb+H/4FbOREyM+Kkjt6Lw27016tk5dv1vx2sfBl5nLRW507H2CPtQm/+pSPjbXpXM8hCQOyKU1Tpx4YOpTm0MDPPVNeQ2bapCxOZs4VdIQKpBQ+qtdEBIcj0YzmkwqC6AeJc06CdR+j+LIq6YCAA9nRO7pS9hAcBiEOeVIyB3dFHM5wvX08Iod4cAJn48= root@debian",
+    ),
+];
+
+/// The host key file a Debian guest keeps a public key line of this type in.
+fn host_key_file(line: &str) -> Option<&'static str> {
+    let kind = line.split_whitespace().next()?;
+    let file = match kind {
+        "ssh-ed25519" => GUEST_HOST_KEYS[0].0,
+        _ if kind.starts_with("ecdsa-sha2-") => GUEST_HOST_KEYS[1].0,
+        "ssh-rsa" => GUEST_HOST_KEYS[2].0,
+        _ => return None,
+    };
+    Some(file)
 }
 
 /// One guest's own address and files: what a VM with host keys of its own shows through its
@@ -228,6 +263,17 @@ pub struct NodeLoad {
     /// An offline node is listed as `offline`, and requests proxied to it fail with 595 (as
     /// [`FakeProxmox::set_node_online`]).
     pub online: bool,
+}
+
+impl NodeLoad {
+    /// An online node of 64 GiB with `free_gib` GiB free (before its guests).
+    pub fn free_gib(free_gib: u64) -> NodeLoad {
+        NodeLoad {
+            max_mem: 64 << 30,
+            used_mem: (64 - free_gib) << 30,
+            online: true,
+        }
+    }
 }
 
 impl Default for NodeLoad {
@@ -668,6 +714,26 @@ impl FakeProxmox {
             .as_ref()
             .and_then(|identities| identities.assigned.get(&vmid))
             .map_or(state.config.guest_ip, |identity| identity.ip)
+    }
+
+    /// The guests' SSH host keys are these public key lines (each in its type's file), and no
+    /// others: what a guest serving an SSH server's keys shows, so that pinning them works.
+    #[track_caller]
+    pub fn set_host_keys(&self, lines: &[String]) {
+        self.remove_host_keys();
+        for line in lines {
+            let file = host_key_file(line).unwrap_or_else(|| panic!("not a host key: {line}"));
+            self.set_guest_file(file, &format!("{line}\n"));
+        }
+    }
+
+    /// The guests have no SSH host key files (yet): as a template cleaned for cloning before
+    /// cloud-init regenerated them.
+    pub fn remove_host_keys(&self) {
+        let mut state = self.lock();
+        for (file, _) in GUEST_HOST_KEYS {
+            state.config.guest_files.remove(file);
+        }
     }
 
     pub fn set_guest_file(&self, path: &str, content: &str) {

@@ -3,10 +3,10 @@
 use crate::common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{pem_to_der, Api};
-use gpr_testkit::{FakeConfig, FakeProxmox, Fault, NewVm};
+use gpr_testkit::{poll_async, FakeConfig, FakeProxmox, Fault, NewVm};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
@@ -83,18 +83,22 @@ async fn clone_start_agent_delete_lifecycle() {
         .await;
     assert_eq!(status["exitstatus"], "OK");
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let interfaces = loop {
-        let answer = api
-            .get("/nodes/pve1/qemu/100123/agent/network-get-interfaces", &[])
-            .await;
-        if answer.status == StatusCode::OK {
-            break answer.body["data"]["result"].clone();
-        }
-        assert_eq!(answer.reason, "QEMU guest agent is not running");
-        assert!(Instant::now() < deadline, "agent never came up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let interfaces = poll_async(
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || async {
+            let answer = api
+                .get("/nodes/pve1/qemu/100123/agent/network-get-interfaces", &[])
+                .await;
+            if answer.status == StatusCode::OK {
+                return Some(answer.body["data"]["result"].clone());
+            }
+            assert_eq!(answer.reason, "QEMU guest agent is not running");
+            None
+        },
+    )
+    .await
+    .expect("agent never came up");
     let mac = vm.config["net0"]
         .trim_start_matches("virtio=")
         .split(',')
@@ -725,20 +729,23 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = common::Answer>,
 {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let answer = probe().await;
-        if done(&answer) {
-            return;
+    let last = std::cell::RefCell::new(None);
+    let held = poll_async(Duration::from_secs(10), Duration::from_millis(10), || {
+        let (answer, done, last) = (probe(), &done, &last);
+        async move {
+            let answer = answer.await;
+            let holds = done(&answer);
+            *last.borrow_mut() = Some(answer);
+            holds.then_some(())
         }
-        assert!(
-            Instant::now() < deadline,
+    })
+    .await;
+    if held.is_none() {
+        let answer = last.into_inner().expect("probed at least once");
+        panic!(
             "{what}: last answer {} {} {}",
-            answer.status,
-            answer.reason,
-            answer.body
+            answer.status, answer.reason, answer.body
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -969,6 +976,60 @@ async fn the_agent_reports_ipv6_first_and_host_keys_late() {
         |answer| answer.body["data"]["content"] == "ssh-ed25519 AAAAlate",
     )
     .await;
+}
+
+/// Like a Debian guest after its first boot, every guest has an SSH host key of each type
+/// openssh-server generates (`type base64 root@host`); a test gives them an SSH server's keys
+/// instead (only those), or none at all (a template cleaned before cloud-init ran).
+#[tokio::test]
+async fn guests_serve_debian_host_keys_unless_a_test_gives_others_or_none() {
+    let fake = FakeProxmox::start(FakeConfig {
+        boot_time: Duration::ZERO,
+        clone_time: Duration::ZERO,
+        ..FakeConfig::default()
+    });
+    let api = Api::new(&fake);
+    let clone = api
+        .post("/nodes/pve1/qemu/60900/clone", &[("newid", "101001")])
+        .await;
+    api.wait_task_data(clone.body["data"].as_str().expect("UPID"))
+        .await;
+    let start = api.post("/nodes/pve1/qemu/101001/status/start", &[]).await;
+    api.wait_task_data(start.body["data"].as_str().expect("UPID"))
+        .await;
+    let read = "/nodes/pve1/qemu/101001/agent/file-read";
+    let files = [
+        ("/etc/ssh/ssh_host_ed25519_key.pub", "ssh-ed25519 "),
+        ("/etc/ssh/ssh_host_ecdsa_key.pub", "ecdsa-sha2-nistp256 "),
+        ("/etc/ssh/ssh_host_rsa_key.pub", "ssh-rsa "),
+    ];
+    let missing = |file: &str| {
+        format!("Agent error: failed to open file '{file}' (mode: 'r'): No such file or directory")
+    };
+    for (file, kind) in files {
+        let answer = api.get(read, &[("file", file)]).await;
+        assert_eq!(answer.status, StatusCode::OK, "{file}: {}", answer.body);
+        let content = answer.body["data"]["content"].as_str().unwrap_or_default();
+        assert!(
+            content.starts_with(kind) && content.ends_with(" root@debian\n"),
+            "{file}: {content:?}"
+        );
+    }
+
+    let other = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBR3Ga8n2rvHWEDn/r+5LnZxm3PLqJ0tYEnFzXo5fA4t";
+    fake.set_host_keys(&[other.to_string()]);
+    let answer = api.get(read, &[("file", files[0].0)]).await;
+    assert_eq!(answer.body["data"]["content"], format!("{other}\n"));
+    for (file, _) in &files[1..] {
+        let answer = api.get(read, &[("file", *file)]).await;
+        assert_eq!(answer.reason, missing(file), "only the given keys");
+    }
+
+    fake.remove_host_keys();
+    for (file, _) in files {
+        let answer = api.get(read, &[("file", file)]).await;
+        assert_eq!(answer.reason, missing(file));
+    }
 }
 
 /// The co-tenant `mallory@pve!t` acts over HTTP with its own token: it clones our template

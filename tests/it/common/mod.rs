@@ -14,6 +14,16 @@ use gpr_testkit::runner::RunnerJob;
 use gpr_testkit::tcp_proxy::TcpProxy;
 use gpr_testkit::{driver_binary, Lab};
 
+/// The keepalive interval the lost-VM tests give the driver (`VM_SSH_KEEPALIVE_INTERVAL`):
+/// short, so that a silent VM is given up on in seconds.
+pub const SHORT_KEEPALIVE: (&str, &str) = ("VM_SSH_KEEPALIVE_INTERVAL", "1");
+/// The silence after which the driver gives up on a VM with [`SHORT_KEEPALIVE`]: six
+/// intervals without a byte from it.
+pub const SHORT_SILENCE_BUDGET: Duration = Duration::from_secs(6);
+/// What a loaded 2-core test machine may add to the silence budget before a stage has noticed
+/// and said so (the bound at the default budget was 25 s for 18 s).
+pub const DETECTION_SLACK: Duration = Duration::from_secs(7);
+
 /// The fake cluster, the "VM" (local sshd) and the network between them (the proxy).
 pub struct World {
     pub lab: Lab,
@@ -25,6 +35,12 @@ pub struct World {
 impl World {
     #[track_caller]
     pub fn new(test: &str) -> Option<World> {
+        World::with_settings(test, &[])
+    }
+
+    /// [`World::new`] with `extra` runner-host settings in the settings file.
+    #[track_caller]
+    pub fn with_settings(test: &str, extra: &[(&str, &str)]) -> Option<World> {
         let lab = Lab::builder(driver_binary!()).with_sshd_or_skip(test)?;
         let proxy = TcpProxy::start(SocketAddr::from((Ipv4Addr::LOCALHOST, lab.sshd().port())));
         let dir = tempfile::tempdir().expect("temp dir");
@@ -40,6 +56,9 @@ impl World {
                 _ => {}
             }
             text.push_str(&format!("{name} = {}\n", json_string(&value)));
+        }
+        for (name, value) in extra {
+            text.push_str(&format!("{name} = {}\n", json_string(value)));
         }
         std::fs::write(&settings_file, text).expect("write driver.toml");
         use std::os::unix::fs::PermissionsExt;
@@ -59,3 +78,4 @@ impl World {
             .hook_timeout(Duration::from_secs(300))
     }
 }
+pub mod warm;
