@@ -23,7 +23,8 @@
 //! "ours" when it exists), `--baseline-bin FILE` (an older build of the driver, measured in the
 //! same interleaved rounds; every table then shows it and the ratio ours/baseline),
 //! `--clone-ms N`, `--task-ms N` (the fake's clone and start/stop/delete durations) and
-//! `--boot-ms N,N,...` (the boot delays of the prepare rounds). Needs root and /usr/sbin/sshd,
+//! `--boot-ms N,N,...` (the boot delays of the prepare rounds), `--only LIST` (some of
+//! `stage,breakdown,streaming,prepare`). Needs root and /usr/sbin/sshd,
 //! like the sshd tests.
 
 use std::collections::BTreeMap;
@@ -55,6 +56,8 @@ struct Options {
     bin: PathBuf,
     static_bin: PathBuf,
     baseline_bin: Option<PathBuf>,
+    /// `--only stage,breakdown,streaming,prepare`: the sections to run (default: all).
+    only: Option<Vec<String>>,
     clone_time: Duration,
     task_time: Duration,
     stage_rounds: usize,
@@ -76,6 +79,7 @@ impl Options {
             bin: gpr_testkit::driver_binary!(),
             static_bin: target_dir.join("x86_64-unknown-linux-musl/release/gitlab-proxmox-runner"),
             baseline_bin: None,
+            only: None,
             clone_time: CLONE_TIME,
             task_time: TASK_TIME,
             stage_rounds: 30,
@@ -105,6 +109,9 @@ impl Options {
                 "--static-bin" => options.static_bin = PathBuf::from(value("--static-bin")),
                 "--baseline-bin" => {
                     options.baseline_bin = Some(PathBuf::from(value("--baseline-bin")))
+                }
+                "--only" => {
+                    options.only = Some(value("--only").split(',').map(String::from).collect())
                 }
                 "--clone-ms" => options.clone_time = millis("--clone-ms", value("--clone-ms")),
                 "--task-ms" => options.task_time = millis("--task-ms", value("--task-ms")),
@@ -140,6 +147,12 @@ impl Options {
             options.boot_delays = delays;
         }
         options
+    }
+
+    fn wants(&self, section: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|name| name == section))
     }
 }
 
@@ -550,6 +563,157 @@ impl Bench {
                 wall.median.as_secs_f64() <= 0.25 * summaries[old].0.median.as_secs_f64()
             }))
         );
+    }
+
+    /// Where a stage's time goes, measured in this process with the driver's own SSH code
+    /// (`gitlab_proxmox_runner::ssh`) against the same sshd: each probe is a fresh connection
+    /// doing one more step than the previous one, interleaved round by round, so the differences
+    /// of the medians are the steps' costs. OpenSSH doing `true` is the reference for what sshd
+    /// itself costs per connection.
+    fn stage_breakdown(&mut self) {
+        use gitlab_proxmox_runner::cancel::Cancel;
+        use gitlab_proxmox_runner::ssh::{
+            Connection, HostKeyCheck, PrivateKey, StageOutcome, StageScript, Target,
+        };
+        let rounds = self.options.stage_rounds;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let key = std::sync::Arc::new(
+            PrivateKey::from_text(&self.key.private_text, None).expect("client key"),
+        );
+        let target = Target {
+            host: self.sshd.host().to_string(),
+            port: self.sshd.port(),
+            user: "root".into(),
+            vm_label: "bench".into(),
+        };
+        let check = HostKeyCheck::Pinned(self.sshd.host_key_lines());
+        let body = stage_script_body();
+        let upload_dir = self.scratch.path().join("uploads");
+        std::fs::create_dir_all(&upload_dir).expect("upload dir");
+        let upload_path = upload_dir.join("script.sh").display().to_string();
+        let probes: [(&str, &str); 7] = [
+            (
+                "connect",
+                "TCP connect, key exchange, host key check, public-key auth",
+            ),
+            (
+                "+ exec `true`",
+                "a session channel, exec through the login shell, exit status",
+            ),
+            ("+ exec `sudo -n true`", "sudo's start-up (PAM, sudoers)"),
+            (
+                "+ exec `sudo -n -- setsid -w /bin/bash -c true`",
+                "setsid and bash start-up",
+            ),
+            (
+                "+ SFTP upload of the 4 KiB script",
+                "SFTP channel, sftp-server start-up, open/write/close",
+            ),
+            (
+                "+ `run_stage` (ours, in process)",
+                "all of a stage after connecting",
+            ),
+            (
+                "OpenSSH `ssh -o KexAlgorithms=curve25519-sha256 host true`",
+                "reference: sshd's own cost per connection, with OpenSSH's client",
+            ),
+        ];
+        let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); probes.len()];
+        for round in 0..rounds {
+            for step in 0..probes.len() {
+                let index = (round + step) % probes.len();
+                let started = Instant::now();
+                if index == probes.len() - 1 {
+                    measure(
+                        self.ssh(&["-o", "KexAlgorithms=curve25519-sha256"], "true"),
+                        None,
+                    )
+                    .expect_success("ssh true");
+                    samples[index].push(started.elapsed());
+                    continue;
+                }
+                runtime.block_on(async {
+                    let connection = Connection::connect(&target, key.clone(), &check)
+                        .await
+                        .expect("connect");
+                    let run = |command: &'static str| {
+                        let connection = &connection;
+                        async move {
+                            let out = connection.exec_capture(command).await.expect(command);
+                            assert_eq!(out.status, Some(0), "{command}");
+                        }
+                    };
+                    match index {
+                        0 => {}
+                        1 => run("true").await,
+                        2 => run("sudo -n true").await,
+                        3 => run("sudo -n -- setsid -w /bin/bash -c true").await,
+                        4 => connection
+                            .upload(&upload_path, body.as_bytes(), 0o700)
+                            .await
+                            .expect("upload"),
+                        _ => {
+                            let script = StageScript {
+                                body: body.as_bytes(),
+                                stage: "build_script",
+                                job_key: "bench",
+                            };
+                            let outcome = connection
+                                .run_stage(&script, &Cancel::never())
+                                .await
+                                .expect("run_stage");
+                            assert_eq!(outcome, StageOutcome::Exited(0));
+                        }
+                    }
+                    connection.close().await;
+                });
+                samples[index].push(started.elapsed());
+            }
+        }
+        let medians: Vec<Duration> = samples.iter().map(|s| summarize(s).median).collect();
+        let report = &mut self.report;
+        let _ = writeln!(
+            report,
+            "## 1b. Where a stage's time goes
+"
+        );
+        let _ = writeln!(
+            report,
+            "In this process, with the driver's own SSH code (`gitlab_proxmox_runner::ssh`, \
+             this build) against the same sshd, {rounds} rounds interleaved. Each probe is a \
+             fresh connection doing one step more than `connect`; a step's cost is its \
+             median minus the median of the probe it extends. The stage's own output went to \
+             this benchmark's stdout (the `run` hook's figure above adds the driver process and \
+             the job state).\n"
+        );
+        let _ = writeln!(
+            report,
+            "| probe | what it adds | median | min | max | step's cost (median − the probe \
+             it extends) |\n|---|---|---|---|---|---|"
+        );
+        for (index, (name, what)) in probes.iter().enumerate() {
+            let summary = summarize(&samples[index]);
+            let base = match index {
+                0 | 6 => None,
+                1 | 4 | 5 => Some(0),
+                other => Some(other - 1),
+            };
+            let step = match base {
+                Some(base) => signed_ms(medians[index].as_secs_f64() - medians[base].as_secs_f64()),
+                None => "–".into(),
+            };
+            let _ = writeln!(
+                report,
+                "| {name} | {what} | {} | {} | {} | {step} |",
+                ms(summary.median),
+                ms(summary.min),
+                ms(summary.max)
+            );
+        }
+        let _ = writeln!(report);
     }
 
     fn streaming(&mut self) {
@@ -1114,18 +1278,28 @@ fn main() {
         peak_rss: BTreeMap::new(),
         report,
     };
-    eprintln!(
-        "benchmark: per-stage overhead ({} rounds)",
-        bench.options.stage_rounds
-    );
-    bench.stage_overhead();
-    eprintln!(
-        "benchmark: streaming ({} bytes)",
-        bench.options.stream_bytes
-    );
-    bench.streaming();
-    eprintln!("benchmark: prepare and cleanup");
-    bench.prepare_and_cleanup();
+    if bench.options.wants("stage") {
+        eprintln!(
+            "benchmark: per-stage overhead ({} rounds)",
+            bench.options.stage_rounds
+        );
+        bench.stage_overhead();
+    }
+    if bench.options.wants("breakdown") {
+        eprintln!("benchmark: per-stage breakdown");
+        bench.stage_breakdown();
+    }
+    if bench.options.wants("streaming") {
+        eprintln!(
+            "benchmark: streaming ({} bytes)",
+            bench.options.stream_bytes
+        );
+        bench.streaming();
+    }
+    if bench.options.wants("prepare") {
+        eprintln!("benchmark: prepare and cleanup");
+        bench.prepare_and_cleanup();
+    }
     bench.resources();
     let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let _ = writeln!(

@@ -100,6 +100,7 @@ where
     let exit_codes = ExitCodes::from_env();
     let loaded = Settings::load(file);
     let result = with_runtime(loaded, |settings, cancel| {
+        crate::vm::task::remember_durations(&settings);
         crate::ssh::set_keepalive_interval(settings.ssh.keepalive_interval);
         hook(Context {
             settings,
@@ -120,6 +121,7 @@ where
 {
     let loaded = Settings::load_for_fleet(file);
     let result = with_runtime(loaded, |settings, cancel| {
+        crate::vm::task::remember_durations(&settings);
         crate::ssh::set_keepalive_interval(settings.ssh.keepalive_interval);
         command(FleetContext { settings, cancel })
     });

@@ -72,6 +72,10 @@ pub struct Poll {
     /// next pause on a proportional schedule.
     last_wake: Clock,
     schedule: Schedule,
+    /// A look due at this time (a learned end): no pause runs past it, and then `fine`.
+    due: Option<(Clock, Duration, u32)>,
+    /// Short pauses to take, whatever the schedule says: (pause, how many).
+    fine: Option<(Duration, u32)>,
 }
 
 impl Poll {
@@ -129,7 +133,18 @@ impl Poll {
             next_progress: started + PROGRESS_EVERY,
             last_wake: started,
             schedule,
+            due: None,
+            fine: None,
         }
+    }
+
+    /// Adds a look `at` after the wait began (when this host learned such waits end): no
+    /// pause runs past it, and the `looks` pauses after it are `fine` long, since the end is
+    /// expected about then; then the schedule again. No look comes later than the schedule
+    /// alone would bring it, so a wrong guess costs looks, never lateness.
+    pub fn with_due(mut self, at: Duration, fine: Duration, looks: u32) -> Poll {
+        self.due = Some((self.started + at, fine, looks));
+        self
     }
 
     /// Time since the wait began.
@@ -147,7 +162,7 @@ impl Poll {
     /// until the next look (never past the deadline).
     pub async fn pause(&mut self, progress: impl FnOnce(Duration)) -> Result<(), Expired> {
         let now = Clock::now();
-        let pause = match self.schedule {
+        let scheduled = match self.schedule {
             Schedule::Adaptive { delay } | Schedule::Doubling { delay, .. } => delay,
             // A look that took long (an agent call held until QEMU's agent timeout) was
             // waiting too: only the rest of the pause is left, and at least `min`.
@@ -158,6 +173,28 @@ impl Poll {
                 let spread_ms = spread.as_millis().max(1) as u64;
                 min + Duration::from_millis(rand::random::<u64>() % spread_ms)
             }
+        };
+        // The due look has been made (or a long look overran it): the close looks begin.
+        if let Some((due, fine, looks)) = self.due {
+            if now >= due {
+                self.due = None;
+                self.fine = (looks > 0).then_some((fine, looks));
+            }
+        }
+        let pause = match &mut self.fine {
+            Some((pause, looks)) => {
+                let pause = *pause;
+                *looks -= 1;
+                if *looks == 0 {
+                    self.fine = None;
+                }
+                pause
+            }
+            None => scheduled,
+        };
+        let pause = match self.due {
+            Some((due, _, _)) if now + pause >= due => due - now,
+            _ => pause,
         };
         let over = match self.schedule {
             Schedule::Doubling { .. } => now + pause >= self.deadline,
@@ -305,6 +342,26 @@ mod tests {
         poll.pause(|_| {}).await.unwrap();
         // 3.25 s waited: 1/5 of it.
         assert_eq!(Clock::now() - before, Duration::from_millis(650));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_due_look_comes_on_time_then_close_looks_then_the_schedule() {
+        let deadline = Clock::now() + Duration::from_secs(60);
+        let mut poll = Poll::proportional(
+            deadline.into_std(),
+            Duration::from_secs(1),
+            Duration::from_millis(50),
+            Duration::from_secs(1),
+        )
+        .with_due(Duration::from_millis(1300), Duration::from_millis(30), 2);
+        let mut looks = Vec::new();
+        for _ in 0..5 {
+            poll.pause(|_| {}).await.unwrap();
+            looks.push(poll.elapsed().as_millis());
+        }
+        // 1.0 s + 1/5 is 1.2 s; the due look at 1.3 s cuts the next pause short; two close
+        // looks; then 1/5 of the 1.36 s waited.
+        assert_eq!(looks, vec![1200, 1300, 1330, 1360, 1632]);
     }
 
     #[tokio::test(start_paused = true)]

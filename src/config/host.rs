@@ -247,6 +247,10 @@ pub struct WarmSettings {
     pub max_idle: Duration,
 }
 
+/// `VM_SSH_KEEPALIVE_INTERVAL` unset: a keepalive every 3 s, six unanswered (18 s of silence)
+/// declare a VM lost (`crate::ssh`, which explains the figure).
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3);
+
 /// A warm VM idles at most this long before the pool recycles it: fresh enough that its
 /// packages and DHCP lease are today's.
 pub const DEFAULT_WARM_MAX_IDLE: Duration = Duration::from_secs(3600);
@@ -586,7 +590,7 @@ impl Values {
 
     fn ssh_keepalive_interval(&self) -> Result<Duration> {
         match self.number::<u64>("VM_SSH_KEEPALIVE_INTERVAL")? {
-            None => Ok(crate::ssh::DEFAULT_KEEPALIVE_INTERVAL),
+            None => Ok(DEFAULT_KEEPALIVE_INTERVAL),
             Some(secs @ 1..=30) => Ok(Duration::from_secs(secs)),
             Some(secs) => Err(Error::Settings(format!(
                 "VM_SSH_KEEPALIVE_INTERVAL={secs} must be 1 to 30 seconds"

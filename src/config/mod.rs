@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 pub use host::{
     AllowedTemplates, ApiSettings, CloneMode, CloneSettings, CopyDiscovery, HostKeyPolicy, NodeSet,
     PlacementSettings, Settings, SshKeySetting, SshSettings, TlsTrust, WarmSettings,
-    DEFAULT_MAX_JOB_TIMEOUT, DEFAULT_TEMPLATES, DEFAULT_VMID_RANGE,
+    DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_MAX_JOB_TIMEOUT, DEFAULT_TEMPLATES, DEFAULT_VMID_RANGE,
 };
 pub use parse::{
     parse_fingerprint, parse_template_map, ApiEndpoint, Cidr, ListedCopy, SshKey, TemplateCopies,

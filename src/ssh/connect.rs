@@ -63,7 +63,7 @@ const CIPHER_ORDER: &[cipher::Name] = &[
 /// Short intervals cost nothing on a chatty stage (any output resets the timer) and one small
 /// packet every 3 s on a quiet one. The old budget (10 s × 5) let a vanished VM hold the job
 /// for 50 s per stage.
-pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3);
+pub use crate::config::DEFAULT_KEEPALIVE_INTERVAL;
 const KEEPALIVE_MAX: usize = 5;
 /// The runner host's interval, once per process: every connection of a hook (or of the pool
 /// service) is to the VMs of the one runner host whose settings it loaded, and connections are

@@ -1,6 +1,7 @@
 //! Commands and stage scripts in the VM.
 //!
-//! A stage runs as `sudo -n -- setsid -w /bin/bash -c '<record pgid>; exec /bin/bash SCRIPT'`:
+//! A stage runs as `sudo -n -- setsid -w /bin/bash -c '<wait for go>; <record pgid>; exec
+//! /bin/bash SCRIPT'` (see [`STAGE_WRAPPER`]):
 //! setsid makes the script the leader of a new process group (sudo's child is not a group
 //! leader, so setsid does not even fork), and its id is written next to the script. Cancel then
 //! kills that whole group over a second channel: OpenSSH ignores "signal" channel requests for
@@ -206,41 +207,75 @@ struct Started {
     pgid_path: String,
 }
 
-/// Uploads the script into the private per-job directory and starts it.
+/// What the stage's shell does: wait for the go line (the script is complete in its file
+/// once it comes; EOF instead means the upload failed and nothing runs), record its process
+/// group, become the script. `read` takes bytes up to the newline only, so whatever follows
+/// on stdin stays the script's.
+const STAGE_WRAPPER: &str =
+    r#"IFS= read -r go && [ "$go" = go ] && printf '%s\n' "$$" > "$1" && exec /bin/bash "$2""#;
+
+/// Uploads the script into the private per-job directory and starts it. The stage's process
+/// (sshd's session, sudo, setsid, bash: most of a stage's fixed cost) starts at once, beside
+/// the upload, and waits on its stdin for the go line that is sent once the upload is
+/// complete. Paths are relative to the login directory, where both sshd's sessions and
+/// sftp-server start.
 async fn upload_and_start(connection: &Connection, script: &StageScript<'_>) -> Result<Started> {
     let where_ = connection.describe();
-    // The SFTP session and the exec channel are independent: open both at once.
-    let (sftp, channel) = tokio::join!(
-        Sftp::open(connection),
-        connection.handle.channel_open_session()
-    );
-    let sftp = sftp?;
-    let channel =
-        channel.map_err(|err| Error::ssh(format!("opening a session channel on {where_}"), err))?;
-
-    let home = sftp.realpath(".").await?;
-    let base = format!("{}/{BASE_DIR}", home.trim_end_matches('/'));
-    let job_dir = format!("{base}/{}", file_safe(script.job_key, "job"));
-    sftp.mkdir_private(&base).await?;
-    sftp.mkdir_private(&job_dir).await?;
+    let job_dir = format!("{BASE_DIR}/{}", file_safe(script.job_key, "job"));
     let script_path = format!(
         "{job_dir}/{:016x}-{}.sh",
         rand::random::<u64>(),
         file_safe(script.stage, "stage")
     );
     let pgid_path = format!("{script_path}.pgid");
-    sftp.write_file(&script_path, script.body, 0o700, true)
-        .await?;
-
     let command = format!(
         "exec sudo -n -- setsid -w /bin/bash -c {} gitlab-proxmox-runner {} {}",
-        sh_quote(r#"printf '%s\n' "$$" > "$1" && exec /bin/bash "$2""#),
+        sh_quote(STAGE_WRAPPER),
         sh_quote(&pgid_path),
         sh_quote(&script_path),
     );
-    channel
-        .exec(true, command)
-        .await
+    let upload = async {
+        let sftp = Sftp::open(connection).await?;
+        match sftp
+            .write_private([BASE_DIR, &job_dir], &script_path, script.body)
+            .await
+        {
+            Ok(()) => Ok(sftp),
+            Err(err) => {
+                sftp.close().await;
+                Err(err)
+            }
+        }
+    };
+    let start = async {
+        let channel = connection.handle.channel_open_session().await?;
+        channel.exec(true, command).await?;
+        Ok::<_, russh::Error>(channel)
+    };
+    let (sftp, channel) = tokio::join!(upload, start);
+    let channel =
+        channel.map_err(|err| Error::ssh(format!("starting the stage script on {where_}"), err));
+    let (sftp, channel) = match (sftp, channel) {
+        (Ok(sftp), Ok(channel)) => (sftp, channel),
+        (Err(err), channel) => {
+            // EOF without the go line: the waiting shell exits, the script never runs.
+            if let Ok(channel) = channel {
+                let _ = channel.eof().await;
+                let _ = channel.close().await;
+            }
+            return Err(err);
+        }
+        (Ok(sftp), Err(err)) => {
+            sftp.close().await;
+            return Err(err);
+        }
+    };
+    // Then EOF: a stage that reads stdin gets an empty one instead of waiting forever.
+    let go = async {
+        channel.data(&b"go\n"[..]).await?;
+        channel.eof().await
+    };
+    go.await
         .map_err(|err| Error::ssh(format!("starting the stage script on {where_}"), err))?;
     Ok(Started {
         sftp,

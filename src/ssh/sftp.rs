@@ -201,6 +201,92 @@ impl Sftp {
         Ok(())
     }
 
+    /// Makes each of `dirs` (a directory, then one inside it) a private directory as
+    /// [`Sftp::mkdir_private`] does, and writes `bytes` into the new file `path` inside them,
+    /// mode 0700, without waiting for each answer: the mkdirs, their checks and the open go
+    /// out at once, then the write and the close. sftp-server handles requests in the order
+    /// they arrive, so this is the same sequence in two round trips instead of eight. A
+    /// directory that fails its check fails the upload (the file, already created, is
+    /// removed); the file is the owner's alone from its creation whatever the directories'
+    /// modes were, and a mode found too open is fixed before the script's bytes are written.
+    pub async fn write_private(&self, dirs: [&str; 2], path: &str, bytes: &[u8]) -> Result<()> {
+        let private = || FileAttributes {
+            permissions: Some(0o700),
+            ..FileAttributes::empty()
+        };
+        let flags = OpenFlags::CREATE | OpenFlags::WRITE | OpenFlags::TRUNCATE | OpenFlags::EXCLUDE;
+        let session = &self.session;
+        // `biased`: polled in this order, so the requests are sent in this order.
+        let (made_outer, outer, made_inner, inner, opened) = tokio::join!(
+            biased;
+            session.mkdir(dirs[0], private()),
+            session.lstat(dirs[0]),
+            session.mkdir(dirs[1], private()),
+            session.lstat(dirs[1]),
+            session.open(path, flags, private()),
+        );
+        let mut checked = self.judge_private_dir(dirs[0], made_outer, outer).await;
+        if checked.is_ok() {
+            checked = self.judge_private_dir(dirs[1], made_inner, inner).await;
+        }
+        let handle = match (opened, checked) {
+            (Ok(opened), Ok(())) => opened.handle,
+            (Ok(opened), Err(err)) => {
+                let _ = tokio::join!(biased; session.close(opened.handle), session.remove(path));
+                return Err(err);
+            }
+            (Err(_), Err(err)) => return Err(err),
+            (Err(err), Ok(())) => return Err(self.error("create", path, err)),
+        };
+        let (written, closed) = if bytes.len() <= WRITE_CHUNK {
+            let write = async {
+                if bytes.is_empty() {
+                    return Ok(());
+                }
+                session.write(&handle, 0, bytes.to_vec()).await.map(|_| ())
+            };
+            tokio::join!(biased; write, session.close(handle.clone()))
+        } else {
+            let written = self.write_all(&handle, bytes).await;
+            (written, session.close(handle).await)
+        };
+        written.map_err(|err| self.error("write", path, err))?;
+        closed
+            .map(|_| ())
+            .map_err(|err| self.error("close", path, err))
+    }
+
+    /// The checks of [`Sftp::mkdir_private`] on the answers to a mkdir and an lstat of `path`.
+    async fn judge_private_dir(
+        &self,
+        path: &str,
+        created: std::result::Result<russh_sftp::protocol::Status, SftpError>,
+        stat: std::result::Result<russh_sftp::protocol::Attrs, SftpError>,
+    ) -> Result<()> {
+        let attrs = match (stat, created) {
+            (Ok(stat), _) => stat.attrs,
+            (Err(_), Err(create_err)) => return Err(self.error("mkdir", path, create_err)),
+            (Err(err), Ok(_)) => return Err(self.error("lstat", path, err)),
+        };
+        if !attrs.is_dir() || attrs.is_symlink() {
+            return Err(Error::ssh(
+                format!("preparing the job directory {path:?} on {}", self.where_),
+                "it exists but is not a directory (a symlink or file is in the way)",
+            ));
+        }
+        if attrs.permissions.unwrap_or(0o777) & 0o077 != 0 {
+            let fix = FileAttributes {
+                permissions: Some(0o700),
+                ..FileAttributes::empty()
+            };
+            self.session
+                .setstat(path, fix)
+                .await
+                .map_err(|err| self.error("chmod 0700", path, err))?;
+        }
+        Ok(())
+    }
+
     /// Writes `bytes` to `path` with `mode`. `exclusive`: fail if it exists (fresh names only).
     pub async fn write_file(
         &self,

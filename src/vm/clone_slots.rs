@@ -382,6 +382,30 @@ fn try_acquire(dir: &LockDir, slots: u32) -> Result<Option<CloneSlot>> {
     Ok(None)
 }
 
+/// A file of this host's own beside the slots, created 0600 if missing: for state every hook of
+/// the host shares and no job can reach (see [`super::task`]'s learned durations). The same
+/// directory checks as the slots'; a file that is not a regular file of ours is refused.
+pub(crate) fn open_host_file(configured: Option<&Path>, name: &str) -> Result<File> {
+    let dir = match configured {
+        Some(dir) => dir.to_path_buf(),
+        None => default_dir()?,
+    };
+    let opened = open_dir(&dir)?;
+    let path = dir.join(name);
+    let file = open_slot(&opened, name)
+        .map_err(|err| Error::io(format!("opening {}", path.display()), err))?;
+    let meta = file
+        .metadata()
+        .map_err(|err| Error::io(format!("checking {}", path.display()), err))?;
+    if !meta.is_file() || meta.uid() != euid() || meta.mode() & 0o022 != 0 {
+        return Err(refused(
+            &dir,
+            format!("holds {name}, which is not a regular file only this user can write"),
+        ));
+    }
+    Ok(file)
+}
+
 /// `name` in the checked directory, created 0600 if missing; never through a symlink.
 fn open_slot(dir: &LockDir, name: &str) -> std::io::Result<File> {
     let name = CString::new(name).map_err(|_| std::io::ErrorKind::InvalidInput)?;

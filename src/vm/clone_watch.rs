@@ -64,14 +64,18 @@ pub async fn wait_clone_settled(
             .task_status(&upid)
             .await
             .map_err(|err| Error::api(context(), err))?;
-        if status.outcome().is_none() {
-            log.info(&format!(
-                "the clone into VM {vmid} still runs; waiting for its task to end first"
-            ));
-        }
-        let outcome = task::wait(client, &upid, deadline, log)
-            .await
-            .map_err(|err| Error::api(context(), err))?;
+        // Nearly always over by now (cleanup comes after the stages): no second look.
+        let outcome = match status.outcome() {
+            Some(outcome) => outcome,
+            None => {
+                log.info(&format!(
+                    "the clone into VM {vmid} still runs; waiting for its task to end first"
+                ));
+                task::wait_running(client, &upid, deadline, log)
+                    .await
+                    .map_err(|err| Error::api(context(), err))?
+            }
+        };
         return Ok(CloneEnd::Ended(match outcome {
             TaskOutcome::Ok | TaskOutcome::Warnings(_) => None,
             TaskOutcome::Failed(message) => Some(message),

@@ -7,12 +7,11 @@ use std::time::{Duration, Instant};
 
 use super::placement::Strategy;
 use super::provision::Provisioned;
-use super::{HostKeySource, Milestone, ReadyVm, Sink, VmRef};
+use super::{task, HostKeySource, Milestone, ReadyVm, Sink, VmRef};
 use crate::cancel::Cancel;
 use crate::config::{HostKeyPolicy, Settings};
 use crate::error::{Error, Result};
 use crate::joblog;
-use crate::poll::Poll;
 use crate::proxmox::address::{choose_address, preferred_address, IPV4_GRACE};
 use crate::proxmox::types::AgentInterface;
 use crate::proxmox::Client;
@@ -97,9 +96,12 @@ async fn wait_for_address(
 ) -> Result<IpAddr> {
     let (node, vmid) = (vm.node.as_str(), vm.vmid);
     let cidrs = &settings.network_cidrs;
-    let first_look = AGENT_FIRST_LOOK.min(deadline.saturating_duration_since(Instant::now()));
+    // When this host's guests on this node have been answering (vm::task learns it).
+    let mut boot = task::LearnedWait::begin(node, "agent-up");
+    let first_look = (boot.first_look(AGENT_FIRST_LOOK).max(AGENT_FIRST_LOOK))
+        .min(deadline.saturating_duration_since(Instant::now()));
     tokio::time::sleep(first_look).await;
-    let mut poll = Poll::proportional(deadline, first_look, AGENT_MIN_POLL, AGENT_MAX_POLL);
+    let mut poll = boot.poll(deadline, first_look, AGENT_MIN_POLL, AGENT_MAX_POLL);
     let mut last = String::new();
     // Since when the agent has offered an IPv6 address and nothing better.
     let mut only_ipv6_since: Option<Instant> = None;
@@ -118,6 +120,7 @@ async fn wait_for_address(
                 let grace_over = v6_for.elapsed() >= IPV4_GRACE || poll.remaining() <= IPV4_GRACE;
                 if let Some(ip) = preferred_address(&answer.result, net0_mac, cidrs, grace_over) {
                     sink.timing("agent+IP", poll.elapsed());
+                    boot.ended();
                     sink.info(&format!(
                         "guest agent up, IP {ip} after {}",
                         joblog::secs(poll.elapsed())
@@ -158,6 +161,7 @@ async fn wait_for_address(
                 ))
             }
         }
+        boot.missed();
         poll.pause(|waited| {
             sink.info(&format!(
                 "still waiting for VM {vmid}'s address after {}: {last}",

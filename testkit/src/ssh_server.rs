@@ -1,6 +1,7 @@
 //! An in-process SSH server (russh) for fast tests and for machines without OpenSSH's sshd.
 //!
-//! It accepts the public keys it is told to, runs `exec` requests locally with `bash -c` in a
+//! It accepts the public keys it is told to, runs `exec` requests locally with `bash -c` (the
+//! channel's data on its stdin) in a
 //! temp "home" directory, serves the `sftp` subsystem (enough for uploads: realpath, mkdir,
 //! lstat/stat, setstat, open/write/fsetstat/close, remove), and reports exit-status or exit-signal.
 //! `sudo` is a pass-through shim on the commands' PATH, so the driver's `sudo -n ...` command
@@ -331,7 +332,8 @@ impl russh::server::Handler for Connection {
             .current_dir(&self.state.home)
             .env("HOME", &self.state.home)
             .env("PATH", path)
-            .stdin(std::process::Stdio::null())
+            // Like sshd: the channel's data is the command's stdin, its EOF closes it.
+            .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(false)
@@ -344,6 +346,23 @@ impl russh::server::Handler for Connection {
             }
         };
         session.channel_success(channel)?;
+        if let (Some(mut stdin), Some(mut stream)) =
+            (child.stdin.take(), self.channels.remove(&channel))
+        {
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                while let Some(message) = stream.wait().await {
+                    match message {
+                        russh::ChannelMsg::Data { data }
+                            if stdin.write_all(&data).await.is_ok() => {}
+                        russh::ChannelMsg::Data { .. }
+                        | russh::ChannelMsg::Eof
+                        | russh::ChannelMsg::Close => break,
+                        _ => {}
+                    }
+                }
+            });
+        }
         let handle = session.handle();
         let status_first = self.state.status_before_eof.load(Ordering::SeqCst);
         let mut stdout = child.stdout.take().expect("piped stdout");

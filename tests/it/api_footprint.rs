@@ -1,5 +1,5 @@
 //! The API footprint of a typical job (prepare, six stages, cleanup), counted by endpoint against
-//! the fake: at most the older Python driver's 41 requests (issue 12). Counts, not times.
+//! the fake: at most 30 requests (issue 21; the older Python driver sent 41). Counts, not times.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -9,6 +9,8 @@ use gpr_testkit::{driver_binary, ApiCapacity, FakeConfig, Lab};
 
 /// What the older Python driver sent for the same job.
 const OLD_DRIVER_REQUESTS: usize = 41;
+/// Issue 21's budget for a typical job.
+const REQUEST_BUDGET: usize = 30;
 
 #[test]
 fn a_typical_job_stays_within_the_old_drivers_request_budget() {
@@ -66,8 +68,9 @@ fn a_typical_job_stays_within_the_old_drivers_request_budget() {
     );
     assert_eq!(after_stages, after_prepare, "stages talk to SSH only");
     assert!(
-        requests.len() <= OLD_DRIVER_REQUESTS,
-        "{} requests for one job, budget {OLD_DRIVER_REQUESTS}:\n{}",
+        requests.len() <= REQUEST_BUDGET,
+        "{} requests for one job, budget {REQUEST_BUDGET} (the old driver: \
+         {OLD_DRIVER_REQUESTS}):\n{}",
         requests.len(),
         table.join("\n")
     );
@@ -152,4 +155,62 @@ fn prepare_time(log: &str) -> f64 {
         .and_then(|rest| rest.split(" s").next())
         .and_then(|secs| secs.trim().parse().ok())
         .unwrap_or_else(|| panic!("no ready line in {log}"))
+}
+
+/// Every job teaches the runner host when its kind of task ends on that node (and when its
+/// guest's agent answers): the learned times land in a file of the host's (the clone lock
+/// directory), one line per API, node and kind, never below what the tasks took.
+#[test]
+fn jobs_teach_the_host_when_their_tasks_end() {
+    let test = "jobs_teach_the_host_when_their_tasks_end";
+    let task_time = Duration::from_millis(200);
+    let clone_time = Duration::from_millis(400);
+    let config = FakeConfig {
+        clone_time,
+        task_time,
+        boot_time: Duration::ZERO,
+        ..FakeConfig::default()
+    };
+    let Some(lab) = Lab::builder(driver_binary!())
+        .fake(config)
+        .with_sshd_or_skip(test)
+    else {
+        return;
+    };
+    let host_dir = tempfile::tempdir().unwrap();
+    let lock_dir = host_dir.path().join("locks");
+    let file = lock_dir.join("task-durations");
+    for job in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let hook = lab
+            .job_hook(dir.path(), 6000 + job)
+            .host_env("PROXMOX_CLONE_LOCK_DIR", lock_dir.to_str().unwrap());
+        hook.clone().arg("prepare").run().assert_exit(0);
+        hook.clone().arg("cleanup").run().assert_exit(0);
+    }
+    assert!(lab.fake.job_vms().is_empty());
+    let text = std::fs::read_to_string(&file).expect("the learned durations");
+    for (kind, took) in [
+        ("qmclone", clone_time),
+        ("qmstart", task_time),
+        ("qmstop", task_time),
+        ("qmdestroy", task_time),
+        // The guest agent's first answer after the start (the boot).
+        ("agent-up", Duration::ZERO),
+    ] {
+        let line = text
+            .lines()
+            .find(|line| line.split_whitespace().nth(2) == Some(kind))
+            .unwrap_or_else(|| panic!("nothing learned of {kind}:\n{text}"));
+        let millis: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+        // Seen ended no sooner than it ended, less the probe a fifth lower.
+        assert!(
+            millis as u128 >= took.as_millis() / 2,
+            "{kind} learned as {millis} ms, took {took:?}:\n{text}"
+        );
+    }
+    assert_eq!(text.lines().count(), 5, "{text}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
 }

@@ -343,3 +343,52 @@ fn a_stage_retries_a_connection_the_vm_refused_at_first() {
     assert!(out.stdout.contains("made-it"), "{}", out.log());
     assert!(server.connections() >= 3, "{}", server.connections());
 }
+
+/// The stage's shell starts beside the upload and waits for the go line: the script it runs is
+/// the whole script (several SFTP writes long), and its stdin is empty, not a pipe that never
+/// ends.
+#[test]
+fn a_stage_runs_its_whole_script_with_an_empty_stdin() {
+    let (server, key) = server_with_key();
+    let job = tempfile::tempdir().unwrap();
+    let padding = format!("# {}\n", "x".repeat(1000)).repeat(300);
+    let body = format!(
+        "{padding}if IFS= read -r line; then echo \"stdin: $line\"; else echo 'stdin empty'; fi\n\
+         wc -c < \"$0\"\n"
+    );
+    let out = stage_hook(
+        driver_binary!(),
+        job.path(),
+        &server.target(),
+        &key,
+        "build_script",
+        &body,
+    )
+    .run();
+    out.assert_exit(0);
+    assert_eq!(out.stdout, format!("stdin empty\n{}\n", body.len()));
+}
+
+/// A stage whose upload fails never runs: its shell, already started, sees EOF instead of the
+/// go line.
+#[test]
+fn a_failed_upload_runs_nothing() {
+    let (server, key) = server_with_key();
+    let job = tempfile::tempdir().unwrap();
+    let canary = job.path().join("canary");
+    std::fs::create_dir_all(server.home().join(".gitlab-proxmox-runner")).unwrap();
+    // A file where the job's directory belongs.
+    std::fs::write(server.home().join(".gitlab-proxmox-runner/job-4242"), "").unwrap();
+    let out = stage_hook(
+        driver_binary!(),
+        job.path(),
+        &server.target(),
+        &key,
+        "build_script",
+        &format!("touch {}\n", canary.display()),
+    )
+    .run();
+    out.assert_exit(SYSTEM_FAILURE);
+    assert!(out.stderr.contains("not a directory"), "{}", out.stderr);
+    assert!(!canary.exists(), "the script ran");
+}
