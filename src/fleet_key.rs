@@ -76,6 +76,32 @@ impl FleetKey {
             .collect()
     }
 
+    /// Fills `out` with HKDF-SHA256 output keyed with this secret: `label` is the salt (a fixed
+    /// string naming what the bytes are for, so that no two uses share output) and `info` the
+    /// context. `out` is the caller's wiped buffer.
+    pub fn derive(&self, label: &[u8], info: &[&[u8]], out: &mut [u8; 32]) -> Result<()> {
+        struct Len32;
+        impl ring::hkdf::KeyType for Len32 {
+            fn len(&self) -> usize {
+                32
+            }
+        }
+        ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, label)
+            .extract(&self.bytes)
+            .expand(info, Len32)
+            .and_then(|okm| okm.fill(out))
+            .map_err(|_| Error::Infrastructure("deriving a key from the fleet key failed".into()))
+    }
+
+    /// A public name for this key (16 hex digits of its MAC over a fixed label): which fleet
+    /// key a per-VM SSH key was derived from, so that a hook after a rotation picks the right
+    /// one. Says nothing about the key itself.
+    pub fn id(&self) -> String {
+        let mut id = self.sign(b"gitlab-proxmox-runner fleet key id v1");
+        id.truncate(16);
+        id
+    }
+
     /// Whether `mac` (hex, as [`FleetKey::sign`] writes it) is `message`'s MAC; compared in
     /// constant time.
     pub fn verify(&self, message: &[u8], mac: &str) -> bool {

@@ -57,6 +57,14 @@ pub struct JobState {
     /// Where the host keys came from: `guest-agent` or `first-use`.
     #[serde(default)]
     pub host_key_source: Option<String>,
+    /// Set when the VM accepts its own SSH key: the nonce it is derived from (with the fleet
+    /// key and the VMID) by every hook, in memory. The key itself is never stored. `None`:
+    /// the static `VM_SSH_PRIVATE_KEY`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_key_nonce: Option<String>,
+    /// Which fleet key that was (its public id): after a rotation, the previous one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_key_fleet: Option<String>,
     /// When the clone request left (Unix seconds); `None` until then. With no
     /// [`clone_upid`](Self::clone_upid), the answer never came: the clone may still run.
     #[serde(default)]
@@ -239,6 +247,8 @@ mod tests {
             ssh_user: None,
             host_keys: vec![],
             host_key_source: None,
+            ssh_key_nonce: None,
+            ssh_key_fleet: None,
             clone_sent_at: None,
             clone_upid: None,
             lost: None,

@@ -5,7 +5,13 @@ use crate::config::Settings;
 
 /// The SSH key the driver logs in with: set, and readable with its passphrase.
 pub fn ssh_key(settings: &Settings) -> Finding {
-    if settings.ssh.private_key.is_none() {
+    if settings.ssh.private_key.is_none() && settings.fleet_key.is_some() {
+        Finding::pass(
+            "ssh_key",
+            "SSH key: VM_SSH_PRIVATE_KEY is not set; VMs of templates with cloud-init get keys \
+             of their own, derived from PROXMOX_FLEET_KEY (templates without it cannot be used)",
+        )
+    } else if settings.ssh.private_key.is_none() {
         Finding::fail(
             "ssh_key",
             "SSH key: VM_SSH_PRIVATE_KEY is not set",

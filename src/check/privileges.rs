@@ -37,6 +37,7 @@ pub const VM_CONFIG_OPTIONS: Privilege = same("VM.Config.Options");
 pub const VM_CONFIG_CPU: Privilege = same("VM.Config.CPU");
 pub const VM_CONFIG_MEMORY: Privilege = same("VM.Config.Memory");
 pub const VM_CONFIG_DISK: Privilege = same("VM.Config.Disk");
+pub const VM_CONFIG_CLOUDINIT: Privilege = same("VM.Config.Cloudinit");
 pub const AGENT_AUDIT: Privilege = Privilege {
     pve9: "VM.GuestAgent.Audit",
     pve8: "VM.Monitor",
@@ -170,6 +171,10 @@ pub fn needs(settings: &Settings, templates: &TemplateNeeds, major: Option<u32>)
     }
     if settings.clone.disk_grow_gb.is_some() {
         job.push(VM_CONFIG_DISK);
+    }
+    // Each VM's own SSH key goes into its `sshkeys`.
+    if templates.per_vm_keys {
+        job.push(VM_CONFIG_CLOUDINIT);
     }
     needs.push(match &settings.clone.pool {
         Some(pool) => Need {
@@ -342,6 +347,17 @@ mod tests {
             job.privileges.contains(&VM_CONFIG_CPU) && job.privileges.contains(&VM_CONFIG_DISK)
         );
         assert!(!job.privileges.contains(&VM_CONFIG_MEMORY), "{job:?}");
+        assert!(!job.privileges.contains(&VM_CONFIG_CLOUDINIT), "{job:?}");
+        let keyed = TemplateNeeds {
+            per_vm_keys: true,
+            ..TemplateNeeds::default()
+        };
+        let keyed = needs(&test_settings(&[]), &keyed, Some(8));
+        let job = keyed
+            .iter()
+            .find(|need| need.path == "/vms/2000000")
+            .unwrap();
+        assert!(job.privileges.contains(&VM_CONFIG_CLOUDINIT), "{job:?}");
     }
 
     #[test]
@@ -362,6 +378,7 @@ mod tests {
             storages: vec!["local-lvm".into()],
             bridges: vec!["vmbr1".into()],
             copies: vec![(61_900, "cloning template ubuntu-focal on pve2".into())],
+            per_vm_keys: false,
         };
         let settings = test_settings(&[("PROXMOX_TEMPLATES", "ubuntu-focal=60900")]);
         let on_pve8 = needs(&settings, &templates, Some(8));

@@ -17,7 +17,7 @@ use crate::job::JobInfo;
 use crate::joblog;
 use crate::marker::Marker;
 use crate::proxmox::Client;
-use crate::ssh::{self, Connection, HostKeyCheck};
+use crate::ssh::{Connection, HostKeyCheck};
 use crate::vm::clone_watch::CloneTrace;
 use crate::vm::host_keys::{self, Holder};
 use crate::vm::provision::Order;
@@ -58,6 +58,8 @@ struct SmokeSink {
     phases: Vec<(&'static str, Duration)>,
     /// Why placement chose the VM's node (`PROXMOX_NODES`); `None` on `PROXMOX_NODE`.
     placed: Option<String>,
+    /// Which SSH key the VM took, and whether the static one opens it too.
+    key_note: String,
 }
 
 impl Log for SmokeSink {
@@ -160,7 +162,7 @@ pub async fn run(client: &Client, settings: &Settings, cancel: &Cancel) -> Smoke
     let result = outcome.map(|(ready, took)| {
         format!(
             "smoke test: VM {} on {}{placed} cloned, started, reachable at {}:{}, host key {}, \
-             `sudo -n true` as {} works, {} ({} in all)",
+             `sudo -n true` as {} works, {}, {} ({} in all)",
             ready.vm.vmid,
             ready.vm.node,
             ready.ip,
@@ -171,6 +173,7 @@ pub async fn run(client: &Client, settings: &Settings, cancel: &Cancel) -> Smoke
                     "NOT readable through the guest agent (trusted on first use)",
             },
             ready.ssh_user,
+            sink.key_note,
             if destroyed {
                 "destroyed"
             } else {
@@ -216,6 +219,10 @@ async fn bring_up(
         name: VM_NAME,
         marker,
         claim: None,
+        key_nonce: settings
+            .fleet_key
+            .is_some()
+            .then_some(marker.nonce.as_str()),
     };
     let ready = crate::vm::bring_up(client, settings, &order, cancel, sink)
         .await?
@@ -225,7 +232,7 @@ async fn bring_up(
 
     sink.step("running `sudo -n true` over SSH");
     let sudo = Instant::now();
-    let key = ssh::load_private_key(&settings.ssh)?;
+    let key = crate::vm::ssh_key::private_key(settings, &ready.vm, &ready.key)?;
     let target = ready.ssh_target();
     let connection = Connection::connect(
         &target,
@@ -252,7 +259,39 @@ async fn bring_up(
         ));
     }
     sink.timing("sudo", sudo.elapsed());
+    sink.key_note = key_note(settings, &ready, cancel).await;
     Ok((ready, total.elapsed()))
+}
+
+/// With a per-VM key (which just logged in): whether the static key is refused, as it is when
+/// the template carries none (nothing baked into its image). A template that still accepts it
+/// works, but one leak of that key opens every VM of it: the note says so.
+async fn key_note(settings: &Settings, ready: &ReadyVm, cancel: &Cancel) -> String {
+    if ready.key == crate::vm::ssh_key::KeyPath::Static {
+        return "the static key VM_SSH_PRIVATE_KEY logs in".into();
+    }
+    let derived = "a per-VM key (cloud-init) logs in";
+    if settings.ssh.private_key.is_none() {
+        return derived.into();
+    }
+    let Ok(key) = crate::ssh::load_private_key(&settings.ssh) else {
+        return derived.into();
+    };
+    let check = HostKeyCheck::Pinned(ready.host_keys.clone());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    match crate::ssh::connect_to_running(&ready.ssh_target(), key, &check, deadline, cancel).await {
+        Ok(connection) => {
+            connection.close().await;
+            format!(
+                "{derived}, but VM_SSH_PRIVATE_KEY is accepted too (baked into the template's \
+                 image: remove it there, see the README's key migration)"
+            )
+        }
+        Err(err) if err.is_authentication_refused() => {
+            format!("{derived}, VM_SSH_PRIVATE_KEY is refused")
+        }
+        Err(err) => format!("{derived}; whether VM_SSH_PRIVATE_KEY is refused is unknown ({err})"),
+    }
 }
 
 /// Fails when a warm VM of the template on the cluster pins one of the new VM's host keys:

@@ -13,6 +13,7 @@ use crate::check::Finding;
 use crate::config::{CloneMode, Settings};
 use crate::proxmox::types::ClusterVm;
 use crate::proxmox::{Retry, VmConfig};
+use crate::vm::ssh_key::KeyPath;
 
 /// A disk volume of a VM's config: `scsi0: local-lvm:base-9000-disk-0,size=20G`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +102,8 @@ pub struct TemplateNeeds {
     pub bridges: Vec<String>,
     /// `(VMID, what for)` of copies that are not themselves `PROXMOX_TEMPLATES` entries.
     pub copies: Vec<(u32, String)>,
+    /// Some template's VMs get keys of their own: the driver sets their `sshkeys`.
+    pub per_vm_keys: bool,
 }
 
 impl TemplateNeeds {
@@ -246,12 +249,39 @@ pub fn template_vm_finding(
             }
         }
     }
+    // Which SSH key its VMs take, as provisioning decides it from the clone's (inherited)
+    // config; a job's own key aside.
+    let nonce = settings.fleet_key.is_some().then_some("0");
+    let key_path = match crate::vm::ssh_key::choose(settings, &label, config, nonce) {
+        Ok((KeyPath::Derived { .. }, _)) => {
+            needs.per_vm_keys = true;
+            "; SSH: a per-VM key through cloud-init".to_string()
+        }
+        Ok((KeyPath::Static, Some(why))) => format!("; SSH: the static key ({why})"),
+        // No fleet key: every template takes the static key, as before per-VM keys.
+        Ok((KeyPath::Static, None)) => String::new(),
+        Err(_) => {
+            let why = crate::vm::ssh_key::cloud_init_accepts(config, &settings.ssh.user)
+                .err()
+                .unwrap_or_else(|| "no PROXMOX_FLEET_KEY".into());
+            problems.push(format!(
+                "its VMs would take the static SSH key ({why}), and VM_SSH_PRIVATE_KEY is not set"
+            ));
+            fixes.push(format!(
+                "qm set {vmid} --ide2 <storage>:cloudinit --ciuser {} (with PROXMOX_FLEET_KEY \
+                 set), or set VM_SSH_PRIVATE_KEY",
+                settings.ssh.user
+            ));
+            String::new()
+        }
+    };
     fixes.dedup();
     if problems.is_empty() {
         Finding::pass(
             id,
             format!(
-                "{label}: a template, guest agent on, net0 on {}, disks on {} for {} clones",
+                "{label}: a template, guest agent on, net0 on {}, disks on {} for {} \
+                 clones{key_path}",
                 bridge.as_deref().unwrap_or("(no bridge)"),
                 if placed.is_empty() {
                     "no storage".to_string()

@@ -16,9 +16,13 @@ pub fn driver_json() -> serde_json::Value {
     })
 }
 
-/// Checks that need no network: TLS trust material and the SSH key's presence.
+/// Checks that need no network: TLS trust material and the SSH key's presence (with a fleet
+/// key, VMs of cloud-init templates get keys of their own: the static one may be missing).
 pub fn check_offline(settings: &Settings) -> Result<()> {
     crate::proxmox::tls::client_config(&settings.api.tls)?;
+    if settings.fleet_key.is_some() {
+        return Ok(());
+    }
     settings.require_ssh_key()
 }
 

@@ -40,11 +40,17 @@ pub async fn prepare(context: &Context) -> Result<()> {
     for warning in &context.settings.trust_warnings {
         joblog::warn(warning);
     }
-    context.settings.require_ssh_key()?;
+    // Without a fleet key every VM takes the static key; with one, a template without
+    // cloud-init still does, which is checked once placement has chosen the template.
+    if context.settings.fleet_key.is_none() {
+        context.settings.require_ssh_key()?;
+    }
     // Parsed and decrypted before anything is claimed or cloned: a key (or passphrase) the job
     // supplied that does not parse fails the job here (a build failure), with nothing to undo
     // and no warm VM spent on it.
-    drop(crate::ssh::load_private_key(&context.settings.ssh)?);
+    if context.settings.ssh.private_key.is_some() {
+        drop(crate::ssh::load_private_key(&context.settings.ssh)?);
+    }
     let client = Client::new(&context.settings.api)?;
     let left_behind = remove_earlier_attempt(&client, context).await?;
 
@@ -186,6 +192,22 @@ async fn bring_up_on_a_node(
         .private_key
         .as_ref()
         .is_some_and(|key| key.from_job);
+    if settings.ssh.private_key.is_none() {
+        // No static key to fall back on: a template that would need it fails the job now,
+        // before a warm VM is claimed or a clone made for nothing (one read, only then).
+        let config = client
+            .vm_config(&template.node, template.vmid)
+            .await
+            .map_err(|err| Error::api(format!("reading template {}", template.label), err))?
+            .unwrap_or_default();
+        crate::vm::ssh_key::choose(settings, &template.label, &config, Some(&marker.nonce))?;
+    }
+    if own_key && settings.fleet_key.is_some() {
+        joblog::info(
+            "the job supplies its own VM_SSH_PRIVATE_KEY: its clone keeps the template's SSH \
+             keys (no per-VM key)",
+        );
+    }
     let has_pool = crate::pool::has_pool(settings, &settings.template);
     if has_pool && own_key {
         joblog::info(
@@ -219,6 +241,8 @@ async fn bring_up_on_a_node(
         name: &name,
         marker,
         claim: report.as_ref(),
+        // A job's own key is for its own clone: nothing of the fleet's is derived for it.
+        key_nonce: (!own_key && settings.fleet_key.is_some()).then_some(marker.nonce.as_str()),
     };
     let ready = vm::bring_up(client, settings, &order, &context.cancel, job)
         .await?

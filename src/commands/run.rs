@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::joblog;
 use crate::ssh::{self, Deadlines, HostKeyCheck, StageOutcome, StageScript, Target};
 use crate::state::{JobState, Lost, Phase};
+use crate::vm::ssh_key::KeyPath;
 
 pub async fn run(context: &Context, script: &Path, stage: &str) -> Result<()> {
     let ended = run_in_vm(context, script, stage).await;
@@ -84,7 +85,19 @@ async fn run_in_vm(context: &Context, script: &Path, stage: &str) -> Result<Ende
         )
     })?);
     // The key first: a job whose key is unusable hears about that, not about the VM.
-    let key = ssh::load_private_key(&context.settings.ssh)?;
+    let key_path = match &state.ssh_key_nonce {
+        Some(nonce) => KeyPath::Derived {
+            nonce: nonce.clone(),
+            fleet: state.ssh_key_fleet.clone(),
+        },
+        None => KeyPath::Static,
+    };
+    let vm = crate::vm::VmRef {
+        node: state.node.clone(),
+        vmid: state.vmid,
+    };
+    // Derived again here, in memory, from the nonce prepare recorded: nothing on disk holds it.
+    let key = crate::vm::ssh_key::private_key(&context.settings, &vm, &key_path)?;
     if let Some(lost) = &state.lost {
         return Err(Error::Infrastructure(format!(
             "{} has been unreachable since {} (lost during {}); not retrying",

@@ -167,6 +167,9 @@ pub struct Settings {
     pub network_cidrs: Vec<Cidr>,
     /// `PROXMOX_FLEET_KEY` (settings file only): proves warm VMs ours (`crate::fleet_key`).
     pub fleet_key: Option<FleetKey>,
+    /// `PROXMOX_FLEET_KEY_PREVIOUS` (settings file only): the fleet key before a rotation, for
+    /// the per-VM SSH keys of VMs made before it (`crate::vm::ssh_key`).
+    pub fleet_key_previous: Option<FleetKey>,
     /// Lines for the job log about what the trust rule did (names only, never values).
     pub trust_warnings: Vec<String>,
 }
@@ -351,6 +354,7 @@ impl Settings {
         let ssh_key_passphrase_from_job = ssh_key_passphrase.is_some()
             && raw.decision.job_chosen.contains("VM_SSH_KEY_PASSPHRASE");
         let (warm_pool, warm_max_idle, fleet_key) = raw.warm_pool()?;
+        let fleet_key_previous = raw.fleet_key_previous()?;
 
         Ok(Settings {
             api: ApiSettings {
@@ -402,6 +406,7 @@ impl Settings {
             cleanup_timeout,
             network_cidrs,
             fleet_key,
+            fleet_key_previous,
             trust_warnings,
         })
     }
@@ -689,6 +694,20 @@ impl Values {
             ));
         }
         Ok((warm_pool, max_idle, fleet_key))
+    }
+
+    /// The fleet key before a rotation: what running jobs derive their VMs' SSH keys from.
+    fn fleet_key_previous(&mut self) -> Result<Option<FleetKey>> {
+        self.take_secret("PROXMOX_FLEET_KEY_PREVIOUS")
+            .map(|(text, _)| {
+                FleetKey::parse(text.expose()).map_err(|err| {
+                    Error::Settings(
+                        err.to_string()
+                            .replace("PROXMOX_FLEET_KEY ", "PROXMOX_FLEET_KEY_PREVIOUS "),
+                    )
+                })
+            })
+            .transpose()
     }
 }
 

@@ -135,6 +135,12 @@ pub const SPECS: &[Spec] = &[
         trust: Trust::SettingsFileOnly,
         secret: true,
     },
+    // The fleet key before a rotation: running jobs derive their VMs' keys from it.
+    Spec {
+        name: "PROXMOX_FLEET_KEY_PREVIOUS",
+        trust: Trust::SettingsFileOnly,
+        secret: true,
+    },
 ];
 
 pub fn spec_for(key: &str) -> Option<&'static Spec> {

@@ -85,7 +85,11 @@ async fn serve(
                 .into(),
         ));
     }
-    settings.require_ssh_key()?;
+    // With the fleet key (which the pool needs anyway) warm VMs of cloud-init templates get
+    // keys of their own; a template that takes the static key fails its warm-up saying so.
+    if settings.fleet_key.is_none() {
+        settings.require_ssh_key()?;
+    }
     let pool_id = match pool_id.map(str::trim).filter(|id| !id.is_empty()) {
         Some(id) if crate::config::parse::is_runner_id(id) => id.to_string(),
         Some(id) => {

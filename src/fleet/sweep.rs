@@ -470,6 +470,7 @@ async fn destroy_unless_locked(
             net0_mac: None,
             running: status.is_running(),
             locked: false,
+            sshkeys: None,
         };
         let runner = orphan.marker.runner.as_deref().unwrap_or("gc");
         return match crate::pool::recycle(client, runner, &warm, deadline, &StderrLog).await? {

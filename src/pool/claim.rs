@@ -33,7 +33,7 @@ use crate::proxmox::Client;
 use crate::ssh::{self, HostKeyCheck};
 use crate::vm::placement::{Placed, Strategy};
 use crate::vm::template::Template;
-use crate::vm::{ready, teardown};
+use crate::vm::{ready, ssh_key, teardown};
 use crate::vm::{HostKeySource, Milestone, ReadyVm, Sink, SinkLog};
 
 /// A warm VM is up already: its checks get this long before it counts as broken.
@@ -116,6 +116,16 @@ pub async fn claim(
             break;
         }
         let vmid = warm.vm.vmid;
+        let key_path = ssh_key::warm_vm_path(
+            settings,
+            &warm.vm,
+            &warm.marker.nonce,
+            warm.sshkeys.as_deref(),
+        );
+        if key_path == ssh_key::KeyPath::Static && settings.ssh.private_key.is_none() {
+            // It takes the static key, which this host does not have: leave it to hosts that do.
+            continue;
+        }
         // Recorded before the swap: if it lands and we are killed before we hear of it, the job
         // state names the VM (cleanup checks the marker: it destroys the VM if the swap landed
         // and leaves it alone if it did not).
@@ -303,7 +313,14 @@ async fn check(
                 "warm VM {vmid}'s address is no longer {recorded} (a new DHCP lease?)"
             ))
         })?;
-    let key = ssh::load_private_key(&settings.ssh)?;
+    // The warm marker's nonce (sealed, so the pool's): the job state keeps it for every hook.
+    let key_path = ssh_key::warm_vm_path(
+        settings,
+        &warm.vm,
+        &warm.marker.nonce,
+        warm.sshkeys.as_deref(),
+    );
+    let key = ssh_key::private_key(settings, &warm.vm, &key_path)?;
     let target = ready::ssh_target(settings, &warm.vm, ip);
     let check = HostKeyCheck::Pinned(warm.host_keys.clone());
     let connection = ssh::connect_to_running(&target, key, &check, deadline, cancel).await?;
@@ -315,5 +332,6 @@ async fn check(
         ssh_user: target.user,
         host_keys: warm.host_keys.clone(),
         host_key_source: HostKeySource::GuestAgent,
+        key: key_path,
     })
 }

@@ -44,6 +44,8 @@ pub struct WarmVm {
     pub net0_mac: Option<String>,
     pub running: bool,
     pub locked: bool,
+    /// Its config's `sshkeys` (URL-encoded): its own derived key when the pool gave it one.
+    pub sshkeys: Option<String>,
 }
 
 impl WarmVm {
@@ -194,6 +196,7 @@ pub async fn list_warm(
             running: listed.status.as_deref() == Some("running"),
             locked: listed.lock.as_deref().is_some_and(|lock| !lock.is_empty())
                 || config.lock().is_some(),
+            sshkeys: config.get("sshkeys"),
         });
     }
     Ok(listing)

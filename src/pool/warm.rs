@@ -312,6 +312,8 @@ async fn bring_up(
     cancel: &Cancel,
     sink: &mut WarmSink<'_>,
 ) -> Result<VmRef> {
+    // The warm VM's own key comes from this nonce; a claim derives it again from the marker.
+    let nonce = marker.nonce.clone();
     let order = Order {
         template,
         node,
@@ -319,6 +321,7 @@ async fn bring_up(
         name,
         marker,
         claim: None,
+        key_nonce: Some(&nonce),
     };
     let brought_up = tokio::select! {
         result = crate::vm::bring_up(client, settings, &order, cancel, sink) => result?,
@@ -350,6 +353,7 @@ async fn bring_up(
         net0_mac: brought_up.net0_mac,
         running: true,
         locked: false,
+        sshkeys: config.get("sshkeys"),
     };
     let description = marker.warm_description(&ready.host_keys);
     match swap_description(client, &as_read, description, None, marker).await? {

@@ -20,6 +20,7 @@
 //! group id sits next to it (`.pgid`) so that a cancel can kill the whole tree.
 
 mod connect;
+pub mod derived;
 mod exec;
 pub mod key_lines;
 mod keys;

@@ -7,6 +7,7 @@
 //! - [`provision`]: a free VMID, the clone (with its clash and retry logic), configure, start;
 //! - [`ready`]: the guest agent's address, the host keys read through the agent, SSH, the
 //!   runner helper;
+//! - [`ssh_key`]: which SSH key a VM accepts (its own, derived, or the static one);
 //! - [`teardown`]: the one safe way to destroy a VM of ours;
 //! - [`clone_slots`]: the per-host cap on clones in flight;
 //! - [`host_keys`]: whether a VM's SSH host keys are its own (clones of an uncleaned template
@@ -36,6 +37,7 @@ pub mod ownership;
 pub mod placement;
 pub mod provision;
 pub mod ready;
+pub mod ssh_key;
 pub mod task;
 pub mod teardown;
 pub mod template;
@@ -127,6 +129,8 @@ pub struct ReadyVm {
     /// OpenSSH public key lines (`ssh-ed25519 AAAA...`), to pin for every later connection.
     pub host_keys: Vec<String>,
     pub host_key_source: HostKeySource,
+    /// The SSH key it accepts.
+    pub key: ssh_key::KeyPath,
 }
 
 impl ReadyVm {

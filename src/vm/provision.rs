@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use backon::BackoffBuilder;
 
 use super::placement::Strategy;
+use super::ssh_key::{self, KeyPath};
 use super::template::Template;
 use super::{clone_slots, task, teardown, Milestone, Sink, SinkLog, VmRef};
 use crate::config::{CloneMode, Settings};
@@ -42,6 +43,10 @@ pub struct Order<'a> {
     /// A job VM cloned after its prepare looked for a warm VM: what it found, written (sealed
     /// for this VM) on the second line of the description for the pool's metrics.
     pub claim: Option<&'a ClaimReport>,
+    /// `Some(nonce)`: the VM gets its own SSH key (derived from the fleet key, its VMID and this
+    /// driver-made nonce) when its template's cloud-init would install it; `None`: it keeps
+    /// the static key (a job's own key, or no fleet key).
+    pub key_nonce: Option<&'a str>,
 }
 
 /// A started VM.
@@ -50,6 +55,8 @@ pub struct Provisioned {
     pub vm: VmRef,
     /// net0's MAC (new for the clone): which guest interface is the VM's.
     pub net0_mac: Option<String>,
+    /// The SSH key it accepts.
+    pub key: KeyPath,
 }
 
 enum CloneAttempt {
@@ -83,10 +90,10 @@ pub async fn provision(
         vmid,
     };
     sink.step("configuring the VM");
-    let net0_mac = run.configure(vmid, sink).await?;
+    let (net0_mac, key) = run.configure(&vm, sink).await?;
     sink.step("starting the VM");
     run.start(vmid, sink).await?;
-    Ok(Provisioned { vm, net0_mac })
+    Ok(Provisioned { vm, net0_mac, key })
 }
 
 struct Provisioning<'a> {
@@ -375,13 +382,29 @@ impl Provisioning<'_> {
         Ok(())
     }
 
-    /// Tags, cores, memory and disk; returns net0's MAC (new for the clone).
-    async fn configure(&self, vmid: u32, sink: &mut dyn Sink) -> Result<Option<String>> {
+    /// Tags, cores, memory, the VM's own SSH key (before its first start: cloud-init applies
+    /// `sshkeys` at first boot only) and disk; returns net0's MAC (new for the clone) and the
+    /// key the VM will accept.
+    async fn configure(
+        &self,
+        vm: &VmRef,
+        sink: &mut dyn Sink,
+    ) -> Result<(Option<String>, KeyPath)> {
         let started = Instant::now();
         let settings = self.settings;
         let template = self.order.template;
-        let node = self.node;
+        let (node, vmid) = (self.node, vm.vmid);
         let context = || format!("configuring VM {vmid} on node {node}");
+        let read_config = || async {
+            self.client
+                .vm_config(node, vmid)
+                .await
+                .map_err(|err| Error::api(context(), err))?
+                .ok_or_else(|| Error::proxmox(context(), "the VM vanished right after its clone"))
+        };
+        // Read first: the clone's own config (inherited from the template) says whether its
+        // cloud-init would install a key, and setting the key goes with the other fields.
+        let mut config = read_config().await?;
         // Overwrites the tags inherited from the template.
         let mut fields = vec![("tags", crate::VM_TAG.to_string())];
         if let Some(cores) = settings.clone.cores {
@@ -390,18 +413,16 @@ impl Provisioning<'_> {
         if let Some(memory) = settings.clone.memory_mb {
             fields.push(("memory", memory.to_string()));
         }
+        let key = self.key_path(vm, &config, sink);
+        if let KeyPath::Derived { nonce, fleet } = &key {
+            // Replaces what the template's cloud-init carried (the static key, if it did).
+            let derived = ssh_key::derive(settings, vm, nonce, fleet.as_deref())?;
+            fields.push(("sshkeys", derived.sshkeys_value()));
+        }
         self.client
             .set_config(node, vmid, &fields)
             .await
             .map_err(|err| Error::api(context(), err))?;
-        let read_config = || async {
-            self.client
-                .vm_config(node, vmid)
-                .await
-                .map_err(|err| Error::api(context(), err))?
-                .ok_or_else(|| Error::proxmox(context(), "the VM vanished right after its clone"))
-        };
-        let mut config = read_config().await?;
         if let Some(grow) = settings.clone.disk_grow_gb.filter(|grow| *grow > 0) {
             let disk = config.boot_disk().ok_or_else(|| {
                 Error::Settings(format!(
@@ -435,7 +456,33 @@ impl Provisioning<'_> {
             )));
         }
         sink.timing("configure", started.elapsed());
-        Ok(config.net0_mac())
+        Ok((config.net0_mac(), key))
+    }
+
+    /// The derived key when the order asks for one and the clone's cloud-init would install
+    /// it; else the static key.
+    fn key_path(&self, vm: &VmRef, config: &crate::proxmox::VmConfig, sink: &dyn Sink) -> KeyPath {
+        let template = &self.order.template.label;
+        let chosen = ssh_key::choose(self.settings, template, config, self.order.key_nonce);
+        // No key would open it: said here, where the reason is known; connecting fails later
+        // (prepare refuses such a template before it clones, the engine's other callers
+        // may have no use for SSH).
+        let (path, why_static) = chosen.unwrap_or_else(|err| {
+            sink.warn(&err.to_string());
+            (KeyPath::Static, None)
+        });
+        match (&path, why_static) {
+            (KeyPath::Derived { .. }, _) => sink.info(&format!(
+                "VM {}: a per-VM SSH key through cloud-init (template {template})",
+                vm.vmid
+            )),
+            (KeyPath::Static, Some(why)) => sink.info(&format!(
+                "VM {}: the static key VM_SSH_PRIVATE_KEY (template {template}: {why})",
+                vm.vmid
+            )),
+            (KeyPath::Static, None) => {}
+        }
+        path
     }
 
     async fn start(&self, vmid: u32, sink: &mut dyn Sink) -> Result<()> {

@@ -52,7 +52,11 @@ pub async fn ready(
     .await?;
     sink.step("waiting for SSH");
     let net0_mac = started.net0_mac.as_deref();
-    let target = SshAt { ip, net0_mac };
+    let target = SshAt {
+        ip,
+        net0_mac,
+        key: &started.key,
+    };
     connect_ssh(
         client,
         settings,
@@ -69,6 +73,7 @@ pub async fn ready(
 struct SshAt<'a> {
     ip: IpAddr,
     net0_mac: Option<&'a str>,
+    key: &'a super::ssh_key::KeyPath,
 }
 
 /// No guest runs its agent this soon after QEMU started, and on real PVE an agent call made
@@ -367,7 +372,7 @@ async fn connect_ssh(
         ));
         HostKeyCheck::FirstUse
     };
-    let key = ssh::load_private_key(&settings.ssh)?;
+    let key = super::ssh_key::private_key(settings, vm, at.key)?;
     let mut ip = at.ip;
     let mut target = ssh_target(settings, vm, ip);
     let mut rereads = 0;
@@ -428,6 +433,7 @@ async fn connect_ssh(
         ssh_user: target.user.clone(),
         host_keys,
         host_key_source,
+        key: at.key.clone(),
     };
     sink.reached(Milestone::Ready(&ready))?;
     sink.timing("ssh", started.elapsed());

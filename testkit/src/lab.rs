@@ -68,12 +68,23 @@ pub const ED25519_HOST_KEY_FILE: &str = "/etc/ssh/ssh_host_ed25519_key.pub";
 pub struct LabBuilder {
     bin: PathBuf,
     config: FakeConfig,
+    key_in_cloud_init: bool,
 }
 
 impl LabBuilder {
     /// The fake's configuration (task durations, node, templates, ...).
     pub fn fake(mut self, config: FakeConfig) -> LabBuilder {
         self.config = config;
+        self
+    }
+
+    /// The client key reaches the VMs through the templates' `sshkeys` (cloud-init, applied at
+    /// first boot, for `ciuser` root, the lab's VM_SSH_USER) instead of being baked into their
+    /// image: a clone whose `sshkeys` the driver
+    /// replaced accepts the static key no more. Takes effect with
+    /// [`LabBuilder::with_sshd_per_vm_or_skip`].
+    pub fn key_in_template_cloud_init(mut self) -> LabBuilder {
+        self.key_in_cloud_init = true;
         self
     }
 
@@ -93,8 +104,20 @@ impl LabBuilder {
     /// a properly cleaned template do. `None` (skipped) as [`LabBuilder::with_sshd_or_skip`].
     #[track_caller]
     pub fn with_sshd_per_vm_or_skip(self, test: &str) -> Option<Lab> {
+        let in_cloud_init = self.key_in_cloud_init;
         let mut lab = self.with_sshd_or_skip(test)?;
-        lab.vm_sshds = Some(VmSshds::start(&lab.fake, lab.sshd().port(), &lab.key));
+        let baked = if in_cloud_init {
+            let value = encode_sshkeys(&lab.key.public_line);
+            for template in lab.fake.templates() {
+                lab.fake.set_vm_config(template, "sshkeys", Some(&value));
+                // cloud-init installs keys for the user the driver logs in as (VM_SSH_USER).
+                lab.fake.set_vm_config(template, "ciuser", Some("root"));
+            }
+            None
+        } else {
+            Some(&lab.key)
+        };
+        lab.vm_sshds = Some(VmSshds::start_with(&lab.fake, lab.sshd().port(), baked));
         Some(lab)
     }
 
@@ -109,6 +132,8 @@ impl LabBuilder {
         // The guests' host keys are the sshd's, so that the keys read through the agent are
         // the ones SSH presents.
         fake.set_host_keys(&sshd.host_key_lines());
+        // Every VM is this sshd: what any VM's cloud-init applies, it accepts.
+        fake.set_shared_authorized_keys(sshd.authorized_keys_path());
         Some(Lab {
             bin: self.bin,
             fake,
@@ -159,6 +184,7 @@ impl Lab {
         LabBuilder {
             bin: bin.into(),
             config: FakeConfig::default(),
+            key_in_cloud_init: false,
         }
     }
 
@@ -231,4 +257,17 @@ impl Lab {
             .stdin(Stdio::null());
         command
     }
+}
+
+/// One OpenSSH key line as PVE's `sshkeys` holds it (URL-encoded, newline-terminated).
+pub fn encode_sshkeys(line: &str) -> String {
+    let mut out = String::new();
+    for byte in format!("{line}\n").bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }

@@ -258,6 +258,11 @@ impl Sshd {
         std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
     }
 
+    /// Its authorized_keys file (read on every login).
+    pub fn authorized_keys_path(&self) -> &Path {
+        &self.authorized
+    }
+
     /// Adds a client key to the server's authorized_keys (read on every login).
     pub fn authorize(&self, key: &ClientKey) {
         use std::io::Write;

@@ -26,8 +26,15 @@ pub struct VmSshds {
 }
 
 impl VmSshds {
-    /// Serves `fake`'s VMs on `port`, each sshd authorizing `key`.
+    /// Serves `fake`'s VMs on `port`, each sshd authorizing `key` (baked into the template's
+    /// image) and what the VM's cloud-init applies at first boot.
     pub fn start(fake: &FakeProxmox, port: u16, key: &ClientKey) -> VmSshds {
+        VmSshds::start_with(fake, port, Some(key))
+    }
+
+    /// [`VmSshds::start`] for a template with `baked` in its image, or no key at all (`None`):
+    /// then each VM accepts exactly the keys its cloud-init applied at first boot.
+    pub fn start_with(fake: &FakeProxmox, port: u16, baked: Option<&ClientKey>) -> VmSshds {
         let (spares, events) = fake.own_guest_identities();
         let running: Arc<Mutex<Option<BTreeMap<IpAddr, Sshd>>>> =
             Arc::new(Mutex::new(Some(BTreeMap::new())));
@@ -36,7 +43,7 @@ impl VmSshds {
             spares,
             running: Arc::clone(&running),
             port,
-            key: key.clone(),
+            baked: baked.cloned(),
             next: 0,
             outstanding: 0,
         };
@@ -103,7 +110,8 @@ struct Maker {
     spares: GuestIdentities,
     running: Arc<Mutex<Option<BTreeMap<IpAddr, Sshd>>>>,
     port: u16,
-    key: ClientKey,
+    /// The key baked into the template's image, if any.
+    baked: Option<ClientKey>,
     next: u32,
     /// Spares added and not taken yet.
     outstanding: usize,
@@ -125,7 +133,10 @@ impl Maker {
             let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 1, 0)) + self.next);
             match Sshd::builder().listen(addr, self.port).try_start() {
                 Ok(sshd) => {
-                    sshd.authorize(&self.key);
+                    if let Some(key) = &self.baked {
+                        sshd.authorize(key);
+                    }
+                    let authorized_keys = sshd.authorized_keys_path().to_path_buf();
                     let ed25519 = sshd
                         .host_key_lines()
                         .into_iter()
@@ -143,6 +154,7 @@ impl Maker {
                             ED25519_HOST_KEY_FILE.to_string(),
                             format!("{ed25519}\n"),
                         )]),
+                        authorized_keys: Some(authorized_keys),
                     });
                     self.outstanding += 1;
                     return;

@@ -211,6 +211,9 @@ fn attack_values(host: &Host, attacker: &FakeProxmox) -> Vec<(String, String)> {
             "WARM_MAX_IDLE" => "1".into(),
             // A key of the job's: if it counted, the job's own look-alike warm VMs would too.
             "PROXMOX_FLEET_KEY" => "YXR0YWNrZXItY2hvc2VuIGZsZWV0IGtleSwgMzIgYnl0ZXM=".into(),
+            "PROXMOX_FLEET_KEY_PREVIOUS" => {
+                "YXR0YWNrZXItY2hvc2VuIGZsZWV0IGtleSwgMzIgYnl0ZXM=".into()
+            }
             other => panic!("no attack value for the new host-only setting {other}"),
         }
     };
@@ -337,7 +340,12 @@ fn secrets_for_host_only_settings_are_refused_in_the_runners_environment_setup()
             .script("build_script", "echo never")
             .run();
         // Never read from CUSTOM_ENV_ in any setup: ignored, the job runs.
-        let never_read = ["RUNNER_HELPER_PATH", "PROXMOX_FLEET_KEY"].contains(&name.as_str());
+        let never_read = [
+            "RUNNER_HELPER_PATH",
+            "PROXMOX_FLEET_KEY",
+            "PROXMOX_FLEET_KEY_PREVIOUS",
+        ]
+        .contains(&name.as_str());
         assert!(
             matches!(report.outcome, JobOutcome::ScriptFailure { .. }) || never_read,
             "{name}: {:?}\n{}",
@@ -356,8 +364,8 @@ fn secrets_for_host_only_settings_are_refused_in_the_runners_environment_setup()
         host.assert_no_vms(&report);
     }
     assert!(
-        host.clone_requests().len() == 2,
-        "only the RUNNER_HELPER_PATH and PROXMOX_FLEET_KEY jobs ran"
+        host.clone_requests().len() == 3,
+        "only the RUNNER_HELPER_PATH, PROXMOX_FLEET_KEY and PROXMOX_FLEET_KEY_PREVIOUS jobs ran"
     );
 }
 

@@ -10,6 +10,7 @@ mod examples;
 mod gc;
 mod hostile_job;
 mod load;
+mod per_vm_keys;
 mod placement;
 mod prepare_cleanup;
 mod prepare_ssh;

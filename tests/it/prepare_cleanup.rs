@@ -91,6 +91,8 @@ fn state_for(dir: &Path, vmid: u32, phase: Phase, marker: &Marker) -> JobState {
         ssh_user: None,
         host_keys: vec![],
         host_key_source: None,
+        ssh_key_nonce: None,
+        ssh_key_fleet: None,
         clone_sent_at: None,
         clone_upid: None,
         lost: None,
@@ -837,12 +839,32 @@ fn a_key_path_from_the_job_is_refused_before_any_request() {
 
 #[test]
 fn a_missing_ssh_key_fails_before_any_vm_exists() {
+    // Without a fleet key every VM takes the static key: nothing to ask the API.
     let fake = FakeProxmox::start(FakeConfig::default());
     let dir = tempfile::tempdir().unwrap();
-    let out = prepare(&hook_without_key(&fake, dir.path(), 21));
+    let out = prepare(
+        &hook_without_key(&fake, dir.path(), 21).without_host_env(gpr_testkit::fleet::CONFIG_ENV),
+    );
     out.assert_exit(SYSTEM_FAILURE);
     assert_log_has(&out, "VM_SSH_PRIVATE_KEY is not set");
     assert_eq!(fake.request_count(), 0);
+
+    // With one, a template whose cloud-init cannot take a per-VM key (the fake's ciuser is
+    // `ci`, not VM_SSH_USER root) still needs it: the job fails once the template is known,
+    // before anything is cloned.
+    let out = prepare(&hook_without_key(&fake, dir.path(), 21).host_env("VM_SSH_USER", "root"));
+    out.assert_exit(SYSTEM_FAILURE);
+    assert_log_has(
+        &out,
+        "takes the static SSH key (its ciuser ci is not VM_SSH_USER root), and \
+         VM_SSH_PRIVATE_KEY is not set",
+    );
+    assert!(fake.job_vms().is_empty());
+    assert!(
+        !fake.requests().iter().any(|r| r.path.ends_with("/clone")),
+        "{:?}",
+        fake.requests_by_endpoint()
+    );
 }
 
 // ---------------------------------------------------------------- the trust rule

@@ -38,6 +38,8 @@ fn cleanup_needing_the_api(hook: Hook, dir: &Path) -> HookOutput {
         ssh_user: None,
         host_keys: vec![],
         host_key_source: None,
+        ssh_key_nonce: None,
+        ssh_key_fleet: None,
         clone_sent_at: None,
         clone_upid: None,
         lost: None,

@@ -103,6 +103,7 @@ async fn the_engine_provisions_and_tears_down_without_any_job() {
         name: "warm-ubuntu-focal",
         marker: &marker,
         claim: None,
+        key_nonce: None,
     };
     let mut sink = Recorder {
         fake: &fake,

@@ -76,6 +76,8 @@ impl<'a> JobRecord<'a> {
             ssh_user: None,
             host_keys: Vec::new(),
             host_key_source: None,
+            ssh_key_nonce: None,
+            ssh_key_fleet: None,
             lost: None,
             // Saved as sent before it is: from here on, a VM may appear at this VMID.
             clone_sent_at: cloned.then(crate::joblog::now_epoch),
@@ -131,6 +133,12 @@ impl Sink for JobRecord<'_> {
                 state.ssh_user = Some(ready.ssh_user.clone());
                 state.host_keys = ready.host_keys.clone();
                 state.host_key_source = Some(ready.host_key_source.as_str().to_string());
+                (state.ssh_key_nonce, state.ssh_key_fleet) = match &ready.key {
+                    crate::vm::ssh_key::KeyPath::Derived { nonce, fleet } => {
+                        (Some(nonce.clone()), fleet.clone())
+                    }
+                    crate::vm::ssh_key::KeyPath::Static => (None, None),
+                };
                 state.phase = Phase::Ready;
             }),
         }

@@ -19,7 +19,11 @@
 //! not yet booted, then interfaces `lo`, `eth0` with net0's MAC, `guest_ip6` first and
 //! `guest_ip` after `guest_ip_delay`, `docker0`; files that appear only some time after the
 //! agent; with [`FakeProxmox::own_guest_identities`] every booted VM its own address and
-//! files, e.g. its own SSH host key). Errors put the message into the reason phrase and close the connection. Bodies may
+//! files, e.g. its own SSH host key); cloud-init: `sshkeys` stored URL-encoded as sent (not
+//! encoded: 400 `invalid urlencoded string`; a line `ssh-keygen` cannot read: 500 `SSH public
+//! key validation error`), applied at a VM's first start only when it has a cloud-init drive,
+//! into its guest's authorized_keys before its agent first answers
+//! ([`FakeProxmox::cloud_init_keys`]). Errors put the message into the reason phrase and close the connection. Bodies may
 //! be form-urlencoded (`&` and `;` split fields) or JSON; booleans must be `1`/`0`.
 //! `access/permissions` answers from ACLs set with [`FakeProxmox::set_acl`] (user and token,
 //! privilege separation; only that endpoint reads them); `nodes/{node}/storage` lists `local`
@@ -206,6 +210,9 @@ pub struct GuestIdentity {
     pub ip: IpAddr,
     /// Read before `guest_files` (e.g. the VM's own `/etc/ssh/ssh_host_ed25519_key.pub`).
     pub files: BTreeMap<String, String>,
+    /// The `ciuser`'s authorized_keys file (its sshd reads it at every login): what cloud-init
+    /// applies at the VM's first boot is appended to it (see [`FakeProxmox::cloud_init_keys`]).
+    pub authorized_keys: Option<PathBuf>,
 }
 
 /// Where spare identities go (see [`FakeProxmox::own_guest_identities`]); usable from another
@@ -671,6 +678,32 @@ impl FakeProxmox {
             },
             receiver,
         )
+    }
+
+    /// The VMIDs of the template VMs.
+    pub fn templates(&self) -> Vec<u32> {
+        self.lock()
+            .vms
+            .values()
+            .filter(|vm| vm.config.get("template").is_some_and(|t| t == "1"))
+            .map(|vm| vm.vmid)
+            .collect()
+    }
+
+    /// Without per-VM identities, the one authorized_keys file every VM's cloud-init appends
+    /// its `sshkeys` to at first boot (all VMs are the same sshd then).
+    pub fn set_shared_authorized_keys(&self, path: &Path) {
+        self.lock().shared_authorized_keys = Some(path.to_path_buf());
+    }
+
+    /// The keys cloud-init applied to VM `vmid` at its first boot (its `sshkeys` then, decoded):
+    /// `None` before that boot, or when the VM has no cloud-init drive.
+    pub fn cloud_init_keys(&self, vmid: u32) -> Option<Vec<String>> {
+        self.lock()
+            .vms
+            .get(&vmid)
+            .and_then(|vm| vm.cloud_init.as_ref())
+            .map(|applied| applied.keys.clone())
     }
 
     /// The address a VM's agent reports: its own identity's, else `guest_ip`.

@@ -304,6 +304,22 @@ fn normalize_tags(raw: &str) -> std::result::Result<String, String> {
     Ok(tags.join(";"))
 }
 
+/// What `ssh-keygen -l` accepts as one line of an authorized_keys file: a key type and its
+/// base64 (options before them are not checked by the fake).
+fn is_public_key_line(line: &str) -> bool {
+    let mut fields = line.split_whitespace();
+    let (Some(kind), Some(blob)) = (fields.next(), fields.next()) else {
+        return false;
+    };
+    let known =
+        kind.starts_with("ssh-") || kind.starts_with("ecdsa-sha2-") || kind.starts_with("sk-");
+    known
+        && blob.len() >= 16
+        && blob
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
+}
+
 /// `sshkeys` must arrive percent-encoded (once more than the form encoding).
 fn is_urlencoded(text: &str) -> bool {
     text.chars()
@@ -867,6 +883,8 @@ fn clone(
         agent_ready_at: None,
         agent_never,
         destroying: false,
+        cloud_init: None,
+        booted_once: false,
         clone: Some(super::state::CloneProgress {
             full_config: error.is_none().then_some(config),
             // A linked clone's disk is a snapshot, written at once; a full clone's first disk
@@ -1101,6 +1119,8 @@ fn create_vm(state: &mut State, node: &str, params: &BTreeMap<String, String>) -
             agent_ready_at: None,
             agent_never: false,
             destroying: false,
+            cloud_init: None,
+            booted_once: false,
             clone: None,
         },
     );
@@ -1364,6 +1384,14 @@ fn set_config(
         return Err(param_errors(errors));
     }
     root_only(params, &["skiplock"])?;
+    // update_vm_api unescapes `sshkeys` and has `ssh-keygen -l` read every line, before it
+    // takes the config lock; a plain die, so a 500.
+    if let Some(keys) = params.get("sshkeys") {
+        let lines = super::state::decode_sshkeys(keys);
+        if !lines.iter().all(|line| is_public_key_line(line)) {
+            return Err(fail(500, "SSH public key validation error"));
+        }
+    }
     let vm = vm_on_node_mut(state, node, vmid)?;
     // qemu-server compares the digest inside the config lock, before the VM lock: this is
     // the compare-and-swap a warm-pool claim relies on. QEMU configs answer with

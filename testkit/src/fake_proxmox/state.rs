@@ -49,6 +49,8 @@ pub(crate) struct State {
     pub co_tenant_requests: Vec<RecordedRequest>,
     /// Per-VM identities, when a test asked for them.
     pub identities: Option<Identities>,
+    /// See `FakeProxmox::set_shared_authorized_keys`.
+    pub shared_authorized_keys: Option<std::path::PathBuf>,
     next_pid: u32,
     next_exec_pid: u32,
 }
@@ -88,6 +90,57 @@ pub(crate) struct Vm {
     pub destroying: bool,
     /// Set while a clone worker is still building this VM.
     pub clone: Option<CloneProgress>,
+    /// Set at the first start of a VM with a cloud-init drive: what cloud-init applies in the
+    /// guest then. Later starts change nothing (cloud-init's per-instance modules ran already).
+    pub cloud_init: Option<CloudInitRun>,
+    /// Whether it was ever started.
+    pub booted_once: bool,
+}
+
+/// What cloud-init did at a VM's first boot.
+#[derive(Debug, Clone)]
+pub(crate) struct CloudInitRun {
+    /// `sshkeys` at that start, decoded: installed for `ciuser`.
+    pub keys: Vec<String>,
+    /// Written to the guest's authorized_keys file (once its identity is known).
+    pub written: bool,
+}
+
+/// Whether a config has a cloud-init drive (`ide2: local-lvm:vm-N-cloudinit,media=cdrom`).
+pub(crate) fn has_cloud_init_drive(config: &BTreeMap<String, String>) -> bool {
+    config.iter().any(|(key, value)| {
+        ["ide", "sata", "scsi", "virtio"]
+            .iter()
+            .any(|bus| key.starts_with(bus))
+            && value.split(',').next().is_some_and(|volume| {
+                volume.ends_with("cloudinit") || volume.contains("-cloudinit")
+            })
+    })
+}
+
+/// `sshkeys` as PVE stores it (URL-encoded lines) → the key lines.
+pub(crate) fn decode_sshkeys(value: &str) -> Vec<String> {
+    let mut bytes = Vec::new();
+    let raw = value.as_bytes();
+    let mut at = 0;
+    while at < raw.len() {
+        if raw[at] == b'%' && at + 3 <= raw.len() {
+            let hex = std::str::from_utf8(&raw[at + 1..at + 3]).unwrap_or("");
+            if let Ok(byte) = u8::from_str_radix(hex, 16) {
+                bytes.push(byte);
+                at += 3;
+                continue;
+            }
+        }
+        bytes.push(raw[at]);
+        at += 1;
+    }
+    String::from_utf8_lossy(&bytes)
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(str::to_string)
+        .collect()
 }
 
 /// A clone worker's progress on the VM it creates, as qemu-server's `clone_vm` does it: a
@@ -269,6 +322,7 @@ impl State {
             co_tenant: CoTenantAccount::new(config.templates.iter().map(|t| t.vmid)),
             co_tenant_requests: Vec::new(),
             identities: None,
+            shared_authorized_keys: None,
             next_pid: 0x0002_1a40 + rand::random::<u16>() as u32,
             next_exec_pid: 1000,
             config,
@@ -320,6 +374,8 @@ impl State {
                     agent_ready_at: None,
                     agent_never: false,
                     destroying: false,
+                    cloud_init: None,
+                    booted_once: false,
                     clone: None,
                 },
             );
@@ -376,6 +432,8 @@ impl State {
                 agent_ready_at: new.running.then_some(now),
                 agent_never: false,
                 destroying: false,
+                cloud_init: None,
+                booted_once: new.running,
                 clone: None,
             },
         );
@@ -570,6 +628,17 @@ impl State {
                     vm.running = true;
                     vm.started_at = Some(ends);
                     vm.agent_ready_at = Some(ends + boot_time);
+                    if !vm.booted_once && has_cloud_init_drive(&vm.config) {
+                        vm.cloud_init = Some(CloudInitRun {
+                            keys: vm
+                                .config
+                                .get("sshkeys")
+                                .map(|value| decode_sshkeys(value))
+                                .unwrap_or_default(),
+                            written: false,
+                        });
+                    }
+                    vm.booted_once = true;
                 }
             }
             Effect::Stopped { vmid } if ok => {
@@ -617,8 +686,28 @@ impl State {
         }
     }
 
-    /// The identity VM `vmid`'s agent shows, taking a spare the first time.
+    /// The identity VM `vmid`'s agent shows, taking a spare the first time. The keys cloud-init
+    /// applied at first boot are in the guest's authorized_keys before its agent first answers
+    /// (so before anyone can have learned its address).
     pub fn identity_of(&mut self, vmid: u32) -> Identity {
+        let identity = self.resolve_identity(vmid);
+        let file = match &identity {
+            Identity::Shared => self.shared_authorized_keys.clone(),
+            Identity::Own(own) => own.authorized_keys.clone(),
+            Identity::Waiting => return identity,
+        };
+        if let Some(vm) = self.vms.get_mut(&vmid) {
+            if let Some(run) = vm.cloud_init.as_mut().filter(|run| !run.written) {
+                run.written = true;
+                if let Some(file) = file {
+                    append_keys(&file, &run.keys);
+                }
+            }
+        }
+        identity
+    }
+
+    fn resolve_identity(&mut self, vmid: u32) -> Identity {
         let Some(identities) = self.identities.as_mut() else {
             return Identity::Shared;
         };
@@ -853,4 +942,22 @@ pub(crate) fn pseudo_uuid(bits: u128) -> String {
         &hex[16..20],
         &hex[20..32]
     )
+}
+
+/// cloud-init's `ssh_authorized_keys`: appended to the user's file, which sshd reads at every
+/// login.
+fn append_keys(file: &std::path::Path, keys: &[String]) {
+    use std::io::Write;
+    let opened = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(file);
+    match opened {
+        Ok(mut out) => {
+            for key in keys {
+                let _ = writeln!(out, "{key}");
+            }
+        }
+        Err(err) => eprintln!("fake cloud-init: cannot write {}: {err}", file.display()),
+    }
 }

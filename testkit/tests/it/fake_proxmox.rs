@@ -1186,3 +1186,103 @@ async fn a_co_tenant_makes_look_alikes_over_http_within_its_own_acl() {
     assert!(ids.contains(&61950) && ids.contains(&60900), "{ids:?}");
     assert!(!ids.contains(&2_000_126), "{ids:?}");
 }
+
+/// Polls the agent of `vmid` until it answers (the guest booted).
+async fn wait_agent(api: &Api, vmid: u32) {
+    let path = format!("/nodes/pve1/qemu/{vmid}/agent/ping");
+    poll_until(
+        "the guest agent",
+        || api.post(&path, &[]),
+        |answer| answer.status == StatusCode::OK,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn cloud_init_applies_sshkeys_at_first_boot_only() {
+    let fake = FakeProxmox::start(FakeConfig::default());
+    let api = Api::new(&fake);
+    let authorized = tempfile::NamedTempFile::new().unwrap();
+    fake.set_shared_authorized_keys(authorized.path());
+    let key_a =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBEfbnX1MejAxciSpoiwDMBlkBWNtQ3lpuuxrdyRYQuv a@x";
+    let key_b =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBR0kE836j7jBOdQ7xiWrexmR55yycgxUfaq52KvyuVt b@x";
+    for (newid, cloud_init) in [(100130u32, true), (100131, false)] {
+        let clone = api
+            .post(
+                "/nodes/pve1/qemu/60930/clone",
+                &[("newid", &newid.to_string())],
+            )
+            .await;
+        api.wait_task_data(clone.body["data"].as_str().expect("UPID"))
+            .await;
+        let path = format!("/nodes/pve1/qemu/{newid}/config");
+        let mut fields = vec![("sshkeys", gpr_testkit::lab::encode_sshkeys(key_a))];
+        if !cloud_init {
+            fields.push(("delete", "ide2".to_string()));
+        }
+        let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let set = api.call(Method::PUT, &path, &fields).await;
+        assert_eq!(set.status, StatusCode::OK, "{}", set.body);
+        // Stored and shown as sent: URL-encoded.
+        let shown = api.get(&path, &[]).await;
+        assert_eq!(
+            shown.body["data"]["sshkeys"],
+            gpr_testkit::lab::encode_sshkeys(key_a)
+        );
+        assert!(fake.cloud_init_keys(newid).is_none(), "not booted yet");
+        let start = api
+            .post(&format!("/nodes/pve1/qemu/{newid}/status/start"), &[])
+            .await;
+        api.wait_task_data(start.body["data"].as_str().expect("UPID"))
+            .await;
+        wait_agent(&api, newid).await;
+    }
+    assert_eq!(fake.cloud_init_keys(100130), Some(vec![key_a.to_string()]));
+    assert_eq!(fake.cloud_init_keys(100131), None, "no cloud-init drive");
+    let written = std::fs::read_to_string(authorized.path()).unwrap();
+    assert_eq!(
+        written,
+        format!("{key_a}\n"),
+        "written once, for the one drive"
+    );
+
+    // A change after the first boot: the guest never sees it.
+    let stop = api.post("/nodes/pve1/qemu/100130/status/stop", &[]).await;
+    api.wait_task_data(stop.body["data"].as_str().expect("UPID"))
+        .await;
+    let encoded_b = gpr_testkit::lab::encode_sshkeys(key_b);
+    let set = api
+        .call(
+            Method::PUT,
+            "/nodes/pve1/qemu/100130/config",
+            &[("sshkeys", encoded_b.as_str())],
+        )
+        .await;
+    assert_eq!(set.status, StatusCode::OK, "{}", set.body);
+    let start = api.post("/nodes/pve1/qemu/100130/status/start", &[]).await;
+    api.wait_task_data(start.body["data"].as_str().expect("UPID"))
+        .await;
+    wait_agent(&api, 100130).await;
+    assert_eq!(fake.cloud_init_keys(100130), Some(vec![key_a.to_string()]));
+    let written = std::fs::read_to_string(authorized.path()).unwrap();
+    assert!(!written.contains("AAAAIBR0kE8"), "{written}");
+
+    // Like update_vm_api: a line ssh-keygen cannot read is refused, the config unchanged.
+    let garbage = gpr_testkit::lab::encode_sshkeys("not a key");
+    let refused = api
+        .call(
+            Method::PUT,
+            "/nodes/pve1/qemu/100130/config",
+            &[("sshkeys", garbage.as_str())],
+        )
+        .await;
+    assert_eq!(refused.status.as_u16(), 500, "{}", refused.body);
+    assert_eq!(refused.reason, "SSH public key validation error");
+    assert_eq!(
+        fake.vm(100130).unwrap().config["sshkeys"],
+        encoded_b,
+        "unchanged"
+    );
+}
