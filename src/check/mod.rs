@@ -35,28 +35,5 @@ pub mod vmids;
 
 pub use report::{Finding, Report, Status};
 
-/// Settings for the checks' unit tests: the host's required ones on `PROXMOX_NODE=pve1`, and
-/// `extra` on top.
 #[cfg(test)]
-pub(crate) fn test_settings(extra: &[(&str, &str)]) -> crate::config::Settings {
-    let mut env: std::collections::BTreeMap<String, String> = [
-        ("PROXMOX_HOST", "pve.example.test"),
-        ("PROXMOX_USER", "ci@pve"),
-        ("PROXMOX_TOKEN_NAME", "runner"),
-        ("PROXMOX_TOKEN_VALUE", "secret"),
-        ("PROXMOX_NODE", "pve1"),
-    ]
-    .into_iter()
-    .map(|(name, value)| (name.to_string(), value.to_string()))
-    .collect();
-    for (name, value) in extra {
-        env.insert(name.to_string(), value.to_string());
-    }
-    let lookup = |name: &str| env.get(name).cloned();
-    crate::config::Settings::from_sources(crate::config::Sources {
-        file: None,
-        env: &lookup,
-        job_response: None,
-    })
-    .expect("test settings")
-}
+pub(crate) use crate::config::test_settings;

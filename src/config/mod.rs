@@ -115,6 +115,32 @@ impl Settings {
     }
 }
 
+/// Settings for unit tests: the host's required ones on `PROXMOX_NODE=pve1`, and
+/// `extra` on top.
+#[cfg(test)]
+pub(crate) fn test_settings(extra: &[(&str, &str)]) -> Settings {
+    let mut env: std::collections::BTreeMap<String, String> = [
+        ("PROXMOX_HOST", "pve.example.test"),
+        ("PROXMOX_USER", "ci@pve"),
+        ("PROXMOX_TOKEN_NAME", "runner"),
+        ("PROXMOX_TOKEN_VALUE", "secret"),
+        ("PROXMOX_NODE", "pve1"),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_string(), value.to_string()))
+    .collect();
+    for (name, value) in extra {
+        env.insert(name.to_string(), value.to_string());
+    }
+    let lookup = |name: &str| env.get(name).cloned();
+    Settings::from_sources(Sources {
+        file: None,
+        env: &lookup,
+        job_response: None,
+    })
+    .expect("test settings")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -180,7 +180,7 @@ mod tests {
 
     #[test]
     fn a_warm_vm_takes_its_derived_key_only_when_sshkeys_holds_exactly_that_key() {
-        let mut settings = crate::check::test_settings(&[]);
+        let mut settings = crate::config::test_settings(&[]);
         assert_eq!(warm_vm_path(&settings, &vm(), NONCE, None), KeyPath::Static);
         settings.fleet_key = Some(fleet(1));
         let own = VmKey::derive(&fleet(1), vm().vmid, NONCE).unwrap();
@@ -204,7 +204,7 @@ mod tests {
 
     #[test]
     fn after_a_rotation_the_key_comes_from_the_fleet_key_it_was_made_with() {
-        let mut settings = crate::check::test_settings(&[]);
+        let mut settings = crate::config::test_settings(&[]);
         settings.fleet_key = Some(fleet(2));
         settings.fleet_key_previous = Some(fleet(1));
         let made = VmKey::derive(&fleet(1), vm().vmid, NONCE).unwrap();
