@@ -43,12 +43,8 @@ fn config(capacity: Option<ApiCapacity>) -> FakeConfig {
 }
 
 fn job_hook(lab: &Lab, dir: &Path, job_id: u64) -> Hook {
-    lab.hook(dir)
+    lab.job_hook(dir, job_id)
         .host_env("PROXMOX_MAX_CONCURRENT_CLONES", "64")
-        .job_var("CI_JOB_ID", job_id.to_string())
-        .job_var("CI_PROJECT_PATH", "group/project")
-        .job_var("CI_PROJECT_PATH_SLUG", "group-project")
-        .job_var("CI_RUNNER_SHORT_TOKEN", "xS6Vzpvo")
 }
 
 /// The seconds of `VM N (name) ready at IP:PORT in 4.9 s: ...`.
@@ -77,23 +73,7 @@ fn one_job(bin: &Path) -> Option<OneJob> {
     let out = hook.clone().arg("prepare").run();
     out.assert_exit(0);
     let prepare = prepare_time(&out.log());
-    for stage in [
-        "prepare_script",
-        "get_sources",
-        "restore_cache",
-        "build_script",
-        "after_script",
-        "archive_cache",
-    ] {
-        let script = dir.path().join(format!("{stage}.sh"));
-        std::fs::write(&script, "#!/bin/sh\necho stage\n").unwrap();
-        hook.clone()
-            .arg("run")
-            .arg(&script)
-            .arg(stage)
-            .run()
-            .assert_exit(0);
-    }
+    hook.run_typical_stages(dir.path());
     hook.clone().arg("cleanup").run().assert_exit(0);
     let by_endpoint = lab.fake.requests_by_endpoint();
     let total = by_endpoint.values().sum();

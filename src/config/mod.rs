@@ -116,7 +116,7 @@ impl Settings {
 }
 
 /// Settings for unit tests: the host's required ones on `PROXMOX_NODE=pve1`, and
-/// `extra` on top.
+/// `extra` on top (an empty value removes the setting).
 #[cfg(test)]
 pub(crate) fn test_settings(extra: &[(&str, &str)]) -> Settings {
     let mut env: std::collections::BTreeMap<String, String> = [
@@ -130,7 +130,10 @@ pub(crate) fn test_settings(extra: &[(&str, &str)]) -> Settings {
     .map(|(name, value)| (name.to_string(), value.to_string()))
     .collect();
     for (name, value) in extra {
-        env.insert(name.to_string(), value.to_string());
+        match value {
+            &"" => env.remove(*name),
+            value => env.insert(name.to_string(), value.to_string()),
+        };
     }
     let lookup = |name: &str| env.get(name).cloned();
     Settings::from_sources(Sources {

@@ -172,33 +172,8 @@ impl Sftp {
             ..FileAttributes::empty()
         };
         let created = self.session.mkdir(path, attrs).await;
-        let stat = self
-            .session
-            .lstat(path)
-            .await
-            .map_err(|err| match &created {
-                Err(create_err) => self.error("mkdir", path, create_err.clone()),
-                Ok(_) => self.error("lstat", path, err),
-            })?;
-        let attrs = stat.attrs;
-        if !attrs.is_dir() || attrs.is_symlink() {
-            return Err(Error::ssh(
-                format!("preparing the job directory {path:?} on {}", self.where_),
-                "it exists but is not a directory (a symlink or file is in the way)",
-            ));
-        }
-        if attrs.permissions.unwrap_or(0o777) & 0o077 != 0 {
-            // Ours but too open (an old umask or an earlier run): tighten it.
-            let fix = FileAttributes {
-                permissions: Some(0o700),
-                ..FileAttributes::empty()
-            };
-            self.session
-                .setstat(path, fix)
-                .await
-                .map_err(|err| self.error("chmod 0700", path, err))?;
-        }
-        Ok(())
+        let stat = self.session.lstat(path).await;
+        self.judge_private_dir(path, created, stat).await
     }
 
     /// Makes each of `dirs` (a directory, then one inside it) a private directory as
@@ -275,6 +250,7 @@ impl Sftp {
             ));
         }
         if attrs.permissions.unwrap_or(0o777) & 0o077 != 0 {
+            // Ours but too open (an old umask or an earlier run): tighten it.
             let fix = FileAttributes {
                 permissions: Some(0o700),
                 ..FileAttributes::empty()

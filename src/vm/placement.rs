@@ -645,30 +645,11 @@ fn copies_on_nodes(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Sources;
-
     /// Settings with placement on every node and `extra` on top.
     fn settings(extra: &[(&str, &str)]) -> Settings {
-        let mut env: BTreeMap<String, String> = [
-            ("PROXMOX_HOST", "pve.example.test"),
-            ("PROXMOX_USER", "ci@pve"),
-            ("PROXMOX_TOKEN_NAME", "runner"),
-            ("PROXMOX_TOKEN_VALUE", "secret"),
-            ("PROXMOX_NODES", "*"),
-        ]
-        .into_iter()
-        .map(|(name, value)| (name.to_string(), value.to_string()))
-        .collect();
-        for (name, value) in extra {
-            env.insert(name.to_string(), value.to_string());
-        }
-        let lookup = |name: &str| env.get(name).cloned();
-        Settings::from_sources(Sources {
-            file: None,
-            env: &lookup,
-            job_response: None,
-        })
-        .unwrap()
+        let mut all = vec![("PROXMOX_NODE", ""), ("PROXMOX_NODES", "*")];
+        all.extend_from_slice(extra);
+        crate::config::test_settings(&all)
     }
 
     fn template_vm(vmid: u64, node: &str, name: &str) -> ClusterVm {

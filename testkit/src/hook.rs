@@ -125,6 +125,17 @@ impl HookOutput {
     }
 }
 
+/// The stages a typical job's run_exec calls come in, in order (the API footprint budget is for
+/// prepare, these and cleanup).
+pub const TYPICAL_STAGES: [&str; 6] = [
+    "prepare_script",
+    "get_sources",
+    "restore_cache",
+    "build_script",
+    "after_script",
+    "archive_cache",
+];
+
 impl Hook {
     pub fn new(program: impl AsRef<Path>, job_dir: impl AsRef<Path>) -> Hook {
         Hook {
@@ -139,6 +150,21 @@ impl Hook {
             response_override: None,
             driver_env: BTreeMap::new(),
             path: None,
+        }
+    }
+
+    /// Runs a trivial script (written into `dir`) as each of [`TYPICAL_STAGES`], each expected
+    /// to succeed.
+    pub fn run_typical_stages(&self, dir: &Path) {
+        for stage in TYPICAL_STAGES {
+            let script = dir.join(format!("{stage}.sh"));
+            std::fs::write(&script, "#!/bin/sh\necho stage\n").expect("write the stage script");
+            self.clone()
+                .arg("run")
+                .arg(&script)
+                .arg(stage)
+                .run()
+                .assert_exit(0);
         }
     }
 

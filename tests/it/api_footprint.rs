@@ -32,23 +32,7 @@ fn a_typical_job_stays_within_the_old_drivers_request_budget() {
     let hook = lab.job_hook(dir.path(), 4711);
     hook.clone().arg("prepare").run().assert_exit(0);
     let after_prepare = lab.fake.request_count();
-    for stage in [
-        "prepare_script",
-        "get_sources",
-        "restore_cache",
-        "build_script",
-        "after_script",
-        "archive_cache",
-    ] {
-        let script = dir.path().join(format!("{stage}.sh"));
-        std::fs::write(&script, "#!/bin/sh\necho stage\n").unwrap();
-        hook.clone()
-            .arg("run")
-            .arg(&script)
-            .arg(stage)
-            .run()
-            .assert_exit(0);
-    }
+    hook.run_typical_stages(dir.path());
     let after_stages = lab.fake.request_count();
     hook.clone().arg("cleanup").run().assert_exit(0);
     assert!(lab.fake.job_vms().is_empty());
